@@ -1,0 +1,328 @@
+"""Configuration of an RxT model: every architecture choice is a named field with a default.
+
+A model is three components that share one embedding and one Short-Term Memory (STM):
+
+* the generator-decoder (causal self-attention, memory cross-attention, MoE feed-forward),
+* the memory encoder (bidirectional self-attention, optional memory cross-attention, dense
+  SwiGLU feed-forward),
+* the memory attention network that writes the STM (one of four variants, with residual gates).
+
+Sparse Query Attention (SQA) and its relatives are not separate classes: they are settings of
+the head counts. With a head split of ``num_heads`` (``head_dim = dim // num_heads``):
+
+* MHA: ``q_heads == kv_heads == num_heads``
+* GQA: ``q_heads == num_heads > kv_heads > 1``;  MQA: ``kv_heads == 1``
+* SQA: ``q_heads < num_heads`` (the output projection reads ``q_heads * head_dim`` features)
+* symmetric SQA (sSQA): ``q_heads == kv_heads == num_heads // 2``
+
+The whole tree round-trips through ``config.json`` (``RxTConfig.save`` / ``RxTConfig.load``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast, get_args
+
+from .errors import ConfigError
+
+MemoryAttentionVariant = Literal["simple", "self", "interlayer", "self-interlayer"]
+GateType = Literal["elementwise", "linear"]
+
+CONFIG_FORMAT = "rxruntime.rxt/1"
+
+
+@dataclass
+class DecoderConfig:
+    """The generator-decoder: reads the query and the STM, writes the answer."""
+
+    num_heads: int = 16
+    """Head split: ``head_dim = dim // num_heads``."""
+    self_q_heads: int = 8
+    self_kv_heads: int = 8
+    cross_q_heads: int = 8
+    """Query heads of memory cross-attention (RoPE on queries only)."""
+    cross_kv_heads: int = 8
+    num_experts: int = 36
+    experts_per_token: int = 6
+    """Top-k routing: how many experts each token activates."""
+    expert_ffn_dim: int = 384
+    """Hidden width of each SwiGLU expert."""
+    attention_bias: bool = False
+    dropout: float = 0.0
+    router_aux_loss_weight: float = 0.01
+    """Weight of the load-balancing loss the MoE router adds during training."""
+
+
+@dataclass
+class EncoderConfig:
+    """The memory encoder: turns ``concat(query, answer)`` into Encoded Data, one tensor a layer."""
+
+    num_heads: int = 16
+    self_q_heads: int = 8
+    self_kv_heads: int = 8
+    memory_cross_attention: bool = False
+    """Whether the encoder reads STM(t-1) while encoding (the paper draft: yes; RxT-Alpha: no)."""
+    cross_q_heads: int = 8
+    cross_kv_heads: int = 8
+    ffn_dim: int = 784
+    """Hidden width of the dense SwiGLU feed-forward."""
+    attention_bias: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class MemoryAttentionConfig:
+    """The network that writes STM(t) from STM(t-1) and the Encoded Data ED(t)."""
+
+    variant: MemoryAttentionVariant = "self-interlayer"
+    num_heads: int = 16
+    q_heads: int = 8
+    kv_heads: int = 8
+    gate_type: GateType = "linear"
+    """``elementwise``: G = sigmoid(W * (STM + U));  ``linear``: G = sigmoid(W (STM + U) + b)."""
+    gate_per_slot: bool = True
+    """One gate value per memory slot (from the slot's mean over ``dim``) instead of per element."""
+    gate_init: float = 0.0
+    """Initial bias (linear) or weight (elementwise) of every gate; 0 starts gates at 0.5."""
+    rope_on_keys: bool = True
+    """Rotate the Encoded Data keys in memory attention (the STM queries are never rotated)."""
+    attention_bias: bool = False
+
+
+@dataclass
+class SpecialTokens:
+    """Ids of the tokens of the message template ``[BOS] [Q] query [A] answer [EOS]``."""
+
+    pad_id: int = 0
+    unk_id: int = 1
+    bos_id: int = 2
+    eos_id: int = 3
+    query_id: int = 4
+    answer_id: int = 5
+    think_id: int = 6
+
+
+@dataclass
+class RxTConfig:
+    """The whole Reactive Transformer. Defaults are the RxT-Alpha (Supervised) card's."""
+
+    vocab_size: int = 20000
+    dim: int = 256
+    num_layers: int = 12
+    """Layers of the decoder and of the encoder; the STM has one layer per component layer."""
+    stm_size: int = 256
+    """Memory slots per STM layer."""
+    max_seq_len: int = 256
+    """Longest interaction (query + answer, with template tokens)."""
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    stm_init_std: float = 0.02
+    """Standard deviation of the random normal initial STM."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    memory_attention: MemoryAttentionConfig = field(default_factory=MemoryAttentionConfig)
+    special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first field that makes the model impossible."""
+        for name in ("vocab_size", "dim", "num_layers", "stm_size", "max_seq_len"):
+            _positive(name, getattr(self, name))
+        if self.rope_base <= 1.0:
+            raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.stm_init_std < 0:
+            raise ConfigError(f"stm_init_std must be >= 0, got {self.stm_init_std}")
+        d, e, m = self.decoder, self.encoder, self.memory_attention
+        _heads("decoder.self", self.dim, d.num_heads, d.self_q_heads, d.self_kv_heads)
+        _heads("decoder.cross", self.dim, d.num_heads, d.cross_q_heads, d.cross_kv_heads)
+        _heads("encoder.self", self.dim, e.num_heads, e.self_q_heads, e.self_kv_heads)
+        if e.memory_cross_attention:
+            _heads("encoder.cross", self.dim, e.num_heads, e.cross_q_heads, e.cross_kv_heads)
+        _heads("memory_attention", self.dim, m.num_heads, m.q_heads, m.kv_heads)
+        _positive("decoder.num_experts", d.num_experts)
+        _positive("decoder.expert_ffn_dim", d.expert_ffn_dim)
+        _positive("encoder.ffn_dim", e.ffn_dim)
+        if not 1 <= d.experts_per_token <= d.num_experts:
+            raise ConfigError(
+                f"decoder.experts_per_token must be in [1, num_experts={d.num_experts}], got {d.experts_per_token}"
+            )
+        if m.variant not in get_args(MemoryAttentionVariant):
+            raise ConfigError(
+                f"memory_attention.variant must be one of {get_args(MemoryAttentionVariant)}, got {m.variant!r}"
+            )
+        if m.gate_type not in get_args(GateType):
+            raise ConfigError(f"memory_attention.gate_type must be one of {get_args(GateType)}, got {m.gate_type!r}")
+        for name, dropout in (("decoder.dropout", d.dropout), ("encoder.dropout", e.dropout)):
+            if not 0.0 <= dropout < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {dropout}")
+        ids = dataclasses.asdict(self.special_tokens)
+        for name, value in ids.items():
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"special_tokens.{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+        if len(set(ids.values())) != len(ids):
+            raise ConfigError(f"special token ids must be distinct, got {ids}")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.decoder.num_heads
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": CONFIG_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RxTConfig:
+        """Build from a dict, rejecting unknown fields (a typo must not silently fall back)."""
+        data = dict(data)
+        fmt = data.pop("format", CONFIG_FORMAT)
+        if fmt != CONFIG_FORMAT:
+            raise ConfigError(f"unsupported config format {fmt!r}; this version reads {CONFIG_FORMAT!r}")
+        nested = {
+            "decoder": DecoderConfig,
+            "encoder": EncoderConfig,
+            "memory_attention": MemoryAttentionConfig,
+            "special_tokens": SpecialTokens,
+        }
+        kwargs: dict[str, Any] = {}
+        for key, value in _checked_fields(cls, data, "").items():
+            if key in nested:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key} must be an object, got {type(value).__name__}")
+                kwargs[key] = nested[key](**_checked_fields(nested[key], value, f"{key}."))
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RxTConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+    def replace(self, **changes: Any) -> RxTConfig:
+        """A copy with top-level fields changed (nested configs are replaced whole)."""
+        return dataclasses.replace(self, **changes)
+
+
+_T = TypeVar("_T")
+
+
+def _checked_fields(cls: type[_T], data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(cast(Any, cls))}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        names = ", ".join(prefix + u for u in unknown)
+        raise ConfigError(f"unknown config field(s): {names}; known: {', '.join(sorted(known))}")
+    return data
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _heads(name: str, dim: int, num_heads: int, q_heads: int, kv_heads: int) -> None:
+    _positive(f"{name} num_heads", num_heads)
+    _positive(f"{name} q_heads", q_heads)
+    _positive(f"{name} kv_heads", kv_heads)
+    if dim % num_heads:
+        raise ConfigError(f"{name}: dim={dim} is not divisible by num_heads={num_heads}")
+    if q_heads > num_heads or kv_heads > num_heads:
+        raise ConfigError(f"{name}: q_heads={q_heads} and kv_heads={kv_heads} must not exceed num_heads={num_heads}")
+    if q_heads % kv_heads:
+        raise ConfigError(
+            f"{name}: q_heads={q_heads} must be a multiple of kv_heads={kv_heads} "
+            "(each key/value head serves a whole group of query heads)"
+        )
+
+
+# ---------------------------------------------------------------------- presets
+def _alpha_mini() -> RxTConfig:
+    # RxT-Alpha (Supervised) card: dim 256, 12 layers, 16-head split, symmetric SQA 8/8
+    # everywhere, decoder MoE 36 experts / 6 active / SwiGLU 384, encoder SwiGLU 784 without
+    # memory cross-attention, gated self/interlayer memory attention with linear per-slot gates.
+    return RxTConfig()
+
+
+def _micro() -> RxTConfig:
+    # RxT-Alpha Micro decoder card: dim 128, 6 layers, 8-head split, self-attention sSQA 4/4,
+    # memory cross-attention SQA 4 query / 2 key-value heads, MoE 12 experts / 2 active /
+    # SwiGLU 256, 5k vocabulary, 256-token messages, 256 STM slots per layer. The card has no
+    # encoder or memory attention; ours mirror the decoder's attention at the same scale.
+    return RxTConfig(
+        vocab_size=5000,
+        dim=128,
+        num_layers=6,
+        stm_size=256,
+        max_seq_len=256,
+        decoder=DecoderConfig(
+            num_heads=8,
+            self_q_heads=4,
+            self_kv_heads=4,
+            cross_q_heads=4,
+            cross_kv_heads=2,
+            num_experts=12,
+            experts_per_token=2,
+            expert_ffn_dim=256,
+        ),
+        encoder=EncoderConfig(num_heads=8, self_q_heads=4, self_kv_heads=4, ffn_dim=384),
+        memory_attention=MemoryAttentionConfig(num_heads=8, q_heads=4, kv_heads=4),
+    )
+
+
+def _nano() -> RxTConfig:
+    # The embedded default model: small enough that the whole supervised curriculum runs on two
+    # CPU cores in minutes and the weights ship inside the package (see docs/default-model.md).
+    return RxTConfig(
+        vocab_size=2048,
+        dim=128,
+        num_layers=4,
+        stm_size=32,
+        max_seq_len=128,
+        decoder=DecoderConfig(
+            num_heads=8,
+            self_q_heads=4,
+            self_kv_heads=4,
+            cross_q_heads=4,
+            cross_kv_heads=4,
+            num_experts=4,
+            experts_per_token=2,
+            expert_ffn_dim=256,
+        ),
+        encoder=EncoderConfig(num_heads=8, self_q_heads=4, self_kv_heads=4, ffn_dim=256),
+        memory_attention=MemoryAttentionConfig(num_heads=8, q_heads=4, kv_heads=4),
+    )
+
+
+PRESETS = {"alpha-mini": _alpha_mini, "micro": _micro, "nano": _nano}
+
+
+def preset(name: str) -> RxTConfig:
+    """A fresh config for a named preset (``alpha-mini``, ``micro``, ``nano``)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,67 @@
+"""The memory encoder: bidirectional RxT blocks with dense SwiGLU feed-forward.
+
+It reads a whole finished interaction ``[BOS] [Q] query [A] answer [EOS]`` and returns the
+Encoded Data: the hidden states after every layer, (B, L, T, D), so encoder layer ``i`` feeds
+memory attention layer ``i``. Whether it also reads STM(t-1) through memory cross-attention is
+``EncoderConfig.memory_cross_attention``.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+from .config import RxTConfig
+from .decoder import MemoryKV
+from .ffn import SwiGLU
+from .layers import RxTLayer
+from .rope import RotaryEmbedding
+
+
+class RxTEncoder(nn.Module):
+    def __init__(self, config: RxTConfig) -> None:
+        super().__init__()
+        e = config.encoder
+        self.reads_memory = e.memory_cross_attention
+        self.rope = RotaryEmbedding(config.dim // e.num_heads, config.max_seq_len, config.rope_base)
+        self.layers = nn.ModuleList(
+            RxTLayer(
+                config.dim,
+                e.num_heads,
+                (e.self_q_heads, e.self_kv_heads),
+                (e.cross_q_heads, e.cross_kv_heads) if e.memory_cross_attention else None,
+                SwiGLU(config.dim, e.ffn_dim, e.dropout),
+                config.norm_eps,
+                e.attention_bias,
+                e.dropout,
+            )
+            for _ in range(config.num_layers)
+        )
+
+    @property
+    def blocks(self) -> list[RxTLayer]:
+        return cast(list[RxTLayer], list(self.layers))
+
+    def memory_kv(self, memory: Tensor) -> MemoryKV:
+        return [layer.memory_kv(memory[:, i]) for i, layer in enumerate(self.blocks)]
+
+    def forward(self, h: Tensor, *, key_mask: Tensor | None, memory_kv: MemoryKV | None = None) -> Tensor:
+        """Embedded tokens (B, T, D) and padding mask (B, T) -> Encoded Data (B, L, T, D)."""
+        if self.reads_memory and memory_kv is None:
+            raise ValueError("this encoder reads the STM: pass memory_kv")
+        positions = torch.arange(h.shape[1], device=h.device)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        states = []
+        for i, layer in enumerate(self.blocks):
+            h = layer(
+                h,
+                rope=self.rope,
+                positions=positions,
+                memory_kv=None if memory_kv is None else memory_kv[i],
+                causal=False,
+                self_mask=mask,
+            )
+            states.append(h)
+        return torch.stack(states, dim=1)

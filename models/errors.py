@@ -1,0 +1,41 @@
+"""Typed errors of the model layer.
+
+Every error names what was wrong and where, so a user can fix the input without reading code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RxTError(Exception):
+    """Base class of every error rxruntime raises on purpose."""
+
+
+class ConfigError(RxTError, ValueError):
+    """A configuration value is missing, unknown or inconsistent."""
+
+
+class CheckpointError(RxTError):
+    """A model directory cannot be loaded. ``path`` names the offending file."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class MissingCheckpointFileError(CheckpointError, FileNotFoundError):
+    """A file the model directory must contain is absent."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file exists but its bytes are damaged or not what its format promises."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The weights do not fit the architecture described by ``config.json``."""
+
+
+class TokenizerError(RxTError, ValueError):
+    """Token ids or a tokenizer file are invalid for this model."""

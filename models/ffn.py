@@ -1,0 +1,23 @@
+"""Dense SwiGLU feed-forward: ``W_down (silu(x W_gate) * (x W_up))``.
+
+The encoder uses it directly; each expert of the decoder's MoE is one of these. Gate and up
+projections are stored as one matrix so a forward pass makes one input matmul, not two.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.w_in = nn.Linear(dim, 2 * hidden_dim, bias=False)  # [gate; up]
+        self.w_out = nn.Linear(hidden_dim, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_in(x).chunk(2, dim=-1)
+        return self.dropout(self.w_out(F.silu(gate) * up))

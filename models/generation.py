@@ -1,0 +1,173 @@
+"""Token generation on the model: a decode batch that conversations join and leave between steps.
+
+:class:`DecodeBatch` is the model-side half of continuous batching. Each active conversation owns
+one row: its self-attention KV cache, its memory cross-attention keys/values (computed from its
+STM once, when it joins), its position and its sampler settings. Active rows are kept contiguous
+(rows ``0 .. n-1``): a leaving row is replaced by the last one, so a step always runs on a prefix
+of fixed-size buffers. The runtime's engine drives it; :func:`generate` is the plain loop for
+scripts, tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .rxt import RxTModel
+from .sampler import BatchSampler, SamplingParams
+
+
+@dataclass
+class JoinRequest:
+    """One conversation entering the batch: its prompt ids and its STM (L, S, D)."""
+
+    key: Hashable
+    prompt: Sequence[int]
+    stm: Tensor
+    params: SamplingParams
+    seed: int
+
+
+class DecodeBatch:
+    def __init__(self, model: RxTModel, capacity: int, max_len: int | None = None) -> None:
+        self.model = model
+        self.capacity = capacity
+        self.max_len = max_len or model.config.max_seq_len
+        device = model.device
+        self.cache = model.new_cache(capacity, self.max_len)
+        cfg = model.config
+        d = cfg.decoder
+        kv_shape = (capacity, d.cross_kv_heads, cfg.stm_size, cfg.dim // d.num_heads)
+        self.memory_kv = [
+            (
+                torch.zeros(kv_shape, device=device, dtype=model.dtype),
+                torch.zeros(kv_shape, device=device, dtype=model.dtype),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+        self.sampler = BatchSampler(capacity, device=device)
+        self.next_position = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.next_token = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.counter = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.keys: list[Hashable] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def row_of(self, key: Hashable) -> int:
+        return self.keys.index(key)
+
+    @torch.inference_mode()
+    def join(self, requests: Sequence[JoinRequest]) -> Tensor:
+        """Prefill the new rows (one batched forward) and sample each one's first token."""
+        if not requests:
+            return torch.empty(0, dtype=torch.long, device=self.model.device)
+        if self.size + len(requests) > self.capacity:
+            raise RuntimeError(f"decode batch is full ({self.size}/{self.capacity} rows)")
+        for r in requests:
+            if not 0 < len(r.prompt) < self.max_len:
+                raise ValueError(f"prompt of {len(r.prompt)} tokens does not fit a {self.max_len}-token cache")
+        start, stop = self.size, self.size + len(requests)
+        device = self.model.device
+        lengths = torch.tensor([len(r.prompt) for r in requests], device=device)
+        ids = torch.full((len(requests), int(lengths.max())), self.model.config.special_tokens.pad_id, device=device)
+        for i, r in enumerate(requests):
+            ids[i, : len(r.prompt)] = torch.as_tensor(list(r.prompt), device=device)
+        stm = torch.stack([r.stm.to(device, self.model.dtype) for r in requests])
+        for (k, v), (k_new, v_new) in zip(self.memory_kv, self.model.memory_kv(stm)):
+            k[start:stop] = k_new
+            v[start:stop] = v_new
+        logits = self.model.prefill(ids, lengths, self._memory_kv(start, stop), self.cache.view(start, stop))
+        for i, r in enumerate(requests):
+            self.sampler.set_row(start + i, r.params, r.seed)
+        self.counter[start:stop] = 0
+        first = self.sampler.sample_rows(logits, self.counter[start:stop], start, stop)
+        self.next_token[start:stop] = first
+        self.next_position[start:stop] = lengths
+        self.counter[start:stop] = 1
+        self.keys.extend(r.key for r in requests)
+        return first
+
+    @torch.inference_mode()
+    def step(self) -> Tensor:
+        """Feed every row its last token; returns the next token of rows ``0 .. size-1``."""
+        n = self.size
+        if n == 0:
+            return torch.empty(0, dtype=torch.long, device=self.model.device)
+        if int(self.next_position[:n].max()) >= self.max_len:
+            raise RuntimeError("a row ran past the end of its cache; leave() it before that")
+        logits = self.model.decode_step(
+            self.next_token[:n], self.next_position[:n], self._memory_kv(0, n), self.cache.view(0, n)
+        )
+        tokens = self.sampler.sample_rows(logits, self.counter[:n], 0, n)
+        self.next_token[:n] = tokens
+        self.next_position[:n] += 1
+        self.counter[:n] += 1
+        return tokens
+
+    def leave(self, key: Hashable) -> None:
+        """Free a row; the last row moves into it so active rows stay contiguous."""
+        row = self.keys.index(key)
+        last = self.size - 1
+        if row != last:
+            self.cache.copy_row(last, row)
+            for k, v in self.memory_kv:
+                k[row] = k[last]
+                v[row] = v[last]
+            self.sampler.copy_row(last, row)
+            for t in (self.next_position, self.next_token, self.counter):
+                t[row] = t[last]
+            self.keys[row] = self.keys[last]
+        self.keys.pop()
+
+    def _memory_kv(self, start: int, stop: int) -> list[tuple[Tensor, Tensor]]:
+        return [(k[start:stop], v[start:stop]) for k, v in self.memory_kv]
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def generate(
+    model: RxTModel,
+    stm: Tensor,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams] = GREEDY,
+    max_new_tokens: int | None = None,
+) -> list[list[int]]:
+    """Answer token ids for a batch of prompts, conversation ``b`` reading ``stm[b]``.
+
+    Stops a row at ``[EOS]`` (not included) or when the interaction would no longer fit
+    ``max_seq_len`` with its closing ``[EOS]``.
+    """
+    cfg = model.config
+    plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+    batch = DecodeBatch(model, len(prompts))
+    seeds = [p.resolved_seed() for p in plist]
+    first = batch.join(
+        [JoinRequest(i, prompt, stm[i], plist[i], seeds[i]) for i, prompt in enumerate(prompts)]
+    ).tolist()
+    outputs: list[list[int]] = [[] for _ in prompts]
+    limits = [cfg.max_seq_len - len(p) - 1 for p in prompts]
+    if max_new_tokens is not None:
+        limits = [min(lim, max_new_tokens) for lim in limits]
+    active = list(range(len(prompts)))
+    pending = dict(zip(active, first))
+    while pending:
+        for key, token in list(pending.items()):
+            if token == cfg.special_tokens.eos_id or len(outputs[key]) >= limits[key]:
+                batch.leave(key)
+                del pending[key]
+            else:
+                outputs[key].append(token)
+                if len(outputs[key]) >= limits[key]:
+                    batch.leave(key)
+                    del pending[key]
+        if not pending:
+            break
+        tokens = batch.step().tolist()
+        pending = {key: tokens[batch.row_of(key)] for key in pending}
+    return outputs

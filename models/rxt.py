@@ -1,0 +1,208 @@
+"""The Reactive Transformer: decoder, encoder and memory attention around one Short-Term Memory.
+
+One interaction (turn ``t``) runs in two phases::
+
+    answer  = Decoder(query, STM(t-1))                 # synchronous: what the user waits for
+    ED(t)   = Encoder([BOS][Q] query [A] answer [EOS])  # asynchronous: the memory update
+    STM(t)  = MemoryAttention(STM(t-1), ED(t))
+
+The STM is a tensor (B, L, S, D): for each of ``B`` conversations, ``L`` layers (one per
+component layer) of ``S`` slots. Every method takes a batch of conversations, each with its
+own STM; nothing in the model keeps conversation state between calls. The token embedding is
+shared by decoder and encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .cache import KVCache
+from .config import RxTConfig
+from .decoder import MemoryKV, RxTDecoder
+from .encoder import RxTEncoder
+from .errors import TokenizerError
+from .gates import ResidualGate
+from .memory_attention import MemoryAttention
+from .moe import MoE
+from .rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from .tokenizer import RxTokenizer
+
+
+class RxTModel(nn.Module):
+    def __init__(self, config: RxTConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.dim)
+        self.decoder = RxTDecoder(config)
+        self.encoder = RxTEncoder(config)
+        self.memory_attention = MemoryAttention(config)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) weights, zero biases; residual outputs scaled by 1/sqrt(2L) (GPT-2)."""
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, ResidualGate):
+                continue
+            if isinstance(module, nn.Linear):
+                out = name.endswith("o_proj") or name.endswith("w_out")
+                nn.init.normal_(module.weight, std=residual_std if out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.w_in, std=std)
+                nn.init.normal_(module.w_out, std=residual_std)
+        for module in self.modules():
+            if isinstance(module, ResidualGate) and module.linear is not None:
+                nn.init.normal_(module.linear.weight, std=std)
+                nn.init.constant_(module.linear.bias, self.config.memory_attention.gate_init)
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module._reset_tables()
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component; the shared embedding counts in both decoder and encoder."""
+
+        def count(module: nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        emb = count(self.embedding)
+        return {
+            "decoder": count(self.decoder) + emb,
+            "encoder": count(self.encoder) + emb,
+            "memory_attention": count(self.memory_attention),
+            "total": count(self),
+        }
+
+    def active_parameter_count(self) -> int:
+        """Decoder parameters used per generated token: all but the unchosen experts, one
+        embedding row."""
+        moes = [m for m in self.decoder.modules() if isinstance(m, MoE)]
+        all_experts = sum(m.w_in.numel() + m.w_out.numel() for m in moes)
+        active_experts = sum((m.w_in[0].numel() + m.w_out[0].numel()) * m.top_k for m in moes)
+        dense = sum(p.numel() for p in self.decoder.parameters()) - all_experts
+        return dense + active_experts + self.config.dim
+
+    # ------------------------------------------------------------------ STM
+    def init_stm(self, batch_size: int, generator: torch.Generator | None = None, std: float | None = None) -> Tensor:
+        """A random normal initial STM (B, L, S, D) with ``config.stm_init_std``."""
+        c = self.config
+        shape = (batch_size, c.num_layers, c.stm_size, c.dim)
+        stm = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
+        return (stm * (c.stm_init_std if std is None else std)).to(self.device, self.dtype)
+
+    def init_stm_from_text(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """An STM that has already 'read' a text (a system prompt): one memory update from random."""
+        stm = self.init_stm(input_ids.shape[0], generator)
+        return self.memory_update(stm, input_ids, attention_mask)
+
+    # ------------------------------------------------------------------ decoder
+    def check_ids(self, input_ids: Tensor) -> None:
+        """Raise ``TokenizerError`` for ids outside the vocabulary (an embedding lookup would crash)."""
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise TokenizerError(
+                f"token ids must be in [0, {self.config.vocab_size}); got min {int(input_ids.min())}, "
+                f"max {int(input_ids.max())}"
+            )
+
+    def memory_kv(self, stm: Tensor) -> MemoryKV:
+        """Decoder memory cross-attention keys/values for an STM (B, L, S, D), once per turn."""
+        return self.decoder.memory_kv(stm)
+
+    def decoder_logits(self, input_ids: Tensor, memory: Tensor) -> Tensor:
+        """Full causal forward (B, T) -> logits (B, T, V), reading ``memory`` (B, L, S, D).
+
+        ``memory`` is the STM at inference; in joint pre-training it is the encoder's hidden states.
+        Right padding needs no mask: causal attention never lets a real token see a later pad.
+        """
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = self.decoder(self.embedding(input_ids), positions=positions, memory_kv=self.memory_kv(memory))
+        return self.decoder.lm_head(h)
+
+    def new_cache(self, rows: int, max_len: int | None = None) -> KVCache:
+        d = self.config.decoder
+        return KVCache.empty(
+            self.config.num_layers,
+            rows,
+            d.self_kv_heads,
+            max_len or self.config.max_seq_len,
+            self.config.dim // d.num_heads,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def prefill(self, input_ids: Tensor, lengths: Tensor, memory_kv: MemoryKV, cache: KVCache) -> Tensor:
+        """Run right-padded prompts (B, T) with ``lengths`` (B,) into ``cache``; logits (B, V) of each
+        row's last real token."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = self.decoder(self.embedding(input_ids), positions=positions, memory_kv=memory_kv, cache=cache)
+        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+        return self.decoder.lm_head(last)
+
+    def decode_step(self, tokens: Tensor, positions: Tensor, memory_kv: MemoryKV, cache: KVCache) -> Tensor:
+        """One token per row (B,) at ``positions`` (B,): writes the cache, returns logits (B, V)."""
+        h = self.decoder(
+            self.embedding(tokens[:, None]), positions=positions[:, None], memory_kv=memory_kv, cache=cache, step=True
+        )
+        return self.decoder.lm_head(h[:, 0])
+
+    # ------------------------------------------------------------------ memory update
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, stm: Tensor | None = None) -> Tensor:
+        """Interactions (B, T) -> Encoded Data (B, L, T, D). ``stm`` is read only if the encoder
+        has memory cross-attention."""
+        memory_kv = None
+        if self.encoder.reads_memory:
+            if stm is None:
+                raise ValueError("this model's encoder reads STM(t-1): pass stm")
+            memory_kv = self.encoder.memory_kv(stm)
+        mask = None if attention_mask is None else attention_mask.bool()
+        return self.encoder(self.embedding(input_ids), key_mask=mask, memory_kv=memory_kv)
+
+    def update_memory(self, stm: Tensor, encoded: Tensor, encoded_mask: Tensor | None = None) -> Tensor:
+        """STM(t-1) (B, L, S, D) and ED(t) (B, L, T, D) -> STM(t)."""
+        mask = None if encoded_mask is None else encoded_mask.bool()
+        return self.memory_attention(stm, encoded, mask)
+
+    def memory_update(self, stm: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The whole asynchronous phase: encode the interaction, then write the STM."""
+        encoded = self.encode(input_ids, attention_mask, stm)
+        return self.update_memory(stm, encoded, attention_mask)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(
+        self, directory: str | Path, tokenizer: RxTokenizer | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory, tokenizer=tokenizer, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, **kwargs: Any) -> RxTModel:
+        """Load weights and config (not the tokenizer; see ``checkpoint.load_pretrained``)."""
+        from .checkpoint import load_pretrained
+
+        model, _ = load_pretrained(path_or_id, load_tokenizer=False, **kwargs)
+        return model

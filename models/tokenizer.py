@@ -1,0 +1,145 @@
+"""Tokenizer helpers on Hugging Face ``tokenizers``: byte-level BPE with RxT's special tokens.
+
+The special tokens always take the first ids, in this order: ``[PAD] [UNK] [BOS] [EOS] [Q] [A]
+[T]`` (0..6), matching :class:`rxruntime.models.config.SpecialTokens`. One interaction is
+``[BOS] [Q] query [A] answer [EOS]``; the decoder is prompted with ``[BOS] [Q] query [A]``.
+
+Byte-level BPE has no unknown characters, but one character can span several tokens, so
+streaming output goes through :class:`IncrementalDecoder`, which only releases text once its
+bytes are complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .config import SpecialTokens
+from .errors import TokenizerError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[Q]", "[A]", "[T]"]
+
+
+class RxTokenizer:
+    """A ``tokenizers.Tokenizer`` plus the RxT message template."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        if ids != list(range(len(SPECIAL_TOKENS))):
+            raise TokenizerError(
+                f"the tokenizer must map {SPECIAL_TOKENS} to ids 0..{len(SPECIAL_TOKENS) - 1}, got {ids}"
+            )
+        self.special = SpecialTokens()
+        self._special_ids = set(range(len(SPECIAL_TOKENS)))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> RxTokenizer:
+        """Train a byte-level BPE (stage 0 of the curriculum) on an iterable of texts."""
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RxTokenizer:
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except TokenizerError as exc:
+            raise TokenizerError(f"{path}: {exc}") from exc
+        except Exception as exc:  # the Rust side raises plain Exception on bad JSON
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({exc})") from exc
+
+    def save(self, path: str | Path) -> None:
+        self.tokenizer.save(str(path))
+
+    # ------------------------------------------------------------------ encode / decode
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get_vocab_size())
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids (no special tokens added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Ids -> text; special tokens dropped unless ``skip_special=False``. Leading space trimmed."""
+        if skip_special:
+            ids = [i for i in ids if i not in self._special_ids]
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False)).lstrip(" ")
+
+    def token_text(self, token_id: int) -> str:
+        """The raw piece of one token (for debugging; streaming uses IncrementalDecoder)."""
+        return str(self.tokenizer.id_to_token(token_id))
+
+    # ------------------------------------------------------------------ template
+    def query_ids(self, query: str) -> list[int]:
+        """The decoder prompt ``[BOS] [Q] query [A]``."""
+        s = self.special
+        return [s.bos_id, s.query_id, *self.encode(query), s.answer_id]
+
+    def interaction_ids(self, query: str, answer: str) -> list[int]:
+        """A whole interaction ``[BOS] [Q] query [A] answer [EOS]`` (what the encoder reads)."""
+        return self.interaction_from_ids(self.encode(query), self.encode(answer))
+
+    def interaction_from_ids(self, query: Sequence[int], answer: Sequence[int]) -> list[int]:
+        s = self.special
+        return [s.bos_id, s.query_id, *query, s.answer_id, *answer, s.eos_id]
+
+    def incremental_decoder(self) -> IncrementalDecoder:
+        return IncrementalDecoder(self)
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into a stream of text pieces, never splitting a character.
+
+    Each ``push`` returns the new text (possibly empty while a multi-byte character is still
+    incomplete); concatenating all pieces plus ``flush()`` equals ``decode(all ids)``. Only a short
+    window of recent ids is decoded per push, so the cost per token stays constant.
+    """
+
+    def __init__(self, tokenizer: RxTokenizer) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: ids before it are fully emitted
+        self._read = 0  # ids up to here have been turned into emitted text
+        self._started = False
+
+    def _text(self, ids: Sequence[int]) -> str:
+        ids = [i for i in ids if i not in self._tok._special_ids]
+        return str(self._tok.tokenizer.decode(ids, skip_special_tokens=False))
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        emitted = self._text(self._ids[self._prefix : self._read])
+        full = self._text(self._ids[self._prefix :])
+        if full.endswith("\ufffd") or len(full) <= len(emitted):
+            return ""  # incomplete UTF-8 sequence (or nothing new yet): wait for more bytes
+        piece = full[len(emitted) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._trim(piece)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end, as U+FFFD)."""
+        emitted = self._text(self._ids[self._prefix : self._read])
+        full = self._text(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return self._trim(full[len(emitted) :])
+
+    def _trim(self, piece: str) -> str:
+        # The byte-level pre-tokenizer prefixes a space; decode() strips it, so the stream does too.
+        if not self._started and piece:
+            piece = piece.lstrip(" ")
+            self._started = bool(piece)
+        return piece

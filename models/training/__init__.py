@@ -1,0 +1,1 @@
+"""The supervised training curriculum (stages 0-4) and its data."""

@@ -1,0 +1,1 @@
+"""Pipeable reactivex operators over interaction events (import name: ``rxruntime.operators``)."""

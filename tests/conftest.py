@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny configs and models that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rxruntime.models import DecoderConfig, EncoderConfig, MemoryAttentionConfig, RxTConfig, RxTModel
+
+
+def tiny_config(**overrides: object) -> RxTConfig:
+    """A small but complete RxT: SQA heads, MoE, every component present."""
+    base: dict[str, object] = dict(
+        vocab_size=97,
+        dim=32,
+        num_layers=2,
+        stm_size=6,
+        max_seq_len=40,
+        decoder=DecoderConfig(
+            num_heads=4,
+            self_q_heads=2,
+            self_kv_heads=1,
+            cross_q_heads=2,
+            cross_kv_heads=2,
+            num_experts=4,
+            experts_per_token=2,
+            expert_ffn_dim=24,
+        ),
+        encoder=EncoderConfig(num_heads=4, self_q_heads=2, self_kv_heads=2, ffn_dim=40),
+        memory_attention=MemoryAttentionConfig(num_heads=4, q_heads=2, kv_heads=2),
+    )
+    base.update(overrides)
+    return RxTConfig(**base)  # type: ignore[arg-type]
+
+
+def tiny_model(seed: int = 0, **overrides: object) -> RxTModel:
+    torch.manual_seed(seed)
+    return RxTModel(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture
+def model() -> RxTModel:
+    return tiny_model()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

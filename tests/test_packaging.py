@@ -1,0 +1,76 @@
+"""The wheel carries operators/ and models/ as rxruntime.operators and rxruntime.models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("rxruntime", "operators", "models"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+    )
+    (whl,) = out.glob("rxruntime-*.whl")
+    return whl
+
+
+def test_wheel_maps_the_top_level_folders_into_the_package(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "rxruntime/models/rxt.py" in names
+    assert "rxruntime/models/training/__init__.py" in names
+    assert "rxruntime/operators/__init__.py" in names
+    assert "rxruntime/py.typed" in names
+    assert not any(n.startswith(("models/", "operators/", "tests/")) for n in names)
+    expected = {p.relative_to(ROOT / "models").as_posix() for p in (ROOT / "models").rglob("*.py")}
+    shipped = {
+        n.removeprefix("rxruntime/models/") for n in names if n.startswith("rxruntime/models/") and n.endswith(".py")
+    }
+    assert expected <= shipped
+
+
+def test_installed_wheel_is_not_shadowed_by_a_users_models_module(wheel: Path, tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    user = tmp_path / "user_project"
+    user.mkdir()
+    (user / "models.py").write_text("raise ImportError('the user models.py was imported')\n")
+    (user / "operators.py").write_text("raise ImportError('the user operators.py was imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    code = (
+        "import rxruntime, rxruntime.models, rxruntime.operators; "
+        "print(rxruntime.__file__); print(rxruntime.models.__file__); print(rxruntime.operators.__file__)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=user, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert all(line.startswith(str(target)) for line in run.stdout.split())
+    info = subprocess.run(
+        [sys.executable, "-m", "rxruntime.cli", "info", "--preset", "nano", "--json"],
+        cwd=user,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["parameters"]["total"] > 0
