@@ -39,11 +39,14 @@ def test_wheel_maps_the_top_level_folders_into_the_package(wheel: Path) -> None:
     assert "rxruntime/operators/__init__.py" in names
     assert "rxruntime/py.typed" in names
     assert not any(n.startswith(("models/", "operators/", "tests/")) for n in names)
-    expected = {p.relative_to(ROOT / "models").as_posix() for p in (ROOT / "models").rglob("*.py")}
-    shipped = {
-        n.removeprefix("rxruntime/models/") for n in names if n.startswith("rxruntime/models/") and n.endswith(".py")
-    }
-    assert expected <= shipped
+    for folder, prefix in (
+        ("models", "rxruntime/models/"),
+        ("operators", "rxruntime/operators/"),
+        ("rxruntime", "rxruntime/"),
+    ):
+        expected = {prefix + p.relative_to(ROOT / folder).as_posix() for p in (ROOT / folder).rglob("*.py")}
+        missing = expected - set(names)
+        assert not missing, f"pyproject.toml's package list misses {sorted(missing)}"
 
 
 def test_installed_wheel_is_not_shadowed_by_a_users_models_module(wheel: Path, tmp_path: Path) -> None:

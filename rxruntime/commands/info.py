@@ -1,0 +1,55 @@
+"""``rxrt info``: a model's config and parameter counts, for a preset or a model directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("info", help="print a model's config and parameter counts")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="a named preset: alpha-mini, micro, nano")
+    src.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rxruntime.models import RxTModel, preset
+    from rxruntime.models.checkpoint import load_config, resolve_model_dir
+
+    if args.preset:
+        config = preset(args.preset)
+        source = f"preset {args.preset}"
+    else:
+        directory = resolve_model_dir(args.model)
+        config = load_config(directory)
+        source = str(directory)
+    with torch.device("meta"):  # count parameters without allocating them
+        model = RxTModel(config)
+    counts = model.parameter_counts()
+    if args.json:
+        print(json.dumps({"parameters": counts, "config": config.to_dict()}, indent=2))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"RxT model ({source})")
+    table.add_column("component")
+    table.add_column("parameters", justify="right")
+    for name, n in counts.items():
+        table.add_row(name, f"{n:,} ({n / 1e6:.2f}M)")
+    table.add_row("active per token", f"{model.active_parameter_count():,}")
+    console.print(table)
+    c = config
+    console.print(
+        f"dim {c.dim} · layers {c.num_layers} · STM {c.num_layers}x{c.stm_size} slots · "
+        f"vocab {c.vocab_size} · interaction {c.max_seq_len} tokens · memory attention "
+        f"{c.memory_attention.variant} ({c.memory_attention.gate_type} gates)"
+    )
+    return 0
