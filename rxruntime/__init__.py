@@ -1,3 +1,94 @@
-"""rxruntime: serve Reactive Transformer models as event streams."""
+"""rxruntime: serve Reactive Transformer (RxT) models as event streams.
+
+Usage::
+
+    import rxruntime
+    engine = rxruntime.load("default")  # the embedded model, a model directory, or a hub id
+    conv = engine.conversation()
+    conv.interact("Hi, I'm Ada.").subscribe(on_next=print)
+    print(conv.ask("What's my name?"))
+
+See docs/api.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rxruntime import events
+from rxruntime.conversation import Conversation, ConversationState
+from rxruntime.engine import Engine
+from rxruntime.errors import (
+    ConversationError,
+    EngineClosedError,
+    InteractionError,
+    InvalidTokenError,
+    ModelExecutionError,
+    QueryTooLongError,
+    RxTError,
+    StreamOverflowError,
+)
+from rxruntime.events import (
+    AnswerCompleted,
+    Event,
+    InteractionFailed,
+    MemoryUpdated,
+    MemoryUpdateStarted,
+    QueryReceived,
+    Token,
+)
+from rxruntime.models.sampler import SamplingParams
 
 __version__ = "0.1.0"
+
+
+def load(
+    model: str | Path = "default",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    max_batch: int = 64,
+    default_sampling: SamplingParams | None = None,
+) -> Engine:
+    """Load a model and start an :class:`Engine` for it.
+
+    ``model``: ``"default"`` (the small model shipped in the package), a model directory
+    (``config.json`` + ``model.safetensors`` + ``tokenizer.json``) or a Hugging Face Hub id.
+    ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, float32 on the CPU.
+    ``default_sampling`` applies to turns that pass no sampling options (default: greedy).
+    """
+    from rxruntime.models.checkpoint import load_pretrained
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    rxt, tokenizer = load_pretrained(model, device=dev, dtype=dtype)
+    assert tokenizer is not None
+    return Engine(rxt, tokenizer, max_batch=max_batch, default_sampling=default_sampling)
+
+
+__all__ = [
+    "AnswerCompleted",
+    "Conversation",
+    "ConversationError",
+    "ConversationState",
+    "Engine",
+    "EngineClosedError",
+    "Event",
+    "InteractionError",
+    "InteractionFailed",
+    "InvalidTokenError",
+    "MemoryUpdateStarted",
+    "MemoryUpdated",
+    "ModelExecutionError",
+    "QueryReceived",
+    "QueryTooLongError",
+    "RxTError",
+    "SamplingParams",
+    "StreamOverflowError",
+    "Token",
+    "events",
+    "load",
+]

@@ -1,0 +1,251 @@
+"""A conversation: the user's handle on one STM and its sequence of turns.
+
+``interact`` returns a cold reactivex Observable of the turn's events (subscribing sends the query;
+disposing before the answer completes cancels it); ``astream`` gives the same events to async code;
+``ask`` blocks for the answer's text. Queries of one conversation run in order, each after the
+previous turn's memory update has committed; sending one early simply queues it.
+
+The stream of one turn completes after ``MemoryUpdated``. Leaving earlier (e.g. after
+``AnswerCompleted``) is fine: the memory update still runs and its events go to ``memory_events``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import reactivex
+from reactivex import Observable
+from reactivex.disposable import SingleAssignmentDisposable
+from reactivex.subject import Subject
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from rxruntime.errors import ConversationError
+from rxruntime.events import AnswerCompleted, Event, MemoryEvent, MemoryUpdated, MemoryUpdateStarted
+from rxruntime.models.config import RxTConfig
+from rxruntime.operators import interaction
+from rxruntime.operators.tokenize import Query
+from rxruntime.streams import DONE, EventBuffer, OverflowPolicy, Waker
+
+if TYPE_CHECKING:
+    from rxruntime.engine import Engine
+
+_STATE_FORMAT = "rxruntime.conversation-state/1"
+
+
+def config_fingerprint(config: RxTConfig) -> str:
+    """Identifies the STM layout a snapshot belongs to (a different model cannot read it)."""
+    return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ConversationState:
+    """A snapshot of a conversation's memory: the STM (L, S, D) on the CPU and where it stands."""
+
+    conversation_id: str
+    turn: int
+    stm_version: int
+    stm: Tensor
+    config_fingerprint: str
+
+    def check_fits(self, config: RxTConfig) -> None:
+        expected = (config.num_layers, config.stm_size, config.dim)
+        if tuple(self.stm.shape) != expected:
+            raise ConversationError(f"STM snapshot has shape {tuple(self.stm.shape)}, this model needs {expected}")
+        if self.config_fingerprint != config_fingerprint(config):
+            raise ConversationError(
+                "the STM snapshot was taken with a different model configuration; it cannot be restored here"
+            )
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "format": _STATE_FORMAT,
+            "conversation_id": self.conversation_id,
+            "turn": str(self.turn),
+            "stm_version": str(self.stm_version),
+            "config_fingerprint": self.config_fingerprint,
+        }
+        return bytes(st_save({"stm": self.stm.contiguous()}, metadata=meta))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConversationState:
+        try:
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+            tensors = st_load(data)
+        except Exception as exc:
+            raise ConversationError(f"not a conversation state snapshot ({exc})") from exc
+        if meta.get("format") != _STATE_FORMAT or "stm" not in tensors:
+            raise ConversationError("not a conversation state snapshot (wrong format tag)")
+        return cls(
+            conversation_id=meta["conversation_id"],
+            turn=int(meta["turn"]),
+            stm_version=int(meta["stm_version"]),
+            stm=tensors["stm"],
+            config_fingerprint=meta["config_fingerprint"],
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ConversationState:
+        path = Path(path)
+        if not path.is_file():
+            raise ConversationError(f"{path}: no such state file")
+        try:
+            return cls.from_bytes(path.read_bytes())
+        except ConversationError as exc:
+            raise ConversationError(f"{path}: {exc}") from exc
+
+
+class Conversation:
+    """One conversation on an :class:`~rxruntime.engine.Engine`. Cheap handle; state lives in the engine."""
+
+    def __init__(self, engine: Engine, conversation_id: str) -> None:
+        self._engine = engine
+        self._id = conversation_id
+        self._memory_subject: Subject[MemoryEvent] = Subject()
+        self._unsubscribe = engine.subscribe_memory(conversation_id, _MemoryForwarder(self))
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def backend(self) -> Engine:
+        return self._engine
+
+    @property
+    def stm_version(self) -> int:
+        """Version of the last committed STM (0 for a fresh memory; +1 per memory update)."""
+        return self._engine.stm_version(self._id)
+
+    @property
+    def memory_events(self) -> Observable[MemoryEvent]:
+        """A hot Observable of ``MemoryUpdateStarted`` / ``MemoryUpdated`` for every turn."""
+        return self._memory_subject
+
+    # ------------------------------------------------------------------ turns
+    def interact(self, query: Query, **options: Any) -> Observable[Event]:
+        """The events of one turn (cold: subscribing sends the query).
+
+        Options: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``max_new_tokens``,
+        ``remember_partial`` (write a cancelled turn's partial answer to memory; default False).
+        """
+        return reactivex.of(query).pipe(interaction(self, **options))
+
+    async def astream(
+        self, query: Query, *, buffer: int = 64, overflow: OverflowPolicy = "coalesce", **options: Any
+    ) -> AsyncIterator[Event]:
+        """The events of one turn for asyncio/trio code. Leaving the loop or cancelling the task
+        cancels the turn if its answer is not complete yet. At most ``buffer`` token events wait
+        for a slow consumer (see :mod:`rxruntime.streams` for the ``overflow`` policies)."""
+        waker = Waker()
+        subscription = SingleAssignmentDisposable()
+        buf = EventBuffer(buffer, overflow, waker, on_overflow=subscription.dispose)
+        subscription.disposable = self.interact(query, **options).subscribe(buf.on_next, buf.on_error, buf.on_completed)
+        try:
+            while True:
+                armed = waker.arm()
+                item = buf.pop()
+                if item is None:
+                    await armed.wait()
+                    continue
+                if item is DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            subscription.dispose()
+
+    def ask(self, query: Query, timeout: float | None = None, **options: Any) -> str:
+        """Send a query and block until its answer is complete; returns the answer text.
+
+        The memory update continues in the background; the next query waits for it.
+        """
+        done = threading.Event()
+        result: dict[str, Any] = {}
+
+        def on_next(event: Event) -> None:
+            if isinstance(event, AnswerCompleted):
+                result["answer"] = event.text
+                done.set()
+
+        def on_error(exc: Exception) -> None:
+            result["error"] = exc
+            done.set()
+
+        subscription = self.interact(query, **options).subscribe(on_next, on_error, done.set)
+        try:
+            if not done.wait(timeout):
+                subscription.dispose()
+                raise TimeoutError(f"no answer within {timeout} s")
+        except BaseException:  # KeyboardInterrupt too: stop the turn, then re-raise
+            subscription.dispose()
+            raise
+        if "error" in result:
+            raise result["error"]
+        if "answer" not in result:  # completed without an answer: only if cancelled elsewhere
+            raise ConversationError("the turn ended without an answer")
+        return str(result["answer"])
+
+    # ------------------------------------------------------------------ memory
+    def wait_for_memory(self, timeout: float | None = None) -> bool:
+        """Block until no turn is queued or running and the memory update has committed."""
+        return self._engine.wait_idle(self._id, timeout)
+
+    def export_state(self, wait: bool = True) -> ConversationState:
+        """Snapshot the STM; with ``wait`` (default) after pending turns and memory updates."""
+        if wait:
+            self.wait_for_memory()
+        stm, version, turn = self._engine.snapshot(self._id)
+        return ConversationState(self._id, turn, version, stm, config_fingerprint(self._engine.config))
+
+    def load_state(self, state: ConversationState) -> None:
+        """Replace this conversation's STM with a snapshot (after pending turns)."""
+        self._engine.load_state(self._id, state)
+
+    def reset(self, memory_init: str | None = None) -> None:
+        """Forget everything: a fresh random STM, optionally pre-read from ``memory_init``."""
+        self._engine.reset(self._id, memory_init)
+
+    def history(self) -> list[dict[str, float | int | str]]:
+        """Per-turn statistics: TTFT, tokens/s, queueing, memory-update time, STM version."""
+        return self._engine.history(self._id)
+
+    def close(self) -> None:
+        """Remove the conversation from the engine; its memory is gone unless exported first."""
+        self._unsubscribe()
+        self._memory_subject.on_completed()
+        self._engine.close_conversation(self._id)
+
+    def __repr__(self) -> str:
+        return f"Conversation(id={self._id!r})"
+
+
+class _MemoryForwarder:
+    """Engine memory callbacks -> the conversation's ``memory_events`` subject (on its mailbox)."""
+
+    def __init__(self, conv: Conversation) -> None:
+        self._conv = conv
+
+    def on_memory_started(self, turn: int, stm_version: int) -> None:
+        self._conv._memory_subject.on_next(MemoryUpdateStarted(self._conv.id, turn, stm_version))
+
+    def on_memory_updated(self, turn: int, stm_version: int, duration_s: float) -> None:
+        self._conv._memory_subject.on_next(MemoryUpdated(self._conv.id, turn, stm_version, duration_s))
+
+    def on_memory_failed(self, turn: int, exc: BaseException, stm_version: int) -> None:
+        pass  # the turn's own stream reports failures; memory_events stays alive for later turns
+
+    def on_memory_skipped(self, turn: int) -> None:
+        pass

@@ -1,0 +1,144 @@
+"""The events of a conversation: frozen, typed records that serialise to msgpack.
+
+Every event carries ``conversation_id`` and ``turn`` (1 for a conversation's first query). One
+turn produces, in this order::
+
+    QueryReceived  Token*  AnswerCompleted  MemoryUpdateStarted  MemoryUpdated
+
+or ends early with ``InteractionFailed`` (the STM then keeps its last committed version). The
+answer's events come from the decoder; the memory events come from the background update. A
+conversation's ``memory_events`` observable repeats the last two for every turn.
+
+``to_dict``/``from_dict`` and ``pack``/``unpack`` give the wire form (a map with a ``type`` tag), so
+the same events can cross a socket unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeAlias
+
+import msgpack
+
+FinishReason = Literal["eos", "length", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class EventBase:
+    conversation_id: str
+    turn: int
+    type_name: ClassVar[str] = "event"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return {"type": self.type_name, **data}
+
+
+@dataclass(frozen=True, slots=True)
+class QueryReceived(EventBase):
+    """A query entered the conversation (it may still wait for the previous memory update)."""
+
+    query: str
+    token_ids: tuple[int, ...]
+    type_name: ClassVar[str] = "query_received"
+
+
+@dataclass(frozen=True, slots=True)
+class Token(EventBase):
+    """One generated token: its id, its text piece and its index in the answer (0-based).
+
+    ``text`` may be empty while a multi-byte character is incomplete; concatenating the pieces of
+    a turn always gives the answer's text. A slow async consumer may receive several tokens merged
+    into one event (``count > 1``; see ``Conversation.astream``).
+    """
+
+    token_id: int
+    text: str
+    position: int
+    count: int = 1
+    type_name: ClassVar[str] = "token"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerCompleted(EventBase):
+    """The answer is done. Timings: ``ttft_s`` from the query entering the engine to the first
+    token (queueing included), ``tokens_per_s`` over the decode after the first token."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    ttft_s: float
+    tokens_per_s: float
+    duration_s: float
+    queued_s: float
+    type_name: ClassVar[str] = "answer_completed"
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryUpdateStarted(EventBase):
+    """Encoder and memory attention began rewriting the STM (version ``stm_version`` is current)."""
+
+    stm_version: int
+    type_name: ClassVar[str] = "memory_update_started"
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryUpdated(EventBase):
+    """The new STM is committed as ``stm_version``; the next query of this conversation may run."""
+
+    stm_version: int
+    duration_s: float
+    type_name: ClassVar[str] = "memory_updated"
+
+
+@dataclass(frozen=True, slots=True)
+class InteractionFailed(EventBase):
+    """This turn failed; ``stm_version`` is the STM the conversation keeps (unchanged)."""
+
+    error_type: str
+    message: str
+    stage: Literal["query", "generate", "memory"]
+    stm_version: int
+    type_name: ClassVar[str] = "interaction_failed"
+
+
+Event: TypeAlias = QueryReceived | Token | AnswerCompleted | MemoryUpdateStarted | MemoryUpdated | InteractionFailed
+MemoryEvent: TypeAlias = MemoryUpdateStarted | MemoryUpdated
+
+EVENT_TYPES: dict[str, type[EventBase]] = {
+    cls.type_name: cls
+    for cls in (QueryReceived, Token, AnswerCompleted, MemoryUpdateStarted, MemoryUpdated, InteractionFailed)
+}
+
+
+def from_dict(data: dict[str, Any]) -> Event:
+    """Rebuild an event from its wire map; raises ``ValueError`` on an unknown type or bad fields."""
+    data = dict(data)
+    kind = data.pop("type", None)
+    cls = EVENT_TYPES.get(str(kind))
+    if cls is None:
+        raise ValueError(f"unknown event type {kind!r}; known: {', '.join(EVENT_TYPES)}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(data) - names or {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING} - set(data):
+        raise ValueError(f"fields {sorted(data)} do not match event {kind!r} ({sorted(names)})")
+    for f in dataclasses.fields(cls):
+        if f.name in data and isinstance(data[f.name], list):
+            data[f.name] = tuple(data[f.name])
+    event: Event = cls(**data)  # type: ignore[assignment]
+    return event
+
+
+def pack(event: Event) -> bytes:
+    """msgpack bytes of one event."""
+    return bytes(msgpack.packb(event.to_dict(), use_bin_type=True))
+
+
+def unpack(payload: bytes) -> Event:
+    data = msgpack.unpackb(payload, raw=False)
+    if not isinstance(data, dict):
+        raise ValueError("an event must be a msgpack map")
+    return from_dict(data)
