@@ -20,9 +20,9 @@ from collections.abc import Callable
 import reactivex
 from reactivex import Observable
 from reactivex import operators as ops
-from rxruntime.models.tokenizer import IncrementalDecoder, RxTokenizer
 
 from rxruntime.events import AnswerCompleted, Event, Token
+from rxruntime.models.tokenizer import IncrementalDecoder, RxTokenizer
 
 
 def detokenize(tokenizer: RxTokenizer) -> Callable[[Observable[Event]], Observable[Event]]:

@@ -22,10 +22,10 @@ from typing import Any
 
 import reactivex
 from reactivex import Observable, abc
-from rxruntime.models.sampler import SamplingParams
 
 from rxruntime.engine import AnswerStats, TurnRequest
 from rxruntime.events import AnswerCompleted, Event, FinishReason, QueryReceived, Token
+from rxruntime.models.sampler import SamplingParams
 
 from ._util import ConversationRef, create, failed, ordered
 

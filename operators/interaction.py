@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 import reactivex
 from reactivex import Observable
-from rxruntime.models.sampler import SamplingParams
 
 from rxruntime.events import Event
+from rxruntime.models.sampler import SamplingParams
 
 from ._util import ConversationRef, ordered
 from .detokenize import detokenize

@@ -11,8 +11,6 @@ from reactivex import Observable
 from reactivex.notification import OnError, OnNext
 from reactivex.testing import ReactiveTest, TestScheduler
 from reactivex.testing.recorded import Recorded
-from rxruntime.models import RxTokenizer, SamplingParams
-from rxruntime.operators import detokenize, encode, generate, interaction, tokenize, update_memory
 
 from rxruntime.engine import AnswerStats, MemoryListener, TurnListener, TurnRequest
 from rxruntime.errors import InvalidTokenError, ModelExecutionError, QueryTooLongError
@@ -24,6 +22,8 @@ from rxruntime.events import (
     QueryReceived,
     Token,
 )
+from rxruntime.models import RxTokenizer, SamplingParams
+from rxruntime.operators import detokenize, encode, generate, interaction, tokenize, update_memory
 
 on_next, on_completed = ReactiveTest.on_next, ReactiveTest.on_completed
 

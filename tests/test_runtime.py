@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from rxruntime.models import RxTModel, RxTokenizer
 from torch import Tensor
 
 import rxruntime
@@ -32,6 +31,7 @@ from rxruntime import (
     StreamOverflowError,
     Token,
 )
+from rxruntime.models import RxTModel, RxTokenizer
 
 from .conftest import tiny_config
 

@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 # Order is the order of `rxrt --help`.
-COMMANDS = ["info"]
+COMMANDS = ["chat", "info"]
 
 
 def register_all(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

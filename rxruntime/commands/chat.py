@@ -1,0 +1,72 @@
+"""``rxrt chat``: talk to a model in the terminal (the embedded default model unless told otherwise)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("chat", help="chat with a model in the terminal")
+    p.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
+    p.add_argument("--preset", help="chat with a randomly initialised preset instead (its answers are noise)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on answer length (default: what fits)")
+    p.add_argument("--memory-init", default=None, help="a system text written to memory before the first turn")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--conversation-id", default=None, help="name of the conversation (default: random)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    import rxruntime
+    from rxruntime.engine import Engine
+    from rxruntime.models import RxTModel, preset
+    from rxruntime.models.checkpoint import default_model_dir
+    from rxruntime.models.errors import MissingCheckpointFileError
+    from rxruntime.models.tokenizer import RxTokenizer
+    from rxruntime.repl import ChatREPL
+
+    console = Console(highlight=False)
+    notice = None
+    engine: Engine
+    if args.preset is None:
+        try:
+            engine = rxruntime.load(args.model, device=args.device)
+        except MissingCheckpointFileError:
+            if args.model != "default" or (default_model_dir() / "config.json").exists():
+                raise
+            args.preset = "nano"  # the package was built without its trained model
+    if args.preset is not None:
+        torch.manual_seed(0)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = RxTModel(preset(args.preset)).to(device).eval()
+        tokenizer = RxTokenizer.train([_SAMPLE_TEXT], vocab_size=min(model.config.vocab_size, 512))
+        engine = Engine(model, tokenizer)
+        notice = (
+            f"Notice: this is a randomly initialised '{args.preset}' model, not a trained one; its answers "
+            "are noise. Train one with `rxrt train` or pass --model DIR."
+        )
+    history = Path(os.environ.get("RXRT_HISTORY", Path.home() / ".rxrt_history"))
+    with engine:
+        conv = engine.conversation(args.conversation_id, memory_init=args.memory_init)
+        repl = ChatREPL(
+            engine,
+            conv,
+            console,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            history_file=history,
+            notice=notice,
+        )
+        return repl.run()
+
+
+_SAMPLE_TEXT = (
+    "Hello! My name is Ada and I live in Paris. What is your name? I like green tea, long walks and my cat. "
+    "The quick brown fox jumps over the lazy dog. 0123456789"
+)

@@ -1,0 +1,128 @@
+"""``rxrt chat`` driven as a user would: in a pseudo-terminal, typing messages and slash commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+
+from rxruntime.models import RxTModel, RxTokenizer
+
+from .conftest import tiny_config
+
+CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is Ada. Paris is sunny."] * 30
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    # long interactions and a random model: answers run for hundreds of tokens, time to press Ctrl-C
+    model = RxTModel(tiny_config(vocab_size=300, max_seq_len=1024))
+    with torch.no_grad():  # [EOS]'s logit is half of token 100's, so it never is the (positive) maximum
+        head = model.decoder.lm_head.weight
+        head[model.config.special_tokens.eos_id] = 0.5 * head[100]
+    model.save_pretrained(path, tokenizer=RxTokenizer.train(CORPUS, vocab_size=300))
+    return path
+
+
+@pytest.fixture
+def chat(model_dir: Path, tmp_path: Path) -> Iterator[pexpect.spawn]:
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200", "RXRT_HISTORY": str(tmp_path / "hist")}
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "rxruntime.cli", "chat", "--model", str(model_dir), "--max-new-tokens", "12"],
+        env=env,
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(50, 200),
+    )
+    child.expect("/help for commands")
+    child.expect("you> ")
+    yield child
+    child.close(force=True)
+
+
+def test_a_conversation_with_memory_status_lines(chat: pexpect.spawn) -> None:
+    chat.sendline("Hi, I'm Ada.")
+    chat.expect("rxt> ")
+    chat.expect("updating memory")
+    chat.expect(r"memory v1 \(\d+ ms\)")
+    chat.expect("you> ")
+    chat.sendline("What is my name?")
+    chat.expect(r"memory v2 \(\d+ ms\)")
+    chat.sendline("/stats")
+    chat.expect("STM v2 · 2 turns")
+    chat.expect("TTFT ms")
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    assert chat.wait() == 0
+
+
+def test_slash_commands(chat: pexpect.spawn, tmp_path: Path) -> None:
+    chat.sendline("/help")
+    chat.expect("/save PATH")
+    chat.sendline("/temp 0.7")
+    chat.expect("temperature 0.7")
+    chat.sendline("/temp -3")
+    chat.expect("error: temperature must be")
+    chat.sendline("Hello there")
+    chat.expect(r"memory v1 \(")
+    chat.sendline(f"/save {tmp_path / 'stm.bin'}")
+    chat.expect("saved STM v1")
+    assert (tmp_path / "stm.bin").stat().st_size > 0
+    chat.sendline("/reset")
+    chat.expect("memory reset")
+    chat.sendline(f"/load {tmp_path / 'stm.bin'}")
+    chat.expect("loaded")
+    chat.sendline(f"/load {tmp_path / 'nope.bin'}")
+    chat.expect("error: .*no such state file")
+    chat.sendline("/bogus")
+    chat.expect("unknown command /bogus")
+    chat.sendeof()  # Ctrl-D
+    chat.expect(pexpect.EOF)
+    assert chat.wait() == 0
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(model_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "RXRT_HISTORY": str(tmp_path / "hist")}
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "rxruntime.cli", "chat", "--model", str(model_dir)],
+        env=env,
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        timeout=60,
+    )
+    try:
+        child.expect("you> ")
+        child.sendline("Tell me everything.")
+        child.expect("rxt> ")
+        child.expect(r"\S")  # the answer is streaming
+        child.sendintr()  # Ctrl-C
+        child.expect(r"\[stopped\]")
+        child.expect("you> ")
+        child.sendline("/stats")
+        child.expect("cancelled")
+        child.expect("you> ")
+        child.sendintr()  # Ctrl-C at the prompt clears the line, the program stays
+        child.expect(r"\^C")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+        assert child.wait() == 0
+    finally:
+        child.close(force=True)
+
+
+def test_line_history_is_kept(chat: pexpect.spawn, tmp_path: Path) -> None:
+    chat.sendline("/temp 0.2")
+    chat.expect("temperature 0.2")
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    assert "/temp 0.2" in (tmp_path / "hist").read_text()
