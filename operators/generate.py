@@ -67,8 +67,8 @@ def generate(
                     )
                     observer.on_completed()
 
-                def on_error(self, exc: Exception) -> None:
-                    observer.on_next(failed(query, exc, "generate", backend.stm_version(cid)))
+                def on_error(self, exc: Exception, stm_version: int) -> None:
+                    observer.on_next(failed(query, exc, "generate", stm_version))
                     observer.on_error(exc)
 
             request = TurnRequest(

@@ -79,7 +79,7 @@ class TurnListener(Protocol):
 
     def on_answer(self, token_ids: tuple[int, ...], finish_reason: FinishReason, stats: AnswerStats) -> None: ...
 
-    def on_error(self, exc: Exception) -> None: ...
+    def on_error(self, exc: Exception, stm_version: int) -> None: ...
 
 
 class MemoryListener(Protocol):
@@ -237,11 +237,16 @@ class Engine:
         return Conversation(self, conversation_id)
 
     def close_conversation(self, conversation_id: str) -> None:
-        """Forget a conversation (its pending turns fail with EngineClosedError-like cancellation)."""
+        """Forget a conversation: its queued turns fail with ConversationError, a running one is
+        cancelled (a completed answer's memory update still finishes, on memory nobody reads)."""
         with self._lock:
             conv = self._conv(conversation_id)
+            closed = ConversationError(f"conversation {conversation_id!r} was closed")
             for job in list(conv.pending):
-                self._drop_waiting(job)
+                self._drop_waiting(job, closed)
+            for job in self._jobs.values():
+                if job.conv is conv:
+                    job.cancelled = True
             del self._conversations[conversation_id]
 
     def stm_version(self, conversation_id: str) -> int:
@@ -324,14 +329,14 @@ class Engine:
             conv = self._conv(request.conversation_id)
             if self._closed:
                 exc: Exception = EngineClosedError("the engine is closed")
-                conv.mailbox.post(lambda: listener.on_error(exc))
+                conv.mailbox.post(lambda v=conv.version: listener.on_error(exc, v))  # type: ignore[misc]
                 return lambda: None
             if limit < 1 or len(request.prompt_ids) < 1:
                 exc = QueryTooLongError(
                     f"the prompt has {len(request.prompt_ids)} tokens; an interaction holds at most "
                     f"{self.max_seq_len} including the answer and [EOS]"
                 )
-                conv.mailbox.post(lambda: listener.on_error(exc))
+                conv.mailbox.post(lambda v=conv.version: listener.on_error(exc, v))  # type: ignore[misc]
                 return lambda: None
             job = _Job(request, listener, conv, params.resolved_seed(), time.perf_counter(), limit)
             conv.pending.append(job)
@@ -538,7 +543,7 @@ class Engine:
                 job.state = "done"
                 job.conv.busy = False
                 listener = job.listener
-                job.conv.mailbox.post(lambda listener=listener: listener.on_error(exc))  # type: ignore[misc]
+                job.conv.mailbox.post(lambda listener=listener, v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
             self._lock.notify_all()
 
     def _fail_everything(self, exc: Exception) -> None:
@@ -550,7 +555,7 @@ class Engine:
             job.state = "done"
             job.conv.busy = False
             listener = job.listener
-            job.conv.mailbox.post(lambda listener=listener: listener.on_error(exc))  # type: ignore[misc]
+            job.conv.mailbox.post(lambda listener=listener, v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
 
     def _drop_waiting(self, job: _Job, exc: Exception | None = None) -> None:
         if job in self._waiting:
@@ -560,7 +565,7 @@ class Engine:
         job.state = "done"
         if exc is not None:
             listener = job.listener
-            job.conv.mailbox.post(lambda: listener.on_error(exc))
+            job.conv.mailbox.post(lambda v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
         self._lock.notify_all()
 
     # ------------------------------------------------------------------ memory thread

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from rxruntime.models import DecoderConfig, EncoderConfig, MemoryAttentionConfig, RxTConfig, RxTModel
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from rxruntime.models.attention import Attention, sdpa
 from rxruntime.models.rope import RotaryEmbedding
 

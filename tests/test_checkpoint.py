@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from rxruntime.models import (
     CheckpointError,
     CheckpointMismatchError,

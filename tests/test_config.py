@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from rxruntime.models import ConfigError, DecoderConfig, MemoryAttentionConfig, RxTConfig, RxTModel, preset
 
 from rxruntime.cli import main
+from rxruntime.models import ConfigError, DecoderConfig, MemoryAttentionConfig, RxTConfig, RxTModel, preset
 
 from .conftest import tiny_config
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 import torch
+
 from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, SamplingParams, generate
 
 from .conftest import tiny_model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from rxruntime.models import MemoryAttentionConfig, RxTModel
 from rxruntime.models.attention import Attention
 from rxruntime.models.config import GateType, MemoryAttentionVariant

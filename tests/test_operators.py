@@ -73,7 +73,7 @@ class FakeBackend:
                     return
                 if self.fail_generate:
                     state["done"] = True
-                    listener.on_error(ModelExecutionError("boom"))
+                    listener.on_error(ModelExecutionError("boom"), self.version)
                 elif i < len(self.script):
                     listener.on_token(self.script[i], i)
                 else:

@@ -505,3 +505,51 @@ def test_load_a_model_directory(tok: RxTokenizer, tmp_path: Any) -> None:
     make_model(14).save_pretrained(tmp_path, tokenizer=tok)
     with rxruntime.load(tmp_path) as eng:
         assert isinstance(eng.conversation().ask("Hi", max_new_tokens=3), str)
+
+
+def test_observables_cross_into_an_asyncio_loop_with_observe_on(engine: Engine) -> None:
+    from reactivex import operators as ops
+    from reactivex.scheduler.eventloop import AsyncIOThreadSafeScheduler
+
+    conv = engine.conversation("c")
+
+    async def main() -> tuple[set[int], int, list[str]]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        threads: set[int] = set()
+        kinds: list[str] = []
+
+        def on_next(e: Event) -> None:
+            threads.add(threading.get_ident())
+            kinds.append(type(e).__name__)
+
+        conv.interact("Hi", max_new_tokens=4).pipe(ops.observe_on(AsyncIOThreadSafeScheduler(loop))).subscribe(
+            on_next, on_completed=lambda: done.set_result(None)
+        )
+        await asyncio.wait_for(done, 20)
+        return threads, threading.get_ident(), kinds
+
+    threads, loop_thread, kinds = asyncio.run(main())
+    assert threads == {loop_thread}  # every event was delivered on the event loop's thread
+    assert kinds[0] == "QueryReceived" and kinds[-1] == "MemoryUpdated"
+
+
+def test_closing_a_conversation_fails_its_queued_turns(tok: RxTokenizer) -> None:
+    model = make_model(15)
+    patch(model, "memory_update", slow(model.memory_update, 0.3))
+    with Engine(model, tok) as eng:
+        conv = eng.conversation("c")
+        conv.ask("Hi", max_new_tokens=2)  # memory update running: the next turn queues
+        box: list[Exception] = []
+        done = threading.Event()
+
+        def on_error(e: Exception) -> None:
+            box.append(e)
+            done.set()
+
+        conv.interact("queued").subscribe(on_error=on_error)
+        conv.close()
+        assert done.wait(5) and isinstance(box[0], ConversationError)
+        with pytest.raises(ConversationError, match="unknown conversation"):
+            eng.stm_version("c")
+        assert eng.conversation("other").ask("Hi", max_new_tokens=2) is not None

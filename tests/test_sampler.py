@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from rxruntime.models import ConfigError, SamplingParams
 from rxruntime.models.sampler import hash32, sample, uniform_noise
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, models
+
 from rxruntime.models import RxTokenizer, TokenizerError
 from rxruntime.models.tokenizer import SPECIAL_TOKENS
-from tokenizers import Tokenizer, models
 
 CORPUS = [
     "Hi, I'm Ada and my cat is called Pixel.",
