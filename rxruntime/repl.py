@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -70,6 +71,8 @@ class ChatREPL:
     def run(self) -> int:
         self._setup_readline()
         self._banner()
+        # Ctrl-C must reach us even if a parent started us with SIGINT ignored (e.g. a background job).
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         subscription = self.conv.memory_events.subscribe(self._on_memory_event)
         try:
             while True:
@@ -90,6 +93,7 @@ class ChatREPL:
         finally:
             subscription.dispose()
             self._save_history()
+            signal.signal(signal.SIGINT, previous)
 
     def _read(self) -> str:
         with self._print_lock:
@@ -208,7 +212,8 @@ class ChatREPL:
         for entry in self.conv.history():
             rows.setdefault(int(entry["turn"]), {}).update(entry)
         self.console.print(
-            f"conversation {self.conv.id} · STM v{self.conv.stm_version} · {len(rows)} turns", soft_wrap=True
+            f"conversation {self.conv.id} · STM v{self.conv.stm_version} · {len(rows)} turn{'s' * (len(rows) != 1)}",
+            soft_wrap=True,
         )
         table = Table()
         for col in ("turn", "tokens", "TTFT ms", "tok/s", "queued ms", "memory ms", "STM", "end"):

@@ -74,6 +74,19 @@ def patch(obj: Any, name: str, fn: Any) -> None:
     setattr(obj, name, fn)
 
 
+def endless(model: RxTModel, delay: float) -> None:
+    """Make every answer run until the length limit, ``delay`` seconds per decode step."""
+    real_step = model.decode_step
+
+    def step(*args: Any) -> Tensor:
+        time.sleep(delay)
+        out: Tensor = real_step(*args)
+        out[:, model.config.special_tokens.eos_id] = -1e9
+        return out
+
+    patch(model, "decode_step", step)
+
+
 def slow(fn: Any, seconds: float) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds)
@@ -205,15 +218,7 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
 
 def test_disposing_cancels_within_one_step_and_frees_the_row(tok: RxTokenizer) -> None:
     model = make_model(5)
-    real_step = model.decode_step
-
-    def slow_step(*args: Any) -> Tensor:
-        time.sleep(0.02)
-        out: Tensor = real_step(*args)
-        out[:, model.config.special_tokens.eos_id] = -1e9  # never stop by itself
-        return out
-
-    patch(model, "decode_step", slow_step)
+    endless(model, 0.02)
     with Engine(model, tok) as eng:
         conv = eng.conversation("c")
         tokens: list[Token] = []
@@ -239,15 +244,7 @@ def test_disposing_cancels_within_one_step_and_frees_the_row(tok: RxTokenizer) -
 
 def test_remember_partial_writes_the_cancelled_answer_to_memory(tok: RxTokenizer) -> None:
     model = make_model(6)
-    real_step = model.decode_step
-
-    def no_eos(*args: Any) -> Tensor:
-        time.sleep(0.01)
-        out: Tensor = real_step(*args)
-        out[:, model.config.special_tokens.eos_id] = -1e9
-        return out
-
-    patch(model, "decode_step", no_eos)
+    endless(model, 0.01)
     with Engine(model, tok) as eng:
         conv = eng.conversation("c")
         got = threading.Event()
@@ -404,15 +401,7 @@ def test_astream_overflow_error_policy(engine: Engine) -> None:
 
 def test_cancelling_the_async_consumer_cancels_the_turn(tok: RxTokenizer) -> None:
     model = make_model(10)
-    real_step = model.decode_step
-
-    def no_eos(*args: Any) -> Tensor:
-        time.sleep(0.01)
-        out: Tensor = real_step(*args)
-        out[:, model.config.special_tokens.eos_id] = -1e9
-        return out
-
-    patch(model, "decode_step", no_eos)
+    endless(model, 0.01)
     with Engine(model, tok) as eng:
         conv = eng.conversation("c")
 
