@@ -40,6 +40,7 @@ from rxruntime.events import (
     Token,
 )
 from rxruntime.models.sampler import SamplingParams
+from rxruntime.stores import STMStore
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ def load(
     dtype: torch.dtype | None = None,
     max_batch: int = 64,
     default_sampling: SamplingParams | None = None,
+    store: STMStore | None = None,
 ) -> Engine:
     """Load a model and start an :class:`Engine` for it.
 
@@ -58,6 +60,7 @@ def load(
     (``config.json`` + ``model.safetensors`` + ``tokenizer.json``) or a Hugging Face Hub id.
     ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, float32 on the CPU.
     ``default_sampling`` applies to turns that pass no sampling options (default: greedy).
+    ``store`` persists every committed STM and resumes stored conversations (``rxruntime.stores``).
     """
     from rxruntime.models.checkpoint import load_pretrained
 
@@ -66,7 +69,7 @@ def load(
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rxt, tokenizer = load_pretrained(model, device=dev, dtype=dtype)
     assert tokenizer is not None
-    return Engine(rxt, tokenizer, max_batch=max_batch, default_sampling=default_sampling)
+    return Engine(rxt, tokenizer, max_batch=max_batch, default_sampling=default_sampling, store=store)
 
 
 __all__ = [

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,41 +107,11 @@ class ConversationState:
             raise ConversationError(f"{path}: {exc}") from exc
 
 
-class Conversation:
-    """One conversation on an :class:`~rxruntime.engine.Engine`. Cheap handle; state lives in the engine."""
+class TurnMethods(ABC):
+    """``astream`` and ``ask`` for anything with an ``interact`` (a local or a remote conversation)."""
 
-    def __init__(self, engine: Engine, conversation_id: str) -> None:
-        self._engine = engine
-        self._id = conversation_id
-        self._memory_subject: Subject[MemoryEvent] = Subject()
-        self._unsubscribe = engine.subscribe_memory(conversation_id, _MemoryForwarder(self))
-
-    @property
-    def id(self) -> str:
-        return self._id
-
-    @property
-    def backend(self) -> Engine:
-        return self._engine
-
-    @property
-    def stm_version(self) -> int:
-        """Version of the last committed STM (0 for a fresh memory; +1 per memory update)."""
-        return self._engine.stm_version(self._id)
-
-    @property
-    def memory_events(self) -> Observable[MemoryEvent]:
-        """A hot Observable of ``MemoryUpdateStarted`` / ``MemoryUpdated`` for every turn."""
-        return self._memory_subject
-
-    # ------------------------------------------------------------------ turns
-    def interact(self, query: Query, **options: Any) -> Observable[Event]:
-        """The events of one turn (cold: subscribing sends the query).
-
-        Options: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``max_new_tokens``,
-        ``remember_partial`` (write a cancelled turn's partial answer to memory; default False).
-        """
-        return reactivex.of(query).pipe(interaction(self, **options))
+    @abstractmethod
+    def interact(self, query: Query, **options: Any) -> Observable[Event]: ...
 
     async def astream(
         self, query: Query, *, buffer: int = 64, overflow: OverflowPolicy = "coalesce", **options: Any
@@ -197,6 +168,43 @@ class Conversation:
         if "answer" not in result:  # completed without an answer: only if cancelled elsewhere
             raise ConversationError("the turn ended without an answer")
         return str(result["answer"])
+
+
+class Conversation(TurnMethods):
+    """One conversation on an :class:`~rxruntime.engine.Engine`. Cheap handle; state lives in the engine."""
+
+    def __init__(self, engine: Engine, conversation_id: str) -> None:
+        self._engine = engine
+        self._id = conversation_id
+        self._memory_subject: Subject[MemoryEvent] = Subject()
+        self._unsubscribe = engine.subscribe_memory(conversation_id, _MemoryForwarder(self))
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def backend(self) -> Engine:
+        return self._engine
+
+    @property
+    def stm_version(self) -> int:
+        """Version of the last committed STM (0 for a fresh memory; +1 per memory update)."""
+        return self._engine.stm_version(self._id)
+
+    @property
+    def memory_events(self) -> Observable[MemoryEvent]:
+        """A hot Observable of ``MemoryUpdateStarted`` / ``MemoryUpdated`` for every turn."""
+        return self._memory_subject
+
+    # ------------------------------------------------------------------ turns
+    def interact(self, query: Query, **options: Any) -> Observable[Event]:
+        """The events of one turn (cold: subscribing sends the query).
+
+        Options: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``max_new_tokens``,
+        ``remember_partial`` (write a cancelled turn's partial answer to memory; default False).
+        """
+        return reactivex.of(query).pipe(interaction(self, **options))
 
     # ------------------------------------------------------------------ memory
     def wait_for_memory(self, timeout: float | None = None) -> bool:

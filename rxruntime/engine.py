@@ -47,6 +47,7 @@ from rxruntime.models.tokenizer import RxTokenizer
 
 if TYPE_CHECKING:
     from rxruntime.conversation import Conversation, ConversationState
+    from rxruntime.stores import STMStore
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class Engine:
         max_batch: int = 64,
         default_sampling: SamplingParams | None = None,
         delivery_threads: int = 32,
+        store: STMStore | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -181,6 +183,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.default_sampling = default_sampling or SamplingParams(temperature=0.0)
         self.device = model.device
+        self.store = store
         self._cuda = self.device.type == "cuda"
         self._lock = threading.Condition()
         self._conversations: dict[str, _Conv] = {}
@@ -207,7 +210,10 @@ class Engine:
         seed: int | None = None,
     ) -> Conversation:
         """Open a conversation: a fresh random STM, one pre-read from ``memory_init`` (a system
-        text, written to memory in the background before the first turn), or a saved ``state``."""
+        text, written to memory in the background before the first turn), or a saved ``state``.
+
+        With a store, an id the store knows resumes from its stored memory (``memory_init`` is
+        then ignored)."""
         from rxruntime.conversation import Conversation
 
         if state is not None:
@@ -216,6 +222,11 @@ class Engine:
             state.check_fits(self.config)
             conversation_id = conversation_id or state.conversation_id
         conversation_id = conversation_id or _new_id()
+        if state is None and self.store is not None:
+            state = self.store.get(conversation_id)  # a stored conversation resumes where it was
+            if state is not None:
+                state.check_fits(self.config)
+                memory_init = None
         stm_seed = seed if seed is not None else zlib.crc32(conversation_id.encode())
         if state is not None:
             stm = state.stm.to(self.device, self.model.dtype)
@@ -272,22 +283,26 @@ class Engine:
         stm = self.model.init_stm(1, gen)[0].to(self.device)
         with self._lock:
             conv = self._conv(conversation_id)
-            conv.stm, conv.ready_event = stm, None
-            conv.version += 1
+            version, turns = conv.version + 1, conv.next_turn - 1
+        self._persist(conversation_id, turns, stm, version)
+        with self._lock:
+            conv.stm, conv.ready_event, conv.version = stm, None, version
             if memory_init is not None:
                 conv.busy = True
                 ids = self.tokenizer.interaction_ids(memory_init, "")[: self.max_seq_len]
-                self._enqueue_memory(_MemoryTask(conv, conv.next_turn - 1, ids))
+                self._enqueue_memory(_MemoryTask(conv, turns, ids))
 
     def load_state(self, conversation_id: str, state: ConversationState) -> None:
         """Replace a conversation's STM with a saved snapshot (after its pending turns)."""
         state.check_fits(self.config)
         self.wait_idle(conversation_id)
+        stm = state.stm.to(self.device, self.model.dtype)
         with self._lock:
             conv = self._conv(conversation_id)
-            conv.stm = state.stm.to(self.device, self.model.dtype)
-            conv.ready_event = None
-            conv.version = max(conv.version, state.stm_version) + 1
+            version, turns = max(conv.version, state.stm_version) + 1, conv.next_turn - 1
+        self._persist(conversation_id, turns, stm, version)
+        with self._lock:
+            conv.stm, conv.ready_event, conv.version = stm, None, version
 
     def wait_idle(self, conversation_id: str, timeout: float | None = None) -> bool:
         """Wait until the conversation has no queued turn, no decode and no pending memory update."""
@@ -601,20 +616,29 @@ class Engine:
         try:
             new_stm, done_event = self._compute_memory(tasks, stms, events)
         except Exception as exc:
-            error = ModelExecutionError(f"memory update failed: {exc}")
-            error.__cause__ = exc
-            log.error("%s", error)
-            with self._lock:
-                for t in tasks:
-                    record = _MemoryRecord("failed", t.conv.version, error=error)
-                    self._set_record(t.conv, t.turn, record)
-                    self._post_record(t.conv, t.turn, record, self._take_watchers(t.conv, t.turn))
-                    t.conv.busy = False
-                self._lock.notify_all()
+            self._memory_failed(tasks, ModelExecutionError(f"memory update failed: {exc}"), exc)
             return
+        committed = list(zip(tasks, new_stm))
+        if self.store is not None:  # persist first: memory and store never disagree
+            if done_event is not None:
+                done_event.synchronize()
+            kept = []
+            for t, stm in committed:
+                try:
+                    self._persist(t.conv.id, max(t.turn, 0), stm, t.conv.version + 1)
+                    kept.append((t, stm))
+                except Exception as exc:
+                    self._memory_failed(
+                        [t],
+                        exc
+                        if isinstance(exc, ConversationError)
+                        else ModelExecutionError(f"could not store the new memory: {exc}"),
+                        exc,
+                    )
+            committed = kept
         with self._lock:  # commit: the next turn of each conversation may now be admitted
-            for i, t in enumerate(tasks):
-                t.conv.stm = new_stm[i]
+            for t, stm in committed:
+                t.conv.stm = stm
                 t.conv.ready_event = done_event
                 t.conv.version += 1
                 t.conv.busy = False
@@ -623,12 +647,33 @@ class Engine:
             done_event.synchronize()  # only this thread waits; decode already queued behind the event
         duration = time.perf_counter() - start
         with self._lock:
-            for t in tasks:
+            for t, _ in committed:
                 record = _MemoryRecord("updated", t.conv.version, duration)
                 self._set_record(t.conv, t.turn, record)
                 self._post_record(t.conv, t.turn, record, self._take_watchers(t.conv, t.turn))
                 if t.turn > 0:
                     t.conv.history.append({"turn": t.turn, "memory_update_s": duration, "stm_version": t.conv.version})
+
+    def _memory_failed(self, tasks: list[_MemoryTask], error: Exception, cause: BaseException) -> None:
+        """The STM of these conversations stays as it was; their turns report ``error``."""
+        if error is not cause:
+            error.__cause__ = cause
+        log.error("%s", error)
+        with self._lock:
+            for t in tasks:
+                record = _MemoryRecord("failed", t.conv.version, error=error)
+                self._set_record(t.conv, t.turn, record)
+                self._post_record(t.conv, t.turn, record, self._take_watchers(t.conv, t.turn))
+                t.conv.busy = False
+            self._lock.notify_all()
+
+    def _persist(self, conversation_id: str, turns: int, stm: Tensor, version: int) -> None:
+        if self.store is None:
+            return
+        from rxruntime.conversation import ConversationState, config_fingerprint
+
+        cpu = stm.detach().to("cpu", torch.float32).clone()
+        self.store.put(ConversationState(conversation_id, turns, version, cpu, config_fingerprint(self.config)))
 
     def _compute_memory(
         self, tasks: list[_MemoryTask], stms: list[Tensor], events: list[Any]

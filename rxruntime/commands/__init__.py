@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 # Order is the order of `rxrt --help`.
-COMMANDS = ["chat", "info"]
+COMMANDS = ["chat", "serve", "info"]
 
 
 def register_all(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,0 +1,175 @@
+"""Where conversations' memories live between turns, processes and machines.
+
+An engine with a store saves every committed STM (a :class:`ConversationState`) and restores a
+conversation from the store when it is opened by id, so a worker keeps nothing the store does not
+hold: workers can restart, and several can share one Redis.
+
+Writes are monotonic: ``put`` refuses a state whose ``stm_version`` is not newer than the stored
+one (``StaleStateError``), so two workers serving the same conversation cannot silently overwrite
+each other's memory; route a conversation to one worker at a time.
+
+``open_store(url)``: ``memory://``, ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (as in
+SQLAlchemy; ``sqlite://`` is a temporary in-memory database), ``redis://host:port/db`` (needs the
+``redis`` extra).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from rxruntime.conversation import ConversationState
+from rxruntime.errors import ConversationError
+
+
+class StaleStateError(ConversationError):
+    """A newer memory for this conversation is already stored (another worker moved it on)."""
+
+
+class STMStore(ABC):
+    """Persistent ``conversation_id -> ConversationState``."""
+
+    @abstractmethod
+    def get(self, conversation_id: str) -> ConversationState | None: ...
+
+    @abstractmethod
+    def put(self, state: ConversationState) -> None:
+        """Store ``state``; raise StaleStateError if the stored version is not older."""
+
+    @abstractmethod
+    def delete(self, conversation_id: str) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional for stores without resources
+        """Release connections."""
+
+    def _stale(self, state: ConversationState, stored: int) -> StaleStateError:
+        return StaleStateError(
+            f"conversation {state.conversation_id!r}: the store holds memory v{stored}, "
+            f"refusing to write v{state.stm_version}"
+        )
+
+
+class InMemoryStore(STMStore):
+    """A dict in this process (tests, single-process serving without restarts)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+        self._versions: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, conversation_id: str) -> ConversationState | None:
+        with self._lock:
+            data = self._data.get(conversation_id)
+        return None if data is None else ConversationState.from_bytes(data)
+
+    def put(self, state: ConversationState) -> None:
+        data = state.to_bytes()
+        with self._lock:
+            stored = self._versions.get(state.conversation_id, -1)
+            if stored >= state.stm_version:
+                raise self._stale(state, stored)
+            self._data[state.conversation_id] = data
+            self._versions[state.conversation_id] = state.stm_version
+
+    def delete(self, conversation_id: str) -> None:
+        with self._lock:
+            self._data.pop(conversation_id, None)
+            self._versions.pop(conversation_id, None)
+
+
+class SQLiteStore(STMStore):
+    """One SQLite file (the embedded default): durable, no server, safe across threads."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            if self.path != ":memory:":
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS stm (conversation_id TEXT PRIMARY KEY, version INTEGER NOT NULL,"
+                " state BLOB NOT NULL, updated REAL NOT NULL)"
+            )
+
+    def get(self, conversation_id: str) -> ConversationState | None:
+        with self._lock:
+            row = self._db.execute("SELECT state FROM stm WHERE conversation_id = ?", (conversation_id,)).fetchone()
+        return None if row is None else ConversationState.from_bytes(bytes(row[0]))
+
+    def put(self, state: ConversationState) -> None:
+        data = state.to_bytes()
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO stm (conversation_id, version, state, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(conversation_id) DO UPDATE SET version = excluded.version, state = excluded.state, "
+                "updated = excluded.updated WHERE excluded.version > stm.version",
+                (state.conversation_id, state.stm_version, data, time.time()),
+            )
+            if cursor.rowcount == 0:
+                row = self._db.execute(
+                    "SELECT version FROM stm WHERE conversation_id = ?", (state.conversation_id,)
+                ).fetchone()
+                raise self._stale(state, int(row[0]) if row else -1)
+
+    def delete(self, conversation_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM stm WHERE conversation_id = ?", (conversation_id,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class RedisStore(STMStore):
+    """Redis, for several workers; keys ``{prefix}{conversation_id}`` hold version + state."""
+
+    _PUT = """
+local stored = redis.call('HGET', KEYS[1], 'version')
+if stored and tonumber(stored) >= tonumber(ARGV[1]) then return tonumber(stored) end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'state', ARGV[2])
+return -1
+"""
+
+    def __init__(self, url: str = "redis://localhost:6379/0", prefix: str = "rxrt:stm:", client: Any = None) -> None:
+        if client is None:
+            try:
+                import redis
+            except ImportError:
+                raise ConversationError("RedisStore needs the redis extra: pip install 'rxruntime[redis]'") from None
+            client = redis.Redis.from_url(url)
+        self._redis = client
+        self._prefix = prefix
+        self._put = client.register_script(self._PUT)
+
+    def get(self, conversation_id: str) -> ConversationState | None:
+        data = self._redis.hget(self._prefix + conversation_id, "state")
+        return None if data is None else ConversationState.from_bytes(bytes(data))
+
+    def put(self, state: ConversationState) -> None:
+        stored = int(self._put(keys=[self._prefix + state.conversation_id], args=[state.stm_version, state.to_bytes()]))
+        if stored >= 0:
+            raise self._stale(state, stored)
+
+    def delete(self, conversation_id: str) -> None:
+        self._redis.delete(self._prefix + conversation_id)
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def open_store(url: str) -> STMStore:
+    """A store from a URL: ``memory://``, ``sqlite:///path.db``, ``redis://host:port/db``."""
+    if url == "memory://":
+        return InMemoryStore()
+    if url.startswith("sqlite://"):  # as SQLAlchemy: sqlite:///relative.db, sqlite:////absolute.db
+        return SQLiteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:")
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore(url)
+    raise ConversationError(f"unknown store URL {url!r}; use memory://, sqlite:///path.db or redis://host:port/db")
