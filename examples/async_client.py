@@ -33,7 +33,7 @@ async def main() -> None:
     with engine:
         a, b = engine.conversation("a"), engine.conversation("b")
         async with anyio.create_task_group() as tg:
-            tg.start_soon(talk, a, ["My name is Ada.", "What is my name?"])
+            tg.start_soon(talk, a, ["My name is Julia.", "What is my name?"])
             tg.start_soon(talk, b, ["I live in Lima.", "Where do I live?"])
 
 

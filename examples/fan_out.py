@@ -34,9 +34,9 @@ def main() -> None:
     engine, args = engine_from_args(__doc__ or "", query=(str, "Where do I live?", "the question for every agent"))
     with engine:
         people = {
-            "oslo": "My name is Ines and I live in Oslo.",
-            "rome": "My name is Tom and I live in Rome.",
-            "lima": "My name is Eva and I live in Lima.",
+            "oslo": "I live in Oslo.",
+            "rome": "I live in Rome.",
+            "lima": "I live in Lima.",
         }
         agents = {name: engine.conversation(name, memory_init=fact) for name, fact in people.items()}
         streams = [

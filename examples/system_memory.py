@@ -16,10 +16,10 @@ from _common import engine_from_args
 def main() -> None:
     engine, _ = engine_from_args(__doc__ or "")
     with engine:
-        system = "My name is Zoe. I live in Kyoto. My cat is called Miso."
+        system = "My name is Zoe."
         primed = engine.conversation("primed", memory_init=system)
         blank = engine.conversation("blank")
-        for query in ["What is my name?", "What is my cat called?"]:
+        for query in ["What is my name?", "Who am I?"]:
             print(f"> {query}")
             print(f"  with system memory: {primed.ask(query)}")
             print(f"  blank memory:       {blank.ask(query)}")

@@ -45,8 +45,8 @@ def is_answer(event: Event) -> bool:
 def main() -> None:
     engine, args = engine_from_args(__doc__ or "", rounds=(int, 4, "answers in total"))
     with engine:
-        alice = engine.conversation("alice", memory_init="I am Alice. I live in Oslo and I like tea.")
-        bob = engine.conversation("bob", memory_init="I am Bob. I live in Rome and I like coffee.")
+        alice = engine.conversation("alice", memory_init="My name is Alice.")
+        bob = engine.conversation("bob", memory_init="My name is Bob.")
         lines = dialogue(alice, bob, "Hi! Who are you?", args.rounds).pipe(ops.to_list()).run()
         for who, text in lines:
             print(f"{who}: {' '.join(text.split())}")

@@ -74,6 +74,62 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(q_heads * self.head_dim, dim, bias=bias)
+        self._qkv_t: Tensor | None = None  # (dim, (q + 2 kv) * head_dim) once in decode layout
+        self._qkv_bias: Tensor | None = None
+        self._qkv_ptrs: tuple[int, ...] = ()
+        self._bias_ptrs: tuple[int, ...] = ()
+
+    # ------------------------------------------------------------------ decode layout
+    @torch.no_grad()
+    def use_decode_layout(self) -> None:
+        """Store the projections input-major, with Q, K and V side by side in one matrix.
+
+        ``W_q``, ``W_k``, ``W_v`` become column blocks of one (dim, (q + 2 kv) * head_dim) matrix
+        and ``W_o`` a transposed view, so one ``x @ W`` projects a decode step's query, key and
+        value at once, and a one-row product streams the weights as a ``gemv`` over contiguous
+        rows (about twice as fast on a CPU as the ``nn.Linear`` layout). Shapes, values and
+        checkpoints do not change; the parameters become views. Idempotent.
+        """
+        if self.fused_qkv() is None:
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            fused = torch.cat([p.weight.detach().t() for p in projections], dim=1).contiguous()
+            fused_bias = None
+            if self.q_proj.bias is not None:
+                fused_bias = torch.cat([p.bias.detach() for p in projections if p.bias is not None]).contiguous()
+            start = 0
+            for p in projections:
+                width = p.out_features
+                p.weight.data = fused[:, start : start + width].t()
+                if fused_bias is not None and p.bias is not None:
+                    p.bias.data = fused_bias[start : start + width]
+                start += width
+            self._qkv_t, self._qkv_bias = fused, fused_bias
+            self._qkv_ptrs = tuple(p.weight.data_ptr() for p in projections)
+            self._bias_ptrs = tuple(p.bias.data_ptr() for p in projections if p.bias is not None)
+        if not self.o_proj.weight.t().is_contiguous():
+            self.o_proj.weight.data = self.o_proj.weight.data.t().contiguous().t()
+
+    def fused_qkv(self) -> tuple[Tensor, Tensor | None] | None:
+        """The fused (dim, (q + 2 kv) * head_dim) projection and bias, or None when the parameters
+        are no longer views of it (replaced by ``load_state_dict(assign=True)``, ``.to()``...).
+
+        Checked once per decode step and layer, so it compares addresses only: while this module
+        holds the fused tensor, no other tensor can start at those addresses.
+        """
+        fused = self._qkv_t
+        if fused is None:
+            return None
+        ptrs = (self.q_proj.weight.data_ptr(), self.k_proj.weight.data_ptr(), self.v_proj.weight.data_ptr())
+        if ptrs != self._qkv_ptrs:
+            return None
+        bias = self._qkv_bias
+        if bias is not None:
+            q, k, v = self.q_proj.bias, self.k_proj.bias, self.v_proj.bias
+            if q is None or k is None or v is None or (q.data_ptr(), k.data_ptr(), v.data_ptr()) != self._bias_ptrs:
+                return None
+        elif self.q_proj.bias is not None:
+            return None
+        return fused, bias
 
     def _split(self, x: Tensor, heads: int) -> Tensor:
         b, t, _ = x.shape

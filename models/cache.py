@@ -73,3 +73,24 @@ class KVCache:
         """Boolean (B, 1, 1, max_len): a token at ``positions[b]`` sees slots ``0 .. positions[b]``."""
         slots = torch.arange(self.max_len, device=positions.device)
         return (slots[None, :] <= positions[:, None])[:, None, None, :]
+
+    def step_bias(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
+        """:meth:`step_mask` as an additive float mask (0 or -inf), computed once per decode step
+        for all layers; SDPA on the CPU runs faster with it than with a boolean mask."""
+        bias = torch.full((positions.shape[0], 1, 1, self.max_len), float("-inf"), device=positions.device, dtype=dtype)
+        return bias.masked_fill_(self.step_mask(positions), 0.0)
+
+    def step_scatter_index(self, positions: Tensor) -> Tensor:
+        """Each row's position (B,) as a (B, kv_heads, 1, head_dim) index for
+        :meth:`write_step_scatter`; built once per decode step, shared by all layers."""
+        _, _, heads, _, head_dim = self.k.shape
+        return positions.view(-1, 1, 1, 1).expand(-1, heads, 1, head_dim)
+
+    def write_step_scatter(self, layer: int, k: Tensor, v: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`write_step` for one token's keys/values (B, H, D) per row, with a
+        :meth:`step_scatter_index`: one ``scatter_`` per tensor (rows may sit at different
+        positions). Returns the layer's whole key and value buffers (B, H, max_len, D)."""
+        kl, vl = self.k[layer], self.v[layer]
+        kl.scatter_(2, index, k[:, :, None])
+        vl.scatter_(2, index, v[:, :, None])
+        return kl, vl

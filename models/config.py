@@ -297,7 +297,7 @@ def _nano() -> RxTConfig:
     # The embedded default model: small enough that the whole supervised curriculum runs on two
     # CPU cores in minutes and the weights ship inside the package (see docs/default-model.md).
     return RxTConfig(
-        vocab_size=2048,
+        vocab_size=1024,
         dim=128,
         num_layers=4,
         stm_size=32,
@@ -313,7 +313,12 @@ def _nano() -> RxTConfig:
             expert_ffn_dim=256,
         ),
         encoder=EncoderConfig(num_heads=8, self_q_heads=4, self_kv_heads=4, ffn_dim=256),
-        memory_attention=MemoryAttentionConfig(num_heads=8, q_heads=4, kv_heads=4),
+        # The simple variant with a per-element linear gate: slots stay distinct (no slot-to-slot
+        # mixing before the write) and each feature decides from its content whether to keep or
+        # overwrite, which is what lets a fact survive the turns after it (docs/default-model.md).
+        memory_attention=MemoryAttentionConfig(
+            variant="simple", num_heads=8, q_heads=4, kv_heads=4, gate_type="linear", gate_per_slot=False
+        ),
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .cache import KVCache
 from .rxt import RxTModel
 from .sampler import BatchSampler, SamplingParams
 
@@ -32,10 +33,20 @@ class JoinRequest:
 
 
 class DecodeBatch:
-    def __init__(self, model: RxTModel, capacity: int, max_len: int | None = None) -> None:
+    """Fixed-capacity decode state for up to ``capacity`` conversations (see the module docstring).
+
+    ``decode_layout`` (default on) calls :meth:`RxTModel.use_decode_layout` once, which makes
+    the one-token steps about twice as fast on a CPU without changing any value.
+    """
+
+    def __init__(
+        self, model: RxTModel, capacity: int, max_len: int | None = None, *, decode_layout: bool = True
+    ) -> None:
         self.model = model
         self.capacity = capacity
         self.max_len = max_len or model.config.max_seq_len
+        if decode_layout:
+            model.use_decode_layout()
         device = model.device
         self.cache = model.new_cache(capacity, self.max_len)
         cfg = model.config
@@ -53,6 +64,10 @@ class DecodeBatch:
         self.next_token = torch.zeros(capacity, dtype=torch.long, device=device)
         self.counter = torch.zeros(capacity, dtype=torch.long, device=device)
         self.keys: list[Hashable] = []
+        # Host copy of next_position: the end-of-cache check needs no device read (a GPU sync).
+        self._host_position = [0] * capacity
+        # Views of rows 0..n-1, made once per n: the buffers never move.
+        self._step_views: dict[int, tuple[list[tuple[Tensor, Tensor]], KVCache]] = {}
 
     @property
     def size(self) -> int:
@@ -90,6 +105,8 @@ class DecodeBatch:
         self.next_position[start:stop] = lengths
         self.counter[start:stop] = 1
         self.keys.extend(r.key for r in requests)
+        for i, r in enumerate(requests):
+            self._host_position[start + i] = len(r.prompt)
         return first
 
     @torch.inference_mode()
@@ -98,15 +115,19 @@ class DecodeBatch:
         n = self.size
         if n == 0:
             return torch.empty(0, dtype=torch.long, device=self.model.device)
-        if int(self.next_position[:n].max()) >= self.max_len:
+        if max(self._host_position[:n]) >= self.max_len:
             raise RuntimeError("a row ran past the end of its cache; leave() it before that")
-        logits = self.model.decode_step(
-            self.next_token[:n], self.next_position[:n], self._memory_kv(0, n), self.cache.view(0, n)
-        )
-        tokens = self.sampler.sample_rows(logits, self.counter[:n], 0, n)
+        views = self._step_views.get(n)
+        if views is None:
+            views = self._step_views[n] = (self._memory_kv(0, n), self.cache.view(0, n))
+        positions, counter = self.next_position[:n], self.counter[:n]
+        logits = self.model.decode_step(self.next_token[:n], positions, views[0], views[1])
+        tokens = self.sampler.sample_rows(logits, counter, 0, n)
         self.next_token[:n] = tokens
-        self.next_position[:n] += 1
-        self.counter[:n] += 1
+        positions += 1
+        counter += 1
+        for row in range(n):
+            self._host_position[row] += 1
         return tokens
 
     def leave(self, key: Hashable) -> None:
@@ -122,6 +143,7 @@ class DecodeBatch:
             for t in (self.next_position, self.next_token, self.counter):
                 t[row] = t[last]
             self.keys[row] = self.keys[last]
+            self._host_position[row] = self._host_position[last]
         self.keys.pop()
 
     def _memory_kv(self, start: int, stop: int) -> list[tuple[Tensor, Tensor]]:

@@ -6,9 +6,23 @@ probabilities::
 
     y = sum_{e in topk(p)} (p_e / sum_{j in topk(p)} p_j) * SwiGLU_e(x)
 
-Dispatch is vectorised: token/expert assignments are sorted by expert, each expert runs once
-on its contiguous block of tokens (a loop over at most ``E`` experts, never over tokens), and
-the results are scattered back with one ``index_add``. During training the router also yields
+Dispatch is vectorised, with two strategies:
+
+* **grouped** (many tokens: training, long prefills): token/expert assignments are sorted by
+  expert, each expert runs once on its contiguous block of tokens (a loop over at most ``E``
+  experts, never over tokens), and the results are scattered back with one ``index_add``. It
+  needs the per-expert counts on the host (a device sync) and runs one small matmul per expert,
+  which is slow for a handful of tokens.
+* **gathered** (up to ``gather_max_tokens`` tokens: decode steps, short prefills): each
+  (token, expert) pair is one ``embedding_bag`` over the rows of the expert's weights, weighted
+  by the token's features, so ``W_e x`` is computed straight from the expert's storage: no host
+  sync, no Python loop, no copy of the chosen experts' weights, all pairs in parallel. From
+  ``sort_min_tokens`` tokens on, the pairs are sorted by expert first, so pairs that share an
+  expert read its weights from cache. It needs the weights stored input-major
+  (:meth:`MoE.use_decode_layout`). Measured on alpha-mini, 2 CPU threads: about 2x faster than
+  grouped for 1 to 64 tokens, even at 128, slower from 256 on.
+
+During training the router also yields
 the Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (``f_e``: share of
 assignments to expert ``e``; ``P_e``: its mean router probability) in ``aux_loss``.
 """
@@ -25,6 +39,11 @@ from torch import Tensor, nn
 class MoE(nn.Module):
     aux_loss: Tensor | None
 
+    gather_max_tokens = 128
+    """Up to this many tokens per call the gathered dispatch runs (weights in decode layout)."""
+    sort_min_tokens = 8
+    """From this many tokens on, the gathered dispatch sorts the pairs by expert (cache reuse)."""
+
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.dim = dim
@@ -37,6 +56,7 @@ class MoE(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.dropout = nn.Dropout(dropout)
         self.aux_loss = None
+        self._offsets: dict[tuple[int, int, torch.device], Tensor] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,8 +82,93 @@ class MoE(nn.Module):
         if self.training:
             share = F.one_hot(experts, self.num_experts).float().sum(dim=(0, 1)) / experts.numel()
             self.aux_loss = self.num_experts * (share * probs.mean(dim=0)).sum()
-        out = self._dispatch(tokens, weights.to(x.dtype), experts)
+        if tokens.shape[0] <= self.gather_max_tokens and self.in_decode_layout():
+            out = self._dispatch_gathered(tokens, weights.to(x.dtype), experts)
+        else:
+            out = self._dispatch(tokens, weights.to(x.dtype), experts)
         return self.dropout(out).reshape(shape)
+
+    def decode_residual(self, x: Tensor, h: Tensor) -> Tensor:
+        """``x + MoE(h)`` for the tokens (N, dim) of a decode step, the residual add fused into
+        the dispatch's last operation; the plain ``x + self(h)`` when training or when the
+        gathered dispatch does not apply."""
+        if self.training or h.shape[0] > self.gather_max_tokens or not self.in_decode_layout():
+            return x + self(h)
+        # The renormalised top-k probabilities are the softmax over the top-k logits: 3 ops, not 6.
+        logits, experts = F.linear(h, self.router.weight).topk(self.top_k, dim=-1)
+        weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if weights.dtype != h.dtype:
+            weights = weights.to(h.dtype)
+        return self._dispatch_gathered(h, weights, experts, residual=x)
+
+    # ------------------------------------------------------------------ decode layout
+    def in_decode_layout(self) -> bool:
+        """Whether the expert weights are stored input-major (see :meth:`use_decode_layout`)."""
+        h, d = self.hidden_dim, self.dim
+        return self.w_in.stride() == (2 * h * d, 1, 2 * h) and self.w_out.stride() == (h * d, 1, d)
+
+    @torch.no_grad()
+    def use_decode_layout(self) -> None:
+        """Store ``w_in`` as (E, dim, 2H) and ``w_out`` as (E, H, dim) in memory.
+
+        Shapes, values and the checkpoint format do not change (the parameters become transposed
+        views); only the strides do. In that layout the rows of ``w_in[e]^T`` are contiguous
+        rows of one (E*dim, 2H) table, which the gathered dispatch reads with ``embedding_bag``.
+        Idempotent; training works in either layout.
+        """
+        if not self.w_in.transpose(1, 2).is_contiguous():
+            self.w_in.data = self.w_in.data.transpose(1, 2).contiguous().transpose(1, 2)
+        if not self.w_out.transpose(1, 2).is_contiguous():
+            self.w_out.data = self.w_out.data.transpose(1, 2).contiguous().transpose(1, 2)
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch_gathered(
+        self, tokens: Tensor, weights: Tensor, experts: Tensor, residual: Tensor | None = None
+    ) -> Tensor:
+        """``sum_k w_k SwiGLU_e_k(x)`` (+ ``residual``) with ``W_e x`` as weighted sums of the rows
+        of ``W_e^T``: one ``embedding_bag`` bag per (token, expert) pair, no host sync."""
+        n, k = experts.shape
+        e_count, hidden, dim, device = self.num_experts, self.hidden_dim, self.dim, tokens.device
+        w_in: Tensor = self.w_in
+        w_out: Tensor = self.w_out
+        if not torch.is_grad_enabled():  # lets embedding_bag skip its backward bookkeeping
+            w_in, w_out = w_in.detach(), w_out.detach()
+        table_in = w_in.as_strided((e_count * dim, 2 * hidden), (2 * hidden, 1))  # row (e, j) = W_in[e][:, j]
+        table_out = w_out.as_strided((e_count * hidden, dim), (dim, 1))  # row (e, h) = W_out[e][:, h]
+        flat = experts.view(n * k, 1)
+        if n >= self.sort_min_tokens:  # pairs of one expert side by side: its rows stay in cache
+            order = flat.view(-1).argsort(stable=True)
+            flat = flat[order]
+            source = order // k  # the token of each sorted pair
+            features = tokens[source]
+        else:
+            features = tokens[:, None, :].expand(n, k, dim)  # pair (i, j) reads token i
+        rows_in = torch.add(self._arange(dim, 1, device), flat, alpha=dim).view(-1)
+        gate_up = torch.embedding_bag(
+            table_in, rows_in, self._arange(n * k, dim, device), False, 0, False, features.reshape(-1), False, None
+        )[0]  # (n*k, 2H): W_in[e] x per pair
+        act = F.silu(gate_up[:, :hidden]) * gate_up[:, hidden:]
+        rows_out = torch.add(self._arange(hidden, 1, device), flat, alpha=hidden).view(-1)
+        if n >= self.sort_min_tokens:
+            act = act * weights.view(-1)[order, None]
+        y = torch.embedding_bag(
+            table_out, rows_out, self._arange(n * k, hidden, device), False, 0, False, act.view(-1), False, None
+        )[0]  # (n*k, dim)
+        if n >= self.sort_min_tokens:
+            base = torch.zeros_like(tokens) if residual is None else residual
+            return base.index_add(0, source, y)
+        if residual is None:
+            return torch.bmm(weights.view(n, 1, k), y.view(n, k, dim)).view(n, dim)
+        return torch.baddbmm(residual.view(n, 1, dim), weights.view(n, 1, k), y.view(n, k, dim)).view(n, dim)
+
+    def _arange(self, count: int, step: int, device: torch.device) -> Tensor:
+        """``arange(0, count * step, step)``, cached: the row offsets and bag starts of a step."""
+        key = (count, step, device)
+        rows = self._offsets.get(key)
+        if rows is None:
+            with torch.inference_mode(False):  # a plain tensor, usable with and without autograd
+                rows = self._offsets[key] = torch.arange(0, count * step, step, device=device)
+        return rows
 
     def _dispatch(self, tokens: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         flat_experts = experts.reshape(-1)

@@ -15,12 +15,15 @@ shared by decoder and encoder.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import sdpa
 from .cache import KVCache
 from .config import RxTConfig
 from .decoder import MemoryKV, RxTDecoder
@@ -44,6 +47,11 @@ class RxTModel(nn.Module):
         self.decoder = RxTDecoder(config)
         self.encoder = RxTEncoder(config)
         self.memory_attention = MemoryAttention(config)
+        self._rope_signs: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+        self._compiled_kernel: Callable[..., Tensor] | None = None
+        self.fast_decode = True
+        """Eval-mode ``decode_step`` takes the fused path; False runs the decoder's modules (the
+        reference the fused path is tested against, and the "before" of the benchmarks)."""
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -163,11 +171,138 @@ class RxTModel(nn.Module):
         return self.decoder.lm_head(last)
 
     def decode_step(self, tokens: Tensor, positions: Tensor, memory_kv: MemoryKV, cache: KVCache) -> Tensor:
-        """One token per row (B,) at ``positions`` (B,): writes the cache, returns logits (B, V)."""
+        """One token per row (B,) at ``positions`` (B,): writes the cache, returns logits (B, V).
+
+        In eval mode this runs the fused single-token path (:meth:`_fast_decode_step`), which
+        computes the same function as the decoder's forward with far fewer tensor operations.
+        """
+        if self.fast_decode and not self.training:
+            return self._fast_decode_step(tokens, positions, memory_kv, cache)
         h = self.decoder(
             self.embedding(tokens[:, None]), positions=positions[:, None], memory_kv=memory_kv, cache=cache, step=True
         )
         return self.decoder.lm_head(h[:, 0])
+
+    @torch.no_grad()
+    def use_decode_layout(self) -> None:
+        """Lay the decoder's weights out for one-token steps; shapes and values do not change.
+
+        Every matrix a decode step multiplies a single row by is stored input-major (as its
+        ``nn.Linear`` weight's transpose), Q/K/V of self-attention side by side, and the MoE
+        experts as row tables for ``embedding_bag``. A one-row product then streams contiguous
+        rows: on a 2-core CPU about twice the bandwidth of the ``nn.Linear`` layout, and decoding
+        is bandwidth-bound. The parameters become views, so training, ``state_dict`` and
+        checkpoints see the same tensors. :class:`DecodeBatch` calls this; idempotent and cheap
+        when already done.
+        """
+        for layer in self.decoder.blocks:
+            layer.self_attn.use_decode_layout()
+            if layer.cross_attn is not None:
+                layer.cross_attn.use_decode_layout()
+            if isinstance(layer.ffn, MoE):
+                layer.ffn.use_decode_layout()
+        head = self.decoder.lm_head
+        if not head.weight.t().is_contiguous():
+            head.weight.data = head.weight.data.t().contiguous().t()
+
+    def _fast_decode_step(self, tokens: Tensor, positions: Tensor, memory_kv: MemoryKV, cache: KVCache) -> Tensor:
+        """:meth:`decode_step` for inference: host-side checks, then :meth:`_decode_kernel`
+        (compiled when :meth:`compile_decode` was called)."""
+        fused = [layer.self_attn.fused_qkv() for layer in self.decoder.blocks]
+        sign = self._rope_sign(self.decoder.rope.head_dim, self.decoder.rope.sin.device, self.dtype)
+        kernel = self._compiled_kernel or RxTModel._decode_kernel
+        return kernel(self, tokens, positions, memory_kv, cache, fused, sign)
+
+    def compile_decode(self, **options: Any) -> None:
+        """Opt in to ``torch.compile`` for the decode step (``options`` go to ``torch.compile``).
+
+        Inductor fuses the norms, RoPE and residual adds into a few C++ kernels. On CPU it needs
+        a C++ compiler and takes about a minute for alpha-mini (once per process and batch size);
+        the eager fast path does not depend on it. Results equal the eager path within float
+        tolerance.
+        """
+        # The plain function, not the bound method: a deep copy of the model must not call back
+        # into this one.
+        self._compiled_kernel = torch.compile(RxTModel._decode_kernel, **{"dynamic": False, **options})
+
+    def _decode_kernel(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        memory_kv: MemoryKV,
+        cache: KVCache,
+        fused: list[tuple[Tensor, Tensor | None] | None],
+        sign: Tensor,
+    ) -> Tensor:
+        """The decode step's tensor work, specialised to one token per row.
+
+        A decode step is bound by reading the weights, and on a CPU by the per-operation overhead:
+        the module path dispatches about a thousand tensor operations per step. Here, once per
+        step rather than per layer: the RoPE rows, the additive self-attention mask and the cache
+        write index, and RoPE as a rotation matrix. Per layer: one Q/K/V product (``fused``: the
+        fused weights, or None), RoPE on queries and keys as one ``bmm``, one ``scatter_`` per cache
+        tensor, output projections
+        fused with the residual add (``addmm``), and the MoE's gathered dispatch
+        (:meth:`MoE.decode_residual`, no host sync). Hidden states stay (B, D) throughout.
+        """
+        dec = self.decoder
+        b = tokens.shape[0]
+        dtype = self.dtype
+        x = F.embedding(tokens, self.embedding.weight)  # (B, D)
+        rope = dec.rope
+        half = rope.head_dim // 2
+        cos = rope.cos[positions]
+        sin = rope.sin[positions]
+        if cos.dtype != dtype:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        # RoPE as one (head_dim x head_dim) matrix per row: x @ R == x * cos + rotate_half(x) * sin,
+        # so rotating all heads is one bmm (R: cos on the diagonal, signed sin half a turn away).
+        rotation = torch.diag_embed(cos) + torch.diag_embed(sin * sign).roll(half, dims=-2)  # (B, hd, hd)
+        bias = cache.step_bias(positions, dtype)
+        scatter_index = cache.step_scatter_index(positions)
+        for i, layer in enumerate(dec.blocks):
+            attn = layer.self_attn
+            hq, hkv, hd = attn.q_heads, attn.kv_heads, attn.head_dim
+            norm = layer.self_norm
+            h = F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+            qkv_weights = fused[i]
+            if qkv_weights is None:
+                qkv = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
+            elif qkv_weights[1] is None:
+                qkv = torch.mm(h, qkv_weights[0])
+            else:
+                qkv = torch.addmm(qkv_weights[1], h, qkv_weights[0])
+            qkv = qkv.view(b, hq + 2 * hkv, hd)
+            qk = qkv[:, : hq + hkv]
+            qk = torch.bmm(qk, rotation)  # RoPE on queries and keys at once
+            k, v = cache.write_step_scatter(i, qk[:, hq:], qkv[:, hq + hkv :], scatter_index)
+            out = sdpa(qk[:, :hq, None], k, v, mask=bias)
+            x = _residual_linear(x, out.reshape(b, hq * hd), attn.o_proj)
+            cross = layer.cross_attn
+            if cross is not None:
+                norm = layer.cross_norm
+                h = F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+                q = F.linear(h, cross.q_proj.weight, cross.q_proj.bias).view(b, cross.q_heads, hd)
+                q = torch.bmm(q, rotation)  # queries only: memory has no position
+                out = sdpa(q[:, :, None], *memory_kv[i])
+                x = _residual_linear(x, out.reshape(b, cross.q_heads * hd), cross.o_proj)
+            norm = layer.ffn_norm
+            h = F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+            ffn = layer.ffn
+            x = ffn.decode_residual(x, h) if isinstance(ffn, MoE) else x + ffn(h)
+        h = F.rms_norm(x, dec.norm.normalized_shape, dec.norm.weight, dec.norm.eps)
+        return F.linear(h, dec.lm_head.weight)
+
+    def _rope_sign(self, head_dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """(-1, ..., -1, 1, ..., 1): ``rotate_half(x)_i = sign_i * x_{(i + d/2) mod d}``."""
+        key = (head_dim, device, dtype)
+        sign = self._rope_signs.get(key)
+        if sign is None:
+            with torch.inference_mode(False):
+                sign = torch.ones(head_dim, device=device, dtype=dtype)
+                sign[: head_dim // 2] = -1
+            self._rope_signs[key] = sign
+        return sign
 
     # ------------------------------------------------------------------ memory update
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, stm: Tensor | None = None) -> Tensor:
@@ -206,3 +341,9 @@ class RxTModel(nn.Module):
 
         model, _ = load_pretrained(path_or_id, load_tokenizer=False, **kwargs)
         return model
+
+
+def _residual_linear(x: Tensor, features: Tensor, proj: nn.Linear) -> Tensor:
+    """``x + proj(features)`` as one ``addmm`` (the residual add fused into the product)."""
+    out = torch.addmm(x, features, proj.weight.t())
+    return out if proj.bias is None else out + proj.bias

@@ -126,3 +126,33 @@ def test_line_history_is_kept(chat: pexpect.spawn, tmp_path: Path) -> None:
     chat.sendline("/exit")
     chat.expect(pexpect.EOF)
     assert "/temp 0.2" in (tmp_path / "hist").read_text()
+
+
+def test_quickstart_chat_runs_the_trained_default_model_and_remembers(tmp_path: Path) -> None:
+    """`rxrt chat` with no flags, as the README's first command: the shipped model, no notice."""
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200", "RXRT_HISTORY": str(tmp_path / "hist")}
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "rxruntime.cli", "chat"],
+        env=env,
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(50, 200),
+    )
+    try:
+        child.expect("/help for commands")
+        assert "randomly initialised" not in (child.before or "")
+        child.expect("you> ")
+        for message in ("I live in Lisbon.", "What is 2 plus 3?"):
+            child.sendline(message)
+            child.expect(r"memory v\d \(\d+ ms\)")
+            child.expect("you> ")
+        child.sendline("Where do I live?")
+        child.expect("You live in Lisbon.")
+        child.expect(r"memory v3 \(\d+ ms\)")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+        assert child.wait() == 0
+    finally:
+        child.close(force=True)

@@ -1,0 +1,284 @@
+"""Training recipes are data: one JSON file per recipe, parsed strictly into dataclasses.
+
+A recipe names the model (a preset or a whole config), the data source, the seed and thread
+count, and the hyper-parameters of every curriculum stage. Unknown fields are rejected by name and
+every value is type-checked, so a typo in a recipe fails loudly instead of silently training
+something else. Built-in recipes live in ``rxruntime/models/recipes/*.json``; ``load_recipe``
+takes one of their names or a path to a JSON file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
+
+from ..config import RxTConfig, preset
+from ..errors import ConfigError, RxTError
+
+
+class RecipeError(RxTError, ValueError):
+    """A recipe is unknown, not valid JSON, or has a field that is unknown or of the wrong type."""
+
+
+@dataclass
+class ModelSpec:
+    """Either a named preset or a whole ``config.json``-style dict (exactly one)."""
+
+    preset: str | None = None
+    config: dict[str, Any] | None = None
+
+    def build(self) -> RxTConfig:
+        if (self.preset is None) == (self.config is None):
+            raise RecipeError("model: give exactly one of 'preset' or 'config'")
+        try:
+            return preset(self.preset) if self.preset is not None else RxTConfig.from_dict(dict(self.config or {}))
+        except (ConfigError, TypeError) as exc:
+            raise RecipeError(f"model: {exc}") from exc
+
+
+@dataclass
+class DataSpec:
+    """Where training text comes from. ``synthetic`` is the built-in dialogue generator."""
+
+    source: Literal["synthetic", "jsonl", "hf"] = "synthetic"
+    path: str | None = None
+    split: str = "train"
+    turns_field: str = "turns"
+    query_field: str = "query"
+    answer_field: str = "answer"
+    text_field: str = "text"
+
+
+@dataclass
+class TokenizerStage:
+    """Stage 0: byte-level BPE (the vocabulary must be >= 263: 256 bytes + 7 special tokens)."""
+
+    vocab_size: int = 1024
+    min_frequency: int = 2
+    dialogues: int = 20000
+    """Synthetic dialogues whose turns form the tokenizer corpus (ignored for file data)."""
+
+
+@dataclass
+class Optim:
+    """Steps, batch and AdamW schedule shared by every trained stage (linear warm-up, cosine decay)."""
+
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+@dataclass
+class JointStage(Optim):
+    """Stages 1-2: decoder AR loss + encoder MLM loss, the decoder reading detached encoder states."""
+
+    ar_weight: float = 1.0
+    mlm_weight: float = 1.0
+    mask_prob: float = 0.15
+    memory_noise: float = 0.1
+    """Std of the Gaussian noise added to the detached encoder states, relative to their own std."""
+    sentences: int = 3
+    """Stage 1 synthetic texts: interactions per plain-text sample."""
+
+
+@dataclass
+class MemoryPretrainStage(Optim):
+    """Stage 3: self-supervised memory attention against a weighted-mean pseudo-label."""
+
+    turns: int = 6
+    first_weight: float = 0.9
+    weight_start: float = 0.5
+    weight_step: float = 0.05
+    weight_min: float = 0.05
+    weight_jitter: float = 0.15
+    noise: float = 0.05
+    """Std of the noise added to the input STM and to the label, relative to each one's std."""
+    label_pool: Literal["mean", "attention"] = "mean"
+    """How ED (T tokens) becomes slot-shaped for the label: its mean, or per-slot soft nearest tokens."""
+    pool_sharpness: float = 10.0
+    """Inverse temperature of the ``attention`` pooling over cosine similarities."""
+
+
+@dataclass
+class MemoryAwareStage(Optim):
+    """Stage 4: decode turn t+1 against the STM written from turns <= t; gradual unfreezing."""
+
+    min_turns: int = 2
+    max_turns: int = 10
+    ramp_start: int = 0
+    """Until this step every dialogue has ``min_turns`` turns (a fact, then its question)."""
+    ramp_end: int = 0
+    """From ``ramp_start`` to here the longest dialogue grows linearly to ``max_turns``."""
+    unfreeze_memory_attention: int = 0
+    """Step at which memory attention starts training (the decoder trains from step 0)."""
+    unfreeze_encoder: int = 0
+    """Step at which the encoder and the shared embedding start training."""
+    loss_on: Literal["answer", "all"] = "answer"
+    """Which tokens' next-token loss counts: the answer (and [EOS]) only, or the whole interaction."""
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSpec
+    description: str = ""
+    seed: int = 0
+    threads: int = 2
+    """torch intra-op threads; results are bitwise reproducible for a fixed thread count."""
+    data: DataSpec = field(default_factory=DataSpec)
+    tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
+    joint_pretrain: JointStage = field(default_factory=JointStage)
+    joint_sft: JointStage = field(default_factory=JointStage)
+    memory_pretrain: MemoryPretrainStage = field(default_factory=MemoryPretrainStage)
+    memory_aware: MemoryAwareStage = field(default_factory=MemoryAwareStage)
+    checkpoint_every: int = 500
+    """Save a resumable training state every this many steps (and at the end of every stage)."""
+    save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype of the final model's weights (16-bit keeps the shipped model small)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        config = self.model.build()
+        if self.tokenizer.vocab_size < 263:
+            raise RecipeError(f"tokenizer.vocab_size must be >= 263 (byte-level BPE), got {self.tokenizer.vocab_size}")
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise RecipeError(
+                f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds the model's vocab_size={config.vocab_size}"
+            )
+        if self.threads < 1:
+            raise RecipeError(f"threads must be >= 1, got {self.threads}")
+        if self.checkpoint_every < 1:
+            raise RecipeError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.data.source != "synthetic" and not self.data.path:
+            raise RecipeError(f"data.path is required for data.source={self.data.source!r}")
+        for name in STAGES:
+            stage: Optim = getattr(self, name)
+            if stage.steps < 0 or stage.batch_size < 1 or stage.lr <= 0 or stage.warmup < 0:
+                raise RecipeError(f"{name}: steps >= 0, batch_size >= 1, lr > 0 and warmup >= 0 are required")
+        m = self.memory_aware
+        if not 2 <= m.min_turns <= m.max_turns:
+            raise RecipeError(f"memory_aware: need 2 <= min_turns <= max_turns, got {m.min_turns}, {m.max_turns}")
+        if not 0 <= m.ramp_start <= m.ramp_end:
+            raise RecipeError(f"memory_aware: need 0 <= ramp_start <= ramp_end, got {m.ramp_start}, {m.ramp_end}")
+        if self.memory_pretrain.turns < 1:
+            raise RecipeError("memory_pretrain.turns must be >= 1")
+
+    def config(self) -> RxTConfig:
+        return self.model.build()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON: a resumed run must use the very same recipe."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+STAGES = ("joint_pretrain", "joint_sft", "memory_pretrain", "memory_aware")
+"""The trained stages in curriculum order (stage 0, the tokenizer, comes before them)."""
+
+_T = TypeVar("_T")
+
+
+def _parse(cls: type[_T], data: Any, where: str) -> _T:
+    """Build dataclass ``cls`` from ``data``, checking every field's name and type."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls))}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(where + u for u in unknown)
+        raise RecipeError(f"unknown recipe field(s): {names}; known: {', '.join(sorted(fields))}")
+    kwargs = {key: _value(hints[key], value, where + key) for key, value in data.items()}
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise RecipeError(f"missing recipe field(s): {', '.join(where + n for n in missing)}")
+    return cls(**kwargs)
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _parse(cast(Any, hint), value, where + ".")
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        return _value(next(o for o in options if o is not type(None)), value, where)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise RecipeError(f"{where} must be one of {list(get_args(hint))}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where} must be an object, got {type(value).__name__}")
+        return value
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a field type this parser does not know is a bug here
+        raise TypeError(f"{where}: unsupported field type {hint}")
+    if not ok:
+        raise RecipeError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    try:
+        return _parse(Recipe, data, "")
+    except TypeError as exc:  # e.g. a field of the wrong kind deep inside
+        raise RecipeError(str(exc)) from exc
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped in the package."""
+    folder = resources.files("rxruntime.models") / "recipes"
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name (``nano``, ``ci``) or a recipe JSON file by path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if text.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such recipe file")
+        source = path.read_text(encoding="utf-8")
+    else:
+        known = builtin_recipes()
+        if text not in known:
+            raise RecipeError(f"unknown recipe {text!r}; built-in recipes: {', '.join(known)} (or pass a .json path)")
+        source = (resources.files("rxruntime.models") / "recipes" / f"{text}.json").read_text(encoding="utf-8")
+        path = Path(f"{text}.json")
+    try:
+        data = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{path}: not valid JSON ({exc})") from exc
+    try:
+        return recipe_from_dict(data)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from exc

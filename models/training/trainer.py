@@ -1,0 +1,323 @@
+"""The curriculum driver: stage 0 (tokenizer) then stages 1-4, with checkpoints and exact resume.
+
+Output directory layout (``rxrt train --out DIR``)::
+
+    DIR/recipe.json                  the recipe as run
+    DIR/tokenizer.json               stage 0
+    DIR/stage1-joint-pretrain/ ...   a loadable model directory after each stage (float32)
+    DIR/train-state.safetensors      resumable state (every ``checkpoint_every`` steps, each stage end)
+    DIR/train-log.jsonl              one line per logged step
+    DIR/model/                       the final model, weights in ``save_dtype``
+    DIR/summary.json                 seconds and losses per stage, seed, threads, versions
+
+Determinism: the model is initialised from ``torch.manual_seed(seed)``, every step draws its data
+and noise from ``step_generators(seed, stage, step)``, torch runs a fixed number of threads with
+deterministic algorithms, so the same recipe on the same thread count gives the same weights, and
+an interrupted run resumed with ``resume=True`` ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import save_pretrained
+from ..errors import RxTError
+from ..rxt import RxTModel
+from ..tokenizer import RxTokenizer
+from .batches import dialogue_batches, interaction_batch, text_batch
+from .joint import joint_loss
+from .memory_aware import memory_aware_loss, set_trainable, trainable_groups
+from .memory_pretrain import memory_pretrain_loss
+from .mlm import MLMHead
+from .optim import make_optimizer, optimizer_step, step_generators
+from .recipe import STAGES, JointStage, MemoryAwareStage, MemoryPretrainStage, Optim, Recipe
+from .sources import Source, make_source
+from .state import STATE_FILE, load_state, read_progress, save_state
+
+STAGE_DIRS = {
+    "joint_pretrain": "stage1-joint-pretrain",
+    "joint_sft": "stage2-joint-sft",
+    "memory_pretrain": "stage3-memory-pretrain",
+    "memory_aware": "stage4-memory-aware",
+}
+STAGE_TITLES = {
+    "joint_pretrain": "1 joint LM pre-training",
+    "joint_sft": "2 joint interaction SFT",
+    "memory_pretrain": "3 memory attention pre-training",
+    "memory_aware": "4 memory-aware training",
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingError(RxTError):
+    """The output directory or the state in it does not fit the requested run."""
+
+
+def configure_torch(threads: int) -> None:
+    """Fixed thread count and deterministic kernels: the two things bitwise repeatability needs."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class StageRecord:
+    """Per-stage bookkeeping kept in the progress record (so it survives a resume)."""
+
+    seconds: float = 0.0
+    steps_done: int = 0
+    log: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        first, last = (self.log[0], self.log[-1]) if self.log else ({}, {})
+        return {"seconds": round(self.seconds, 1), "steps": self.steps_done, "first": first, "last": last}
+
+
+def curriculum_turns(step: int, stage: MemoryAwareStage, rng_value: float) -> int:
+    """Dialogue length at ``step``: uniform in [min_turns, upper] for ``rng_value`` in [0, 1).
+
+    ``upper`` stays at ``min_turns`` until ``ramp_start`` (memory first has to work at all: a fact,
+    then its question), then grows linearly to ``max_turns`` at ``ramp_end`` (longer retention).
+    """
+    span = max(1, stage.ramp_end - stage.ramp_start)
+    ramp = min(1.0, max(0.0, (step - stage.ramp_start) / span))
+    if step >= stage.ramp_end:
+        ramp = 1.0
+    upper = stage.min_turns + round((stage.max_turns - stage.min_turns) * ramp)
+    return stage.min_turns + int(rng_value * (upper - stage.min_turns + 1))
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: Recipe,
+        out: str | Path,
+        *,
+        resume: bool = False,
+        stop_after: int | None = None,
+        threads: int | None = None,
+        progress: Callable[[], AbstractContextManager[Any]] | None = None,
+        echo: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self.recipe = recipe
+        self.out = Path(out)
+        self.resume = resume
+        self.stop_after = stop_after
+        self.threads = threads or recipe.threads
+        self.make_progress = progress
+        self.echo = echo
+        self.config = recipe.config()
+        self.records: dict[str, StageRecord] = {name: StageRecord() for name in STAGES}
+        self.completed: list[str] = []
+        self.steps_this_run = 0
+        self.tokenizer_seconds = 0.0
+
+    # ------------------------------------------------------------------ entry point
+    def run(self) -> bool:
+        """Run (or continue) the curriculum. False if ``stop_after`` interrupted it, True when done.
+
+        torch's thread count and determinism flag are restored afterwards (they are process-global).
+        """
+        threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+        configure_torch(self.threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
+
+    def _run(self) -> bool:
+        self._prepare_out()
+        self.source: Source = make_source(
+            self.recipe.data, self.recipe.seed, self.recipe.tokenizer.dialogues, self.recipe.joint_pretrain.sentences
+        )
+        self.tokenizer = self._tokenizer()
+        torch.manual_seed(self.recipe.seed)
+        self.model = RxTModel(self.config)
+        self.head = MLMHead(self.config)
+        self.model.train()
+        start: dict[str, Any] = {}
+        optimizer_state = None
+        if self.resume and (self.out / STATE_FILE).exists():
+            progress, optimizer_state = load_state(self.out / STATE_FILE, self.model, self.head)
+            self._restore(progress)
+            start = {"stage": progress.get("stage"), "step": progress.get("step", 0)}
+            self.echo(f"resuming at {start['stage']} step {start['step']}")
+        context = self.make_progress() if self.make_progress else nullcontext(None)
+        with context as bar:
+            for name in STAGES:
+                if name in self.completed:
+                    continue
+                first = start.get("step", 0) if start.get("stage") == name else 0
+                state = optimizer_state if start.get("stage") == name else None
+                if not self._stage(name, first, state, bar):
+                    return False
+        self._finish()
+        return True
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_out(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        recipe_file = self.out / "recipe.json"
+        state = self.out / STATE_FILE
+        if state.exists() and not self.resume:
+            raise TrainingError(f"{self.out} already holds a training run; pass --resume or choose another --out")
+        if self.resume and state.exists():
+            fingerprint = read_progress(state).get("recipe")
+            if fingerprint != self.recipe.fingerprint():
+                raise TrainingError(f"{state}: was written by a different recipe; resume needs the same one")
+        recipe_file.write_text(json.dumps(self.recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def _tokenizer(self) -> RxTokenizer:
+        path = self.out / "tokenizer.json"
+        if self.resume and path.exists():
+            return RxTokenizer.from_file(path)
+        t0 = time.perf_counter()
+        tok = RxTokenizer.train(
+            self.source.tokenizer_texts(), self.recipe.tokenizer.vocab_size, self.recipe.tokenizer.min_frequency
+        )
+        tok.save(path)
+        self.tokenizer_seconds = time.perf_counter() - t0
+        self.echo(f"stage 0 tokenizer: {tok.vocab_size} tokens in {self.tokenizer_seconds:.1f}s")
+        return tok
+
+    def _restore(self, progress: dict[str, Any]) -> None:
+        self.completed = list(progress.get("completed", []))
+        self.tokenizer_seconds = float(progress.get("tokenizer_seconds", 0.0))
+        for name, rec in progress.get("records", {}).items():
+            self.records[name] = StageRecord(rec["seconds"], rec["steps_done"], rec["log"])
+
+    def _progress(self, stage: str, step: int) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.fingerprint(),
+            "stage": stage,
+            "step": step,
+            "completed": self.completed,
+            "threads": self.threads,
+            "tokenizer_seconds": self.tokenizer_seconds,
+            "records": {n: vars(r) for n, r in self.records.items()},
+        }
+
+    # ------------------------------------------------------------------ one stage
+    def _parameters(self, name: str) -> list[nn.Parameter]:
+        if name == "memory_pretrain":
+            return list(self.model.memory_attention.parameters())
+        if name == "memory_aware":
+            return list(self.model.parameters())
+        return [*self.model.parameters(), *self.head.parameters()]
+
+    def _stage(self, name: str, first: int, optimizer_state: dict[str, Any] | None, bar: Any) -> bool:
+        cfg: Optim = getattr(self.recipe, name)
+        record = self.records[name]
+        self.model.requires_grad_(True)
+        optimizer = make_optimizer(self._parameters(name), cfg)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        task = None
+        if bar is not None:
+            task = bar.add_task(STAGE_TITLES[name], total=cfg.steps, completed=first, loss=float("nan"))
+        log_every = max(1, cfg.steps // 50)
+        window: list[StepResult] = []
+        log_file = self.out / "train-log.jsonl"
+        t0 = time.perf_counter()
+        for step in range(first, cfg.steps):
+            if self.stop_after is not None and self.steps_this_run >= self.stop_after:
+                record.seconds += time.perf_counter() - t0
+                save_state(self.out / STATE_FILE, self.model, self.head, optimizer, self._progress(name, step))
+                self.echo(f"stopped after {self.steps_this_run} steps at {name} step {step}; continue with --resume")
+                return False
+            result = self._step(name, step, optimizer)
+            self.steps_this_run += 1
+            record.steps_done = step + 1
+            window.append(result)
+            if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+                entry = {"step": step + 1, "loss": _mean([r.loss for r in window])}
+                for key in window[-1].metrics:
+                    entry[key] = _mean([r.metrics[key] for r in window])
+                record.log.append(entry)
+                with log_file.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"stage": name, **entry}) + "\n")
+                window = []
+            if bar is not None:
+                bar.update(task, completed=step + 1, loss=result.loss)
+            if (step + 1) % self.recipe.checkpoint_every == 0 and step + 1 < cfg.steps:
+                record.seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save_state(self.out / STATE_FILE, self.model, self.head, optimizer, self._progress(name, step + 1))
+        record.seconds += time.perf_counter() - t0
+        self.model.requires_grad_(True)
+        self.completed.append(name)
+        save_pretrained(self.model, self.out / STAGE_DIRS[name], tokenizer=self.tokenizer)
+        save_state(self.out / STATE_FILE, self.model, self.head, None, self._progress(name, cfg.steps))
+        last = record.log[-1] if record.log else {}
+        self.echo(f"stage {STAGE_TITLES[name]}: {record.seconds:.0f}s, last {json.dumps(last)}")
+        return True
+
+    def _step(self, name: str, step: int, optimizer: torch.optim.Optimizer) -> StepResult:
+        rng, gen = step_generators(self.recipe.seed, name, step)
+        max_len = self.config.max_seq_len
+        tok = self.tokenizer
+        if name in ("joint_pretrain", "joint_sft"):
+            cfg_j: JointStage = getattr(self.recipe, name)
+            if name == "joint_pretrain":
+                batch = text_batch(tok, self.source.texts(rng, cfg_j.batch_size), max_len)
+            else:
+                batch = interaction_batch(tok, self.source.interactions(rng, cfg_j.batch_size), max_len)
+            out = joint_loss(self.model, self.head, batch, cfg_j, tok.vocab_size, gen)
+            optimizer_step(optimizer, out.total, step, cfg_j)
+            return StepResult(out.total.item(), {"ar": out.ar, "mlm": out.mlm, "ar_acc": out.ar_accuracy})
+        if name == "memory_pretrain":
+            cfg_m: MemoryPretrainStage = self.recipe.memory_pretrain
+            dialogues = self.source.dialogues(rng, cfg_m.batch_size, max(2, cfg_m.turns))
+            turns, _ = dialogue_batches(tok, dialogues, max_len)
+            loss, per_turn = memory_pretrain_loss(self.model, turns[: cfg_m.turns], cfg_m, rng, gen)
+            optimizer_step(optimizer, loss, step, cfg_m)
+            return StepResult(loss.item(), {"first_turn": per_turn[0], "last_turn": per_turn[-1]})
+        cfg_a: MemoryAwareStage = self.recipe.memory_aware
+        set_trainable(self.model, trainable_groups(step, cfg_a))
+        n_turns = curriculum_turns(step, cfg_a, rng.random())
+        dialogues = self.source.dialogues(rng, cfg_a.batch_size, n_turns)
+        turns, present = dialogue_batches(tok, dialogues, max_len, answer_only=cfg_a.loss_on == "answer")
+        loss, per_turn, accuracy = memory_aware_loss(self.model, turns, present, gen)
+        optimizer_step(optimizer, loss, step, cfg_a)
+        return StepResult(loss.item(), {"per_turn": _mean(per_turn), "answer_acc": accuracy, "turns": n_turns})
+
+    # ------------------------------------------------------------------ the end
+    def _finish(self) -> None:
+        final = self.out / "model"
+        save_pretrained(self.model, final, tokenizer=self.tokenizer, dtype=_DTYPES[self.recipe.save_dtype])
+        total = self.tokenizer_seconds + sum(r.seconds for r in self.records.values())
+        summary = {
+            "recipe": self.recipe.name,
+            "fingerprint": self.recipe.fingerprint(),
+            "seed": self.recipe.seed,
+            "threads": self.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "tokenizer": {"seconds": round(self.tokenizer_seconds, 1), "vocab_size": self.tokenizer.vocab_size},
+            "stages": {name: self.records[name].summary() for name in STAGES},
+            "total_seconds": round(total, 1),
+            "model": str(final),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        self.echo(f"done in {total / 60:.1f} min; model in {final}")
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")

@@ -1,0 +1,67 @@
+"""``rxrt train``: run the supervised curriculum (stages 0-4) of a recipe into an output directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train an RxT model with a recipe (tokenizer, joint LM, SFT, memory pre-training, memory-aware)",
+    )
+    p.add_argument("--recipe", required=True, help="a built-in recipe name (nano, ci) or a recipe .json file")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, logs, the final model in OUT/model)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--threads", type=int, help="torch threads (default: the recipe's; recorded in summary.json)")
+    p.add_argument(
+        "--stop-after", type=int, metavar="STEPS", help="stop after this many training steps (continue with --resume)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only stage summaries")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from rxruntime.models.training.recipe import RecipeError, load_recipe
+    from rxruntime.models.training.trainer import Trainer
+
+    if args.threads is not None and args.threads < 1:
+        raise RecipeError(f"--threads must be >= 1, got {args.threads}")
+    if args.stop_after is not None and args.stop_after < 0:
+        raise RecipeError(f"--stop-after must be >= 0, got {args.stop_after}")
+    recipe = load_recipe(args.recipe)
+    console = Console(stderr=True)
+
+    def progress() -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=args.quiet,
+        )
+
+    trainer = Trainer(
+        recipe,
+        args.out,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        threads=args.threads,
+        progress=progress,
+        echo=console.print,
+    )
+    finished = trainer.run()
+    return 0 if finished else 3

@@ -1,0 +1,90 @@
+"""``rxrt train`` end to end on the ``ci`` recipe, exact resume, and ``rxrt eval memory --json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rxruntime.cli import main
+from rxruntime.models import RxTModel, load_pretrained
+from rxruntime.models.checkpoint import load_weights
+from rxruntime.models.training.recipe import load_recipe
+
+STAGE_DIRS = ("stage1-joint-pretrain", "stage2-joint-sft", "stage3-memory-pretrain", "stage4-memory-aware")
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ci-run")
+    assert main(["train", "--recipe", "ci", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_ci_recipe_trains_every_stage_into_a_loadable_model(ci_run: Path) -> None:
+    for name in STAGE_DIRS:
+        assert (ci_run / name / "model.safetensors").is_file()
+    model, tokenizer = load_pretrained(ci_run / "model")
+    assert isinstance(model, RxTModel) and tokenizer is not None
+    assert model.config == load_recipe("ci").config()
+    # 16-bit weights on disk, and no training-only tensors (the MLM head) in the shipped model
+    tensors = load_weights(ci_run / "model" / "model.safetensors")
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert not any(k.startswith("mlm") for k in tensors)
+    summary = json.loads((ci_run / "summary.json").read_text())
+    assert summary["threads"] == 1 and summary["seed"] == 7
+    stages = summary["stages"]
+    assert [stages[s]["steps"] for s in ("joint_pretrain", "joint_sft", "memory_pretrain", "memory_aware")] == [
+        12,
+        12,
+        6,
+        10,
+    ]
+    assert stages["joint_pretrain"]["last"]["loss"] < stages["joint_pretrain"]["first"]["loss"]
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(ci_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "split"
+    # 17 steps: stops inside stage 2, between two periodic checkpoints
+    assert main(["train", "--recipe", "ci", "--out", str(out), "--quiet", "--stop-after", "17"]) == 3
+    assert not (out / "model").exists()
+    assert main(["train", "--recipe", "ci", "--out", str(out), "--quiet", "--resume", "--stop-after", "12"]) == 3
+    assert main(["train", "--recipe", "ci", "--out", str(out), "--quiet", "--resume"]) == 0
+    for name in (*STAGE_DIRS, "model"):
+        a = load_weights(ci_run / name / "model.safetensors")
+        b = load_weights(out / name / "model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
+
+
+def test_a_second_fresh_run_into_a_used_directory_is_refused(ci_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--recipe", "ci", "--out", str(ci_run), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_unknown_recipe_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--recipe", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe 'nope'" in err and "ci" in err and "nano" in err
+
+
+def test_eval_memory_json_reports_every_gap_for_both_settings_and_splits(
+    ci_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["eval", "memory", "--model", str(ci_run / "model"), "--dialogues", "2", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = [str(k) for k in range(1, 9)]
+    for part in (result, result["hard"]):
+        assert list(part["with_memory"]) == keys and list(part["reset_memory"]) == keys
+        assert all(0.0 <= v <= 1.0 for v in [*part["with_memory"].values(), *part["reset_memory"].values()])
+        assert part["dialogues"] == 2 * 8
+
+
+def test_eval_memory_table(ci_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["eval", "memory", "--model", str(ci_run / "model"), "--dialogues", "1", "--max-gap", "2", "--no-hard"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "with memory" in out and "STM reset" in out and "hard" not in out
