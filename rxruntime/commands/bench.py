@@ -1,0 +1,275 @@
+"""``rxrt bench``: performance benchmarks (see docs/benchmarks.md).
+
+* ``rxrt bench decode``: generated tokens/s through the decode batch (``decode_step`` + sampler).
+* ``rxrt bench turns``: one N-turn conversation, RxT against a stateless Llama baseline of the
+  same active size (needs the ``bench`` extra: transformers, matplotlib).
+* ``rxrt bench overlap``: through the engine, the next query sent the moment the answer completes
+  (behind the memory update) against sent after the update: what the asynchronous update hides.
+* ``rxrt bench throughput``: N conversations at once on one engine, for several N: aggregate
+  tokens/s, per-token latency, TTFT and memory-update time.
+
+``overlap`` and ``throughput`` print a table, or JSON with ``--json``; ``--out DIR`` also writes
+``<name>-<preset>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmarks: decode tokens/s, multi-turn RxT vs a baseline, memory overlap, throughput"
+    )
+    sub = p.add_subparsers(dest="bench", required=True)
+
+    d = sub.add_parser("decode", help="generated tokens/s through DecodeBatch.step")
+    _common(d)
+    d.add_argument("--steps", type=int, default=64, help="timed decode steps per repeat")
+    d.add_argument("--repeats", type=int, default=5, help="the median of this many runs is reported")
+    d.add_argument("--batch-size", type=int, default=1, help="conversations decoded together")
+    d.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--compile", action="store_true", help="torch.compile the decode step first (about a minute)")
+    d.set_defaults(func=run_decode)
+
+    t = sub.add_parser("turns", help="one N-turn conversation: RxT vs a stateless Llama of the same active size")
+    _common(t)
+    t.add_argument("--turns", type=int, default=20)
+    t.add_argument("--query-tokens", type=int, default=32)
+    t.add_argument("--answer-tokens", type=int, default=64, help="forced answer length (EOS ignored)")
+    t.add_argument("--repeats", type=int, default=1, help="run the conversation this many times; per-turn medians")
+    t.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default) for both models")
+    t.add_argument("--out", type=Path, help="directory for turns-<preset>.json and turns-<preset>.png")
+    t.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="LABEL=FILE",
+        help="add another system's per-turn JSON (a list of records, or {key: [records]}) to the plot",
+    )
+    t.set_defaults(func=run_turns)
+
+    o = sub.add_parser("overlap", help="next query at once (behind the memory update) vs after it, via the engine")
+    _common(o)
+    o.add_argument("--turns", type=int, default=10)
+    o.add_argument("--query-tokens", type=int, default=32)
+    o.add_argument("--answer-tokens", type=int, default=64, help="forced answer length ([EOS] made unreachable)")
+    o.add_argument("--out", type=Path, help="directory for overlap-<preset>.json")
+    o.set_defaults(func=run_overlap)
+
+    h = sub.add_parser("throughput", help="N concurrent conversations on one engine: tokens/s, latency, TTFT")
+    _common(h)
+    h.add_argument(
+        "--concurrency", type=_levels, default=[1, 8, 64, 256], help="comma-separated conversation counts (1,8,64,256)"
+    )
+    h.add_argument("--query-tokens", type=int, default=32)
+    h.add_argument("--answer-tokens", type=int, default=32, help="forced answer length ([EOS] made unreachable)")
+    h.add_argument(
+        "--max-batch", type=int, help="decode rows of the engine (default: the largest concurrency, if memory allows)"
+    )
+    h.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
+    h.add_argument("--out", type=Path, help="directory for throughput-<preset>.json")
+    h.set_defaults(func=run_throughput)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="alpha-mini", help="model size: alpha-mini, micro, nano (random weights)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from rxruntime.bench import measure_decode
+    from rxruntime.models import RxTModel, SamplingParams, preset
+
+    _threads(args)
+    torch.manual_seed(args.seed)
+    model = RxTModel(preset(args.preset)).to(args.device).eval()
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    compile_s = None
+    if args.compile:
+        import time
+
+        model.compile_decode()
+        start = time.perf_counter()
+        measure_decode(model, steps=1, repeats=1, batch_size=args.batch_size, params=params, seed=args.seed)
+        compile_s = time.perf_counter() - start
+    result = measure_decode(
+        model, steps=args.steps, repeats=args.repeats, batch_size=args.batch_size, params=params, seed=args.seed
+    )
+    out = {
+        **result.to_dict(),
+        "preset": args.preset,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "compile_s": compile_s,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        runs = ", ".join(f"{r:.1f}" for r in result.runs)
+        print(
+            f"{args.preset} on {args.device} ({torch.get_num_threads()} threads), batch {args.batch_size}: "
+            f"{result.tokens_per_s:.1f} tokens/s median, {result.best_tokens_per_s:.1f} best (runs {runs}; "
+            f"load {result.load_average[0]:.2f})" + (f"; compiled in {compile_s:.0f}s" if compile_s is not None else "")
+        )
+    return 0
+
+
+def run_turns(args: argparse.Namespace) -> int:
+    from rxruntime.bench.turns import TurnsConfig, format_table, plot_turns
+    from rxruntime.bench.turns import run_turns as run
+
+    _threads(args)
+    extra = [_load_compare(spec) for spec in args.compare]
+    cfg = TurnsConfig(
+        preset=args.preset,
+        turns=args.turns,
+        query_tokens=args.query_tokens,
+        answer_tokens=args.answer_tokens,
+        device=args.device,
+        repeats=args.repeats,
+        seed=args.seed,
+        temperature=args.temperature,
+    )
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = run(cfg, progress=None if args.json else progress)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"turns-{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_turns(result, args.out / f"turns-{args.preset}.png", extra)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+
+    from rich.console import Console
+
+    console = Console()
+    console.print(format_table(result))
+    s = result["summary"]
+    console.print(
+        f"turn {s['turn']}: the baseline's turn takes {s['turn_ratio']:.2f}x RxT's "
+        f"(time to first token {s['ttft_ratio']:.2f}x); whole conversation {s['baseline_total_s']:.1f}s vs "
+        f"{s['rxt_total_s']:.1f}s"
+    )
+    if args.out:
+        console.print(f"wrote {args.out}/turns-{args.preset}.json and .png")
+    return 0
+
+
+def run_overlap(args: argparse.Namespace) -> int:
+    from rxruntime.bench.overlap import OverlapConfig, describe, format_table
+    from rxruntime.bench.overlap import run_overlap as run
+
+    _threads(args)
+    cfg = OverlapConfig(
+        preset=args.preset,
+        turns=args.turns,
+        query_tokens=args.query_tokens,
+        answer_tokens=args.answer_tokens,
+        device=args.device,
+        seed=args.seed,
+    )
+    result = run(cfg, progress=None if args.json else _progress)
+    return _report(args, "overlap", result, format_table, describe(result))
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    from rxruntime.bench.throughput import ThroughputConfig, format_table
+    from rxruntime.bench.throughput import run_throughput as run
+
+    _threads(args)
+    cfg = ThroughputConfig(
+        preset=args.preset,
+        concurrency=args.concurrency,
+        query_tokens=args.query_tokens,
+        answer_tokens=args.answer_tokens,
+        device=args.device,
+        seed=args.seed,
+        max_batch=args.max_batch,
+        warmup=not args.no_warmup,
+    )
+    result = run(cfg, progress=None if args.json else _progress)
+    limited = [r["conversations"] for r in result["results"] if r["limited"]]
+    note = (
+        f"max batch {result['config']['max_batch']}: levels {limited} queued the conversations beyond it"
+        if limited
+        else ""
+    )
+    return _report(args, "throughput", result, format_table, note)
+
+
+def _report(
+    args: argparse.Namespace, name: str, result: dict[str, Any], table: Callable[[dict[str, Any]], Any], note: str
+) -> int:
+    """``--out`` file, then JSON or the table (and a closing note) on stdout."""
+    path = None
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"{name}-{args.preset}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    console.print(table(result))
+    if note:
+        console.print(note)
+    if path is not None:
+        console.print(f"wrote {path}")
+    return 0
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _levels(text: str) -> list[int]:
+    """``1,8,64`` -> [1, 8, 64] (argparse type: a bad value is a usage error)."""
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return levels
+
+
+def _load_compare(spec: str) -> tuple[str, list[dict[str, float]]]:
+    """``LABEL=FILE``: FILE holds a list of per-turn records or a dict with one such list."""
+    from rxruntime.models.errors import RxTError
+
+    label, sep, path = spec.partition("=")
+    if not sep:
+        raise RxTError(f"--compare takes LABEL=FILE, got {spec!r}")
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise RxTError(f"{path}: expected one list of per-turn records")
+        data = lists[0]
+    return label, data

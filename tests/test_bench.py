@@ -1,0 +1,156 @@
+"""``rxrt bench``: the output's shape and sanity, at a size CI runs in seconds. No timing asserts:
+the numbers depend on the machine and its load."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from rxruntime.cli import main
+from rxruntime.models import RxTModel, preset
+
+
+def test_bench_turns_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", "turns", "--preset", "nano", "--turns", "3", "--json", "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"rxt", "baseline", "config"}
+    assert [r["turn"] for r in result["rxt"]] == [1, 2, 3]
+    assert [r["turn"] for r in result["baseline"]] == [1, 2, 3]
+    for record in result["rxt"]:
+        assert set(record) == {"turn", "ttft_s", "turn_s", "tokens_per_s", "memory_update_s"}
+        assert all(record[k] > 0 for k in ("ttft_s", "turn_s", "tokens_per_s", "memory_update_s"))
+        assert record["ttft_s"] <= record["turn_s"]
+    for record in result["baseline"]:
+        assert set(record) == {"turn", "ttft_s", "turn_s", "tokens_per_s"}
+        assert all(record[k] > 0 for k in ("ttft_s", "turn_s", "tokens_per_s"))
+    cfg = result["config"]
+    assert cfg["preset"] == "nano" and cfg["turns"] == 3 and cfg["dtype"] == "float32"
+    assert result["summary"]["turn_ratio"] > 0
+    assert json.loads((tmp_path / "turns-nano.json").read_text())["config"]["turns"] == 3
+    assert (tmp_path / "turns-nano.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_turns_table_and_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rxlm": [{"turn": 1, "ttft_s": 0.1, "turn_s": 1.0, "tokens_per_s": 60.0}]}))
+    argv = ["bench", "turns", "--preset", "nano", "--turns", "1", "--answer-tokens", "4", "--out", str(tmp_path)]
+    assert main([*argv, "--compare", f"RxLM={other}"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline / RxT turn" in out.replace("\n", " ") or "baseline" in out
+    assert (tmp_path / "turns-nano.png").exists()
+
+
+def test_bench_decode_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "decode", "--preset", "nano", "--steps", "4", "--repeats", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens_per_s"] > 0 and len(result["runs"]) == 2 and result["steps"] == 4
+
+
+def test_query_and_answer_must_fit_the_interaction() -> None:
+    assert main(["bench", "turns", "--preset", "nano", "--turns", "1", "--answer-tokens", "200"]) == 2
+
+
+@pytest.mark.parametrize("name", ["nano", "alpha-mini"])
+def test_baseline_matches_the_active_parameter_count(name: str) -> None:
+    from transformers import LlamaForCausalLM
+
+    from rxruntime.bench.turns import active_parameters, baseline_config
+
+    with torch.device("meta"):
+        model = RxTModel(preset(name))
+        llama = LlamaForCausalLM(baseline_config(model, 512))
+    target = model.active_parameter_count()
+    got = active_parameters(llama, model.config.vocab_size, model.config.dim)
+    assert abs(got - target) / target < 1e-3
+    assert llama.config.num_hidden_layers == model.config.num_layers
+
+
+# ---------------------------------------------------------------------- overlap and throughput
+def _rxrt_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("rxrt")}
+
+
+def test_bench_overlap_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _rxrt_threads()
+    argv = ["bench", "overlap", "--preset", "nano", "--turns", "3", "--query-tokens", "8", "--answer-tokens", "6"]
+    assert main([*argv, "--json", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"immediate", "after_memory", "summary", "config"}
+    for mode in ("immediate", "after_memory"):
+        records = result[mode]
+        assert [r["turn"] for r in records] == [1, 2, 3]
+        for r in records:
+            assert set(r) == {"turn", "ttft_s", "turn_s", "queued_s", "memory_update_s", "ready_s", "tokens"}
+            assert r["tokens"] == 6  # [EOS] is unreachable: every answer runs to the length asked
+            assert r["ttft_s"] > 0 and r["memory_update_s"] > 0 and r["queued_s"] >= 0
+            # event order, not speed: first token, then the answer, then the memory commit
+            assert r["ttft_s"] <= r["turn_s"] <= r["ready_s"]
+    s = result["summary"]
+    assert s["turns_in_medians"] == "2..3"
+    for mode in ("immediate", "after_memory"):
+        assert set(s[mode]) == {"ttft_s", "turn_s", "queued_s", "memory_update_s", "ready_s"}
+        assert s["conversation_s"][mode] > 0
+    assert s["ttft_ratio"] > 0 and s["turn_ratio"] > 0 and s["exposed_fraction"] >= 0
+    assert s["synchronous_turn_s"] == pytest.approx(s["after_memory"]["turn_s"] + s["after_memory"]["memory_update_s"])
+    cfg = result["config"]
+    assert cfg["preset"] == "nano" and cfg["turns"] == 3 and cfg["answer_tokens"] == 6
+    assert {"machine", "torch", "threads", "load_average_start", "load_average_end", "dtype"} <= set(cfg)
+    assert json.loads((tmp_path / "overlap-nano.json").read_text())["config"]["turns"] == 3
+    assert _rxrt_threads() <= before  # the engine's threads are gone
+
+
+def test_bench_overlap_table(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "overlap", "--preset", "nano", "--turns", "2", "--query-tokens", "4", "--answer-tokens", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "immediate" in out and "after_memory" in out and "TTFT" in out
+
+
+def test_bench_throughput_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _rxrt_threads()
+    argv = ["bench", "throughput", "--preset", "nano", "--concurrency", "1,3", "--query-tokens", "8"]
+    assert main([*argv, "--answer-tokens", "5", "--json", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"results", "config"}
+    assert [r["conversations"] for r in result["results"]] == [1, 3]
+    for r in result["results"]:
+        n = r["conversations"]
+        assert r["tokens"] == 5 * n and r["max_batch"] == 3 and r["limited"] is False
+        for key in ("tokens_per_s", "token_latency_p50_s", "token_latency_p95_s", "ttft_p50_s", "ttft_p95_s"):
+            assert r[key] > 0, key
+        assert r["wall_s"] > 0 and r["memory_update_p50_s"] > 0 and r["send_spread_s"] >= 0
+        assert r["token_latency_p50_s"] <= r["token_latency_p95_s"] and r["ttft_p50_s"] <= r["ttft_p95_s"]
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
+    cfg = result["config"]
+    assert cfg["concurrency"] == [1, 3] and cfg["max_batch"] == 3 and cfg["decode_row_bytes"] > 0
+    assert {"machine", "torch", "threads", "load_average_start", "load_average_end"} <= set(cfg)
+    assert json.loads((tmp_path / "throughput-nano.json").read_text())["config"]["concurrency"] == [1, 3]
+    assert _rxrt_threads() <= before
+
+
+def test_bench_throughput_beyond_max_batch_queues(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "throughput", "--preset", "nano", "--concurrency", "3", "--max-batch", "2", "--no-warmup"]
+    assert main([*argv, "--query-tokens", "4", "--answer-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "queued" in out and "max batch 2" in out
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    from rxruntime.bench.throughput import percentile
+
+    assert percentile([], 50) is None
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([float(i) for i in range(101)], 95) == pytest.approx(95.0)
+
+
+def test_bad_throughput_arguments() -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "throughput", "--concurrency", "0,8"])
+    assert main(["bench", "throughput", "--preset", "nano", "--answer-tokens", "200"]) == 2
+    assert main(["bench", "overlap", "--preset", "nano", "--turns", "0"]) == 2
