@@ -104,9 +104,11 @@ class RxTokenizer:
 class IncrementalDecoder:
     """Turns a stream of token ids into a stream of text pieces, never splitting a character.
 
-    Each ``push`` returns the new text (possibly empty while a multi-byte character is still
-    incomplete); concatenating all pieces plus ``flush()`` equals ``decode(all ids)``. Only a short
-    window of recent ids is decoded per push, so the cost per token stays constant.
+    Each ``push`` returns the new complete characters (possibly none while a multi-byte character
+    is still incomplete: only that character is held back, never the text before it).
+    Concatenating all pieces plus ``flush()`` equals ``decode(all ids)``; ``flush()`` is only ever
+    non-empty when the ids stop in the middle of a character (it returns U+FFFD for those bytes).
+    Only a short window of recent ids is decoded per push, so the cost per token stays constant.
     """
 
     def __init__(self, tokenizer: RxTokenizer) -> None:
@@ -114,6 +116,7 @@ class IncrementalDecoder:
         self._ids: list[int] = []
         self._prefix = 0  # window start: ids before it are fully emitted
         self._read = 0  # ids up to here have been turned into emitted text
+        self._ahead = 0  # characters emitted beyond ids[prefix:read] (complete text before a held character)
         self._started = False
 
     def _text(self, ids: Sequence[int]) -> str:
@@ -122,20 +125,23 @@ class IncrementalDecoder:
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        emitted = self._text(self._ids[self._prefix : self._read])
+        done = len(self._text(self._ids[self._prefix : self._read])) + self._ahead
         full = self._text(self._ids[self._prefix :])
-        if full.endswith("\ufffd") or len(full) <= len(emitted):
-            return ""  # incomplete UTF-8 sequence (or nothing new yet): wait for more bytes
-        piece = full[len(emitted) :]
-        self._prefix, self._read = self._read, len(self._ids)
+        stable = full.rstrip("\ufffd")  # a trailing U+FFFD is an incomplete character: wait for its bytes
+        piece = stable[done:]
+        if len(stable) == len(full):
+            self._prefix, self._read, self._ahead = self._read, len(self._ids), 0
+        else:
+            self._ahead += len(piece)
         return self._trim(piece)
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end, as U+FFFD)."""
-        emitted = self._text(self._ids[self._prefix : self._read])
+        done = len(self._text(self._ids[self._prefix : self._read])) + self._ahead
         full = self._text(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return self._trim(full[len(emitted) :])
+        self._ahead = 0
+        return self._trim(full[done:])
 
     def _trim(self, piece: str) -> str:
         # The byte-level pre-tokenizer prefixes a space; decode() strips it, so the stream does too.

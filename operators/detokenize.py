@@ -3,8 +3,10 @@
 Byte-level BPE can split one character over several tokens and merge several characters into
 one. Each turn gets an incremental decoder that releases text only once its bytes are complete:
 a token that ends mid-character gets ``text=""`` and the token that completes it carries the whole
-character. ``AnswerCompleted.text`` is the decode of all the answer's ids. Other events pass
-through; state is kept per subscription and per turn.
+character. ``AnswerCompleted.text`` is exactly the concatenation of the turn's token texts: the
+decode of all the answer's ids, less a character cut off by the length limit (its bytes cannot
+form text; its ids stay in ``token_ids``). Other events pass through; state is kept per
+subscription and per turn.
 
 Marble (token ids of "é" split in two bytes)::
 
@@ -38,8 +40,11 @@ def detokenize(tokenizer: RxTokenizer) -> Callable[[Observable[Event]], Observab
                         decoder = decoders[key] = tokenizer.incremental_decoder()
                     return dataclasses.replace(event, text=decoder.push(event.token_id))
                 if isinstance(event, AnswerCompleted):
-                    decoders.pop(key, None)
-                    return dataclasses.replace(event, text=tokenizer.decode(event.token_ids))
+                    text = tokenizer.decode(event.token_ids)
+                    held = decoder.flush() if (decoder := decoders.pop(key, None)) else ""
+                    if held and text.endswith(held):  # an incomplete last character: never streamed
+                        text = text[: -len(held)]
+                    return dataclasses.replace(event, text=text)
                 return event
 
             return source.pipe(ops.map(fill))

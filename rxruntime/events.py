@@ -52,7 +52,8 @@ class Token(EventBase):
     """One generated token: its id, its text piece and its index in the answer (0-based).
 
     ``text`` may be empty while a multi-byte character is incomplete; concatenating the pieces of
-    a turn always gives the answer's text. A slow async consumer may receive several tokens merged
+    a turn always gives ``AnswerCompleted.text`` (a character cut off by the length limit is in
+    neither). A slow async consumer may receive several tokens merged
     into one event (``count > 1``; see ``Conversation.astream``).
     """
 

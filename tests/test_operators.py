@@ -217,6 +217,19 @@ def test_detokenize_handles_split_and_merged_characters(tok: RxTokenizer) -> Non
     assert isinstance(got[-1], MemoryUpdateStarted)
 
 
+def test_detokenize_answer_cut_mid_character_equals_the_streamed_text(tok: RxTokenizer) -> None:
+    ids = tok.encode("Ada 🐈")
+    cut = next(n for n in range(len(ids), 0, -1) if tok.decode(ids[:n]).endswith("\ufffd"))
+    scheduler = TestScheduler()
+    msgs: list[Recorded[Any]] = [on_next(210 + i, Token("c", 1, t, "", i)) for i, t in enumerate(ids[:cut])]
+    msgs.append(on_next(300, AnswerCompleted("c", 1, "", tuple(ids[:cut]), "length", 0.0, 0.0, 0.0, 0.0)))
+    source = scheduler.create_hot_observable(*msgs, on_completed(400))
+    got = [v for _, v in values(scheduler.start(lambda: source.pipe(detokenize(tok))).messages)]
+    answer = got[-1]
+    assert isinstance(answer, AnswerCompleted) and answer.token_ids == tuple(ids[:cut])
+    assert answer.text == "".join(e.text for e in got if isinstance(e, Token)) == "Ada "
+
+
 def test_detokenize_keeps_turns_apart(tok: RxTokenizer) -> None:
     a, b = tok.encode("é"), tok.encode("Pixel")
     scheduler = TestScheduler()

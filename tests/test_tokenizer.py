@@ -69,3 +69,37 @@ def test_bad_files_and_wrong_special_ids(tmp_path: Path) -> None:
     plain.add_special_tokens(["[UNK]", "[PAD]"])
     with pytest.raises(TokenizerError, match="ids 0..6"):
         RxTokenizer(plain)
+
+
+def test_incremental_decoder_holds_back_only_the_incomplete_character(tok: RxTokenizer) -> None:
+    text = "ab é"
+    raw = text.encode()
+    # Feed the bytes one token at a time where the tokenizer has byte tokens: the complete text
+    # before the split character comes out at once, and only the character waits for its bytes.
+    found = [tok.tokenizer.token_to_id(piece) for piece in _byte_pieces(raw)]
+    ids = [i for i in found if i is not None]
+    assert len(ids) == len(raw)
+    dec = tok.incremental_decoder()
+    pieces = [dec.push(i) for i in ids]
+    assert pieces[-2] == "" and pieces[-1] == "é"
+    assert "".join(pieces[:-1]) == "ab "  # nothing before the incomplete character was held back
+    cut = tok.incremental_decoder()
+    assert "".join(cut.push(i) for i in ids[:-1]) == "ab "
+    assert cut.flush() == "\ufffd"  # stopped mid-character: the held bytes, as U+FFFD
+
+
+def _byte_pieces(raw: bytes) -> list[str]:
+    """The byte-level BPE alphabet's symbol for each byte (GPT-2's bytes-to-unicode map)."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    assert set(table.values()) <= set(alphabet)
+    return [table[b] for b in raw]
