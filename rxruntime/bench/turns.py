@@ -351,7 +351,7 @@ def plot_turns(
     ax.set_xlabel("turn")
     ax.set_ylabel("turn time (s), query in -> last token out")
     ax.set_title(
-        f"{cfg['preset']}: {cfg['query_tokens']}-token queries, {cfg['answer_tokens']}-token answers "
+        f"{cfg['preset']}: {cfg['query_tokens']}-token queries, {cfg['answer_tokens']}-token answers\n"
         f"({cfg['sampling']}), {cfg['device']} {cfg['dtype']}, {cfg['threads']} threads",
         fontsize=9,
     )
