@@ -216,11 +216,16 @@ class RxTModel(nn.Module):
     def compile_decode(self, **options: Any) -> None:
         """Opt in to ``torch.compile`` for the decode step (``options`` go to ``torch.compile``).
 
-        Inductor fuses the norms, RoPE and residual adds into a few C++ kernels. On CPU it needs
-        a C++ compiler and takes about a minute for alpha-mini (once per process and batch size);
-        the eager fast path does not depend on it. Results equal the eager path within float
-        tolerance.
+        Inductor fuses the norms, RoPE and residual adds into a few C++ kernels. On a CPU the
+        default also asks for a C++ wrapper and autotuned matrix products (inductor's
+        ``cpp_wrapper`` and ``max_autotune``): a one-token step is mostly per-operation overhead,
+        which the Python wrapper would keep (alpha-mini, batch 1, 2 cores: 97 tokens/s compiled
+        against 66 eager, docs/benchmarks.md). It needs a C++ compiler and takes about two minutes
+        for alpha-mini, once per process and batch size, so it is not the default path. Results
+        equal the eager path within float tolerance.
         """
+        if "options" not in options and "mode" not in options and self.device.type == "cpu":
+            options["options"] = {"cpp_wrapper": True, "max_autotune": True}
         # The plain function, not the bound method: a deep copy of the model must not call back
         # into this one.
         self._compiled_kernel = torch.compile(RxTModel._decode_kernel, **{"dynamic": False, **options})

@@ -8,6 +8,7 @@ unoptimised computation.
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -211,3 +212,23 @@ def test_filtered_sampling_by_rejection_equals_the_sorted_path(peaked: bool) -> 
     step = torch.arange(rows)
     fast = _sample_filtered_by_rejection(scaled, top_k, top_p, seed, step)
     assert torch.equal(fast, _sample_filtered(scaled, top_k, top_p, seed, step))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="needs a C++ compiler")
+def test_compiled_decode_step_equals_the_eager_step() -> None:
+    """``compile_decode`` (inductor with its CPU defaults: C++ wrapper, autotuned matmuls)."""
+    model = tiny_model(seed=16)
+    model.use_decode_layout()
+    stm = model.init_stm(2, torch.Generator().manual_seed(2), std=1.0)
+    ids = torch.randint(7, 97, (2, 9))
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            model.compile_decode()
+        with torch.inference_mode():
+            cache = model.new_cache(2)
+            memory_kv = model.memory_kv(stm)
+            model.prefill(ids[:, :5], torch.full((2,), 5), memory_kv, cache)
+            results.append([model.decode_step(ids[:, t], torch.full((2,), t), memory_kv, cache) for t in range(5, 9)])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

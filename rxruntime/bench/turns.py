@@ -50,6 +50,9 @@ class TurnsConfig:
     temperature: float = 0.0
     """0 is greedy; otherwise RxT samples with its own sampler and the baseline with
     ``multinomial(softmax(logits / T))`` (as RxLM's ``interact`` does)."""
+    compile: bool = False
+    """``torch.compile`` RxT's decode step first (:meth:`RxTModel.compile_decode`); the
+    baseline stays eager, as transformers runs it by default."""
 
 
 @dataclass
@@ -195,6 +198,8 @@ def run_turns(cfg: TurnsConfig, progress: Callable[[str], None] | None = None) -
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = RxTModel(config).to(device).eval()
+    if cfg.compile:
+        model.compile_decode()
     interaction_len = prompt_len + cfg.answer_tokens + 1
     llama = build_baseline(model, max_positions=cfg.turns * interaction_len + 64, seed=cfg.seed)
     batch = DecodeBatch(model, capacity=1)

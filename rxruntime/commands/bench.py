@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     d.add_argument("--batch-size", type=int, default=1, help="conversations decoded together")
     d.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     d.add_argument("--top-p", type=float, default=1.0)
-    d.add_argument("--compile", action="store_true", help="torch.compile the decode step first (about a minute)")
+    d.add_argument("--compile", action="store_true", help="torch.compile the decode step first (~2 min)")
     d.set_defaults(func=run_decode)
 
     t = sub.add_parser("turns", help="one N-turn conversation: RxT vs a stateless Llama of the same active size")
@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     t.add_argument("--answer-tokens", type=int, default=64, help="forced answer length (EOS ignored)")
     t.add_argument("--repeats", type=int, default=1, help="run the conversation this many times; per-turn medians")
     t.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default) for both models")
+    t.add_argument("--compile", action="store_true", help="torch.compile RxT's decode step first (about two minutes)")
     t.add_argument("--out", type=Path, help="directory for turns-<preset>.json and turns-<preset>.png")
     t.add_argument(
         "--compare",
@@ -150,6 +151,7 @@ def run_turns(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         seed=args.seed,
         temperature=args.temperature,
+        compile=args.compile,
     )
 
     def progress(line: str) -> None:
