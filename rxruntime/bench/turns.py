@@ -341,7 +341,8 @@ def plot_turns(
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     turns = [r["turn"] for r in result["rxt"]]
     ax.plot(turns, [b["turn_s"] for b in result["baseline"]], "o-", label="stateless Llama baseline (re-reads history)")
-    ax.plot(turns, [r["turn_s"] for r in result["rxt"]], "o-", label="RxT (rxruntime): user-facing turn")
+    rxt = "RxT (rxruntime, compiled decode)" if cfg.get("compile") else "RxT (rxruntime)"
+    ax.plot(turns, [r["turn_s"] for r in result["rxt"]], "o-", label=f"{rxt}: user-facing turn")
     ax.plot(
         turns,
         [r["turn_s"] + r["memory_update_s"] for r in result["rxt"]],
