@@ -9,12 +9,19 @@ from __future__ import annotations
 import pytest
 
 import rxruntime
-from rxruntime.models import load_pretrained, preset
+from rxruntime.models import RxTModel, RxTokenizer, load_pretrained, preset
 from rxruntime.models.checkpoint import default_model_dir
 from rxruntime.models.training.dialogues import Dialogue
 from rxruntime.models.training.mrqbench import benchmark, normalise, probes
 
 SHIPPED = default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[RxTModel, RxTokenizer]:
+    model, tokenizer = load_pretrained("default")
+    assert tokenizer is not None
+    return model, tokenizer
 
 
 def test_default_model_ships_with_every_file_and_under_ten_megabytes() -> None:
@@ -23,10 +30,8 @@ def test_default_model_ships_with_every_file_and_under_ten_megabytes() -> None:
     assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 10 * 2**20
 
 
-def test_default_model_is_the_nano_preset() -> None:
-    model, tokenizer = load_pretrained("default")
-    assert tokenizer is not None
-    assert model.config == preset("nano")
+def test_default_model_is_the_nano_preset(shipped: tuple[RxTModel, RxTokenizer]) -> None:
+    assert shipped[0].config == preset("nano")
 
 
 def _play(engine: rxruntime.Engine, dialogue: Dialogue, fresh_memory_every_turn: bool) -> str:
@@ -54,10 +59,8 @@ def test_engine_recalls_a_fact_turns_later_and_loses_it_without_memory() -> None
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_shipped_model_meets_the_retention_target(k: int) -> None:
-    model, tokenizer = load_pretrained("default")
-    assert tokenizer is not None
-    result = benchmark(model, tokenizer, per_gap=20, gaps=[k], seed=4242, hard=False)
+def test_shipped_model_meets_the_retention_target(shipped: tuple[RxTModel, RxTokenizer], k: int) -> None:
+    result = benchmark(*shipped, per_gap=20, gaps=[k], seed=4242, hard=False)
     with_memory, reset = result["with_memory"], result["reset_memory"]
     assert isinstance(with_memory, dict) and isinstance(reset, dict)
     assert with_memory[str(k)] - reset[str(k)] >= 0.4, result

@@ -104,22 +104,27 @@ def test_replaced_parameters_fall_back_and_can_be_laid_out_again() -> None:
     assert double.decoder.blocks[0].self_attn.fused_qkv() is None
 
 
+@torch.inference_mode()
+def _prefill_then_decode(model: RxTModel, stm: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Prefill the first 5 ids of each row, decode the rest one step at a time: the logits of
+    every step, then the cache's keys and values."""
+    rows = ids.shape[0]
+    cache = model.new_cache(rows)
+    memory_kv = model.memory_kv(stm)
+    model.prefill(ids[:, :5], torch.full((rows,), 5), memory_kv, cache)
+    logits = [model.decode_step(ids[:, t], torch.full((rows,), t), memory_kv, cache) for t in range(5, ids.shape[1])]
+    return [*logits, cache.k.clone(), cache.v.clone()]
+
+
 def test_fast_step_equals_module_step() -> None:
     """The fused eval path against the decoder's modules (``fast_decode = False``)."""
     model = tiny_model(seed=15)
     model.use_decode_layout()
     stm = model.init_stm(2, torch.Generator().manual_seed(1), std=1.0)
     ids = torch.randint(7, 97, (2, 9))
-    results = []
-    for fast in (True, False):
-        model.fast_decode = fast
-        with torch.inference_mode():
-            cache = model.new_cache(2)
-            memory_kv = model.memory_kv(stm)
-            model.prefill(ids[:, :5], torch.full((2,), 5), memory_kv, cache)
-            results.append([model.decode_step(ids[:, t], torch.full((2,), t), memory_kv, cache) for t in range(5, 9)])
-            results.append([cache.k.clone(), cache.v.clone()])
-    for got, want in zip(results[0] + results[1], results[2] + results[3]):
+    fast = _prefill_then_decode(model, stm, ids)
+    model.fast_decode = False
+    for got, want in zip(fast, _prefill_then_decode(model, stm, ids), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -221,14 +226,7 @@ def test_compiled_decode_step_equals_the_eager_step() -> None:
     model.use_decode_layout()
     stm = model.init_stm(2, torch.Generator().manual_seed(2), std=1.0)
     ids = torch.randint(7, 97, (2, 9))
-    results = []
-    for compiled in (False, True):
-        if compiled:
-            model.compile_decode()
-        with torch.inference_mode():
-            cache = model.new_cache(2)
-            memory_kv = model.memory_kv(stm)
-            model.prefill(ids[:, :5], torch.full((2,), 5), memory_kv, cache)
-            results.append([model.decode_step(ids[:, t], torch.full((2,), t), memory_kv, cache) for t in range(5, 9)])
-    for got, want in zip(results[1], results[0]):
+    eager = _prefill_then_decode(model, stm, ids)
+    model.compile_decode()
+    for got, want in zip(_prefill_then_decode(model, stm, ids), eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -31,18 +31,23 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def chat(model_dir: Path, tmp_path: Path) -> Iterator[pexpect.spawn]:
+def spawn_chat(tmp_path: Path, *args: str) -> pexpect.spawn:
+    """`rxrt chat ARGS` in a 50x200 pseudo-terminal, no colours, its history in ``tmp_path``."""
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200", "RXRT_HISTORY": str(tmp_path / "hist")}
-    child = pexpect.spawn(
+    return pexpect.spawn(
         sys.executable,
-        ["-m", "rxruntime.cli", "chat", "--model", str(model_dir), "--max-new-tokens", "12"],
+        ["-m", "rxruntime.cli", "chat", *args],
         env=env,
         cwd=str(tmp_path),
         encoding="utf-8",
         timeout=60,
         dimensions=(50, 200),
     )
+
+
+@pytest.fixture
+def chat(model_dir: Path, tmp_path: Path) -> Iterator[pexpect.spawn]:
+    child = spawn_chat(tmp_path, "--model", str(model_dir), "--max-new-tokens", "12")
     child.expect("/help for commands")
     child.expect("you> ")
     yield child
@@ -130,16 +135,7 @@ def test_line_history_is_kept(chat: pexpect.spawn, tmp_path: Path) -> None:
 
 def test_quickstart_chat_runs_the_trained_default_model_and_remembers(tmp_path: Path) -> None:
     """`rxrt chat` with no flags, as the README's first command: the shipped model, no notice."""
-    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200", "RXRT_HISTORY": str(tmp_path / "hist")}
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "rxruntime.cli", "chat"],
-        env=env,
-        cwd=str(tmp_path),
-        encoding="utf-8",
-        timeout=60,
-        dimensions=(50, 200),
-    )
+    child = spawn_chat(tmp_path)
     try:
         child.expect("/help for commands")
         assert "randomly initialised" not in (child.before or "")

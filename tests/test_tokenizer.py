@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from rxruntime.models import RxTokenizer, TokenizerError
 from rxruntime.models.tokenizer import SPECIAL_TOKENS
@@ -73,12 +73,13 @@ def test_bad_files_and_wrong_special_ids(tmp_path: Path) -> None:
 
 def test_incremental_decoder_holds_back_only_the_incomplete_character(tok: RxTokenizer) -> None:
     text = "ab é"
-    raw = text.encode()
-    # Feed the bytes one token at a time where the tokenizer has byte tokens: the complete text
-    # before the split character comes out at once, and only the character waits for its bytes.
-    found = [tok.tokenizer.token_to_id(piece) for piece in _byte_pieces(raw)]
+    # Feed the bytes one token at a time (the byte-level alphabet's symbol of each byte, as the
+    # ByteLevel pre-tokenizer maps them): the complete text before the split character comes out
+    # at once, and only the character waits for its bytes.
+    ((symbols, _),) = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)
+    found = [tok.tokenizer.token_to_id(symbol) for symbol in symbols]
     ids = [i for i in found if i is not None]
-    assert len(ids) == len(raw)
+    assert len(ids) == len(text.encode())
     dec = tok.incremental_decoder()
     pieces = [dec.push(i) for i in ids]
     assert pieces[-2] == "" and pieces[-1] == "é"
@@ -86,20 +87,3 @@ def test_incremental_decoder_holds_back_only_the_incomplete_character(tok: RxTok
     cut = tok.incremental_decoder()
     assert "".join(cut.push(i) for i in ids[:-1]) == "ab "
     assert cut.flush() == "\ufffd"  # stopped mid-character: the held bytes, as U+FFFD
-
-
-def _byte_pieces(raw: bytes) -> list[str]:
-    """The byte-level BPE alphabet's symbol for each byte (GPT-2's bytes-to-unicode map)."""
-    from tokenizers import pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    assert set(table.values()) <= set(alphabet)
-    return [table[b] for b in raw]
