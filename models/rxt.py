@@ -52,6 +52,9 @@ class RxTModel(nn.Module):
         self.fast_decode = True
         """Eval-mode ``decode_step`` takes the fused path; False runs the decoder's modules (the
         reference the fused path is tested against, and the "before" of the benchmarks)."""
+        self.native_decode = True
+        """Eval-mode float32 CPU steps of a few rows run the C step of :mod:`.native` when it
+        builds here (same function, all cores streaming the weights); False keeps them in torch."""
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -208,6 +211,12 @@ class RxTModel(nn.Module):
     def _fast_decode_step(self, tokens: Tensor, positions: Tensor, memory_kv: MemoryKV, cache: KVCache) -> Tensor:
         """:meth:`decode_step` for inference: host-side checks, then :meth:`_decode_kernel`
         (compiled when :meth:`compile_decode` was called)."""
+        if self.native_decode and self._compiled_kernel is None and tokens.device.type == "cpu":
+            from . import native
+
+            logits = native.decode_step(self, tokens, positions, memory_kv, cache)
+            if logits is not None:
+                return logits
         fused = [layer.self_attn.fused_qkv() for layer in self.decoder.blocks]
         sign = self._rope_sign(self.decoder.rope.head_dim, self.decoder.rope.sin.device, self.dtype)
         kernel = self._compiled_kernel or RxTModel._decode_kernel
@@ -219,10 +228,10 @@ class RxTModel(nn.Module):
         Inductor fuses the norms, RoPE and residual adds into a few C++ kernels. On a CPU the
         default also asks for a C++ wrapper and autotuned matrix products (inductor's
         ``cpp_wrapper`` and ``max_autotune``): a one-token step is mostly per-operation overhead,
-        which the Python wrapper would keep (alpha-mini, batch 1, 2 cores: 97 tokens/s compiled
-        against 66 eager, docs/benchmarks.md). It needs a C++ compiler and takes about two minutes
-        for alpha-mini, once per process and batch size, so it is not the default path. Results
-        equal the eager path within float tolerance.
+        which the Python wrapper would keep. It needs a C++ compiler and takes about two minutes
+        for alpha-mini, once per process and batch size. On a CPU the C step of :mod:`.native`,
+        the default, is faster for a few rows (docs/benchmarks.md §5); once compiled, this
+        kernel runs instead of it. Results equal the eager path within float tolerance.
         """
         if "options" not in options and "mode" not in options and self.device.type == "cpu":
             options["options"] = {"cpp_wrapper": True, "max_autotune": True}

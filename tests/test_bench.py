@@ -49,6 +49,12 @@ def test_bench_decode_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "decode", "--preset", "nano", "--steps", "4", "--repeats", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens_per_s"] > 0 and len(result["runs"]) == 2 and result["steps"] == 4
+    compared = result["steps_compared"]
+    assert compared["torch"]["tokens_per_s"] > 0 and len(compared["torch"]["runs"]) == 2
+    # The C step is compared whenever it builds here, and is then the default.
+    assert ("C" in compared) == (result["native"] == "available")
+    assert result["step"] == ("C" if "C" in compared else "torch")
+    assert result["runs"] == compared[result["step"]]["runs"]
 
 
 def test_query_and_answer_must_fit_the_interaction() -> None:

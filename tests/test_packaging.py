@@ -49,11 +49,12 @@ def test_wheel_maps_the_top_level_folders_into_the_package(wheel: Path) -> None:
         assert not missing, f"pyproject.toml's package list misses {sorted(missing)}"
 
 
-def test_wheel_carries_the_default_model_and_the_recipes(wheel: Path) -> None:
+def test_wheel_carries_the_default_model_the_recipes_and_the_c_step(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert f"rxruntime/default_model/{name}" in names
     assert {"rxruntime/models/recipes/nano.json", "rxruntime/models/recipes/ci.json"} <= names
+    assert "rxruntime/models/csrc/decode_step.c" in names  # built on first use (models/native.py)
 
 
 def test_installed_wheel_is_not_shadowed_by_a_users_models_module(wheel: Path, tmp_path: Path) -> None:

@@ -85,3 +85,13 @@ def measure_decode(
         steps=steps,
         load_average=list(os.getloadavg()),
     )
+
+
+def c_step_note(model: RxTModel) -> str:
+    """Whether decode steps ran the C step of ``models/native.py``, for the JSON's config."""
+    from rxruntime.models import native
+
+    if model.device.type != "cpu" or model.dtype != torch.float32 or not model.native_decode:
+        return "not used (not a float32 CPU model, or turned off)"
+    reason = native.unavailable_reason()
+    return f"used for steps of up to {native.MAX_ROWS} rows" if reason is None else f"not used: {reason}"

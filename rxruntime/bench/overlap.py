@@ -48,6 +48,8 @@ from rxruntime.events import AnswerCompleted, Event, InteractionFailed, MemoryUp
 from rxruntime.models import ConfigError, RxTConfig, RxTModel, RxTokenizer, preset
 from rxruntime.models.tokenizer import SPECIAL_TOKENS
 
+from .decode import c_step_note
+
 Mode = Literal["immediate", "after_memory"]
 MODES: tuple[Mode, ...] = ("immediate", "after_memory")
 
@@ -145,6 +147,7 @@ def environment(model: RxTModel) -> dict[str, Any]:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "c_decode_step": c_step_note(model),
     }
 
 

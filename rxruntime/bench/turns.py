@@ -35,6 +35,8 @@ from torch import Tensor
 
 from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTModel, SamplingParams, preset
 
+from .decode import c_step_note
+
 
 @dataclass
 class TurnsConfig:
@@ -259,6 +261,7 @@ def run_turns(cfg: TurnsConfig, progress: Callable[[str], None] | None = None) -
             "transformers": transformers.__version__,
             "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "c_decode_step": "not used (compiled)" if cfg.compile else c_step_note(model),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
             "load_average_start": list(load_start),

@@ -96,43 +96,75 @@ def _threads(args: argparse.Namespace) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    import statistics
+    import time
+
     import torch
 
     from rxruntime.bench import measure_decode
-    from rxruntime.models import RxTModel, SamplingParams, preset
+    from rxruntime.models import DecodeBatch, RxTModel, SamplingParams, native, preset
 
     _threads(args)
     torch.manual_seed(args.seed)
     model = RxTModel(preset(args.preset)).to(args.device).eval()
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    batch = DecodeBatch(model, args.batch_size)
+    # The decode steps side by side, repeats interleaved: "torch" is the eager torch step, "C" the
+    # C step of models/native.py (the default on a CPU when it builds), "compiled" the opt-in
+    # torch.compile'd step. The last one listed is what the runtime uses with these options.
+    kernels: dict[str, tuple[bool, Any]] = {"torch": (False, None)}
+    c_step = model.device.type == "cpu" and args.batch_size <= native.MAX_ROWS and native.enabled()
+    if c_step:
+        kernels["C"] = (True, None)
     compile_s = None
     if args.compile:
-        import time
-
         model.compile_decode()
+        kernels["compiled"] = (False, model._compiled_kernel)
         start = time.perf_counter()
-        measure_decode(model, steps=1, repeats=1, batch_size=args.batch_size, params=params, seed=args.seed)
+        measure_decode(model, steps=1, repeats=1, params=params, seed=args.seed, batch=batch)
         compile_s = time.perf_counter() - start
-    result = measure_decode(
-        model, steps=args.steps, repeats=args.repeats, batch_size=args.batch_size, params=params, seed=args.seed
-    )
+    runs: dict[str, list[float]] = {name: [] for name in kernels}
+    for r in range(args.repeats):
+        for name, (use_c, compiled) in kernels.items():
+            model.native_decode, model._compiled_kernel = use_c, compiled
+            one = measure_decode(model, steps=args.steps, repeats=1, params=params, seed=args.seed + r, batch=batch)
+            runs[name] += one.runs
+    default = list(kernels)[-1]
+    result: dict[str, dict[str, Any]] = {
+        name: {"tokens_per_s": statistics.median(v), "best_tokens_per_s": max(v), "runs": v} for name, v in runs.items()
+    }
     out = {
-        **result.to_dict(),
+        **result[default],
+        "step": default,
+        "steps_compared": result,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "load_average": list(os.getloadavg()),
         "preset": args.preset,
         "device": args.device,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "native": native.unavailable_reason() or "available",
         "compile_s": compile_s,
     }
     if args.json:
         print(json.dumps(out, indent=2))
-    else:
-        runs = ", ".join(f"{r:.1f}" for r in result.runs)
+        return 0
+    base = result["torch"]["tokens_per_s"]
+    print(
+        f"{args.preset} on {args.device} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
+        f"{args.repeats} interleaved repeats of {args.steps} steps (load {out['load_average'][0]:.2f})"
+        + (f"; compiled in {compile_s:.0f}s" if compile_s is not None else "")
+    )
+    print(f"{'step':<10} {'median tok/s':>13} {'best tok/s':>11} {'vs torch':>9}")
+    for name, row in result.items():
+        mark = "  <- default" if name == default else ""
         print(
-            f"{args.preset} on {args.device} ({torch.get_num_threads()} threads), batch {args.batch_size}: "
-            f"{result.tokens_per_s:.1f} tokens/s median, {result.best_tokens_per_s:.1f} best (runs {runs}; "
-            f"load {result.load_average[0]:.2f})" + (f"; compiled in {compile_s:.0f}s" if compile_s is not None else "")
+            f"{name:<10} {row['tokens_per_s']:>13.1f} {row['best_tokens_per_s']:>11.1f} "
+            f"{row['tokens_per_s'] / base:>8.2f}x{mark}"
         )
+    if not c_step and model.device.type == "cpu":
+        print(f"(no C step: {native.unavailable_reason() or f'batch above {native.MAX_ROWS} rows'})")
     return 0
 
 

@@ -1,0 +1,289 @@
+/* One RxT decoder step on a CPU, for a few rows at a time, in plain C with OpenMP.
+ *
+ * Why: a batch-1 decode step is bound by reading the weights (about 120 MB per token at the
+ * alpha-mini size) and, in eager torch, by the ~300 tensor operations it dispatches. Here the
+ * whole step is one call, and every large read (Q/K/V and output projections, the chosen
+ * experts, the LM head) is split across the threads so that all cores stream weights at once.
+ * It computes exactly what RxTModel._decode_kernel computes (the tests compare the two);
+ * models/native.py builds this file, checks the layouts and falls back to torch when it can't.
+ *
+ * Layouts (all float32, row-major; "input-major" = the nn.Linear weight's transpose):
+ *   qkv      (dim, ld_qkv)       Q | K | V columns of self-attention, input-major
+ *   o        (hq*hd, dim)        self-attention output projection, input-major
+ *   cq       (dim, ld_cq)        memory cross-attention query columns, input-major
+ *   co       (cq*hd, dim)        memory cross-attention output projection, input-major
+ *   router   (experts, dim)      nn.Linear layout
+ *   w_in     (experts, dim, 2H)  [gate | up], input-major per expert
+ *   w_out    (experts, H, dim)   input-major per expert
+ *   lm_head  (dim, ld_head)      input-major
+ *   k/v cache of a layer: row b at + b*cache_row, then (kv_heads, max_len, hd) contiguous
+ *   memory k/v of a layer: row b at + b*mem_row, then (cross_kv_heads, stm, hd) contiguous
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const float *self_norm, *qkv, *qkv_bias, *o, *o_bias;
+    const float *cross_norm, *cq, *cq_bias, *co, *co_bias;
+    const float *ffn_norm, *router, *w_in, *w_out;
+    float *k_cache, *v_cache;
+    const float *mem_k, *mem_v;
+} RxtLayer;
+
+typedef struct {
+    int64_t n_layers, dim, head_dim, hq, hkv, cq, ckv;
+    int64_t n_experts, top_k, hidden, vocab, max_len, stm, n_positions;
+    int64_t ld_qkv, ld_cq, ld_head, cache_row, mem_row;
+    float eps;
+    const float *embedding, *final_norm, *lm_head, *cos, *sin;
+    RxtLayer *layers;
+} RxtModel;
+
+/* Columns [*c0, *c1) of n for thread t of nt, in multiples of 16 floats (one cache line pair). */
+static void split(int64_t n, int t, int nt, int64_t *c0, int64_t *c1) {
+    int64_t blocks = (n + 15) / 16;
+    int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+    *c0 = b0 * 16 < n ? b0 * 16 : n;
+    *c1 = b1 * 16 < n ? b1 * 16 : n;
+}
+
+/* acc[c] += sum_{d in [d0, d1)} xs[d] * W[d, c] for c in [c0, c1), four weight rows at a time
+ * (a quarter of the accumulator loads and stores of one row at a time). */
+static void axpy_rows(float *restrict acc, const float *xs, const float *w, int64_t ld, int64_t d0, int64_t d1,
+                      int64_t c0, int64_t c1) {
+    int64_t d = d0;
+    for (; d + 4 <= d1; d += 4) {
+        const float x0 = xs[d], x1 = xs[d + 1], x2 = xs[d + 2], x3 = xs[d + 3];
+        const float *restrict r0 = w + d * ld, *restrict r1 = r0 + ld, *restrict r2 = r1 + ld, *restrict r3 = r2 + ld;
+        for (int64_t c = c0; c < c1; c++) acc[c] += x0 * r0[c] + x1 * r1[c] + x2 * r2[c] + x3 * r3[c];
+    }
+    for (; d < d1; d++) {
+        const float x0 = xs[d];
+        const float *restrict r0 = w + d * ld;
+        for (int64_t c = c0; c < c1; c++) acc[c] += x0 * r0[c];
+    }
+}
+
+/* out[b, :] (+)= x[b, :] @ W (+ bias) for rows b < n: W is (k, cols) with row stride ld.
+ * Wide matrices (the LM head) are split by columns: each thread streams long runs of every
+ * row. Narrow ones are split by rows, so each thread streams one contiguous block, and the
+ * threads' partial sums are added at the end; half-rows with gaps between them read slower. */
+static void gemv(int n, const float *x, int64_t k, const float *w, int64_t ld, int64_t cols,
+                 const float *bias, float *out, int accumulate, int nt) {
+    const int by_rows = cols < 2048 * nt && nt > 1;
+    float *partial = by_rows ? malloc(sizeof(float) * (size_t)(nt * n * cols)) : NULL;
+    const int split_rows = by_rows && partial;
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), count = omp_get_num_threads();
+        int64_t c0, c1;
+        split(cols, t, count, &c0, &c1);
+        if (split_rows) {
+            const int64_t d0 = k * t / count, d1 = k * (t + 1) / count;
+            float *mine = partial + (int64_t)t * n * cols;
+            memset(mine, 0, sizeof(float) * (size_t)(n * cols));
+            for (int b = 0; b < n; b++) axpy_rows(mine + b * cols, x + (int64_t)b * k, w, ld, d0, d1, 0, cols);
+#pragma omp barrier
+        }
+        for (int b = 0; b < n; b++) {
+            float *o = out + (int64_t)b * cols;
+            if (!accumulate)
+                for (int64_t c = c0; c < c1; c++) o[c] = 0.0f;
+            if (bias)
+                for (int64_t c = c0; c < c1; c++) o[c] += bias[c];
+            if (split_rows)
+                for (int j = 0; j < count; j++)
+                    for (int64_t c = c0; c < c1; c++) o[c] += partial[((int64_t)j * n + b) * cols + c];
+            else
+                axpy_rows(o, x + (int64_t)b * k, w, ld, 0, k, c0, c1);
+        }
+    }
+    free(partial);
+}
+
+static void rms_norm(int n, int64_t dim, const float *x, const float *weight, float eps, float *out) {
+    for (int b = 0; b < n; b++) {
+        const float *xb = x + b * dim;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < dim; i++) ss += xb[i] * xb[i];
+        const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i++) out[b * dim + i] = xb[i] * scale * weight[i];
+    }
+}
+
+/* RoPE, rotate-half convention: u' = u * cos + rotate_half(u) * sin. */
+static void rope(float *u, int64_t hd, const float *cos, const float *sin) {
+    const int64_t half = hd / 2;
+    float tmp[512];
+    memcpy(tmp, u, hd * sizeof(float));
+    for (int64_t i = 0; i < hd; i++) {
+        const float rot = i < half ? -tmp[i + half] : tmp[i - half];
+        u[i] = tmp[i] * cos[i] + rot * sin[i];
+    }
+}
+
+/* softmax(q . k_t / sqrt(hd)) over t < len, applied to v: keys/values (len, hd) contiguous. */
+static void attend(const float *q, const float *k, const float *v, int64_t len, int64_t hd, float *scores,
+                   float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    float best = -INFINITY;
+    for (int64_t t = 0; t < len; t++) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < hd; i++) s += q[i] * k[t * hd + i];
+        s *= scale;
+        scores[t] = s;
+        if (s > best) best = s;
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        scores[t] = expf(scores[t] - best);
+        total += scores[t];
+    }
+    for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        const float p = scores[t] / total;
+        for (int64_t i = 0; i < hd; i++) out[i] += p * v[t * hd + i];
+    }
+}
+
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* Logits (n, vocab) for tokens (n,) at positions (n,); writes each row's keys/values into the
+ * cache at its position. Returns 0, or -1 for a token or position out of range (nothing is
+ * written then). */
+int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64_t *positions, float *logits,
+                    int nt) {
+    for (int b = 0; b < n; b++) {
+        if (tokens[b] < 0 || tokens[b] >= m->vocab) return -1;
+        if (positions[b] < 0 || positions[b] >= m->max_len || positions[b] >= m->n_positions) return -1;
+    }
+    const int64_t D = m->dim, hd = m->head_dim, H = m->hidden, K = m->top_k, E = m->n_experts;
+    const int64_t qkv_cols = (m->hq + 2 * m->hkv) * hd, long_seq = m->max_len > m->stm ? m->max_len : m->stm;
+    const int pairs = n * (int)K;
+    /* One block of scratch for the whole step. */
+    const int64_t sizes[] = {n * D,        n * D, n * qkv_cols, n * m->hq * hd, n * m->hq * long_seq, n * E,
+                             2 * pairs * 2 * H, 2 * pairs * D, 2 * pairs * (H / 2 + 1)};
+    int64_t total = 0;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) total += sizes[i];
+    total = (total + 15) / 16 * 16; /* the expert ids after the floats stay aligned */
+    float *scratch = malloc((size_t)total * sizeof(float) + (size_t)pairs * (sizeof(int64_t) + sizeof(float)));
+    if (!scratch) return -2;
+    int64_t *chosen = (int64_t *)(scratch + total); /* each pair's expert and mixing weight */
+    float *mix = (float *)(chosen + pairs);
+    float *x = scratch, *h = x + sizes[0], *qkv = h + sizes[1], *att = qkv + sizes[2], *scores = att + sizes[3],
+          *route = scores + sizes[4], *gu = route + sizes[5], *ys = gu + sizes[6], *act = ys + sizes[7];
+
+    for (int b = 0; b < n; b++) memcpy(x + b * D, m->embedding + tokens[b] * D, D * sizeof(float));
+
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const RxtLayer *L = &m->layers[l];
+        /* Self-attention: Q/K/V in one product, RoPE on Q and K, cache write, attention. */
+        rms_norm(n, D, x, L->self_norm, m->eps, h);
+        gemv(n, h, D, L->qkv, m->ld_qkv, qkv_cols, L->qkv_bias, qkv, 0, nt);
+        for (int b = 0; b < n; b++) {
+            const float *cos = m->cos + positions[b] * hd, *sin = m->sin + positions[b] * hd;
+            float *row = qkv + b * qkv_cols;
+            for (int64_t j = 0; j < m->hq + m->hkv; j++) rope(row + j * hd, hd, cos, sin);
+            for (int64_t g = 0; g < m->hkv; g++) {
+                const int64_t at = b * m->cache_row + (g * m->max_len + positions[b]) * hd;
+                memcpy(L->k_cache + at, row + (m->hq + g) * hd, hd * sizeof(float));
+                memcpy(L->v_cache + at, row + (m->hq + m->hkv + g) * hd, hd * sizeof(float));
+            }
+        }
+        const int64_t heads = n * m->hq;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t bj = 0; bj < heads; bj++) {
+            const int64_t b = bj / m->hq, j = bj % m->hq, g = j / (m->hq / m->hkv);
+            const int64_t at = b * m->cache_row + g * m->max_len * hd;
+            attend(qkv + b * qkv_cols + j * hd, L->k_cache + at, L->v_cache + at, positions[b] + 1, hd,
+                   scores + bj * long_seq, att + bj * hd);
+        }
+        gemv(n, att, m->hq * hd, L->o, D, D, L->o_bias, x, 1, nt);
+
+        /* Memory cross-attention: queries rotated, keys/values are the STM's (no position). */
+        rms_norm(n, D, x, L->cross_norm, m->eps, h);
+        gemv(n, h, D, L->cq, m->ld_cq, m->cq * hd, L->cq_bias, qkv, 0, nt);
+        for (int b = 0; b < n; b++)
+            for (int64_t j = 0; j < m->cq; j++)
+                rope(qkv + (b * m->cq + j) * hd, hd, m->cos + positions[b] * hd, m->sin + positions[b] * hd);
+        const int64_t cheads = n * m->cq;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t bj = 0; bj < cheads; bj++) {
+            const int64_t b = bj / m->cq, j = bj % m->cq, g = j / (m->cq / m->ckv);
+            const int64_t at = b * m->mem_row + g * m->stm * hd;
+            attend(qkv + bj * hd, L->mem_k + at, L->mem_v + at, m->stm, hd, scores + bj * long_seq, att + bj * hd);
+        }
+        gemv(n, att, m->cq * hd, L->co, D, D, L->co_bias, x, 1, nt);
+
+        /* MoE: top-k of the router logits, softmax over those k, SwiGLU experts. */
+        rms_norm(n, D, x, L->ffn_norm, m->eps, h);
+        for (int b = 0; b < n; b++) {
+            float *r = route + b * E;
+            for (int64_t e = 0; e < E; e++) {
+                float s = 0.0f;
+                for (int64_t i = 0; i < D; i++) s += h[b * D + i] * L->router[e * D + i];
+                r[e] = s;
+            }
+            float top = -INFINITY, total = 0.0f;
+            for (int64_t k = 0; k < K; k++) { /* the k largest, first index on ties (like topk) */
+                int64_t arg = -1;
+                for (int64_t e = 0; e < E; e++)
+                    if (r[e] == r[e] && (arg < 0 || r[e] > r[arg])) {
+                        int used = 0;
+                        for (int64_t j = 0; j < k; j++) used |= chosen[b * K + j] == e;
+                        if (!used) arg = e;
+                    }
+                if (arg < 0) arg = 0; /* all NaN: any expert; the output is NaN anyway */
+                chosen[b * K + k] = arg;
+                mix[b * K + k] = r[arg];
+                if (r[arg] > top) top = r[arg];
+            }
+            for (int64_t k = 0; k < K; k++) total += (mix[b * K + k] = expf(mix[b * K + k] - top));
+            for (int64_t k = 0; k < K; k++) mix[b * K + k] /= total;
+        }
+        /* Work items: (pair, part of the input rows), each one contiguous block of an expert's
+         * weights. Whole experts when they divide evenly among the threads, else halves; the
+         * parts' partial sums are added before the activation and at the end. */
+        const int parts = pairs % nt == 0 ? 1 : 2;
+#pragma omp parallel num_threads(nt)
+        {
+            const int t = omp_get_thread_num(), count = omp_get_num_threads();
+            for (int item = t; item < parts * pairs; item += count) {
+                const int p = item / parts, part = item % parts;
+                float *o = gu + (int64_t)item * 2 * H;
+                memset(o, 0, sizeof(float) * (size_t)(2 * H));
+                axpy_rows(o, h + (p / K) * D, L->w_in + chosen[p] * D * 2 * H, 2 * H, D * part / parts,
+                          D * (part + 1) / parts, 0, 2 * H);
+            }
+#pragma omp barrier
+            for (int item = t; item < parts * pairs; item += count) {
+                const int p = item / parts, part = item % parts;
+                const float *g = gu + (int64_t)(parts * p) * 2 * H;
+                float *a = act + (int64_t)item * (H / 2 + 1) * (3 - parts);
+                const int64_t r0 = H * part / parts, r1 = H * (part + 1) / parts;
+                for (int64_t r = r0; r < r1; r++) {
+                    float gate = g[r], up = g[H + r];
+                    if (parts == 2) gate += g[2 * H + r], up += g[3 * H + r];
+                    a[r - r0] = silu(gate) * up;
+                }
+                float *o = ys + (int64_t)item * D;
+                memset(o, 0, sizeof(float) * (size_t)D);
+                axpy_rows(o, a, L->w_out + (chosen[p] * H + r0) * D, D, 0, r1 - r0, 0, D);
+            }
+        }
+        for (int p = 0; p < pairs; p++) {
+            float *xb = x + (p / K) * D;
+            for (int part = 0; part < parts; part++) {
+                const float *y = ys + (int64_t)(parts * p + part) * D;
+                for (int64_t c = 0; c < D; c++) xb[c] += mix[p] * y[c];
+            }
+        }
+    }
+    rms_norm(n, D, x, m->final_norm, m->eps, h);
+    gemv(n, h, D, m->lm_head, m->ld_head, m->vocab, NULL, logits, 0, nt);
+    free(scratch);
+    return 0;
+}

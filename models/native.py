@@ -1,0 +1,463 @@
+"""The decode step in C for CPUs: build ``csrc/decode_step.c`` once, bind it, check the layouts.
+
+A batch-1 decode step on a CPU is bound by reading weights, and eager torch reads them on about
+one core's bandwidth (its one-row products do not spread over threads) while dispatching ~300
+small operations. The C step does the whole decoder step in one call and splits every large read
+across the threads, so all cores stream weights at once (docs/benchmarks.md §5 has the numbers).
+It is an optional fast path, like flash-attn on a GPU: it is used only when
+
+* a C compiler with OpenMP is present (``$CC``, else ``cc``) and ``RXRT_NATIVE`` is not ``0``;
+* the model is float32 on the CPU, in decode layout, with at most :data:`MAX_ROWS` rows a step;
+* the cache and memory keys/values have the layouts the C code indexes.
+
+Otherwise :meth:`RxTModel.decode_step` runs the torch step, which computes the same function
+(tests/test_native.py compares them). The shared library is compiled with ``-march=native``
+into ``$RXRT_CACHE_DIR`` (default ``~/.cache/rxruntime``), keyed by the source, the compiler
+and the CPU, and linked against the OpenMP runtime torch already loaded, so the C step and torch
+share one thread pool instead of two pools spinning against each other on the same cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+
+if TYPE_CHECKING:
+    from .rxt import RxTModel
+
+MAX_ROWS = 16
+"""Rows per step up to which the C step runs. Beyond it torch's matrix products, which reuse each
+weight across rows from cache, win (alpha-mini, 2 cores: 1.3x faster at 16 rows, 0.93x at 32)."""
+
+_SOURCE = Path(__file__).with_name("csrc") / "decode_step.c"
+_F = ctypes.POINTER(ctypes.c_float)
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        (name, _F)
+        for name in [
+            "self_norm",
+            "qkv",
+            "qkv_bias",
+            "o",
+            "o_bias",
+            "cross_norm",
+            "cq",
+            "cq_bias",
+            "co",
+            "co_bias",
+            "ffn_norm",
+            "router",
+            "w_in",
+            "w_out",
+            "k_cache",
+            "v_cache",
+            "mem_k",
+            "mem_v",
+        ]
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *[
+            (name, ctypes.c_int64)
+            for name in [
+                "n_layers",
+                "dim",
+                "head_dim",
+                "hq",
+                "hkv",
+                "cq",
+                "ckv",
+                "n_experts",
+                "top_k",
+                "hidden",
+                "vocab",
+                "max_len",
+                "stm",
+                "n_positions",
+                "ld_qkv",
+                "ld_cq",
+                "ld_head",
+                "cache_row",
+                "mem_row",
+            ]
+        ],
+        ("eps", ctypes.c_float),
+        *[(name, _F) for name in ["embedding", "final_norm", "lm_head", "cos", "sin"]],
+        ("layers", ctypes.POINTER(_Layer)),
+    ]
+
+
+class NativeUnavailable(RuntimeError):
+    """The C step cannot be built or loaded here (the message says why)."""
+
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RXRT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rxruntime")
+    return Path(root) / "native"
+
+
+def _openmp_runtime() -> Path | None:
+    """The OpenMP runtime bundled with torch, if any (linked so both share one thread pool)."""
+    lib = Path(torch.__file__).parent / "lib"
+    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
+        if (lib / name).exists():
+            return lib / name
+    return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(force: bool = False) -> Path:
+    """Compile the C step (once; later calls find it in :func:`cache_dir`). Raises
+    :class:`NativeUnavailable` with the compiler's message when it cannot."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise NativeUnavailable("no C compiler found (set CC, or install gcc)")
+    runtime = _openmp_runtime()
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-Wall"]
+    link = [] if runtime is None else [str(runtime), f"-Wl,-rpath,{runtime.parent}"]
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, compiler.encode(), " ".join(flags + link).encode(), _cpu_name().encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"decode_step-{key}.so"
+    if target.exists() and not force:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            partial = Path(tmp) / target.name
+            command = [compiler, *flags, str(_SOURCE), "-o", str(partial), *link, "-lm"]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as err:
+                raise NativeUnavailable(f"{compiler} failed to run: {err}") from None
+            if done.returncode != 0:
+                raise NativeUnavailable(f"{' '.join(command)} failed:\n{done.stderr.strip()}")
+            os.replace(partial, target)  # atomic: a concurrent build never sees half a library
+    except OSError as err:  # an unwritable cache directory, a full disk
+        raise NativeUnavailable(f"cannot build into {target.parent}: {err}") from None
+    return target
+
+
+def library() -> ctypes.CDLL:
+    """The loaded C step (built on first use); :class:`NativeUnavailable` when it cannot be."""
+    global _library, _failure
+    with _lock:
+        if _library is not None:
+            return _library
+        if _failure is not None:
+            raise NativeUnavailable(_failure)
+        try:
+            lib = ctypes.CDLL(str(build()))
+            fn = lib.rxt_decode_step
+        except (NativeUnavailable, OSError, AttributeError) as err:
+            _failure = str(err)
+            raise NativeUnavailable(_failure) from None
+        fn.argtypes = [
+            ctypes.POINTER(_Model),
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
+        fn.restype = ctypes.c_int
+        _library = lib
+        return lib
+
+
+def enabled() -> bool:
+    """Whether the C step may be used: ``RXRT_NATIVE`` is not ``0`` and it builds and loads."""
+    if os.environ.get("RXRT_NATIVE", "1") == "0":
+        return False
+    try:
+        library()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`enabled` is False (None when it is True)."""
+    if os.environ.get("RXRT_NATIVE", "1") == "0":
+        return "disabled by RXRT_NATIVE=0"
+    try:
+        library()
+    except NativeUnavailable as err:
+        return str(err)
+    return None
+
+
+def _ptr(t: Tensor | None) -> ctypes._Pointer[ctypes.c_float] | None:
+    return None if t is None else ctypes.cast(t.data_ptr(), _F)
+
+
+def _input_major(weight: Tensor, rows: int, cols: int) -> int | None:
+    """Row stride of ``weight.t()`` as a (rows, cols) input-major matrix, or None."""
+    t = weight.t()
+    if tuple(t.shape) != (rows, cols) or t.stride(1) != 1 or t.stride(0) < cols:
+        return None
+    return t.stride(0)
+
+
+def _fused(attn: Any) -> tuple[Tensor | None, Tensor | None]:
+    """``attn.fused_qkv()`` (the fused Q/K/V weight and bias, or Nones), without ``nn.Module``
+    attribute lookups."""
+    fused = attn.__dict__["_qkv_t"]
+    if fused is None:
+        return None, None
+    params = [attn._modules[name]._parameters for name in ("q_proj", "k_proj", "v_proj")]
+    if tuple(p["weight"].data_ptr() for p in params) != attn.__dict__["_qkv_ptrs"]:
+        return None, None
+    bias = attn.__dict__["_qkv_bias"]
+    biases = [p["bias"] for p in params]
+    if bias is None:
+        return (fused, None) if all(b is None for b in biases) else (None, None)
+    if any(b is None for b in biases) or tuple(b.data_ptr() for b in biases) != attn.__dict__["_bias_ptrs"]:
+        return None, None
+    return fused, bias
+
+
+class NativeDecoder:
+    """The C step bound to one model's weights; see the module docstring.
+
+    :meth:`step` returns None (and the caller runs the torch step) whenever something does not
+    have the layout the C code indexes; it never guesses.
+    """
+
+    def __init__(self, model: RxTModel) -> None:
+        self._model = weakref.ref(model)  # held in a side table keyed by the model: no cycle
+        self._weights: list[Tensor | None] = []
+        self._weight_ptrs: tuple[int, ...] = ()
+        self._buffers_key: tuple[object, ...] = ()
+        self._struct: _Model | None = None
+        self._layers: ctypes.Array[_Layer] | None = None
+        self._keep: list[Tensor] = []
+
+    @property
+    def model(self) -> RxTModel:
+        model = self._model()
+        if model is None:
+            raise ReferenceError("the model of this NativeDecoder is gone")
+        return model
+
+    def _collect(self) -> list[Tensor | None]:
+        """Every tensor the C step reads, in a fixed order (compared by address each step).
+
+        Reads the modules' ``_parameters`` and ``_modules`` dicts directly: ``nn.Module``'s
+        attribute lookup would cost more than the rest of the step's Python together.
+        """
+        m: Any = self.model  # the private dicts are untyped
+        dec = m._modules["decoder"]
+        head = dec._modules["lm_head"]._parameters["weight"]
+        rope = dec._modules["rope"]
+        out: list[Tensor | None] = [
+            m._modules["embedding"]._parameters["weight"],
+            dec._modules["norm"]._parameters["weight"],
+            head,
+            rope._buffers["cos"],
+            rope._buffers["sin"],
+        ]
+        for layer in dec._modules["layers"]._modules.values():
+            mods = layer._modules
+            attn, cross, ffn = mods["self_attn"], mods["cross_attn"], mods["ffn"]
+            o, co = attn._modules["o_proj"]._parameters, cross._modules["o_proj"]._parameters
+            ffn_params = ffn._parameters
+            out += [
+                mods["self_norm"]._parameters["weight"],
+                *_fused(attn),
+                o["weight"],
+                o["bias"],
+                mods["cross_norm"]._parameters["weight"],
+                *_fused(cross),
+                co["weight"],
+                co["bias"],
+                mods["ffn_norm"]._parameters["weight"],
+                ffn._modules["router"]._parameters["weight"],
+                ffn_params["w_in"],
+                ffn_params["w_out"],
+            ]
+        return out
+
+    def _bind_weights(self, weights: list[Tensor | None]) -> bool:
+        """Fill the C structs from the weights; False when a layout is not the expected one."""
+        m = self.model
+        cfg, d = m.config, m.config.decoder
+        dim, hd = cfg.dim, cfg.dim // d.num_heads
+        present = [w for w in weights if w is not None]
+        if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in present):
+            return False
+        emb, final_norm, head, cos, sin = weights[:5]
+        assert emb is not None and final_norm is not None and head is not None and cos is not None and sin is not None
+        ld_head = _input_major(head, dim, cfg.vocab_size)
+        if ld_head is None or not (emb.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or hd > 512:
+            return False
+        norms = [layer.self_norm for layer in m.decoder.blocks] + [m.decoder.norm]
+        eps = {n.eps for n in norms} | {layer.ffn_norm.eps for layer in m.decoder.blocks}
+        if len(eps) != 1 or None in eps:
+            return False
+        qkv_cols = (d.self_q_heads + 2 * d.self_kv_heads) * hd
+        layers = (_Layer * cfg.num_layers)()
+        ld_qkv = ld_cq = 0
+        for i in range(cfg.num_layers):
+            sn, qkv, qkv_b, o, o_b, cn, cq, cq_b, co, co_b, fn, router, w_in, w_out = weights[5 + 14 * i : 19 + 14 * i]
+            if qkv is None or cq is None:
+                return False  # not in decode layout (or the fused weights were replaced)
+            assert sn is not None and o is not None and cn is not None and co is not None and fn is not None
+            assert router is not None and w_in is not None and w_out is not None
+            lq = _input_major(qkv.t(), dim, qkv_cols)
+            lc = _input_major(cq.t(), dim, (d.cross_q_heads + 2 * d.cross_kv_heads) * hd)
+            lo = _input_major(o, d.self_q_heads * hd, dim)
+            lco = _input_major(co, d.cross_q_heads * hd, dim)
+            if lq is None or lc is None or lo != dim or lco != dim:
+                return False
+            h = d.expert_ffn_dim
+            if w_in.stride() != (2 * h * dim, 1, 2 * h) or w_out.stride() != (h * dim, 1, dim):
+                return False
+            if not (router.is_contiguous() and sn.is_contiguous() and cn.is_contiguous() and fn.is_contiguous()):
+                return False
+            ld_qkv, ld_cq = lq, lc
+            layers[i] = _Layer(
+                _ptr(sn), _ptr(qkv), _ptr(qkv_b), _ptr(o), _ptr(o_b), _ptr(cn), _ptr(cq), _ptr(cq_b),
+                _ptr(co), _ptr(co_b), _ptr(fn), _ptr(router), _ptr(w_in), _ptr(w_out),
+            )  # fmt: skip
+        self._struct = _Model(
+            n_layers=cfg.num_layers, dim=dim, head_dim=hd, hq=d.self_q_heads, hkv=d.self_kv_heads,
+            cq=d.cross_q_heads, ckv=d.cross_kv_heads, n_experts=d.num_experts, top_k=d.experts_per_token,
+            hidden=d.expert_ffn_dim, vocab=cfg.vocab_size, n_positions=cos.shape[0], ld_qkv=ld_qkv,
+            ld_cq=ld_cq, ld_head=ld_head, eps=float(eps.pop() or 0.0), embedding=_ptr(emb),
+            final_norm=_ptr(final_norm), lm_head=_ptr(head), cos=_ptr(cos), sin=_ptr(sin), layers=layers,
+        )  # fmt: skip
+        self._layers = layers
+        self._buffers_key = ()
+        return True
+
+    def _bind_buffers(self, n: int, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache) -> bool:
+        """Point the layers at this step's cache and memory keys/values (when they moved)."""
+        assert self._struct is not None and self._layers is not None
+        d = self.model.config.decoder
+        k, v = cache.k, cache.v
+        key: tuple[object, ...] = (
+            k.data_ptr(), v.data_ptr(), k.shape, k.stride(), v.stride(),
+            tuple((mk.data_ptr(), mv.data_ptr(), mk.shape, mk.stride(), mv.stride()) for mk, mv in memory_kv),
+        )  # fmt: skip
+        if key == self._buffers_key:
+            return True
+        cfg = self.model.config
+        layers, rows, kv_heads, max_len, hd = k.shape
+        contiguous = (kv_heads * max_len * hd, max_len * hd, hd, 1)
+        if (
+            layers != cfg.num_layers
+            or kv_heads != d.self_kv_heads
+            or rows < n
+            or k.dtype != torch.float32
+            or v.dtype != torch.float32
+            or k.stride()[2:] != contiguous[1:]
+            or v.stride() != k.stride()
+            or len(memory_kv) != cfg.num_layers
+        ):
+            return False
+        mem_row = memory_kv[0][0].stride(0)
+        mem_shape = (d.cross_kv_heads, cfg.stm_size, hd)
+        for mk, mv in memory_kv:
+            for t in (mk, mv):
+                if (
+                    t.dtype != torch.float32
+                    or tuple(t.shape[1:]) != mem_shape
+                    or t.shape[0] < n
+                    or t.stride() != (mem_row, cfg.stm_size * hd, hd, 1)
+                ):
+                    return False
+        for i in range(cfg.num_layers):
+            layer = self._layers[i]
+            layer.k_cache = _ptr(k[i])
+            layer.v_cache = _ptr(v[i])
+            layer.mem_k = _ptr(memory_kv[i][0])
+            layer.mem_v = _ptr(memory_kv[i][1])
+        self._struct.max_len = max_len
+        self._struct.stm = cfg.stm_size
+        self._struct.cache_row = k.stride(1)
+        self._struct.mem_row = mem_row
+        self._buffers_key = key
+        self._keep = [k, v, *[t for pair in memory_kv for t in pair]]
+        return True
+
+    def step(
+        self, tokens: Tensor, positions: Tensor, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
+    ) -> Tensor | None:
+        """Logits (B, V) like :meth:`RxTModel.decode_step`, or None when the C step does not apply."""
+        n = tokens.shape[0]
+        if n > MAX_ROWS or tokens.dtype != torch.long or positions.dtype != torch.long:
+            return None
+        weights = self._collect()
+        ptrs = tuple(0 if w is None else w.data_ptr() for w in weights)
+        if ptrs != self._weight_ptrs:
+            self._struct = None
+            if not self._bind_weights(weights):
+                return None
+            self._weights, self._weight_ptrs = weights, ptrs
+        if self._struct is None or not self._bind_buffers(n, memory_kv, cache):
+            return None
+        tokens, positions = tokens.contiguous(), positions.contiguous()
+        logits = torch.empty(n, self.model.config.vocab_size)
+        code = library().rxt_decode_step(
+            ctypes.byref(self._struct), n, tokens.data_ptr(), positions.data_ptr(), logits.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if code == -1:
+            raise IndexError("a token id or position is out of range for this model's decode step")
+        if code != 0:
+            raise RuntimeError(f"the C decode step failed (code {code})")
+        return logits
+
+
+_decoders: weakref.WeakKeyDictionary[RxTModel, NativeDecoder] = weakref.WeakKeyDictionary()
+
+
+def decode_step(
+    model: RxTModel, tokens: Tensor, positions: Tensor, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
+) -> Tensor | None:
+    """The C step for ``model`` (see :class:`NativeDecoder`), or None when it does not apply.
+
+    The bound decoder lives in a side table, not on the model, so deep copies and pickles of the
+    model never meet the C structs.
+    """
+    if tokens.shape[0] > MAX_ROWS or tokens.device.type != "cpu" or not enabled():
+        return None
+    decoder = _decoders.get(model)
+    if decoder is None:
+        decoder = _decoders[model] = NativeDecoder(model)
+    return decoder.step(tokens, positions, memory_kv, cache)

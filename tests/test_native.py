@@ -1,0 +1,179 @@
+"""The C decode step (``models/native.py``) computes what the torch step computes, and steps
+aside whenever it does not apply.
+
+Skipped only where there is no C compiler at all (like the GPU tests without CUDA): where one
+exists, a build failure is a test failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rxruntime.models import DecodeBatch, DecoderConfig, JoinRequest, RxTModel, SamplingParams, native
+
+from .conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler: the C decode step cannot be built"
+)
+
+
+@pytest.fixture
+def torch_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the steps that ran the torch kernel (the C step bypasses it)."""
+    calls = [0]
+    real = RxTModel._decode_kernel
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RxTModel, "_decode_kernel", counted)
+    return calls
+
+
+def _biased_mqa_model() -> RxTModel:
+    """Biases everywhere, one self-attention K/V head, grouped cross-attention, an odd expert width."""
+    model = tiny_model(
+        seed=21,
+        decoder=DecoderConfig(
+            num_heads=4,
+            self_q_heads=4,
+            self_kv_heads=1,
+            cross_q_heads=2,
+            cross_kv_heads=1,
+            num_experts=5,
+            experts_per_token=3,
+            expert_ffn_dim=15,
+            attention_bias=True,
+        ),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)  # zero biases would not test anything
+    return model
+
+
+def _run(model: RxTModel, native_on: bool, prompts: list[list[int]], steps: int = 12) -> list[torch.Tensor]:
+    """Decode ``steps`` greedy steps of rows that start at different positions: the logits of
+    every step (captured from ``decode_step``), then the cache."""
+    model.native_decode = native_on
+    stm = model.init_stm(len(prompts), torch.Generator().manual_seed(5), std=1.0)
+    batch = DecodeBatch(model, len(prompts))
+    batch.join([JoinRequest(i, p, stm[i], SamplingParams(temperature=0.0), 0) for i, p in enumerate(prompts)])
+    logits: list[torch.Tensor] = []
+    real = model.decode_step
+
+    def capture(*args: object) -> torch.Tensor:
+        out = real(*args)  # type: ignore[arg-type]
+        logits.append(out.clone())
+        return out
+
+    model.decode_step = capture  # type: ignore[assignment]
+    try:
+        for _ in range(steps):
+            batch.step()
+    finally:
+        del model.decode_step
+    n = len(prompts)
+    return [*logits, batch.cache.k[:, :n].clone(), batch.cache.v[:, :n].clone()]
+
+
+PROMPTS = [[3, 9, 27, 81, 50], [11, 12], [60, 61, 62, 63, 64, 65, 66, 67, 68]]
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model(seed=20), _biased_mqa_model], ids=["tiny", "bias-mqa-odd"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_native_step_equals_torch_step(make: object, rows: int, torch_steps: list[int]) -> None:
+    model = make()  # type: ignore[operator]
+    prompts = PROMPTS[:rows]
+    reference = _run(model, False, prompts)
+    assert torch_steps[0] == 12
+    got = _run(model, True, prompts)
+    assert torch_steps[0] == 12, "the C step did not run"
+    assert len(got) == len(reference)
+    for a, b in zip(got, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_native_step_steps_aside(torch_steps: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 weights, more rows than MAX_ROWS, RXRT_NATIVE=0 and a model not in decode layout
+    all run the torch step."""
+    prompts = [[5, 6, 7]]
+    half = tiny_model(seed=22).to(torch.bfloat16)
+    _run(half, True, prompts, steps=2)
+    assert torch_steps[0] == 2
+    wide = tiny_model(seed=22)
+    _run(wide, True, [[5, 6, 7]] * (native.MAX_ROWS + 1), steps=2)
+    assert torch_steps[0] == 4
+    monkeypatch.setenv("RXRT_NATIVE", "0")
+    assert native.unavailable_reason() == "disabled by RXRT_NATIVE=0"
+    _run(tiny_model(seed=22), True, prompts, steps=2)
+    assert torch_steps[0] == 6
+    monkeypatch.delenv("RXRT_NATIVE")
+    plain = tiny_model(seed=22)
+    cache, memory_kv = plain.new_cache(1), plain.memory_kv(plain.init_stm(1))
+    with torch.inference_mode():
+        plain.decode_step(torch.tensor([5]), torch.tensor([0]), memory_kv, cache)  # no decode layout
+    assert torch_steps[0] == 7
+    assert native.decode_step(plain, torch.tensor([5]), torch.tensor([1]), memory_kv, cache) is None
+
+
+def test_out_of_range_token_raises_and_writes_nothing() -> None:
+    model = tiny_model(seed=23)
+    batch = DecodeBatch(model, 1)
+    batch.join([JoinRequest("a", [5, 6, 7], model.init_stm(1)[0], SamplingParams(temperature=0.0), 0)])
+    before = batch.cache.k.clone()
+    batch.next_token[0] = model.config.vocab_size
+    with pytest.raises(IndexError, match="out of range"):
+        batch.step()
+    assert torch.equal(batch.cache.k, before)
+
+
+def test_replaced_and_updated_weights_are_read(torch_steps: list[int]) -> None:
+    """The C step follows in-place updates (same addresses) and rebinds replaced parameters."""
+    prompts = [[5, 6, 7, 8]]
+    model = tiny_model(seed=24)
+    _run(model, True, prompts, steps=2)
+    with torch.no_grad():
+        model.decoder.lm_head.weight.mul_(2.0)
+    twice = _run(model, True, prompts, steps=2)
+    torch.testing.assert_close(twice, _run(model, False, prompts, steps=2), rtol=1e-4, atol=1e-5)
+    model.load_state_dict(tiny_model(seed=25).state_dict(), assign=True)
+    replaced = _run(model, True, prompts, steps=2)  # DecodeBatch lays the new weights out
+    assert torch_steps[0] == 2
+    torch.testing.assert_close(replaced, _run(model, False, prompts, steps=2), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(replaced[0], twice[0])
+    copy.deepcopy(model)  # the bound C structs live beside the model, not in it
+
+
+def test_build_failure_is_reported_and_decoding_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, torch_steps: list[int]
+) -> None:
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("RXRT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    reason = native.unavailable_reason()
+    assert reason is not None and "failed" in reason
+    with pytest.raises(native.NativeUnavailable):
+        native.library()
+    assert not native.enabled()
+    _run(tiny_model(seed=26), True, [[5, 6]], steps=3)
+    assert torch_steps[0] == 3
+
+
+def test_build_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RXRT_CACHE_DIR", str(tmp_path))
+    first = native.build()
+    assert first.parent == tmp_path / "native" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == stamp
+    assert native.build(force=True) == first
