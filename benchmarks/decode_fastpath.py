@@ -15,7 +15,9 @@ Variants (cumulative):
 * ``+ greedy shortcut``: the sampler skips the noise when every row is greedy;
 * ``+ fused step``: ``RxTModel._fast_decode_step``, still ``nn.Linear`` layout and grouped MoE;
 * ``+ decode layout``: input-major weights, fused Q/K/V (MoE still grouped);
-* ``+ gathered MoE``: ``embedding_bag`` expert dispatch = the default path.
+* ``+ gathered MoE``: ``embedding_bag`` expert dispatch = the torch step;
+* ``+ C step``: the whole step in C (``models/native.py``) = the default path on a CPU, when a C
+  compiler is present.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import rxruntime.models as now
+    from rxruntime.models import native
     from rxruntime.models.moe import MoE
 
     torch.manual_seed(0)
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt = torch.randint(7, model.config.vocab_size, (35,), generator=gen).tolist()
 
     plain = copy.deepcopy(model)  # stays in the nn.Linear layout
+    for m in (model, plain):
+        m.native_decode = False  # the torch step; "+ C step" turns it on
     grouped = copy.deepcopy(model)
     grouped.use_decode_layout()
     for m in grouped.modules():
@@ -111,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     variants["+ fused step"] = _runner(now, plain, prompt, stm, args.steps, batch_kwargs={"decode_layout": False})
     variants["+ decode layout"] = _runner(now, grouped, prompt, stm, args.steps)
     variants["+ gathered MoE"] = _runner(now, model, prompt, stm, args.steps)
+    if native.enabled():
+        c_step = copy.deepcopy(model)
+        c_step.native_decode = True
+        variants["+ C step"] = _runner(now, c_step, prompt, stm, args.steps)
+    else:
+        print(f"no C step: {native.unavailable_reason()}", file=sys.stderr)
 
     for run in variants.values():  # warm-up
         run()

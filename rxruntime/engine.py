@@ -40,6 +40,7 @@ from torch import Tensor
 from rxruntime.errors import ConversationError, EngineClosedError, ModelExecutionError, QueryTooLongError
 from rxruntime.events import FinishReason
 from rxruntime.mailbox import Mailbox
+from rxruntime.models import native
 from rxruntime.models.generation import DecodeBatch, JoinRequest
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.sampler import SamplingParams
@@ -193,6 +194,8 @@ class Engine:
         self._memory_cv = threading.Condition()
         self._closed = False
         self._batch = DecodeBatch(model, capacity=max_batch)
+        if self.device.type == "cpu" and model.native_decode:
+            native.enabled()  # build the C decode step now (once per machine), not in the first turn
         self._delivery = ThreadPoolExecutor(delivery_threads, thread_name_prefix="rxrt-deliver")
         self._memory_stream = torch.cuda.Stream(self.device) if self._cuda else None  # type: ignore[no-untyped-call]
         self._decode_thread = threading.Thread(target=self._decode_loop, name="rxrt-decode", daemon=True)
