@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -110,6 +111,7 @@ class NativeUnavailable(RuntimeError):
     """The C step cannot be built or loaded here (the message says why)."""
 
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -181,10 +183,14 @@ def library() -> ctypes.CDLL:
         if _failure is not None:
             raise NativeUnavailable(_failure)
         try:
-            lib = ctypes.CDLL(str(build()))
+            try:
+                lib = ctypes.CDLL(str(build()))
+            except OSError:  # a damaged cached library: build it again, once
+                lib = ctypes.CDLL(str(build(force=True)))
             fn = lib.rxt_decode_step
         except (NativeUnavailable, OSError, AttributeError) as err:
             _failure = str(err)
+            log.warning("the C decode step is unavailable, decoding runs the torch step: %s", _failure)
             raise NativeUnavailable(_failure) from None
         fn.argtypes = [
             ctypes.POINTER(_Model),
@@ -266,6 +272,7 @@ class NativeDecoder:
         self._struct: _Model | None = None
         self._layers: ctypes.Array[_Layer] | None = None
         self._keep: list[Tensor] = []
+        self._lock = threading.Lock()
 
     @property
     def model(self) -> RxTModel:
@@ -424,19 +431,22 @@ class NativeDecoder:
             return None
         weights = self._collect()
         ptrs = tuple(0 if w is None else w.data_ptr() for w in weights)
-        if ptrs != self._weight_ptrs:
-            self._struct = None
-            if not self._bind_weights(weights):
-                return None
-            self._weights, self._weight_ptrs = weights, ptrs
-        if self._struct is None or not self._bind_buffers(n, memory_kv, cache):
-            return None
         tokens, positions = tokens.contiguous(), positions.contiguous()
         logits = torch.empty(n, self.model.config.vocab_size)
-        code = library().rxt_decode_step(
-            ctypes.byref(self._struct), n, tokens.data_ptr(), positions.data_ptr(), logits.data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
+        # One step at a time per model: the struct points at one batch's buffers during a call,
+        # and two decode batches of the same model may step from two threads.
+        with self._lock:
+            if ptrs != self._weight_ptrs:
+                self._struct = None
+                self._weights, self._weight_ptrs = weights, ptrs
+                if not self._bind_weights(weights):
+                    return None  # and None again, without re-checking, until the weights move
+            if self._struct is None or not self._bind_buffers(n, memory_kv, cache):
+                return None
+            code = library().rxt_decode_step(
+                ctypes.byref(self._struct), n, tokens.data_ptr(), positions.data_ptr(), logits.data_ptr(),
+                torch.get_num_threads(),
+            )  # fmt: skip
         if code == -1:
             raise IndexError("a token id or position is out of range for this model's decode step")
         if code != 0:

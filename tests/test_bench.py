@@ -55,6 +55,12 @@ def test_bench_decode_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert ("C" in compared) == (result["native"] == "available")
     assert result["step"] == ("C" if "C" in compared else "torch")
     assert result["runs"] == compared[result["step"]]["runs"]
+    assert (
+        main(["bench", "decode", "--preset", "nano", "--steps", "2", "--repeats", "1", "--batch-size", "3", "--json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["batch_size"] == 3
+    assert main(["bench", "decode", "--preset", "nano", "--repeats", "0"]) == 2
 
 
 def test_query_and_answer_must_fit_the_interaction() -> None:

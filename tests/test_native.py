@@ -177,3 +177,45 @@ def test_build_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     stamp = first.stat().st_mtime_ns
     assert native.build() == first and first.stat().st_mtime_ns == stamp
     assert native.build(force=True) == first
+
+
+def test_damaged_cached_library_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RXRT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    path = native.build()
+    path.write_bytes(b"not a shared library")
+    assert native.library() is not None
+    assert native.unavailable_reason() is None and path.stat().st_size > 1000
+
+
+def _decode(model: RxTModel, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stm = model.init_stm(len(prompts), torch.Generator().manual_seed(len(prompts)), std=1.0)
+    batch = DecodeBatch(model, len(prompts))
+    batch.join([JoinRequest(i, p, stm[i], SamplingParams(temperature=0.0), 0) for i, p in enumerate(prompts)])
+    tokens = torch.stack([batch.step() for _ in range(steps)])
+    return tokens, batch.cache.k.clone()
+
+
+def test_two_batches_of_one_model_step_from_two_threads() -> None:
+    """The bound C structs point at one batch's buffers during a call: concurrent batches of the
+    same model must not see each other's (a smaller cache would be overrun)."""
+    import threading
+
+    model = tiny_model(seed=27)
+    jobs = {"a": [[5, 6, 7]], "b": [[9, 10, 11, 12, 13], [14, 15], [16]]}
+    expected = {name: _decode(model, prompts, 25) for name, prompts in jobs.items()}
+    got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def work(name: str) -> None:
+        for _ in range(4):
+            got[name] = _decode(model, jobs[name], 25)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in jobs:
+        assert torch.equal(got[name][0], expected[name][0])
+        torch.testing.assert_close(got[name][1], expected[name][1], rtol=1e-5, atol=1e-6)

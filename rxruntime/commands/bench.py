@@ -103,7 +103,10 @@ def run_decode(args: argparse.Namespace) -> int:
 
     from rxruntime.bench import measure_decode
     from rxruntime.models import DecodeBatch, RxTModel, SamplingParams, native, preset
+    from rxruntime.models.errors import RxTError
 
+    if min(args.steps, args.repeats, args.batch_size) < 1:
+        raise RxTError("--steps, --repeats and --batch-size must be at least 1")
     _threads(args)
     torch.manual_seed(args.seed)
     model = RxTModel(preset(args.preset)).to(args.device).eval()
@@ -121,13 +124,23 @@ def run_decode(args: argparse.Namespace) -> int:
         model.compile_decode()
         kernels["compiled"] = (False, model._compiled_kernel)
         start = time.perf_counter()
-        measure_decode(model, steps=1, repeats=1, params=params, seed=args.seed, batch=batch)
+        measure_decode(
+            model, steps=1, repeats=1, batch_size=args.batch_size, params=params, seed=args.seed, batch=batch
+        )
         compile_s = time.perf_counter() - start
     runs: dict[str, list[float]] = {name: [] for name in kernels}
     for r in range(args.repeats):
         for name, (use_c, compiled) in kernels.items():
             model.native_decode, model._compiled_kernel = use_c, compiled
-            one = measure_decode(model, steps=args.steps, repeats=1, params=params, seed=args.seed + r, batch=batch)
+            one = measure_decode(
+                model,
+                steps=args.steps,
+                repeats=1,
+                batch_size=args.batch_size,
+                params=params,
+                seed=args.seed + r,
+                batch=batch,
+            )
             runs[name] += one.runs
     default = list(kernels)[-1]
     result: dict[str, dict[str, Any]] = {
@@ -137,7 +150,7 @@ def run_decode(args: argparse.Namespace) -> int:
         **result[default],
         "step": default,
         "steps_compared": result,
-        "batch_size": args.batch_size,
+        "batch_size": one.batch_size,  # rows each step decoded (as measure_decode reports it)
         "steps": args.steps,
         "load_average": list(os.getloadavg()),
         "preset": args.preset,
