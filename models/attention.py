@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -114,20 +114,21 @@ class Attention(nn.Module):
         are no longer views of it (replaced by ``load_state_dict(assign=True)``, ``.to()``...).
 
         Checked once per decode step and layer, so it compares addresses only: while this module
-        holds the fused tensor, no other tensor can start at those addresses.
+        holds the fused tensor, no other tensor can start at those addresses. It reads the
+        parameter dicts directly, because ``nn.Module`` attribute lookups would cost more than
+        the rest of a step's Python (models/native.py checks every layer this way each step).
         """
         fused = self._qkv_t
         if fused is None:
             return None
-        ptrs = (self.q_proj.weight.data_ptr(), self.k_proj.weight.data_ptr(), self.v_proj.weight.data_ptr())
-        if ptrs != self._qkv_ptrs:
+        params = [cast(nn.Module, self._modules[name])._parameters for name in ("q_proj", "k_proj", "v_proj")]
+        if tuple(p["weight"].data_ptr() for p in params) != self._qkv_ptrs:  # type: ignore[union-attr]
             return None
         bias = self._qkv_bias
-        if bias is not None:
-            q, k, v = self.q_proj.bias, self.k_proj.bias, self.v_proj.bias
-            if q is None or k is None or v is None or (q.data_ptr(), k.data_ptr(), v.data_ptr()) != self._bias_ptrs:
-                return None
-        elif self.q_proj.bias is not None:
+        biases = [p["bias"] for p in params]
+        if bias is None:
+            return (fused, None) if all(b is None for b in biases) else None
+        if any(b is None for b in biases) or tuple(b.data_ptr() for b in biases) != self._bias_ptrs:  # type: ignore[union-attr]
             return None
         return fused, bias
 

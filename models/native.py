@@ -239,24 +239,6 @@ def _input_major(weight: Tensor, rows: int, cols: int) -> int | None:
     return t.stride(0)
 
 
-def _fused(attn: Any) -> tuple[Tensor | None, Tensor | None]:
-    """``attn.fused_qkv()`` (the fused Q/K/V weight and bias, or Nones), without ``nn.Module``
-    attribute lookups."""
-    fused = attn.__dict__["_qkv_t"]
-    if fused is None:
-        return None, None
-    params = [attn._modules[name]._parameters for name in ("q_proj", "k_proj", "v_proj")]
-    if tuple(p["weight"].data_ptr() for p in params) != attn.__dict__["_qkv_ptrs"]:
-        return None, None
-    bias = attn.__dict__["_qkv_bias"]
-    biases = [p["bias"] for p in params]
-    if bias is None:
-        return (fused, None) if all(b is None for b in biases) else (None, None)
-    if any(b is None for b in biases) or tuple(b.data_ptr() for b in biases) != attn.__dict__["_bias_ptrs"]:
-        return None, None
-    return fused, bias
-
-
 class NativeDecoder:
     """The C step bound to one model's weights; see the module docstring.
 
@@ -303,13 +285,15 @@ class NativeDecoder:
             attn, cross, ffn = mods["self_attn"], mods["cross_attn"], mods["ffn"]
             o, co = attn._modules["o_proj"]._parameters, cross._modules["o_proj"]._parameters
             ffn_params = ffn._parameters
+            fused = attn.fused_qkv() or (None, None)
+            cross_fused = cross.fused_qkv() or (None, None)
             out += [
                 mods["self_norm"]._parameters["weight"],
-                *_fused(attn),
+                *fused,
                 o["weight"],
                 o["bias"],
                 mods["cross_norm"]._parameters["weight"],
-                *_fused(cross),
+                *cross_fused,
                 co["weight"],
                 co["bias"],
                 mods["ffn_norm"]._parameters["weight"],

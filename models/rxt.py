@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .attention import sdpa
 from .cache import KVCache
 from .config import RxTConfig
@@ -212,8 +213,6 @@ class RxTModel(nn.Module):
         """:meth:`decode_step` for inference: host-side checks, then :meth:`_decode_kernel`
         (compiled when :meth:`compile_decode` was called)."""
         if self.native_decode and self._compiled_kernel is None and tokens.device.type == "cpu":
-            from . import native
-
             logits = native.decode_step(self, tokens, positions, memory_kv, cache)
             if logits is not None:
                 return logits

@@ -50,3 +50,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def biased_mqa_model(seed: int, expert_ffn_dim: int = 15) -> RxTModel:
+    """Biases everywhere (random, so they matter), one self-attention K/V head, grouped memory
+    cross-attention, three of five experts: the decode paths' harder cases."""
+    model = tiny_model(
+        seed=seed,
+        decoder=DecoderConfig(
+            num_heads=4,
+            self_q_heads=4,
+            self_kv_heads=1,
+            cross_q_heads=2,
+            cross_kv_heads=1,
+            num_experts=5,
+            experts_per_token=3,
+            expert_ffn_dim=expert_ffn_dim,
+            attention_bias=True,
+        ),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)  # zero biases would not test anything
+    return model

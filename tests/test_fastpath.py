@@ -17,7 +17,7 @@ from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, SamplingParams,
 from rxruntime.models.moe import MoE
 from rxruntime.models.sampler import sample, uniform_noise
 
-from .conftest import tiny_model
+from .conftest import biased_mqa_model, tiny_model
 from .test_moe import _naive
 
 
@@ -64,27 +64,10 @@ def test_fast_decode_step_matches_full_forward(layout: bool) -> None:
     _decode_matches_full_forward(model)
 
 
-def test_fast_decode_step_with_attention_bias_and_mqa() -> None:
-    from rxruntime.models import DecoderConfig
-
-    model = tiny_model(
-        seed=12,
-        decoder=DecoderConfig(
-            num_heads=4,
-            self_q_heads=4,
-            self_kv_heads=1,
-            cross_q_heads=2,
-            cross_kv_heads=1,
-            num_experts=5,
-            experts_per_token=3,
-            expert_ffn_dim=16,
-            attention_bias=True,
-        ),
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(std=0.1)  # zero biases would not test anything
+@pytest.mark.parametrize("c_step", [False, True], ids=["torch-step", "c-step"])
+def test_fast_decode_step_with_attention_bias_and_mqa(c_step: bool) -> None:
+    model = biased_mqa_model(seed=12, expert_ffn_dim=16)
+    model.native_decode = c_step
     model.use_decode_layout()
     assert model.decoder.blocks[0].self_attn.fused_qkv() is not None
     _decode_matches_full_forward(model, seed=3)
@@ -116,9 +99,12 @@ def _prefill_then_decode(model: RxTModel, stm: torch.Tensor, ids: torch.Tensor) 
     return [*logits, cache.k.clone(), cache.v.clone()]
 
 
-def test_fast_step_equals_module_step() -> None:
-    """The fused eval path against the decoder's modules (``fast_decode = False``)."""
+@pytest.mark.parametrize("c_step", [False, True], ids=["torch-step", "c-step"])
+def test_fast_step_equals_module_step(c_step: bool) -> None:
+    """The fused eval path (the torch step, or the C step of models/native.py where it builds)
+    against the decoder's modules (``fast_decode = False``)."""
     model = tiny_model(seed=15)
+    model.native_decode = c_step
     model.use_decode_layout()
     stm = model.init_stm(2, torch.Generator().manual_seed(1), std=1.0)
     ids = torch.randint(7, 97, (2, 9))

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rxruntime.models import DecodeBatch, DecoderConfig, JoinRequest, RxTModel, SamplingParams, native
+from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, SamplingParams, native
 
-from .conftest import tiny_model
+from .conftest import biased_mqa_model, tiny_model
 
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler: the C decode step cannot be built"
@@ -36,29 +36,6 @@ def torch_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(RxTModel, "_decode_kernel", counted)
     return calls
-
-
-def _biased_mqa_model() -> RxTModel:
-    """Biases everywhere, one self-attention K/V head, grouped cross-attention, an odd expert width."""
-    model = tiny_model(
-        seed=21,
-        decoder=DecoderConfig(
-            num_heads=4,
-            self_q_heads=4,
-            self_kv_heads=1,
-            cross_q_heads=2,
-            cross_kv_heads=1,
-            num_experts=5,
-            experts_per_token=3,
-            expert_ffn_dim=15,
-            attention_bias=True,
-        ),
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(std=0.1)  # zero biases would not test anything
-    return model
 
 
 def _run(model: RxTModel, native_on: bool, prompts: list[list[int]], steps: int = 12) -> list[torch.Tensor]:
@@ -89,7 +66,9 @@ def _run(model: RxTModel, native_on: bool, prompts: list[list[int]], steps: int 
 PROMPTS = [[3, 9, 27, 81, 50], [11, 12], [60, 61, 62, 63, 64, 65, 66, 67, 68]]
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_model(seed=20), _biased_mqa_model], ids=["tiny", "bias-mqa-odd"])
+@pytest.mark.parametrize(
+    "make", [lambda: tiny_model(seed=20), lambda: biased_mqa_model(seed=21)], ids=["tiny", "bias-mqa-odd"]
+)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_native_step_equals_torch_step(make: object, rows: int, torch_steps: list[int]) -> None:
     model = make()  # type: ignore[operator]
