@@ -63,7 +63,10 @@ class Attention(nn.Module):
         rope_mode: RopeMode,
         bias: bool = False,
         dropout: float = 0.0,
+        out_bias: bool | None = None,
     ) -> None:
+        """``bias``: on all four projections; ``out_bias`` overrides it for the output projection
+        (RxLM: unbiased Q/K/V, biased output)."""
         super().__init__()
         self.head_dim = dim // num_heads
         self.q_heads = q_heads
@@ -73,7 +76,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(dim, q_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(q_heads * self.head_dim, dim, bias=bias)
+        self.o_proj = nn.Linear(q_heads * self.head_dim, dim, bias=bias if out_bias is None else out_bias)
         self._qkv_t: Tensor | None = None  # (dim, (q + 2 kv) * head_dim) once in decode layout
         self._qkv_bias: Tensor | None = None
         self._qkv_ptrs: tuple[int, ...] = ()

@@ -2,6 +2,7 @@
 
 The encoder uses it directly; each expert of the decoder's MoE is one of these. Gate and up
 projections are stored as one matrix so a forward pass makes one input matmul, not two.
+``bias`` adds biases to both projections (RxLM's feed-forward layers have them).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from torch import Tensor, nn
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, bias: bool = False) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
-        self.w_in = nn.Linear(dim, 2 * hidden_dim, bias=False)  # [gate; up]
-        self.w_out = nn.Linear(hidden_dim, dim, bias=False)
+        self.w_in = nn.Linear(dim, 2 * hidden_dim, bias=bias)  # [gate; up]
+        self.w_out = nn.Linear(hidden_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

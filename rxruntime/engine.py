@@ -541,7 +541,8 @@ class Engine:
             )
             conv.mailbox.post(lambda: listener.on_answer(tokens, reason, stats))
             if remember:
-                ids = [*job.request.prompt_ids, *tokens, self.config.special_tokens.eos_id]
+                closed = reason == "eos" or self.config.eos_after_truncated_answer
+                ids = [*job.request.prompt_ids, *tokens, *([self.config.special_tokens.eos_id] if closed else [])]
                 self._enqueue_memory(_MemoryTask(conv, turn, ids))
             else:
                 self._set_record(conv, turn, _MemoryRecord("skipped", conv.version))
