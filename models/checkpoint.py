@@ -35,7 +35,14 @@ from .errors import (
     UnsupportedCheckpointError,
 )
 from .rope import RotaryEmbedding
-from .rxlm_format import UnsupportedRxLMOption, detect_version, is_rxlm_config, rxlm_config, rxlm_weights
+from .rxlm_format import (
+    ENCODER_STM,
+    UnsupportedRxLMOption,
+    detect_version,
+    is_rxlm_config,
+    rxlm_config,
+    rxlm_weights,
+)
 from .rxt import RxTModel
 from .tokenizer import RxTokenizer
 
@@ -156,8 +163,7 @@ def load_config(directory: Path) -> RxTConfig:
     path = directory / CONFIG_FILE
     raw = _read_config_json(path)
     if is_rxlm_config(raw):
-        names = list(_header(directory / WEIGHTS_FILE)) if (directory / WEIGHTS_FILE).is_file() else None
-        return _rxlm_config(raw, names, path)[0]
+        return _rxlm_config(raw, *_version_evidence(directory), path)[0]
     return _our_config(raw, path)
 
 
@@ -166,8 +172,23 @@ def checkpoint_format(directory: Path) -> str:
     raw = _read_config_json(directory / CONFIG_FILE)
     if not is_rxlm_config(raw):
         return "rxruntime"
-    names = list(_header(directory / WEIGHTS_FILE)) if (directory / WEIGHTS_FILE).is_file() else None
-    return f"RxLM {detect_version(raw, names)}"
+    return f"RxLM {detect_version(raw, *_version_evidence(directory))}"
+
+
+def _version_evidence(directory: Path) -> tuple[list[str] | None, torch.Tensor | None]:
+    """The tensor names and the encoder's STM buffer, which tell RxLM versions apart, read
+    without loading the other weights."""
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        return None, None
+    names = list(_header(path))
+    if ENCODER_STM not in names:
+        return names, None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return names, f.get_tensor(ENCODER_STM)
+    except Exception as exc:
+        raise CorruptCheckpointError(path, f"not a readable safetensors file ({exc})") from exc
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
@@ -189,10 +210,12 @@ def _our_config(raw: dict[str, Any], path: Path) -> RxTConfig:
         raise CorruptCheckpointError(path, str(exc)) from exc
 
 
-def _rxlm_config(raw: dict[str, Any], names: list[str] | None, path: Path) -> tuple[RxTConfig, str]:
+def _rxlm_config(
+    raw: dict[str, Any], names: list[str] | None, encoder_stm: torch.Tensor | None, path: Path
+) -> tuple[RxTConfig, str]:
     try:
-        version = detect_version(raw, names)
-        return rxlm_config(raw, version), version
+        version = detect_version(raw, names, encoder_stm)
+        return rxlm_config(raw, version, names), version
     except UnsupportedRxLMOption as exc:
         raise UnsupportedCheckpointError(path, str(exc)) from exc
     except (ConfigError, TypeError, ValueError, KeyError) as exc:
@@ -204,7 +227,7 @@ def _from_rxlm(
 ) -> tuple[RxTConfig, dict[str, torch.Tensor]]:
     """Our config and state dict for an RxLM directory; names RxLM wrote that map to nothing
     we compute are refused (a silently dropped weight would compute something else)."""
-    config, _ = _rxlm_config(raw, list(tensors), directory / CONFIG_FILE)
+    config, _ = _rxlm_config(raw, list(tensors), tensors.get(ENCODER_STM), directory / CONFIG_FILE)
     weights, unknown = rxlm_weights(tensors, config)
     if unknown:
         raise CheckpointMismatchError(

@@ -14,6 +14,7 @@ the head counts. With a head split of ``num_heads`` (``head_dim = dim // num_hea
 * GQA: ``q_heads == num_heads > kv_heads > 1``;  MQA: ``kv_heads == 1``
 * SQA: ``q_heads < num_heads`` (the output projection reads ``q_heads * head_dim`` features)
 * symmetric SQA (sSQA): ``q_heads == kv_heads == num_heads // 2``
+* reversed SQA (RxLM): ``q_heads < kv_heads``, the query heads tiled over the key/value heads
 
 The whole tree round-trips through ``config.json`` (``RxTConfig.save`` / ``RxTConfig.load``).
 """
@@ -36,6 +37,7 @@ RopePairing = Literal["half", "adjacent", "adjacent-split"]
 FinalNorm = Literal["rms", "layer", "none"]
 MemoryNormType = Literal["rmsnorm", "gated-rms", "gated-adaptive-rms", "gated-positional", "gated-layer"]
 StatelessLayer = Literal["dense", "moe"]
+FfnActivation = Literal["silu", "gelu", "relu", "sigmoid", "tanh", "identity"]
 
 CONFIG_FORMAT = "rxruntime.rxt/1"
 
@@ -70,6 +72,10 @@ class DecoderConfig:
     """Hidden width of the ``dense`` stateless layers (RxLM 0.3 ``dense_layer_dim``)."""
     ffn_bias: bool = False
     """Biases in the SwiGLU (expert) projections (RxLM: yes, in experts and dense layers)."""
+    ffn_activation: FfnActivation = "silu"
+    ffn_gated: bool = True
+    """Gated (``act(x W_gate) * x W_up``, SwiGLU with SiLU) or plain (``act(x W_in)``) feed-forward
+    layers and experts."""
     num_shared_experts: int = 0
     """Experts every token runs besides the routed ones (RxLM 0.3); several are mixed by a
     softmax gate over them."""
@@ -114,6 +120,8 @@ class EncoderConfig:
     dropout: float = 0.0
     attention_output_bias: bool = False
     ffn_bias: bool = False
+    ffn_activation: FfnActivation = "silu"
+    ffn_gated: bool = True
     memory_source: Literal["stm", "fixed"] = "stm"
     """What the encoder's memory cross-attention reads: the conversation's STM(t-1), or a fixed
     memory stored with the weights (``fixed_memory``: RxLM 0.2's encoder keeps its own STM buffer,
@@ -242,6 +250,8 @@ class RxTConfig:
         if d.step_position_offset < 0:
             raise ConfigError(f"decoder.step_position_offset must be >= 0, got {d.step_position_offset}")
         _choice("encoder.memory_source", e.memory_source, Literal["stm", "fixed"])
+        _choice("decoder.ffn_activation", d.ffn_activation, FfnActivation)
+        _choice("encoder.ffn_activation", e.ffn_activation, FfnActivation)
         if m.pre_q_heads is not None or m.pre_kv_heads is not None:
             _heads(
                 "memory_attention.pre",
@@ -367,10 +377,10 @@ def _heads(name: str, dim: int, num_heads: int, q_heads: int, kv_heads: int) -> 
         raise ConfigError(f"{name}: dim={dim} is not divisible by num_heads={num_heads}")
     if q_heads > num_heads or kv_heads > num_heads:
         raise ConfigError(f"{name}: q_heads={q_heads} and kv_heads={kv_heads} must not exceed num_heads={num_heads}")
-    if q_heads % kv_heads:
+    if q_heads % kv_heads and kv_heads % q_heads:
         raise ConfigError(
             f"{name}: q_heads={q_heads} must be a multiple of kv_heads={kv_heads} "
-            "(each key/value head serves a whole group of query heads)"
+            "(each key/value head serves a whole group of query heads), or divide it (reversed SQA)"
         )
 
 

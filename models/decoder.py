@@ -34,10 +34,11 @@ class RxTDecoder(nn.Module):
         self.step_position_offset = d.step_position_offset
 
         def ffn(kind: str) -> nn.Module:
+            act, gated = d.ffn_activation, d.ffn_gated
             if kind == "dense":
-                return SwiGLU(config.dim, d.dense_ffn_dim, d.dropout, bias=d.ffn_bias)
+                return SwiGLU(config.dim, d.dense_ffn_dim, d.dropout, bias=d.ffn_bias, activation=act, gated=gated)
             if not d.use_moe:
-                return SwiGLU(config.dim, d.ffn_dim, d.dropout, bias=d.ffn_bias)
+                return SwiGLU(config.dim, d.ffn_dim, d.dropout, bias=d.ffn_bias, activation=act, gated=gated)
             return MoE(
                 config.dim,
                 d.expert_ffn_dim,
@@ -49,6 +50,8 @@ class RxTDecoder(nn.Module):
                 shared_hidden_dim=d.shared_expert_ffn_dim,
                 shared_bias_mode=d.shared_expert_bias_mode,
                 shared_scaled=d.shared_experts_scaled,
+                activation=act,
+                gated=gated,
             )
 
         def layer(memory: bool, kind: str) -> RxTLayer:

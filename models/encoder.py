@@ -36,7 +36,9 @@ class RxTEncoder(nn.Module):
                 e.num_heads,
                 (e.self_q_heads, e.self_kv_heads),
                 (e.cross_q_heads, e.cross_kv_heads) if e.memory_cross_attention else None,
-                SwiGLU(config.dim, e.ffn_dim, e.dropout, bias=e.ffn_bias),
+                SwiGLU(
+                    config.dim, e.ffn_dim, e.dropout, bias=e.ffn_bias, activation=e.ffn_activation, gated=e.ffn_gated
+                ),
                 config.norm_eps,
                 e.attention_bias,
                 e.dropout,
@@ -66,6 +68,7 @@ class RxTEncoder(nn.Module):
         """Embedded tokens (B, T, D) and padding mask (B, T) -> Encoded Data (B, L, T, D)."""
         if self.reads_memory and memory_kv is None:
             raise ValueError("this encoder reads the STM: pass memory_kv")
+        self.rope.ensure(h.shape[1])
         positions = torch.arange(h.shape[1], device=h.device)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         states = []

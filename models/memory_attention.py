@@ -102,6 +102,7 @@ class MemoryAttention(nn.Module):
         mask = None if encoded_mask is None else encoded_mask[:, None, None, :]
         means = self._means(stm)
         per_group = stm.shape[1] // len(means) if means else 1
+        self.rope.ensure(encoded.shape[2])
         positions = torch.arange(encoded.shape[2], device=encoded.device)
         layers = []
         for i in range(stm.shape[1]):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ffn import SwiGLU
+from .ffn import ACTIVATIONS, SwiGLU
 
 
 class MoE(nn.Module):
@@ -59,6 +59,8 @@ class MoE(nn.Module):
         shared_hidden_dim: int = 0,
         shared_bias_mode: str = "none",
         shared_scaled: bool = False,
+        activation: str = "silu",
+        gated: bool = True,
     ) -> None:
         """``bias_mode``, ``num_shared``...: RxLM's options (see :class:`DecoderConfig`); the
         defaults are the plain layer of the module docstring."""
@@ -69,18 +71,28 @@ class MoE(nn.Module):
         self.top_k = top_k
         self.router = nn.Linear(dim, num_experts, bias=False)
         # Expert weights stacked on a leading expert axis, laid out like nn.Linear (out, in).
-        self.w_in = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))  # [gate; up]
+        self.gated = gated
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.w_in = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * hidden_dim, dim))  # [gate; up]
         self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b_in: nn.Parameter | None = None
         self.b_out: nn.Parameter | None = None
         self.global_bias: nn.Parameter | None = None
         if bias_mode == "local":
-            self.b_in = nn.Parameter(torch.zeros(num_experts, 2 * hidden_dim))
+            self.b_in = nn.Parameter(torch.zeros(num_experts, (2 if gated else 1) * hidden_dim))
             self.b_out = nn.Parameter(torch.zeros(num_experts, dim))
         elif bias_mode == "global":
             self.global_bias = nn.Parameter(torch.zeros(dim))
         self.shared_experts = nn.ModuleList(
-            SwiGLU(dim, shared_hidden_dim or hidden_dim, bias=shared_bias_mode == "local") for _ in range(num_shared)
+            SwiGLU(
+                dim,
+                shared_hidden_dim or hidden_dim,
+                bias=shared_bias_mode == "local",
+                activation=activation,
+                gated=gated,
+            )
+            for _ in range(num_shared)
         )
         self.shared_gate = nn.Linear(dim, num_shared, bias=False) if num_shared > 1 else None
         self.shared_bias = nn.Parameter(torch.zeros(dim)) if num_shared and shared_bias_mode == "global" else None
@@ -105,13 +117,21 @@ class MoE(nn.Module):
         """SwiGLU expert ``e`` applied to tokens (n, dim)."""
         b_in = None if self.b_in is None else self.b_in[e]
         b_out = None if self.b_out is None else self.b_out[e]
+        if not self.gated:
+            return F.linear(self.act(F.linear(x, self.w_in[e], b_in)), self.w_out[e], b_out)
         gate, up = F.linear(x, self.w_in[e], b_in).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w_out[e], b_out)
+        return F.linear(self.act(gate) * up, self.w_out[e], b_out)
 
     @property
     def plain(self) -> bool:
         """No biases and no shared experts: the layer the gathered dispatch and the C step compute."""
-        return self.b_in is None and self.global_bias is None and not len(self.shared_experts)
+        return (
+            self.b_in is None
+            and self.global_bias is None
+            and not len(self.shared_experts)
+            and self.gated
+            and self.activation == "silu"
+        )
 
     def _extras(self, tokens: Tensor, routed: Tensor) -> Tensor:
         """Add the global bias and the shared experts to the routed output (RxLM 0.3 order)."""
@@ -141,7 +161,8 @@ class MoE(nn.Module):
         if self.training:
             share = F.one_hot(experts, self.num_experts).float().sum(dim=(0, 1)) / experts.numel()
             self.aux_loss = self.num_experts * (share * probs.mean(dim=0)).sum()
-        if tokens.shape[0] <= self.gather_max_tokens and self.in_decode_layout() and self.b_in is None:
+        gatherable = self.b_in is None and self.gated and self.activation == "silu"
+        if tokens.shape[0] <= self.gather_max_tokens and self.in_decode_layout() and gatherable:
             out = self._dispatch_gathered(tokens, weights.to(x.dtype), experts)
         else:
             out = self._dispatch(tokens, weights.to(x.dtype), experts)

@@ -55,6 +55,13 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._tables(self.head_dim, self.max_positions, self.base, self.pairing)
         self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
+    def ensure(self, length: int) -> None:
+        """Grow the tables to cover positions ``0 .. length - 1`` (as RxLM's RoPE does when a
+        sequence is longer than its configured length, e.g. a long system prompt)."""
+        if length > self.max_positions:
+            self.max_positions = length
+            self._reset_tables()
+
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` of shape (B, H, T, head_dim) by ``positions`` of shape (T,) or (B, T)."""
         if positions.dim() == 1:

@@ -61,8 +61,19 @@ _V03_COMPONENT_KEYS = {
 _V03_WEIGHT = re.compile(r"\.ff\.(w1|w2|global_bias|shared_expert\.|shared_w1)|stateless_layers\.")
 
 
-def detect_version(data: Mapping[str, Any], weight_names: list[str] | None = None) -> str:
-    """``"0.2"`` or ``"0.3"``: which RxLM wrote this checkpoint (see the module docstring)."""
+ENCODER_STM = "encoder.model.stm.memory"
+
+
+def detect_version(
+    data: Mapping[str, Any], weight_names: list[str] | None = None, encoder_stm: Tensor | None = None
+) -> str:
+    """``"0.2"`` or ``"0.3"``: which RxLM wrote this checkpoint (see the module docstring).
+
+    In order: options or tensors only 0.3 has; then the encoder's own STM buffer, which 0.2
+    always builds, initialises with std 0.02 and never changes (its conversation STM is another
+    buffer), while 0.3 builds it only for an encoder with memory cross-attention and initialises
+    it with std 1. ``RXRT_RXLM_VERSION`` overrides all of this.
+    """
     forced = os.environ.get(VERSION_ENV)
     if forced:
         if forced not in ("0.2", "0.3"):
@@ -73,7 +84,17 @@ def detect_version(data: Mapping[str, Any], weight_names: list[str] | None = Non
             return "0.3"
     if data.get("memory_attention_variant") == "grouped-self-interlayer":
         return "0.3"
-    if weight_names and any(_V03_WEIGHT.search(n) for n in weight_names):
+    if weight_names is None:
+        return "0.2"
+    if any(_V03_WEIGHT.search(n) for n in weight_names):
+        return "0.3"
+    if data.get("memory_attention_variant") == "interlayer" and any(
+        ".interlayer_gate_layers." in n for n in weight_names
+    ):
+        return "0.3"  # 0.3 builds self-interlayer attention (with these gates) for 'interlayer'
+    if ENCODER_STM not in weight_names:
+        return "0.3"
+    if encoder_stm is not None and encoder_stm.numel() > 1 and float(encoder_stm.float().std()) > 0.2:
         return "0.3"
     return "0.2"
 
@@ -155,16 +176,21 @@ def _heads(o: _Options, kind_key: str, groups: int, query_groups: int | None) ->
     if kind == "sqa":
         if query_groups is None:
             raise o.refuse(kind_key, "sqa needs att_query_groups (RxLM cannot build it without)")
-        q, kv = int(query_groups), int(groups)
-        if q < kv:
-            raise o.refuse(kind_key, f"reversed SQA ({q} query heads < {kv} key/value heads) is not supported")
-        return q, kv
+        return int(query_groups), int(groups)  # fewer query than kv heads: reversed SQA
     raise o.refuse(kind_key, "only mha, gqa, mqa and sqa attention are supported (not experimental/linear kinds)")
 
 
+_ACTIVATIONS = {"swish": "silu", "silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid",
+                "tanh": "tanh", "linear": "identity"}  # fmt: skip
+
+
+def _ffn(o: _Options) -> dict[str, Any]:
+    """The feed-forward fields of one component: activation, gated, biases."""
+    act = o.require("ff_activation", tuple(_ACTIVATIONS), "unknown feed-forward activation")
+    return {"ffn_activation": _ACTIVATIONS[act], "ffn_gated": bool(o.get("use_gated")), "ffn_bias": True}
+
+
 def _component_checks(o: _Options, version: str) -> None:
-    o.require("use_gated", (True,), "only gated (GLU) feed-forward layers are supported")
-    o.require("ff_activation", ("swish", "silu"), "only the SiLU/swish activation is supported")
     o.require("use_rms_norm", (True,), "only RMSNorm layers are supported (not LayerNorm)")
     if version == "0.3":
         o.require("self_att_type", ("mha", "gqa", "mqa", "sqa"), "hybrid/linear attention layers are not supported")
@@ -175,8 +201,10 @@ def _component_checks(o: _Options, version: str) -> None:
             o.require("router_dtype", ("float32",), "a reduced-precision router changes the routing")
 
 
-def rxlm_config(data: Mapping[str, Any], version: str, vocab_size: int | None = None) -> RxTConfig:
-    """Our config for an RxLM config.json written by RxLM ``version`` (``"0.2"``/``"0.3"``)."""
+def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] | None = None) -> RxTConfig:
+    """Our config for an RxLM config.json written by RxLM ``version`` (``"0.2"``/``"0.3"``);
+    ``weight_names`` settle what the config leaves open (RxTBeta 0.2 saves no variant)."""
+    self_interlayer_weights = any(".interlayer_gate_layers." in n for n in weight_names or [])
     defaults = _COMPONENT_DEFAULTS[version]
     # RxTBeta's tokenizer_config names its thinking/tool tokens; its default variant differs.
     beta = "think_token_id" in (data.get("tokenizer_config") or {})
@@ -252,7 +280,7 @@ def rxlm_config(data: Mapping[str, Any], version: str, vocab_size: int | None = 
         use_moe=use_moe,
         ffn_dim=ff_dim,
         dense_ffn_dim=int(dec.get("dense_layer_dim") or 0) if "dense" in before + after else 0,
-        ffn_bias=True,
+        **_ffn(dec),
         final_norm=final_norm,  # type: ignore[arg-type]
         lm_head_bias=True,
         layers_before=before,
@@ -282,13 +310,16 @@ def rxlm_config(data: Mapping[str, Any], version: str, vocab_size: int | None = 
         ffn_dim=int(enc.get("ff_dim")),
         attention_bias=False,
         attention_output_bias=True if version == "0.2" else bool(enc.get("use_attention_output_bias")),
-        ffn_bias=True,
+        **_ffn(enc),
         memory_source="fixed",
     )
 
     # --------------------------------------------------------------- memory attention
     # RxTAlpha's constructor only tells some names apart; any other name builds its fallback.
-    variant_name = data.get("memory_attention_variant") or ("self-interlayer" if beta else "interlayer")
+    # RxTBeta (0.2) saves no variant: it always builds self-interlayer, as its interlayer gates show.
+    variant_name = data.get("memory_attention_variant") or (
+        "self-interlayer" if beta or self_interlayer_weights else "interlayer"
+    )
     if version == "0.2":
         variant = "interlayer" if variant_name == "interlayer" else "self-interlayer"
     else:  # 0.3 builds self-interlayer for anything but grouped-self-interlayer (its 'if' chain)
@@ -389,6 +420,7 @@ def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict
     d = config.decoder
     n_before = len(d.layers_before)
     experts: dict[tuple[str, int], dict[str, Tensor]] = {}
+    gated = d.ffn_gated
 
     # The embedding is shared: RxLM's share_components gives the decoder the encoder's.
     for name in ("encoder.model.embedding.weight", "decoder.model.embedding.weight"):
@@ -413,9 +445,12 @@ def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict
         return False
 
     def glu(tail: str, t: Tensor, ours: str) -> bool:
-        """A GatedFeedForward: ``fc1.linear.*`` and ``fc2.*``."""
+        """A GatedFeedForward (``fc1.linear.*``, ``fc2.*``) or a FeedForward (``fc1.*``, ``fc2.*``)."""
         if tail.startswith("fc1.linear."):
             out[f"{ours}.w_in.{tail.rsplit('.', 1)[1]}"] = _swap_halves(t)
+            return True
+        if tail.startswith("fc1."):
+            out[f"{ours}.w_in.{tail.rsplit('.', 1)[1]}"] = t
             return True
         if tail.startswith("fc2."):
             out[f"{ours}.w_out.{tail.rsplit('.', 1)[1]}"] = t
@@ -430,14 +465,15 @@ def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict
         if m:
             experts.setdefault((ours, int(m.group(1))), {})[m.group(2)] = t
             return True
-        if tail == "w1":  # (E, dim, 2H) input-major, [linear; gate]
-            out[f"{ours}.w_in"] = _swap_halves(t.transpose(1, 2), dim=1)
+        if tail == "w1":  # (E, dim, 2H) input-major, [linear; gate] (or (E, dim, H) not gated)
+            w = t.transpose(1, 2)
+            out[f"{ours}.w_in"] = _swap_halves(w, dim=1) if gated else w.contiguous()
             return True
         if tail == "w2":  # (E, H, dim)
             out[f"{ours}.w_out"] = t.transpose(1, 2).contiguous()
             return True
         if tail == "b1":
-            out[f"{ours}.b_in"] = _swap_halves(t, dim=1)
+            out[f"{ours}.b_in"] = _swap_halves(t, dim=1) if gated else t
             return True
         if tail == "b2":
             out[f"{ours}.b_out"] = t
@@ -454,11 +490,11 @@ def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict
             for s in range(t.shape[0]):
                 base = f"{ours}.shared_experts.{s}"
                 if tail == "shared_w1":
-                    out[f"{base}.w_in.weight"] = _swap_halves(t[s].t())
+                    out[f"{base}.w_in.weight"] = _swap_halves(t[s].t()) if gated else t[s].t().contiguous()
                 elif tail == "shared_w2":
                     out[f"{base}.w_out.weight"] = t[s].t().contiguous()
                 elif tail == "shared_b1":
-                    out[f"{base}.w_in.bias"] = _swap_halves(t[s])
+                    out[f"{base}.w_in.bias"] = _swap_halves(t[s]) if gated else t[s]
                 else:
                     out[f"{base}.w_out.bias"] = t[s]
             return True
@@ -539,11 +575,12 @@ def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict
 
     for (ours, e), parts in sorted(experts.items()):
         for key, t in parts.items():
-            slot = {"fc1.linear.weight": "w_in", "fc1.linear.bias": "b_in", "fc2.weight": "w_out", "fc2.bias": "b_out"}
+            slot = {"fc1.linear.weight": "w_in", "fc1.linear.bias": "b_in", "fc1.weight": "w_in", "fc1.bias": "b_in",
+                    "fc2.weight": "w_out", "fc2.bias": "b_out"}  # fmt: skip
             if key not in slot:
                 unknown.append(f"{ours}.experts.{e}.{key}")
                 continue
-            out.setdefault(f"{ours}.{slot[key]}#{e}", _swap_halves(t) if key.startswith("fc1") else t)
+            out.setdefault(f"{ours}.{slot[key]}#{e}", _swap_halves(t) if key.startswith("fc1.linear") else t)
     stacked: dict[str, list[tuple[int, Tensor]]] = {}
     for key in [k for k in out if "#" in k]:
         base, expert = key.split("#")
@@ -561,7 +598,7 @@ def convert(
     data: Mapping[str, Any], tensors: Mapping[str, Tensor], version: str | None = None
 ) -> tuple[RxTConfig, dict[str, Tensor], list[str], str]:
     """(config, our tensors, unknown RxLM names, version) for an RxLM checkpoint."""
-    version = version or detect_version(data, list(tensors))
-    config = rxlm_config(data, version)
+    version = version or detect_version(data, list(tensors), tensors.get(ENCODER_STM))
+    config = rxlm_config(data, version, list(tensors))
     weights, unknown = rxlm_weights(tensors, config)
     return config, weights, unknown, version

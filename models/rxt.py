@@ -150,6 +150,7 @@ class RxTModel(nn.Module):
         ``memory`` is the STM at inference; in joint pre-training it is the encoder's hidden states.
         Right padding needs no mask: causal attention never lets a real token see a later pad.
         """
+        self.decoder.rope.ensure(input_ids.shape[1])
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = self.decoder(self.embedding(input_ids), positions=positions, memory_kv=self.memory_kv(memory))
         return self.decoder.lm_head(h)
@@ -297,17 +298,23 @@ class RxTModel(nn.Module):
             qk = qkv[:, : hq + hkv]
             qk = torch.bmm(qk, rotation)  # RoPE on queries and keys at once
             k, v = cache.write_step_scatter(i, qk[:, hq:], qkv[:, hq + hkv :], scatter_index)
-            out = sdpa(qk[:, :hq, None], k, v, mask=bias)
-            x = _residual_linear(x, out.reshape(b, hq * hd), attn.o_proj)
+            q = qk[:, :hq, None]
+            if attn.q_repeat > 1:  # reversed SQA: query heads tiled over the kv heads
+                q = q.repeat(1, attn.q_repeat, 1, 1)
+            out = sdpa(q, k, v, mask=bias)
+            x = _residual_linear(x, out.reshape(b, attn.out_heads * hd), attn.o_proj)
             cross = layer.cross_attn
             if cross is not None:
                 norm = layer.cross_norm
                 h = F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
                 q = F.linear(h, cross.q_proj.weight, cross.q_proj.bias).view(b, cross.q_heads, hd)
                 q = torch.bmm(q, rotation)  # queries only: memory has no position
-                out = sdpa(q[:, :, None], *memory_kv[m])
+                q = q[:, :, None]
+                if cross.q_repeat > 1:
+                    q = q.repeat(1, cross.q_repeat, 1, 1)
+                out = sdpa(q, *memory_kv[m])
                 m += 1
-                x = _residual_linear(x, out.reshape(b, cross.q_heads * hd), cross.o_proj)
+                x = _residual_linear(x, out.reshape(b, cross.out_heads * hd), cross.o_proj)
             norm = layer.ffn_norm
             h = F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
             ffn = layer.ffn
