@@ -15,7 +15,7 @@ import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -207,6 +207,22 @@ class Conversation(TurnMethods):
         return reactivex.of(query).pipe(interaction(self, **options))
 
     # ------------------------------------------------------------------ memory
+    def memorize(self, query: str, answer: str, timeout: float | None = None) -> int:
+        """Write one past interaction to memory without decoding; returns the new STM version.
+
+        The encoder and memory attention read ``[BOS][Q] query [A] answer [EOS]`` exactly as after
+        a normal turn: it is a turn of its own (the next turn number), queued in order with the
+        others, and its MemoryUpdateStarted / MemoryUpdated reach ``memory_events``. Blocks until
+        it has committed; raises what made it fail (the STM then keeps its last version)."""
+        return self._engine.memorize(self._id, [(query, answer)], timeout)
+
+    def replay(self, interactions: Sequence[tuple[str, str]], timeout: float | None = None) -> int:
+        """:meth:`memorize` each ``(query, answer)`` pair in order (e.g. a chat history before
+        the next query); returns the STM version after the last. Stops at the first failure and
+        raises it: the pairs after it are not written. At most ``max_turns_per_conversation``
+        pairs per call (QueueFullError beyond: replay a long history in chunks)."""
+        return self._engine.memorize(self._id, list(interactions), timeout)
+
     def wait_for_memory(self, timeout: float | None = None) -> bool:
         """Block until no turn is queued or running and the memory update has committed."""
         return self._engine.wait_idle(self._id, timeout)
@@ -235,6 +251,12 @@ class Conversation(TurnMethods):
         self._unsubscribe()
         self._memory_subject.on_completed()
         self._engine.close_conversation(self._id)
+
+    def delete(self) -> None:
+        """Close the conversation and delete its memory from the engine's store."""
+        self._unsubscribe()
+        self._memory_subject.on_completed()
+        self._engine.delete_conversation(self._id)
 
     def __repr__(self) -> str:
         return f"Conversation(id={self._id!r})"

@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
-from rxruntime.errors import ConversationError, EngineClosedError, ModelExecutionError, QueryTooLongError
+from rxruntime.errors import (
+    ConversationError,
+    EngineClosedError,
+    InvalidOptionError,
+    ModelExecutionError,
+    QueryTooLongError,
+    QueueFullError,
+)
 from rxruntime.events import FinishReason
 from rxruntime.mailbox import Mailbox
 from rxruntime.models import native
@@ -127,6 +134,7 @@ class _Job:
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     state: str = "waiting"  # waiting -> active -> done
+    memory_ids: list[int] | None = None  # a memory-only turn (``memorize``): no decoding
 
 
 @dataclass
@@ -176,6 +184,9 @@ class Engine:
         default_sampling: SamplingParams | None = None,
         delivery_threads: int = 32,
         store: STMStore | None = None,
+        max_queued_turns: int = 4096,
+        max_turns_per_conversation: int = 64,
+        max_memory_backlog: int = 1024,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -185,6 +196,9 @@ class Engine:
         self.default_sampling = default_sampling or SamplingParams(temperature=0.0)
         self.device = model.device
         self.store = store
+        self.max_queued_turns = max_queued_turns
+        self.max_turns_per_conversation = max_turns_per_conversation
+        self.max_memory_backlog = max_memory_backlog
         self._cuda = self.device.type == "cuda"
         self._lock = threading.Condition()
         self._conversations: dict[str, _Conv] = {}
@@ -211,21 +225,25 @@ class Engine:
         memory_init: str | None = None,
         state: ConversationState | None = None,
         seed: int | None = None,
+        stm: Tensor | None = None,
     ) -> Conversation:
         """Open a conversation: a fresh random STM, one pre-read from ``memory_init`` (a system
-        text, written to memory in the background before the first turn), or a saved ``state``.
+        text, written to memory in the background before the first turn), a saved ``state``, or
+        a given ``stm`` tensor of shape (layers, slots, dim) (e.g. RxLM's exported STM without
+        its batch axis), checked for shape, dtype and finite values.
 
         With a store, an id the store knows resumes from its stored memory (``memory_init`` is
         then ignored)."""
         from rxruntime.conversation import Conversation
 
+        if sum(x is not None for x in (memory_init, state, stm)) > 1:
+            raise ConversationError("pass at most one of memory_init, state and stm")
         if state is not None:
-            if memory_init is not None:
-                raise ConversationError("pass either memory_init or state, not both")
             state.check_fits(self.config)
             conversation_id = conversation_id or state.conversation_id
+        given_stm = None if stm is None else self._check_stm(stm)
         conversation_id = conversation_id or _new_id()
-        if state is None and self.store is not None:
+        if state is None and given_stm is None and self.store is not None:
             state = self.store.get(conversation_id)  # a stored conversation resumes where it was
             if state is not None:
                 state.check_fits(self.config)
@@ -233,6 +251,8 @@ class Engine:
         stm_seed = seed if seed is not None else zlib.crc32(conversation_id.encode())
         if state is not None:
             stm = state.stm.to(self.device, self.model.dtype)
+        elif given_stm is not None:
+            stm = given_stm
         else:
             gen = torch.Generator().manual_seed(stm_seed)
             stm = self.model.init_stm(1, gen)[0].to(self.device)
@@ -243,6 +263,8 @@ class Engine:
             self._check_open()
             if conversation_id in self._conversations:
                 raise ConversationError(f"conversation {conversation_id!r} already exists in this engine")
+            if memory_init is not None:
+                self._check_memory_backlog()
             self._conversations[conversation_id] = conv
             if memory_init is not None:
                 conv.busy = True
@@ -262,6 +284,51 @@ class Engine:
                 if job.conv is conv:
                     job.cancelled = True
             del self._conversations[conversation_id]
+
+    def delete_conversation(self, conversation_id: str) -> None:
+        """Close a conversation and remove its memory from the store.
+
+        A memory update already running commits first and is then deleted with the rest, so
+        nothing is written back afterwards. An id that is not open but is stored is deleted from
+        the store; an id known to neither raises ConversationError."""
+        with self._lock:
+            conv = self._conversations.get(conversation_id)
+        if conv is not None:
+            self.close_conversation(conversation_id)
+            with self._lock:
+                while conv.busy and not self._closed:
+                    self._lock.wait(0.5)
+        elif self.store is None or self.store.get(conversation_id) is None:
+            raise ConversationError(f"unknown conversation {conversation_id!r}")
+        if self.store is not None:
+            self.store.delete(conversation_id)
+
+    @property
+    def queue_depth(self) -> int:
+        """Turns accepted but not yet started (decode or memory-only), over all conversations."""
+        with self._lock:
+            return len(self._waiting)
+
+    @property
+    def open_conversations(self) -> int:
+        """Conversations open in this engine."""
+        with self._lock:
+            return len(self._conversations)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for monitoring (e.g. a /metrics endpoint); a consistent snapshot."""
+        with self._lock:
+            waiting, active, conversations = len(self._waiting), self._batch.size, len(self._conversations)
+        with self._memory_cv:
+            backlog = len(self._memory_queue)
+        return {
+            "queue_depth": waiting,
+            "active_turns": active,
+            "memory_backlog": backlog,
+            "open_conversations": conversations,
+            "max_batch": self._batch.capacity,
+            "max_queued_turns": self.max_queued_turns,
+        }
 
     def stm_version(self, conversation_id: str) -> int:
         with self._lock:
@@ -291,9 +358,60 @@ class Engine:
         with self._lock:
             conv.stm, conv.ready_event, conv.version = stm, None, version
             if memory_init is not None:
+                self._check_memory_backlog()
                 conv.busy = True
                 ids = self.tokenizer.interaction_ids(memory_init, "")[: self.max_seq_len]
                 self._enqueue_memory(_MemoryTask(conv, turns, ids))
+
+    def memorize(
+        self, conversation_id: str, interactions: Sequence[tuple[str, str]], timeout: float | None = None
+    ) -> int:
+        """Write past interactions to memory without decoding (history replay); returns the STM
+        version after the last one.
+
+        Each ``(query, answer)`` pair is one turn: it takes the next turn number, runs in order
+        with the conversation's other turns, and its encoder + memory attention update commits a
+        new STM version like a normal turn's, with MemoryUpdateStarted / MemoryUpdated on
+        ``memory_events``. Blocks until the last pair has committed; raises the first failure (the
+        pairs after it are not written). Everything is checked before anything is queued."""
+        if not isinstance(interactions, Sequence) or isinstance(interactions, str):
+            raise InvalidOptionError("interactions", "must be a sequence of (query, answer) string pairs")
+        prompts: list[list[int]] = []
+        for i, pair in enumerate(interactions):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise InvalidOptionError(f"interactions[{i}]", "must be a (query, answer) pair of strings")
+            ids = self.tokenizer.interaction_ids(pair[0], pair[1])
+            if len(ids) > self.max_seq_len:
+                raise QueryTooLongError(
+                    f"interactions[{i}] takes {len(ids)} tokens; an interaction holds at most {self.max_seq_len}"
+                )
+            prompts.append(ids)
+        if not prompts:
+            return self.stm_version(conversation_id)
+        waiter = _MemorizeWaiter(len(prompts))
+        with self._lock:
+            self._check_open()
+            conv = self._conv(conversation_id)
+            self._check_room(conv, len(prompts))
+            jobs = []
+            for i, ids in enumerate(prompts):
+                turn = conv.next_turn
+                conv.next_turn += 1
+                request = TurnRequest(conversation_id, turn, (), self.default_sampling)
+                job = _Job(request, waiter.listener(i), conv, 0, time.perf_counter(), 0, memory_ids=ids)
+                conv.watchers.setdefault(turn, []).append(waiter.listener(i))
+                conv.pending.append(job)
+                self._waiting.append(job)
+                jobs.append(job)
+            self._lock.notify_all()
+        try:
+            return waiter.wait(timeout)
+        except BaseException:
+            with self._lock:  # the pairs not started yet are not written
+                for job in jobs:
+                    if job.state == "waiting":
+                        self._drop_waiting(job)
+            raise
 
     def load_state(self, conversation_id: str, state: ConversationState) -> None:
         """Replace a conversation's STM with a saved snapshot (after its pending turns)."""
@@ -355,6 +473,12 @@ class Engine:
                     f"{self.max_seq_len} including the answer and [EOS]"
                 )
                 conv.mailbox.post(lambda v=conv.version: listener.on_error(exc, v))  # type: ignore[misc]
+                return lambda: None
+            try:
+                self._check_room(conv, 1)
+            except QueueFullError as full:
+                self._unreserve(conv, request.turn)
+                conv.mailbox.post(lambda v=conv.version, e=full: listener.on_error(e, v))  # type: ignore[misc]
                 return lambda: None
             job = _Job(request, listener, conv, params.resolved_seed(), time.perf_counter(), limit)
             conv.pending.append(job)
@@ -448,10 +572,17 @@ class Engine:
         room = self._batch.capacity - self._batch.size
         chosen: list[_Job] = []
         for job in list(self._waiting):
-            if len(chosen) >= room:
-                break
             conv = job.conv
             if conv.busy or conv.pending[0] is not job:
+                continue
+            if job.memory_ids is not None:  # memory-only: straight to the memory thread
+                self._waiting.remove(job)
+                conv.pending.popleft()
+                conv.busy = True
+                job.state = "done"
+                self._enqueue_memory(_MemoryTask(conv, job.request.turn, job.memory_ids))
+                continue
+            if len(chosen) >= room:
                 continue
             self._waiting.remove(job)
             conv.pending.popleft()
@@ -749,6 +880,99 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise EngineClosedError("the engine is closed")
+
+    def _check_room(self, conv: _Conv, n: int) -> None:
+        """Admission bounds (under the lock): QueueFullError before anything is queued."""
+        if len(self._waiting) + n > self.max_queued_turns:
+            raise QueueFullError(
+                f"the engine has {len(self._waiting)} turns queued (max_queued_turns={self.max_queued_turns})"
+            )
+        if len(conv.pending) + n > self.max_turns_per_conversation:
+            raise QueueFullError(
+                f"conversation {conv.id!r} has {len(conv.pending)} turns queued "
+                f"(max_turns_per_conversation={self.max_turns_per_conversation})"
+            )
+
+    def _check_memory_backlog(self) -> None:
+        with self._memory_cv:
+            backlog = len(self._memory_queue)
+        if backlog >= self.max_memory_backlog:
+            raise QueueFullError(f"{backlog} memory updates are waiting (max_memory_backlog={self.max_memory_backlog})")
+
+    def _unreserve(self, conv: _Conv, turn: int) -> None:
+        """Give back a turn number that was reserved but never ran, if no later one was taken."""
+        if conv.next_turn == turn + 1:
+            conv.next_turn = turn
+
+    def _check_stm(self, stm: object) -> Tensor:
+        """A user-given STM (layers, slots, dim): right shape, floating dtype, finite values."""
+        expected = (self.config.num_layers, self.config.stm_size, self.config.dim)
+        if not isinstance(stm, Tensor):
+            raise ConversationError(f"stm must be a torch.Tensor of shape {expected}, got {type(stm).__name__}")
+        if tuple(stm.shape) != expected:
+            raise ConversationError(f"stm has shape {tuple(stm.shape)}; the model needs (L, S, D) {expected}")
+        if not stm.dtype.is_floating_point:
+            raise ConversationError(f"stm must hold floating-point values, got {stm.dtype}")
+        if not bool(torch.isfinite(stm).all()):
+            raise ConversationError("stm holds NaN or infinite values")
+        return stm.detach().to(self.device, self.model.dtype).clone()
+
+
+class _MemorizeWaiter:
+    """Waits for the memory commits of a ``memorize`` call, in order; keeps the first failure."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self._done = [threading.Event() for _ in range(n)]
+        self._versions = [0] * n
+        self._errors: list[Exception | None] = [None] * n
+
+    def listener(self, i: int) -> _MemorizeListener:
+        return _MemorizeListener(self, i)
+
+    def settle(self, i: int, version: int, error: Exception | None) -> None:
+        if not self._done[i].is_set():
+            self._versions[i], self._errors[i] = version, error
+            self._done[i].set()
+
+    def wait(self, timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for i in range(self._n):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._done[i].wait(remaining):
+                raise TimeoutError(f"interaction {i} was not written to memory within {timeout} s")
+            error = self._errors[i]
+            if error is not None:
+                raise error
+        return self._versions[-1]
+
+
+class _MemorizeListener:
+    """Turn and memory callbacks of one memorized interaction."""
+
+    def __init__(self, waiter: _MemorizeWaiter, i: int) -> None:
+        self._waiter, self._i = waiter, i
+
+    def on_token(self, token_id: int, position: int) -> None:
+        pass
+
+    def on_answer(self, token_ids: tuple[int, ...], finish_reason: FinishReason, stats: AnswerStats) -> None:
+        pass
+
+    def on_error(self, exc: Exception, stm_version: int) -> None:
+        self._waiter.settle(self._i, stm_version, exc)
+
+    def on_memory_started(self, turn: int, stm_version: int) -> None:
+        pass
+
+    def on_memory_updated(self, turn: int, stm_version: int, duration_s: float) -> None:
+        self._waiter.settle(self._i, stm_version, None)
+
+    def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None:
+        self._waiter.settle(self._i, stm_version, exc)
+
+    def on_memory_skipped(self, turn: int) -> None:
+        self._waiter.settle(self._i, 0, ConversationError(f"turn {turn} was not written to memory"))
 
 
 def _split(stm: Tensor) -> list[Tensor]:
