@@ -17,9 +17,9 @@ import torch
 import zmq
 
 from rxruntime import ConversationError, Engine, QueryTooLongError
-from rxruntime.serving.client import Client, RemoteConversation
 from rxruntime.events import AnswerCompleted, Event, MemoryUpdated, Token
 from rxruntime.models import RxTModel, RxTokenizer
+from rxruntime.serving.client import Client, RemoteConversation
 from rxruntime.serving.errors import ProtocolError
 from rxruntime.serving.zmq_server import Server
 from rxruntime.stores import SQLiteStore

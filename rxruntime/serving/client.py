@@ -47,7 +47,14 @@ from rxruntime.serving.protocol import error_from_payload, error_payload
 __all__ = ["Client", "ConnectionLost", "RemoteConversation", "RemoteError"]
 
 _HEARTBEAT_RID = 0  # requests count from 1
-_MONITORED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,  # the server's authenticator refused our key
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,  # e.g. CURVE with the wrong server key
+)
+_MONITORED = zmq.EVENT_DISCONNECTED
+for _event in _HANDSHAKE_FAILED:
+    _MONITORED |= _event
 
 
 class Client:
@@ -90,6 +97,7 @@ class Client:
         self._delivery = ThreadPoolExecutor(8, thread_name_prefix="rxrt-client")
         self._closed = threading.Event()
         self._last_heard = time.monotonic()
+        self._refused = False  # a handshake failed since the last reply
         self._connected = False  # until the first reply: before that, requests wait up to ``timeout``
         self._thread = threading.Thread(target=self._loop, name="rxrt-client", daemon=True)
         self._thread.start()
@@ -194,6 +202,8 @@ class Client:
                 if self._monitor in ready:
                     self._receive_all()  # what arrived before the connection dropped comes first
                     self._on_monitor_event()
+                if self._refused and self._handlers:  # no request can get through until keys change
+                    self._fail_all(self._refusal())
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_s
@@ -230,11 +240,20 @@ class Client:
             except zmq.Again:
                 return
             kind = event["event"]
-            if kind in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                self._fail_all(AuthenticationError(f"{self.address} refused this client's key (CURVE handshake)"))
+            refused = self._refusal()
+            if kind in _HANDSHAKE_FAILED:
+                self._refused = True  # until a reply comes through: every drop until then is this
+                self._fail_all(refused)
             elif kind == zmq.EVENT_DISCONNECTED:
                 self._connected, self._last_heard = False, time.monotonic()
-                self._fail_all(ConnectionLost(f"the connection to {self.address} was lost"))
+                lost = ConnectionLost(f"the connection to {self.address} was lost")
+                self._fail_all(refused if self._refused else lost)
+
+    def _refusal(self) -> AuthenticationError:
+        return AuthenticationError(
+            f"the CURVE handshake with {self.address} failed: the server refused this client's key, "
+            "or this client has the wrong server key, or one side has no keys"
+        )
 
     def _receive_all(self) -> None:
         while True:
@@ -242,7 +261,7 @@ class Client:
                 payload = self._socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._last_heard, self._connected = time.monotonic(), True
+            self._last_heard, self._connected, self._refused = time.monotonic(), True, False
             self._dispatch(payload)
 
     def _dispatch(self, payload: bytes) -> None:

@@ -111,7 +111,7 @@ class Server:
 
             self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".auth"))
             self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(keys.authorized))
+            self._auth.configure_curve(domain="rxrt", location=str(keys.authorized))
             self._socket.setsockopt(zmq.CURVE_SERVER, 1)
             self._socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
             self._socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
@@ -482,14 +482,12 @@ class Server:
     def _delete(self, identity: Identity, cid: str) -> dict[str, Any]:
         eid, conv = self._access(identity, cid)
         delete: Callable[[str], object] | None = getattr(self.engine, "delete_conversation", None)
-        if delete is not None:
-            conv._unsubscribe()
+        if delete is not None:  # the engine's own: cancels, forgets and deletes in one step
             delete(eid)
-        else:  # until Engine.delete_conversation lands: close, then drop the stored state
+        else:
             conv.close()
-            store_delete: Callable[[str], object] | None = getattr(self.engine.store, "delete", None)
-            if store_delete is not None:
-                store_delete(eid)
+            if self.engine.store is not None:
+                self.engine.store.delete(eid)
         self._forget(eid)
         return {"conversation_id": cid, "deleted": True}
 
