@@ -111,3 +111,74 @@ def test_stm_from_text_matches(case: Path) -> None:
     with torch.no_grad():
         stm = model.memory_update(exp["stm_init"][None], ids)
     assert (stm[0] - exp["stm_from_text"]).abs().max().item() < TOL
+
+
+ENGINE_CASES = [c for c in SUPPORTED if c.name == "alpha_supervised"]
+
+
+@pytest.mark.parametrize("case", ENGINE_CASES, ids=_id)
+def test_three_turns_through_the_engine_match(case: Path) -> None:
+    """The same turns as text through rxruntime.load and the Engine (batching, decode loop,
+    memory thread), starting from RxLM's STM: identical tokens, STM within 1e-4."""
+    import threading
+
+    import rxruntime
+    from rxruntime.events import AnswerCompleted
+
+    exp, meta = _expected(case)
+    with rxruntime.load(case, device="cpu") as engine:
+        eos = engine.config.special_tokens.eos_id
+        conv = engine.conversation(stm=exp["stm_init"])
+        for i, query in enumerate(meta["queries"], start=1):
+            budget = meta["max_seq_len"] - exp[f"turn{i}_query_ids"].shape[1]
+            done = threading.Event()
+            answers: list[AnswerCompleted] = []
+
+            def on_next(event: object, answers: list[AnswerCompleted] = answers) -> None:
+                if isinstance(event, AnswerCompleted):
+                    answers.append(event)
+
+            conv.interact(query, temperature=0.0, max_new_tokens=budget).subscribe(
+                on_next, lambda exc: done.set(), done.set
+            )
+            assert done.wait(120) and answers, f"turn {i} did not complete"
+            (answer,) = answers
+            ended = [eos] if answer.finish_reason == "eos" else []
+            assert list(answer.token_ids) + ended == exp[f"turn{i}_answer_ids"].tolist(), f"turn {i}"
+            state = conv.export_state()
+            assert (state.stm - exp[f"turn{i}_stm"]).abs().max().item() < TOL, f"STM after turn {i}"
+
+
+@pytest.mark.parametrize("case", SUPPORTED, ids=_id)
+def test_decode_paths_agree_and_the_c_step_steps_aside(case: Path) -> None:
+    """The fused torch step (decode layout) and the module path give the same logits on RxLM's
+    layout; the C step declines it with a reason instead of computing something else."""
+    from rxruntime.models import native
+
+    exp, _ = _expected(case)
+    model = _load(case)
+    reason = native.layout_reason(model)
+    assert reason is not None and "not covered" in reason
+    query = exp["turn1_query_ids"]
+    n = min(6, exp["turn1_answer_ids"].shape[0] - 1)  # tokens fed back; each gives the next's logits
+    answer = exp["turn1_answer_ids"][:n]
+    stm = exp["stm_init"][None]
+    outputs = []
+    for fast in (False, True):
+        model.fast_decode = fast
+        if fast:
+            model.use_decode_layout()
+        cache = model.new_cache(1)
+        with torch.no_grad():
+            kv = model.memory_kv(stm)
+            model.prefill(query, torch.tensor([query.shape[1]]), kv, cache)
+            steps = []
+            for j, token in enumerate(answer.tolist()):
+                position = torch.tensor([query.shape[1] + j])
+                if fast:
+                    assert native.decode_step(model, torch.tensor([token]), position, kv, cache) is None
+                steps.append(model.decode_step(torch.tensor([token]), position, kv, cache))
+        outputs.append(torch.cat(steps))
+    assert n > 0 and (outputs[0] - outputs[1]).abs().max().item() < TOL
+    # and both are RxLM's: the logits interact sampled turn 1's tokens 2..n+1 from
+    assert (outputs[1] - exp["turn1_step_logits"][1 : n + 1]).abs().max().item() < TOL
