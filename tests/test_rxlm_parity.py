@@ -139,7 +139,7 @@ def test_three_turns_through_the_engine_match(case: Path) -> None:
                     answers.append(event)
 
             conv.interact(query, temperature=0.0, max_new_tokens=budget).subscribe(
-                on_next, lambda exc: done.set(), done.set
+                on_next, lambda exc, done=done: done.set(), done.set
             )
             assert done.wait(120) and answers, f"turn {i} did not complete"
             (answer,) = answers
