@@ -149,7 +149,8 @@ def load_pretrained(
         tok_path = directory / TOKENIZER_FILE
         if not tok_path.is_file():
             raise MissingCheckpointFileError(tok_path, "missing tokenizer file")
-        tokenizer = RxTokenizer.from_file(tok_path, config.special_tokens if is_rxlm_config(raw) else None)
+        special = config.special_tokens if config.tokenizer_template == "rxlm" else None
+        tokenizer = RxTokenizer.from_file(tok_path, special)
         if tokenizer.vocab_size > config.vocab_size:
             raise CheckpointMismatchError(
                 tok_path,

@@ -201,6 +201,10 @@ class RxTConfig:
     function wherever only queries or only keys are rotated."""
     stm_init_std: float = 0.02
     """Standard deviation of the random normal initial STM."""
+    tokenizer_template: Literal["rxt", "rxlm"] = "rxt"
+    """How the tokenizer is read: ``rxt``: our special tokens at ids 0..6; ``rxlm``: the ids in
+    ``special_tokens``, text tokenised as RxLM's transformers wrapper does (no byte-level prefix
+    space, the template tokens and the query as one string)."""
     eos_after_truncated_answer: bool = True
     """Whether the memory update reads an ``[EOS]`` after an answer the length limit cut off
     (ours: yes, every interaction is closed; RxLM: no, it encodes exactly the sampled tokens)."""
@@ -222,6 +226,7 @@ class RxTConfig:
         if self.norm_eps is not None and self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be > 0 or null (torch's default), got {self.norm_eps}")
         _choice("rope_pairing", self.rope_pairing, RopePairing)
+        _choice("tokenizer_template", self.tokenizer_template, Literal["rxt", "rxlm"])
         if self.stm_init_std < 0:
             raise ConfigError(f"stm_init_std must be >= 0, got {self.stm_init_std}")
         d, e, m = self.decoder, self.encoder, self.memory_attention

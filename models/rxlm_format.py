@@ -377,6 +377,7 @@ def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] |
         rope_pairing="adjacent-split" if version == "0.2" else "adjacent",
         stm_init_std=1.0,  # share_components resets RxLM's STM with a standard normal
         eos_after_truncated_answer=False,
+        tokenizer_template="rxlm",
         decoder=decoder,
         encoder=encoder,
         memory_attention=memory,
