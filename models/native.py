@@ -250,6 +250,9 @@ def layout_reason(model: RxTModel) -> str | None:
     d = c.decoder
     checks = [
         (c.rope_pairing == "half", f"rope_pairing={c.rope_pairing!r}"),
+        (not c.layer_norm, "layer_norm=True"),
+        (d.attention_gate == d.cross_attention_gate == "none", "gated attention"),
+        (d.ffn_gated and d.ffn_activation == "silu", "a feed-forward other than SwiGLU"),
         (c.norm_eps is not None, "norm_eps=None (torch's default epsilon)"),
         (d.step_position_offset == 0, f"decoder.step_position_offset={d.step_position_offset}"),
         (d.final_norm == "rms", f"decoder.final_norm={d.final_norm!r}"),

@@ -4,9 +4,8 @@ The fixtures (tests/fixtures/rxlm/<rxlm-version>/<case>/, written by scripts/rxl
 inside RxLM's own environments) hold a model directory exactly as RxLM's ``save_pretrained``
 wrote it and RxLM's outputs for fixed inputs. For every case: the decoder logits of a prompt,
 three greedy ``interact`` turns (identical tokens; the STM after each memory update), and the
-STM initialised from text, all within 1e-4 in float32. Cases built with options rxruntime does
-not compute must be refused at load time, naming the option. ``RXRT_RXLM_FIXTURES`` points the
-tests at another fixture folder while developing.
+STM initialised from text, all within 1e-4 in float32. ``RXRT_RXLM_FIXTURES`` points the tests
+at another fixture folder while developing.
 """
 
 from __future__ import annotations
@@ -22,17 +21,10 @@ from safetensors.torch import load_file
 
 from rxruntime.models import RxTModel, SamplingParams, generate
 from rxruntime.models.checkpoint import checkpoint_format, load_pretrained
-from rxruntime.models.errors import UnsupportedCheckpointError
 
 ROOT = Path(os.environ.get("RXRT_RXLM_FIXTURES", Path(__file__).parent / "fixtures" / "rxlm"))
 CASES = sorted(p.parent for p in ROOT.glob("*/*/expected.json"))
 TOL = 1e-4
-
-# Cases whose options rxruntime refuses: the config field the error must name.
-UNSUPPORTED = {
-    "mha_layernorm_dense": "use_rms_norm",
-    "gated_attention_no_out_bias": "use_gated_attention",
-}
 
 
 def _id(path: Path) -> str:
@@ -54,14 +46,7 @@ def _load(case: Path) -> RxTModel:
     return model
 
 
-SUPPORTED = [c for c in CASES if c.name not in UNSUPPORTED]
-REFUSED = [c for c in CASES if c.name in UNSUPPORTED]
-
-
-@pytest.mark.parametrize("case", REFUSED, ids=_id)
-def test_unsupported_options_are_refused_naming_the_field(case: Path) -> None:
-    with pytest.raises(UnsupportedCheckpointError, match=UNSUPPORTED[case.name]):
-        load_pretrained(case)
+SUPPORTED = CASES  # every fixture case is an option set rxruntime computes (refusals: test_rxlm_format.py)
 
 
 @pytest.mark.parametrize("case", SUPPORTED, ids=_id)
@@ -138,9 +123,10 @@ def test_three_turns_through_the_engine_match(case: Path) -> None:
                 if isinstance(event, AnswerCompleted):
                     answers.append(event)
 
-            conv.interact(query, temperature=0.0, max_new_tokens=budget).subscribe(
-                on_next, lambda exc, done=done: done.set(), done.set
-            )
+            def on_error(exc: Exception, done: threading.Event = done) -> None:
+                done.set()
+
+            conv.interact(query, temperature=0.0, max_new_tokens=budget).subscribe(on_next, on_error, done.set)
             assert done.wait(120) and answers, f"turn {i} did not complete"
             (answer,) = answers
             ended = [eos] if answer.finish_reason == "eos" else []
