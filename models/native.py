@@ -346,7 +346,8 @@ class NativeDecoder:
         if ld_head is None or not (emb.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or hd > 512:
             return False
         norms: list[Any] = [layer.self_norm for layer in m.decoder.blocks] + [m.decoder.norm]
-        eps = {n.eps for n in norms} | {layer.ffn_norm.eps for layer in m.decoder.blocks}
+        norms += [layer.ffn_norm for layer in m.decoder.blocks]
+        eps: set[float | None] = {n.eps for n in norms}
         if len(eps) != 1 or None in eps:
             return False
         qkv_cols = (d.self_q_heads + 2 * d.self_kv_heads) * hd
