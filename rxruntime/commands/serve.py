@@ -1,4 +1,4 @@
-"""``rxrt serve``: serve a model to many conversations over zmq + msgpack (docs/protocol.md)."""
+"""``rxrt serve``: serve a model over zmq + msgpack (docs/protocol.md), HTTP (docs/http.md), or both."""
 
 from __future__ import annotations
 
@@ -6,9 +6,19 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("serve", help="serve a model over zmq (ROUTER socket, msgpack frames)")
+    p = subparsers.add_parser("serve", help="serve a model over zmq (msgpack frames) and/or OpenAI-compatible HTTP")
     p.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
-    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="zmq address to bind (default %(default)s)")
+    p.add_argument(
+        "--bind",
+        default=None,
+        help="zmq address (default tcp://127.0.0.1:5555 without --http; with --http, zmq only if given)",
+    )
+    p.add_argument("--http", default=None, metavar="HOST:PORT", help="serve the OpenAI-compatible HTTP API here")
+    p.add_argument(
+        "--api-key", action="append", default=[], help="HTTP: accepted bearer key (repeatable; none: no auth)"
+    )
+    p.add_argument("--api-key-file", default=None, help="HTTP: file of accepted keys, one per line")
+    p.add_argument("--model-name", default="rxt", help="HTTP: the model id /v1/models lists (default %(default)s)")
     p.add_argument(
         "--store",
         default="sqlite:///rxrt-stm.db",
@@ -21,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.http is not None:
+        return _run_http(args)
+    return _run_zmq(args, args.bind or "tcp://127.0.0.1:5555")
+
+
+def _run_zmq(args: argparse.Namespace, bind: str) -> int:
     import signal
     import threading
 
@@ -34,12 +50,62 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     stop = threading.Event()
     with rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store) as engine:
-        server = Server(engine, args.bind, max_message_bytes=args.max_message_bytes).start()
+        server = Server(engine, bind, max_message_bytes=args.max_message_bytes).start()
         console.print(f"rxrt serve: {server.endpoint} · store {args.store} · device {engine.device} · Ctrl-C stops")
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         console.print("stopping: finishing owed memory updates")
         server.stop()
+    store.close()
+    return 0
+
+
+def _run_http(args: argparse.Namespace) -> int:
+    """uvicorn in the foreground; the model loads once it listens (``/health`` says 503 until then),
+    and the zmq server, if ``--bind`` is given, starts on the same engine when it is loaded."""
+    from typing import Any
+
+    from rich.console import Console
+
+    import rxruntime
+    from rxruntime.engine import Engine
+    from rxruntime.serving.http_app import create_app
+    from rxruntime.serving.http_auth import KeyRing
+    from rxruntime.serving.http_serve import parse_address, serve
+    from rxruntime.stores import open_store
+
+    console = Console(highlight=False)
+    parse_address(args.http)  # a bad address fails now, not after loading
+    keys = KeyRing.from_file(args.api_key_file, args.api_key) if args.api_key_file else KeyRing(args.api_key)
+    store = open_store(args.store)
+    zmq: dict[str, Any] = {}
+
+    def load() -> Engine:
+        return rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store)
+
+    def on_ready(engine: Engine) -> None:
+        where = f"http://{args.http}"
+        if args.bind:
+            from rxruntime.server import Server
+
+            zmq["server"] = Server(engine, args.bind, max_message_bytes=args.max_message_bytes).start()
+            where += f" and {zmq['server'].endpoint}"
+        auth = f"{'keys required' if keys.enabled else 'no API key'}"
+        console.print(f"rxrt serve: {where} · store {args.store} · device {engine.device} · {auth} · Ctrl-C stops")
+
+    def on_shutdown() -> None:
+        if "server" in zmq:
+            zmq["server"].stop()
+
+    app = create_app(
+        load,
+        api_keys=keys,
+        model_name=args.model_name,
+        max_body_bytes=args.max_message_bytes,
+        on_ready=on_ready,
+        on_shutdown=on_shutdown,
+    )
+    serve(app, args.http)
     store.close()
     return 0
