@@ -89,6 +89,7 @@ def test_stream_event_order_and_memory_events(api: tuple[openai.OpenAI, Any]) ->
     completed = events[types.index("response.completed")]["response"]
     assert text == done["text"] == completed["output"][0]["content"][0]["text"]
     assert completed["status"] == "completed" and completed["conversation"]["id"] == conv.id
+    assert {e["response"]["id"] for e in events if "response" in e} == {completed["id"]}  # one id throughout
     started, updated = events[-2], events[-1]
     assert started["conversation_id"] == updated["conversation_id"] == conv.id
     assert updated["stm_version"] == started["stm_version"] + 1

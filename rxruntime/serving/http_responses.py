@@ -63,7 +63,7 @@ async def create_response(ctx: Context, request: Request, owner: str) -> Respons
         if new:
             await ctx.blocking(lambda: ctx.registry.forget(entry.conv.id))
         raise
-    shape = _Shape(ctx.model_name, entry, body, meta, instructions, previous, store, ephemeral)
+    shape = _Shape(ctx.model_name, entry, turn.number, body, meta, instructions, previous, store, ephemeral)
     if not stream:
         try:
             summary = await turn.answer_only()
@@ -212,6 +212,7 @@ class _Shape:
         self,
         model: str,
         entry: Entry,
+        turn: int,
         body: dict[str, Any],
         meta: dict[str, str],
         instructions: str | None,
@@ -222,7 +223,7 @@ class _Shape:
         self.entry = entry
         self.ephemeral = ephemeral
         self.item_id = f"msg_{uuid.uuid4().hex[:24]}"
-        self.pending_id = f"resp_{entry.conv.id.removeprefix(PREFIX + '_')}_pending"
+        self.id = response_id(entry.conv.id, turn)
         self._base: dict[str, Any] = {
             "object": "response",
             "created_at": int(time.time()),
@@ -245,11 +246,11 @@ class _Shape:
         }
 
     def pending(self) -> dict[str, Any]:
-        return {**self._base, "id": self.pending_id, "status": "in_progress", "output": [], "usage": None}
+        return {"id": self.id, **self._base, "status": "in_progress", "output": [], "usage": None}
 
     def failed(self, exc: APIError) -> dict[str, Any]:
         error = {"code": exc.code, "message": exc.message}
-        return {**self._base, "id": self.pending_id, "status": "failed", "output": [], "usage": None, "error": error}
+        return {"id": self.id, **self._base, "status": "failed", "output": [], "usage": None, "error": error}
 
     def message_item(self, text: str, status: str = "completed") -> dict[str, Any]:
         content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
@@ -258,8 +259,8 @@ class _Shape:
     def response(self, summary: TurnSummary) -> dict[str, Any]:
         incomplete = summary.finish_reason == "length"
         return {
+            "id": self.id,
             **self._base,
-            "id": response_id(self.entry.conv.id, summary.turn),
             "status": "incomplete" if incomplete else "completed",
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "output": [self.message_item(summary.text)],

@@ -43,6 +43,7 @@ class Turn:
         self._stream: AsyncIterator[Event] | None = None
         self._ahead: list[Event] = []
         self.input_tokens = 0
+        self.number = 0  # the turn's number in its conversation, known once the query is received
         self.answer: AnswerCompleted | None = None
         self.memory_committed = False
         self._closed = False
@@ -105,6 +106,7 @@ class Turn:
         m = self._metrics
         if isinstance(event, QueryReceived):
             self.input_tokens = len(event.token_ids)
+            self.number = event.turn
             m.tokens.labels("input").inc(self.input_tokens)
         elif isinstance(event, AnswerCompleted):
             self.answer = event
