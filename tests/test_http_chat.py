@@ -128,3 +128,15 @@ def _eventually(check: Any, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.05)
     return bool(check())
+
+
+def test_a_history_longer_than_the_engines_per_conversation_queue_replays_in_chunks() -> None:
+    from rxruntime.models.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained("default")
+    assert tokenizer is not None
+    with Engine(model, tokenizer, max_turns_per_conversation=2) as engine, served(engine) as (url, _):
+        messages = _history(JULIA, "Nice to meet you, Julia.", *["What is 3 plus 5?", "3 plus 5 is 8."] * 2, ASK_NAME)
+        reply = client(url).chat.completions.create(model="rxt", messages=messages)
+    assert reply.model_dump()["usage"]["rxrt"]["replayed_turns"] == 3
+    assert "Julia" in (reply.choices[0].message.content or "")

@@ -186,3 +186,20 @@ def _sample(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in the metrics")
+
+
+def test_idle_conversations_beyond_the_bound_close_and_reopen_from_the_store() -> None:
+    store = InMemoryStore()
+    with (
+        rxruntime.load("default", store=store) as engine,
+        served(engine, max_open_conversations=1, idle_close_s=0.0) as (url, _),
+    ):
+        c = client(url)
+        first = c.conversations.create(metadata={"who": "julia"})
+        c.responses.create(model="rxt", input=JULIA, conversation=first.id)
+        engine.wait_idle(first.id)
+        c.conversations.create()  # over the bound: the idle first one is closed in the engine
+        assert engine.open_conversations == 1
+        assert store.get(first.id) is not None
+        assert "Julia" in c.responses.create(model="rxt", input=ASK_NAME, conversation=first.id).output_text
+        assert c.conversations.retrieve(first.id).metadata == {"who": "julia"}

@@ -53,6 +53,8 @@ def create_app(
     api_keys: Iterable[str] | KeyRing = (),
     model_name: str = "rxt",
     history_cache_size: int = 512,
+    max_open_conversations: int = 10_000,
+    idle_close_s: float = 60.0,
     max_body_bytes: int = 1 << 20,
     worker_threads: int = 16,
     owns_engine: bool | None = None,
@@ -63,8 +65,9 @@ def create_app(
 
     ``api_keys``: accepted bearer keys (none: no authentication). ``model_name``: the id
     ``/v1/models`` lists (requests may name any model: there is one). ``history_cache_size``: STMs
-    kept for Chat Completions histories. An engine the app loads itself is closed at shutdown; a
-    given one only with ``owns_engine=True``.
+    kept for Chat Completions histories. ``max_open_conversations``: with a store, past this many
+    open conversations those idle for ``idle_close_s`` are closed (they reopen from the store).
+    An engine the app loads itself is closed at shutdown; a given one only with ``owns_engine=True``.
     """
     slot = EngineSlot(engine, owns_engine=owns_engine)
     if on_ready is not None:
@@ -74,7 +77,7 @@ def create_app(
         slot=slot,
         keys=api_keys if isinstance(api_keys, KeyRing) else KeyRing(api_keys),
         metrics=metrics_,
-        registry=Registry(metrics_),
+        registry=Registry(metrics_, max_open_conversations, idle_close_s),
         history=HistoryCache(history_cache_size),
         model_name=model_name,
         max_body_bytes=max_body_bytes,

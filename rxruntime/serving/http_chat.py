@@ -36,6 +36,7 @@ from rxruntime.serving.http_context import Context
 from rxruntime.serving.http_errors import APIError, bad_field, from_engine_error
 from rxruntime.serving.http_fields import json_body, message_text, opt_bool, opt_int, sampling_options
 from rxruntime.serving.http_history import Pair, extend_key, prefix_keys
+from rxruntime.serving.http_registry import replay_pairs
 from rxruntime.serving.http_sse import sse, sse_response
 from rxruntime.serving.http_turns import Turn, TurnSummary
 
@@ -186,7 +187,7 @@ async def _memory_for(
             conv = engine.conversation(conversation_id, memory_init=history.system, seed=0)
         try:
             if missing:
-                conv.replay(list(missing))
+                replay_pairs(conv, missing)
             if computed:  # the history's own STM, for a client that asks again from the same point
                 ctx.history.put(keys[n], conv.export_state(wait=True).stm)
         except BaseException:
