@@ -242,6 +242,7 @@ def test_memory_init_bursts_are_bounded(tok: RxTokenizer) -> None:
         deadline = time.monotonic() + 10
         while eng.stats()["memory_backlog"] and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert eng.stats()["memory_backlog"] == 0
         eng.conversation("later", memory_init="ok").wait_for_memory(10)  # room again
 
 
