@@ -72,11 +72,11 @@ class Case:
 
 
 def base_component(vocab: int) -> dict[str, Any]:
-    """Shared by decoder and encoder: dim 32, 4 heads, 2 layers, 8 STM slots."""
+    """Shared by decoder and encoder: dim 24, 4 heads, 2 layers, 8 STM slots."""
     return dict(
         num_layers=2,
         vocab_size=vocab,
-        embed_dim=32,
+        embed_dim=24,
         att_heads=4,
         seq_len=40,
         stm_size=8,
@@ -101,7 +101,7 @@ def base_memory() -> dict[str, Any]:
     """Memory attention of the RxT-Alpha card (scaled down): SQA, linear sigmoid per-slot gates."""
     return dict(
         num_layers=2,
-        embed_dim=32,
+        embed_dim=24,
         att_heads=4,
         seq_len=40,
         stm_size=8,
@@ -137,7 +137,7 @@ CASES: list[Case] = [
         options={
             "layout": "RxT-Alpha-Supervised card",
             "attention": "sqa 2/4 q, 2/4 kv",
-            "ff": "gated moe 4 top-2",
+            "ff": "gated moe 4 top-2 (0.3.80: vectorized, 1 shared expert, global bias by default)",
             "memory": "self-interlayer, linear sigmoid per-slot gates, classic-rms",
         },
     ),
@@ -147,7 +147,185 @@ CASES: list[Case] = [
         variant="interlayer",
         encoder=dict(skip_memory_cross_attention=True),
         memory=dict(residual_gate_type="static", residual_per_slot_gate=False, use_tanh_residual_gate=True),
-        options={"variant": "interlayer (as RxLM builds it)", "gate": "static tanh per layer", "ff": "dense gated"},
+        options={
+            "variant": "'interlayer' (0.2.31 builds interlayer; 0.3.80 builds self-interlayer)",
+            "gate": "static tanh per layer",
+            "ff": "dense gated",
+        },
+    ),
+    Case(
+        "variant_simple",
+        BOTH,
+        variant="simple",
+        encoder=dict(skip_memory_cross_attention=True),
+        memory=dict(residual_gate_type="static", residual_per_slot_gate=True, use_tanh_residual_gate=False),
+        options={
+            "variant": "'simple' in config: RxTAlpha builds self-interlayer for it (only names it knows differ)",
+            "gate": "static sigmoid per slot",
+        },
+    ),
+    Case(
+        "beta_gqa_mqa_elementwise",
+        BOTH,
+        cls="RxTBeta",
+        variant=None,
+        decoder=dict(self_att_type="gqa", cross_att_type="mqa", use_head_norm=True),
+        encoder=dict(self_att_type="gqa", cross_att_type="mqa", skip_memory_cross_attention=True),
+        memory=dict(
+            interlayer_att_type="mqa",
+            residual_gate_type="elementwise",
+            residual_per_slot_gate=True,
+            use_tanh_residual_gate=True,
+            norm_type="rms",
+        ),
+        options={
+            "class": "RxTBeta (variant not passed: class default self-interlayer)",
+            "attention": "decoder gqa self (2 kv groups) / mqa cross",
+            "head_norm": "use_head_norm (LayerNorm)",
+            "gate": "elementwise tanh per slot",
+            "memory_norm": "rms (SimpleRMSMemoryNorm)",
+        },
+    ),
+    Case(
+        "mha_layernorm_dense",
+        BOTH,
+        variant="interlayer",
+        decoder=dict(
+            self_att_type="mha",
+            cross_att_type="mha",
+            use_rms_norm=False,
+            use_gated=False,
+            ff_activation="gelu",
+            ff_dim=16,
+        ),
+        encoder=dict(
+            use_rms_norm=False,
+            use_gated=False,
+            ff_activation="gelu",
+            skip_memory_cross_attention=True,
+        ),
+        memory=dict(
+            att_type="mha",
+            norm_type="layer",
+            residual_gate_type="elementwise",
+            residual_per_slot_gate=False,
+            use_tanh_residual_gate=False,
+        ),
+        options={
+            "attention": "mha in decoder (self, cross) and memory attention main layers",
+            "norms": "LayerNorm layers (use_rms_norm False)",
+            "ff": "dense, not gated, gelu",
+            "memory_norm": "layer (MemoryLayerNorm)",
+            "gate": "elementwise sigmoid per layer",
+        },
+    ),
+    Case(
+        "positional_norm_linear_status",
+        BOTH,
+        decoder=dict(att_groups=1, att_query_groups=2, cross_att_groups=2, cross_att_query_groups=1),
+        encoder=dict(att_groups=1, att_query_groups=2, skip_memory_cross_attention=True),
+        memory=dict(
+            norm_type="positional",
+            norm_per_dim_scale=True,
+            residual_gate_type="linear",
+            residual_per_slot_gate=False,
+            residual_gate_slot_status_type="linear",
+            use_tanh_residual_gate=True,
+        ),
+        options={
+            "attention": "sqa q2/kv1 self (enable_gqa), cross revSQA q1/kv2 (q repeated)",
+            "memory_norm": "positional (ema_rms buffer, per-dim scale)",
+            "gate": "linear tanh per layer, linear slot status",
+        },
+    ),
+    Case(
+        "adaptive_norm_plain_residual",
+        BOTH,
+        decoder=dict(use_moe=True, num_experts=4, moe_top_k=1, ff_dim=8, use_gated=False, ff_activation="relu"),
+        encoder=dict(skip_memory_cross_attention=True),
+        memory=dict(norm_type="adaptive", use_gated_residual=False),
+        options={
+            "ff": "non-gated moe 4 top-1 relu",
+            "memory_norm": "adaptive (eval: per-slot rms)",
+            "gate": "none (use_gated_residual False: new + old)",
+        },
+    ),
+    Case(
+        "legacy_encoder_cross_attention",
+        BOTH,
+        encoder=dict(skip_memory_cross_attention=False),
+        options={
+            "encoder": "memory cross-attention built (config default): 0.2.31 reads the encoder's own saved STM "
+            "buffer encoder.model.stm.memory; 0.3.80 builds the weights but never runs them",
+        },
+    ),
+    Case(
+        "beta_stateless_shared_experts",
+        V03,
+        cls="RxTBeta",
+        variant=None,
+        decoder=dict(
+            MOE,
+            stateless_layers_config=["dense"],
+            final_stateless_layers_config=["dense"],
+            dense_layer_dim=24,
+            num_shared_experts=1,
+            use_head_norm=True,
+            head_norm_type="rms_norm",
+        ),
+        encoder=dict(skip_memory_cross_attention=True),
+        options={
+            "layout": "RxT-Beta style decoder",
+            "stateless": "1 dense stateless layer before and 1 after the memory layers (ff dense_layer_dim)",
+            "ff": "vectorized gated moe 4 top-2 + 1 shared expert (local bias), global routed bias",
+            "head_norm": "rms_norm",
+        },
+    ),
+    Case(
+        "moe_two_shared_local_bias",
+        V03,
+        decoder=dict(
+            MOE,
+            num_shared_experts=2,
+            shared_expert_dim=12,
+            moe_bias_mode="local",
+            moe_shared_experts_bias_mode="global",
+            moe_use_weighted_shared_experts=True,
+            stateless_layers_config=["moe"],
+        ),
+        encoder=dict(skip_memory_cross_attention=True),
+        options={
+            "ff": "vectorized gated moe, local expert biases, 2 shared experts (softmax gate, stacked weights,"
+            " global shared bias), weighted shared experts",
+            "stateless": "1 moe stateless layer before the memory layers",
+        },
+    ),
+    Case(
+        "moe_legacy_layout",
+        V03,
+        decoder=dict(MOE, use_vectorized_moe=False, num_shared_experts=1),
+        encoder=dict(skip_memory_cross_attention=True),
+        options={"ff": "use_vectorized_moe False: ModuleList experts (0.2.31 layout) + shared_experts ModuleList"},
+    ),
+    Case(
+        "grouped_self_interlayer",
+        V03,
+        variant="grouped-self-interlayer",
+        decoder=dict(num_layers=4),
+        encoder=dict(num_layers=4, skip_memory_cross_attention=True),
+        memory=dict(num_layers=4, num_groups=2),
+        options={"variant": "grouped-self-interlayer, 4 layers in 2 groups"},
+    ),
+    Case(
+        "gated_attention_no_out_bias",
+        V03,
+        decoder=dict(use_gated_attention=True, use_attention_output_bias=False, rope_base=1000),
+        encoder=dict(use_attention_output_bias=False, rope_base=1000, skip_memory_cross_attention=True),
+        memory=dict(rope_base=1000),
+        options={
+            "attention": "gated attention (sigmoid(gate_proj(x)) * attn before out_proj), out_proj without bias",
+            "rope_base": 1000,
+        },
     ),
 ]
 
@@ -242,6 +420,21 @@ def apply_workarounds(model: Any, version: str) -> list[str]:
             notes.append(
                 "reset_self_attn_cache iterates decoder.model.stateless_layers even when it is None: "
                 "set to an empty ModuleList on the instance"
+            )
+
+        if getattr(dec, "final_stateless_layers", None) is not None:
+            reset = dec.reset_self_attn_cache
+
+            def reset_all() -> None:
+                reset()
+                for layer in dec.final_stateless_layers:
+                    layer.attention.reset_inner_cache()
+
+            dec.reset_self_attn_cache = reset_all
+            notes.append(
+                "reset_self_attn_cache forgets final_stateless_layers: their self-attention KV cache survives into "
+                "the next turn and turn 2 crashes in RoPE; the instance's reset also clears them (each turn starts "
+                "with empty caches, as every other layer does)"
             )
 
         def prepare_stm_kv_cache() -> list[tuple[torch.Tensor, torch.Tensor]]:
