@@ -226,7 +226,7 @@ class Server:
 
     # ------------------------------------------------------------------ socket thread
     def _receive_all(self) -> None:
-        for _ in range(1000):  # then flush: replies keep flowing under a flood of requests
+        for _ in range(100):  # then flush: replies keep flowing under a flood of requests
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -267,6 +267,13 @@ class Server:
                     self._socket.send_multipart([*peer.envelope, payload], zmq.NOBLOCK)
                 except zmq.Again:
                     blocked = True
+                    cancelled = None
+                    with self._lock:
+                        peer.blocked = True
+                        if peer.pending_bytes > self.max_pending_bytes and not peer.overflowed:
+                            cancelled = peer.overflow()
+                    if cancelled is not None:
+                        self._overflowed(peer, cancelled)
                     break
                 except zmq.ZMQError as exc:
                     if exc.errno != errno.EHOSTUNREACH:
@@ -294,16 +301,19 @@ class Server:
             cancelled = peer.push(payload, self.max_pending_bytes)
             self._ready.add(key)
         if cancelled is not None:
-            log.warning(
-                "peer %s stopped reading: over %d bytes of replies buffered; discarding them, "
-                "cancelling its %d running turns and telling it so (SlowConsumerError)",
-                peer.identity.label,
-                self.max_pending_bytes,
-                len(cancelled),
-            )
-            for stream in cancelled:
-                stream.dispose()
+            self._overflowed(peer, cancelled)
         self._wake()
+
+    def _overflowed(self, peer: Peer, cancelled: list[abc.DisposableBase]) -> None:
+        log.warning(
+            "peer %s stopped reading: over %d bytes of replies buffered; discarding them, "
+            "cancelling its %d running turns and telling it so (SlowConsumerError)",
+            peer.identity.label,
+            self.max_pending_bytes,
+            len(cancelled),
+        )
+        for stream in cancelled:
+            stream.dispose()
 
     def _reply(
         self, key: bytes, rid: int | None, *, ok: Any = None, error: BaseException | None = None, **extra: Any
