@@ -73,7 +73,7 @@ def test_a_slow_reader_gets_every_reply_in_order(model_dir: Path, raw_socket: An
         n = 3000
         sender = threading.Thread(target=_send_all, args=(sock, [_ping(i) for i in range(1, n + 1)]))
         sender.start()
-        rids = []
+        rids: list[int] = []
         while len(rids) < n:
             assert sock.poll(20_000), f"stalled after {len(rids)} replies"
             reply = msgpack.unpackb(sock.recv(), raw=False)
@@ -107,7 +107,8 @@ def test_a_peer_that_stops_reading_is_bounded_told_and_logged(
             time.sleep(0.05)
         assert peak <= 2 * limit  # bounded: the limit, plus what one poll of the socket thread produced
         # now read: replies in order, then the notice that the rest was discarded
-        rids, notice = [], None
+        rids: list[int] = []
+        notice: dict[str, Any] | None = None
         while notice is None:
             assert sock.poll(20_000), f"no notice after {len(rids)} replies"
             reply = msgpack.unpackb(sock.recv(), raw=False)
@@ -212,7 +213,7 @@ def _streams(clients: list[Client], turns: int) -> tuple[list[threading.Event], 
         for c in range(3):
             conv = client.open(f"conv-{id(client)}-{c}")
             for t in range(turns):
-                done, outcome = threading.Event(), []
+                done, outcome = threading.Event(), list[Any]()
                 ended.append(done)
                 outcomes.append(outcome)
 
