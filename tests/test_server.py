@@ -148,9 +148,9 @@ def test_disposing_a_remote_turn_cancels_it_on_the_server(served: tuple[Client, 
     assert first.wait(20)
     sub.dispose()
     deadline = time.monotonic() + 10
-    while engine._batch.size and time.monotonic() < deadline:
+    while engine.stats()["active_turns"] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert engine._batch.size == 0
+    assert engine.stats()["active_turns"] == 0
     assert engine.history("c")[-1]["finish_reason"] == "cancelled"
 
 
