@@ -491,13 +491,7 @@ class Server:
 
     def _delete(self, identity: Identity, cid: str) -> dict[str, Any]:
         eid, conv = self._access(identity, cid)
-        delete: Callable[[str], object] | None = getattr(self.engine, "delete_conversation", None)
-        if delete is not None:  # the engine's own: cancels, forgets and deletes in one step
-            delete(eid)
-        else:
-            conv.close()
-            if self.engine.store is not None:
-                self.engine.store.delete(eid)
+        conv.delete()  # waits for a memory update already running, then deletes it from the store
         self._forget(eid)
         return {"conversation_id": cid, "deleted": True}
 
