@@ -78,7 +78,7 @@ class Server:
         insecure: bool = False,
         max_message_bytes: int = 1 << 20,
         max_pending_bytes: int = 16 << 20,
-        max_inflight: int = 256,
+        max_inflight: int = 1024,
         heartbeat_s: float = 1.0,
         peer_timeout_s: float = 10.0,
     ) -> None:
@@ -384,6 +384,11 @@ class Server:
         self._admit(peer)
 
         def run() -> None:
+            with self._lock:
+                alive = self._peers.get(peer.key) is peer
+            if not alive:  # it died while this waited: nobody to answer, nothing to own
+                self._done(peer)
+                return
             try:
                 self._reply(peer.key, rid, ok=work())
             except Exception as exc:
