@@ -204,13 +204,18 @@ def _wait_served(address: str, timeout: float = 180) -> None:
 
 
 def crashes(
-    model: str = "default", store_url: str = "sqlite:///soak.db", rounds: int = 10, conversations: int = 16
+    model: str = "default",
+    store_url: str = "sqlite:///soak.db",
+    rounds: int = 10,
+    conversations: int = 16,
+    turns_per_round: int = 3,
 ) -> dict[str, Any]:
     """Each round: start ``rxrt serve``, check every conversation resumed with at least the memory
-    acknowledged before, send one turn per conversation, ``kill -9`` when a memory update starts."""
+    acknowledged before, pipeline a few turns per conversation, and ``kill -9`` the server at a
+    random moment after the first memory update started (counted when one was mid-flight)."""
     rng = random.Random(2)
     acked: dict[str, int] = {}
-    checked = lost = kills_during_update = resumed = 0
+    acknowledged = checked = lost = kills_during_update = resumed = 0
     ids = [f"crash-{c}" for c in range(conversations)]
     for round_ in range(rounds + 1):
         port = free_port()
@@ -229,21 +234,35 @@ def crashes(
                     break  # the last start only checks the previous kill
                 started = threading.Event()
                 lock = threading.Lock()
+                in_flight: set[tuple[str, int]] = set()
 
-                def on_next(event: Event, started: threading.Event = started, lock: threading.Lock = lock) -> None:
-                    if isinstance(event, MemoryUpdateStarted):
-                        started.set()
-                    elif isinstance(event, MemoryUpdated):
-                        with lock:
+                def on_next(
+                    event: Event,
+                    started: threading.Event = started,
+                    lock: threading.Lock = lock,
+                    in_flight: set[tuple[str, int]] = in_flight,
+                ) -> None:
+                    nonlocal acknowledged
+                    key = (event.conversation_id, event.turn)
+                    with lock:
+                        if isinstance(event, MemoryUpdateStarted):
+                            in_flight.add(key)
+                            started.set()
+                        elif isinstance(event, MemoryUpdated):
+                            in_flight.discard(key)
+                            acknowledged += 1
                             acked[event.conversation_id] = max(acked.get(event.conversation_id, 0), event.stm_version)
 
-                for cid in ids:
-                    RemoteConversation(client, cid).interact(_query(rng), max_new_tokens=12).subscribe(
-                        on_next, lambda exc: None
-                    )
+                for _ in range(turns_per_round):
+                    for cid in ids:
+                        RemoteConversation(client, cid).interact(_query(rng), max_new_tokens=12).subscribe(
+                            on_next, lambda exc: None
+                        )
                 if started.wait(60):
-                    time.sleep(rng.random() * 0.05)
-                    kills_during_update += 1
+                    time.sleep(rng.random() * 1.0)
+                with lock:
+                    kills_during_update += bool(in_flight)
+                    os.kill(proc.pid, signal.SIGKILL)
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -251,8 +270,8 @@ def crashes(
         "scenario": "crashes",
         "store": store_url.split(":")[0],
         "kills": rounds,
-        "kills_during_memory_updates": kills_during_update,
-        "acknowledged_updates": sum(acked.values()),
+        "kills_with_an_update_in_flight": kills_during_update,
+        "acknowledged_updates": acknowledged,
         "conversations_resumed": resumed,
         "acknowledged_checked": checked,
         "acknowledged_lost": lost,
