@@ -5,7 +5,8 @@
 Scenarios (see :mod:`rxruntime.bench.soak` for what each checks): 10,000 fuzzed frames interleaved
 with live conversations; ``kill -9`` of ``rxrt serve`` during memory updates, repeated, with SQLite
 and with a real Redis (``redis-server`` from the distribution, started and stopped here on a free
-port); 200 conversations x 5 pipelined turns; a slow reader; another key trying every operation.
+port); 200 conversations x 5 pipelined turns; a slow reader; a reader that never reads; another
+key trying every operation.
 Prints one line of figures per scenario and exits 1 if any invariant failed.
 """
 
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         record(soak.pipelined(args.model, conversations=args.conversations, turns=args.turns))
     if wanted("slow_reader"):
         record(soak.slow_reader(args.model, requests=3000))
+    if wanted("non_reader"):
+        record(soak.non_reader(args.model))
     if wanted("cross_tenant"):
         record(soak.cross_tenant(args.model))
     ok = all(r["ok"] for r in results)

@@ -8,6 +8,7 @@ other tenants, each scenario checking its own invariant (docs/reliability.md).
   conversation must resume.
 * :func:`pipelined` — many conversations x pipelined turns: no event lost, duplicated or reordered.
 * :func:`slow_reader` — a client that reads slowly gets every reply, in order.
+* :func:`non_reader` — a client that never reads costs a bounded buffer and is told.
 * :func:`cross_tenant` — another key tries every operation on a conversation; all refused,
   indistinguishable from an unknown id, the owner's memory untouched.
 
@@ -386,6 +387,62 @@ def slow_reader(model: str = "default", requests: int = 3000, pause_every: int =
         "in_order": rids == sorted(rids),
         "seconds": round(elapsed, 1),
         "ok": rids == list(range(1, requests + 1)),
+    }
+
+
+# ---------------------------------------------------------------------- non-reader
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def non_reader(model: str = "default", requests: int = 100_000, limit: int = 16 << 20) -> dict[str, Any]:
+    """A raw DEALER that sends ``requests`` pings and never reads: the server's buffer for it must
+    stay near ``limit`` and the peer must be told (``SlowConsumerError``) when it reads again."""
+    with _served(model, max_pending_bytes=limit) as (_, server):
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 10)
+        sock.setsockopt(zmq.RCVBUF, 4096)
+        sock.connect(server.endpoint)
+        rss_before = _rss_bytes()
+        peak_pending = 0
+        start = time.perf_counter()
+        for rid in range(1, requests + 1):
+            while True:
+                try:
+                    sock.send(msgpack.packb({"op": "ping", "rid": rid}), zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    time.sleep(0.001)
+            if rid % 1000 == 0:
+                peak_pending = max([peak_pending, *(p["pending_bytes"] for p in server.peer_stats().values())])
+        time.sleep(1.0)
+        peak_pending = max([peak_pending, *(p["pending_bytes"] for p in server.peer_stats().values())])
+        rss_growth = _rss_bytes() - rss_before
+        replies = 0
+        notice: dict[str, Any] | None = None
+        while notice is None and sock.poll(30_000):
+            reply = msgpack.unpackb(sock.recv(), raw=False)
+            if "error" in reply and reply.get("rid") is None:
+                notice = reply
+            else:
+                replies += 1
+        elapsed = time.perf_counter() - start
+        sock.close(0)
+        ctx.term()
+    told = notice is not None and notice["error"]["type"] == "SlowConsumerError"
+    return {
+        "scenario": "non_reader",
+        "requests": requests,
+        "limit_mib": round(limit / 2**20, 1),
+        "peak_buffered_mib": round(peak_pending / 2**20, 2),
+        "server_rss_growth_mib": round(rss_growth / 2**20, 1),
+        "replies_before_notice": replies,
+        "told": told,
+        "seconds": round(elapsed, 1),
+        "ok": told and peak_pending <= 2 * limit,
     }
 
 
