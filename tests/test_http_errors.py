@@ -212,3 +212,19 @@ def test_503_while_loading_and_after_shutdown() -> None:
         with pytest.raises(openai.InternalServerError) as err:
             c.responses.create(model="rxt", input=JULIA, conversation=conv.id)
         assert err.value.status_code == 503 and _error(err.value)["code"] == "shutting_down"
+
+
+def test_a_model_that_fails_to_load_is_503_with_the_reason() -> None:
+    def broken() -> Engine:
+        raise FileNotFoundError("no model at /nowhere")
+
+    with served(broken) as (url, _):
+        deadline = time.monotonic() + 30
+        while (reply := _get(f"{url}/health"))[1]["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        status, body = reply
+        assert status == 503 and body["status"] == "failed" and "no model at /nowhere" in body["error"]
+        with pytest.raises(openai.InternalServerError) as err:
+            client(url).responses.create(model="rxt", input=JULIA)
+        assert _error(err.value)["code"] == "load_failed"
