@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rxruntime.engine import Engine
+    from rxruntime.serving.auth import ServerKeys
+    from rxruntime.serving.zmq_server import Server
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,6 +33,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--max-batch", type=int, default=64, help="conversations decoded together (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request accepted")
+    p.add_argument(
+        "--keys",
+        default=None,
+        metavar="DIR",
+        help="CURVE keys from `rxrt keygen DIR`: only the client keys in DIR/authorized may connect",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --bind without --keys (anyone who can reach it may use it)",
+    )
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=10.0,
+        help="seconds of silence after which a client is dead and its turns cancelled (default %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
@@ -43,15 +66,18 @@ def _run_zmq(args: argparse.Namespace, bind: str) -> int:
     from rich.console import Console
 
     import rxruntime
-    from rxruntime.server import Server
     from rxruntime.stores import open_store
 
     console = Console(highlight=False)
+    keys = _zmq_keys(args, bind)  # before loading the model
     store = open_store(args.store)
     stop = threading.Event()
     with rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store) as engine:
-        server = Server(engine, bind, max_message_bytes=args.max_message_bytes).start()
-        console.print(f"rxrt serve: {server.endpoint} · store {args.store} · device {engine.device} · Ctrl-C stops")
+        server = _zmq_server(engine, args, bind, keys)
+        auth = f"CURVE keys from {args.keys}" if keys else "no authentication"
+        console.print(
+            f"rxrt serve: {server.endpoint} · {auth} · store {args.store} · device {engine.device} · Ctrl-C stops"
+        )
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
@@ -59,6 +85,31 @@ def _run_zmq(args: argparse.Namespace, bind: str) -> int:
         server.stop()
     store.close()
     return 0
+
+
+def _zmq_keys(args: argparse.Namespace, bind: str) -> ServerKeys | None:
+    """The CURVE keys of ``--keys``; a non-loopback ``bind`` without them is refused unless ``--insecure``."""
+    from rxruntime.models.errors import ConfigError
+    from rxruntime.serving.auth import ServerKeys
+    from rxruntime.serving.zmq_server import is_loopback
+
+    keys = ServerKeys.load(args.keys) if args.keys else None
+    if keys is None and not args.insecure and not is_loopback(bind):
+        raise ConfigError(f"refusing to serve {bind} without --keys (rxrt keygen DIR); --insecure overrides")
+    return keys
+
+
+def _zmq_server(engine: Engine, args: argparse.Namespace, bind: str, keys: ServerKeys | None) -> Server:
+    from rxruntime.serving.zmq_server import Server
+
+    return Server(
+        engine,
+        bind,
+        keys=keys,
+        insecure=args.insecure,
+        max_message_bytes=args.max_message_bytes,
+        peer_timeout_s=args.peer_timeout,
+    ).start()
 
 
 def _run_http(args: argparse.Namespace) -> int:
@@ -69,7 +120,6 @@ def _run_http(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import rxruntime
-    from rxruntime.engine import Engine
     from rxruntime.serving.http_app import create_app
     from rxruntime.serving.http_auth import KeyRing
     from rxruntime.serving.http_serve import parse_address, serve
@@ -80,6 +130,7 @@ def _run_http(args: argparse.Namespace) -> int:
     keys = KeyRing.from_file(args.api_key_file, args.api_key) if args.api_key_file else KeyRing(args.api_key)
     store = open_store(args.store)
     zmq: dict[str, Any] = {}
+    zmq_keys = _zmq_keys(args, args.bind) if args.bind else None  # a refused --bind fails before loading
 
     def load() -> Engine:
         return rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store)
@@ -87,9 +138,7 @@ def _run_http(args: argparse.Namespace) -> int:
     def on_ready(engine: Engine) -> None:
         where = f"http://{args.http}"
         if args.bind:
-            from rxruntime.server import Server
-
-            zmq["server"] = Server(engine, args.bind, max_message_bytes=args.max_message_bytes).start()
+            zmq["server"] = _zmq_server(engine, args, args.bind, zmq_keys)
             where += f" and {zmq['server'].endpoint}"
         auth = f"{'keys required' if keys.enabled else 'no API key'}"
         console.print(f"rxrt serve: {where} · store {args.store} · device {engine.device} · {auth} · Ctrl-C stops")
