@@ -228,3 +228,11 @@ def test_a_model_that_fails_to_load_is_503_with_the_reason() -> None:
         with pytest.raises(openai.InternalServerError) as err:
             client(url).responses.create(model="rxt", input=JULIA)
         assert _error(err.value)["code"] == "load_failed"
+
+
+def test_a_body_over_the_limit_is_413(engine: Engine) -> None:
+    with served(engine, max_body_bytes=200) as (url, _):
+        with pytest.raises(openai.APIStatusError) as err:
+            client(url).responses.create(model="rxt", input="x" * 300)
+        assert err.value.status_code == 413 and _error(err.value)["code"] == "too_large"
+        assert client(url).responses.create(model="rxt", input=JULIA).output_text  # small ones still pass
