@@ -59,7 +59,10 @@ def run_rxlm(python: str, command: str, args: list[str]) -> dict[str, Any]:
     sys.stderr.write(proc.stderr[-2000:])
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
-    return json.loads(proc.stdout[proc.stdout.index("{") :])
+    side: dict[str, Any] = json.loads(proc.stdout[proc.stdout.index("{") :])
+    if "rxlm" in side:  # the per-turn records, under the name `rxrt bench turns --compare` reads
+        side["turns"] = side.pop("rxlm")
+    return side
 
 
 def queries(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -108,7 +111,7 @@ def rxruntime_turns(model: Any, prompts: list[list[int]], answer_tokens: int, th
         print(f"rxruntime turn {t}: {rec}", file=sys.stderr, flush=True)
     return {
         "turns": records,
-        "answers_head": heads,
+        "answers": {"first_8_tokens": heads},
         "config": {"api": "DecodeBatch (engine decode path)", "c_decode_step": c_step_note(model), "threads": threads},
     }
 
@@ -138,7 +141,8 @@ def summarize_turns(sides: dict[str, dict[str, Any]]) -> dict[str, Any]:
             continue
         s["rxruntime_speedup_tokens_per_s"] = ours["tokens_per_s_median"] / s["tokens_per_s_median"]
         s["rxruntime_speedup_turn_s"] = s["turn_s_median"] / ours["turn_s_median"]
-        pairs = list(zip(sides[name].get("answers_head", []), sides["rxruntime"].get("answers_head", [])))
+        heads = [sides[k].get("answers", {}).get("first_8_tokens", []) for k in (name, "rxruntime")]
+        pairs = list(zip(*heads))
         s["same_answer_heads"] = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
     return out
 

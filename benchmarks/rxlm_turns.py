@@ -16,10 +16,10 @@ here). Three subcommands:
 ``--checkpoint DIR`` loads a saved directory; without it, a fresh random model is built in memory.
 Queries come from ``--queries FILE`` (a JSON list of id lists, as benchmarks/rxlm_same_weights.py
 writes it, so every side reads the same ids) or are drawn from ``--seed``. Sampling is greedy
-(``top_k=1``: RxLM's sampler keeps one token). RxLM 0.3.x runs its vectorized MoE: the legacy
-expert weights of a 0.2.x checkpoint are restacked into its ``w1``/``b1``/``w2``/``b2`` layout
-(``moe_bias_mode='local'``, no shared expert), the same weights and maths, and its ``interact``
-bugs are fixed on the instance (scripts/rxlm_workarounds.py)::
+(``top_k=1``: RxLM's sampler keeps one token) unless ``--temperature`` is given. RxLM 0.3.x runs
+its vectorized MoE: the legacy expert weights of a 0.2.x checkpoint are restacked into its
+``w1``/``b1``/``w2``/``b2`` layout (``moe_bias_mode='local'``, no shared expert), the same weights
+and maths, and its ``interact`` bugs are fixed on the instance (scripts/rxlm_workarounds.py)::
 
     /work/venvs/rxlm-0.2.31/bin/python benchmarks/rxlm_turns.py save /tmp/alpha-mini-rxlm
     /work/venvs/rxlm-0.3.80/bin/python benchmarks/rxlm_turns.py turns --checkpoint /tmp/alpha-mini-rxlm
@@ -207,7 +207,14 @@ def queries_from(args: argparse.Namespace, count: int, vocab: int) -> list[list[
     return [torch.randint(low, vocab, (args.query_tokens,), generator=gen).tolist() for _ in range(count)]
 
 
-def run_turns(model: Any, queries: list[list[int]], answer_tokens: int, repeats: int) -> dict[str, Any]:
+def sampling(temperature: float) -> dict[str, Any]:
+    """``interact``'s sampling arguments: greedy is ``top_k=1`` (RxLM has no greedy switch)."""
+    return {"temperature": 1.0, "top_k": 1} if temperature <= 0 else {"temperature": temperature}
+
+
+def run_turns(
+    model: Any, queries: list[list[int]], answer_tokens: int, repeats: int, temperature: float
+) -> dict[str, Any]:
     import torch
 
     bos, q_id = model.bos_token_id, model.query_token_id
@@ -220,7 +227,7 @@ def run_turns(model: Any, queries: list[list[int]], answer_tokens: int, repeats:
         start = time.perf_counter()
         first = last = update_start = update_end = 0.0
         answer: list[int] = []
-        for token in model.interact(input_ids, mask, temperature=1.0, top_k=1, max_seq_len=limit):
+        for token in model.interact(input_ids, mask, max_seq_len=limit, **sampling(temperature)):
             now = time.perf_counter()
             if token == -1:
                 update_start = now
@@ -256,10 +263,11 @@ def run_turns(model: Any, queries: list[list[int]], answer_tokens: int, repeats:
     turns = [
         {"turn": t + 1, **{k: statistics.median(r[t][k] for r in runs) for k in keys}} for t in range(len(prompts))
     ]
-    return {"turns": turns, "answers_head": [a[:8] for a in answers]}
+    # one list only at the top level: `rxrt bench turns --compare RxLM=FILE` reads it
+    return {"rxlm": turns, "answers": {"first_8_tokens": [a[:8] for a in answers]}}
 
 
-def run_batch(model: Any, queries: list[list[int]], answer_tokens: int) -> dict[str, Any]:
+def run_batch(model: Any, queries: list[list[int]], answer_tokens: int, temperature: float) -> dict[str, Any]:
     import torch
 
     n = len(queries)
@@ -276,7 +284,7 @@ def run_batch(model: Any, queries: list[list[int]], answer_tokens: int) -> dict[
         start = time.perf_counter()
         first = last = update_start = update_end = 0.0
         steps = 0
-        for out in model.batch_interact(ids.clone(), mask.clone(), temperature=1.0, top_k=1, max_seq_len=limit):
+        for out in model.batch_interact(ids.clone(), mask.clone(), max_seq_len=limit, **sampling(temperature)):
             now = time.perf_counter()
             if bool((out == -1).all()):
                 update_start = now
@@ -317,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--threads", type=int)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", type=Path)
+        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (top_k=1)")
         if name == "turns":
             p.add_argument("--turns", type=int, default=20)
             p.add_argument("--repeats", type=int, default=1)
@@ -343,10 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab = model.decoder_config["vocab_size"]
     load_avg = [os.getloadavg()[0]]
     if args.command == "turns":
-        result = run_turns(model, queries_from(args, args.turns, vocab), args.answer_tokens, args.repeats)
+        qs = queries_from(args, args.turns, vocab)
+        result = run_turns(model, qs, args.answer_tokens, args.repeats, args.temperature)
         api = "RxTAlpha.interact"
     else:
-        result = run_batch(model, queries_from(args, args.conversations, vocab), args.answer_tokens)
+        qs = queries_from(args, args.conversations, vocab)
+        result = run_batch(model, qs, args.answer_tokens, args.temperature)
         api = "RxTAlpha.batch_interact"
     load_avg.append(os.getloadavg()[0])
     import transformers
@@ -358,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         "preset": "alpha-mini (RxT-Alpha card)",
         "query_tokens": args.query_tokens,
         "answer_tokens": args.answer_tokens,
-        "sampling": "greedy (top_k=1), [EOS] unreachable",
+        "sampling": ("greedy (top_k=1)" if args.temperature <= 0 else f"temperature {args.temperature}")
+        + ", [EOS] unreachable",
         "dtype": "float32",
         "device": "cpu",
         "torch": torch.__version__,
