@@ -138,9 +138,10 @@ def test_three_turns_through_the_engine_match(case: Path) -> None:
                 if isinstance(event, AnswerCompleted):
                     answers.append(event)
 
-            conv.interact(query, temperature=0.0, max_new_tokens=budget).subscribe(
-                on_next, lambda exc, done=done: done.set(), done.set
-            )
+            def on_error(exc: Exception, done: threading.Event = done) -> None:
+                done.set()
+
+            conv.interact(query, temperature=0.0, max_new_tokens=budget).subscribe(on_next, on_error, done.set)
             assert done.wait(120) and answers, f"turn {i} did not complete"
             (answer,) = answers
             ended = [eos] if answer.finish_reason == "eos" else []
