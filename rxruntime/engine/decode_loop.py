@@ -53,6 +53,10 @@ class DecodeLoop:
         self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def active(self) -> int:
         return self.batch.size
 
