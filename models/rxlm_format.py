@@ -18,9 +18,9 @@ Two RxLM versions are known, and config.json does not say which one wrote it:
   default; stateless decoder layers; ``interlayer`` builds *self*-interlayer memory attention.
 
 :func:`detect_version` decides from what only 0.3 writes (its MoE tensors, stateless layers,
-options 0.2 does not have); a directory with none of those is read as 0.2 unless
-``RXRT_RXLM_VERSION=0.3`` says otherwise. Options rxruntime does not compute (linear attention,
-gated attention, LayerNorm layers...) raise :class:`UnsupportedRxLMOption` naming the field.
+options 0.2 does not have) and from the encoder's own STM buffer (see there);
+``RXRT_RXLM_VERSION`` overrides it. Options rxruntime does not compute (linear or hybrid
+attention, NoPE, an MoE encoder...) raise :class:`UnsupportedRxLMOption` naming the field.
 """
 
 from __future__ import annotations
@@ -616,13 +616,3 @@ def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict
             continue
         out[base] = torch.stack([t for _, t in items])
     return out, unknown
-
-
-def convert(
-    data: Mapping[str, Any], tensors: Mapping[str, Tensor], version: str | None = None
-) -> tuple[RxTConfig, dict[str, Tensor], list[str], str]:
-    """(config, our tensors, unknown RxLM names, version) for an RxLM checkpoint."""
-    version = version or detect_version(data, list(tensors), tensors.get(ENCODER_STM))
-    config = rxlm_config(data, version, list(tensors))
-    weights, unknown = rxlm_weights(tensors, config)
-    return config, weights, unknown, version
