@@ -212,3 +212,27 @@ def test_503_while_loading_and_after_shutdown() -> None:
         with pytest.raises(openai.InternalServerError) as err:
             c.responses.create(model="rxt", input=JULIA, conversation=conv.id)
         assert err.value.status_code == 503 and _error(err.value)["code"] == "shutting_down"
+
+
+def test_a_model_that_fails_to_load_is_503_with_the_reason() -> None:
+    def broken() -> Engine:
+        raise FileNotFoundError("no model at /nowhere")
+
+    with served(broken) as (url, _):
+        deadline = time.monotonic() + 30
+        while (reply := _get(f"{url}/health"))[1]["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        status, body = reply
+        assert status == 503 and body["status"] == "failed" and "no model at /nowhere" in body["error"]
+        with pytest.raises(openai.InternalServerError) as err:
+            client(url).responses.create(model="rxt", input=JULIA)
+        assert _error(err.value)["code"] == "load_failed"
+
+
+def test_a_body_over_the_limit_is_413(engine: Engine) -> None:
+    with served(engine, max_body_bytes=200) as (url, _):
+        with pytest.raises(openai.APIStatusError) as err:
+            client(url).responses.create(model="rxt", input="x" * 300)
+        assert err.value.status_code == 413 and _error(err.value)["code"] == "too_large"
+        assert client(url).responses.create(model="rxt", input=JULIA).output_text  # small ones still pass

@@ -3,6 +3,7 @@ every operation, indistinguishable from one that does not exist."""
 
 from __future__ import annotations
 
+import signal
 import stat
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from rxruntime.serving.errors import AuthenticationError, ConnectionLost
 from rxruntime.serving.zmq_server import Server, is_loopback
 from rxruntime.stores import SQLiteStore
 
-from .serving_util import engine, free_port, serving, write_model
+from .serving_util import engine, free_port, serve_process, serving, wait_until_served, write_model
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +181,19 @@ def test_a_dead_connection_releases_what_it_owned(model_dir: Path, tmp_path: Pat
                 except ConversationError:
                     assert time.monotonic() < deadline
                     time.sleep(0.2)
+
+
+def test_rxrt_serve_with_keys(keys: Path, model_dir: Path) -> None:
+    port = free_port()
+    proc = serve_process(model_dir, port, "--keys", str(keys), "--store", "memory://")
+    address = f"tcp://127.0.0.1:{port}"
+    try:
+        alice = ClientKeys.load(keys, "alice")
+        wait_until_served(address, keys=alice)
+        with Client(address, keys=alice, timeout=30) as client:
+            assert client.ping()["auth"] == "curve"
+            assert isinstance(client.open("x").ask("Hi", max_new_tokens=2), str)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "CURVE keys" in out

@@ -56,6 +56,12 @@ class Metrics:
         conversations.set_function(lambda: self._stat("open_conversations"))
         active = Gauge("rxrt_active_turns", "Turns in the decode batch", registry=r)
         active.set_function(lambda: self._stat("active_turns"))
+        resident = Gauge(
+            "rxrt_resident_conversations", "Open conversations whose STM is in memory (not evicted)", registry=r
+        )
+        resident.set_function(lambda: self._stat("resident_conversations"))
+        backlog = Gauge("rxrt_memory_backlog", "Memory updates waiting to run", registry=r)
+        backlog.set_function(lambda: self._stat("memory_backlog"))
 
     def _stat(self, name: str) -> float:
         try:

@@ -2,7 +2,7 @@
 
 zmq's ROUTER silently drops a message when a peer's pipe is full. The server therefore sends with
 ``ROUTER_MANDATORY`` (a full pipe answers EAGAIN, a vanished peer EHOSTUNREACH) and keeps what did
-not fit here, up to ``max_bytes`` per peer. Past that the peer is *overflowed*: its buffered
+not fit here, up to ``max_bytes`` per peer. Past that, once zmq refuses more too, the peer is *overflowed*: its buffered
 replies are discarded, its running turns cancelled, and it is told so with ``SlowConsumerError``
 (one error per cancelled stream, one for everything else) as soon as it reads again. Nothing is
 dropped without the peer being told, and a peer that never reads costs at most ``max_bytes``.
@@ -31,21 +31,23 @@ class Peer:
     pending_bytes: int = 0
     streams: dict[int, abc.DisposableBase] = field(default_factory=dict)
     inflight: int = 0  # requests accepted and not yet answered (streams included)
+    blocked: bool = False  # zmq's pipe to it was full at the last send
     overflowed: bool = False
     dropped: int = 0  # replies discarded since the last overflow
 
     def push(self, payload: bytes, max_bytes: int) -> list[abc.DisposableBase] | None:
-        """Buffer one reply. Returns the streams to cancel if this push overflowed the peer."""
+        """Buffer one reply. Returns the streams to cancel if this push overflowed the peer: over
+        ``max_bytes`` wait here *and* zmq refused more (a peer that reads is never cut off)."""
         if self.overflowed:
             self.dropped += 1
             return None
         self.outbox.append(payload)
         self.pending_bytes += len(payload)
-        if self.pending_bytes <= max_bytes:
+        if self.pending_bytes <= max_bytes or not self.blocked:
             return None
-        return self._overflow()
+        return self.overflow()
 
-    def _overflow(self) -> list[abc.DisposableBase]:
+    def overflow(self) -> list[abc.DisposableBase]:
         self.overflowed = True
         self.dropped = len(self.outbox)
         self.outbox.clear()
@@ -70,6 +72,7 @@ class Peer:
 
     def sent(self, payload: bytes) -> bool:
         """The head of the outbox went out; True when an overflowed peer has caught up."""
+        self.blocked = False
         self.outbox.popleft()
         self.pending_bytes -= len(payload)
         if self.overflowed and not self.outbox:

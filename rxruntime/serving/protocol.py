@@ -199,6 +199,8 @@ ERRORS: dict[str, type[Exception]] = {
     for cls in (
         errors.QueryTooLongError,
         errors.InvalidTokenError,
+        errors.InvalidOptionError,
+        errors.QueueFullError,
         errors.ModelExecutionError,
         errors.EngineClosedError,
         errors.ConversationError,
@@ -217,8 +219,9 @@ ERRORS: dict[str, type[Exception]] = {
 def error_payload(exc: BaseException) -> dict[str, Any]:
     """``{"type", "message"}`` (and ``"field"`` for a ProtocolError) of an error reply."""
     payload: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-    if isinstance(exc, ProtocolError) and exc.field is not None:
-        payload["field"] = exc.field
+    field = getattr(exc, "field", None)
+    if isinstance(field, str):
+        payload["field"] = field
     return payload
 
 
@@ -228,7 +231,13 @@ def error_from_payload(payload: Any) -> Exception:
         return RemoteError("RemoteError", repr(payload))
     kind, message = str(payload.get("type")), str(payload.get("message"))
     cls = ERRORS.get(kind)
+    field = payload.get("field")
+    field = field if isinstance(field, str) else None
     if cls is ProtocolError:
-        field = payload.get("field")
-        return ProtocolError(message, field if isinstance(field, str) else None)
-    return cls(message) if cls is not None else RemoteError(kind, message)
+        return ProtocolError(message, field)
+    if cls is errors.InvalidOptionError and field is not None:
+        return errors.InvalidOptionError(field, message.removeprefix(f"{field}: "))
+    try:
+        return cls(message) if cls is not None else RemoteError(kind, message)
+    except TypeError:  # a class whose constructor wants more than a message
+        return RemoteError(kind, message)

@@ -78,7 +78,7 @@ class Server:
         insecure: bool = False,
         max_message_bytes: int = 1 << 20,
         max_pending_bytes: int = 16 << 20,
-        max_inflight: int = 256,
+        max_inflight: int = 1024,
         heartbeat_s: float = 1.0,
         peer_timeout_s: float = 10.0,
     ) -> None:
@@ -226,7 +226,7 @@ class Server:
 
     # ------------------------------------------------------------------ socket thread
     def _receive_all(self) -> None:
-        for _ in range(1000):  # then flush: replies keep flowing under a flood of requests
+        for _ in range(100):  # then flush: replies keep flowing under a flood of requests
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -267,6 +267,13 @@ class Server:
                     self._socket.send_multipart([*peer.envelope, payload], zmq.NOBLOCK)
                 except zmq.Again:
                     blocked = True
+                    cancelled = None
+                    with self._lock:
+                        peer.blocked = True
+                        if peer.pending_bytes > self.max_pending_bytes and not peer.overflowed:
+                            cancelled = peer.overflow()
+                    if cancelled is not None:
+                        self._overflowed(peer, cancelled)
                     break
                 except zmq.ZMQError as exc:
                     if exc.errno != errno.EHOSTUNREACH:
@@ -294,16 +301,19 @@ class Server:
             cancelled = peer.push(payload, self.max_pending_bytes)
             self._ready.add(key)
         if cancelled is not None:
-            log.warning(
-                "peer %s stopped reading: over %d bytes of replies buffered; discarding them, "
-                "cancelling its %d running turns and telling it so (SlowConsumerError)",
-                peer.identity.label,
-                self.max_pending_bytes,
-                len(cancelled),
-            )
-            for stream in cancelled:
-                stream.dispose()
+            self._overflowed(peer, cancelled)
         self._wake()
+
+    def _overflowed(self, peer: Peer, cancelled: list[abc.DisposableBase]) -> None:
+        log.warning(
+            "peer %s stopped reading: over %d bytes of replies buffered; discarding them, "
+            "cancelling its %d running turns and telling it so (SlowConsumerError)",
+            peer.identity.label,
+            self.max_pending_bytes,
+            len(cancelled),
+        )
+        for stream in cancelled:
+            stream.dispose()
 
     def _reply(
         self, key: bytes, rid: int | None, *, ok: Any = None, error: BaseException | None = None, **extra: Any
@@ -374,6 +384,11 @@ class Server:
         self._admit(peer)
 
         def run() -> None:
+            with self._lock:
+                alive = self._peers.get(peer.key) is peer
+            if not alive:  # it died while this waited: nobody to answer, nothing to own
+                self._done(peer)
+                return
             try:
                 self._reply(peer.key, rid, ok=work())
             except Exception as exc:
@@ -481,13 +496,7 @@ class Server:
 
     def _delete(self, identity: Identity, cid: str) -> dict[str, Any]:
         eid, conv = self._access(identity, cid)
-        delete: Callable[[str], object] | None = getattr(self.engine, "delete_conversation", None)
-        if delete is not None:  # the engine's own: cancels, forgets and deletes in one step
-            delete(eid)
-        else:
-            conv.close()
-            if self.engine.store is not None:
-                self.engine.store.delete(eid)
+        conv.delete()  # waits for a memory update already running, then deletes it from the store
         self._forget(eid)
         return {"conversation_id": cid, "deleted": True}
 
