@@ -261,9 +261,14 @@ def crashes(
                         )
                 if started.wait(60):
                     time.sleep(rng.random() * 1.0)
-                with lock:
-                    kills_during_update += bool(in_flight)
-                    os.kill(proc.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+                while True:  # aim the kill at a moment when some update has started, not finished
+                    with lock:
+                        if in_flight or time.monotonic() > deadline:
+                            kills_during_update += bool(in_flight)
+                            os.kill(proc.pid, signal.SIGKILL)
+                            break
+                    time.sleep(0.001)
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
