@@ -6,8 +6,9 @@ answer in ``max_seq_len``, holds ids outside the vocabulary, or finds the conver
 full never enters the conversation and uses no turn number: it becomes ``InteractionFailed``
 (turn 0, stage ``query``) followed by ``QueryTooLongError`` / ``InvalidTokenError`` /
 ``QueueFullError``. An accepted query reserves the conversation's next turn number when its
-``QueryReceived`` is emitted: turns run in the order of their numbers. Disposing the stream before
-``generate`` starts the turn gives the reservation up, so later turns do not wait for it.
+``QueryReceived`` is emitted: turns run in the order of their numbers. ``generate`` gives the
+reservation up if it is disposed before it starts the turn; a ``QueryReceived`` that never reaches
+a ``generate`` holds the conversation's later turns until ``backend.release_turn`` is called.
 
 Marble::
 
@@ -52,19 +53,27 @@ def tokenize(conv: ConversationRef) -> Callable[[Observable[Query]], Observable[
                     f"{backend.max_seq_len} tokens including the answer and [EOS]"
                 )
         except RxTError as exc:
-            return fail_with(failed(rejected, exc, "query", backend.stm_version(conv.id)), exc)
+            return fail_with(failed(rejected, exc, "query", _version(conv)), exc)
 
         def subscribe(observer: abc.ObserverBase[Any]) -> Callable[[], None]:
             try:
                 turn = backend.next_turn(conv.id)  # QueueFullError: the query never entered
             except RxTError as exc:
-                observer.on_next(failed(rejected, exc, "query", backend.stm_version(conv.id)))
+                observer.on_next(failed(rejected, exc, "query", _version(conv)))
                 observer.on_error(exc)
                 return lambda: None
             observer.on_next(QueryReceived(conversation_id=conv.id, turn=turn, query=text, token_ids=ids))
             observer.on_completed()
-            return lambda: backend.release_turn(conv.id, turn)  # a no-op once the turn has started
+            return lambda: None
 
         return create(subscribe)
 
     return ordered(one)
+
+
+def _version(conv: ConversationRef) -> int:
+    """The STM version a refused query leaves in place (0 if the conversation is gone)."""
+    try:
+        return conv.backend.stm_version(conv.id)
+    except RxTError:
+        return 0

@@ -198,21 +198,27 @@ def test_ask_can_wait_for_the_memory_update_and_raise_its_failure(tok: RxTokeniz
         assert conv.memory_error is None and conv.stm_version == 1
 
 
-def test_a_program_that_never_closes_its_engine_exits_cleanly(tmp_path: Path) -> None:
-    """It once aborted at exit ("terminate called without an active exception", status 134)."""
+@pytest.mark.parametrize("drop", [False, True])
+def test_a_program_that_never_closes_its_engine_exits_cleanly(tmp_path: Path, drop: bool) -> None:
+    """It once aborted at exit ("terminate called without an active exception", status 134).
+    ``drop``: the program lets go of the engine before exiting (it is closed when collected)."""
     script = textwrap.dedent(
         """
-        import sys
+        import gc, sys
         import rxruntime
         from rxruntime.stores import SQLiteStore
 
         engine = rxruntime.load("default", store=SQLiteStore(sys.argv[1]))
         conv = engine.conversation("x")
         print(conv.ask("I live in Lisbon.", max_new_tokens=8), flush=True)
+        if sys.argv[2] == "drop":
+            del engine, conv
+            gc.collect()
         """
     )
     db = tmp_path / "stm.db"
-    result = subprocess.run([sys.executable, "-c", script, str(db)], capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", script, str(db), "drop" if drop else "keep"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "terminate called" not in result.stderr
     stored = SQLiteStore(db).get("x")

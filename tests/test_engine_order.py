@@ -115,3 +115,41 @@ def test_pipelined_turns_from_many_threads_run_in_turn_order(engine: Engine) -> 
     assert [turn for _, turn in commits] == list(range(1, n + 1))  # version k committed turn k
     answers = [next(e for e in events if isinstance(e, AnswerCompleted)) for events in outcomes]
     assert sorted(a.turn for a in answers) == list(range(1, n + 1))
+
+
+def test_interact_turns_run_in_number_order_when_their_starts_race(engine: Engine) -> None:
+    """Through the real pipeline: turn 1's thread is slow between reserving and starting, turn 2's
+    thread starts at once. Turn 2 still runs second (once, it ran first)."""
+    import time
+
+    conv = engine.conversation("pipeline-race")
+    reserved_first = threading.Event()
+    real_next, real_start = engine.next_turn, engine.start_turn
+
+    def next_turn(cid: str) -> int:
+        turn = real_next(cid)
+        if turn == 1:
+            reserved_first.set()
+        return turn
+
+    def start_turn(req: TurnRequest, listener: Any) -> Any:
+        if req.turn == 1:
+            time.sleep(0.5)  # the thread holding turn 1 is descheduled
+        return real_start(req, listener)
+
+    setattr(engine, "next_turn", next_turn)  # noqa: B010 - this test's engine only
+    setattr(engine, "start_turn", start_turn)  # noqa: B010
+    outcomes: list[list[Event]] = [[], []]
+    done = [threading.Event(), threading.Event()]
+
+    def send(i: int) -> None:
+        conv.interact("Hi", max_new_tokens=2).subscribe(outcomes[i].append, lambda e: done[i].set(), done[i].set)
+
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    assert reserved_first.wait(10)
+    send(1)
+    first.join(10)
+    assert done[0].wait(20) and done[1].wait(20)
+    commits = {e.turn: e.stm_version for events in outcomes for e in events if isinstance(e, MemoryUpdated)}
+    assert commits == {1: 1, 2: 2}

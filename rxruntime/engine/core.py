@@ -12,7 +12,6 @@ conversation's :class:`~rxruntime.mailbox.Mailbox`.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 import time
@@ -104,7 +103,9 @@ class Engine:
         self._delivery = ThreadPoolExecutor(delivery_threads, thread_name_prefix="rxrt-deliver")
         self._decode.start()
         self._memory.start()
-        _LIVE.add(self)
+        # Closed at interpreter exit (or when garbage-collected) if the program never calls close():
+        # a daemon thread still inside a torch call at finalisation aborts the whole process.
+        self._finalizer = weakref.finalize(self, _shutdown, self._sched, self._decode, self._memory, self._delivery)
 
     # ------------------------------------------------------------------ conversations
     def conversation(
@@ -468,21 +469,10 @@ class Engine:
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop accepting turns, fail queued ones, finish memory updates already owed, stop threads.
 
-        A program that never calls it still exits cleanly: live engines are closed at
-        interpreter exit (``atexit``), committing the memory updates they owe."""
-        with self._lock:
-            if self._sched.closed:
-                return
-            self._sched.closed = True
-            self._lock.notify_all()
-        _LIVE.discard(self)
-        self._decode.join(timeout)
-        self._memory.stop(timeout)
-        with self._lock:
-            conversations = list(self._sched.conversations.values())
-        for conv in conversations:
-            conv.mailbox.wait_idle(timeout)
-        self._delivery.shutdown(wait=True)
+        A program that never calls it still exits cleanly: an engine still open at interpreter
+        exit (or garbage-collected) is closed then, committing the memory updates it owes."""
+        if self._finalizer.detach() is not None:
+            _shutdown(self._sched, self._decode, self._memory, self._delivery, timeout)
 
     @property
     def closed(self) -> bool:
@@ -686,18 +676,30 @@ class _MemorizeListener(_Silent):
         self._waiter.settle(self._i, 0, ConversationError(f"turn {turn} was not written to memory"))
 
 
-# Engines still open at interpreter exit are closed first, while their threads can still finish
-# (a daemon thread inside a torch call at finalisation aborts the process).
-_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_engines() -> None:
-    for engine in list(_LIVE):
-        try:
-            engine.close(timeout=30.0)
-        except Exception:  # exiting anyway: report, never raise from atexit
-            log.exception("closing an engine at exit failed")
+def _shutdown(
+    sched: Scheduler,
+    decode: DecodeLoop,
+    memory: MemoryWorker,
+    delivery: ThreadPoolExecutor,
+    timeout: float | None = 30.0,
+) -> None:
+    """Close an engine's rooms: no new turns, queued ones fail, owed memory updates commit."""
+    with sched.lock:
+        if sched.closed and not decode.alive and not memory.alive:
+            return
+        sched.closed = True
+        sched.lock.notify_all()
+    own = threading.current_thread().name.startswith("rxrt-")  # dropped on one of our own threads
+    if not own:
+        decode.join(timeout)
+        memory.stop(timeout)
+        with sched.lock:
+            conversations = list(sched.conversations.values())
+        for conv in conversations:
+            conv.mailbox.wait_idle(timeout)
+    else:
+        memory.stop(0)
+    delivery.shutdown(wait=not own)
 
 
 def _new_id() -> str:

@@ -53,6 +53,10 @@ class DecodeLoop:
         self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def active(self) -> int:
         return self.batch.size
 
@@ -188,7 +192,8 @@ class DecodeLoop:
             )
             conv.mailbox.post(lambda: listener.on_answer(tokens, reason, stats))
             if remember:
-                ids = [*job.request.prompt_ids, *tokens, self.config.special_tokens.eos_id]
+                closed = reason == "eos" or self.config.eos_after_truncated_answer
+                ids = [*job.request.prompt_ids, *tokens, *([self.config.special_tokens.eos_id] if closed else [])]
                 self._memory.enqueue(MemoryTask(conv, turn, ids))
             else:
                 records.set_record(conv, turn, MemoryRecord("skipped", conv.version))

@@ -63,6 +63,10 @@ class MemoryWorker:
         self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def backlog(self) -> int:
         with self._cv:
             return len(self._queue)

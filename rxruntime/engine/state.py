@@ -20,7 +20,7 @@ from .protocol import MemoryListener, TurnListener, TurnRequest
 RECORDS_KEPT = 64  # memory records kept per conversation, for late watchers
 
 
-@dataclass
+@dataclass(eq=False)  # identity: found and removed in queues by who it is
 class Job:
     """One queued turn: a decode turn, or a memory-only one (``memory_ids``: ``memorize``)."""
 
@@ -40,7 +40,7 @@ class Job:
     install: Install | None = None  # a control job: replace the STM (reset / load_state)
 
 
-@dataclass
+@dataclass(eq=False)
 class Install:
     """A new STM to commit as it is (no model call): ``reset`` and ``load_state``.
 
@@ -55,7 +55,7 @@ class Install:
     error: Exception | None = None  # set when it could not be committed
 
 
-@dataclass
+@dataclass(eq=False)
 class MemoryTask:
     conv: ConvState
     turn: int
@@ -71,7 +71,7 @@ class MemoryRecord:
     error: Exception | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class ConvState:
     """One conversation inside the engine."""
 
