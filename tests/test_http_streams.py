@@ -119,3 +119,19 @@ def test_100_concurrent_streaming_conversations_lose_no_event() -> None:
         assert final["usage"]["output_tokens"] == 4
         conversations.add(final["conversation"]["id"])
     assert len(conversations) == 100
+
+
+def test_a_chat_client_leaving_mid_stream_cancels_and_leaves_nothing_open(chatty_engine: Engine) -> None:
+    with served(chatty_engine) as (url, app):
+        ctx = context_of(app)
+        before, open_before = ctx.metrics.cancelled._value.get(), chatty_engine.open_conversations
+        stream = client(url).chat.completions.create(
+            model="rxt", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        stream.close()
+        _until(lambda: ctx.metrics.cancelled._value.get() > before)
+        _until(lambda: chatty_engine.open_conversations == open_before)  # the request's conversation is closed
+        assert len(ctx.history) == 0  # a cancelled answer is not cached
