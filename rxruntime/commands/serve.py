@@ -72,17 +72,19 @@ def _run_zmq(args: argparse.Namespace, bind: str) -> int:
     keys = _zmq_keys(args, bind)  # before loading the model
     store = open_store(args.store)
     stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the server answers anyone: no signal is lost
+        signal.signal(sig, lambda *_: stop.set())
     with rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store) as engine:
         server = _zmq_server(engine, args, bind, keys)
-        auth = f"CURVE keys from {args.keys}" if keys else "no authentication"
-        console.print(
-            f"rxrt serve: {server.endpoint} · {auth} · store {args.store} · device {engine.device} · Ctrl-C stops"
-        )
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        console.print("stopping: finishing owed memory updates")
-        server.stop()
+        try:  # the server (and its authenticator thread) stops however this ends
+            auth = f"CURVE keys from {args.keys}" if keys else "no authentication"
+            console.print(
+                f"rxrt serve: {server.endpoint} · {auth} · store {args.store} · device {engine.device} · Ctrl-C stops"
+            )
+            stop.wait()
+            console.print("stopping: finishing owed memory updates")
+        finally:
+            server.stop()
     store.close()
     return 0
 

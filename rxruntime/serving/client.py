@@ -65,7 +65,7 @@ class Client:
         keys: ClientKeys | None = None,
         timeout: float = 60.0,
         heartbeat_s: float = 1.0,
-        heartbeat_timeout_s: float = 5.0,
+        heartbeat_timeout_s: float = 10.0,
     ) -> None:
         self.address = address
         self.timeout = timeout

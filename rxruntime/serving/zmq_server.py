@@ -205,8 +205,7 @@ class Server:
             return
         streams = list(peer.streams.values())
         log.warning("peer %s is gone (%s): cancelling %d running turns", peer.identity.label, reason, len(streams))
-        for stream in streams:
-            stream.dispose()
+        self._dispose(streams)
         if not peer.identity.namespace:
             with self._lock:
                 others = any(p.identity == peer.identity for p in self._peers.values())
@@ -308,8 +307,21 @@ class Server:
             self.max_pending_bytes,
             len(cancelled),
         )
-        for stream in cancelled:
-            stream.dispose()
+        self._dispose(cancelled)
+
+    def _dispose(self, streams: list[abc.DisposableBase]) -> None:
+        """Cancel turns off the socket thread (a cancel may wait for the engine's lock)."""
+        if not streams:
+            return
+
+        def run() -> None:
+            for stream in streams:
+                stream.dispose()
+
+        try:
+            self._pool.submit(run)
+        except RuntimeError:  # shutting down
+            run()
 
     def _reply(
         self, key: bytes, rid: int | None, *, ok: Any = None, error: BaseException | None = None, **extra: Any
@@ -449,6 +461,6 @@ class Server:
             if stream is not None:
                 peer.inflight -= 1
         if stream is not None:
-            stream.dispose()
+            self._dispose([stream])
             self._reply(peer.key, target, done=True, cancelled=True)
         self._reply(peer.key, rid, ok={"cancelled": stream is not None})
