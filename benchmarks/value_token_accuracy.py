@@ -46,7 +46,7 @@ def accuracy(model: RxTModel, tokenizer: RxTokenizer, dialogues: list[Dialogue],
             value[i, positions] = True  # "I don't know ...": the whole answer
             continue
         prefix = len(tokenizer.encode(reference[: reference.index(v)].rstrip()))
-        value[i, positions[prefix : -2]] = True
+        value[i, positions[prefix:-2]] = True
     return {
         "answer": float(hit[answer].float().mean()),
         "value": float(hit[value].float().mean()) if bool(value.any()) else float("nan"),
