@@ -1,18 +1,28 @@
-"""The turns benchmark through the reference framework: RxLM 0.2.31's ``RxTAlpha.interact``.
+"""The RxLM side of the same-weights benchmark: RxLM's own ``interact`` and ``batch_interact``.
 
-Run it in a separate virtual environment (RxLM pins transformers < 5 and depends on
-transformer-engine); nothing of RxLM is vendored here, it is imported at run time::
+Runs inside an RxLM virtual environment (RxLM pins transformers < 5; nothing of it is vendored
+here). Three subcommands:
 
-    python3 -m venv /tmp/rxlm-venv && . /tmp/rxlm-venv/bin/activate
-    pip install torch==2.13.0 && pip install rxlm==0.2.31
-    python benchmarks/rxlm_turns.py --turns 20 --out docs/turns-rxlm.json
+* ``save DIR``: the alpha-mini architecture (the RxT-Alpha Supervised card) with random weights,
+  written by RxLM's ``save_pretrained`` with a word-level ``tokenizer.json`` covering the whole
+  vocabulary. The ``[EOS]`` row of the LM head (weight and bias) is half of another row, so greedy
+  answers never end on it and every side decodes the same number of tokens.
+* ``turns``: one conversation through ``interact`` (batch 1): per turn ``ttft_s``, ``turn_s``,
+  ``tokens_per_s`` (after the first token) and ``memory_update_s`` (``interact`` runs the update
+  between yielding -1 and -2, synchronously).
+* ``batch``: one turn of N conversations through ``batch_interact``: aggregate tokens/s, the
+  first step's latency and the batched memory update.
 
-Same protocol as ``rxrt bench turns`` (rxruntime/bench/turns.py): the alpha-mini architecture
-(RxT-Alpha card) with random weights, fp32, batch 1, ``query_tokens`` random ids after
-``[BOS] [Q]`` (``interact`` appends ``[A]``), answers forced to ``answer_tokens`` tokens (EOS
-made unreachable), and per turn ``ttft_s``, ``turn_s``, ``tokens_per_s`` (after the first
-token) and ``memory_update_s`` (``interact`` runs the update synchronously between yielding -1
-and -2). The sampler is ``interact``'s own (``temperature`` 1.0 default; greedy is not offered).
+``--checkpoint DIR`` loads a saved directory; without it, a fresh random model is built in memory.
+Queries come from ``--queries FILE`` (a JSON list of id lists, as benchmarks/rxlm_same_weights.py
+writes it, so every side reads the same ids) or are drawn from ``--seed``. Sampling is greedy
+(``top_k=1``: RxLM's sampler keeps one token) unless ``--temperature`` is given. RxLM 0.3.x runs
+its vectorized MoE: the legacy expert weights of a 0.2.x checkpoint are restacked into its
+``w1``/``b1``/``w2``/``b2`` layout (``moe_bias_mode='local'``, no shared expert), the same weights
+and maths, and its ``interact`` bugs are fixed on the instance (scripts/rxlm_workarounds.py)::
+
+    /work/venvs/rxlm-0.2.31/bin/python benchmarks/rxlm_turns.py save /tmp/alpha-mini-rxlm
+    /work/venvs/rxlm-0.3.80/bin/python benchmarks/rxlm_turns.py turns --checkpoint /tmp/alpha-mini-rxlm
 """
 
 from __future__ import annotations
@@ -23,8 +33,11 @@ import os
 import statistics
 import sys
 import time
+from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[Q]", "[A]", "[T]"]  # rxruntime's ids 0-6
 
 
 def alpha_mini(
@@ -76,95 +89,296 @@ def alpha_mini(
     return {"decoder": decoder, "encoder": encoder, "memory": memory, "tokens": tokens}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--turns", type=int, default=20)
-    parser.add_argument("--query-tokens", type=int, default=32)
-    parser.add_argument("--answer-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
+def rxlm_version() -> str:
+    return dist_version("rxlm")
 
-    import rxlm
+
+TINY = dict(vocab=600, dim=64, layers=2, slots=16)  # smoke runs of the same code paths
+
+
+def build(seed: int, tiny: bool = False) -> Any:
+    """A fresh random alpha-mini RxTAlpha with an unreachable [EOS] (not yet shared)."""
     import torch
     from rxlm.rxt.models import RxTAlpha
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = alpha_mini()
-    torch.manual_seed(args.seed)
+    cfg = alpha_mini(**TINY) if tiny else alpha_mini()
+    torch.manual_seed(seed)
     model = RxTAlpha(
         cfg["decoder"], cfg["encoder"], cfg["memory"], cfg["tokens"], memory_attention_variant="self-interlayer"
     )
+    head = model.decoder.model.head
+    eos, other = cfg["tokens"]["eos_token_id"], len(SPECIAL_TOKENS)
+    with torch.no_grad():
+        head.weight[eos] = 0.5 * head.weight[other]
+        head.bias[eos] = 0.5 * head.bias[other]
+    return model
+
+
+def word_tokenizer_json(vocab: int, path: Path) -> None:
+    """``tokenizer.json`` of a word-level tokenizer with one piece of text per id (``t7`` ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    words.update({f"t{i}": i for i in range(len(SPECIAL_TOKENS), vocab)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.save(str(path))
+
+
+def save(directory: Path, seed: int, tiny: bool = False) -> None:
+    model = build(seed, tiny)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory))  # before share_components: every component's tensors
+    word_tokenizer_json(model.decoder_config["vocab_size"], directory / "tokenizer.json")
+    print(f"saved alpha-mini (rxlm {rxlm_version()}) to {directory}", file=sys.stderr)
+
+
+def restack_legacy_moe(state: dict[str, Any], decoder_layers: int, experts: int) -> dict[str, Any]:
+    """0.2.x ModuleList experts -> 0.3.x vectorized tensors (x @ w1, local biases)."""
+    import torch
+
+    out = dict(state)
+    for i in range(decoder_layers):
+        pre = f"decoder.model.layers.{i}.ff."
+        parts: dict[str, list[Any]] = {"w1": [], "b1": [], "w2": [], "b2": []}
+        for e in range(experts):
+            ex = f"{pre}experts.{e}."
+            parts["w1"].append(out.pop(ex + "fc1.linear.weight").T)
+            parts["b1"].append(out.pop(ex + "fc1.linear.bias"))
+            parts["w2"].append(out.pop(ex + "fc2.weight").T)
+            parts["b2"].append(out.pop(ex + "fc2.bias"))
+        for name, tensors in parts.items():
+            out[pre + name] = torch.stack(tensors).contiguous()
+    return out
+
+
+def workarounds() -> Any:
+    """``apply_workarounds`` from scripts/rxlm_workarounds.py (this script runs from a checkout)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from rxlm_workarounds import apply_workarounds
+
+    return apply_workarounds
+
+
+def load(directory: Path) -> tuple[Any, list[str]]:
+    """RxLM's model from a saved directory, shared and in eval mode; notes on what was adapted."""
+    import torch
+    from rxlm.rxt.models import RxTAlpha
+    from safetensors.torch import load_file
+
+    version = rxlm_version()
+    notes: list[str] = []
+    if version.startswith("0.2"):
+        model = RxTAlpha.from_pretrained(str(directory))
+    else:
+        config = json.loads((directory / "config.json").read_text())
+        dec = dict(config["decoder_config"])
+        if dec.get("use_moe"):
+            dec.update(use_vectorized_moe=True, num_shared_experts=0, moe_bias_mode="local", moe_grouped_gemm=False)
+            notes.append(
+                "0.3.x vectorized MoE: legacy expert weights restacked into w1/b1/w2/b2 (moe_bias_mode local,"
+                " no shared expert): same weights, same maths"
+            )
+        config["decoder_config"] = dec
+        model = RxTAlpha(**config)
+        state = load_file(str(directory / "model.safetensors"))
+        if dec.get("use_moe"):
+            state = restack_legacy_moe(state, dec["num_layers"], dec["num_experts"])
+        if model.encoder.model.stm is None and state.pop("encoder.model.stm.memory", None) is not None:
+            notes.append("0.3.x encoders without cross-attention have no STM buffer: the file's copy is dropped")
+        # shared RoPE buffers are saved once (safetensors drops aliases); everything else must match
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(".rope." in k for k in missing), (unexpected, missing)
     model.share_components()
     model.eval()
-    model.eos_token_id = -1  # forced answer length: no token id is -1
-    gen = torch.Generator().manual_seed(args.seed)
-    vocab = cfg["decoder"]["vocab_size"]
-    queries = [
-        [2, 4, *torch.randint(7, vocab, (args.query_tokens,), generator=gen).tolist()] for _ in range(args.turns)
-    ]
-    limit = args.query_tokens + 3 + args.answer_tokens  # [BOS] [Q] query [A] answer
+    notes += workarounds()(model, version, batch=True)
+    torch.set_grad_enabled(False)
+    return model, notes
 
-    def turn(ids: list[int]) -> dict[str, float]:
+
+def queries_from(args: argparse.Namespace, count: int, vocab: int) -> list[list[int]]:
+    if args.queries:
+        return [list(map(int, q)) for q in json.loads(Path(args.queries).read_text())][:count]
+    import torch
+
+    gen = torch.Generator().manual_seed(args.seed)
+    low = len(SPECIAL_TOKENS)
+    return [torch.randint(low, vocab, (args.query_tokens,), generator=gen).tolist() for _ in range(count)]
+
+
+def sampling(temperature: float) -> dict[str, Any]:
+    """``interact``'s sampling arguments: greedy is ``top_k=1`` (RxLM has no greedy switch)."""
+    return {"temperature": 1.0, "top_k": 1} if temperature <= 0 else {"temperature": temperature}
+
+
+def run_turns(
+    model: Any, queries: list[list[int]], answer_tokens: int, repeats: int, temperature: float
+) -> dict[str, Any]:
+    import torch
+
+    bos, q_id = model.bos_token_id, model.query_token_id
+    prompts = [[bos, q_id, *q] for q in queries]
+    limit = len(prompts[0]) + 1 + answer_tokens  # [BOS] [Q] query [A] answer
+
+    def turn(ids: list[int]) -> tuple[dict[str, float], list[int]]:
         input_ids = torch.tensor([ids])
         mask = torch.ones_like(input_ids)
         start = time.perf_counter()
         first = last = update_start = update_end = 0.0
-        count = 0
-        for token in model.interact(input_ids, mask, temperature=args.temperature, max_seq_len=limit):
+        answer: list[int] = []
+        for token in model.interact(input_ids, mask, max_seq_len=limit, **sampling(temperature)):
             now = time.perf_counter()
             if token == -1:
                 update_start = now
             elif token == -2:
                 update_end = now
             else:
-                count += 1
+                answer.append(token)
                 first = first or now
                 last = now
-        assert count == args.answer_tokens, count
+        assert len(answer) == answer_tokens, (len(answer), answer_tokens)
         return {
             "ttft_s": first - start,
             "turn_s": last - start,
-            "tokens_per_s": (count - 1) / (last - first),
+            "tokens_per_s": (len(answer) - 1) / (last - first),
+            "memory_update_s": update_end - update_start,
+        }, answer
+
+    turn(prompts[0])  # warm-up
+    runs, answers = [], []
+    for _ in range(repeats):
+        model.reset_stm_state()
+        stm0 = torch.Generator().manual_seed(0)
+        model.load_stm_state(torch.randn(model.export_stm_state().shape, generator=stm0))
+        records = []
+        answers = []
+        for t, ids in enumerate(prompts, start=1):
+            rec, answer = turn(ids)
+            records.append({"turn": t, **rec})
+            answers.append(answer)
+            print(f"turn {t}: {rec}", file=sys.stderr, flush=True)
+        runs.append(records)
+    keys = ("ttft_s", "turn_s", "tokens_per_s", "memory_update_s")
+    turns = [
+        {"turn": t + 1, **{k: statistics.median(r[t][k] for r in runs) for k in keys}} for t in range(len(prompts))
+    ]
+    # one list only at the top level: `rxrt bench turns --compare RxLM=FILE` reads it
+    return {"rxlm": turns, "answers": {"first_8_tokens": [a[:8] for a in answers]}}
+
+
+def run_batch(model: Any, queries: list[list[int]], answer_tokens: int, temperature: float) -> dict[str, Any]:
+    import torch
+
+    n = len(queries)
+    prompts = [[model.bos_token_id, model.query_token_id, *q] for q in queries]
+    limit = max(map(len, prompts)) + 1 + answer_tokens
+    ids = torch.full((n, limit), model.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, limit), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+        mask[i, : len(p)] = 1
+
+    def once() -> dict[str, Any]:
+        model.set_batch_mode(True, n)
+        start = time.perf_counter()
+        first = last = update_start = update_end = 0.0
+        steps = 0
+        for out in model.batch_interact(ids.clone(), mask.clone(), max_seq_len=limit, **sampling(temperature)):
+            now = time.perf_counter()
+            if bool((out == -1).all()):
+                update_start = now
+            elif bool((out == -2).all()):
+                update_end = now
+            else:
+                steps += 1
+                first = first or now
+                last = now
+        assert steps == answer_tokens, (steps, answer_tokens)
+        tokens = n * steps
+        return {
+            "conversations": n,
+            "tokens": tokens,
+            "tokens_per_s": tokens / (last - start),
+            "ttft_s": first - start,
+            "wall_s": last - start,
             "memory_update_s": update_end - update_start,
         }
 
-    turn(queries[0])  # warm-up
-    runs = []
-    load = [os.getloadavg()[0]]
-    for _ in range(args.repeats):
-        model.reset_stm_state()
-        records = []
-        for t, ids in enumerate(queries, start=1):
-            records.append({"turn": t, **turn(ids)})
-            print(f"turn {t}: {records[-1]}", file=sys.stderr, flush=True)
-        runs.append(records)
-        load.append(os.getloadavg()[0])
-    keys = ("ttft_s", "turn_s", "tokens_per_s", "memory_update_s")
-    result = {
-        "rxlm": [
-            {"turn": t + 1, **{k: statistics.median(r[t][k] for r in runs) for k in keys}} for t in range(args.turns)
-        ],
-        "config": {
-            "framework": f"rxlm {getattr(rxlm, '__version__', '0.2.31')}",
-            "api": "RxTAlpha.interact",
-            "preset": "alpha-mini (RxT-Alpha card)",
-            "turns": args.turns,
-            "query_tokens": args.query_tokens,
-            "answer_tokens": args.answer_tokens,
-            "repeats": args.repeats,
-            "temperature": args.temperature,
-            "dtype": "float32",
-            "device": "cpu",
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "load_average": load,
-        },
+    once()  # warm-up: first-call allocations at this batch size
+    return once()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_save = sub.add_parser("save", help="write a random alpha-mini checkpoint with RxLM's save_pretrained")
+    p_save.add_argument("directory", type=Path)
+    p_save.add_argument("--seed", type=int, default=0)
+    p_save.add_argument("--tiny", action="store_true", help="dim 64, 2 layers, 600 tokens: for smoke runs")
+    for name in ("turns", "batch"):
+        p = sub.add_parser(name)
+        p.add_argument("--checkpoint", type=Path, help="an RxLM model directory (default: a fresh random model)")
+        p.add_argument("--queries", type=Path, help="JSON list of query id lists (default: random from --seed)")
+        p.add_argument("--query-tokens", type=int, default=32)
+        p.add_argument("--answer-tokens", type=int, default=64 if name == "turns" else 32)
+        p.add_argument("--threads", type=int)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", type=Path)
+        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (top_k=1)")
+        if name == "turns":
+            p.add_argument("--turns", type=int, default=20)
+            p.add_argument("--repeats", type=int, default=1)
+        else:
+            p.add_argument("--conversations", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    if args.command == "save":
+        save(args.directory, args.seed, args.tiny)
+        return 0
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        model, notes = load(args.checkpoint)
+    else:
+        model = build(args.seed)
+        model.share_components()
+        model.eval()
+        notes = workarounds()(model, rxlm_version(), batch=True)
+        torch.set_grad_enabled(False)
+    vocab = model.decoder_config["vocab_size"]
+    load_avg = [os.getloadavg()[0]]
+    if args.command == "turns":
+        qs = queries_from(args, args.turns, vocab)
+        result = run_turns(model, qs, args.answer_tokens, args.repeats, args.temperature)
+        api = "RxTAlpha.interact"
+    else:
+        qs = queries_from(args, args.conversations, vocab)
+        result = run_batch(model, qs, args.answer_tokens, args.temperature)
+        api = "RxTAlpha.batch_interact"
+    load_avg.append(os.getloadavg()[0])
+    import transformers
+
+    result["config"] = {
+        "framework": f"rxlm {rxlm_version()}",
+        "api": api,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "preset": "alpha-mini (RxT-Alpha card)",
+        "query_tokens": args.query_tokens,
+        "answer_tokens": args.answer_tokens,
+        "sampling": ("greedy (top_k=1)" if args.temperature <= 0 else f"temperature {args.temperature}")
+        + ", [EOS] unreachable",
+        "dtype": "float32",
+        "device": "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "adaptations": notes,
+        "load_average": load_avg,
     }
     text = json.dumps(result, indent=2)
     if args.out:

@@ -63,17 +63,25 @@ class Attention(nn.Module):
         rope_mode: RopeMode,
         bias: bool = False,
         dropout: float = 0.0,
+        out_bias: bool | None = None,
     ) -> None:
+        """``bias``: on all four projections; ``out_bias`` overrides it for the output projection
+        (RxLM: unbiased Q/K/V, biased output)."""
         super().__init__()
         self.head_dim = dim // num_heads
         self.q_heads = q_heads
         self.kv_heads = kv_heads
+        # Reversed SQA (RxLM): fewer query than key/value heads; the query heads are tiled
+        # ``kv_heads // q_heads`` times (head j reads query head j mod q_heads), and the output
+        # projection reads all ``kv_heads`` heads.
+        self.q_repeat = kv_heads // q_heads if q_heads < kv_heads else 1
+        self.out_heads = q_heads * self.q_repeat
         self.rope_mode = rope_mode
         self.dropout = dropout
         self.q_proj = nn.Linear(dim, q_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(q_heads * self.head_dim, dim, bias=bias)
+        self.o_proj = nn.Linear(self.out_heads * self.head_dim, dim, bias=bias if out_bias is None else out_bias)
         self._qkv_t: Tensor | None = None  # (dim, (q + 2 kv) * head_dim) once in decode layout
         self._qkv_bias: Tensor | None = None
         self._qkv_ptrs: tuple[int, ...] = ()
@@ -141,7 +149,7 @@ class Attention(nn.Module):
         q = self._split(self.q_proj(x), self.q_heads)
         if self.rope_mode in ("qk", "q"):
             q = _rotate(q, rope, positions)
-        return q
+        return q.repeat(1, self.q_repeat, 1, 1) if self.q_repeat > 1 else q
 
     def project_kv(self, x: Tensor, rope: RotaryEmbedding | None, positions: Tensor | None) -> tuple[Tensor, Tensor]:
         """Keys and values (B, kv_heads, S, head_dim); keys rotated when ``rope_mode`` says so."""
@@ -163,10 +171,10 @@ class Attention(nn.Module):
             out = _flash_attn_func(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=causal
             )  # (B, T, Hq, D)
-            out = out.reshape(b, t, self.q_heads * self.head_dim)
+            out = out.reshape(b, t, self.out_heads * self.head_dim)
         else:
             out = sdpa(q, k, v, mask=mask, causal=causal, dropout=dropout)
-            out = out.transpose(1, 2).reshape(b, t, self.q_heads * self.head_dim)
+            out = out.transpose(1, 2).reshape(b, t, self.out_heads * self.head_dim)
         return self.o_proj(out)
 
     def forward(

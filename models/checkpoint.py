@@ -18,6 +18,7 @@ import struct
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -31,8 +32,17 @@ from .errors import (
     CorruptCheckpointError,
     MissingCheckpointFileError,
     TokenizerError,
+    UnsupportedCheckpointError,
 )
 from .rope import RotaryEmbedding
+from .rxlm_format import (
+    ENCODER_STM,
+    UnsupportedRxLMOption,
+    detect_version,
+    is_rxlm_config,
+    rxlm_config,
+    rxlm_weights,
+)
 from .rxt import RxTModel
 from .tokenizer import RxTokenizer
 
@@ -113,8 +123,12 @@ def load_pretrained(
 ) -> tuple[RxTModel, RxTokenizer | None]:
     """Load ``(model, tokenizer)`` from a model directory, in eval mode on ``device``."""
     directory = resolve_model_dir(path_or_id)
-    config = load_config(directory)
+    raw = _read_config_json(directory / CONFIG_FILE)
     tensors = load_weights(directory / WEIGHTS_FILE, verify=verify)
+    if is_rxlm_config(raw):
+        config, tensors = _from_rxlm(raw, tensors, directory)
+    else:
+        config = _our_config(raw, directory / CONFIG_FILE)
 
     with torch.device("meta"):
         model = RxTModel(config)
@@ -135,7 +149,8 @@ def load_pretrained(
         tok_path = directory / TOKENIZER_FILE
         if not tok_path.is_file():
             raise MissingCheckpointFileError(tok_path, "missing tokenizer file")
-        tokenizer = RxTokenizer.from_file(tok_path)
+        special = config.special_tokens if config.tokenizer_template == "rxlm" else None
+        tokenizer = RxTokenizer.from_file(tok_path, special)
         if tokenizer.vocab_size > config.vocab_size:
             raise CheckpointMismatchError(
                 tok_path,
@@ -145,13 +160,96 @@ def load_pretrained(
 
 
 def load_config(directory: Path) -> RxTConfig:
+    """The config of a model directory, ours or RxLM's (mapped: see :mod:`.rxlm_format`)."""
     path = directory / CONFIG_FILE
+    raw = _read_config_json(path)
+    if is_rxlm_config(raw):
+        return _rxlm_config(raw, *_version_evidence(directory), path)[0]
+    return _our_config(raw, path)
+
+
+def checkpoint_format(directory: Path) -> str:
+    """``rxruntime`` or ``RxLM 0.2`` / ``RxLM 0.3``: who wrote the model directory."""
+    raw = _read_config_json(directory / CONFIG_FILE)
+    if not is_rxlm_config(raw):
+        return "rxruntime"
+    return f"RxLM {detect_version(raw, *_version_evidence(directory))}"
+
+
+def _version_evidence(directory: Path) -> tuple[list[str] | None, torch.Tensor | None]:
+    """The tensor names and the encoder's STM buffer, which tell RxLM versions apart, read
+    without loading the other weights."""
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        return None, None
+    names = list(_header(path))
+    if ENCODER_STM not in names:
+        return names, None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return names, f.get_tensor(ENCODER_STM)
+    except Exception as exc:
+        raise CorruptCheckpointError(path, f"not a readable safetensors file ({exc})") from exc
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingCheckpointFileError(path, "missing model config")
     try:
-        return RxTConfig.load(path)
-    except ConfigError as exc:
-        raise CorruptCheckpointError(path, str(exc).removeprefix(f"{path}: ")) from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(path, f"not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(path, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _our_config(raw: dict[str, Any], path: Path) -> RxTConfig:
+    try:
+        return RxTConfig.from_dict(raw)
+    except (ConfigError, TypeError) as exc:
+        raise CorruptCheckpointError(path, str(exc)) from exc
+
+
+def _rxlm_config(
+    raw: dict[str, Any], names: list[str] | None, encoder_stm: torch.Tensor | None, path: Path
+) -> tuple[RxTConfig, str]:
+    try:
+        version = detect_version(raw, names, encoder_stm)
+        return rxlm_config(raw, version, names), version
+    except UnsupportedRxLMOption as exc:
+        raise UnsupportedCheckpointError(path, str(exc)) from exc
+    except (ConfigError, TypeError, ValueError, KeyError) as exc:
+        raise CorruptCheckpointError(path, f"not a loadable RxLM config ({exc})") from exc
+
+
+def _from_rxlm(
+    raw: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+) -> tuple[RxTConfig, dict[str, torch.Tensor]]:
+    """Our config and state dict for an RxLM directory; names RxLM wrote that map to nothing
+    we compute are refused (a silently dropped weight would compute something else)."""
+    config, _ = _rxlm_config(raw, list(tensors), tensors.get(ENCODER_STM), directory / CONFIG_FILE)
+    weights, unknown = rxlm_weights(tensors, config)
+    if unknown:
+        raise CheckpointMismatchError(
+            directory / WEIGHTS_FILE,
+            f"{len(unknown)} RxLM tensor(s) this config does not use (e.g. {', '.join(unknown[:3])})",
+        )
+    return config, weights
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """The tensor entries of a safetensors header (names, dtypes, shapes), without the data."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptCheckpointError(path, "too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpointError(path, f"safetensors header is not valid JSON ({exc})") from exc
+    return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 def load_weights(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -225,6 +323,7 @@ def _check_fits(model: RxTModel, tensors: dict[str, torch.Tensor], path: Path) -
 __all__ = [
     "CheckpointError",
     "TokenizerError",
+    "checkpoint_format",
     "default_model_dir",
     "load_config",
     "load_pretrained",

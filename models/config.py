@@ -14,6 +14,7 @@ the head counts. With a head split of ``num_heads`` (``head_dim = dim // num_hea
 * GQA: ``q_heads == num_heads > kv_heads > 1``;  MQA: ``kv_heads == 1``
 * SQA: ``q_heads < num_heads`` (the output projection reads ``q_heads * head_dim`` features)
 * symmetric SQA (sSQA): ``q_heads == kv_heads == num_heads // 2``
+* reversed SQA (RxLM): ``q_heads < kv_heads``, the query heads tiled over the key/value heads
 
 The whole tree round-trips through ``config.json`` (``RxTConfig.save`` / ``RxTConfig.load``).
 """
@@ -28,8 +29,15 @@ from typing import Any, Literal, TypeVar, cast, get_args
 
 from .errors import ConfigError
 
-MemoryAttentionVariant = Literal["simple", "self", "interlayer", "self-interlayer"]
-GateType = Literal["elementwise", "linear"]
+MemoryAttentionVariant = Literal["simple", "self", "interlayer", "self-interlayer", "grouped-self-interlayer"]
+GateType = Literal["elementwise", "linear", "static", "none"]
+GateActivation = Literal["sigmoid", "tanh"]
+GateSlotStatus = Literal["mean", "linear"]
+RopePairing = Literal["half", "adjacent", "adjacent-split"]
+FinalNorm = Literal["rms", "layer", "none"]
+MemoryNormType = Literal["rmsnorm", "gated-rms", "gated-adaptive-rms", "gated-positional", "gated-layer"]
+StatelessLayer = Literal["dense", "moe"]
+FfnActivation = Literal["silu", "gelu", "relu", "sigmoid", "tanh", "identity"]
 
 CONFIG_FORMAT = "rxruntime.rxt/1"
 
@@ -54,6 +62,45 @@ class DecoderConfig:
     dropout: float = 0.0
     router_aux_loss_weight: float = 0.01
     """Weight of the load-balancing loss the MoE router adds during training."""
+    attention_output_bias: bool = False
+    """A bias on the attention output projections only (RxLM: yes, with unbiased Q/K/V)."""
+    use_moe: bool = True
+    """False: every layer has one dense SwiGLU of width ``ffn_dim`` instead of experts."""
+    ffn_dim: int = 0
+    """Hidden width of the dense SwiGLU of every layer when ``use_moe`` is False."""
+    dense_ffn_dim: int = 0
+    """Hidden width of the ``dense`` stateless layers (RxLM 0.3 ``dense_layer_dim``)."""
+    ffn_bias: bool = False
+    """Biases in the SwiGLU (expert) projections (RxLM: yes, in experts and dense layers)."""
+    ffn_activation: FfnActivation = "silu"
+    ffn_gated: bool = True
+    """Gated (``act(x W_gate) * x W_up``, SwiGLU with SiLU) or plain (``act(x W_in)``) feed-forward
+    layers and experts."""
+    num_shared_experts: int = 0
+    """Experts every token runs besides the routed ones (RxLM 0.3); several are mixed by a
+    softmax gate over them."""
+    shared_expert_ffn_dim: int = 0
+    """Hidden width of each shared expert; 0 means ``expert_ffn_dim``."""
+    shared_experts_scaled: bool = False
+    """Scale routed outputs by ``k / (k + shared)`` and shared ones by ``shared / (k + shared)``
+    (RxLM's ``moe_use_weighted_shared_experts``)."""
+    expert_bias_mode: Literal["local", "global", "none"] = "none"
+    """Routed expert biases: on each expert's two projections (``local``: RxLM 0.2 and legacy
+    layouts), one output bias per layer added once per token (``global``: RxLM 0.3's default),
+    or none."""
+    shared_expert_bias_mode: Literal["local", "global", "none"] = "none"
+    final_norm: FinalNorm = "rms"
+    """The norm before the LM head: RMSNorm (ours), LayerNorm (RxLM ``use_head_norm``) or none."""
+    lm_head_bias: bool = False
+    layers_before: list[str] = field(default_factory=list)
+    """Stateless layers (no memory cross-attention) before the memory layers, each ``dense`` or
+    ``moe`` (RxLM 0.3 ``stateless_layers_config``)."""
+    layers_after: list[str] = field(default_factory=list)
+    """Stateless layers after the memory layers (RxLM 0.3 ``final_stateless_layers_config``)."""
+    step_position_offset: int = 0
+    """Added to the RoPE position of every token fed one at a time after the prompt. RxLM's
+    ``interact`` rotates the token at index ``n`` by ``n + 1`` (it passes the sequence length
+    including that token); 1 reproduces it exactly, 0 is the plain position."""
 
 
 @dataclass
@@ -71,6 +118,14 @@ class EncoderConfig:
     """Hidden width of the dense SwiGLU feed-forward."""
     attention_bias: bool = False
     dropout: float = 0.0
+    attention_output_bias: bool = False
+    ffn_bias: bool = False
+    ffn_activation: FfnActivation = "silu"
+    ffn_gated: bool = True
+    memory_source: Literal["stm", "fixed"] = "stm"
+    """What the encoder's memory cross-attention reads: the conversation's STM(t-1), or a fixed
+    memory stored with the weights (``fixed_memory``: RxLM 0.2's encoder keeps its own STM buffer,
+    which the conversation never changes)."""
 
 
 @dataclass
@@ -90,6 +145,25 @@ class MemoryAttentionConfig:
     rope_on_keys: bool = True
     """Rotate the Encoded Data keys in memory attention (the STM queries are never rotated)."""
     attention_bias: bool = False
+    attention_output_bias: bool = False
+    pre_q_heads: int | None = None
+    """Query heads of the attention among memory slots (self/interlayer); None: ``q_heads``."""
+    pre_kv_heads: int | None = None
+    gate_activation: GateActivation = "sigmoid"
+    """``sigmoid``: ``(1-G) old + G new``; ``tanh`` (RxLM's default): ``(1-G) old + (1+G) new``."""
+    gate_per_layer: bool = False
+    """One gate value per layer and conversation (RxLM's gates when not per slot): ``linear``
+    maps the slot statuses (slots -> 1), ``elementwise``/``static`` use one scalar weight."""
+    gate_slot_status: GateSlotStatus = "mean"
+    """A slot's status for its gate: the mean over ``dim``, or a learned (dim -> 1) projection."""
+    memory_norm: MemoryNormType = "rmsnorm"
+    """The norms on memory slots: RMSNorm, or RxLM's gated norms (``rms``, ``adaptive``,
+    ``positional``, ``layer``), which blend the normalised and raw slots by a learned gate."""
+    memory_norm_per_dim_scale: bool = False
+    """``gated-positional`` only: scale per feature instead of per slot."""
+    num_groups: int = 1
+    """``grouped-self-interlayer``: layers are split into this many consecutive groups, and each
+    layer mixes with the mean of its own group instead of all layers."""
 
 
 @dataclass
@@ -97,12 +171,12 @@ class SpecialTokens:
     """Ids of the tokens of the message template ``[BOS] [Q] query [A] answer [EOS]``."""
 
     pad_id: int = 0
-    unk_id: int = 1
+    unk_id: int | None = 1
     bos_id: int = 2
     eos_id: int = 3
     query_id: int = 4
     answer_id: int = 5
-    think_id: int = 6
+    think_id: int | None = 6
 
 
 @dataclass
@@ -118,9 +192,22 @@ class RxTConfig:
     max_seq_len: int = 256
     """Longest interaction (query + answer, with template tokens)."""
     rope_base: float = 10000.0
-    norm_eps: float = 1e-6
+    norm_eps: float | None = 1e-6
+    """RMSNorm epsilon; None is torch's default (the dtype's machine epsilon), as RxLM uses."""
+    rope_pairing: RopePairing = "half"
+    """Which features RoPE rotates together: ``half`` pairs ``i`` with ``i + d/2`` (ours);
+    ``adjacent`` pairs ``2i`` with ``2i+1`` in place (RxLM 0.3); ``adjacent-split`` pairs them
+    too but writes the results as [all firsts | all seconds] (RxLM 0.2), which changes the
+    function wherever only queries or only keys are rotated."""
     stm_init_std: float = 0.02
     """Standard deviation of the random normal initial STM."""
+    tokenizer_template: Literal["rxt", "rxlm"] = "rxt"
+    """How the tokenizer is read: ``rxt``: our special tokens at ids 0..6; ``rxlm``: the ids in
+    ``special_tokens``, text tokenised as RxLM's transformers wrapper does (no byte-level prefix
+    space, the template tokens and the query as one string)."""
+    eos_after_truncated_answer: bool = True
+    """Whether the memory update reads an ``[EOS]`` after an answer the length limit cut off
+    (ours: yes, every interaction is closed; RxLM: no, it encodes exactly the sampled tokens)."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     memory_attention: MemoryAttentionConfig = field(default_factory=MemoryAttentionConfig)
@@ -136,8 +223,10 @@ class RxTConfig:
             _positive(name, getattr(self, name))
         if self.rope_base <= 1.0:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
-        if self.norm_eps <= 0:
-            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.norm_eps is not None and self.norm_eps <= 0:
+            raise ConfigError(f"norm_eps must be > 0 or null (torch's default), got {self.norm_eps}")
+        _choice("rope_pairing", self.rope_pairing, RopePairing)
+        _choice("tokenizer_template", self.tokenizer_template, Literal["rxt", "rxlm"])
         if self.stm_init_std < 0:
             raise ConfigError(f"stm_init_std must be >= 0, got {self.stm_init_std}")
         d, e, m = self.decoder, self.encoder, self.memory_attention
@@ -150,6 +239,42 @@ class RxTConfig:
         _positive("decoder.num_experts", d.num_experts)
         _positive("decoder.expert_ffn_dim", d.expert_ffn_dim)
         _positive("encoder.ffn_dim", e.ffn_dim)
+        if not d.use_moe:
+            _positive("decoder.ffn_dim", d.ffn_dim)
+        if "dense" in d.layers_before or "dense" in d.layers_after:
+            _positive("decoder.dense_ffn_dim", d.dense_ffn_dim)
+        for name, kinds in (("decoder.layers_before", d.layers_before), ("decoder.layers_after", d.layers_after)):
+            for kind in kinds:
+                if kind not in get_args(StatelessLayer):
+                    raise ConfigError(f"{name} entries must be one of {get_args(StatelessLayer)}, got {kind!r}")
+        if d.num_shared_experts < 0 or d.shared_expert_ffn_dim < 0:
+            raise ConfigError("decoder.num_shared_experts and decoder.shared_expert_ffn_dim must be >= 0")
+        _choice("decoder.expert_bias_mode", d.expert_bias_mode, Literal["local", "global", "none"])
+        _choice("decoder.shared_expert_bias_mode", d.shared_expert_bias_mode, Literal["local", "global", "none"])
+        _choice("decoder.final_norm", d.final_norm, FinalNorm)
+        if d.step_position_offset < 0:
+            raise ConfigError(f"decoder.step_position_offset must be >= 0, got {d.step_position_offset}")
+        _choice("encoder.memory_source", e.memory_source, Literal["stm", "fixed"])
+        _choice("decoder.ffn_activation", d.ffn_activation, FfnActivation)
+        _choice("encoder.ffn_activation", e.ffn_activation, FfnActivation)
+        if m.pre_q_heads is not None or m.pre_kv_heads is not None:
+            _heads(
+                "memory_attention.pre",
+                self.dim,
+                m.num_heads,
+                m.pre_q_heads or m.q_heads,
+                m.pre_kv_heads or m.kv_heads,
+            )
+        _choice("memory_attention.gate_activation", m.gate_activation, GateActivation)
+        _choice("memory_attention.gate_slot_status", m.gate_slot_status, GateSlotStatus)
+        _choice("memory_attention.memory_norm", m.memory_norm, MemoryNormType)
+        if m.gate_per_layer and m.gate_per_slot:
+            raise ConfigError("memory_attention.gate_per_layer and gate_per_slot exclude each other")
+        if m.gate_slot_status == "linear" and m.gate_type == "elementwise" and not m.gate_per_slot:
+            raise ConfigError("memory_attention.gate_slot_status='linear' needs a linear or per-slot gate")
+        _positive("memory_attention.num_groups", m.num_groups)
+        if self.num_layers % m.num_groups:
+            raise ConfigError(f"memory_attention.num_groups={m.num_groups} must divide num_layers={self.num_layers}")
         if not 1 <= d.experts_per_token <= d.num_experts:
             raise ConfigError(
                 f"decoder.experts_per_token must be in [1, num_experts={d.num_experts}], got {d.experts_per_token}"
@@ -163,7 +288,7 @@ class RxTConfig:
         for name, dropout in (("decoder.dropout", d.dropout), ("encoder.dropout", e.dropout)):
             if not 0.0 <= dropout < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {dropout}")
-        ids = dataclasses.asdict(self.special_tokens)
+        ids = {k: v for k, v in dataclasses.asdict(self.special_tokens).items() if v is not None}
         for name, value in ids.items():
             if not 0 <= value < self.vocab_size:
                 raise ConfigError(f"special_tokens.{name}={value} is outside the vocabulary [0, {self.vocab_size})")
@@ -239,6 +364,11 @@ def _checked_fields(cls: type[_T], data: dict[str, Any], prefix: str) -> dict[st
     return data
 
 
+def _choice(name: str, value: object, allowed: Any) -> None:
+    if value not in get_args(allowed):
+        raise ConfigError(f"{name} must be one of {get_args(allowed)}, got {value!r}")
+
+
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -252,10 +382,10 @@ def _heads(name: str, dim: int, num_heads: int, q_heads: int, kv_heads: int) -> 
         raise ConfigError(f"{name}: dim={dim} is not divisible by num_heads={num_heads}")
     if q_heads > num_heads or kv_heads > num_heads:
         raise ConfigError(f"{name}: q_heads={q_heads} and kv_heads={kv_heads} must not exceed num_heads={num_heads}")
-    if q_heads % kv_heads:
+    if q_heads % kv_heads and kv_heads % q_heads:
         raise ConfigError(
             f"{name}: q_heads={q_heads} must be a multiple of kv_heads={kv_heads} "
-            "(each key/value head serves a whole group of query heads)"
+            "(each key/value head serves a whole group of query heads), or divide it (reversed SQA)"
         )
 
 

@@ -39,3 +39,8 @@ class CheckpointMismatchError(CheckpointError):
 
 class TokenizerError(RxTError, ValueError):
     """Token ids or a tokenizer file are invalid for this model."""
+
+
+class UnsupportedCheckpointError(CheckpointError, ConfigError):
+    """The checkpoint uses an option rxruntime does not compute (the message names the config
+    field and its value); nothing is loaded rather than something else computed."""

@@ -2,17 +2,22 @@
 
 A plain residual ``STM + U`` lets every update pile onto memory; a gate interpolates instead::
 
-    STM' = (1 - G) * STM + G * U
+    STM' = (1 - G) * STM + G * U                 (activation "sigmoid")
+    STM' = (1 - G) * STM + (1 + G) * U           (activation "tanh", RxLM's default)
 
-with ``G`` in (0, 1) computed from ``STM + U``:
+with ``G`` computed from ``STM + U`` (or fixed):
 
-* ``elementwise``: ``G = sigmoid(W * (STM + U))``, ``W`` of shape (slots, dim), or (slots, 1)
-  applied to each slot's mean over ``dim`` when ``per_slot``;
-* ``linear``: ``G = sigmoid(W (STM + U) + b)``; with ``per_slot`` (the RxT-Alpha gate) ``W`` is a
-  (slots x slots) map applied to the slot means, so one value per slot, mixing information across
-  slots; without it, ``W`` is (dim x dim) applied to every slot.
+* ``elementwise``: ``G = act(W * status)``. Per slot, ``W`` is (slots, 1) and ``status`` each
+  slot's mean over ``dim``; per layer (RxLM), ``W`` is one scalar and ``status`` the mean over
+  slots and ``dim``; otherwise (ours) ``W`` is (slots, dim) and multiplies ``STM + U`` itself.
+* ``linear``: per slot (the RxT-Alpha gate), ``W`` is a (slots x slots) map of the slot statuses,
+  one value per slot, mixing information across slots; per layer (RxLM), a (slots -> 1) map;
+  otherwise (ours) a (dim x dim) map applied to every slot.
+* ``static``: ``G = act(W)``, a learned constant per slot or per layer.
+* ``none``: no gate, ``STM' = STM + U``.
 
-A per-slot gate has shape (B, slots, 1) and broadcasts over ``dim``.
+A slot's status is its mean over ``dim``, or (``slot_status="linear"``) a learned projection
+to one number. A per-slot gate has shape (B, slots, 1) and broadcasts over ``dim``.
 """
 
 from __future__ import annotations
@@ -20,35 +25,67 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import GateType
-
 
 class ResidualGate(nn.Module):
-    def __init__(self, stm_size: int, dim: int, gate_type: GateType, per_slot: bool, init: float = 0.0) -> None:
+    def __init__(
+        self,
+        stm_size: int,
+        dim: int,
+        gate_type: str,
+        per_slot: bool,
+        init: float = 0.0,
+        *,
+        per_layer: bool = False,
+        activation: str = "sigmoid",
+        slot_status: str = "mean",
+    ) -> None:
         super().__init__()
         self.gate_type = gate_type
         self.per_slot = per_slot
+        self.per_layer = per_layer
+        self.tanh = activation == "tanh"
         self.linear: nn.Linear | None = None
         self.weight: nn.Parameter | None = None
+        self.status: nn.Linear | None = nn.Linear(dim, 1) if slot_status == "linear" and gate_type != "none" else None
         if gate_type == "linear":
-            size = stm_size if per_slot else dim
-            self.linear = nn.Linear(size, size)
+            if per_layer:
+                self.linear = nn.Linear(stm_size, 1)
+            else:
+                size = stm_size if per_slot else dim
+                self.linear = nn.Linear(size, size)
             nn.init.constant_(self.linear.bias, init)
-        else:
-            self.weight = nn.Parameter(torch.full((stm_size, 1 if per_slot else dim), float(init)))
+        elif gate_type in ("elementwise", "static"):
+            shape = (1,) if per_layer else (stm_size, 1 if per_slot else dim)
+            self.weight = nn.Parameter(torch.full(shape, float(init)))
+
+    def _status(self, total: Tensor) -> Tensor:
+        """Each slot's status (B, slots, 1)."""
+        if self.status is not None:
+            return self.status(total)
+        return total.mean(dim=-1, keepdim=True)
 
     def gate(self, old: Tensor, new: Tensor) -> Tensor:
-        """G for old/new states of shape (B, slots, dim): (B, slots, 1) per slot, else (B, slots, dim)."""
+        """G before the activation's mix: (B, slots, 1) per slot, (B, 1, 1) per layer, else (B, slots, dim)."""
+        act = torch.tanh if self.tanh else torch.sigmoid
+        if self.gate_type == "static":
+            assert self.weight is not None
+            return act(self.weight)
         total = old + new
         if self.linear is not None:
-            if self.per_slot:
-                return torch.sigmoid(self.linear(total.mean(dim=-1))).unsqueeze(-1)
-            return torch.sigmoid(self.linear(total))
+            if self.per_slot or self.per_layer:
+                return act(self.linear(self._status(total).squeeze(-1))).unsqueeze(-1)
+            return act(self.linear(total))
         assert self.weight is not None
+        if self.per_layer:
+            return act(self.weight * total.mean(dim=(1, 2), keepdim=True))
         if self.per_slot:
-            return torch.sigmoid(self.weight * total.mean(dim=-1, keepdim=True))
-        return torch.sigmoid(self.weight * total)
+            return act(self.weight * self._status(total))
+        return act(self.weight * total)
 
     def forward(self, old: Tensor, new: Tensor) -> Tensor:
+        if self.gate_type == "none":
+            return new + old
         g = self.gate(old, new)
+        if self.tanh:
+            return (1 + g) * new + (1 - g) * old
         return (1 - g) * old + g * new

@@ -64,6 +64,9 @@ class DecodeBatch:
         self.next_token = torch.zeros(capacity, dtype=torch.long, device=device)
         self.counter = torch.zeros(capacity, dtype=torch.long, device=device)
         self.keys: list[Hashable] = []
+        # Rows of the last join/step that produced no token (-1): their sampler raised (the error
+        # is kept here) or their logits were not finite. The caller leaves them; others go on.
+        self.failed: dict[Hashable, BaseException] = {}
         # Host copy of next_position: the end-of-cache check needs no device read (a GPU sync).
         self._host_position = [0] * capacity
         # Views of rows 0..n-1, made once per n: the buffers never move.
@@ -100,7 +103,8 @@ class DecodeBatch:
         for i, r in enumerate(requests):
             self.sampler.set_row(start + i, r.params, r.seed)
         self.counter[start:stop] = 0
-        first = self.sampler.sample_rows(logits, self.counter[start:stop], start, stop)
+        self.failed = {}
+        first = self._sample(logits, self.counter[start:stop], start, stop, [r.key for r in requests])
         self.next_token[start:stop] = first
         self.next_position[start:stop] = lengths
         self.counter[start:stop] = 1
@@ -122,13 +126,31 @@ class DecodeBatch:
             views = self._step_views[n] = (self._memory_kv(0, n), self.cache.view(0, n))
         positions, counter = self.next_position[:n], self.counter[:n]
         logits = self.model.decode_step(self.next_token[:n], positions, views[0], views[1])
-        tokens = self.sampler.sample_rows(logits, counter, 0, n)
+        self.failed = {}
+        tokens = self._sample(logits, counter, 0, n, self.keys)
         self.next_token[:n] = tokens
         positions += 1
         counter += 1
         for row in range(n):
             self._host_position[row] += 1
         return tokens
+
+    def _sample(self, logits: Tensor, counter: Tensor, start: int, stop: int, keys: Sequence[Hashable]) -> Tensor:
+        """Sample rows ``start:stop``; a row whose sampler raises, or whose logits are not finite
+        (e.g. a NaN memory), gets token -1 instead of failing the whole batch."""
+        try:
+            tokens = self.sampler.sample_rows(logits, counter, start, stop)
+        except Exception:
+            tokens = torch.empty(stop - start, dtype=torch.long, device=logits.device)
+            for i in range(stop - start):
+                try:
+                    tokens[i : i + 1] = self.sampler.sample_rows(
+                        logits[i : i + 1], counter[i : i + 1], start + i, start + i + 1
+                    )
+                except Exception as exc:
+                    tokens[i] = -1
+                    self.failed[keys[i]] = exc
+        return torch.where(torch.isfinite(logits).all(dim=-1), tokens, -1)
 
     def leave(self, key: Hashable) -> None:
         """Free a row; the last row moves into it so active rows stay contiguous."""
@@ -180,6 +202,8 @@ def generate(
     pending = dict(zip(active, first))
     while pending:
         for key, token in list(pending.items()):
+            if token < 0:
+                raise RuntimeError(f"prompt {key}: {batch.failed.get(key, 'the logits are not finite')}")
             if token == cfg.special_tokens.eos_id or len(outputs[key]) >= limits[key]:
                 batch.leave(key)
                 del pending[key]

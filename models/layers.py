@@ -25,18 +25,23 @@ class RxTLayer(nn.Module):
         self_heads: tuple[int, int],
         cross_heads: tuple[int, int] | None,
         ffn: nn.Module,
-        norm_eps: float,
+        norm_eps: float | None,
         bias: bool = False,
         dropout: float = 0.0,
+        out_bias: bool | None = None,
     ) -> None:
         super().__init__()
         self.self_norm = nn.RMSNorm(dim, eps=norm_eps)
-        self.self_attn = Attention(dim, num_heads, *self_heads, rope_mode="qk", bias=bias, dropout=dropout)
+        self.self_attn = Attention(
+            dim, num_heads, *self_heads, rope_mode="qk", bias=bias, dropout=dropout, out_bias=out_bias
+        )
         self.cross_attn: Attention | None = None
         if cross_heads is not None:
             self.cross_norm = nn.RMSNorm(dim, eps=norm_eps)
             self.stm_norm = nn.RMSNorm(dim, eps=norm_eps)
-            self.cross_attn = Attention(dim, num_heads, *cross_heads, rope_mode="q", bias=bias, dropout=dropout)
+            self.cross_attn = Attention(
+                dim, num_heads, *cross_heads, rope_mode="q", bias=bias, dropout=dropout, out_bias=out_bias
+            )
         self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.ffn = ffn
 
@@ -52,6 +57,7 @@ class RxTLayer(nn.Module):
         *,
         rope: RotaryEmbedding,
         positions: Tensor,
+        rope_positions: Tensor | None = None,
         memory_kv: tuple[Tensor, Tensor] | None,
         causal: bool,
         self_mask: Tensor | None = None,
@@ -59,10 +65,12 @@ class RxTLayer(nn.Module):
         layer: int = 0,
         step: bool = False,
     ) -> Tensor:
-        """``step``: ``x`` is one new token per row at ``positions`` (B, 1), read/written in ``cache``."""
+        """``step``: ``x`` is one new token per row at ``positions`` (B, 1), read/written in ``cache``.
+        ``rope_positions`` (default ``positions``) are the positions RoPE rotates by."""
+        rot = positions if rope_positions is None else rope_positions
         h = self.self_norm(x)
-        q = self.self_attn.project_q(h, rope, positions)
-        k, v = self.self_attn.project_kv(h, rope, positions)
+        q = self.self_attn.project_q(h, rope, rot)
+        k, v = self.self_attn.project_kv(h, rope, rot)
         if cache is not None:
             if step:
                 cache.write_step(layer, k, v, positions[:, 0])
@@ -74,6 +82,6 @@ class RxTLayer(nn.Module):
         if self.cross_attn is not None:
             if memory_kv is None:
                 raise ValueError("memory cross-attention needs memory keys/values (memory_kv)")
-            q = self.cross_attn.project_q(self.cross_norm(x), rope, positions)
+            q = self.cross_attn.project_q(self.cross_norm(x), rope, rot)
             x = x + self.cross_attn.attend(q, *memory_kv)
         return x + self.ffn(self.ffn_norm(x))

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ffn import ACTIVATIONS, SwiGLU
+
 
 class MoE(nn.Module):
     aux_loss: Tensor | None
@@ -44,7 +46,24 @@ class MoE(nn.Module):
     sort_min_tokens = 8
     """From this many tokens on, the gathered dispatch sorts the pairs by expert (cache reuse)."""
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int,
+        dropout: float = 0.0,
+        *,
+        bias_mode: str = "none",
+        num_shared: int = 0,
+        shared_hidden_dim: int = 0,
+        shared_bias_mode: str = "none",
+        shared_scaled: bool = False,
+        activation: str = "silu",
+        gated: bool = True,
+    ) -> None:
+        """``bias_mode``, ``num_shared``...: RxLM's options (see :class:`DecoderConfig`); the
+        defaults are the plain layer of the module docstring."""
         super().__init__()
         self.dim = dim
         self.hidden_dim = hidden_dim
@@ -52,8 +71,32 @@ class MoE(nn.Module):
         self.top_k = top_k
         self.router = nn.Linear(dim, num_experts, bias=False)
         # Expert weights stacked on a leading expert axis, laid out like nn.Linear (out, in).
-        self.w_in = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))  # [gate; up]
+        self.gated = gated
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.w_in = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * hidden_dim, dim))  # [gate; up]
         self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.b_in: nn.Parameter | None = None
+        self.b_out: nn.Parameter | None = None
+        self.global_bias: nn.Parameter | None = None
+        if bias_mode == "local":
+            self.b_in = nn.Parameter(torch.zeros(num_experts, (2 if gated else 1) * hidden_dim))
+            self.b_out = nn.Parameter(torch.zeros(num_experts, dim))
+        elif bias_mode == "global":
+            self.global_bias = nn.Parameter(torch.zeros(dim))
+        self.shared_experts = nn.ModuleList(
+            SwiGLU(
+                dim,
+                shared_hidden_dim or hidden_dim,
+                bias=shared_bias_mode == "local",
+                activation=activation,
+                gated=gated,
+            )
+            for _ in range(num_shared)
+        )
+        self.shared_gate = nn.Linear(dim, num_shared, bias=False) if num_shared > 1 else None
+        self.shared_bias = nn.Parameter(torch.zeros(dim)) if num_shared and shared_bias_mode == "global" else None
+        self.shared_scaled = shared_scaled
         self.dropout = nn.Dropout(dropout)
         self.aux_loss = None
         self._offsets: dict[tuple[int, int, torch.device], Tensor] = {}
@@ -72,8 +115,44 @@ class MoE(nn.Module):
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """SwiGLU expert ``e`` applied to tokens (n, dim)."""
-        gate, up = F.linear(x, self.w_in[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w_out[e])
+        b_in = None if self.b_in is None else self.b_in[e]
+        b_out = None if self.b_out is None else self.b_out[e]
+        if not self.gated:
+            return F.linear(self.act(F.linear(x, self.w_in[e], b_in)), self.w_out[e], b_out)
+        gate, up = F.linear(x, self.w_in[e], b_in).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.w_out[e], b_out)
+
+    @property
+    def plain(self) -> bool:
+        """No biases and no shared experts: the layer the gathered dispatch and the C step compute."""
+        return (
+            self.b_in is None
+            and self.global_bias is None
+            and not len(self.shared_experts)
+            and self.gated
+            and self.activation == "silu"
+        )
+
+    def _extras(self, tokens: Tensor, routed: Tensor) -> Tensor:
+        """Add the global bias and the shared experts to the routed output (RxLM 0.3 order)."""
+        k, n_shared = self.top_k, len(self.shared_experts)
+        if self.shared_scaled and n_shared:
+            routed = routed * (k / (k + n_shared))
+        if self.global_bias is not None:
+            routed = routed + self.global_bias
+        if not n_shared:
+            return routed
+        if self.shared_gate is None:
+            shared = self.shared_experts[0](tokens)
+        else:
+            weights = F.softmax(self.shared_gate(tokens), dim=-1)
+            outputs = torch.stack([expert(tokens) for expert in self.shared_experts], dim=1)
+            shared = (outputs * weights.unsqueeze(-1)).sum(dim=1)
+        if self.shared_bias is not None:
+            shared = shared + self.shared_bias
+        if self.shared_scaled:
+            shared = shared * (n_shared / (k + n_shared))
+        return routed + shared
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -82,17 +161,20 @@ class MoE(nn.Module):
         if self.training:
             share = F.one_hot(experts, self.num_experts).float().sum(dim=(0, 1)) / experts.numel()
             self.aux_loss = self.num_experts * (share * probs.mean(dim=0)).sum()
-        if tokens.shape[0] <= self.gather_max_tokens and self.in_decode_layout():
+        gatherable = self.b_in is None and self.gated and self.activation == "silu"
+        if tokens.shape[0] <= self.gather_max_tokens and self.in_decode_layout() and gatherable:
             out = self._dispatch_gathered(tokens, weights.to(x.dtype), experts)
         else:
             out = self._dispatch(tokens, weights.to(x.dtype), experts)
+        if not self.plain:
+            out = self._extras(tokens, out)
         return self.dropout(out).reshape(shape)
 
     def decode_residual(self, x: Tensor, h: Tensor) -> Tensor:
         """``x + MoE(h)`` for the tokens (N, dim) of a decode step, the residual add fused into
         the dispatch's last operation; the plain ``x + self(h)`` when training or when the
         gathered dispatch does not apply."""
-        if self.training or h.shape[0] > self.gather_max_tokens or not self.in_decode_layout():
+        if self.training or h.shape[0] > self.gather_max_tokens or not self.in_decode_layout() or not self.plain:
             return x + self(h)
         # The renormalised top-k probabilities are the softmax over the top-k logits: 3 ops, not 6.
         logits, experts = F.linear(h, self.router.weight).topk(self.top_k, dim=-1)

@@ -239,6 +239,30 @@ def _input_major(weight: Tensor, rows: int, cols: int) -> int | None:
     return t.stride(0)
 
 
+def layout_reason(model: RxTModel) -> str | None:
+    """Why the C step does not cover this model's decoder layout (None when it does).
+
+    The C code computes our own layout: RMSNorm with one epsilon, rotate-half RoPE at the plain
+    positions, every layer a memory layer with a plain MoE (no biases, no shared experts), an
+    RMSNorm before an unbiased LM head. Anything else (RxLM's layouts) runs the torch step.
+    """
+    c = model.config
+    d = c.decoder
+    checks = [
+        (c.rope_pairing == "half", f"rope_pairing={c.rope_pairing!r}"),
+        (c.norm_eps is not None, "norm_eps=None (torch's default epsilon)"),
+        (d.step_position_offset == 0, f"decoder.step_position_offset={d.step_position_offset}"),
+        (d.final_norm == "rms", f"decoder.final_norm={d.final_norm!r}"),
+        (not d.lm_head_bias, "decoder.lm_head_bias=True"),
+        (d.use_moe, "decoder.use_moe=False"),
+        (not d.layers_before and not d.layers_after, "stateless decoder layers"),
+        (d.expert_bias_mode == "none", f"decoder.expert_bias_mode={d.expert_bias_mode!r}"),
+        (d.num_shared_experts == 0, f"decoder.num_shared_experts={d.num_shared_experts}"),
+    ]
+    failed = [what for ok, what in checks if not ok]
+    return None if not failed else "layout not covered by the C step: " + ", ".join(failed)
+
+
 class NativeDecoder:
     """The C step bound to one model's weights; see the module docstring.
 
@@ -255,6 +279,8 @@ class NativeDecoder:
         self._layers: ctypes.Array[_Layer] | None = None
         self._keep: list[Tensor] = []
         self._lock = threading.Lock()
+        self.layout_reason = layout_reason(model)
+        """Why this model's layout runs the torch step instead (None: the C step covers it)."""
 
     @property
     def model(self) -> RxTModel:
@@ -316,7 +342,7 @@ class NativeDecoder:
         ld_head = _input_major(head, dim, cfg.vocab_size)
         if ld_head is None or not (emb.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or hd > 512:
             return False
-        norms = [layer.self_norm for layer in m.decoder.blocks] + [m.decoder.norm]
+        norms: list[Any] = [layer.self_norm for layer in m.decoder.blocks] + [m.decoder.norm]
         eps = {n.eps for n in norms} | {layer.ffn_norm.eps for layer in m.decoder.blocks}
         if len(eps) != 1 or None in eps:
             return False
@@ -454,4 +480,6 @@ def decode_step(
     decoder = _decoders.get(model)
     if decoder is None:
         decoder = _decoders[model] = NativeDecoder(model)
+    if decoder.layout_reason is not None:
+        return None
     return decoder.step(tokens, positions, memory_kv, cache)

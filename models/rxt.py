@@ -150,6 +150,7 @@ class RxTModel(nn.Module):
         ``memory`` is the STM at inference; in joint pre-training it is the encoder's hidden states.
         Right padding needs no mask: causal attention never lets a real token see a later pad.
         """
+        self.decoder.rope.ensure(input_ids.shape[1])
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = self.decoder(self.embedding(input_ids), positions=positions, memory_kv=self.memory_kv(memory))
         return self.decoder.lm_head(h)
@@ -157,7 +158,7 @@ class RxTModel(nn.Module):
     def new_cache(self, rows: int, max_len: int | None = None) -> KVCache:
         d = self.config.decoder
         return KVCache.empty(
-            self.config.num_layers,
+            len(self.decoder.layers),
             rows,
             d.self_kv_heads,
             max_len or self.config.max_seq_len,
@@ -217,7 +218,10 @@ class RxTModel(nn.Module):
             if logits is not None:
                 return logits
         fused = [layer.self_attn.fused_qkv() for layer in self.decoder.blocks]
-        sign = self._rope_sign(self.decoder.rope.head_dim, self.decoder.rope.sin.device, self.dtype)
+        if self.decoder.rope.pairing != "half":
+            sign = torch.empty(0)  # the kernel rotates with RotaryEmbedding.rotation_matrices
+        else:
+            sign = self._rope_sign(self.decoder.rope.head_dim, self.decoder.rope.sin.device, self.dtype)
         kernel = self._compiled_kernel or RxTModel._decode_kernel
         return kernel(self, tokens, positions, memory_kv, cache, fused, sign)
 
@@ -264,15 +268,20 @@ class RxTModel(nn.Module):
         x = F.embedding(tokens, self.embedding.weight)  # (B, D)
         rope = dec.rope
         half = rope.head_dim // 2
-        cos = rope.cos[positions]
-        sin = rope.sin[positions]
-        if cos.dtype != dtype:
-            cos, sin = cos.to(dtype), sin.to(dtype)
-        # RoPE as one (head_dim x head_dim) matrix per row: x @ R == x * cos + rotate_half(x) * sin,
-        # so rotating all heads is one bmm (R: cos on the diagonal, signed sin half a turn away).
-        rotation = torch.diag_embed(cos) + torch.diag_embed(sin * sign).roll(half, dims=-2)  # (B, hd, hd)
+        rope_positions = positions + dec.step_position_offset if dec.step_position_offset else positions
+        if rope.pairing != "half":
+            rotation = rope.rotation_matrices(rope_positions, dtype)  # (B, hd, hd)
+        else:
+            cos = rope.cos[rope_positions]
+            sin = rope.sin[rope_positions]
+            if cos.dtype != dtype:
+                cos, sin = cos.to(dtype), sin.to(dtype)
+            # RoPE as one (head_dim x head_dim) matrix per row: x @ R == x * cos + rotate_half(x) * sin,
+            # so rotating all heads is one bmm (R: cos on the diagonal, signed sin half a turn away).
+            rotation = torch.diag_embed(cos) + torch.diag_embed(sin * sign).roll(half, dims=-2)  # (B, hd, hd)
         bias = cache.step_bias(positions, dtype)
         scatter_index = cache.step_scatter_index(positions)
+        m = 0  # memory layer index: stateless layers have no memory keys/values
         for i, layer in enumerate(dec.blocks):
             attn = layer.self_attn
             hq, hkv, hd = attn.q_heads, attn.kv_heads, attn.head_dim
@@ -289,22 +298,33 @@ class RxTModel(nn.Module):
             qk = qkv[:, : hq + hkv]
             qk = torch.bmm(qk, rotation)  # RoPE on queries and keys at once
             k, v = cache.write_step_scatter(i, qk[:, hq:], qkv[:, hq + hkv :], scatter_index)
-            out = sdpa(qk[:, :hq, None], k, v, mask=bias)
-            x = _residual_linear(x, out.reshape(b, hq * hd), attn.o_proj)
+            q = qk[:, :hq, None]
+            if attn.q_repeat > 1:  # reversed SQA: query heads tiled over the kv heads
+                q = q.repeat(1, attn.q_repeat, 1, 1)
+            out = sdpa(q, k, v, mask=bias)
+            x = _residual_linear(x, out.reshape(b, attn.out_heads * hd), attn.o_proj)
             cross = layer.cross_attn
             if cross is not None:
                 norm = layer.cross_norm
                 h = F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
                 q = F.linear(h, cross.q_proj.weight, cross.q_proj.bias).view(b, cross.q_heads, hd)
                 q = torch.bmm(q, rotation)  # queries only: memory has no position
-                out = sdpa(q[:, :, None], *memory_kv[i])
-                x = _residual_linear(x, out.reshape(b, cross.q_heads * hd), cross.o_proj)
+                q = q[:, :, None]
+                if cross.q_repeat > 1:
+                    q = q.repeat(1, cross.q_repeat, 1, 1)
+                out = sdpa(q, *memory_kv[m])
+                m += 1
+                x = _residual_linear(x, out.reshape(b, cross.out_heads * hd), cross.o_proj)
             norm = layer.ffn_norm
             h = F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
             ffn = layer.ffn
             x = ffn.decode_residual(x, h) if isinstance(ffn, MoE) else x + ffn(h)
-        h = F.rms_norm(x, dec.norm.normalized_shape, dec.norm.weight, dec.norm.eps)
-        return F.linear(h, dec.lm_head.weight)
+        final = dec.norm
+        if isinstance(final, nn.RMSNorm):
+            x = F.rms_norm(x, final.normalized_shape, final.weight, final.eps)
+        elif final is not None:
+            x = final(x)
+        return F.linear(x, dec.lm_head.weight, dec.lm_head.bias)
 
     def _rope_sign(self, head_dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """(-1, ..., -1, 1, ..., 1): ``rotate_half(x)_i = sign_i * x_{(i + d/2) mod d}``."""
@@ -323,9 +343,10 @@ class RxTModel(nn.Module):
         has memory cross-attention."""
         memory_kv = None
         if self.encoder.reads_memory:
-            if stm is None:
+            if stm is None and self.encoder.fixed_memory is None:
                 raise ValueError("this model's encoder reads STM(t-1): pass stm")
-            memory_kv = self.encoder.memory_kv(stm)
+            memory = stm if stm is not None else input_ids.new_zeros((input_ids.shape[0], 1), dtype=self.dtype)
+            memory_kv = self.encoder.memory_kv(memory)
         mask = None if attention_mask is None else attention_mask.bool()
         return self.encoder(self.embedding(input_ids), key_mask=mask, memory_kv=memory_kv)
 

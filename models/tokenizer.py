@@ -25,15 +25,35 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[Q]", "[A]", "[T]"]
 class RxTokenizer:
     """A ``tokenizers.Tokenizer`` plus the RxT message template."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, special: SpecialTokens | None = None) -> None:
+        """``special``: the template's ids when the model's config names them (RxLM checkpoints
+        do, in ``tokenizer_config``); otherwise the tokenizer must hold ours at ids 0..6."""
         self.tokenizer = tokenizer
-        ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
-        if ids != list(range(len(SPECIAL_TOKENS))):
-            raise TokenizerError(
-                f"the tokenizer must map {SPECIAL_TOKENS} to ids 0..{len(SPECIAL_TOKENS) - 1}, got {ids}"
-            )
-        self.special = SpecialTokens()
-        self._special_ids = set(range(len(SPECIAL_TOKENS)))
+        if special is None:
+            ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+            if ids != list(range(len(SPECIAL_TOKENS))):
+                raise TokenizerError(
+                    f"the tokenizer must map {SPECIAL_TOKENS} to ids 0..{len(SPECIAL_TOKENS) - 1}, got {ids}"
+                )
+            self.special = SpecialTokens()
+            self._special_ids = set(range(len(SPECIAL_TOKENS)))
+            self._joined = False
+            return
+        named = {k: v for k, v in vars(special).items() if v is not None}
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+        bad = {k: v for k, v in named.items() if not 0 <= v < size or tokenizer.id_to_token(v) is None}
+        if bad:
+            raise TokenizerError(f"the tokenizer has no tokens for the model's special ids {bad}")
+        self.special = special
+        self._joined = True
+        # RxLM wraps its tokenizer in transformers' PreTrainedTokenizerFast, which turns the
+        # byte-level pre-tokenizer's prefix space off unless told otherwise: do as it does, or
+        # "[BOS][Q]Tell" would become [BOS] [Q] "ĠTell" instead of RxLM's "T" "ell".
+        pre = tokenizer.pre_tokenizer
+        if isinstance(pre, pre_tokenizers.ByteLevel) and pre.add_prefix_space:
+            pre.add_prefix_space = False
+        added = tokenizer.get_added_tokens_decoder()
+        self._special_ids = set(named.values()) | {i for i, tok in added.items() if tok.special}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -53,9 +73,9 @@ class RxTokenizer:
         return cls(tok)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> RxTokenizer:
+    def from_file(cls, path: str | Path, special: SpecialTokens | None = None) -> RxTokenizer:
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            return cls(Tokenizer.from_file(str(path)), special)
         except TokenizerError as exc:
             raise TokenizerError(f"{path}: {exc}") from exc
         except Exception as exc:  # the Rust side raises plain Exception on bad JSON
@@ -84,13 +104,25 @@ class RxTokenizer:
         return str(self.tokenizer.id_to_token(token_id))
 
     # ------------------------------------------------------------------ template
+    def _tokens(self, *ids: int) -> str:
+        return "".join(str(self.tokenizer.id_to_token(i)) for i in ids)
+
     def query_ids(self, query: str) -> list[int]:
-        """The decoder prompt ``[BOS] [Q] query [A]``."""
+        """The decoder prompt ``[BOS] [Q] query [A]``.
+
+        With an RxLM checkpoint's tokenizer the text is tokenised as RxLM does it: the template
+        tokens and the text as one string (so the text gets no leading space of its own)."""
         s = self.special
+        if self._joined:
+            return [*self.encode(self._tokens(s.bos_id, s.query_id) + query), s.answer_id]
         return [s.bos_id, s.query_id, *self.encode(query), s.answer_id]
 
     def interaction_ids(self, query: str, answer: str) -> list[int]:
         """A whole interaction ``[BOS] [Q] query [A] answer [EOS]`` (what the encoder reads)."""
+        if self._joined:
+            s = self.special
+            text = self._tokens(s.bos_id, s.query_id) + query + self._tokens(s.answer_id) + answer
+            return [*self.encode(text + self._tokens(s.eos_id))]
         return self.interaction_from_ids(self.encode(query), self.encode(answer))
 
     def interaction_from_ids(self, query: Sequence[int], answer: Sequence[int]) -> list[int]:

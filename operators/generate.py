@@ -5,7 +5,8 @@ update has committed) and reports each sampled token; this operator turns the re
 events. Token events carry ids only (``text=""``): ``detokenize`` adds the text. Other events pass
 through untouched, so the operators chain into one event stream.
 
-Disposing the subscription before ``AnswerCompleted`` cancels the turn within one decode step;
+Disposing the subscription before ``AnswerCompleted`` cancels the turn within one decode step
+(before the turn has started, it releases the turn number ``tokenize`` reserved);
 its partial answer is not written to memory unless ``remember_partial=True`` (then
 ``AnswerCompleted`` is not emitted to the disposed subscriber, but the memory update runs).
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import reactivex
 from reactivex import Observable, abc
+from reactivex import operators as ops
 
 from rxruntime.engine import AnswerStats, TurnRequest
 from rxruntime.events import AnswerCompleted, Event, FinishReason, QueryReceived, Token
@@ -81,7 +83,10 @@ def generate(
             )
             return backend.start_turn(request, Listener())
 
-        return reactivex.concat(reactivex.of(query), create(subscribe))
+        # Disposed before the turn started (e.g. the subscriber left at QueryReceived): its
+        # reserved turn number must not hold back the conversation's later turns.
+        release = ops.finally_action(lambda: backend.release_turn(query.conversation_id, query.turn))
+        return reactivex.concat(reactivex.of(query), create(subscribe)).pipe(release)
 
     def route(event: Event) -> Observable[Event] | None:
         return answer(event) if isinstance(event, QueryReceived) else None

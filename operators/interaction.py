@@ -6,7 +6,8 @@ The pipeline a :class:`~rxruntime.conversation.Conversation` runs for each query
 
 Queries are handled in order, each after the previous turn's memory commit (the inner stream of a
 query completes with its ``MemoryUpdated``). Sampling options are keywords; ``temperature=0`` is
-greedy.
+greedy. Every option is checked by type and range when the pipeline is built
+(``InvalidOptionError`` naming the field), so a bad value never reaches the engine.
 
 Marble (one query; ``Q`` QueryReceived, ``T`` Token, ``A`` AnswerCompleted, ``M``/``U`` memory)::
 
@@ -21,6 +22,7 @@ from collections.abc import Callable
 import reactivex
 from reactivex import Observable
 
+from rxruntime.engine.options import check_options
 from rxruntime.events import Event
 from rxruntime.models.sampler import SamplingParams
 
@@ -42,12 +44,28 @@ def interaction(
     max_new_tokens: int | None = None,
     remember_partial: bool = False,
 ) -> Callable[[Observable[Query]], Observable[Event]]:
-    params = sampling_params(conv.backend.default_sampling, temperature, top_k, top_p, seed)
+    options = check_options(
+        conv.backend.default_sampling,
+        conv.backend.vocab_size,
+        {
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": seed,
+            "max_new_tokens": max_new_tokens,
+            "remember_partial": remember_partial,
+        },
+    )
 
     def turn(query: Query) -> Observable[Event]:
         return reactivex.of(query).pipe(
             tokenize(conv),
-            generate(conv, params, max_new_tokens=max_new_tokens, remember_partial=remember_partial),
+            generate(
+                conv,
+                options.params,
+                max_new_tokens=options.max_new_tokens,
+                remember_partial=options.remember_partial,
+            ),
             detokenize(conv.backend.tokenizer),
             encode(conv),
             update_memory(conv),
@@ -63,10 +81,6 @@ def sampling_params(
     top_p: float | None = None,
     seed: int | None = None,
 ) -> SamplingParams:
-    """``default`` with the given options replaced (validated: bad values raise ConfigError)."""
-    return SamplingParams(
-        temperature=default.temperature if temperature is None else temperature,
-        top_k=default.top_k if top_k is None else top_k,
-        top_p=default.top_p if top_p is None else top_p,
-        seed=default.seed if seed is None else seed,
-    )
+    """``default`` with the given options replaced (checked: bad values raise InvalidOptionError)."""
+    options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    return check_options(default, 2**63, options).params

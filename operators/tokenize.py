@@ -1,10 +1,14 @@
 """``tokenize``: queries -> ``QueryReceived`` events, with the decoder prompt's token ids.
 
 A query is text (wrapped as ``[BOS] [Q] text [A]``) or a sequence of token ids (used as the
-query's body, wrapped the same way). Each query reserves the conversation's next turn number.
-A query that leaves no room for an answer in ``max_seq_len``, or ids outside the vocabulary,
-never enters the conversation: it becomes ``InteractionFailed`` followed by ``QueryTooLongError``
-/ ``InvalidTokenError``.
+query's body, wrapped the same way). A query is checked first: one that leaves no room for an
+answer in ``max_seq_len``, holds ids outside the vocabulary, or finds the conversation's queue
+full never enters the conversation and uses no turn number: it becomes ``InteractionFailed``
+(turn 0, stage ``query``) followed by ``QueryTooLongError`` / ``InvalidTokenError`` /
+``QueueFullError``. An accepted query reserves the conversation's next turn number when its
+``QueryReceived`` is emitted: turns run in the order of their numbers. ``generate`` gives the
+reservation up if it is disposed before it starts the turn; a ``QueryReceived`` that never reaches
+a ``generate`` holds the conversation's later turns until ``backend.release_turn`` is called.
 
 Marble::
 
@@ -15,14 +19,15 @@ Marble::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
-import reactivex
-from reactivex import Observable
+from reactivex import Observable, abc
 
-from rxruntime.errors import InvalidTokenError, QueryTooLongError
+from rxruntime.engine.options import check_token_ids
+from rxruntime.errors import QueryTooLongError, RxTError
 from rxruntime.events import Event, QueryReceived
 
-from ._util import ConversationRef, fail_with, failed, ordered
+from ._util import ConversationRef, create, fail_with, failed, ordered
 
 Query = str | Sequence[int]
 
@@ -31,27 +36,44 @@ def tokenize(conv: ConversationRef) -> Callable[[Observable[Query]], Observable[
     backend = conv.backend
 
     def one(query: Query) -> Observable[Event]:
-        turn = backend.next_turn(conv.id)
         tok = backend.tokenizer
-        if isinstance(query, str):
-            text, body = query, tok.encode(query)
-        else:
-            body = [int(i) for i in query]
-            text = tok.decode(body)
-        ids = (tok.special.bos_id, tok.special.query_id, *body, tok.special.answer_id)
-        event = QueryReceived(conversation_id=conv.id, turn=turn, query=text, token_ids=ids)
-        vocab = backend.vocab_size
-        bad = [i for i in body if not 0 <= i < vocab]
-        if bad:
-            exc: Exception = InvalidTokenError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        elif len(ids) + 2 > backend.max_seq_len:  # room for at least one answer token and [EOS]
-            exc = QueryTooLongError(
-                f"the query takes {len(ids)} tokens with its template; interactions hold at most "
-                f"{backend.max_seq_len} tokens including the answer and [EOS]"
-            )
-        else:
-            return reactivex.of(event)
-        # The query never enters the conversation: no QueryReceived, no turn for generate to run.
-        return fail_with(failed(event, exc, "query", backend.stm_version(conv.id)), exc)
+        rejected = QueryReceived(conversation_id=conv.id, turn=0, query="", token_ids=())
+        try:
+            if isinstance(query, str):
+                text, body = query, tok.encode(query)
+            elif isinstance(query, Sequence):
+                body = check_token_ids(query, backend.vocab_size)
+                text = tok.decode(body)
+            else:
+                raise QueryTooLongError(f"a query is text or a sequence of token ids, got {type(query).__name__}")
+            ids = (tok.special.bos_id, tok.special.query_id, *body, tok.special.answer_id)
+            if len(ids) + 2 > backend.max_seq_len:  # room for at least one answer token and [EOS]
+                raise QueryTooLongError(
+                    f"the query takes {len(ids)} tokens with its template; interactions hold at most "
+                    f"{backend.max_seq_len} tokens including the answer and [EOS]"
+                )
+        except RxTError as exc:
+            return fail_with(failed(rejected, exc, "query", _version(conv)), exc)
+
+        def subscribe(observer: abc.ObserverBase[Any]) -> Callable[[], None]:
+            try:
+                turn = backend.next_turn(conv.id)  # QueueFullError: the query never entered
+            except RxTError as exc:
+                observer.on_next(failed(rejected, exc, "query", _version(conv)))
+                observer.on_error(exc)
+                return lambda: None
+            observer.on_next(QueryReceived(conversation_id=conv.id, turn=turn, query=text, token_ids=ids))
+            observer.on_completed()
+            return lambda: None
+
+        return create(subscribe)
 
     return ordered(one)
+
+
+def _version(conv: ConversationRef) -> int:
+    """The STM version a refused query leaves in place (0 if the conversation is gone)."""
+    try:
+        return conv.backend.stm_version(conv.id)
+    except RxTError:
+        return 0

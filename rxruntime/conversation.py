@@ -15,12 +15,13 @@ import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import reactivex
+import torch
 from reactivex import Observable
 from reactivex.disposable import SingleAssignmentDisposable
 from reactivex.subject import Subject
@@ -28,6 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from rxruntime.engine.options import check_options
 from rxruntime.errors import ConversationError
 from rxruntime.events import AnswerCompleted, Event, MemoryEvent, MemoryUpdated, MemoryUpdateStarted
 from rxruntime.models.config import RxTConfig
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
     from rxruntime.engine import Engine
 
 _STATE_FORMAT = "rxruntime.conversation-state/1"
+# Versions and turn counts must stay exact in every store (Redis compares them as doubles) with
+# room to grow, so a snapshot's counters may not exceed this.
+MAX_COUNTER = 2**52
 
 
 def config_fingerprint(config: RxTConfig) -> str:
@@ -57,6 +62,9 @@ class ConversationState:
     config_fingerprint: str
 
     def check_fits(self, config: RxTConfig) -> None:
+        """Refuse a snapshot this model cannot use or a store cannot hold (ConversationError)."""
+        if not isinstance(self.stm, Tensor):
+            raise ConversationError("the STM snapshot holds no tensor")
         expected = (config.num_layers, config.stm_size, config.dim)
         if tuple(self.stm.shape) != expected:
             raise ConversationError(f"STM snapshot has shape {tuple(self.stm.shape)}, this model needs {expected}")
@@ -64,6 +72,16 @@ class ConversationState:
             raise ConversationError(
                 "the STM snapshot was taken with a different model configuration; it cannot be restored here"
             )
+        if not self.stm.dtype.is_floating_point:
+            raise ConversationError(f"the STM snapshot holds {self.stm.dtype} values, not floating point")
+        if not bool(torch.isfinite(self.stm).all()):
+            raise ConversationError("the STM snapshot holds NaN or infinite values")
+        for name in ("stm_version", "turn"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNTER:
+                raise ConversationError(f"the snapshot's {name} {value!r} is not an integer in [0, 2**52]")
+        if not isinstance(self.conversation_id, str) or not self.conversation_id:
+            raise ConversationError("the snapshot's conversation_id must be a non-empty string")
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -85,13 +103,16 @@ class ConversationState:
             raise ConversationError(f"not a conversation state snapshot ({exc})") from exc
         if meta.get("format") != _STATE_FORMAT or "stm" not in tensors:
             raise ConversationError("not a conversation state snapshot (wrong format tag)")
-        return cls(
-            conversation_id=meta["conversation_id"],
-            turn=int(meta["turn"]),
-            stm_version=int(meta["stm_version"]),
-            stm=tensors["stm"],
-            config_fingerprint=meta["config_fingerprint"],
-        )
+        try:
+            return cls(
+                conversation_id=str(meta["conversation_id"]),
+                turn=int(meta["turn"]),
+                stm_version=int(meta["stm_version"]),
+                stm=tensors["stm"],
+                config_fingerprint=str(meta["config_fingerprint"]),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ConversationError(f"not a conversation state snapshot (bad metadata: {exc})") from exc
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.to_bytes())
@@ -138,10 +159,12 @@ class TurnMethods(ABC):
         finally:
             subscription.dispose()
 
-    def ask(self, query: Query, timeout: float | None = None, **options: Any) -> str:
+    def ask(self, query: Query, timeout: float | None = None, *, wait_for_memory: bool = False, **options: Any) -> str:
         """Send a query and block until its answer is complete; returns the answer text.
 
-        The memory update continues in the background; the next query waits for it.
+        The memory update continues in the background; the next query waits for it. With
+        ``wait_for_memory=True``, returns only once that update has committed, and raises its
+        error if it failed (the answer was given, but the memory did not take it in).
         """
         done = threading.Event()
         result: dict[str, Any] = {}
@@ -149,7 +172,8 @@ class TurnMethods(ABC):
         def on_next(event: Event) -> None:
             if isinstance(event, AnswerCompleted):
                 result["answer"] = event.text
-                done.set()
+                if not wait_for_memory:
+                    done.set()
 
         def on_error(exc: Exception) -> None:
             result["error"] = exc
@@ -197,16 +221,42 @@ class Conversation(TurnMethods):
         """A hot Observable of ``MemoryUpdateStarted`` / ``MemoryUpdated`` for every turn."""
         return self._memory_subject
 
+    @property
+    def memory_error(self) -> Exception | None:
+        """Why this conversation's last memory update failed, or None if it committed.
+
+        ``ask`` returns at the answer; this (or ``ask(..., wait_for_memory=True)``) tells whether
+        the memory then took the turn in."""
+        return self._engine.memory_error(self._id)
+
     # ------------------------------------------------------------------ turns
     def interact(self, query: Query, **options: Any) -> Observable[Event]:
         """The events of one turn (cold: subscribing sends the query).
 
         Options: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``max_new_tokens``,
         ``remember_partial`` (write a cancelled turn's partial answer to memory; default False).
+        Each is checked here: a bad name or value raises InvalidOptionError naming it.
         """
+        check_options(self._engine.default_sampling, self._engine.vocab_size, options)
         return reactivex.of(query).pipe(interaction(self, **options))
 
     # ------------------------------------------------------------------ memory
+    def memorize(self, query: str, answer: str, timeout: float | None = None) -> int:
+        """Write one past interaction to memory without decoding; returns the new STM version.
+
+        The encoder and memory attention read ``[BOS][Q] query [A] answer [EOS]`` exactly as after
+        a normal turn: it is a turn of its own (the next turn number), queued in order with the
+        others, and its MemoryUpdateStarted / MemoryUpdated reach ``memory_events``. Blocks until
+        it has committed; raises what made it fail (the STM then keeps its last version)."""
+        return self._engine.memorize(self._id, [(query, answer)], timeout)
+
+    def replay(self, interactions: Sequence[tuple[str, str]], timeout: float | None = None) -> int:
+        """:meth:`memorize` each ``(query, answer)`` pair in order (e.g. a chat history before
+        the next query); returns the STM version after the last. Stops at the first failure and
+        raises it: the pairs after it are not written. At most ``max_turns_per_conversation``
+        pairs per call (QueueFullError beyond: replay a long history in chunks)."""
+        return self._engine.memorize(self._id, list(interactions), timeout)
+
     def wait_for_memory(self, timeout: float | None = None) -> bool:
         """Block until no turn is queued or running and the memory update has committed."""
         return self._engine.wait_idle(self._id, timeout)
@@ -235,6 +285,12 @@ class Conversation(TurnMethods):
         self._unsubscribe()
         self._memory_subject.on_completed()
         self._engine.close_conversation(self._id)
+
+    def delete(self) -> None:
+        """Close the conversation and delete its memory from the engine's store."""
+        self._unsubscribe()
+        self._memory_subject.on_completed()
+        self._engine.delete_conversation(self._id)
 
     def __repr__(self) -> str:
         return f"Conversation(id={self._id!r})"

@@ -28,6 +28,17 @@ class InvalidTokenError(InteractionError, TokenizerError):
     """A pre-tokenised query holds ids outside the model's vocabulary."""
 
 
+class InvalidOptionError(InteractionError, ValueError):
+    """An option or argument has the wrong type or is out of range; ``field`` names it.
+
+    Raised before anything is queued: the conversation is untouched and no turn number is used.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class ModelExecutionError(InteractionError):
     """The model raised while decoding or updating memory (the cause is chained)."""
 
@@ -38,6 +49,12 @@ class EngineClosedError(InteractionError):
 
 class StreamOverflowError(InteractionError):
     """An async consumer fell ``buffer`` events behind with ``overflow="error"``."""
+
+
+class QueueFullError(InteractionError):
+    """Admission is over its bound (queued turns in the engine or in one conversation, or the
+    memory backlog of ``memory_init`` / ``memorize``); nothing was queued, no turn number used.
+    Retry later: this is back-pressure, not a fault of the request."""
 
 
 class ConversationError(RxTError, ValueError):
@@ -51,10 +68,12 @@ __all__ = [
     "CorruptCheckpointError",
     "EngineClosedError",
     "InteractionError",
+    "InvalidOptionError",
     "InvalidTokenError",
     "MissingCheckpointFileError",
     "ModelExecutionError",
     "QueryTooLongError",
+    "QueueFullError",
     "RxTError",
     "StreamOverflowError",
     "TokenizerError",

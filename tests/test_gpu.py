@@ -45,9 +45,9 @@ def test_cpu_and_cuda_agree_on_greedy_tokens_in_fp32() -> None:
 def test_engine_runs_the_memory_update_on_its_own_stream() -> None:
     tok = RxTokenizer.train(["Hi, I'm Ada and my cat is called Pixel."] * 30, vocab_size=300)
     with Engine(_model(torch.bfloat16), tok) as eng:
-        assert eng._memory_stream is not None and eng._memory_stream != torch.cuda.default_stream()
+        assert eng._memory._stream is not None and eng._memory._stream != torch.cuda.default_stream()
         conv = eng.conversation("c")
         conv.ask("Hi", max_new_tokens=4)
         conv.ask("Again", max_new_tokens=4)  # waits on the CUDA event, not on the host
         assert conv.wait_for_memory(10) and conv.stm_version == 2
-        assert isinstance(eng._conversations["c"].ready_event, torch.cuda.Event)
+        assert isinstance(eng._sched.conversations["c"].ready_event, torch.cuda.Event)

@@ -52,12 +52,16 @@ class FakeBackend:
     version: int = 0
     requests: list[TurnRequest] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
     memory_done: dict[int, int] = field(default_factory=dict)  # turn -> committed at tick
     busy_until: int = 0
 
     def next_turn(self, conversation_id: str) -> int:
         self.turns += 1
         return self.turns
+
+    def release_turn(self, conversation_id: str, turn: int) -> None:
+        self.released.append(turn)
 
     def stm_version(self, conversation_id: str) -> int:
         return self.version

@@ -181,7 +181,7 @@ def test_other_conversations_are_not_blocked_by_a_memory_update(tok: RxTokenizer
 
     patch(model, "memory_update", memory_update)
     with Engine(model, tok) as eng:
-        eng._memory_thread.slow = True  # type: ignore[attr-defined]
+        eng._memory._thread.slow = True  # type: ignore[attr-defined]
         a, b = eng.conversation("a"), eng.conversation("b")
         a.ask("Hi, I'm Ada.", max_new_tokens=3)  # its memory update now hangs on the gate
         start = time.perf_counter()
@@ -235,7 +235,7 @@ def test_disposing_cancels_within_one_step_and_frees_the_row(tok: RxTokenizer) -
         seen = len(tokens)
         assert conv.wait_for_memory(10)
         assert len(tokens) <= seen + 1  # at most the token already in flight
-        assert eng._batch.size == 0
+        assert eng.stats()["active_turns"] == 0
         assert conv.stm_version == 0  # the partial answer was not remembered
         assert conv.history()[-1]["finish_reason"] == "cancelled"
         assert conv.ask("Hi again", max_new_tokens=2) is not None  # the conversation still works
@@ -312,7 +312,7 @@ def test_a_model_failure_fails_the_turn_and_keeps_the_stm(tok: RxTokenizer) -> N
         assert isinstance(failed, InteractionFailed) and failed.stage == "generate" and failed.stm_version == 0
         broken["on"] = False
         assert conv.ask("Hi", max_new_tokens=2) is not None  # the engine survived
-        assert eng._batch.size == 0
+        assert eng.stats()["active_turns"] == 0
 
 
 def test_a_memory_failure_keeps_the_last_committed_stm(tok: RxTokenizer) -> None:
@@ -416,7 +416,7 @@ def test_cancelling_the_async_consumer_cancels_the_turn(tok: RxTokenizer) -> Non
 
         assert asyncio.run(main()) == 2
         assert conv.wait_for_memory(10)
-        assert conv.stm_version == 0 and eng._batch.size == 0
+        assert conv.stm_version == 0 and eng.stats()["active_turns"] == 0
         assert conv.history()[-1]["finish_reason"] == "cancelled"
 
 

@@ -119,3 +119,48 @@ def test_noise_is_uniform_and_distinct() -> None:
 def test_invalid_sampling_params_are_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", ["rejection", "sorted"])
+def test_top_p_applies_to_the_renormalised_top_k_set(path: str) -> None:
+    """Probabilities .4 .3 .2 .1 with k=2, p=.5: within the top-2 set token 1 has .571 above it,
+    so only token 0 may be drawn (the full-vocabulary nucleus would also allow token 1)."""
+    from rxruntime.models import sampler
+
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(400, -1)
+    args = (
+        torch.ones(400, dtype=torch.float64),
+        torch.full((400,), 2, dtype=torch.long),
+        torch.full((400,), 0.5, dtype=torch.float64),
+        torch.arange(400),
+        torch.zeros(400, dtype=torch.long),
+    )
+    scaled = logits.double()
+    if path == "rejection":
+        got = sampler._sample_filtered_by_rejection(scaled, *args[1:])
+    else:
+        got = sampler._sample_filtered(scaled, *args[1:])
+    assert set(got.tolist()) == {0}
+    # k=2 with p=.6: token 1 has .571 < .6 above it, so both of the top-2 are drawn, never 2 or 3.
+    wider = (args[1], torch.full((400,), 0.6, dtype=torch.float64), args[3], args[4])
+    got = (
+        sampler._sample_filtered_by_rejection(scaled, *wider)
+        if path == "rejection"
+        else sampler._sample_filtered(scaled, *wider)
+    )
+    assert set(got.tolist()) == {0, 1}
+
+
+def test_top_k_and_top_p_together_match_the_reference_filter() -> None:
+    """Random rows, both filters set: every draw lies in the set Hugging Face's top-k-then-top-p
+    keeps (top-k, renormalise, keep tokens whose mass above is below p), on both paths."""
+    torch.manual_seed(3)
+    logits = torch.randn(200, 30) * 2
+    k, p = 6, 0.7
+    got = _sample(logits, top_k=k, top_p=p, seed=11)
+    for row, token in zip(logits, got):
+        top = row.topk(k)
+        probs = torch.softmax(top.values, -1)
+        mass_above = probs.cumsum(0) - probs
+        allowed = set(top.indices[mass_above < p].tolist())
+        assert int(token) in allowed

@@ -17,10 +17,11 @@ import torch
 import zmq
 
 from rxruntime import ConversationError, Engine, QueryTooLongError
-from rxruntime.client import Client, RemoteConversation
 from rxruntime.events import AnswerCompleted, Event, MemoryUpdated, Token
 from rxruntime.models import RxTModel, RxTokenizer
-from rxruntime.server import ProtocolError, Server
+from rxruntime.serving.client import Client, RemoteConversation
+from rxruntime.serving.errors import ProtocolError
+from rxruntime.serving.zmq_server import Server
 from rxruntime.stores import SQLiteStore
 
 from .conftest import tiny_config
@@ -59,7 +60,7 @@ def served(model_dir: Path, tmp_path: Path) -> Iterator[tuple[Client, Engine, Se
 
 def test_remote_conversation_matches_a_local_one(served: tuple[Client, Engine, Server], model_dir: Path) -> None:
     client, _, _ = served
-    assert client.ping()["protocol"] == "rxrt/1"
+    assert client.ping()["protocol"] == "rxrt/2"
     remote = client.open("ada")
     answers = [remote.ask("Hi, I'm Ada.", max_new_tokens=6), remote.ask("What is my name?", max_new_tokens=6)]
     with _engine(model_dir) as local_engine:
@@ -147,9 +148,9 @@ def test_disposing_a_remote_turn_cancels_it_on_the_server(served: tuple[Client, 
     assert first.wait(20)
     sub.dispose()
     deadline = time.monotonic() + 10
-    while engine._batch.size and time.monotonic() < deadline:
+    while engine.stats()["active_turns"] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert engine._batch.size == 0
+    assert engine.stats()["active_turns"] == 0
     assert engine.history("c")[-1]["finish_reason"] == "cancelled"
 
 
@@ -200,7 +201,7 @@ def test_rxrt_serve_command(model_dir: Path, tmp_path: Path) -> None:
     )
     try:
         with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
-            assert client.ping()["protocol"] == "rxrt/1"
+            assert client.ping()["protocol"] == "rxrt/2"
             assert isinstance(client.open("x").ask("Hi", max_new_tokens=2), str)
     finally:
         proc.send_signal(2)

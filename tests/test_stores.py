@@ -118,6 +118,11 @@ def test_a_stale_worker_cannot_overwrite_newer_memory(tok: RxTokenizer) -> None:
         conv_b.interact("Hello", max_new_tokens=2).subscribe(events.append, on_error, done.set)
         assert done.wait(10)
         assert isinstance(error[0], StaleStateError)
-        assert conv_b.stm_version == 0  # its in-process memory did not move either
         stored = store.get("x")
-        assert stored is not None and stored.stm_version == 1
+        assert stored is not None and stored.stm_version == 1  # the newer memory was not overwritten
+        # b re-read the store instead of staying wedged: it now holds a's memory and goes on
+        assert conv_b.stm_version == 1 and torch.equal(conv_b.export_state().stm, conv_a.export_state().stm)
+        conv_b.ask("Hello again", max_new_tokens=2)
+        assert conv_b.wait_for_memory(10) and conv_b.stm_version == 2 and conv_b.memory_error is None
+        stored = store.get("x")
+        assert stored is not None and stored.stm_version == 2

@@ -50,6 +50,8 @@ def joint_loss(
 ) -> JointLoss:
     """The stage 1/2 objective on one batch (``vocab_size``: the tokenizer's, for random replacements)."""
     special = model.config.special_tokens
+    if special.unk_id is None:
+        raise ValueError("joint pre-training masks with [UNK]: special_tokens.unk_id must be set")
     enc_ids, mlm_labels = mask_tokens(
         batch.ids, batch.mask, stage.mask_prob, special.unk_id, FIRST_REGULAR_ID, vocab_size, generator
     )

@@ -93,5 +93,5 @@ def c_step_note(model: RxTModel) -> str:
 
     if model.device.type != "cpu" or model.dtype != torch.float32 or not model.native_decode:
         return "not used (not a float32 CPU model, or turned off)"
-    reason = native.unavailable_reason()
+    reason = native.unavailable_reason() or native.layout_reason(model)
     return f"used for steps of up to {native.MAX_ROWS} rows" if reason is None else f"not used: {reason}"

@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 # Order is the order of `rxrt --help`.
-COMMANDS = ["chat", "serve", "info", "train", "eval", "bench"]
+COMMANDS = ["chat", "serve", "keygen", "info", "convert", "train", "eval", "bench"]
 
 
 def register_all(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,6 +7,8 @@
   (behind the memory update) against sent after the update: what the asynchronous update hides.
 * ``rxrt bench throughput``: N conversations at once on one engine, for several N: aggregate
   tokens/s, per-token latency, TTFT and memory-update time.
+* ``rxrt bench replay``: a stateless client through ``/v1/chat/completions``: the history's STM
+  from the cache, rebuilt by replay, or a stateless model re-reading it (needs the ``http`` extra).
 
 ``overlap`` and ``throughput`` print a table, or JSON with ``--json``; ``--out DIR`` also writes
 ``<name>-<preset>.json``.
@@ -78,6 +80,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     h.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
     h.add_argument("--out", type=Path, help="directory for throughput-<preset>.json")
     h.set_defaults(func=run_throughput)
+
+    r = sub.add_parser(
+        "replay", help="Chat Completions through the HTTP front: cached STM vs replayed history vs a stateless model"
+    )
+    r.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
+    r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--seed", type=int, default=0, help="of the stateless model's random weights")
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r.add_argument("--turns", type=int, default=20)
+    r.add_argument("--repeats", type=int, default=3, help="per-turn medians over this many conversations")
+    r.add_argument("--out", type=Path, help="directory for replay-<model>.json")
+    r.set_defaults(func=run_replay)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -241,6 +256,23 @@ def run_overlap(args: argparse.Namespace) -> int:
     )
     result = run(cfg, progress=None if args.json else _progress)
     return _report(args, "overlap", result, format_table, describe(result))
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    from rxruntime.bench.replay import ReplayConfig, format_table
+    from rxruntime.bench.replay import run_replay as run
+
+    _threads(args)
+    cfg = ReplayConfig(turns=args.turns, repeats=args.repeats, seed=args.seed, device=args.device, model=args.model)
+    result = run(cfg, progress=None if args.json else _progress)
+    s = result["summary"]
+    note = (
+        f"turn {s['turn']}: replaying the history takes {s['replay_over_cached']:.2f}x the cached path, the "
+        f"stateless model {s['stateless_over_cached']:.2f}x; replayed answers identical to cached ones: "
+        f"{'yes' if s['all_answers_identical'] else 'NO'}"
+    )
+    args.preset = Path(args.model).name
+    return _report(args, "replay", result, format_table, note)
 
 
 def run_throughput(args: argparse.Namespace) -> int:

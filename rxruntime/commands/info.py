@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rxruntime.models import RxTModel, preset
-    from rxruntime.models.checkpoint import load_config, resolve_model_dir
+    from rxruntime.models.checkpoint import checkpoint_format, load_config, resolve_model_dir
 
     if args.preset:
         config = preset(args.preset)
@@ -27,12 +27,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         directory = resolve_model_dir(args.model)
         config = load_config(directory)
-        source = str(directory)
+        source = f"{directory}, {checkpoint_format(directory)} format"
     with torch.device("meta"):  # count parameters without allocating them
         model = RxTModel(config)
     counts = model.parameter_counts()
     if args.json:
-        print(json.dumps({"parameters": counts, "config": config.to_dict()}, indent=2))
+        print(json.dumps({"source": source, "parameters": counts, "config": config.to_dict()}, indent=2))
         return 0
 
     from rich.console import Console

@@ -1,14 +1,30 @@
-"""``rxrt serve``: serve a model to many conversations over zmq + msgpack (docs/protocol.md)."""
+"""``rxrt serve``: serve a model over zmq + msgpack (docs/protocol.md), HTTP (docs/http.md), or both."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rxruntime.engine import Engine
+    from rxruntime.serving.auth import ServerKeys
+    from rxruntime.serving.zmq_server import Server
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("serve", help="serve a model over zmq (ROUTER socket, msgpack frames)")
+    p = subparsers.add_parser("serve", help="serve a model over zmq (msgpack frames) and/or OpenAI-compatible HTTP")
     p.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
-    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="zmq address to bind (default %(default)s)")
+    p.add_argument(
+        "--bind",
+        default=None,
+        help="zmq address (default tcp://127.0.0.1:5555 without --http; with --http, zmq only if given)",
+    )
+    p.add_argument("--http", default=None, metavar="HOST:PORT", help="serve the OpenAI-compatible HTTP API here")
+    p.add_argument(
+        "--api-key", action="append", default=[], help="HTTP: accepted bearer key (repeatable; none: no auth)"
+    )
+    p.add_argument("--api-key-file", default=None, help="HTTP: file of accepted keys, one per line")
+    p.add_argument("--model-name", default="rxt", help="HTTP: the model id /v1/models lists (default %(default)s)")
     p.add_argument(
         "--store",
         default="sqlite:///rxrt-stm.db",
@@ -17,29 +33,128 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--max-batch", type=int, default=64, help="conversations decoded together (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request accepted")
+    p.add_argument(
+        "--keys",
+        default=None,
+        metavar="DIR",
+        help="CURVE keys from `rxrt keygen DIR`: only the client keys in DIR/authorized may connect",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --bind without --keys (anyone who can reach it may use it)",
+    )
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=10.0,
+        help="seconds of silence after which a client is dead and its turns cancelled (default %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.http is not None:
+        return _run_http(args)
+    return _run_zmq(args, args.bind or "tcp://127.0.0.1:5555")
+
+
+def _run_zmq(args: argparse.Namespace, bind: str) -> int:
     import signal
     import threading
 
     from rich.console import Console
 
     import rxruntime
-    from rxruntime.server import Server
     from rxruntime.stores import open_store
 
     console = Console(highlight=False)
+    keys = _zmq_keys(args, bind)  # before loading the model
     store = open_store(args.store)
     stop = threading.Event()
     with rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store) as engine:
-        server = Server(engine, args.bind, max_message_bytes=args.max_message_bytes).start()
-        console.print(f"rxrt serve: {server.endpoint} · store {args.store} · device {engine.device} · Ctrl-C stops")
+        server = _zmq_server(engine, args, bind, keys)
+        auth = f"CURVE keys from {args.keys}" if keys else "no authentication"
+        console.print(
+            f"rxrt serve: {server.endpoint} · {auth} · store {args.store} · device {engine.device} · Ctrl-C stops"
+        )
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         console.print("stopping: finishing owed memory updates")
         server.stop()
+    store.close()
+    return 0
+
+
+def _zmq_keys(args: argparse.Namespace, bind: str) -> ServerKeys | None:
+    """The CURVE keys of ``--keys``; a non-loopback ``bind`` without them is refused unless ``--insecure``."""
+    from rxruntime.models.errors import ConfigError
+    from rxruntime.serving.auth import ServerKeys
+    from rxruntime.serving.zmq_server import is_loopback
+
+    keys = ServerKeys.load(args.keys) if args.keys else None
+    if keys is None and not args.insecure and not is_loopback(bind):
+        raise ConfigError(f"refusing to serve {bind} without --keys (rxrt keygen DIR); --insecure overrides")
+    return keys
+
+
+def _zmq_server(engine: Engine, args: argparse.Namespace, bind: str, keys: ServerKeys | None) -> Server:
+    from rxruntime.serving.zmq_server import Server
+
+    return Server(
+        engine,
+        bind,
+        keys=keys,
+        insecure=args.insecure,
+        max_message_bytes=args.max_message_bytes,
+        peer_timeout_s=args.peer_timeout,
+    ).start()
+
+
+def _run_http(args: argparse.Namespace) -> int:
+    """uvicorn in the foreground; the model loads once it listens (``/health`` says 503 until then),
+    and the zmq server, if ``--bind`` is given, starts on the same engine when it is loaded."""
+    from typing import Any
+
+    from rich.console import Console
+
+    import rxruntime
+    from rxruntime.serving.http_app import create_app
+    from rxruntime.serving.http_auth import KeyRing
+    from rxruntime.serving.http_serve import parse_address, serve
+    from rxruntime.stores import open_store
+
+    console = Console(highlight=False)
+    parse_address(args.http)  # a bad address fails now, not after loading
+    keys = KeyRing.from_file(args.api_key_file, args.api_key) if args.api_key_file else KeyRing(args.api_key)
+    store = open_store(args.store)
+    zmq: dict[str, Any] = {}
+    zmq_keys = _zmq_keys(args, args.bind) if args.bind else None  # a refused --bind fails before loading
+
+    def load() -> Engine:
+        return rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store)
+
+    def on_ready(engine: Engine) -> None:
+        where = f"http://{args.http}"
+        if args.bind:
+            zmq["server"] = _zmq_server(engine, args, args.bind, zmq_keys)
+            where += f" and {zmq['server'].endpoint}"
+        auth = f"{'keys required' if keys.enabled else 'no API key'}"
+        console.print(f"rxrt serve: {where} · store {args.store} · device {engine.device} · {auth} · Ctrl-C stops")
+
+    def on_shutdown() -> None:
+        if "server" in zmq:
+            zmq["server"].stop()
+
+    app = create_app(
+        load,
+        api_keys=keys,
+        model_name=args.model_name,
+        max_body_bytes=args.max_message_bytes,
+        on_ready=on_ready,
+        on_shutdown=on_shutdown,
+    )
+    serve(app, args.http)
     store.close()
     return 0

@@ -1,0 +1,605 @@
+"""RxLM checkpoints as they are: map an ``RxTAlpha`` / ``RxTBeta`` directory onto our model.
+
+RxLM's ``save_pretrained`` writes ``config.json`` with ``decoder_config``, ``encoder_config``,
+``memory_attention_config``, ``memory_attention_variant`` and ``tokenizer_config``, holding only
+the arguments its author passed: every other option is the default of the constructor of the
+RxLM version that wrote it. This module turns that into an :class:`RxTConfig` whose named fields
+say what RxLM builds (:func:`rxlm_config`) and renames (and, where the layouts differ, reshapes)
+the weights (:func:`rxlm_weights`). What RxLM computes differently from our defaults is a config
+field, never a hidden branch: RoPE pairing, biases, norm epsilon, gate kinds, memory norms...
+
+Two RxLM versions are known, and config.json does not say which one wrote it:
+
+* ``0.2`` (0.2.x): RoPE pairs adjacent features and writes them back split; the encoder's memory
+  cross-attention reads the encoder's own STM buffer (a constant of the checkpoint); MoE experts
+  are separate modules with biases; ``interlayer`` builds interlayer memory attention.
+* ``0.3`` (0.3.x): RoPE pairs adjacent features in place; the encoder never reads memory; MoE
+  experts are stacked tensors (``w1``/``w2``) with a global output bias and a shared expert by
+  default; stateless decoder layers; ``interlayer`` builds *self*-interlayer memory attention.
+
+:func:`detect_version` decides from what only 0.3 writes (its MoE tensors, stateless layers,
+options 0.2 does not have); a directory with none of those is read as 0.2 unless
+``RXRT_RXLM_VERSION=0.3`` says otherwise. Options rxruntime does not compute (linear attention,
+gated attention, LayerNorm layers...) raise :class:`UnsupportedRxLMOption` naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import DecoderConfig, EncoderConfig, MemoryAttentionConfig, RxTConfig, SpecialTokens
+from .errors import ConfigError
+
+RXLM_KEYS = ("decoder_config", "encoder_config", "memory_attention_config")
+VERSION_ENV = "RXRT_RXLM_VERSION"
+
+
+class UnsupportedRxLMOption(ConfigError):
+    """An RxLM option rxruntime does not compute; the message names the field and its value."""
+
+
+def is_rxlm_config(data: Mapping[str, Any]) -> bool:
+    """Whether a parsed config.json is RxLM's (``RxTAlpha``/``RxTBeta``)."""
+    return all(isinstance(data.get(k), dict) for k in RXLM_KEYS)
+
+
+# ---------------------------------------------------------------------- version
+# Component options that only RxLM 0.3 accepts (0.2's constructors reject unknown keywords).
+_V03_COMPONENT_KEYS = {
+    "num_shared_experts", "shared_expert_dim", "stateless_layers_config", "final_stateless_layers_config",
+    "dense_layer_dim", "attn_layer_types", "use_nope", "head_norm_type", "router_amp", "router_dtype",
+    "use_vectorized_moe", "vectorized_moe_from_legacy", "moe_grouped_gemm", "moe_bias_mode",
+    "moe_shared_experts_bias_mode", "moe_use_weighted_shared_experts", "use_gated_attention",
+    "use_attention_output_bias", "legacy_stm_in_encoder", "rope_base", "linear_attn_mode",
+}  # fmt: skip
+_V03_WEIGHT = re.compile(r"\.ff\.(w1|w2|global_bias|shared_expert\.|shared_w1)|stateless_layers\.")
+
+
+ENCODER_STM = "encoder.model.stm.memory"
+
+
+def detect_version(
+    data: Mapping[str, Any], weight_names: list[str] | None = None, encoder_stm: Tensor | None = None
+) -> str:
+    """``"0.2"`` or ``"0.3"``: which RxLM wrote this checkpoint (see the module docstring).
+
+    In order: options or tensors only 0.3 has; then the encoder's own STM buffer, which 0.2
+    always builds, initialises with std 0.02 and never changes (its conversation STM is another
+    buffer), while 0.3 builds it only for an encoder with memory cross-attention and initialises
+    it with std 1. ``RXRT_RXLM_VERSION`` overrides all of this.
+    """
+    forced = os.environ.get(VERSION_ENV)
+    if forced:
+        if forced not in ("0.2", "0.3"):
+            raise ConfigError(f"{VERSION_ENV} must be 0.2 or 0.3, got {forced!r}")
+        return forced
+    for key in ("decoder_config", "encoder_config", "memory_attention_config"):
+        if _V03_COMPONENT_KEYS & set(data.get(key) or {}):
+            return "0.3"
+    if data.get("memory_attention_variant") == "grouped-self-interlayer":
+        return "0.3"
+    if weight_names is None:
+        return "0.2"
+    if any(_V03_WEIGHT.search(n) for n in weight_names):
+        return "0.3"
+    if data.get("memory_attention_variant") == "interlayer" and any(
+        ".interlayer_gate_layers." in n for n in weight_names
+    ):
+        return "0.3"  # 0.3 builds self-interlayer attention (with these gates) for 'interlayer'
+    if ENCODER_STM not in weight_names:
+        return "0.3"
+    if encoder_stm is not None and encoder_stm.numel() > 1 and float(encoder_stm.float().std()) > 0.2:
+        return "0.3"
+    return "0.2"
+
+
+# ---------------------------------------------------------------------- defaults
+# The constructor defaults of each version, for the options this mapping reads.
+_COMPONENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "0.2": {
+        "num_layers": 12, "vocab_size": 20000, "embed_dim": 512, "ff_dim": 1536, "att_heads": 16, "seq_len": 1024,
+        "stm_size": 1024, "use_gated": True, "ff_activation": "swish", "use_rms_norm": True, "att_groups": 1,
+        "use_moe": False, "num_experts": 1, "moe_top_k": 1, "self_att_type": "gqa", "cross_att_type": "mqa",
+        "att_query_groups": None, "cross_att_groups": None, "cross_att_query_groups": None,
+        "use_head_norm": False, "skip_memory_cross_attention": False,
+    },
+    "0.3": {
+        "num_layers": 12, "vocab_size": 20000, "embed_dim": 512, "ff_dim": 1536, "att_heads": 16, "seq_len": 1024,
+        "stm_size": 1024, "use_gated": True, "ff_activation": "swish", "use_rms_norm": True, "att_groups": 1,
+        "use_moe": False, "num_experts": 1, "num_shared_experts": 1, "shared_expert_dim": None, "moe_top_k": 1,
+        "self_att_type": "sqa", "cross_att_type": "sqa", "att_query_groups": None, "cross_att_groups": None,
+        "cross_att_query_groups": None, "use_head_norm": False, "skip_memory_cross_attention": False,
+        "stateless_layers_config": None, "final_stateless_layers_config": None, "dense_layer_dim": 1536,
+        "use_nope": False, "head_norm_type": "layer_norm", "router_amp": False, "router_dtype": "float32",
+        "use_vectorized_moe": True, "vectorized_moe_from_legacy": False, "moe_bias_mode": "global",
+        "moe_shared_experts_bias_mode": "local", "moe_use_weighted_shared_experts": False,
+        "use_gated_attention": False, "use_gated_cross_attention": None, "use_attention_output_bias": True,
+        "legacy_stm_in_encoder": False, "rope_base": 10000,
+    },
+}  # fmt: skip
+_MEMORY_DEFAULTS: dict[str, Any] = {
+    "num_layers": 12, "num_groups": 1, "embed_dim": 512, "att_heads": 16, "seq_len": 1024, "stm_size": 1024,
+    "att_groups": 1, "att_type": "sqa", "att_query_groups": None, "interlayer_att_groups": 1,
+    "interlayer_att_type": "sqa", "interlayer_att_query_groups": None, "norm_type": "classic-rms",
+    "norm_per_dim_scale": False, "use_gated_residual": False, "residual_per_slot_gate": True,
+    "residual_gate_type": "static", "residual_gate_slot_status_type": "mean", "use_tanh_residual_gate": True,
+    "rope_base": 10000,
+}  # fmt: skip
+_MEMORY_NORMS = {
+    "classic-rms": "rmsnorm",
+    "rms": "gated-rms",
+    "adaptive": "gated-adaptive-rms",
+    "positional": "gated-positional",
+    "layer": "gated-layer",
+}
+_BIAS_MODES = {"local": "local", "global": "global", "off": "none"}
+
+
+class _Options:
+    """One RxLM component's options with its version's defaults; ``get`` names the field on error."""
+
+    def __init__(self, section: str, data: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+        self.section = section
+        self.data = dict(data)
+        self.defaults = defaults
+
+    def get(self, key: str) -> Any:
+        value = self.data.get(key, self.defaults.get(key))
+        return self.defaults.get(key) if value is None and key in self.defaults else value
+
+    def refuse(self, key: str, reason: str) -> UnsupportedRxLMOption:
+        return UnsupportedRxLMOption(f"config.json {self.section}.{key}={self.get(key)!r}: {reason}")
+
+    def require(self, key: str, allowed: tuple[Any, ...], reason: str) -> Any:
+        value = self.get(key)
+        if value not in allowed:
+            raise self.refuse(key, reason)
+        return value
+
+
+def _heads(o: _Options, kind_key: str, groups: int, query_groups: int | None) -> tuple[int, int]:
+    """(query heads, key/value heads) of one RxLM attention (its head split is ``att_heads``)."""
+    heads = int(o.get("att_heads"))
+    kind = o.get(kind_key)
+    if kind == "mha":
+        return heads, heads
+    if kind == "gqa":
+        return heads, int(groups)
+    if kind == "mqa":
+        return heads, 1
+    if kind == "sqa":
+        if query_groups is None:
+            raise o.refuse(kind_key, "sqa needs att_query_groups (RxLM cannot build it without)")
+        return int(query_groups), int(groups)  # fewer query than kv heads: reversed SQA
+    raise o.refuse(kind_key, "only mha, gqa, mqa and sqa attention are supported (not experimental/linear kinds)")
+
+
+_ACTIVATIONS = {"swish": "silu", "silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid",
+                "tanh": "tanh", "linear": "identity"}  # fmt: skip
+
+
+def _ffn(o: _Options) -> dict[str, Any]:
+    """The feed-forward fields of one component: activation, gated, biases."""
+    act = o.require("ff_activation", tuple(_ACTIVATIONS), "unknown feed-forward activation")
+    return {"ffn_activation": _ACTIVATIONS[act], "ffn_gated": bool(o.get("use_gated")), "ffn_bias": True}
+
+
+def _component_checks(o: _Options, version: str) -> None:
+    o.require("use_rms_norm", (True,), "only RMSNorm layers are supported (not LayerNorm)")
+    if version == "0.3":
+        o.require("self_att_type", ("mha", "gqa", "mqa", "sqa"), "hybrid/linear attention layers are not supported")
+        o.require("use_nope", (False,), "attention without RoPE is not supported")
+        o.require("use_gated_attention", (False,), "gated attention is not supported")
+        o.require("use_gated_cross_attention", (False, None), "gated cross-attention is not supported")
+        if o.get("router_amp"):
+            o.require("router_dtype", ("float32",), "a reduced-precision router changes the routing")
+
+
+def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] | None = None) -> RxTConfig:
+    """Our config for an RxLM config.json written by RxLM ``version`` (``"0.2"``/``"0.3"``);
+    ``weight_names`` settle what the config leaves open (RxTBeta 0.2 saves no variant)."""
+    self_interlayer_weights = any(".interlayer_gate_layers." in n for n in weight_names or [])
+    defaults = _COMPONENT_DEFAULTS[version]
+    # RxTBeta's tokenizer_config names its thinking/tool tokens; its default variant differs.
+    beta = "think_token_id" in (data.get("tokenizer_config") or {})
+    dec = _Options("decoder_config", data["decoder_config"], defaults)
+    enc = _Options("encoder_config", data["encoder_config"], defaults)
+    mem = _Options("memory_attention_config", data["memory_attention_config"], _MEMORY_DEFAULTS)
+    for o in (dec, enc):
+        _component_checks(o, version)
+    enc.require("use_moe", (False,), "a mixture-of-experts encoder is not supported")
+
+    layers = int(dec.get("num_layers"))
+    dim = int(dec.get("embed_dim"))
+    for o in (enc, mem):
+        for key, value in (("num_layers", layers), ("embed_dim", dim), ("stm_size", dec.get("stm_size"))):
+            if o.get(key) != value:
+                raise o.refuse(key, f"must equal decoder_config.{key}={value!r}")
+    if enc.get("vocab_size") != dec.get("vocab_size"):
+        raise enc.refuse("vocab_size", f"must equal decoder_config.vocab_size={dec.get('vocab_size')!r}")
+    rope_base = float(dec.get("rope_base") or 10000) if version == "0.3" else 10000.0
+    for o in (enc, mem):
+        if version == "0.3" and float(o.get("rope_base") or 10000) != rope_base:
+            raise o.refuse("rope_base", f"must equal decoder_config.rope_base={rope_base:g}")
+
+    # --------------------------------------------------------------- decoder
+    q_self, kv_self = _heads(dec, "self_att_type", dec.get("att_groups"), dec.get("att_query_groups"))
+    cross_groups = dec.get("att_groups") if version == "0.2" else (dec.get("cross_att_groups") or dec.get("att_groups"))
+    q_cross, kv_cross = _heads(
+        dec, "cross_att_type", cross_groups, dec.get("cross_att_query_groups") or dec.get("att_query_groups")
+    )
+    if dec.get("skip_memory_cross_attention"):
+        raise dec.refuse("skip_memory_cross_attention", "a decoder without memory cross-attention is not an RxT")
+    use_moe = bool(dec.get("use_moe"))
+    ff_dim = int(dec.get("ff_dim"))
+    out_bias = True if version == "0.2" else bool(dec.get("use_attention_output_bias"))
+    final_norm = "none"
+    if dec.get("use_head_norm"):
+        head_norm = "layer_norm" if version == "0.2" else dec.get("head_norm_type")
+        final_norm = {"layer_norm": "layer", "rms_norm": "rms"}.get(str(head_norm), "")
+        if not final_norm:
+            raise dec.refuse("head_norm_type", "must be layer_norm or rms_norm")
+    moe: dict[str, Any] = {"expert_bias_mode": "local"}
+    before: list[str] = []
+    after: list[str] = []
+    if version == "0.3":
+        before = list(dec.get("stateless_layers_config") or [])
+        after = list(dec.get("final_stateless_layers_config") or [])
+        for key, kinds in (("stateless_layers_config", before), ("final_stateless_layers_config", after)):
+            if any(k not in ("dense", "moe") for k in kinds):
+                raise dec.refuse(key, "entries must be 'dense' or 'moe'")
+        if use_moe:
+            shared = int(dec.get("num_shared_experts") or 0)
+            vectorized = bool(dec.get("use_vectorized_moe"))
+            moe = {
+                "expert_bias_mode": _BIAS_MODES[str(dec.get("moe_bias_mode"))] if vectorized else "local",
+                "num_shared_experts": shared,
+                "shared_expert_ffn_dim": int(dec.get("shared_expert_dim") or 0) if vectorized else 0,
+                "shared_expert_bias_mode": (
+                    _BIAS_MODES[str(dec.get("moe_shared_experts_bias_mode"))] if vectorized else "local"
+                ),
+                "shared_experts_scaled": bool(dec.get("moe_use_weighted_shared_experts")) and vectorized,
+            }
+    decoder = DecoderConfig(
+        num_heads=int(dec.get("att_heads")),
+        self_q_heads=q_self,
+        self_kv_heads=kv_self,
+        cross_q_heads=q_cross,
+        cross_kv_heads=kv_cross,
+        num_experts=int(dec.get("num_experts")) if use_moe else 1,
+        experts_per_token=int(dec.get("moe_top_k")) if use_moe else 1,
+        expert_ffn_dim=ff_dim,
+        attention_bias=False,
+        attention_output_bias=out_bias,
+        use_moe=use_moe,
+        ffn_dim=ff_dim,
+        dense_ffn_dim=int(dec.get("dense_layer_dim") or 0) if "dense" in before + after else 0,
+        **_ffn(dec),
+        final_norm=final_norm,  # type: ignore[arg-type]
+        lm_head_bias=True,
+        layers_before=before,
+        layers_after=after,
+        step_position_offset=1,
+        **moe,
+    )
+
+    # --------------------------------------------------------------- encoder
+    q_enc, kv_enc = _heads(enc, "self_att_type", enc.get("att_groups"), enc.get("att_query_groups"))
+    reads_memory = version == "0.2" and not enc.get("skip_memory_cross_attention")
+    q_ec, kv_ec = q_enc, kv_enc
+    if reads_memory:
+        q_ec, kv_ec = _heads(
+            enc,
+            "cross_att_type",
+            enc.get("att_groups"),
+            enc.get("cross_att_query_groups") or enc.get("att_query_groups"),
+        )
+    encoder = EncoderConfig(
+        num_heads=int(enc.get("att_heads")),
+        self_q_heads=q_enc,
+        self_kv_heads=kv_enc,
+        memory_cross_attention=reads_memory,
+        cross_q_heads=q_ec,
+        cross_kv_heads=kv_ec,
+        ffn_dim=int(enc.get("ff_dim")),
+        attention_bias=False,
+        attention_output_bias=True if version == "0.2" else bool(enc.get("use_attention_output_bias")),
+        **_ffn(enc),
+        memory_source="fixed",
+    )
+
+    # --------------------------------------------------------------- memory attention
+    # RxTAlpha's constructor only tells some names apart; any other name builds its fallback.
+    # RxTBeta (0.2) saves no variant: it always builds self-interlayer, as its interlayer gates show.
+    variant_name = data.get("memory_attention_variant") or (
+        "self-interlayer" if beta or self_interlayer_weights else "interlayer"
+    )
+    if version == "0.2":
+        variant = "interlayer" if variant_name == "interlayer" else "self-interlayer"
+    else:  # 0.3 builds self-interlayer for anything but grouped-self-interlayer (its 'if' chain)
+        variant = "grouped-self-interlayer" if variant_name == "grouped-self-interlayer" else "self-interlayer"
+    q_mem, kv_mem = _heads(mem, "att_type", mem.get("att_groups"), mem.get("att_query_groups"))
+    q_pre, kv_pre = _heads(
+        mem, "interlayer_att_type", mem.get("interlayer_att_groups"), mem.get("interlayer_att_query_groups")
+    )
+    norm_type = mem.require("norm_type", tuple(_MEMORY_NORMS), "unknown memory norm type")
+    gated = bool(mem.get("use_gated_residual"))
+    gate_type = mem.require("residual_gate_type", ("static", "elementwise", "linear"), "unknown gate type")
+    per_slot = bool(mem.get("residual_per_slot_gate"))
+    memory = MemoryAttentionConfig(
+        variant=variant,  # type: ignore[arg-type]
+        num_heads=int(mem.get("att_heads")),
+        q_heads=q_mem,
+        kv_heads=kv_mem,
+        pre_q_heads=q_pre,
+        pre_kv_heads=kv_pre,
+        gate_type=gate_type if gated else "none",
+        gate_per_slot=per_slot,
+        gate_per_layer=not per_slot,
+        gate_activation="tanh" if mem.get("use_tanh_residual_gate") else "sigmoid",
+        gate_slot_status=mem.require("residual_gate_slot_status_type", ("mean", "linear"), "unknown slot status"),
+        rope_on_keys=True,
+        attention_bias=False,
+        attention_output_bias=True,
+        memory_norm=_MEMORY_NORMS[norm_type],  # type: ignore[arg-type]
+        memory_norm_per_dim_scale=bool(mem.get("norm_per_dim_scale")),
+        num_groups=int(mem.get("num_groups")) if variant == "grouped-self-interlayer" else 1,
+    )
+
+    tok = data.get("tokenizer_config") or {}
+    try:
+        special = SpecialTokens(
+            pad_id=int(tok["pad_token_id"]),
+            unk_id=None,
+            bos_id=int(tok["bos_token_id"]),
+            eos_id=int(tok["eos_token_id"]),
+            query_id=int(tok["query_token_id"]),
+            answer_id=int(tok["answer_token_id"]),
+            think_id=int(tok["think_token_id"]) if tok.get("think_token_id") is not None else None,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"config.json tokenizer_config lacks a special token id ({exc})") from exc
+    seq_len = max(int(dec.get("seq_len")), int(enc.get("seq_len")), int(mem.get("seq_len")))
+    return RxTConfig(
+        vocab_size=int(dec.get("vocab_size")),
+        dim=dim,
+        num_layers=layers,
+        stm_size=int(dec.get("stm_size")),
+        max_seq_len=seq_len,
+        rope_base=rope_base,
+        norm_eps=None,
+        rope_pairing="adjacent-split" if version == "0.2" else "adjacent",
+        stm_init_std=1.0,  # share_components resets RxLM's STM with a standard normal
+        eos_after_truncated_answer=False,
+        tokenizer_template="rxlm",
+        decoder=decoder,
+        encoder=encoder,
+        memory_attention=memory,
+        special_tokens=special,
+    )
+
+
+# ---------------------------------------------------------------------- weights
+def _swap_halves(t: Tensor, dim: int = 0) -> Tensor:
+    """RxLM's GLU projection is ``[linear; gate]``, ours ``[gate; up]``: swap the two halves."""
+    first, second = t.chunk(2, dim=dim)
+    return torch.cat([second, first], dim=dim).contiguous()
+
+
+_ATTENTION = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "out_proj": "o_proj"}
+_LAYER_NORMS = {"norm1": "self_norm", "norm2": "cross_norm", "norm3": "ffn_norm", "stm_norm": "stm_norm"}
+_MEMORY_MODULES = {
+    "attention_layers": "attention",
+    "memory_norm_layers": "memory_norm",
+    "memory_input_norm_layers": "input_norm",
+    "residual_gate_layers": "gate",
+    "mean_attention_layers": "pre_attention",
+    "mean_memory_norm_layers": "pre_norm",
+    "mean_residual_gate_layers": "pre_gate",
+    "interlayer_gate_layers": "mix_gate",
+}
+
+
+def _ignored(name: str) -> bool:
+    """RxLM buffers that are not weights: RoPE tables, the conversation STM copies."""
+    return ".rope." in name or name in ("decoder.model.stm.memory", "memory_attention.model.stm.memory")
+
+
+def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict[str, Tensor], list[str]]:
+    """Our state dict from RxLM's tensors, and the RxLM names that map to nothing we know.
+
+    Names our model expects but this does not produce surface as missing in the caller's check.
+    """
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    d = config.decoder
+    n_before = len(d.layers_before)
+    experts: dict[tuple[str, int], dict[str, Tensor]] = {}
+    gated = d.ffn_gated
+
+    # The embedding is shared: RxLM's share_components gives the decoder the encoder's.
+    for name in ("encoder.model.embedding.weight", "decoder.model.embedding.weight"):
+        if name in tensors:
+            out["embedding.weight"] = tensors[name]
+            break
+
+    def layer_weights(rest: str, t: Tensor, ours: str) -> bool:
+        part, _, tail = rest.partition(".")
+        if part in ("attention", "memory_cross_attention"):
+            proj, _, kind = tail.partition(".")
+            if proj not in _ATTENTION:
+                return False
+            which = "self_attn" if part == "attention" else "cross_attn"
+            out[f"{ours}.{which}.{_ATTENTION[proj]}.{kind}"] = t
+            return True
+        if part in _LAYER_NORMS:
+            out[f"{ours}.{_LAYER_NORMS[part]}.{tail}"] = t
+            return True
+        if part == "ff":
+            return ffn_weights(tail, t, f"{ours}.ffn")
+        return False
+
+    def glu(tail: str, t: Tensor, ours: str) -> bool:
+        """A GatedFeedForward (``fc1.linear.*``, ``fc2.*``) or a FeedForward (``fc1.*``, ``fc2.*``)."""
+        if tail.startswith("fc1.linear."):
+            out[f"{ours}.w_in.{tail.rsplit('.', 1)[1]}"] = _swap_halves(t)
+            return True
+        if tail.startswith("fc1."):
+            out[f"{ours}.w_in.{tail.rsplit('.', 1)[1]}"] = t
+            return True
+        if tail.startswith("fc2."):
+            out[f"{ours}.w_out.{tail.rsplit('.', 1)[1]}"] = t
+            return True
+        return False
+
+    def ffn_weights(tail: str, t: Tensor, ours: str) -> bool:
+        if tail == "router.gate.weight":
+            out[f"{ours}.router.weight"] = t
+            return True
+        m = re.fullmatch(r"experts\.(\d+)\.(.+)", tail)
+        if m:
+            experts.setdefault((ours, int(m.group(1))), {})[m.group(2)] = t
+            return True
+        if tail == "w1":  # (E, dim, 2H) input-major, [linear; gate] (or (E, dim, H) not gated)
+            w = t.transpose(1, 2)
+            out[f"{ours}.w_in"] = _swap_halves(w, dim=1) if gated else w.contiguous()
+            return True
+        if tail == "w2":  # (E, H, dim)
+            out[f"{ours}.w_out"] = t.transpose(1, 2).contiguous()
+            return True
+        if tail == "b1":
+            out[f"{ours}.b_in"] = _swap_halves(t, dim=1) if gated else t
+            return True
+        if tail == "b2":
+            out[f"{ours}.b_out"] = t
+            return True
+        if tail == "global_bias":
+            out[f"{ours}.global_bias"] = t
+            return True
+        if tail.startswith("shared_expert."):
+            return glu(tail.removeprefix("shared_expert."), t, f"{ours}.shared_experts.0")
+        m = re.fullmatch(r"shared_experts\.(\d+)\.(.+)", tail)
+        if m:
+            return glu(m.group(2), t, f"{ours}.shared_experts.{m.group(1)}")
+        if tail in ("shared_w1", "shared_w2", "shared_b1", "shared_b2"):
+            for s in range(t.shape[0]):
+                base = f"{ours}.shared_experts.{s}"
+                if tail == "shared_w1":
+                    out[f"{base}.w_in.weight"] = _swap_halves(t[s].t()) if gated else t[s].t().contiguous()
+                elif tail == "shared_w2":
+                    out[f"{base}.w_out.weight"] = t[s].t().contiguous()
+                elif tail == "shared_b1":
+                    out[f"{base}.w_in.bias"] = _swap_halves(t[s]) if gated else t[s]
+                else:
+                    out[f"{base}.w_out.bias"] = t[s]
+            return True
+        if tail == "shared_expert_gate.weight":
+            out[f"{ours}.shared_gate.weight"] = t
+            return True
+        if tail == "shared_experts_bias":
+            out[f"{ours}.shared_bias"] = t
+            return True
+        return glu(tail, t, ours)
+
+    def gate_weights(rest: str, t: Tensor, ours: str) -> bool:
+        if rest == "gate":
+            out[f"{ours}.weight"] = t
+        elif rest.startswith("gate."):
+            out[f"{ours}.linear.{rest.removeprefix('gate.')}"] = t
+        elif rest.startswith("slot_status."):
+            out[f"{ours}.status.{rest.removeprefix('slot_status.')}"] = t
+        else:
+            return False
+        return True
+
+    vectorized = any(re.search(r"\.ff\.w1$", n) for n in tensors)
+    for name, t in tensors.items():
+        if _ignored(name) or name.endswith("embedding.weight"):
+            continue
+        ok = False
+        m = re.fullmatch(r"decoder\.model\.(stateless_layers|layers|final_stateless_layers)\.(\d+)\.(.+)", name)
+        if m:
+            index = (
+                int(m.group(2))
+                + {
+                    "stateless_layers": 0,
+                    "layers": n_before,
+                    "final_stateless_layers": n_before + config.num_layers,
+                }[m.group(1)]
+            )
+            if vectorized and re.match(r"ff\.experts\.", m.group(3)):
+                continue  # legacy copies kept beside the stacked experts RxLM computes with
+            ok = layer_weights(m.group(3), t, f"decoder.layers.{index}")
+        elif name.startswith("decoder.model.head."):
+            out[f"decoder.lm_head.{name.rsplit('.', 1)[1]}"] = t
+            ok = True
+        elif name.startswith("decoder.model.head_norm."):
+            out[f"decoder.norm.{name.rsplit('.', 1)[1]}"] = t
+            ok = True
+        elif (m := re.fullmatch(r"encoder\.model\.layers\.(\d+)\.(.+)", name)) is not None:
+            if (
+                m.group(2).startswith(("memory_cross_attention.", "norm2.", "stm_norm."))
+                and not config.encoder.memory_cross_attention
+            ):
+                continue  # RxLM 0.3's encoder never runs its memory cross-attention
+            ok = layer_weights(m.group(2), t, f"encoder.layers.{m.group(1)}")
+        elif name == "encoder.model.stm.memory":
+            if config.encoder.memory_cross_attention:
+                out["encoder.fixed_memory"] = t[:, 0] if t.dim() == 4 else t
+            continue
+        elif (m := re.fullmatch(r"memory_attention\.model\.(\w+)\.(\d+)\.(.+)", name)) is not None:
+            module, number, rest = m.groups()
+            ours = _MEMORY_MODULES.get(module)
+            if ours is not None:
+                base = f"memory_attention.{ours}.{number}"
+                if "gate" in module:
+                    ok = gate_weights(rest, t, base)
+                elif "attention" in module:
+                    proj, _, kind = rest.partition(".")
+                    if proj in _ATTENTION:
+                        out[f"{base}.{_ATTENTION[proj]}.{kind}"] = t
+                        ok = True
+                else:
+                    out[f"{base}.{rest}"] = t
+                    ok = True
+        elif name.startswith("memory_attention.model.mean_stm_norm."):
+            out[f"memory_attention.mean_norm.{name.removeprefix('memory_attention.model.mean_stm_norm.')}"] = t
+            ok = True
+        if not ok:
+            unknown.append(name)
+
+    for (ours, e), parts in sorted(experts.items()):
+        for key, t in parts.items():
+            slot = {"fc1.linear.weight": "w_in", "fc1.linear.bias": "b_in", "fc1.weight": "w_in", "fc1.bias": "b_in",
+                    "fc2.weight": "w_out", "fc2.bias": "b_out"}  # fmt: skip
+            if key not in slot:
+                unknown.append(f"{ours}.experts.{e}.{key}")
+                continue
+            out.setdefault(f"{ours}.{slot[key]}#{e}", _swap_halves(t) if key.startswith("fc1.linear") else t)
+    stacked: dict[str, list[tuple[int, Tensor]]] = {}
+    for key in [k for k in out if "#" in k]:
+        base, expert = key.split("#")
+        stacked.setdefault(base, []).append((int(expert), out.pop(key)))
+    for base, items in stacked.items():
+        items.sort(key=lambda it: it[0])
+        if [e for e, _ in items] != list(range(len(items))):
+            unknown.append(f"{base} (experts {[e for e, _ in items]} are not 0..n-1)")
+            continue
+        out[base] = torch.stack([t for _, t in items])
+    return out, unknown
+
+
+def convert(
+    data: Mapping[str, Any], tensors: Mapping[str, Tensor], version: str | None = None
+) -> tuple[RxTConfig, dict[str, Tensor], list[str], str]:
+    """(config, our tensors, unknown RxLM names, version) for an RxLM checkpoint."""
+    version = version or detect_version(data, list(tensors), tensors.get(ENCODER_STM))
+    config = rxlm_config(data, version, list(tensors))
+    weights, unknown = rxlm_weights(tensors, config)
+    return config, weights, unknown, version

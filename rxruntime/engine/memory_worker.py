@@ -1,0 +1,280 @@
+"""The memory worker: the asynchronous half of every turn, and every commit of a new STM.
+
+On its own thread (and, on a GPU, its own CUDA stream) it runs encoder + memory attention over
+``[BOS][Q] query [A] answer [EOS]`` for a batch of conversations, then commits each one's STM(t)
+(version + 1): persisted to the store first, so memory and store never disagree, then made
+visible, which lets the conversation's next turn start. ``reset`` and ``load_state`` commit here
+too (an *install*: a given STM, no model call), so every change of a conversation's memory is
+ordered with its turns and written the same way.
+
+Failures stay with their conversation: a batch that raises is retried one conversation at a time,
+and an update that yields NaN or infinite values is refused; either way that turn fails and its
+STM keeps its last version. If the store holds a newer version than this worker's (another worker
+moved the conversation on), the update is refused with StaleStateError and the conversation
+re-reads the store, so its next turn runs on the newest memory instead of failing forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from rxruntime.errors import ConversationError, ModelExecutionError, QueueFullError
+from rxruntime.models.rxt import RxTModel
+
+from . import records
+from .scheduler import Scheduler
+from .state import ConvState, MemoryRecord, MemoryTask
+
+if TYPE_CHECKING:
+    from rxruntime.stores import STMStore
+
+log = logging.getLogger(__name__)
+
+
+class MemoryWorker:
+    def __init__(self, model: RxTModel, scheduler: Scheduler, store: STMStore | None, *, max_backlog: int) -> None:
+        self.model = model
+        self.config = model.config
+        self.device = model.device
+        self.store = store
+        self.max_backlog = max_backlog
+        self._sched = scheduler
+        self._queue: deque[MemoryTask] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
+        self._thread = threading.Thread(target=self._loop, name="rxrt-memory", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None) -> None:
+        """Run every update already owed, then stop."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def backlog(self) -> int:
+        with self._cv:
+            return len(self._queue)
+
+    def check_backlog(self) -> None:
+        backlog = self.backlog
+        if backlog >= self.max_backlog:
+            raise QueueFullError(f"{backlog} memory updates are waiting (max_memory_backlog={self.max_backlog})")
+
+    def enqueue(self, task: MemoryTask) -> None:
+        """Queue a task (under the scheduler's lock; the conversation is already busy)."""
+        if task.install is None:
+            records.set_record(task.conv, task.turn, MemoryRecord("queued", task.conv.version))
+        with self._cv:
+            self._queue.append(task)
+            self._cv.notify()
+
+    # ------------------------------------------------------------------ the thread
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._queue and not self._stopping:
+                        self._cv.wait()
+                    if not self._queue:  # stopping and nothing owed
+                        return
+                    tasks = list(self._queue)
+                    self._queue.clear()
+                try:
+                    self._run(tasks)
+                except Exception as exc:  # a bug here must not strand the conversations
+                    log.exception("memory worker failed")
+                    self._fail(tasks, ModelExecutionError(f"memory update failed: {exc}"), exc)
+
+    def _run(self, tasks: list[MemoryTask]) -> None:
+        # One conversation appears at most once per batch: its next task cannot be queued before
+        # this one commits. Batch every model update together.
+        with self._sched.lock:
+            missing = [t for t in tasks if t.install is None and t.conv.stm is None]
+            for t in tasks:
+                if t.install is None and t.conv.stm is not None:
+                    records.set_record(t.conv, t.turn, MemoryRecord("started", t.conv.version))
+                    records.notify_started(t.conv, t.turn)
+        if missing:
+            self._fail(missing, ModelExecutionError("the conversation's memory was not loaded"), None)
+            tasks = [t for t in tasks if t not in missing]
+        start = time.perf_counter()
+        updates = [t for t in tasks if t.install is None]
+        results: dict[int, Tensor] = {}
+        done_event = None
+        if updates:
+            try:
+                new_stm, done_event = self._compute(updates)
+                results.update({id(t): s for t, s in zip(updates, new_stm)})
+            except Exception as exc:
+                if len(updates) == 1:
+                    self._fail(updates, ModelExecutionError(f"memory update failed: {exc}"), exc)
+                else:  # find the one that fails; the others commit
+                    for t in updates:
+                        try:
+                            one, done_event = self._compute([t])
+                            results[id(t)] = one[0]
+                        except Exception as single:
+                            self._fail([t], ModelExecutionError(f"memory update failed: {single}"), single)
+        if done_event is not None and (self.store is not None or results):
+            done_event.synchronize()  # only this thread waits; decode is queued behind the event
+        committed: list[tuple[MemoryTask, Tensor, int]] = []
+        for t in tasks:
+            stm = t.install.stm if t.install is not None else results.get(id(t))
+            if stm is None:
+                continue
+            if not bool(torch.isfinite(stm).all()):
+                self._fail([t], ModelExecutionError("the memory update produced NaN or infinite values"), None)
+                continue
+            version = self._persist(t, stm)
+            if version is not None:
+                committed.append((t, stm, version))
+        duration = time.perf_counter() - start
+        with self._sched.lock:  # commit: the next turn of each conversation may now be admitted
+            for t, stm, version in committed:
+                conv = t.conv
+                conv.stm, conv.version, conv.ready_event = stm, version, done_event if t.install is None else None
+                if t.install is not None:
+                    if t.install.turns is not None:
+                        conv.committed_turn = t.install.turns
+                        conv.next_turn = max(conv.next_turn, t.install.turns + 1)
+                    t.install.done.set()
+                else:
+                    conv.memory_error = None
+                    conv.committed_turn = max(conv.committed_turn, t.turn)
+                    record = MemoryRecord("updated", version, duration)
+                    records.settle(conv, t.turn, record)
+                    if t.turn > 0:
+                        conv.history.append({"turn": t.turn, "memory_update_s": duration, "stm_version": version})
+                self._sched.touch(conv)
+                self._sched.mark_idle(conv)
+            for conv in self._sched.evictable():
+                evict(conv)
+
+    def _compute(self, tasks: list[MemoryTask]) -> tuple[list[Tensor], Any]:
+        """Encoder + memory attention for a batch of conversations -> each one's own new STM."""
+        device = self.device
+        lengths = [len(t.ids or ()) for t in tasks]
+        ids = torch.full((len(tasks), max(lengths)), self.config.special_tokens.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(tasks), max(lengths), dtype=torch.bool)
+        for i, t in enumerate(tasks):
+            ids[i, : lengths[i]] = torch.tensor(t.ids)
+            mask[i, : lengths[i]] = True
+        stms = [t.conv.stm for t in tasks]
+        if self._stream is None:
+            new = self.model.memory_update(torch.stack(stms), ids.to(device), mask.to(device))  # type: ignore[arg-type]
+            return split(new), None
+        with torch.cuda.stream(self._stream):  # pragma: no cover - GPU only
+            for t in tasks:
+                if t.conv.ready_event is not None:
+                    self._stream.wait_event(t.conv.ready_event)
+            # the answer's decode ran on the default stream; the memory stream starts after it
+            self._stream.wait_stream(torch.cuda.default_stream(device))
+            new = self.model.memory_update(
+                torch.stack(stms),  # type: ignore[arg-type]
+                ids.to(device, non_blocking=True),
+                mask.to(device, non_blocking=True),
+            )
+            parts = split(new)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(self._stream)
+        return parts, done
+
+    # ------------------------------------------------------------------ the store
+    def _persist(self, task: MemoryTask, stm: Tensor) -> int | None:
+        """Write the new STM; returns the version to commit, or None if the task failed."""
+        from rxruntime.stores import StaleStateError
+
+        conv = task.conv
+        with self._sched.lock:
+            version = conv.version + 1
+            turns = max(task.turn, conv.committed_turn)
+            if task.install is not None:
+                version = max(version, task.install.version or 0)  # a restored snapshot keeps its count
+                turns = task.install.turns if task.install.turns is not None else turns
+        if self.store is None:
+            return version
+        for _ in range(3):
+            try:
+                persist(self.store, self.config, conv.id, turns, stm, version)
+                return version
+            except StaleStateError as exc:
+                stored = self.store.get(conv.id)
+                if task.install is not None and stored is not None:
+                    version = stored.stm_version + 1  # an explicit overwrite moves past the store
+                    continue
+                self._adopt(conv, stored)
+                self._fail([task], exc, None)
+                return None
+            except Exception as exc:
+                error = exc if isinstance(exc, ConversationError) else ModelExecutionError(f"could not store: {exc}")
+                self._fail([task], error, exc)
+                return None
+        self._fail([task], ConversationError(f"conversation {conv.id!r}: the store keeps moving on"), None)
+        return None
+
+    def _adopt(self, conv: ConvState, stored: Any) -> None:
+        """Take the store's newer memory as this conversation's (another worker moved it on)."""
+        if stored is None:
+            return
+        try:
+            stored.check_fits(self.config)
+        except ConversationError:
+            log.error("conversation %r: the stored memory does not fit this model", conv.id)
+            return
+        stm = stored.stm.to(self.device, self.model.dtype)
+        with self._sched.lock:
+            if stored.stm_version > conv.version:
+                conv.stm, conv.version, conv.ready_event = stm, stored.stm_version, None
+                conv.committed_turn = max(conv.committed_turn, stored.turn)
+                conv.next_turn = max(conv.next_turn, stored.turn + 1)
+                log.warning("conversation %r re-read memory v%d from the store", conv.id, stored.stm_version)
+
+    def _fail(self, tasks: list[MemoryTask], error: Exception, cause: BaseException | None) -> None:
+        """The STM of these conversations stays as it was; their turns report ``error``."""
+        if cause is not None and error is not cause:
+            error.__cause__ = cause
+        log.error("%s", error)
+        with self._sched.lock:
+            for t in tasks:
+                if t.install is not None:
+                    t.install.error = error
+                    t.install.done.set()
+                else:
+                    t.conv.memory_error = error
+                    records.settle(t.conv, t.turn, MemoryRecord("failed", t.conv.version, error=error))
+                self._sched.mark_idle(t.conv)
+
+
+def evict(conv: ConvState) -> None:
+    """Drop an idle conversation's STM from memory (the store holds it; under the lock)."""
+    conv.stm = None
+    conv.ready_event = None
+    conv.history.clear()
+
+
+def persist(store: STMStore, config: Any, conversation_id: str, turns: int, stm: Tensor, version: int) -> None:
+    from rxruntime.conversation import ConversationState, config_fingerprint
+
+    cpu = stm.detach().to("cpu", torch.float32).clone()
+    store.put(ConversationState(conversation_id, turns, version, cpu, config_fingerprint(config)))
+
+
+def split(stm: Tensor) -> list[Tensor]:
+    """One owned (L, S, D) tensor per conversation, so a conversation never pins the whole batch."""
+    return [stm[0]] if stm.shape[0] == 1 else [s.clone() for s in stm]

@@ -1,0 +1,109 @@
+"""Checking a turn's options and request at the engine's API, before anything is queued.
+
+Every value a caller (or a transport on a client's behalf) can pass is checked by type and
+range here and refused with :class:`~rxruntime.errors.InvalidOptionError` naming the field, so a
+bad value never reaches the decode batch, where it would fail every row of the step. Values that
+mean "no filter" are normalised: ``top_k`` at or above the vocabulary size keeps every token, so
+it becomes 0 (a huge ``top_k`` such as ``2**64 - 1`` is valid and harmless).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from numbers import Integral, Real
+
+from rxruntime.errors import InvalidOptionError, InvalidTokenError
+from rxruntime.models.sampler import SamplingParams
+
+OPTIONS = frozenset({"temperature", "top_k", "top_p", "seed", "max_new_tokens", "remember_partial"})
+MAX_SEED = 2**63  # exclusive: seeds are int64 on the device
+
+
+@dataclass(frozen=True)
+class TurnOptions:
+    """A turn's options, checked: what the ``generate`` operator needs."""
+
+    params: SamplingParams
+    max_new_tokens: int | None = None
+    remember_partial: bool = False
+
+
+def _int(field: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise InvalidOptionError(field, f"must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
+def _real(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidOptionError(field, f"must be a number, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidOptionError(field, f"must be finite, got {number}")
+    return number
+
+
+def check_options(default: SamplingParams, vocab_size: int, options: Mapping[str, object]) -> TurnOptions:
+    """``default`` with the given options replaced, every value checked; unknown names refused."""
+    for name in options:
+        if name not in OPTIONS:
+            raise InvalidOptionError(str(name), f"unknown option; known: {', '.join(sorted(OPTIONS))}")
+    params = default
+    if options.get("temperature") is not None:
+        temperature = _real("temperature", options["temperature"])
+        if temperature < 0:
+            raise InvalidOptionError("temperature", f"must be >= 0 (0 is greedy), got {temperature}")
+        params = replace(params, temperature=temperature)
+    if options.get("top_k") is not None:
+        top_k = _int("top_k", options["top_k"])
+        if top_k < 0:
+            raise InvalidOptionError("top_k", f"must be >= 0 (0 disables it), got {top_k}")
+        params = replace(params, top_k=top_k)
+    if options.get("top_p") is not None:
+        top_p = _real("top_p", options["top_p"])
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidOptionError("top_p", f"must be in (0, 1] (1 disables it), got {top_p}")
+        params = replace(params, top_p=top_p)
+    if options.get("seed") is not None:
+        seed = _int("seed", options["seed"])
+        if not 0 <= seed < MAX_SEED:
+            raise InvalidOptionError("seed", f"must be in [0, 2**63), got {seed}")
+        params = replace(params, seed=seed)
+    max_new_tokens = None
+    if options.get("max_new_tokens") is not None:
+        max_new_tokens = _int("max_new_tokens", options["max_new_tokens"])
+        if max_new_tokens < 1:
+            raise InvalidOptionError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    remember = options.get("remember_partial", False)
+    if remember is None:
+        remember = False
+    if not isinstance(remember, bool):
+        raise InvalidOptionError("remember_partial", f"must be true or false, got {type(remember).__name__}")
+    return TurnOptions(normalize(params, vocab_size), max_new_tokens, remember)
+
+
+def normalize(params: SamplingParams, vocab_size: int) -> SamplingParams:
+    """The same sampling with device-safe values: ``top_k >= vocab_size`` keeps every token (0)."""
+    if not isinstance(params, SamplingParams):
+        raise InvalidOptionError("params", f"must be SamplingParams, got {type(params).__name__}")
+    if params.top_k >= vocab_size:
+        params = replace(params, top_k=0)
+    if params.seed is not None and not 0 <= params.seed < MAX_SEED:
+        raise InvalidOptionError("seed", f"must be in [0, 2**63), got {params.seed}")
+    return params
+
+
+def check_token_ids(ids: Sequence[object], vocab_size: int, field: str = "query") -> list[int]:
+    """Token ids as ints, each in ``[0, vocab_size)``; InvalidTokenError otherwise."""
+    out: list[int] = []
+    bad: list[object] = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= int(i) < vocab_size:
+            bad.append(i)
+        else:
+            out.append(int(i))
+    if bad:
+        raise InvalidTokenError(f"{field}: token ids {bad[:5]!r} are not integers in the vocabulary [0, {vocab_size})")
+    return out

@@ -1,0 +1,81 @@
+"""What operators ask of an engine and what it calls back: the narrow, operator-facing contract.
+
+A fake engine implementing :class:`Backend` drives the operators' marble tests, so nothing here
+may depend on how the engine schedules work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from rxruntime.events import FinishReason
+from rxruntime.models.sampler import SamplingParams
+from rxruntime.models.tokenizer import RxTokenizer
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """What the ``generate`` operator asks the engine to run."""
+
+    conversation_id: str
+    turn: int
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    max_new_tokens: int | None = None
+    remember_partial: bool = False
+
+
+@dataclass(frozen=True)
+class AnswerStats:
+    ttft_s: float
+    tokens_per_s: float
+    duration_s: float
+    queued_s: float
+
+
+class TurnListener(Protocol):
+    """Decode-stage callbacks of one turn, delivered in order on the conversation's mailbox."""
+
+    def on_token(self, token_id: int, position: int) -> None: ...
+
+    def on_answer(self, token_ids: tuple[int, ...], finish_reason: FinishReason, stats: AnswerStats) -> None: ...
+
+    def on_error(self, exc: Exception, stm_version: int) -> None: ...
+
+
+class MemoryListener(Protocol):
+    """Memory-stage callbacks of one turn (or of every turn, for ``memory_events``)."""
+
+    def on_memory_started(self, turn: int, stm_version: int) -> None: ...
+
+    def on_memory_updated(self, turn: int, stm_version: int, duration_s: float) -> None: ...
+
+    def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None: ...
+
+    def on_memory_skipped(self, turn: int) -> None: ...
+
+
+class Backend(Protocol):
+    """What operators need from an engine (a fake one drives the marble tests).
+
+    Turn numbers order a conversation's turns: ``next_turn`` reserves one, ``start_turn`` runs it
+    after every turn reserved before it has started (or been released), whichever thread calls
+    first; ``release_turn`` gives up a reservation that will never start (a no-op once started).
+    """
+
+    tokenizer: RxTokenizer
+    max_seq_len: int
+    vocab_size: int
+    default_sampling: SamplingParams
+
+    def next_turn(self, conversation_id: str) -> int: ...
+
+    def release_turn(self, conversation_id: str, turn: int) -> None: ...
+
+    def start_turn(self, request: TurnRequest, listener: TurnListener) -> Callable[[], None]: ...
+
+    def watch_memory(self, conversation_id: str, turn: int, listener: MemoryListener) -> Callable[[], None]: ...
+
+    def stm_version(self, conversation_id: str) -> int: ...

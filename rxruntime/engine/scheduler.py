@@ -1,0 +1,188 @@
+"""Admission and ordering: which queued turn may start, and in what order, for every conversation.
+
+One lock (``Scheduler.lock``, a Condition) guards every conversation's state; the decode loop,
+the memory worker and the engine's API take it for short, non-blocking sections only.
+
+* **Order.** A conversation's turns run in turn-number order, however their callers race: a
+  turn number is reserved (``reserve_turn``) when the query enters the conversation, and a
+  queued turn is admitted only when no turn with a smaller number is still reserved but not
+  queued. A reservation whose turn will never start is released (``release_turn``).
+* **One at a time.** A turn is admitted only when its conversation is idle: the previous turn's
+  memory update has committed (on a GPU: has been enqueued on the memory stream).
+* **Bounds.** ``max_queued_turns`` over the engine and ``max_turns_per_conversation`` per
+  conversation (reserved turns included) are checked before a turn number is taken, so a
+  refused query uses none (:class:`~rxruntime.errors.QueueFullError`).
+* **Residency.** With a store, at most ``max_resident`` conversations keep their STM in memory;
+  the least recently used idle ones are evicted and re-read from the store when next used.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import OrderedDict, deque
+
+from rxruntime.errors import ConversationError, EngineClosedError, QueueFullError
+
+from .state import ConvState, Job
+
+
+class Scheduler:
+    def __init__(self, *, max_queued_turns: int, max_turns_per_conversation: int, max_resident: int | None) -> None:
+        self.lock = threading.Condition()
+        self.conversations: dict[str, ConvState] = {}
+        self.waiting: deque[Job] = deque()
+        self.closed = False
+        self.max_queued_turns = max_queued_turns
+        self.max_turns_per_conversation = max_turns_per_conversation
+        self.max_resident = max_resident
+        self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._reserved_total = 0
+
+    # ------------------------------------------------------------------ conversations
+    def get(self, conversation_id: str) -> ConvState:
+        """An open conversation (under the lock)."""
+        conv = self.conversations.get(conversation_id)
+        if conv is None or not conv.open:
+            raise ConversationError(f"unknown conversation {conversation_id!r}")
+        return conv
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise EngineClosedError("the engine is closed")
+
+    def forget_if_done(self, conv: ConvState) -> None:
+        """Drop a closed conversation once nothing of it is left to run."""
+        if not conv.open and not conv.busy and not conv.pending and self.conversations.get(conv.id) is conv:
+            del self.conversations[conv.id]
+            self._resident.pop(conv.id, None)
+
+    # ------------------------------------------------------------------ turn numbers
+    def check_room(self, conv: ConvState, n: int) -> None:
+        queued = len(self.waiting) + self._reserved_total
+        if queued + n > self.max_queued_turns:
+            raise QueueFullError(f"the engine has {queued} turns queued (max_queued_turns={self.max_queued_turns})")
+        mine = len(conv.pending) + len(conv.reserved)
+        if mine + n > self.max_turns_per_conversation:
+            raise QueueFullError(
+                f"conversation {conv.id!r} has {mine} turns queued "
+                f"(max_turns_per_conversation={self.max_turns_per_conversation})"
+            )
+
+    def reserve_turn(self, conv: ConvState) -> int:
+        self.check_open()
+        self.check_room(conv, 1)
+        turn = conv.next_turn
+        conv.next_turn += 1
+        conv.reserved.add(turn)
+        self._reserved_total += 1
+        return turn
+
+    def release_turn(self, conv: ConvState, turn: int) -> None:
+        """A reserved turn that will never start no longer holds back the turns after it."""
+        if turn in conv.reserved:
+            conv.reserved.discard(turn)
+            self._reserved_total -= 1
+            self.lock.notify_all()
+            self.forget_if_done(conv)
+
+    def unreserve(self, conv: ConvState, turn: int) -> None:
+        """A turn refused at start: give its number back if no later one was taken."""
+        self.release_turn(conv, turn)
+        if conv.next_turn == turn + 1:
+            conv.next_turn = turn
+
+    # ------------------------------------------------------------------ queueing and admission
+    def submit(self, job: Job) -> None:
+        """Queue a job among its conversation's turns, by ``job.order``."""
+        conv = job.conv
+        if job.request.turn in conv.reserved:
+            conv.reserved.discard(job.request.turn)
+            self._reserved_total -= 1
+        orders = [j.order for j in conv.pending]
+        conv.pending.insert(bisect.bisect_right(orders, job.order), job)
+        self.waiting.append(job)
+        self.touch(conv)
+        self.lock.notify_all()
+
+    def _ready(self, job: Job) -> bool:
+        conv = job.conv
+        if conv.busy or not conv.pending or conv.pending[0] is not job:
+            return False
+        return not conv.reserved or min(conv.reserved) > job.order
+
+    def admissible(self) -> bool:
+        return any(self._ready(job) for job in self.waiting)
+
+    def admit(self, room: int) -> tuple[list[Job], list[Job]]:
+        """Jobs that may start now, FIFO: up to ``room`` decode turns, and every memory-only or
+        install job (they take no decode row). Each admitted job's conversation becomes busy."""
+        decode: list[Job] = []
+        memory: list[Job] = []
+        for job in list(self.waiting):
+            if not self._ready(job):
+                continue
+            if job.memory_ids is None and job.install is None:
+                if len(decode) >= room:
+                    continue
+                decode.append(job)
+            else:
+                memory.append(job)
+            self.waiting.remove(job)
+            job.conv.pending.popleft()
+            job.conv.busy = True
+            job.state = "active" if job in decode else "done"
+        return decode, memory
+
+    def drop_waiting(self, job: Job, exc: Exception | None = None) -> None:
+        if job in self.waiting:
+            self.waiting.remove(job)
+        if job in job.conv.pending:
+            job.conv.pending.remove(job)
+        job.state = "done"
+        if exc is not None:
+            listener = job.listener
+            job.conv.mailbox.post(lambda v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
+        self.lock.notify_all()
+        self.forget_if_done(job.conv)
+
+    def fail_waiting(self, exc: Exception) -> None:
+        for job in list(self.waiting):
+            self.drop_waiting(job, exc)
+
+    def mark_idle(self, conv: ConvState) -> None:
+        """The conversation's running turn or memory update is over: its next turn may start."""
+        conv.busy = False
+        self.lock.notify_all()
+        self.forget_if_done(conv)
+
+    # ------------------------------------------------------------------ residency (LRU)
+    def touch(self, conv: ConvState) -> None:
+        if conv.stm is not None:
+            self._resident[conv.id] = None
+            self._resident.move_to_end(conv.id)
+
+    def evictable(self) -> list[ConvState]:
+        """Idle open conversations beyond ``max_resident``, least recently used first."""
+        if self.max_resident is None:
+            return []
+        excess = len(self._resident) - self.max_resident
+        victims: list[ConvState] = []
+        if excess <= 0:
+            return victims
+        for cid in list(self._resident):
+            conv = self.conversations.get(cid)
+            if conv is None or conv.stm is None:
+                self._resident.pop(cid, None)
+                excess -= 1
+            elif conv.open and conv.idle:
+                victims.append(conv)
+            if len(victims) >= excess:
+                break
+        for conv in victims:
+            self._resident.pop(conv.id, None)
+        return victims
+
+    @property
+    def resident(self) -> int:
+        return len(self._resident)

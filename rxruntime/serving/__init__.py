@@ -1,0 +1,1 @@
+"""Serving: the fronts that put an engine on the network (zmq here; HTTP beside it)."""

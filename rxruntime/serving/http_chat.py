@@ -1,0 +1,180 @@
+"""``POST /v1/chat/completions``: stateless clients, whose history becomes STM without re-reading it.
+
+The last user message is the query; a leading ``system`` message initialises memory from text.
+The STM for the earlier turns comes from the history cache or from replaying them
+(``http_replay``), on a conversation that lives for this request. This module reads the messages
+and shapes the answer: a ``chat.completion``, or ``chat.completion.chunk`` events ending with
+``[DONE]``. ``usage`` says what was replayed in the extension field ``rxrt``, and
+``prompt_tokens_details.cached_tokens`` counts the history tokens the cache spared.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from rxruntime.conversation import Conversation
+from rxruntime.events import AnswerCompleted, Token
+from rxruntime.serving.http_context import Context
+from rxruntime.serving.http_errors import APIError, bad_field
+from rxruntime.serving.http_fields import json_body, message_text, opt_bool, opt_int, sampling_options
+from rxruntime.serving.http_history import Pair
+from rxruntime.serving.http_replay import History, Replay, after_answer, memory_for
+from rxruntime.serving.http_sse import sse, sse_response
+from rxruntime.serving.http_turns import Turn, TurnSummary
+
+_FINISH = {"eos": "stop", "length": "length", "cancelled": "stop"}
+
+
+async def create_chat_completion(ctx: Context, request: Request, owner: str) -> Response:
+    body = await json_body(request, ctx.max_body_bytes)
+    engine = ctx.slot.engine
+    history = parse_messages(body.get("messages"))
+    stream = opt_bool(body, "stream", False)
+    n = opt_int(body, "n", 1, 1)
+    del n  # one choice: a conversation's memory takes one answer
+    if body.get("stop") is not None:
+        raise bad_field("stop", "stop sequences are not supported; the model ends its answers with [EOS]")
+    options = sampling_options(body, ("max_tokens", "max_completion_tokens"))
+    include_usage = stream and _include_usage(body.get("stream_options"))
+
+    conv, replay = await memory_for(ctx, engine, owner, history)
+    turn = Turn(conv, history.query, options, ctx.metrics, "messages")
+    try:
+        await turn.start()
+    except APIError:
+        after_answer(ctx, conv, None, history, replay)
+        raise
+    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if not stream:
+        try:
+            summary = await turn.answer_only()
+        finally:
+            after_answer(ctx, conv, turn.answer, history, replay)
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": ctx.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": summary.text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": _FINISH[summary.finish_reason],
+                    }
+                ],
+                "usage": _usage(summary, replay),
+            }
+        )
+    return sse_response(_stream(ctx, conv, turn, history, replay, completion_id, created, include_usage))
+
+
+async def _stream(
+    ctx: Context,
+    conv: Conversation,
+    turn: Turn,
+    history: History,
+    replay: Replay,
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+        choices = [] if usage is not None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        data: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": ctx.model_name,
+            "choices": choices,
+        }
+        if include_usage:
+            data["usage"] = usage
+        return sse(data)
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for ev in turn.events():
+            if isinstance(ev, Token) and ev.text:
+                yield chunk({"content": ev.text})
+            elif isinstance(ev, AnswerCompleted):
+                summary = turn.summary()
+                yield chunk({}, _FINISH[summary.finish_reason])
+                if include_usage:
+                    yield chunk({}, usage=_usage(summary, replay))
+                yield sse("[DONE]")
+                break
+    except APIError as exc:
+        yield sse(exc.body())
+    finally:
+        with anyio.CancelScope(shield=True):  # the client may have gone: still clean up
+            await turn.aclose()
+            after_answer(ctx, conv, turn.answer, history, replay)
+
+
+# ---------------------------------------------------------------------- request fields
+def parse_messages(value: Any) -> History:
+    """system* then alternating user / assistant, ending with the user's new message."""
+    if not isinstance(value, list) or not value:
+        raise bad_field("messages", "expected a non-empty list of messages")
+    system: list[str] = []
+    pairs: list[Pair] = []
+    user: str | None = None
+    for i, message in enumerate(value):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_field(param, "expected a message object")
+        role = message.get("role")
+        text = message_text(message.get("content"), f"{param}.content") if message.get("content") is not None else ""
+        if role in ("system", "developer"):
+            if pairs or user is not None:
+                raise bad_field(f"{param}.role", "system messages are only read before the first user message")
+            system.append(text)
+        elif role == "user":
+            user = text if user is None else f"{user}\n{text}"  # consecutive user messages read as one
+        elif role == "assistant":
+            if message.get("tool_calls"):
+                raise bad_field(f"{param}.tool_calls", "tool calls are not supported")
+            pairs.append((user or "", text))
+            user = None
+        else:
+            raise bad_field(f"{param}.role", "expected 'system', 'developer', 'user' or 'assistant'")
+    if user is None or not user:
+        raise bad_field(f"messages[{len(value) - 1}]", "the last message must be the user's (non-empty)")
+    return History("\n".join(system) or None, pairs, user)
+
+
+def _include_usage(value: Any) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, dict):
+        raise bad_field("stream_options", "expected an object")
+    flag = value.get("include_usage", False)
+    if not isinstance(flag, bool):
+        raise bad_field("stream_options.include_usage", "expected a boolean")
+    return flag
+
+
+def _usage(summary: TurnSummary, replay: Replay) -> dict[str, Any]:
+    return {
+        "prompt_tokens": summary.input_tokens,
+        "completion_tokens": summary.output_tokens,
+        "total_tokens": summary.input_tokens + summary.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": replay.cached_tokens},
+        "rxrt": {
+            "history_turns": replay.history_turns,
+            "cached_turns": replay.cached_turns,
+            "replayed_turns": replay.replayed_turns,
+            "replayed_tokens": replay.replayed_tokens,
+            "history_cache": replay.cache,
+        },
+    }

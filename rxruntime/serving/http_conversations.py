@@ -1,0 +1,93 @@
+"""``/v1/conversations``: create (with metadata and initial items), retrieve, update, delete.
+
+Initial items are written into memory, not kept as a transcript: ``system`` / ``developer``
+messages initialise the STM from text, then each user message with the assistant message after it
+is replayed as one past turn (encoder + memory attention, no decoding). The conversation keeps no
+item list, so the items endpoints are not offered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from rxruntime.serving.http_context import Context
+from rxruntime.serving.http_errors import bad_field
+from rxruntime.serving.http_fields import json_body, message_text, metadata
+from rxruntime.serving.http_registry import Entry
+
+
+async def create_conversation(ctx: Context, request: Request, owner: str) -> Response:
+    body = await json_body(request, ctx.max_body_bytes) if await request.body() else {}
+    engine = ctx.slot.engine
+    meta = metadata(body)
+    system, pairs = parse_items(body.get("items"))
+    entry = await ctx.blocking(
+        lambda: ctx.registry.create(engine, owner, metadata=meta, memory_init=system, history=pairs)
+    )
+    return JSONResponse(conversation_object(entry))
+
+
+async def get_conversation(ctx: Context, request: Request, owner: str) -> Response:
+    engine = ctx.slot.engine
+    cid = str(request.path_params["conversation_id"])
+    entry = await ctx.blocking(lambda: ctx.registry.get(engine, owner, cid, "conversation_id"))
+    return JSONResponse(conversation_object(entry))
+
+
+async def update_conversation(ctx: Context, request: Request, owner: str) -> Response:
+    body = await json_body(request, ctx.max_body_bytes)
+    if "metadata" not in body:
+        raise bad_field("metadata", "required")
+    meta = metadata(body)
+    engine = ctx.slot.engine
+    cid = str(request.path_params["conversation_id"])
+    entry = await ctx.blocking(lambda: ctx.registry.get(engine, owner, cid, "conversation_id"))
+    entry.metadata = meta
+    return JSONResponse(conversation_object(entry))
+
+
+async def delete_conversation(ctx: Context, request: Request, owner: str) -> Response:
+    engine = ctx.slot.engine
+    cid = str(request.path_params["conversation_id"])
+    await ctx.blocking(lambda: ctx.registry.delete(engine, owner, cid))
+    return JSONResponse({"id": cid, "object": "conversation.deleted", "deleted": True})
+
+
+def conversation_object(entry: Entry) -> dict[str, Any]:
+    return {"id": entry.conv.id, "object": "conversation", "created_at": entry.created_at, "metadata": entry.metadata}
+
+
+def parse_items(value: Any) -> tuple[str | None, list[tuple[str, str]]]:
+    """(memory_init text from system/developer items, the (user, assistant) pairs to replay)."""
+    if value is None:
+        return None, []
+    if not isinstance(value, list):
+        raise bad_field("items", "expected a list of message items")
+    system: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    user: str | None = None
+    for i, item in enumerate(value):
+        param = f"items[{i}]"
+        if not isinstance(item, dict) or item.get("type", "message") != "message":
+            raise bad_field(param, "only message items are supported")
+        role = item.get("role")
+        text = message_text(item.get("content"), f"{param}.content")
+        if role in ("system", "developer"):
+            if pairs or user is not None:
+                raise bad_field(f"{param}.role", "system and developer messages go before the first user message")
+            system.append(text)
+        elif role == "user":
+            if user is not None:
+                pairs.append((user, ""))
+            user = text
+        elif role == "assistant":
+            pairs.append((user or "", text))
+            user = None
+        else:
+            raise bad_field(f"{param}.role", "expected 'user', 'assistant', 'system' or 'developer'")
+    if user is not None:
+        pairs.append((user, ""))
+    return "\n".join(system) or None, pairs

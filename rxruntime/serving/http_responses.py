@@ -1,0 +1,274 @@
+"""``POST /v1/responses``: OpenAI's Responses API on a stateful conversation.
+
+A request carries only the new user message. It continues a conversation (``conversation``, or
+``previous_response_id`` naming that conversation's latest response) or starts one, whose memory is
+first initialised from ``instructions``. The answer comes as a Response object, or as the typed
+stream ``response.created`` ... ``response.completed``, followed by our own
+``rxrt.memory.update_started`` / ``rxrt.memory.updated`` once the STM has taken the turn in.
+
+A response id names its conversation and turn (``resp_<conversation>_<turn>``), so continuing from
+one needs no table. Only the latest response can be continued: the STM has moved past older ones.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from rxruntime.events import AnswerCompleted, InteractionFailed, MemoryUpdated, MemoryUpdateStarted, Token
+from rxruntime.serving.http_context import Context
+from rxruntime.serving.http_errors import APIError, bad_field, not_found
+from rxruntime.serving.http_fields import json_body, message_text, metadata, opt_bool, opt_str, sampling_options
+from rxruntime.serving.http_registry import PREFIX, Entry
+from rxruntime.serving.http_sse import sse, sse_response
+from rxruntime.serving.http_turns import Turn, TurnSummary
+
+
+async def create_response(ctx: Context, request: Request, owner: str) -> Response:
+    body = await json_body(request, ctx.max_body_bytes)
+    engine = ctx.slot.engine
+    query, item_instructions = parse_input(body.get("input"))
+    instructions = opt_str(body, "instructions") or item_instructions
+    stream = opt_bool(body, "stream", False)
+    store = opt_bool(body, "store", True)
+    meta = metadata(body)
+    options = sampling_options(body, "max_output_tokens")
+    conversation_id = conversation_ref(body.get("conversation"))
+    previous = opt_str(body, "previous_response_id")
+    if conversation_id is not None and previous is not None:
+        raise bad_field("previous_response_id", "pass either conversation or previous_response_id, not both")
+
+    new = conversation_id is None and previous is None
+    if conversation_id is not None:
+        cid = conversation_id
+        entry = await ctx.blocking(lambda: ctx.registry.get(engine, owner, cid))
+    elif previous is not None:
+        entry = await _from_previous(ctx, owner, previous)
+    else:
+        entry = await ctx.blocking(
+            lambda: ctx.registry.create(engine, owner, metadata=meta, memory_init=instructions or None)
+        )
+    ephemeral = new and not store  # nobody can continue it: gone after this turn
+
+    turn = Turn(entry.conv, query, options, ctx.metrics, "input")
+    try:
+        await turn.start()
+    except APIError:
+        if new:
+            await ctx.blocking(lambda: ctx.registry.forget(entry.conv.id))
+        raise
+    shape = _Shape(ctx.model_name, entry, turn.number, body, meta, instructions, previous, store, ephemeral)
+    if not stream:
+        try:
+            summary = await turn.answer_only()
+        finally:
+            if ephemeral:
+                await ctx.blocking(lambda: ctx.registry.forget(entry.conv.id))
+        entry.last_response_turn = summary.turn
+        return JSONResponse(shape.response(summary))
+    return sse_response(_stream(ctx, turn, shape))
+
+
+async def _from_previous(ctx: Context, owner: str, previous: str) -> Entry:
+    engine = ctx.slot.engine
+    conversation_id, turn = parse_response_id(previous)
+    entry = await ctx.blocking(lambda: ctx.registry.get(engine, owner, conversation_id, "previous_response_id"))
+    if entry.last_response_turn is not None and entry.last_response_turn != turn:
+        raise bad_field(
+            "previous_response_id",
+            f"only the latest response of a conversation can be continued (turn {entry.last_response_turn}); "
+            "the memory has moved past this one",
+        )
+    return entry
+
+
+async def _stream(ctx: Context, turn: Turn, shape: _Shape) -> AsyncIterator[bytes]:
+    seq = 0
+
+    def event(kind: str, **fields: Any) -> bytes:
+        nonlocal seq
+        data = {"type": kind, "sequence_number": seq, **fields}
+        seq += 1
+        return sse(data, kind)
+
+    item = shape.message_item("", "in_progress")
+    part = {"type": "output_text", "text": "", "annotations": []}
+    at = {"item_id": shape.item_id, "output_index": 0, "content_index": 0}
+    try:
+        yield event("response.created", response=shape.pending())
+        yield event("response.in_progress", response=shape.pending())
+        yield event("response.output_item.added", output_index=0, item=item)
+        yield event("response.content_part.added", **at, part=part)
+        async for ev in turn.events():
+            if isinstance(ev, Token):
+                if ev.text:
+                    yield event("response.output_text.delta", **at, delta=ev.text, logprobs=[])
+            elif isinstance(ev, AnswerCompleted):
+                summary = turn.summary()
+                shape.entry.last_response_turn = summary.turn
+                text_part = {**part, "text": summary.text}
+                yield event("response.output_text.done", **at, text=summary.text, logprobs=[])
+                yield event("response.content_part.done", **at, part=text_part)
+                yield event("response.output_item.done", output_index=0, item=shape.message_item(summary.text))
+                done = shape.response(summary)
+                kind = "response.completed" if done["status"] == "completed" else "response.incomplete"
+                yield event(kind, response=done)
+            elif isinstance(ev, MemoryUpdateStarted):
+                yield event(
+                    "rxrt.memory.update_started",
+                    conversation_id=ev.conversation_id,
+                    turn=ev.turn,
+                    stm_version=ev.stm_version,
+                )
+            elif isinstance(ev, MemoryUpdated):
+                yield event(
+                    "rxrt.memory.updated",
+                    conversation_id=ev.conversation_id,
+                    turn=ev.turn,
+                    stm_version=ev.stm_version,
+                    duration_s=ev.duration_s,
+                )
+            elif isinstance(ev, InteractionFailed) and ev.stage == "memory":
+                yield event("rxrt.memory.failed", conversation_id=ev.conversation_id, turn=ev.turn, message=ev.message)
+    except APIError as exc:
+        if turn.answer is None:
+            yield event("error", code=exc.code, message=exc.message, param=exc.param)
+            yield event("response.failed", response=shape.failed(exc))
+        # after the answer only the memory update can fail; its rxrt.memory.failed event said so
+    finally:
+        with anyio.CancelScope(shield=True):  # runs when the client went away, too
+            await turn.aclose()
+            if shape.ephemeral:
+                entry = shape.entry
+                await ctx.blocking(lambda: ctx.registry.forget(entry.conv.id))
+
+
+# ---------------------------------------------------------------------- request fields
+def parse_input(value: Any) -> tuple[str, str | None]:
+    """(the user's message, instructions from a system/developer item if any)."""
+    if isinstance(value, str):
+        if not value:
+            raise bad_field("input", "must not be empty")
+        return value, None
+    if not isinstance(value, list) or not value:
+        raise bad_field("input", "expected a string or a list of message items")
+    query: str | None = None
+    system: list[str] = []
+    for i, item in enumerate(value):
+        param = f"input[{i}]"
+        if not isinstance(item, dict) or item.get("type", "message") != "message":
+            raise bad_field(param, "only message items are supported")
+        role = item.get("role")
+        text = message_text(item.get("content"), f"{param}.content")
+        if role == "user":
+            if query is not None:
+                raise bad_field(
+                    param, "send one user message per request: the conversation's memory holds the earlier ones"
+                )
+            query = text
+        elif role in ("system", "developer"):
+            system.append(text)
+        else:
+            raise bad_field(f"{param}.role", "expected 'user' (or 'system'/'developer' for a new conversation)")
+    if query is None or not query:
+        raise bad_field("input", "needs one non-empty user message")
+    return query, "\n".join(system) or None
+
+
+def conversation_ref(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, dict) and isinstance(value.get("id"), str) and value["id"]:
+        return str(value["id"])
+    raise bad_field("conversation", "expected a conversation id or an object {'id': ...}")
+
+
+def response_id(conversation_id: str, turn: int) -> str:
+    return f"resp_{conversation_id.removeprefix(PREFIX + '_')}_{turn}"
+
+
+def parse_response_id(value: str) -> tuple[str, int]:
+    """(conversation id, turn); 404 for anything that is not one of our response ids."""
+    body = value.removeprefix("resp_")
+    suffix, _, turn = body.rpartition("_")
+    if not value.startswith("resp_") or not suffix or not turn.isdigit():
+        raise not_found(f"response {value!r}", "previous_response_id")
+    return f"{PREFIX}_{suffix}", int(turn)
+
+
+# ---------------------------------------------------------------------- response objects
+class _Shape:
+    """Builds the Response object of one request in its successive states."""
+
+    def __init__(
+        self,
+        model: str,
+        entry: Entry,
+        turn: int,
+        body: dict[str, Any],
+        meta: dict[str, str],
+        instructions: str | None,
+        previous: str | None,
+        store: bool,
+        ephemeral: bool,
+    ) -> None:
+        self.entry = entry
+        self.ephemeral = ephemeral
+        self.item_id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.id = response_id(entry.conv.id, turn)
+        self._base: dict[str, Any] = {
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": model,
+            "instructions": instructions,
+            "previous_response_id": previous,
+            "conversation": None if ephemeral else {"id": entry.conv.id},
+            "temperature": body.get("temperature"),
+            "top_p": body.get("top_p"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "metadata": meta,
+            "store": store,
+            "parallel_tool_calls": False,
+            "tool_choice": "none",
+            "tools": [],
+            "text": {"format": {"type": "text"}},
+            "truncation": "disabled",
+            "error": None,
+            "incomplete_details": None,
+        }
+
+    def pending(self) -> dict[str, Any]:
+        return {"id": self.id, **self._base, "status": "in_progress", "output": [], "usage": None}
+
+    def failed(self, exc: APIError) -> dict[str, Any]:
+        error = {"code": exc.code, "message": exc.message}
+        return {"id": self.id, **self._base, "status": "failed", "output": [], "usage": None, "error": error}
+
+    def message_item(self, text: str, status: str = "completed") -> dict[str, Any]:
+        content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+    def response(self, summary: TurnSummary) -> dict[str, Any]:
+        incomplete = summary.finish_reason == "length"
+        return {
+            "id": self.id,
+            **self._base,
+            "status": "incomplete" if incomplete else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "output": [self.message_item(summary.text)],
+            "usage": {
+                "input_tokens": summary.input_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": summary.output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": summary.input_tokens + summary.output_tokens,
+            },
+        }

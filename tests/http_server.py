@@ -1,0 +1,34 @@
+"""Shared by the HTTP tests: the real app on a loopback port and the official ``openai`` client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+from starlette.applications import Starlette
+
+from rxruntime.engine import Engine
+from rxruntime.serving.http_app import create_app
+from rxruntime.serving.http_serve import ThreadedServer
+
+JULIA = "My name is Julia."
+ASK_NAME = "What is my name?"
+
+
+@contextlib.contextmanager
+def served(engine: Engine | Callable[[], Engine], **options: Any) -> Iterator[tuple[str, Starlette]]:
+    """(base URL, app) of ``create_app(engine, **options)`` served by uvicorn on 127.0.0.1:<free port>."""
+    app = create_app(engine, **options)
+    with ThreadedServer(app) as server:
+        yield server.url, app
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    """The official client pointed at our server; no retries, so each status is seen as sent."""
+    return openai.OpenAI(api_key=key, base_url=f"{url}/v1", max_retries=0, timeout=120)
+
+
+def async_client(url: str, key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key=key, base_url=f"{url}/v1", max_retries=0, timeout=300)

@@ -1,0 +1,121 @@
+"""Streams over real HTTP: a client leaving mid-answer, one leaving before the memory events, 100 at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import rxruntime
+from rxruntime.engine import Engine
+from rxruntime.models import RxTModel, RxTokenizer
+from rxruntime.serving.http_app import context_of
+
+from .conftest import tiny_config
+from .http_server import ASK_NAME, JULIA, async_client, client, served
+
+CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is Ada."] * 30
+
+
+def _until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def chatty_engine() -> Iterator[Engine]:
+    """Untrained weights and a 2048-token interaction: answers run to the length limit (seconds)."""
+    torch.manual_seed(0)
+    model = RxTModel(tiny_config(vocab_size=300, max_seq_len=2048))
+    with Engine(model, RxTokenizer.train(CORPUS, vocab_size=300)) as engine:
+        yield engine
+
+
+def test_a_client_leaving_mid_stream_cancels_its_turn(chatty_engine: Engine) -> None:
+    with served(chatty_engine) as (url, app):
+        c = client(url)
+        stream = c.responses.create(model="rxt", input="Hi", stream=True)
+        conversation_id = None
+        for event in stream:
+            if event.type == "response.created":
+                assert event.response.conversation is not None
+                conversation_id = event.response.conversation.id
+            if event.type == "response.output_text.delta":
+                break
+        stream.close()  # the client goes away after its first piece of text
+        assert conversation_id is not None
+        record = _until(lambda: [h for h in chatty_engine.history(conversation_id) if "finish_reason" in h])[0]
+        assert record["finish_reason"] == "cancelled"
+        assert int(record["tokens"]) < 2000  # far from the length limit it would otherwise have reached
+        assert chatty_engine.stm_version(conversation_id) == 0  # a cancelled answer is not written to memory
+        _until(lambda: context_of(app).metrics.cancelled._value.get() >= 1)
+        # the conversation is still usable
+        again = c.responses.create(model="rxt", input="Hi", conversation=conversation_id, max_output_tokens=3)
+        assert again.status == "incomplete" and again.usage is not None and again.usage.output_tokens == 3
+
+
+def test_a_completed_answers_memory_commits_after_the_client_left() -> None:
+    with rxruntime.load("default") as engine, served(engine) as (url, _):
+        c = client(url)
+        conv = c.conversations.create()
+        stream = c.responses.create(model="rxt", input=JULIA, conversation=conv.id, stream=True)
+        for event in stream:
+            if event.type == "response.completed":
+                break
+        stream.close()  # gone before rxrt.memory.update_started / updated
+        _until(lambda: engine.stm_version(conv.id) == 1)
+        assert "Julia" in c.responses.create(model="rxt", input=ASK_NAME, conversation=conv.id).output_text
+
+
+def test_100_concurrent_streaming_conversations_lose_no_event() -> None:
+    queries = [JULIA, "What is 3 plus 5?", "Count from 2 to 5.", "I live in Lisbon."]
+
+    async def one(c: Any, i: int) -> list[dict[str, Any]]:
+        stream = await c.responses.create(
+            model="rxt", input=queries[i % len(queries)], stream=True, max_output_tokens=4
+        )
+        return [event.model_dump() async for event in stream]
+
+    async def everyone(url: str) -> list[list[dict[str, Any]]]:
+        c = async_client(url)
+        try:
+            return await asyncio.gather(*(one(c, i) for i in range(100)))
+        finally:
+            await c.close()
+
+    with rxruntime.load("default") as engine, served(engine) as (url, _):
+        results = asyncio.run(everyone(url))
+    conversations = set()
+    for events in results:
+        types = [e["type"] for e in events]
+        assert types[:4] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+        ]
+        assert types[-6:] == [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.incomplete",  # 4 tokens: every answer here is longer
+            "rxrt.memory.update_started",
+            "rxrt.memory.updated",
+        ]
+        assert set(types[4:-6]) == {"response.output_text.delta"}
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        final = events[-3]["response"]
+        assert text == events[-6]["text"] == final["output"][0]["content"][0]["text"]
+        assert final["usage"]["output_tokens"] == 4
+        conversations.add(final["conversation"]["id"])
+    assert len(conversations) == 100

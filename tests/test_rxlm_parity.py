@@ -1,0 +1,185 @@
+"""RxLM checkpoints load as they are and compute exactly what RxLM computed with them.
+
+The fixtures (tests/fixtures/rxlm/<rxlm-version>/<case>/, written by scripts/rxlm_fixtures.py
+inside RxLM's own environments) hold a model directory exactly as RxLM's ``save_pretrained``
+wrote it and RxLM's outputs for fixed inputs. For every case: the decoder logits of a prompt,
+three greedy ``interact`` turns (identical tokens; the STM after each memory update), and the
+STM initialised from text, all within 1e-4 in float32. Cases built with options rxruntime does
+not compute must be refused at load time, naming the option. ``RXRT_RXLM_FIXTURES`` points the
+tests at another fixture folder while developing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rxruntime.models import RxTModel, SamplingParams, generate
+from rxruntime.models.checkpoint import checkpoint_format, load_pretrained
+from rxruntime.models.errors import UnsupportedCheckpointError
+
+ROOT = Path(os.environ.get("RXRT_RXLM_FIXTURES", Path(__file__).parent / "fixtures" / "rxlm"))
+CASES = sorted(p.parent for p in ROOT.glob("*/*/expected.json"))
+TOL = 1e-4
+
+# Cases whose options rxruntime refuses: the config field the error must name.
+UNSUPPORTED = {
+    "mha_layernorm_dense": "use_rms_norm",
+    "gated_attention_no_out_bias": "use_gated_attention",
+}
+
+
+def _id(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
+def test_fixtures_are_present() -> None:
+    """The parity suite must not pass by finding nothing: both RxLM versions have cases."""
+    versions = {p.parent.name for p in CASES}
+    assert {"0.2.31", "0.3.80"} <= versions, f"no RxLM fixtures under {ROOT} (found {sorted(versions)})"
+
+
+def _expected(case: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return load_file(case / "expected.safetensors"), json.loads((case / "expected.json").read_text())
+
+
+def _load(case: Path) -> RxTModel:
+    model, _ = load_pretrained(case, load_tokenizer=False)
+    return model
+
+
+SUPPORTED = [c for c in CASES if c.name not in UNSUPPORTED]
+REFUSED = [c for c in CASES if c.name in UNSUPPORTED]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=_id)
+def test_unsupported_options_are_refused_naming_the_field(case: Path) -> None:
+    with pytest.raises(UnsupportedCheckpointError, match=UNSUPPORTED[case.name]):
+        load_pretrained(case)
+
+
+@pytest.mark.parametrize("case", SUPPORTED, ids=_id)
+def test_decoder_logits_match(case: Path) -> None:
+    exp, meta = _expected(case)
+    assert checkpoint_format(case) == f"RxLM {'.'.join(meta['rxlm_version'].split('.')[:2])}"
+    model = _load(case)
+    with torch.no_grad():
+        logits = model.decoder_logits(exp["prompt_ids"], exp["stm_init"][None])
+    assert (logits - exp["prompt_logits"]).abs().max().item() < TOL
+
+
+def _turns(model: RxTModel, exp: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Three greedy turns through our generation and memory update, compared turn by turn."""
+    stm = exp["stm_init"][None].clone()
+    eos = model.config.special_tokens.eos_id
+    for i in (1, 2, 3):
+        query = exp[f"turn{i}_query_ids"][0].tolist()
+        budget = meta["max_seq_len"] - len(query)  # interact's limit on query + answer
+        (answer,) = generate(model, stm, [query], SamplingParams(temperature=0.0), max_new_tokens=budget)
+        closed = len(answer) < budget  # stopped at [EOS], which RxLM yields and encodes
+        expected = exp[f"turn{i}_answer_ids"].tolist()
+        assert answer + ([eos] if closed else []) == expected, f"turn {i}"
+        ids = torch.tensor([query + expected])
+        assert torch.equal(ids, exp[f"turn{i}_update_ids"])
+        with torch.no_grad():
+            stm = model.memory_update(stm, ids)
+        assert (stm[0] - exp[f"turn{i}_stm"]).abs().max().item() < TOL, f"STM after turn {i}"
+
+
+@pytest.mark.parametrize("case", SUPPORTED, ids=_id)
+def test_three_turns_match(case: Path) -> None:
+    exp, meta = _expected(case)
+    _turns(_load(case), exp, meta)
+
+
+@pytest.mark.parametrize("case", SUPPORTED, ids=_id)
+def test_stm_from_text_matches(case: Path) -> None:
+    exp, meta = _expected(case)
+    model, tokenizer = load_pretrained(case)
+    assert tokenizer is not None
+    ids = exp["stm_from_text_ids"]
+    if meta["class"] == "RxTAlpha":  # our tokenizer writes the same interaction RxLM encoded
+        assert tokenizer.interaction_ids(*meta["stm_init_text"]) == ids[0].tolist()
+    for i, query in enumerate(meta["queries"], start=1):
+        assert tokenizer.query_ids(query) == exp[f"turn{i}_query_ids"][0].tolist()
+    with torch.no_grad():
+        stm = model.memory_update(exp["stm_init"][None], ids)
+    assert (stm[0] - exp["stm_from_text"]).abs().max().item() < TOL
+
+
+ENGINE_CASES = [c for c in SUPPORTED if c.name == "alpha_supervised"]
+
+
+@pytest.mark.parametrize("case", ENGINE_CASES, ids=_id)
+def test_three_turns_through_the_engine_match(case: Path) -> None:
+    """The same turns as text through rxruntime.load and the Engine (batching, decode loop,
+    memory thread), starting from RxLM's STM: identical tokens, STM within 1e-4."""
+    import threading
+
+    import rxruntime
+    from rxruntime.events import AnswerCompleted
+
+    exp, meta = _expected(case)
+    with rxruntime.load(case, device="cpu") as engine:
+        eos = engine.config.special_tokens.eos_id
+        conv = engine.conversation(stm=exp["stm_init"])
+        for i, query in enumerate(meta["queries"], start=1):
+            budget = meta["max_seq_len"] - exp[f"turn{i}_query_ids"].shape[1]
+            done = threading.Event()
+            answers: list[AnswerCompleted] = []
+
+            def on_next(event: object, answers: list[AnswerCompleted] = answers) -> None:
+                if isinstance(event, AnswerCompleted):
+                    answers.append(event)
+
+            def on_error(exc: Exception, done: threading.Event = done) -> None:
+                done.set()
+
+            conv.interact(query, temperature=0.0, max_new_tokens=budget).subscribe(on_next, on_error, done.set)
+            assert done.wait(120) and answers, f"turn {i} did not complete"
+            (answer,) = answers
+            ended = [eos] if answer.finish_reason == "eos" else []
+            assert list(answer.token_ids) + ended == exp[f"turn{i}_answer_ids"].tolist(), f"turn {i}"
+            state = conv.export_state()
+            assert (state.stm - exp[f"turn{i}_stm"]).abs().max().item() < TOL, f"STM after turn {i}"
+
+
+@pytest.mark.parametrize("case", SUPPORTED, ids=_id)
+def test_decode_paths_agree_and_the_c_step_steps_aside(case: Path) -> None:
+    """The fused torch step (decode layout) and the module path give the same logits on RxLM's
+    layout; the C step declines it with a reason instead of computing something else."""
+    from rxruntime.models import native
+
+    exp, _ = _expected(case)
+    model = _load(case)
+    reason = native.layout_reason(model)
+    assert reason is not None and "not covered" in reason
+    query = exp["turn1_query_ids"]
+    n = min(6, exp["turn1_answer_ids"].shape[0] - 1)  # tokens fed back; each gives the next's logits
+    answer = exp["turn1_answer_ids"][:n]
+    stm = exp["stm_init"][None]
+    outputs = []
+    for fast in (False, True):
+        model.fast_decode = fast
+        if fast:
+            model.use_decode_layout()
+        cache = model.new_cache(1)
+        with torch.no_grad():
+            kv = model.memory_kv(stm)
+            model.prefill(query, torch.tensor([query.shape[1]]), kv, cache)
+            steps = []
+            for j, token in enumerate(answer.tolist()):
+                position = torch.tensor([query.shape[1] + j])
+                if fast:
+                    assert native.decode_step(model, torch.tensor([token]), position, kv, cache) is None
+                steps.append(model.decode_step(torch.tensor([token]), position, kv, cache))
+        outputs.append(torch.cat(steps))
+    assert n > 0 and (outputs[0] - outputs[1]).abs().max().item() < TOL
+    # and both are RxLM's: the logits interact sampled turn 1's tokens 2..n+1 from
+    assert (outputs[1] - exp["turn1_step_logits"][1 : n + 1]).abs().max().item() < TOL
