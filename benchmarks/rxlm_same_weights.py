@@ -1,18 +1,19 @@
 """Speed on the same weights: one RxLM checkpoint in RxLM's ``interact`` and in rxruntime, one run.
 
 Issue 11 asks how fast rxruntime serves an RxLM model compared with RxLM itself, on identical
-weights. This driver runs in rxruntime's environment. It drives the RxLM side as subprocesses
-(benchmarks/rxlm_turns.py, one per RxLM virtual environment; RxLM pins transformers < 5) and the
-rxruntime side in-process, all on one checkpoint directory written by RxLM's ``save_pretrained``
-(alpha-mini, random weights, ``[EOS]`` unreachable so every side decodes the same lengths)::
+weights. This driver runs in rxruntime's environment. Each RxLM version runs as a long-lived
+``benchmarks/rxlm_turns.py serve`` process in its own virtual environment (RxLM pins
+transformers < 5), rxruntime runs in-process, and all load one checkpoint directory written by
+RxLM's ``save_pretrained`` (alpha-mini, random weights, ``[EOS]`` unreachable so every side decodes
+the same lengths)::
 
     python benchmarks/rxlm_same_weights.py --checkpoint /tmp/alpha-mini-rxlm \\
         --rxlm /work/venvs/rxlm-0.3.80/bin/python --rxlm /work/venvs/rxlm-0.2.31/bin/python \\
         --threads 2 --out benchmarks/results/rxlm-same-weights.json
 
 A missing checkpoint is written first by the oldest RxLM given (its layout loads in every
-version). Two parts, each in the order RxLM (first ``--rxlm``), rxruntime, RxLM (the others), so
-that rxruntime's minutes sit between RxLM's on a shared machine:
+version). The sides take turns, turn t of every side before turn t + 1 of any (and likewise for
+batch rounds), so load from other processes on a shared machine hits all sides alike:
 
 * ``turns``: one conversation at batch 1, greedy, the same query ids and initial STM everywhere:
   per turn ``ttft_s``, ``turn_s``, ``tokens_per_s`` (after the first token), ``memory_update_s``.
@@ -20,7 +21,8 @@ that rxruntime's minutes sit between RxLM's on a shared machine:
   engine's decode path (``DecodeBatch``) and times ``memory_update`` on its own, as
   ``rxrt bench turns`` does. The first 8 tokens of every answer are kept, to compare.
 * ``batch``: one turn of ``--conversations`` conversations at once: RxLM's ``batch_interact``
-  against rxruntime's ``Engine`` (continuous batching, real event stream): aggregate tokens/s.
+  against rxruntime's ``Engine`` (continuous batching, real event stream): aggregate tokens/s,
+  the median of ``--batch-rounds`` rounds.
 
 Where rxruntime cannot load the directory, its side records the error and the other sides still run.
 """
@@ -51,79 +53,150 @@ def rxlm_version(python: str) -> str:
     return subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def run_rxlm(python: str, command: str, args: list[str]) -> dict[str, Any]:
-    """One RxLM-side run; its JSON (the last thing it prints) or the failure."""
-    proc = subprocess.run(
-        [python, str(RXLM_SIDE), command, *args], capture_output=True, text=True, check=False, cwd=HERE.parent
-    )
-    sys.stderr.write(proc.stderr[-2000:])
-    if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
-    side: dict[str, Any] = json.loads(proc.stdout[proc.stdout.index("{") :])
-    if "rxlm" in side:  # the per-turn records, under the name `rxrt bench turns --compare` reads
-        side["turns"] = side.pop("rxlm")
-    return side
-
-
 def queries(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(FIRST_ID, vocab, (length,), generator=gen).tolist() for _ in range(count)]
 
 
-# ---------------------------------------------------------------------- the rxruntime side
-def load_rxruntime(checkpoint: Path) -> tuple[Any, Any]:
-    from rxruntime.models.checkpoint import load_pretrained
+class RxlmSide:
+    """A ``rxlm_turns.py serve`` process: one JSON request in, one JSON reply out, per line."""
 
-    return load_pretrained(checkpoint, device="cpu", dtype=torch.float32)
+    def __init__(self, python: str, checkpoint: Path, threads: int, log: Path) -> None:
+        self.log = log.open("w")
+        cmd = [python, str(RXLM_SIDE), "serve", "--checkpoint", str(checkpoint), "--threads", str(threads)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=HERE.parent
+        )
+        self.info = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the RxLM process ended (exit {self.proc.wait()}); see {self.log.name}")
+            at = line.find("{")  # RxLM prints to stdout too, without a newline
+            if at >= 0:
+                try:
+                    reply: dict[str, Any] = json.loads(line[at:])
+                except json.JSONDecodeError:
+                    continue
+                return reply
+
+    def call(self, **request: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def turn(self, prompt: list[int], answer_tokens: int) -> tuple[dict[str, float], list[int]]:
+        reply = self.call(op="turn", ids=prompt[:-1], answer_tokens=answer_tokens)  # interact appends [A]
+        return {k: reply[k] for k in TURN_KEYS}, reply["answer"]
+
+    def reset(self) -> None:
+        self.call(op="reset")
+
+    def batch(self, qs: list[list[int]], answer_tokens: int) -> dict[str, Any]:
+        return self.call(op="batch", queries=qs, answer_tokens=answer_tokens)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
 
 
-def rxruntime_turns(model: Any, prompts: list[list[int]], answer_tokens: int, threads: int) -> dict[str, Any]:
-    """``interact``'s protocol on the engine's decode path: greedy, fixed length, update timed alone."""
-    from rxruntime.bench.decode import c_step_note
-    from rxruntime.models import DecodeBatch, JoinRequest, SamplingParams
+class RxruntimeSide:
+    """``interact``'s protocol on the engine's decode path (``DecodeBatch``, greedy), the memory
+    update timed on its own after the answer as ``rxrt bench turns`` does; batches through the
+    real ``Engine``."""
 
-    params = SamplingParams(temperature=0.0)
-    batch = DecodeBatch(model, capacity=1)
-    c = model.config
-    stm0 = torch.randn((c.num_layers, c.stm_size, c.dim), generator=torch.Generator().manual_seed(0))
+    def __init__(self, checkpoint: Path, threads: int) -> None:
+        from rxruntime.bench.decode import c_step_note
+        from rxruntime.models import DecodeBatch, SamplingParams
+        from rxruntime.models.checkpoint import load_pretrained
 
-    def turn(stm: torch.Tensor, prompt: list[int], key: object) -> tuple[dict[str, float], list[int], torch.Tensor]:
+        self.model, self.tokenizer = load_pretrained(checkpoint, device="cpu", dtype=torch.float32)
+        self.params = SamplingParams(temperature=0.0)
+        self.decode = DecodeBatch(self.model, capacity=1)
+        self.info = {"api": "DecodeBatch (engine decode path); Engine for batches", "threads": threads}
+        self.info["c_decode_step"] = c_step_note(self.model)
+        self.engine: Any = None
+        self.reset()
+
+    def reset(self) -> None:
+        c = self.model.config
+        self.stm = torch.randn((c.num_layers, c.stm_size, c.dim), generator=torch.Generator().manual_seed(0))
+
+    def turn(self, prompt: list[int], answer_tokens: int) -> tuple[dict[str, float], list[int]]:
+        from rxruntime.models import JoinRequest
+
+        key = object()
         start = time.perf_counter()
-        answer = [int(batch.join([JoinRequest(key, prompt, stm, params, 0)])[0])]
+        answer = [int(self.decode.join([JoinRequest(key, prompt, self.stm, self.params, 0)])[0])]
         ttft = time.perf_counter() - start
         for _ in range(answer_tokens - 1):
-            answer.append(int(batch.step()[0]))
+            answer.append(int(self.decode.step()[0]))
         total = time.perf_counter() - start
-        batch.leave(key)
+        self.decode.leave(key)
         start = time.perf_counter()
-        with torch.inference_mode():
-            new = model.memory_update(stm[None], torch.tensor([[*prompt, *answer]]))[0]
+        with torch.inference_mode():  # what RxLM's update reads: the query, [A] and the answer
+            self.stm = self.model.memory_update(self.stm[None], torch.tensor([[*prompt, *answer]]))[0]
         update = time.perf_counter() - start
-        rec = {"ttft_s": ttft, "turn_s": total, "tokens_per_s": (answer_tokens - 1) / (total - ttft)}
-        return {**rec, "memory_update_s": update}, answer, new
+        rate = (answer_tokens - 1) / (total - ttft)
+        return {"ttft_s": ttft, "turn_s": total, "tokens_per_s": rate, "memory_update_s": update}, answer
 
-    turn(stm0, prompts[0], "warm-up")
-    stm, records, heads = stm0, [], []
+    def batch(self, qs: list[list[int]], answer_tokens: int) -> dict[str, Any]:
+        from rxruntime.bench.throughput import run_level, summarize
+        from rxruntime.engine import Engine
+
+        if self.engine is None:
+            self.engine = Engine(self.model, self.tokenizer, max_batch=len(qs))
+        return summarize(run_level(self.engine, qs, answer_tokens, 0, f"b{time.monotonic_ns()}"), len(qs))
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+TURN_KEYS = ("ttft_s", "turn_s", "tokens_per_s", "memory_update_s")
+
+
+def run_interleaved(
+    sides: dict[str, Any], prompts: list[list[int]], answer_tokens: int, progress: bool = True
+) -> dict[str, Any]:
+    """Turn t of every side before turn t + 1 of any: load on the machine hits all sides alike."""
+    for side in sides.values():  # warm-up turn, then every side starts from the same STM
+        side.turn(prompts[0], min(8, answer_tokens))
+        side.reset()
+    out: dict[str, Any] = {name: {"turns": [], "answers": {"first_8_tokens": []}} for name in sides}
     for t, prompt in enumerate(prompts, start=1):
-        rec, answer, stm = turn(stm, prompt, ("turn", t))
-        records.append({"turn": t, **rec})
-        heads.append(answer[:8])
-        print(f"rxruntime turn {t}: {rec}", file=sys.stderr, flush=True)
+        for name, side in sides.items():
+            rec, answer = side.turn(prompt, answer_tokens)
+            out[name]["turns"].append({"turn": t, **rec})
+            out[name]["answers"]["first_8_tokens"].append(answer[:8])
+            if progress:
+                print(f"turn {t} {name}: {rec['tokens_per_s']:.1f} tokens/s, {rec['turn_s']:.2f} s", file=sys.stderr)
+    return out
+
+
+def run_batches(sides: dict[str, Any], qs: list[list[int]], answer_tokens: int, rounds: int) -> dict[str, Any]:
+    """A warm-up batch per side, then ``rounds`` timed batches, sides alternating; medians."""
+    for side in sides.values():
+        side.batch(qs, min(4, answer_tokens))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name, side in sides.items():
+            runs[name].append(side.batch(qs, answer_tokens))
+            print(f"batch round {r + 1} {name}: {runs[name][-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     return {
-        "turns": records,
-        "answers": {"first_8_tokens": heads},
-        "config": {"api": "DecodeBatch (engine decode path)", "c_decode_step": c_step_note(model), "threads": threads},
+        name: {
+            "tokens_per_s": statistics.median(x["tokens_per_s"] for x in xs),
+            "wall_s": statistics.median(x["wall_s"] for x in xs),
+            "rounds": xs,
+        }
+        for name, xs in runs.items()
     }
-
-
-def rxruntime_batch(model: Any, tokenizer: Any, qs: list[list[int]], answer_tokens: int) -> dict[str, Any]:
-    from rxruntime.bench.throughput import run_level, summarize
-    from rxruntime.engine import Engine
-
-    with Engine(model, tokenizer, max_batch=len(qs)) as engine:
-        run_level(engine, qs, answer_tokens, 0, "warm-up")
-        traces = run_level(engine, qs, answer_tokens, 0, "timed")
-    return {**summarize(traces, len(qs)), "config": {"api": "Engine (continuous batching, event stream)"}}
 
 
 # ---------------------------------------------------------------------- summary
@@ -176,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answer-tokens", type=int, default=64)
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--batch-answer-tokens", type=int, default=32)
+    parser.add_argument("--batch-rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a missing checkpoint is written tiny (smoke runs)")
     parser.add_argument("--skip", choices=["turns", "batch"], action="append", default=[])
@@ -190,65 +264,44 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(save, check=True)
     config = json.loads((args.checkpoint / "config.json").read_text())
     vocab = config["decoder_config"]["vocab_size"]
-    turn_queries = queries(args.turns, args.query_tokens, vocab, seed=1)
-    batch_queries = queries(args.conversations, args.query_tokens, vocab, seed=2)
     load_avg = [os.getloadavg()[0]]
 
-    try:
-        model, tokenizer = load_rxruntime(args.checkpoint)
-        ours_error = None
-    except Exception as exc:
-        model = tokenizer = None
-        ours_error = f"{type(exc).__name__}: {exc}"
-        print(f"rxruntime cannot load {args.checkpoint}: {ours_error}", file=sys.stderr)
-
-    first, rest = args.rxlm[:1], args.rxlm[1:]
-    result: dict[str, Any] = {"turns": {}, "batch": {}}
+    sides: dict[str, Any] = {}
+    errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        qfile, bfile = Path(tmp) / "turns.json", Path(tmp) / "batch.json"
-        qfile.write_text(json.dumps(turn_queries))
-        bfile.write_text(json.dumps(batch_queries))
-        common = ["--checkpoint", str(args.checkpoint), "--threads", str(args.threads)]
-        common += ["--query-tokens", str(args.query_tokens)]
-        for part in ("turns", "batch"):
-            if part in args.skip:
-                continue
-            if part == "turns":
-                extra = [
-                    "--queries",
-                    str(qfile),
-                    "--turns",
-                    str(args.turns),
-                    "--answer-tokens",
-                    str(args.answer_tokens),
+        for i, py in enumerate(args.rxlm):
+            if i == 1 or len(args.rxlm) == 1:
+                add_ours(sides, errors, args.checkpoint, args.threads)
+            sides[f"rxlm-{versions[py]}"] = RxlmSide(py, args.checkpoint, args.threads, Path(tmp) / f"rxlm-{i}.log")
+        try:
+            result: dict[str, Any] = {"turns": {}, "batch": {}, "errors": errors}
+            if "turns" not in args.skip:
+                special = config["tokenizer_config"]
+                head = [special["bos_token_id"], special["query_token_id"]]
+                prompts = [
+                    [*head, *q, special["answer_token_id"]] for q in queries(args.turns, args.query_tokens, vocab, 1)
                 ]
-            else:
-                extra = ["--queries", str(bfile), "--conversations", str(args.conversations)]
-                extra += ["--answer-tokens", str(args.batch_answer_tokens)]
-            for py in first:
-                result[part][f"rxlm-{versions[py]}"] = run_rxlm(py, part, common + extra)
-            if model is None:
-                result[part]["rxruntime"] = {"error": ours_error}
-            elif part == "turns":
-                ids = model.config.special_tokens
-                bos, q, a = ids.bos_id, ids.query_id, ids.answer_id
-                prompts = [[bos, q, *x, a] for x in turn_queries]
-                result[part]["rxruntime"] = rxruntime_turns(model, prompts, args.answer_tokens, args.threads)
-            else:
-                result[part]["rxruntime"] = rxruntime_batch(model, tokenizer, batch_queries, args.batch_answer_tokens)
-            for py in rest:
-                result[part][f"rxlm-{versions[py]}"] = run_rxlm(py, part, common + extra)
+                result["turns"] = run_interleaved(sides, prompts, args.answer_tokens)
+            if "batch" not in args.skip:
+                qs = queries(args.conversations, args.query_tokens, vocab, 2)
+                result["batch"] = run_batches(sides, qs, args.batch_answer_tokens, args.batch_rounds)
+            result["sides"] = {name: side.info for name, side in sides.items()}
+        finally:
+            for side in sides.values():
+                side.close()
     load_avg.append(os.getloadavg()[0])
     result["summary"] = {"turns": summarize_turns(result["turns"])}
     result["config"] = {
         "checkpoint": str(args.checkpoint),
         "saved_by": "RxLM save_pretrained (alpha-mini, random weights, [EOS] unreachable)",
         "rxlm_versions": sorted(versions.values()),
+        "order": "interleaved: turn t (and each batch round) of every side before the next",
         "turns": args.turns,
         "query_tokens": args.query_tokens,
         "answer_tokens": args.answer_tokens,
         "conversations": args.conversations,
         "batch_answer_tokens": args.batch_answer_tokens,
+        "batch_rounds": args.batch_rounds,
         "threads": args.threads,
         "sampling": "greedy",
         "dtype": "float32",
@@ -264,6 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(table(result), file=sys.stderr)
     return 0
+
+
+def add_ours(sides: dict[str, Any], errors: dict[str, str], checkpoint: Path, threads: int) -> None:
+    """rxruntime's side, or the reason it cannot load the directory (the RxLM sides still run)."""
+    try:
+        sides["rxruntime"] = RxruntimeSide(checkpoint, threads)
+    except Exception as exc:
+        errors["rxruntime"] = f"{type(exc).__name__}: {exc}"
+        print(f"rxruntime cannot load {checkpoint}: {errors['rxruntime']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -212,49 +212,58 @@ def sampling(temperature: float) -> dict[str, Any]:
     return {"temperature": 1.0, "top_k": 1} if temperature <= 0 else {"temperature": temperature}
 
 
+def interact_turn(
+    model: Any, ids: list[int], answer_tokens: int, temperature: float
+) -> tuple[dict[str, float], list[int]]:
+    """One ``interact`` turn on ``[BOS] [Q] query`` ids; its timings and answer."""
+    import torch
+
+    limit = len(ids) + 1 + answer_tokens  # interact appends [A]
+    input_ids = torch.tensor([ids])
+    mask = torch.ones_like(input_ids)
+    start = time.perf_counter()
+    first = last = update_start = update_end = 0.0
+    answer: list[int] = []
+    for token in model.interact(input_ids, mask, max_seq_len=limit, **sampling(temperature)):
+        now = time.perf_counter()
+        if token == -1:
+            update_start = now
+        elif token == -2:
+            update_end = now
+        else:
+            answer.append(token)
+            first = first or now
+            last = now
+    assert len(answer) == answer_tokens, (len(answer), answer_tokens)
+    return {
+        "ttft_s": first - start,
+        "turn_s": last - start,
+        "tokens_per_s": (len(answer) - 1) / (last - first),
+        "memory_update_s": update_end - update_start,
+    }, answer
+
+
+def reset_stm(model: Any, seed: int = 0) -> None:
+    """The initial STM every side starts from: ``randn(layers, slots, dim)`` from ``seed``."""
+    import torch
+
+    model.set_batch_mode(False)
+    shape = model.export_stm_state().shape
+    model.load_stm_state(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+
+
 def run_turns(
     model: Any, queries: list[list[int]], answer_tokens: int, repeats: int, temperature: float
 ) -> dict[str, Any]:
-    import torch
-
-    bos, q_id = model.bos_token_id, model.query_token_id
-    prompts = [[bos, q_id, *q] for q in queries]
-    limit = len(prompts[0]) + 1 + answer_tokens  # [BOS] [Q] query [A] answer
-
-    def turn(ids: list[int]) -> tuple[dict[str, float], list[int]]:
-        input_ids = torch.tensor([ids])
-        mask = torch.ones_like(input_ids)
-        start = time.perf_counter()
-        first = last = update_start = update_end = 0.0
-        answer: list[int] = []
-        for token in model.interact(input_ids, mask, max_seq_len=limit, **sampling(temperature)):
-            now = time.perf_counter()
-            if token == -1:
-                update_start = now
-            elif token == -2:
-                update_end = now
-            else:
-                answer.append(token)
-                first = first or now
-                last = now
-        assert len(answer) == answer_tokens, (len(answer), answer_tokens)
-        return {
-            "ttft_s": first - start,
-            "turn_s": last - start,
-            "tokens_per_s": (len(answer) - 1) / (last - first),
-            "memory_update_s": update_end - update_start,
-        }, answer
-
-    turn(prompts[0])  # warm-up
+    prompts = [[model.bos_token_id, model.query_token_id, *q] for q in queries]
+    interact_turn(model, prompts[0], answer_tokens, temperature)  # warm-up
     runs, answers = [], []
     for _ in range(repeats):
-        model.reset_stm_state()
-        stm0 = torch.Generator().manual_seed(0)
-        model.load_stm_state(torch.randn(model.export_stm_state().shape, generator=stm0))
+        reset_stm(model)
         records = []
         answers = []
         for t, ids in enumerate(prompts, start=1):
-            rec, answer = turn(ids)
+            rec, answer = interact_turn(model, ids, answer_tokens, temperature)
             records.append({"turn": t, **rec})
             answers.append(answer)
             print(f"turn {t}: {rec}", file=sys.stderr, flush=True)
@@ -267,7 +276,8 @@ def run_turns(
     return {"rxlm": turns, "answers": {"first_8_tokens": [a[:8] for a in answers]}}
 
 
-def run_batch(model: Any, queries: list[list[int]], answer_tokens: int, temperature: float) -> dict[str, Any]:
+def batch_turn(model: Any, queries: list[list[int]], answer_tokens: int, temperature: float) -> dict[str, Any]:
+    """One ``batch_interact`` turn of ``len(queries)`` conversations (fresh batched STM)."""
     import torch
 
     n = len(queries)
@@ -278,35 +288,58 @@ def run_batch(model: Any, queries: list[list[int]], answer_tokens: int, temperat
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
         mask[i, : len(p)] = 1
+    model.set_batch_mode(True, n)
+    start = time.perf_counter()
+    first = last = update_start = update_end = 0.0
+    steps = 0
+    for out in model.batch_interact(ids, mask, max_seq_len=limit, **sampling(temperature)):
+        now = time.perf_counter()
+        if bool((out == -1).all()):
+            update_start = now
+        elif bool((out == -2).all()):
+            update_end = now
+        else:
+            steps += 1
+            first = first or now
+            last = now
+    assert steps == answer_tokens, (steps, answer_tokens)
+    tokens = n * steps
+    return {
+        "conversations": n,
+        "tokens": tokens,
+        "tokens_per_s": tokens / (last - start),
+        "ttft_s": first - start,
+        "wall_s": last - start,
+        "memory_update_s": update_end - update_start,
+    }
 
-    def once() -> dict[str, Any]:
-        model.set_batch_mode(True, n)
-        start = time.perf_counter()
-        first = last = update_start = update_end = 0.0
-        steps = 0
-        for out in model.batch_interact(ids.clone(), mask.clone(), max_seq_len=limit, **sampling(temperature)):
-            now = time.perf_counter()
-            if bool((out == -1).all()):
-                update_start = now
-            elif bool((out == -2).all()):
-                update_end = now
-            else:
-                steps += 1
-                first = first or now
-                last = now
-        assert steps == answer_tokens, (steps, answer_tokens)
-        tokens = n * steps
-        return {
-            "conversations": n,
-            "tokens": tokens,
-            "tokens_per_s": tokens / (last - start),
-            "ttft_s": first - start,
-            "wall_s": last - start,
-            "memory_update_s": update_end - update_start,
-        }
 
-    once()  # warm-up: first-call allocations at this batch size
-    return once()
+def run_batch(model: Any, queries: list[list[int]], answer_tokens: int, temperature: float) -> dict[str, Any]:
+    batch_turn(model, queries, answer_tokens, temperature)  # warm-up: first-call allocations at this size
+    return batch_turn(model, queries, answer_tokens, temperature)
+
+
+def serve(model: Any, temperature: float, info: dict[str, Any]) -> None:
+    """One JSON request per stdin line, one JSON reply per stdout line, so that a driver can
+    alternate this process's turns with other frameworks' turns on a shared machine.
+
+    Requests: ``{"op": "reset"}`` (the seed-0 initial STM), ``{"op": "turn", "ids": [...],
+    "answer_tokens": n}``, ``{"op": "batch", "queries": [[...], ...], "answer_tokens": n}``.
+    """
+    print(json.dumps({"ready": True, **info}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "reset":
+            reset_stm(model)
+            reply: dict[str, Any] = {"ok": True}
+        elif req["op"] == "turn":
+            rec, answer = interact_turn(model, req["ids"], req["answer_tokens"], temperature)
+            reply = {**rec, "answer": answer}
+        elif req["op"] == "batch":
+            reply = batch_turn(model, req["queries"], req["answer_tokens"], temperature)
+        else:
+            reply = {"error": f"unknown op {req['op']!r}"}
+        print(json.dumps(reply), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p_save.add_argument("directory", type=Path)
     p_save.add_argument("--seed", type=int, default=0)
     p_save.add_argument("--tiny", action="store_true", help="dim 64, 2 layers, 600 tokens: for smoke runs")
-    for name in ("turns", "batch"):
+    for name in ("turns", "batch", "serve"):
         p = sub.add_parser(name)
         p.add_argument("--checkpoint", type=Path, help="an RxLM model directory (default: a fresh random model)")
         p.add_argument("--queries", type=Path, help="JSON list of query id lists (default: random from --seed)")
@@ -349,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         notes = workarounds()(model, rxlm_version(), batch=True)
         torch.set_grad_enabled(False)
+    if args.command == "serve":
+        import transformers
+
+        info = {"rxlm": rxlm_version(), "transformers": transformers.__version__, "adaptations": notes}
+        serve(model, args.temperature, info)
+        return 0
     vocab = model.decoder_config["vocab_size"]
     load_avg = [os.getloadavg()[0]]
     if args.command == "turns":

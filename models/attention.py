@@ -64,9 +64,11 @@ class Attention(nn.Module):
         bias: bool = False,
         dropout: float = 0.0,
         out_bias: bool | None = None,
+        gate: str = "none",
     ) -> None:
         """``bias``: on all four projections; ``out_bias`` overrides it for the output projection
-        (RxLM: unbiased Q/K/V, biased output)."""
+        (RxLM: unbiased Q/K/V, biased output). ``gate`` (an activation name, RxLM 0.3's gated
+        attention): the heads' output is multiplied by ``act(x W_gate)`` before ``W_o``."""
         super().__init__()
         self.head_dim = dim // num_heads
         self.q_heads = q_heads
@@ -82,6 +84,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.out_heads * self.head_dim, dim, bias=bias if out_bias is None else out_bias)
+        self.gate_proj: nn.Linear | None = None
+        self.gate_act: Callable[[Tensor], Tensor] | None = None
+        if gate != "none":
+            from .ffn import ACTIVATIONS
+
+            self.gate_proj = nn.Linear(dim, self.out_heads * self.head_dim, bias=bias)
+            self.gate_act = ACTIVATIONS[gate]
         self._qkv_t: Tensor | None = None  # (dim, (q + 2 kv) * head_dim) once in decode layout
         self._qkv_bias: Tensor | None = None
         self._qkv_ptrs: tuple[int, ...] = ()
@@ -159,10 +168,19 @@ class Attention(nn.Module):
             k = _rotate(k, rope, positions)
         return k, v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        gate_input: Tensor | None = None,
+    ) -> Tensor:
         """softmax(QK^T/sqrt(d))V for projected heads, then the output projection -> (B, T, dim).
 
         ``mask`` is boolean, True where a query may attend, broadcastable to (B, H, T, S).
+        ``gate_input``: the attention's input ``x``, needed when the attention is gated.
         """
         b, _, t, _ = q.shape
         dropout = self.dropout if self.training else 0.0
@@ -175,6 +193,10 @@ class Attention(nn.Module):
         else:
             out = sdpa(q, k, v, mask=mask, causal=causal, dropout=dropout)
             out = out.transpose(1, 2).reshape(b, t, self.out_heads * self.head_dim)
+        if self.gate_proj is not None:
+            if gate_input is None or self.gate_act is None:
+                raise ValueError("this attention is gated: pass its input as gate_input")
+            out = out * self.gate_act(self.gate_proj(gate_input))
         return self.o_proj(out)
 
     def forward(
@@ -192,7 +214,7 @@ class Attention(nn.Module):
         ctx = x if context is None else context
         q = self.project_q(x, rope, q_positions)
         k, v = self.project_kv(ctx, rope, kv_positions)
-        return self.attend(q, k, v, mask=mask, causal=causal)
+        return self.attend(q, k, v, mask=mask, causal=causal, gate_input=x)
 
 
 def _rotate(x: Tensor, rope: RotaryEmbedding | None, positions: Tensor | None) -> Tensor:

@@ -38,6 +38,7 @@ FinalNorm = Literal["rms", "layer", "none"]
 MemoryNormType = Literal["rmsnorm", "gated-rms", "gated-adaptive-rms", "gated-positional", "gated-layer"]
 StatelessLayer = Literal["dense", "moe"]
 FfnActivation = Literal["silu", "gelu", "relu", "sigmoid", "tanh", "identity"]
+AttentionGate = Literal["none", "silu", "gelu", "relu", "sigmoid", "tanh", "identity"]
 
 CONFIG_FORMAT = "rxruntime.rxt/1"
 
@@ -72,6 +73,10 @@ class DecoderConfig:
     """Hidden width of the ``dense`` stateless layers (RxLM 0.3 ``dense_layer_dim``)."""
     ffn_bias: bool = False
     """Biases in the SwiGLU (expert) projections (RxLM: yes, in experts and dense layers)."""
+    attention_gate: AttentionGate = "none"
+    """Gated self-attention (RxLM 0.3 ``use_gated_attention``): the heads' output times
+    ``act(x W_gate)`` before the output projection; ``none`` or the activation."""
+    cross_attention_gate: AttentionGate = "none"
     ffn_activation: FfnActivation = "silu"
     ffn_gated: bool = True
     """Gated (``act(x W_gate) * x W_up``, SwiGLU with SiLU) or plain (``act(x W_in)``) feed-forward
@@ -122,6 +127,7 @@ class EncoderConfig:
     ffn_bias: bool = False
     ffn_activation: FfnActivation = "silu"
     ffn_gated: bool = True
+    attention_gate: AttentionGate = "none"
     memory_source: Literal["stm", "fixed"] = "stm"
     """What the encoder's memory cross-attention reads: the conversation's STM(t-1), or a fixed
     memory stored with the weights (``fixed_memory``: RxLM 0.2's encoder keeps its own STM buffer,
@@ -194,6 +200,9 @@ class RxTConfig:
     rope_base: float = 10000.0
     norm_eps: float | None = 1e-6
     """RMSNorm epsilon; None is torch's default (the dtype's machine epsilon), as RxLM uses."""
+    layer_norm: bool = False
+    """LayerNorm instead of RMSNorm in the decoder's and encoder's blocks (RxLM
+    ``use_rms_norm=False``); memory attention's norms are set by ``memory_attention.memory_norm``."""
     rope_pairing: RopePairing = "half"
     """Which features RoPE rotates together: ``half`` pairs ``i`` with ``i + d/2`` (ours);
     ``adjacent`` pairs ``2i`` with ``2i+1`` in place (RxLM 0.3); ``adjacent-split`` pairs them
@@ -256,6 +265,9 @@ class RxTConfig:
             raise ConfigError(f"decoder.step_position_offset must be >= 0, got {d.step_position_offset}")
         _choice("encoder.memory_source", e.memory_source, Literal["stm", "fixed"])
         _choice("decoder.ffn_activation", d.ffn_activation, FfnActivation)
+        _choice("decoder.attention_gate", d.attention_gate, AttentionGate)
+        _choice("decoder.cross_attention_gate", d.cross_attention_gate, AttentionGate)
+        _choice("encoder.attention_gate", e.attention_gate, AttentionGate)
         _choice("encoder.ffn_activation", e.ffn_activation, FfnActivation)
         if m.pre_q_heads is not None or m.pre_kv_heads is not None:
             _heads(

@@ -65,6 +65,8 @@ class RxTDecoder(nn.Module):
                 d.attention_bias,
                 d.dropout,
                 out_bias=d.attention_output_bias or d.attention_bias,
+                layer_norm=config.layer_norm,
+                gates=(d.attention_gate, d.cross_attention_gate),
             )
 
         # Stateless layers (RxLM 0.3) sit before and after the memory layers; the STM has one

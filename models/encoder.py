@@ -43,6 +43,8 @@ class RxTEncoder(nn.Module):
                 e.attention_bias,
                 e.dropout,
                 out_bias=e.attention_output_bias or e.attention_bias,
+                layer_norm=config.layer_norm,
+                gates=(e.attention_gate, "none"),
             )
             for _ in range(config.num_layers)
         )

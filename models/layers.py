@@ -29,20 +29,35 @@ class RxTLayer(nn.Module):
         bias: bool = False,
         dropout: float = 0.0,
         out_bias: bool | None = None,
+        layer_norm: bool = False,
+        gates: tuple[str, str] = ("none", "none"),
     ) -> None:
+        """``layer_norm``: LayerNorm (torch's default epsilon) instead of RMSNorm (RxLM's
+        ``use_rms_norm=False``); ``gates``: the self- and cross-attention output gates."""
         super().__init__()
-        self.self_norm = nn.RMSNorm(dim, eps=norm_eps)
+
+        def norm() -> nn.Module:
+            return nn.LayerNorm(dim) if layer_norm else nn.RMSNorm(dim, eps=norm_eps)
+
+        self.self_norm = norm()
         self.self_attn = Attention(
-            dim, num_heads, *self_heads, rope_mode="qk", bias=bias, dropout=dropout, out_bias=out_bias
+            dim, num_heads, *self_heads, rope_mode="qk", bias=bias, dropout=dropout, out_bias=out_bias, gate=gates[0]
         )
         self.cross_attn: Attention | None = None
         if cross_heads is not None:
-            self.cross_norm = nn.RMSNorm(dim, eps=norm_eps)
-            self.stm_norm = nn.RMSNorm(dim, eps=norm_eps)
+            self.cross_norm = norm()
+            self.stm_norm = norm()
             self.cross_attn = Attention(
-                dim, num_heads, *cross_heads, rope_mode="q", bias=bias, dropout=dropout, out_bias=out_bias
+                dim,
+                num_heads,
+                *cross_heads,
+                rope_mode="q",
+                bias=bias,
+                dropout=dropout,
+                out_bias=out_bias,
+                gate=gates[1],
             )
-        self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm = norm()
         self.ffn = ffn
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,10 +93,11 @@ class RxTLayer(nn.Module):
                 causal = False  # the step mask in self_mask does the work
             else:
                 cache.write_prefix(layer, k, v)
-        x = x + self.self_attn.attend(q, k, v, mask=self_mask, causal=causal)
+        x = x + self.self_attn.attend(q, k, v, mask=self_mask, causal=causal, gate_input=h)
         if self.cross_attn is not None:
             if memory_kv is None:
                 raise ValueError("memory cross-attention needs memory keys/values (memory_kv)")
-            q = self.cross_attn.project_q(self.cross_norm(x), rope, rot)
-            x = x + self.cross_attn.attend(q, *memory_kv)
+            h = self.cross_norm(x)
+            q = self.cross_attn.project_q(h, rope, rot)
+            x = x + self.cross_attn.attend(q, *memory_kv, gate_input=h)
         return x + self.ffn(self.ffn_norm(x))

@@ -41,6 +41,8 @@ from .cache import KVCache
 if TYPE_CHECKING:
     from .rxt import RxTModel
 
+_ROPE_MODES = {"half": 0, "adjacent": 1, "adjacent-split": 2}
+
 MAX_ROWS = 16
 """Rows per step up to which the C step runs. Beyond it torch's matrix products, which reuse each
 weight across rows from cache, win (alpha-mini, 2 cores: 1.3x faster at 16 rows, 0.93x at 32)."""
@@ -67,6 +69,8 @@ class _Layer(ctypes.Structure):
             "router",
             "w_in",
             "w_out",
+            "b_in",
+            "b_out",
             "k_cache",
             "v_cache",
             "mem_k",
@@ -99,10 +103,12 @@ class _Model(ctypes.Structure):
                 "ld_head",
                 "cache_row",
                 "mem_row",
+                "rope_mode",
+                "rope_offset",
             ]
         ],
         ("eps", ctypes.c_float),
-        *[(name, _F) for name in ["embedding", "final_norm", "lm_head", "cos", "sin"]],
+        *[(name, _F) for name in ["embedding", "final_norm", "lm_head", "cos", "sin", "head_bias"]],
         ("layers", ctypes.POINTER(_Layer)),
     ]
 
@@ -242,22 +248,26 @@ def _input_major(weight: Tensor, rows: int, cols: int) -> int | None:
 def layout_reason(model: RxTModel) -> str | None:
     """Why the C step does not cover this model's decoder layout (None when it does).
 
-    The C code computes our own layout: RMSNorm with one epsilon, rotate-half RoPE at the plain
-    positions, every layer a memory layer with a plain MoE (no biases, no shared experts), an
-    RMSNorm before an unbiased LM head. Anything else (RxLM's layouts) runs the torch step.
+    The C code computes RMSNorm blocks, any RoPE pairing and position offset, every layer a
+    memory layer with a SwiGLU MoE (per-expert biases allowed, no global bias or shared experts),
+    an optional RMSNorm before an optionally biased LM head: our layout and RxLM 0.2's RxT-Alpha
+    layout. Anything else runs the torch step.
     """
     c = model.config
     d = c.decoder
     checks = [
-        (c.rope_pairing == "half", f"rope_pairing={c.rope_pairing!r}"),
-        (c.norm_eps is not None, "norm_eps=None (torch's default epsilon)"),
-        (d.step_position_offset == 0, f"decoder.step_position_offset={d.step_position_offset}"),
-        (d.final_norm == "rms", f"decoder.final_norm={d.final_norm!r}"),
-        (not d.lm_head_bias, "decoder.lm_head_bias=True"),
+        (not c.layer_norm, "layer_norm=True"),
+        (d.attention_gate == d.cross_attention_gate == "none", "gated attention"),
+        (d.ffn_gated and d.ffn_activation == "silu", "a feed-forward other than SwiGLU"),
+        (d.final_norm in ("rms", "none"), f"decoder.final_norm={d.final_norm!r}"),
         (d.use_moe, "decoder.use_moe=False"),
         (not d.layers_before and not d.layers_after, "stateless decoder layers"),
-        (d.expert_bias_mode == "none", f"decoder.expert_bias_mode={d.expert_bias_mode!r}"),
+        (d.expert_bias_mode in ("none", "local"), f"decoder.expert_bias_mode={d.expert_bias_mode!r}"),
         (d.num_shared_experts == 0, f"decoder.num_shared_experts={d.num_shared_experts}"),
+        (
+            d.self_q_heads >= d.self_kv_heads and d.cross_q_heads >= d.cross_kv_heads,
+            "reversed SQA (fewer query than key/value heads)",
+        ),
     ]
     failed = [what for ok, what in checks if not ok]
     return None if not failed else "layout not covered by the C step: " + ", ".join(failed)
@@ -297,14 +307,16 @@ class NativeDecoder:
         """
         m: Any = self.model  # the private dicts are untyped
         dec = m._modules["decoder"]
-        head = dec._modules["lm_head"]._parameters["weight"]
+        head = dec._modules["lm_head"]._parameters
         rope = dec._modules["rope"]
+        norm = dec._modules.get("norm")
         out: list[Tensor | None] = [
             m._modules["embedding"]._parameters["weight"],
-            dec._modules["norm"]._parameters["weight"],
-            head,
+            None if norm is None else norm._parameters["weight"],
+            head["weight"],
             rope._buffers["cos"],
             rope._buffers["sin"],
+            head["bias"],
         ]
         for layer in dec._modules["layers"]._modules.values():
             mods = layer._modules
@@ -326,6 +338,8 @@ class NativeDecoder:
                 ffn._modules["router"]._parameters["weight"],
                 ffn_params["w_in"],
                 ffn_params["w_out"],
+                ffn_params.get("b_in"),
+                ffn_params.get("b_out"),
             ]
         return out
 
@@ -337,20 +351,30 @@ class NativeDecoder:
         present = [w for w in weights if w is not None]
         if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in present):
             return False
-        emb, final_norm, head, cos, sin = weights[:5]
-        assert emb is not None and final_norm is not None and head is not None and cos is not None and sin is not None
+        emb, final_norm, head, cos, sin, head_bias = weights[:6]
+        assert emb is not None and head is not None and cos is not None and sin is not None
         ld_head = _input_major(head, dim, cfg.vocab_size)
         if ld_head is None or not (emb.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or hd > 512:
             return False
-        norms: list[Any] = [layer.self_norm for layer in m.decoder.blocks] + [m.decoder.norm]
-        eps = {n.eps for n in norms} | {layer.ffn_norm.eps for layer in m.decoder.blocks}
-        if len(eps) != 1 or None in eps:
+        norms: list[Any] = [layer.self_norm for layer in m.decoder.blocks]
+        norms += [layer.ffn_norm for layer in m.decoder.blocks] + [layer.cross_norm for layer in m.decoder.blocks]
+        if m.decoder.norm is not None:
+            norms.append(m.decoder.norm)
+        if not all(isinstance(n, torch.nn.RMSNorm) for n in norms):
+            return False
+        # eps None is torch's default for the dtype, which F.rms_norm uses: the same number here.
+        eps = {torch.finfo(torch.float32).eps if n.eps is None else n.eps for n in norms}
+        if len(eps) != 1:
+            return False
+        if head_bias is not None and not head_bias.is_contiguous():
             return False
         qkv_cols = (d.self_q_heads + 2 * d.self_kv_heads) * hd
         layers = (_Layer * cfg.num_layers)()
         ld_qkv = ld_cq = 0
         for i in range(cfg.num_layers):
-            sn, qkv, qkv_b, o, o_b, cn, cq, cq_b, co, co_b, fn, router, w_in, w_out = weights[5 + 14 * i : 19 + 14 * i]
+            sn, qkv, qkv_b, o, o_b, cn, cq, cq_b, co, co_b, fn, router, w_in, w_out, b_in, b_out = weights[
+                6 + 16 * i : 22 + 16 * i
+            ]
             if qkv is None or cq is None:
                 return False  # not in decode layout (or the fused weights were replaced)
             assert sn is not None and o is not None and cn is not None and co is not None and fn is not None
@@ -366,17 +390,21 @@ class NativeDecoder:
                 return False
             if not (router.is_contiguous() and sn.is_contiguous() and cn.is_contiguous() and fn.is_contiguous()):
                 return False
+            if any(b is not None and not b.is_contiguous() for b in (b_in, b_out)):
+                return False
             ld_qkv, ld_cq = lq, lc
             layers[i] = _Layer(
                 _ptr(sn), _ptr(qkv), _ptr(qkv_b), _ptr(o), _ptr(o_b), _ptr(cn), _ptr(cq), _ptr(cq_b),
-                _ptr(co), _ptr(co_b), _ptr(fn), _ptr(router), _ptr(w_in), _ptr(w_out),
+                _ptr(co), _ptr(co_b), _ptr(fn), _ptr(router), _ptr(w_in), _ptr(w_out), _ptr(b_in), _ptr(b_out),
             )  # fmt: skip
         self._struct = _Model(
             n_layers=cfg.num_layers, dim=dim, head_dim=hd, hq=d.self_q_heads, hkv=d.self_kv_heads,
             cq=d.cross_q_heads, ckv=d.cross_kv_heads, n_experts=d.num_experts, top_k=d.experts_per_token,
             hidden=d.expert_ffn_dim, vocab=cfg.vocab_size, n_positions=cos.shape[0], ld_qkv=ld_qkv,
-            ld_cq=ld_cq, ld_head=ld_head, eps=float(eps.pop() or 0.0), embedding=_ptr(emb),
-            final_norm=_ptr(final_norm), lm_head=_ptr(head), cos=_ptr(cos), sin=_ptr(sin), layers=layers,
+            ld_cq=ld_cq, ld_head=ld_head, rope_mode=_ROPE_MODES[cfg.rope_pairing],
+            rope_offset=d.step_position_offset, eps=float(eps.pop()), embedding=_ptr(emb),
+            final_norm=_ptr(final_norm), lm_head=_ptr(head), cos=_ptr(cos), sin=_ptr(sin),
+            head_bias=_ptr(head_bias), layers=layers,
         )  # fmt: skip
         self._layers = layers
         self._buffers_key = ()

@@ -18,9 +18,9 @@ Two RxLM versions are known, and config.json does not say which one wrote it:
   default; stateless decoder layers; ``interlayer`` builds *self*-interlayer memory attention.
 
 :func:`detect_version` decides from what only 0.3 writes (its MoE tensors, stateless layers,
-options 0.2 does not have); a directory with none of those is read as 0.2 unless
-``RXRT_RXLM_VERSION=0.3`` says otherwise. Options rxruntime does not compute (linear attention,
-gated attention, LayerNorm layers...) raise :class:`UnsupportedRxLMOption` naming the field.
+options 0.2 does not have) and from the encoder's own STM buffer (see there);
+``RXRT_RXLM_VERSION`` overrides it. Options rxruntime does not compute (linear or hybrid
+attention, NoPE, an MoE encoder...) raise :class:`UnsupportedRxLMOption` naming the field.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ _COMPONENT_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_nope": False, "head_norm_type": "layer_norm", "router_amp": False, "router_dtype": "float32",
         "use_vectorized_moe": True, "vectorized_moe_from_legacy": False, "moe_bias_mode": "global",
         "moe_shared_experts_bias_mode": "local", "moe_use_weighted_shared_experts": False,
-        "use_gated_attention": False, "use_gated_cross_attention": None, "use_attention_output_bias": True,
+        "use_gated_attention": False, "use_gated_cross_attention": None, "gated_attention_activation": "sigmoid",
+        "use_attention_output_bias": True,
         "legacy_stm_in_encoder": False, "rope_base": 10000,
     },
 }  # fmt: skip
@@ -190,13 +191,23 @@ def _ffn(o: _Options) -> dict[str, Any]:
     return {"ffn_activation": _ACTIVATIONS[act], "ffn_gated": bool(o.get("use_gated")), "ffn_bias": True}
 
 
+def _gates(o: _Options, version: str) -> tuple[str, str]:
+    """(self-attention gate, cross-attention gate): ``none`` or the activation (RxLM 0.3)."""
+    if version == "0.2":
+        return "none", "none"
+    act = _ACTIVATIONS.get(str(o.get("gated_attention_activation") or "sigmoid"))
+    if act is None:
+        raise o.refuse("gated_attention_activation", "unknown activation")
+    own = bool(o.get("use_gated_attention"))
+    cross = o.get("use_gated_cross_attention")
+    cross = own if cross is None else bool(cross)
+    return (act if own else "none"), (act if cross else "none")
+
+
 def _component_checks(o: _Options, version: str) -> None:
-    o.require("use_rms_norm", (True,), "only RMSNorm layers are supported (not LayerNorm)")
     if version == "0.3":
         o.require("self_att_type", ("mha", "gqa", "mqa", "sqa"), "hybrid/linear attention layers are not supported")
         o.require("use_nope", (False,), "attention without RoPE is not supported")
-        o.require("use_gated_attention", (False,), "gated attention is not supported")
-        o.require("use_gated_cross_attention", (False, None), "gated cross-attention is not supported")
         if o.get("router_amp"):
             o.require("router_dtype", ("float32",), "a reduced-precision router changes the routing")
 
@@ -213,6 +224,8 @@ def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] |
     mem = _Options("memory_attention_config", data["memory_attention_config"], _MEMORY_DEFAULTS)
     for o in (dec, enc):
         _component_checks(o, version)
+    if bool(dec.get("use_rms_norm")) != bool(enc.get("use_rms_norm")):
+        raise enc.refuse("use_rms_norm", "must equal decoder_config.use_rms_norm")
     enc.require("use_moe", (False,), "a mixture-of-experts encoder is not supported")
 
     layers = int(dec.get("num_layers"))
@@ -286,6 +299,8 @@ def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] |
         layers_before=before,
         layers_after=after,
         step_position_offset=1,
+        attention_gate=_gates(dec, version)[0],  # type: ignore[arg-type]
+        cross_attention_gate=_gates(dec, version)[1],  # type: ignore[arg-type]
         **moe,
     )
 
@@ -312,6 +327,7 @@ def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] |
         attention_output_bias=True if version == "0.2" else bool(enc.get("use_attention_output_bias")),
         **_ffn(enc),
         memory_source="fixed",
+        attention_gate=_gates(enc, version)[0],  # type: ignore[arg-type]
     )
 
     # --------------------------------------------------------------- memory attention
@@ -374,6 +390,7 @@ def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] |
         max_seq_len=seq_len,
         rope_base=rope_base,
         norm_eps=None,
+        layer_norm=not dec.get("use_rms_norm"),
         rope_pairing="adjacent-split" if version == "0.2" else "adjacent",
         stm_init_std=1.0,  # share_components resets RxLM's STM with a standard normal
         eos_after_truncated_answer=False,
@@ -392,7 +409,13 @@ def _swap_halves(t: Tensor, dim: int = 0) -> Tensor:
     return torch.cat([second, first], dim=dim).contiguous()
 
 
-_ATTENTION = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "out_proj": "o_proj"}
+_ATTENTION = {
+    "q_proj": "q_proj",
+    "k_proj": "k_proj",
+    "v_proj": "v_proj",
+    "out_proj": "o_proj",
+    "gate_proj": "gate_proj",
+}
 _LAYER_NORMS = {"norm1": "self_norm", "norm2": "cross_norm", "norm3": "ffn_norm", "stm_norm": "stm_norm"}
 _MEMORY_MODULES = {
     "attention_layers": "attention",
@@ -593,13 +616,3 @@ def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict
             continue
         out[base] = torch.stack([t for _, t in items])
     return out, unknown
-
-
-def convert(
-    data: Mapping[str, Any], tensors: Mapping[str, Tensor], version: str | None = None
-) -> tuple[RxTConfig, dict[str, Tensor], list[str], str]:
-    """(config, our tensors, unknown RxLM names, version) for an RxLM checkpoint."""
-    version = version or detect_version(data, list(tensors), tensors.get(ENCODER_STM))
-    config = rxlm_config(data, version, list(tensors))
-    weights, unknown = rxlm_weights(tensors, config)
-    return config, weights, unknown, version

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -286,7 +286,7 @@ class RxTModel(nn.Module):
             attn = layer.self_attn
             hq, hkv, hd = attn.q_heads, attn.kv_heads, attn.head_dim
             norm = layer.self_norm
-            h = F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+            h = _norm(norm, x)
             qkv_weights = fused[i]
             if qkv_weights is None:
                 qkv = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
@@ -301,29 +301,30 @@ class RxTModel(nn.Module):
             q = qk[:, :hq, None]
             if attn.q_repeat > 1:  # reversed SQA: query heads tiled over the kv heads
                 q = q.repeat(1, attn.q_repeat, 1, 1)
-            out = sdpa(q, k, v, mask=bias)
-            x = _residual_linear(x, out.reshape(b, attn.out_heads * hd), attn.o_proj)
+            out = sdpa(q, k, v, mask=bias).reshape(b, attn.out_heads * hd)
+            if attn.gate_proj is not None and attn.gate_act is not None:  # gated attention (RxLM 0.3)
+                out = out * attn.gate_act(attn.gate_proj(h))
+            x = _residual_linear(x, out, attn.o_proj)
             cross = layer.cross_attn
             if cross is not None:
                 norm = layer.cross_norm
-                h = F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+                h = _norm(norm, x)
                 q = F.linear(h, cross.q_proj.weight, cross.q_proj.bias).view(b, cross.q_heads, hd)
                 q = torch.bmm(q, rotation)  # queries only: memory has no position
                 q = q[:, :, None]
                 if cross.q_repeat > 1:
                     q = q.repeat(1, cross.q_repeat, 1, 1)
-                out = sdpa(q, *memory_kv[m])
+                out = sdpa(q, *memory_kv[m]).reshape(b, cross.out_heads * hd)
                 m += 1
-                x = _residual_linear(x, out.reshape(b, cross.out_heads * hd), cross.o_proj)
+                if cross.gate_proj is not None and cross.gate_act is not None:
+                    out = out * cross.gate_act(cross.gate_proj(h))
+                x = _residual_linear(x, out, cross.o_proj)
             norm = layer.ffn_norm
-            h = F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+            h = _norm(norm, x)
             ffn = layer.ffn
             x = ffn.decode_residual(x, h) if isinstance(ffn, MoE) else x + ffn(h)
-        final = dec.norm
-        if isinstance(final, nn.RMSNorm):
-            x = F.rms_norm(x, final.normalized_shape, final.weight, final.eps)
-        elif final is not None:
-            x = final(x)
+        if dec.norm is not None:
+            x = _norm(dec.norm, x)
         return F.linear(x, dec.lm_head.weight, dec.lm_head.bias)
 
     def _rope_sign(self, head_dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -375,6 +376,14 @@ class RxTModel(nn.Module):
 
         model, _ = load_pretrained(path_or_id, load_tokenizer=False, **kwargs)
         return model
+
+
+def _norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """A block's norm on (B, D) rows: RMSNorm as one functional call (cheaper than the module's
+    dispatch in a decode step), any other norm (RxLM's LayerNorm) through its module."""
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+    return cast(Tensor, norm(x))
 
 
 def _residual_linear(x: Tensor, features: Tensor, proj: nn.Linear) -> Tensor:

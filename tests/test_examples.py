@@ -42,3 +42,10 @@ def test_async_client() -> None:
     out = run("async_client.py")
     assert out.count("[a] memory v") == 2 and out.count("[b] memory v") == 2
     assert "-> 'Your name is Julia.'" in out and "-> 'You live in Lima.'" in out  # each from its own STM
+
+
+def test_openai_sdk() -> None:
+    out = run("openai_sdk.py")
+    assert "Your name is Julia.  (input tokens: 8)" in out  # recalled from memory; the prompt held 8 tokens
+    assert "You live in Lisbon." in out and "[rxrt.memory.updated: STM v5]" in out
+    assert "chat: Your name is Julia.  (history miss, 1 turn replayed)" in out

@@ -119,3 +119,56 @@ def test_100_concurrent_streaming_conversations_lose_no_event() -> None:
         assert final["usage"]["output_tokens"] == 4
         conversations.add(final["conversation"]["id"])
     assert len(conversations) == 100
+
+
+def test_a_chat_client_leaving_mid_stream_cancels_and_leaves_nothing_open(chatty_engine: Engine) -> None:
+    with served(chatty_engine) as (url, app):
+        ctx = context_of(app)
+        before, open_before = ctx.metrics.cancelled._value.get(), chatty_engine.open_conversations
+        stream = client(url).chat.completions.create(
+            model="rxt", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        stream.close()
+        _until(lambda: ctx.metrics.cancelled._value.get() > before)
+        _until(lambda: chatty_engine.open_conversations == open_before)  # the request's conversation is closed
+        assert len(ctx.history) == 0  # a cancelled answer is not cached
+
+
+def test_a_failed_memory_update_is_reported_in_the_stream_and_never_cached() -> None:
+    from rxruntime.models.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained("default")
+    assert tokenizer is not None
+    real = model.memory_update
+    broken = {"on": True}
+
+    def memory_update(stm: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if broken["on"]:
+            raise RuntimeError("injected memory failure")
+        return real(stm, ids, mask)
+
+    setattr(model, "memory_update", memory_update)  # noqa: B010
+    with Engine(model, tokenizer) as engine, served(engine) as (url, _):
+        c = client(url)
+        events = [e.model_dump() for e in c.responses.create(model="rxt", input=JULIA, stream=True)]
+        types = [e["type"] for e in events]
+        assert types[-3:] == ["response.completed", "rxrt.memory.update_started", "rxrt.memory.failed"]
+        assert "injected memory failure" in events[-1]["message"]
+        # Chat Completions: the answer arrives, but a history whose memory failed is not cached
+        reply = c.chat.completions.create(model="rxt", messages=[{"role": "user", "content": JULIA}])
+        assert reply.choices[0].message.content
+        said = reply.choices[0].message.content or ""
+        _until(lambda: engine.open_conversations == 1)  # the chat's memory update ran (and failed), then it closed
+        broken["on"] = False
+        follow = c.chat.completions.create(
+            model="rxt",
+            messages=[
+                {"role": "user", "content": JULIA},
+                {"role": "assistant", "content": said},
+                {"role": "user", "content": ASK_NAME},
+            ],
+        )
+        assert follow.model_dump()["usage"]["rxrt"]["history_cache"] == "miss"  # replayed, not the failed STM

@@ -29,6 +29,7 @@ typedef struct {
     const float *self_norm, *qkv, *qkv_bias, *o, *o_bias;
     const float *cross_norm, *cq, *cq_bias, *co, *co_bias;
     const float *ffn_norm, *router, *w_in, *w_out;
+    const float *b_in, *b_out; /* per-expert biases (E, 2H) and (E, dim), or NULL */
     float *k_cache, *v_cache;
     const float *mem_k, *mem_v;
 } RxtLayer;
@@ -37,8 +38,11 @@ typedef struct {
     int64_t n_layers, dim, head_dim, hq, hkv, cq, ckv;
     int64_t n_experts, top_k, hidden, vocab, max_len, stm, n_positions;
     int64_t ld_qkv, ld_cq, ld_head, cache_row, mem_row;
+    int64_t rope_mode;   /* 0: rotate-half; 1: adjacent pairs in place; 2: adjacent pairs, split */
+    int64_t rope_offset; /* added to the position RoPE rotates by (RxLM's interact: 1) */
     float eps;
-    const float *embedding, *final_norm, *lm_head, *cos, *sin;
+    const float *embedding, *final_norm, *lm_head, *cos, *sin; /* final_norm NULL: none */
+    const float *head_bias;                                    /* or NULL */
     RxtLayer *layers;
 } RxtModel;
 
@@ -114,14 +118,30 @@ static void rms_norm(int n, int64_t dim, const float *x, const float *weight, fl
     }
 }
 
-/* RoPE, rotate-half convention: u' = u * cos + rotate_half(u) * sin. */
-static void rope(float *u, int64_t hd, const float *cos, const float *sin) {
+/* RoPE. Mode 0, rotate-half: u' = u * cos + rotate_half(u) * sin. Modes 1 and 2 rotate the
+ * adjacent pairs (u_2j, u_2j+1) by angle j (the tables repeat each angle in both halves) and write
+ * the pair back in place (1) or as [all firsts | all seconds] (2, RxLM 0.2). */
+static void rope(float *u, int64_t hd, const float *cos, const float *sin, int64_t mode) {
     const int64_t half = hd / 2;
     float tmp[512];
     memcpy(tmp, u, hd * sizeof(float));
-    for (int64_t i = 0; i < hd; i++) {
-        const float rot = i < half ? -tmp[i + half] : tmp[i - half];
-        u[i] = tmp[i] * cos[i] + rot * sin[i];
+    if (mode == 0) {
+        for (int64_t i = 0; i < hd; i++) {
+            const float rot = i < half ? -tmp[i + half] : tmp[i - half];
+            u[i] = tmp[i] * cos[i] + rot * sin[i];
+        }
+        return;
+    }
+    for (int64_t j = 0; j < half; j++) {
+        const float a = tmp[2 * j], b = tmp[2 * j + 1];
+        const float first = a * cos[j] - b * sin[j], second = a * sin[j] + b * cos[j];
+        if (mode == 1) {
+            u[2 * j] = first;
+            u[2 * j + 1] = second;
+        } else {
+            u[j] = first;
+            u[half + j] = second;
+        }
     }
 }
 
@@ -158,7 +178,8 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
                     int nt) {
     for (int b = 0; b < n; b++) {
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return -1;
-        if (positions[b] < 0 || positions[b] >= m->max_len || positions[b] >= m->n_positions) return -1;
+        if (positions[b] < 0 || positions[b] >= m->max_len || positions[b] + m->rope_offset >= m->n_positions)
+            return -1;
     }
     const int64_t D = m->dim, hd = m->head_dim, H = m->hidden, K = m->top_k, E = m->n_experts;
     const int64_t qkv_cols = (m->hq + 2 * m->hkv) * hd, long_seq = m->max_len > m->stm ? m->max_len : m->stm;
@@ -184,9 +205,10 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
         rms_norm(n, D, x, L->self_norm, m->eps, h);
         gemv(n, h, D, L->qkv, m->ld_qkv, qkv_cols, L->qkv_bias, qkv, 0, nt);
         for (int b = 0; b < n; b++) {
-            const float *cos = m->cos + positions[b] * hd, *sin = m->sin + positions[b] * hd;
+            const int64_t at_pos = (positions[b] + m->rope_offset) * hd;
+            const float *cos = m->cos + at_pos, *sin = m->sin + at_pos;
             float *row = qkv + b * qkv_cols;
-            for (int64_t j = 0; j < m->hq + m->hkv; j++) rope(row + j * hd, hd, cos, sin);
+            for (int64_t j = 0; j < m->hq + m->hkv; j++) rope(row + j * hd, hd, cos, sin, m->rope_mode);
             for (int64_t g = 0; g < m->hkv; g++) {
                 const int64_t at = b * m->cache_row + (g * m->max_len + positions[b]) * hd;
                 memcpy(L->k_cache + at, row + (m->hq + g) * hd, hd * sizeof(float));
@@ -208,7 +230,8 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
         gemv(n, h, D, L->cq, m->ld_cq, m->cq * hd, L->cq_bias, qkv, 0, nt);
         for (int b = 0; b < n; b++)
             for (int64_t j = 0; j < m->cq; j++)
-                rope(qkv + (b * m->cq + j) * hd, hd, m->cos + positions[b] * hd, m->sin + positions[b] * hd);
+                rope(qkv + (b * m->cq + j) * hd, hd, m->cos + (positions[b] + m->rope_offset) * hd,
+                     m->sin + (positions[b] + m->rope_offset) * hd, m->rope_mode);
         const int64_t cheads = n * m->cq;
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t bj = 0; bj < cheads; bj++) {
@@ -264,9 +287,11 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
                 const float *g = gu + (int64_t)(parts * p) * 2 * H;
                 float *a = act + (int64_t)item * (H / 2 + 1) * (3 - parts);
                 const int64_t r0 = H * part / parts, r1 = H * (part + 1) / parts;
+                const float *bias = L->b_in ? L->b_in + chosen[p] * 2 * H : NULL;
                 for (int64_t r = r0; r < r1; r++) {
                     float gate = g[r], up = g[H + r];
                     if (parts == 2) gate += g[2 * H + r], up += g[3 * H + r];
+                    if (bias) gate += bias[r], up += bias[H + r];
                     a[r - r0] = silu(gate) * up;
                 }
                 float *o = ys + (int64_t)item * D;
@@ -280,10 +305,17 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
                 const float *y = ys + (int64_t)(parts * p + part) * D;
                 for (int64_t c = 0; c < D; c++) xb[c] += mix[p] * y[c];
             }
+            if (L->b_out) {
+                const float *bias = L->b_out + chosen[p] * D;
+                for (int64_t c = 0; c < D; c++) xb[c] += mix[p] * bias[c];
+            }
         }
     }
-    rms_norm(n, D, x, m->final_norm, m->eps, h);
-    gemv(n, h, D, m->lm_head, m->ld_head, m->vocab, NULL, logits, 0, nt);
+    if (m->final_norm)
+        rms_norm(n, D, x, m->final_norm, m->eps, h);
+    else
+        memcpy(h, x, (size_t)(n * D) * sizeof(float));
+    gemv(n, h, D, m->lm_head, m->ld_head, m->vocab, m->head_bias, logits, 0, nt);
     free(scratch);
     return 0;
 }

@@ -261,9 +261,14 @@ def crashes(
                         )
                 if started.wait(60):
                     time.sleep(rng.random() * 1.0)
-                with lock:
-                    kills_during_update += bool(in_flight)
-                    os.kill(proc.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+                while True:  # aim the kill at a moment when some update has started, not finished
+                    with lock:
+                        if in_flight or time.monotonic() > deadline:
+                            kills_during_update += bool(in_flight)
+                            os.kill(proc.pid, signal.SIGKILL)
+                            break
+                    time.sleep(0.001)
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -396,7 +401,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def non_reader(model: str = "default", requests: int = 100_000, limit: int = 16 << 20) -> dict[str, Any]:
+def non_reader(model: str = "default", requests: int = 300_000, limit: int = 16 << 20) -> dict[str, Any]:
     """A raw DEALER that sends ``requests`` pings and never reads: the server's buffer for it must
     stay near ``limit`` and the peer must be told (``SlowConsumerError``) when it reads again."""
     with _served(model, max_pending_bytes=limit) as (_, server):
@@ -406,7 +411,7 @@ def non_reader(model: str = "default", requests: int = 100_000, limit: int = 16 
         sock.setsockopt(zmq.RCVHWM, 10)
         sock.setsockopt(zmq.RCVBUF, 4096)
         sock.connect(server.endpoint)
-        rss_before = _rss_bytes()
+        rss_before = rss_peak = _rss_bytes()
         peak_pending = 0
         start = time.perf_counter()
         for rid in range(1, requests + 1):
@@ -418,9 +423,15 @@ def non_reader(model: str = "default", requests: int = 100_000, limit: int = 16 
                     time.sleep(0.001)
             if rid % 1000 == 0:
                 peak_pending = max([peak_pending, *(p["pending_bytes"] for p in server.peer_stats().values())])
-        time.sleep(1.0)
-        peak_pending = max([peak_pending, *(p["pending_bytes"] for p in server.peer_stats().values())])
-        rss_growth = _rss_bytes() - rss_before
+                rss_peak = max(rss_peak, _rss_bytes())
+        last, still_since = -1, time.monotonic()
+        while time.monotonic() - still_since < 2.0:  # until the server has answered what it read
+            pending = sum(p["pending_bytes"] + p["pending"] for p in server.peer_stats().values())
+            peak_pending = max([peak_pending, *(p["pending_bytes"] for p in server.peer_stats().values())])
+            rss_peak = max(rss_peak, _rss_bytes())
+            if pending != last:
+                last, still_since = pending, time.monotonic()
+            time.sleep(0.05)
         replies = 0
         notice: dict[str, Any] | None = None
         while notice is None and sock.poll(30_000):
@@ -438,7 +449,7 @@ def non_reader(model: str = "default", requests: int = 100_000, limit: int = 16 
         "requests": requests,
         "limit_mib": round(limit / 2**20, 1),
         "peak_buffered_mib": round(peak_pending / 2**20, 2),
-        "server_rss_growth_mib": round(rss_growth / 2**20, 1),
+        "peak_rss_growth_mib": round((rss_peak - rss_before) / 2**20, 1),
         "replies_before_notice": replies,
         "told": told,
         "seconds": round(elapsed, 1),

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import torch
 
 from rxruntime import errors
+from rxruntime.conversation import ConversationState
 from rxruntime.models.errors import ConfigError
 from rxruntime.serving.errors import (
     AuthenticationError,
@@ -31,6 +33,7 @@ from rxruntime.stores import StaleStateError
 PROTOCOL = "rxrt/2"
 MAX_ID_CHARS = 128
 MAX_RID = 2**63 - 1
+MAX_STATE_NUMBER = 2**53 - 1  # turns and versions: Redis keeps numbers as doubles, exact up to here
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,23 @@ def _state(value: Any) -> bytes:
     if not isinstance(value, bytes) or not value:
         raise ProtocolError("'state' must be bytes (a ConversationState.to_bytes() snapshot)", "state")
     return value
+
+
+def parse_state(data: bytes) -> ConversationState:
+    """A ``restore`` snapshot, refused (ProtocolError, field ``state``) if it is not one, holds
+    non-finite values, counts turns or versions a store cannot hold exactly, or has a bad id."""
+    try:
+        state = ConversationState.from_bytes(data)
+    except (errors.ConversationError, ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"'state' is not a conversation state snapshot ({exc})", "state") from None
+    for name in ("turn", "stm_version"):
+        value = getattr(state, name)
+        if not 0 <= value <= MAX_STATE_NUMBER:
+            raise ProtocolError(f"'state' {name} {value} is outside [0, 2**53)", "state")
+    if not state.stm.is_floating_point() or not bool(torch.isfinite(state.stm).all()):
+        raise ProtocolError("'state' holds non-finite STM values", "state")
+    conversation_id("state.conversation_id", state.conversation_id)
+    return state
 
 
 # ---------------------------------------------------------------------- the schema

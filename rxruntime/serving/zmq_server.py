@@ -6,7 +6,7 @@ store read, waiting for a memory update) runs on lanes: serial queues on a threa
 per hash of the conversation id, so the requests of one conversation run in the order they
 arrived and a slow one never stalls the socket.
 
-Who may connect is CURVE's job (``keys``); who owns a conversation is :mod:`.tenants`'; what a
+Who may connect is CURVE's job (``keys``); who owns a conversation is :mod:`.conversations`'; what a
 slow or silent peer may cost is :mod:`.peers`'. A peer that is silent for ``peer_timeout_s`` (no
 request, no heartbeat) or whose connection is gone is dead: its running turns are cancelled.
 """
@@ -14,7 +14,6 @@ request, no heartbeat) or whose connection is gone is dead: its running turns ar
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import ipaddress
 import logging
@@ -28,12 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgpack
-import torch
 import zmq
 from reactivex import abc
 from reactivex.disposable import SingleAssignmentDisposable
 
-from rxruntime.conversation import Conversation, ConversationState
 from rxruntime.engine import Engine
 from rxruntime.errors import ConversationError
 from rxruntime.events import Event
@@ -41,6 +38,7 @@ from rxruntime.mailbox import Mailbox
 from rxruntime.models.errors import ConfigError
 from rxruntime.serving import protocol
 from rxruntime.serving.auth import ServerKeys
+from rxruntime.serving.conversations import OwnedConversations
 from rxruntime.serving.errors import ProtocolError, TooManyRequestsError
 from rxruntime.serving.peers import Peer
 from rxruntime.serving.protocol import PROTOCOL, Limits, Request
@@ -48,7 +46,6 @@ from rxruntime.serving.tenants import Identity, Tenants
 
 log = logging.getLogger(__name__)
 
-MAX_STATE_NUMBER = 2**53 - 1  # turns and versions: Redis keeps numbers as doubles, exact up to here
 _LANES = 16
 
 
@@ -124,8 +121,7 @@ class Server:
         self._lock = threading.Lock()  # peers, their outboxes and streams; the open conversations
         self._peers: dict[bytes, Peer] = {}
         self._ready: set[bytes] = set()  # peers with something to send
-        self._open: dict[str, Conversation] = {}
-        self.tenants = Tenants()
+        self.conversations = OwnedConversations(engine)
         self._pool = ThreadPoolExecutor(_LANES, thread_name_prefix="rxrt-serve")
         self._lanes = [Mailbox(self._pool) for _ in range(_LANES)]
         self._thread: threading.Thread | None = None
@@ -215,7 +211,7 @@ class Server:
             with self._lock:
                 others = any(p.identity == peer.identity for p in self._peers.values())
             if not others:
-                self.tenants.release_owner(peer.identity)
+                self.conversations.tenants.release_owner(peer.identity)
 
     def _reap_silent_peers(self) -> None:
         deadline = time.monotonic() - self.peer_timeout_s
@@ -349,17 +345,17 @@ class Server:
         elif op == "interact":
             self._interact(peer, rid, f["conversation_id"], f["query"], f.get("options", {}))
         elif op == "restore":
-            state = self._parse_state(f["state"])
-            cid = protocol.conversation_id("state.conversation_id", state.conversation_id)
-            self._on_lane(peer, rid, cid, lambda: self._restore(peer.identity, cid, state))
+            state = protocol.parse_state(f["state"])
+            cid = state.conversation_id
+            self._on_lane(peer, rid, cid, lambda: self.conversations.restore(peer.identity, state))
         elif op == "open":
             cid = f.get("conversation_id") or uuid.uuid4().hex[:16]
-            self._on_lane(peer, rid, cid, lambda: self._open_conv(peer.identity, cid, f.get("memory_init")))
+            self._on_lane(peer, rid, cid, lambda: self.conversations.open(peer.identity, cid, f.get("memory_init")))
         else:
             work: Callable[[Identity, str], dict[str, Any]] = {
-                "export": self._export,
-                "close": self._close,
-                "delete": self._delete,
+                "export": self.conversations.export,
+                "close": self.conversations.close,
+                "delete": self.conversations.delete,
             }[op]
             cid = f["conversation_id"]
             self._on_lane(peer, rid, cid, lambda: work(peer.identity, cid))
@@ -400,106 +396,6 @@ class Server:
 
         self._lane(peer.identity, cid).post(run)
 
-    # ------------------------------------------------------------------ conversations
-    def _unknown(self, cid: str) -> ConversationError:
-        return ConversationError(f"unknown conversation {cid!r}; open it first")
-
-    def _exists(self, eid: str) -> bool:
-        with self._lock:
-            if eid in self._open:
-                return True
-        return self.engine.store is not None and self.engine.store.get(eid) is not None
-
-    def _access(self, identity: Identity, cid: str) -> tuple[str, Conversation]:
-        """The caller's conversation, resumed from the store if need be; someone else's (or none)
-        raises the same ConversationError."""
-        eid = Tenants.engine_id(identity, cid)
-        if not self.tenants.owns(identity, eid) and not (self._exists(eid) and self.tenants.claim(identity, eid)):
-            raise self._unknown(cid)
-        with self._lock:
-            conv = self._open.get(eid)
-        if conv is None:
-            if self.engine.store is None or self.engine.store.get(eid) is None:
-                self.tenants.release(eid)
-                raise self._unknown(cid)
-            conv = self._register(eid, self.engine.conversation(eid))
-        return eid, conv
-
-    def _register(self, eid: str, conv: Conversation) -> Conversation:
-        with self._lock:
-            self._open[eid] = conv
-        return conv
-
-    def _forget(self, eid: str) -> None:
-        with self._lock:
-            self._open.pop(eid, None)
-        self.tenants.release(eid)
-
-    def _open_conv(self, identity: Identity, cid: str, memory_init: str | None) -> dict[str, Any]:
-        eid = Tenants.engine_id(identity, cid)
-        if not self.tenants.claim(identity, eid):
-            raise ConversationError(f"conversation {cid!r} is held by another connection")
-        with self._lock:
-            conv = self._open.get(eid)
-        if conv is None:
-            try:
-                conv = self._register(eid, self.engine.conversation(eid, memory_init=memory_init))
-            except Exception:
-                self.tenants.release(eid)
-                raise
-        return {"conversation_id": cid, "stm_version": conv.stm_version}
-
-    def _export(self, identity: Identity, cid: str) -> dict[str, Any]:
-        _, conv = self._access(identity, cid)
-        state = dataclasses.replace(conv.export_state(), conversation_id=cid)
-        return {"state": state.to_bytes()}
-
-    def _parse_state(self, data: bytes) -> ConversationState:
-        try:
-            state = ConversationState.from_bytes(data)
-        except (ConversationError, ValueError, KeyError, TypeError) as exc:
-            raise ProtocolError(f"'state' is not a conversation state snapshot ({exc})", "state") from None
-        for name in ("turn", "stm_version"):
-            value = getattr(state, name)
-            if not 0 <= value <= MAX_STATE_NUMBER:
-                raise ProtocolError(f"'state' {name} {value} is outside [0, 2**53)", "state")
-        if not state.stm.is_floating_point() or not bool(torch.isfinite(state.stm).all()):
-            raise ProtocolError("'state' holds non-finite STM values", "state")
-        return state
-
-    def _restore(self, identity: Identity, cid: str, state: ConversationState) -> dict[str, Any]:
-        eid = Tenants.engine_id(identity, cid)
-        state = dataclasses.replace(state, conversation_id=eid)
-        with self._lock:
-            conv = self._open.get(eid)
-        if self.tenants.owns(identity, eid) or (conv is None and self.tenants.claim(identity, eid)):
-            if conv is None:
-                stored = self.engine.store is not None and self.engine.store.get(eid) is not None
-                try:
-                    conv = self._register(
-                        eid, self.engine.conversation(eid) if stored else self.engine.conversation(eid, state=state)
-                    )
-                except Exception:
-                    self.tenants.release(eid)
-                    raise
-                if not stored:
-                    return {"conversation_id": cid, "stm_version": conv.stm_version}
-            conv.load_state(state)
-            return {"conversation_id": cid, "stm_version": conv.stm_version}
-        raise self._unknown(cid)  # open and owned by someone else: as if it did not exist
-
-    def _close(self, identity: Identity, cid: str) -> dict[str, Any]:
-        eid, conv = self._access(identity, cid)
-        conv.close()
-        self._forget(eid)
-        return {"conversation_id": cid}
-
-    def _delete(self, identity: Identity, cid: str) -> dict[str, Any]:
-        eid, conv = self._access(identity, cid)
-        conv.delete()  # waits for a memory update already running, then deletes it from the store
-        self._forget(eid)
-        return {"conversation_id": cid, "deleted": True}
-
     # ------------------------------------------------------------------ streams
     def _interact(self, peer: Peer, rid: int, cid: str, query: str | list[int], options: dict[str, Any]) -> None:
         slot = SingleAssignmentDisposable()  # a cancel may arrive before the turn has started
@@ -521,7 +417,7 @@ class Server:
 
         def start() -> None:
             try:
-                _, conv = self._access(peer.identity, cid)
+                _, conv = self.conversations.access(peer.identity, cid)
                 observable = conv.interact(query, **options)
             except Exception as exc:
                 if finish():
