@@ -11,6 +11,7 @@ import torch
 from rxruntime.cli import main
 from rxruntime.models import RxTModel, load_pretrained
 from rxruntime.models.checkpoint import load_weights
+from rxruntime.models.training.people_eval import SPLITS
 from rxruntime.models.training.recipe import load_recipe
 
 STAGE_DIRS = ("stage1-joint-pretrain", "stage2-joint-sft", "stage3-memory-pretrain", "stage4-memory-aware")
@@ -73,9 +74,12 @@ def test_unknown_recipe_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
 def test_eval_memory_json_reports_every_gap_for_both_settings_and_splits(
     ci_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["eval", "memory", "--model", str(ci_run / "model"), "--dialogues", "2", "--json"])
+    code = main(
+        ["eval", "memory", "--suite", "templates", "--model", str(ci_run / "model"), "--dialogues", "2", "--json"]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["suite"] == "templates"
     keys = [str(k) for k in range(1, 9)]
     for part in (result, result["hard"]):
         assert list(part["with_memory"]) == keys and list(part["reset_memory"]) == keys
@@ -83,8 +87,35 @@ def test_eval_memory_json_reports_every_gap_for_both_settings_and_splits(
         assert part["dialogues"] == 2 * 8
 
 
-def test_eval_memory_table(ci_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["eval", "memory", "--model", str(ci_run / "model"), "--dialogues", "1", "--max-gap", "2", "--no-hard"])
+def test_eval_memory_templates_table(ci_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--suite", "templates", "--dialogues", "1", "--max-gap", "2", "--no-hard"]
+    code = main(["eval", "memory", "--model", str(ci_run / "model"), *args])
     assert code == 0
     out = capsys.readouterr().out
     assert "with memory" in out and "STM reset" in out and "hard" not in out
+
+
+def test_eval_memory_people_json_reports_every_split_gap_and_setting(
+    ci_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["eval", "memory", "--model", str(ci_run / "model"), "--dialogues", "1", "--max-gap", "3", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["suite"] == "people"
+    splits = result["splits"]
+    assert list(splits) == list(SPLITS)
+    for scores in splits.values():
+        for setting in ("with_memory", "reset_memory"):
+            assert list(scores[setting]) == ["1", "2", "3"]
+            assert all(v in (0.0, 1.0) for v in scores[setting].values())  # one dialogue per k: right or wrong
+        assert scores["dialogues"] == 3
+
+
+def test_eval_memory_people_table_and_bad_split(ci_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = str(ci_run / "model")
+    args = ["--dialogues", "1", "--max-gap", "2", "--splits", "unseen_values,corrections"]
+    assert main(["eval", "memory", "--model", model, *args]) == 0
+    out = capsys.readouterr().out
+    assert "unseen_values" in out and "corrections" in out and "k=2" in out and "in_domain" not in out
+    assert main(["eval", "memory", "--model", model, "--splits", "nope"]) == 2
+    assert "unknown split" in capsys.readouterr().err

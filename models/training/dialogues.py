@@ -26,7 +26,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-TurnKind = Literal["fact", "question", "distractor"]
+TurnKind = Literal["fact", "question", "distractor", "greeting", "correction", "unknown"]
+"""``greeting``, ``correction`` (a fact replacing an earlier one) and ``unknown`` (a question about a
+fact never stated) come from the people generator (``people.py``); this module emits the first three."""
 Split = Literal["train", "hard"]
 Purpose = Literal["train", "bench"]
 
@@ -37,13 +39,15 @@ emit it and benchmark generators emit nothing else, so no benchmark dialogue is 
 
 @dataclass(frozen=True)
 class Turn:
-    """One interaction. ``slot``/``value`` name the fact a fact or question turn is about."""
+    """One interaction. ``slot``/``value`` name the fact a fact or question turn is about;
+    ``family`` the phrasing family its query was rendered from (people generator only)."""
 
     query: str
     answer: str
     kind: TurnKind = "distractor"
     slot: str | None = None
     value: str | None = None
+    family: str | None = None
 
 
 @dataclass(frozen=True)

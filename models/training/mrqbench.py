@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -107,7 +108,7 @@ def score_split(
     scores: dict[str, dict[int, float]] = {}
     for setting in ("with_memory", "reset_memory"):
         correct = dict.fromkeys(by_gap, 0)
-        for group in _by_length(tagged, batch_size):
+        for group in group_by_length(tagged, batch_size):
             dialogues = [d for _, d in group]
             answers = run_dialogues(
                 model, tokenizer, dialogues, reset_memory=setting == "reset_memory", seed=seed + len(dialogues[0])
@@ -118,8 +119,12 @@ def score_split(
     return SplitScores(scores["with_memory"], scores["reset_memory"], len(tagged))
 
 
-def _by_length(tagged: list[tuple[int, Dialogue]], batch_size: int) -> list[list[tuple[int, Dialogue]]]:
-    groups: dict[int, list[tuple[int, Dialogue]]] = {}
+_K = TypeVar("_K")
+
+
+def group_by_length(tagged: list[tuple[_K, Dialogue]], batch_size: int) -> list[list[tuple[_K, Dialogue]]]:
+    """Tagged dialogues in batches of equal length (``run_dialogues`` plays one batch in lockstep)."""
+    groups: dict[int, list[tuple[_K, Dialogue]]] = {}
     for item in tagged:
         groups.setdefault(len(item[1]), []).append(item)
     return [groups[n][i : i + batch_size] for n in sorted(groups) for i in range(0, len(groups[n]), batch_size)]

@@ -45,9 +45,10 @@ class ModelSpec:
 
 @dataclass
 class DataSpec:
-    """Where training text comes from. ``synthetic`` is the built-in dialogue generator."""
+    """Where training text comes from. ``synthetic`` is the template generator the nano model was
+    trained on (``dialogues.py``); ``people`` the generator of varied, endless facts (``people.py``)."""
 
-    source: Literal["synthetic", "jsonl", "hf"] = "synthetic"
+    source: Literal["synthetic", "people", "jsonl", "hf"] = "synthetic"
     path: str | None = None
     split: str = "train"
     turns_field: str = "turns"
@@ -162,7 +163,7 @@ class Recipe:
             raise RecipeError(f"threads must be >= 1, got {self.threads}")
         if self.checkpoint_every < 1:
             raise RecipeError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if self.data.source != "synthetic" and not self.data.path:
+        if self.data.source not in ("synthetic", "people") and not self.data.path:
             raise RecipeError(f"data.path is required for data.source={self.data.source!r}")
         for name in STAGES:
             stage: Optim = getattr(self, name)

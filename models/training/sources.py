@@ -17,6 +17,7 @@ from typing import Protocol
 
 from .dialogues import Dialogue, DialogueGenerator, Turn, dialogue_texts
 from .loaders import Corpus, DataError, Fields, load_hf_local, load_jsonl
+from .people import PeopleGenerator
 from .recipe import DataSpec
 
 
@@ -54,6 +55,16 @@ class SyntheticSource:
         return [gen.dialogue(turns) for _ in range(n)]
 
 
+class PeopleSource(SyntheticSource):
+    """The people generator (``people.py``): endless values, varied phrasings, corrections."""
+
+    def _gen(self, rng: random.Random) -> PeopleGenerator:  # type: ignore[override]
+        return PeopleGenerator(rng.getrandbits(62))
+
+    def tokenizer_texts(self) -> Iterator[str]:
+        return PeopleGenerator(self.seed).corpus(self.tokenizer_dialogues)
+
+
 class CorpusSource:
     """Loaded records, sampled with replacement. ``turns`` is ignored: dialogues keep their length."""
 
@@ -88,6 +99,8 @@ def make_source(spec: DataSpec, seed: int, tokenizer_dialogues: int, sentences: 
     """The source a recipe's ``data`` section names."""
     if spec.source == "synthetic":
         return SyntheticSource(seed, tokenizer_dialogues, sentences)
+    if spec.source == "people":
+        return PeopleSource(seed, tokenizer_dialogues, sentences)
     fields = Fields(spec.turns_field, spec.query_field, spec.answer_field, spec.text_field)
     assert spec.path is not None  # Recipe.validate() guarantees it
     if spec.source == "jsonl":

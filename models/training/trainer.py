@@ -308,6 +308,7 @@ class Trainer:
             "seed": self.recipe.seed,
             "threads": self.threads,
             "torch": torch.__version__,
+            "faker": _faker_version() if self.recipe.data.source == "people" else None,
             "python": platform.python_version(),
             "machine": platform.machine(),
             "tokenizer": {"seconds": round(self.tokenizer_seconds, 1), "vocab_size": self.tokenizer.vocab_size},
@@ -317,6 +318,13 @@ class Trainer:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         self.echo(f"done in {total / 60:.1f} min; model in {final}")
+
+
+def _faker_version() -> str:
+    """The people generator's values come from Faker, whose data change between versions."""
+    from importlib.metadata import version
+
+    return version("faker")
 
 
 def _mean(values: list[float]) -> float:

@@ -1,9 +1,15 @@
-"""``rxrt eval memory``: how well a model recalls facts k turns later, with and without its STM."""
+"""``rxrt eval memory``: how well a model recalls what it was told k turns later, with and without its STM.
+
+Two suites: ``people`` (default; facts told in varied words with endless values, scored per split,
+``models/training/people_eval.py``) and ``templates`` (the original MRQbench-style probes on the
+nano training templates, ``models/training/mrqbench.py``; kept so older figures stay reproducible).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -11,13 +17,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     tasks = p.add_subparsers(dest="task", required=True)
     m = tasks.add_parser(
         "memory",
-        help="MRQbench-style retention: recall a fact k = 1..8 turns later, with memory vs STM reset every turn",
+        help="memory retention: recall a fact k = 1..8 turns later, with memory vs STM reset every turn, per split",
     )
     m.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
-    m.add_argument("--dialogues", type=int, default=100, help="probe dialogues per gap k and split (default 100)")
+    m.add_argument(
+        "--suite",
+        choices=("people", "templates"),
+        default="people",
+        help="people: varied phrasings and endless values, per split (default); "
+        "templates: the MRQbench-style probes on the nano training templates",
+    )
+    m.add_argument(
+        "--dialogues", type=int, help="probe dialogues per gap k and split (default 50 for people, 100 for templates)"
+    )
     m.add_argument("--max-gap", type=int, default=8, help="largest gap k (default 8)")
-    m.add_argument("--seed", type=int, help="benchmark seed (default: the fixed benchmark seed)")
-    m.add_argument("--no-hard", action="store_true", help="skip the split whose values never occur in training")
+    m.add_argument("--splits", help="people suite: comma-separated splits (default: all)")
+    m.add_argument("--seed", type=int, help="benchmark seed (default: the suite's fixed seed)")
+    m.add_argument("--no-hard", action="store_true", help="templates suite: skip the split of values never trained on")
     m.add_argument("--threads", type=int, help="torch threads")
     m.add_argument("--json", action="store_true", help="machine-readable output")
     m.set_defaults(func=run_memory)
@@ -28,18 +44,34 @@ def run_memory(args: argparse.Namespace) -> int:
 
     from rxruntime.models import load_pretrained
     from rxruntime.models.errors import ConfigError
-    from rxruntime.models.training.mrqbench import BENCH_SEED, benchmark
+    from rxruntime.models.training.people_eval import SPLITS
 
-    if args.dialogues < 1 or args.max_gap < 1:
+    dialogues = args.dialogues if args.dialogues is not None else (50 if args.suite == "people" else 100)
+    if dialogues < 1 or args.max_gap < 1:
         raise ConfigError("--dialogues and --max-gap must be >= 1")
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else list(SPLITS)
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown or not splits:
+        raise ConfigError(f"unknown split(s) {unknown or args.splits!r}; known: {', '.join(SPLITS)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_pretrained(args.model)
     assert tokenizer is not None
-    seed = BENCH_SEED if args.seed is None else args.seed
     gaps = list(range(1, args.max_gap + 1))
-    result = benchmark(model, tokenizer, per_gap=args.dialogues, gaps=gaps, seed=seed, hard=not args.no_hard)
+    if args.suite == "people":
+        return _people(args, model, tokenizer, dialogues, gaps, splits)
+    return _templates(args, model, tokenizer, dialogues, gaps)
+
+
+def _people(
+    args: argparse.Namespace, model: Any, tokenizer: Any, dialogues: int, gaps: list[int], splits: list[str]
+) -> int:
+    from rxruntime.models.training.people_eval import BENCH_SEED, evaluate, mean
+
+    seed = BENCH_SEED if args.seed is None else args.seed
+    result = evaluate(model, tokenizer, per_gap=dialogues, gaps=gaps, splits=splits, seed=seed)
     result["model"] = str(args.model)
+    result["suite"] = "people"
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -47,7 +79,38 @@ def run_memory(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"memory retention: exact recall k turns after the fact ({args.model})")
+    table = Table(title=f"memory: exact answer k turns after the fact, with memory / STM reset ({args.model})")
+    table.add_column("split")
+    for k in gaps:
+        table.add_column(f"k={k}", justify="right")
+    table.add_column("mean", justify="right")
+    per_split = result["splits"]
+    assert isinstance(per_split, dict)
+    for split, scores in per_split.items():
+        with_m, reset = scores["with_memory"], scores["reset_memory"]
+        cells = [f"{with_m[str(k)]:.0%} / {reset[str(k)]:.0%}" for k in gaps]
+        table.add_row(split, *cells, f"{mean(with_m):.0%} / {mean(reset):.0%}")
+    console = Console()
+    console.print(table)
+    console.print(f"{dialogues} dialogues per k and split, benchmark seed {seed}")
+    return 0
+
+
+def _templates(args: argparse.Namespace, model: Any, tokenizer: Any, dialogues: int, gaps: list[int]) -> int:
+    from rxruntime.models.training.mrqbench import BENCH_SEED, benchmark
+
+    seed = BENCH_SEED if args.seed is None else args.seed
+    result = benchmark(model, tokenizer, per_gap=dialogues, gaps=gaps, seed=seed, hard=not args.no_hard)
+    result["model"] = str(args.model)
+    result["suite"] = "templates"
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"memory retention (templates): exact recall k turns after the fact ({args.model})")
     table.add_column("k", justify="right")
     table.add_column("with memory", justify="right")
     table.add_column("STM reset", justify="right")
@@ -65,5 +128,5 @@ def run_memory(args: argparse.Namespace) -> int:
         table.add_row(*row)
     console = Console()
     console.print(table)
-    console.print(f"{result['dialogues']} dialogues per setting ({args.dialogues} per k), benchmark seed {seed}")
+    console.print(f"{result['dialogues']} dialogues per setting ({dialogues} per k), benchmark seed {seed}")
     return 0

@@ -1,0 +1,233 @@
+"""Dialogues the way people talk: endless values, varied wording, several facts, corrections.
+
+A training dialogue greets, states 1-4 facts about the user in varied words (``phrasings.py``)
+with values drawn fresh every time (``values.py``), mixes in small talk (``chitchat.py``), may
+correct a fact ("Actually, I live in Porto now."), asks about stated facts (answered from memory)
+and about facts never stated (answered "I don't know your ..."). The last turn is always a
+question, so every dialogue exercises recall or its honest absence.
+
+``probe`` builds the evaluation shapes: the question comes exactly ``k`` turns after the fact it
+asks about (or its correction), with other facts and small talk in between. Everything is a pure
+function of the seed; ``purpose`` is part of it, so training and evaluation never share a stream.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .chitchat import chitchat, greeting
+from .dialogues import Dialogue, Purpose, Turn
+from .grammar import Family, capitalise, render
+from .phrasings import (
+    CORRECTION_ACKS,
+    CORRECTION_FRAMES,
+    GREETING_ACK_PREFIXES,
+    PHRASINGS,
+    QUESTION_FRAMES,
+    STATEMENT_FRAMES,
+    PhraseSplit,
+    families_for,
+    frame,
+)
+from .values import SLOTS, ValueSplit, draw_value
+
+ProbeKind = Literal["recall", "correction", "never_stated"]
+
+
+def _sentence(text: str, value: str) -> str:
+    """Capitalise ``text`` unless it starts with ``value``, which is repeated exactly as said."""
+    return text if text.startswith(value) else capitalise(text)
+
+
+@dataclass
+class PeopleGenerator:
+    """Seeded source of people-like dialogues.
+
+    ``values`` picks the value split (``train`` or ``unseen``), ``phrasings`` the phrasing split
+    (``train`` or ``held_out``: held-out statement, question and frame families only).
+    """
+
+    seed: int
+    values: ValueSplit = "train"
+    phrasings: PhraseSplit = "train"
+    purpose: Purpose = "train"
+    max_facts: int = 4
+    rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(f"rxruntime-people/{self.purpose}/{self.values}/{self.phrasings}/{self.seed}")
+
+    # ------------------------------------------------------------------ single turns
+    def value(self, slot: str) -> str:
+        return draw_value(slot, self.values, self.rng)
+
+    def _family(self, families: tuple[Family, ...]) -> Family:
+        return self.rng.choice(families_for(families, self.phrasings))
+
+    def fact(self, slot: str, value: str) -> Turn:
+        """The user states ``value``; the model acknowledges it, repeating the value."""
+        rng, p = self.rng, PHRASINGS[slot]
+        family = self._family(p.statements)
+        body = family.render(rng, value)
+        frame_family = self._family(STATEMENT_FRAMES)
+        query = frame(frame_family, rng, body, keep_case=body.startswith(value))
+        ack = _sentence(render(rng.choice(p.acknowledgements), rng, value), value)
+        if frame_family.name == "frame.greeting":
+            ack = rng.choice(GREETING_ACK_PREFIXES) + ack if not ack.startswith(("Hello", "Hi")) else ack
+        return Turn(query, ack, "fact", slot, value, family.name)
+
+    def correction(self, slot: str, value: str) -> Turn:
+        """The user replaces an earlier fact; from now on ``value`` is the right answer."""
+        rng, p = self.rng, PHRASINGS[slot]
+        family = self._family(p.statements)
+        body = family.render(rng, value)
+        query = frame(Family("correction", CORRECTION_FRAMES), rng, body, keep_case=body.startswith(value))
+        ack = _sentence(render(rng.choice(CORRECTION_ACKS), rng, value), value)
+        return Turn(query, ack, "correction", slot, value, family.name)
+
+    def question(self, slot: str, value: str) -> Turn:
+        """A question about a stated fact; its one right answer is the slot's answer with ``value``."""
+        rng, p = self.rng, PHRASINGS[slot]
+        family = self._family(p.questions)
+        query = frame(self._family(QUESTION_FRAMES), rng, family.render(rng))
+        return Turn(query, render(p.answer, rng, value), "question", slot, value, family.name)
+
+    def unknown(self, slot: str) -> Turn:
+        """A question about a fact never stated: the answer says so."""
+        rng, p = self.rng, PHRASINGS[slot]
+        family = self._family(p.questions)
+        query = frame(self._family(QUESTION_FRAMES), rng, family.render(rng))
+        return Turn(query, p.unknown, "unknown", slot, None, family.name)
+
+    def _new_value(self, slot: str, old: str) -> str:
+        value = self.value(slot)
+        while value.lower() == old.lower():
+            value = self.value(slot)
+        return value
+
+    # ------------------------------------------------------------------ training dialogues
+    def dialogue(self, turns: int) -> Dialogue:
+        """A training dialogue of ``turns`` turns (>= 2) ending with a question."""
+        if turns < 2:
+            raise ValueError(f"a dialogue needs at least 2 turns (a fact and its question), got {turns}")
+        rng = self.rng
+        n_facts = rng.randint(1, min(self.max_facts, turns - 1))
+        slots = rng.sample(SLOTS, n_facts)
+        positions = set(rng.sample(range(turns - 1), n_facts))
+        pending = list(slots)
+        known: dict[str, str] = {}
+        out: list[Turn] = []
+        for t in range(turns - 1):
+            r = rng.random()
+            if t in positions:
+                slot = pending.pop(0)
+                known[slot] = self.value(slot)
+                out.append(self.fact(slot, known[slot]))
+            elif t == 0 and r < 0.3:
+                out.append(greeting(rng))
+            elif known and r < 0.3:
+                slot = rng.choice(sorted(known))
+                out.append(self.question(slot, known[slot]))
+            elif known and r < 0.4:
+                slot = rng.choice(sorted(known))
+                known[slot] = self._new_value(slot, known[slot])
+                out.append(self.correction(slot, known[slot]))
+            elif 0.4 <= r < 0.48:
+                out.append(self.unknown(rng.choice([s for s in SLOTS if s not in known])))
+            else:
+                out.append(chitchat(rng))
+        if rng.random() < 0.85:
+            slot = rng.choice(sorted(known))
+            out.append(self.question(slot, known[slot]))
+        else:
+            out.append(self.unknown(rng.choice([s for s in SLOTS if s not in known])))
+        return Dialogue(tuple(out))
+
+    def interaction(self) -> Turn:
+        """One interaction for stages 1-2 (a question's value is drawn, not remembered)."""
+        rng = self.rng
+        r = rng.random()
+        slot = rng.choice(SLOTS)
+        if r < 0.3:
+            return self.fact(slot, self.value(slot))
+        if r < 0.55:
+            return self.question(slot, self.value(slot))
+        if r < 0.62:
+            return self.correction(slot, self.value(slot))
+        if r < 0.7:
+            return self.unknown(slot)
+        return chitchat(rng)
+
+    def text(self, sentences: int = 3) -> str:
+        """Plain text for stage 1: a few interactions' queries and answers run together."""
+        parts: list[str] = []
+        for _ in range(sentences):
+            turn = self.interaction()
+            parts.extend((turn.query, turn.answer))
+        return " ".join(parts)
+
+    def corpus(self, n: int) -> Iterator[str]:
+        """Texts for tokenizer training: queries and answers of ``n`` dialogues."""
+        for _ in range(n):
+            for turn in self.dialogue(self.rng.randint(2, 8)).turns:
+                yield turn.query
+                yield turn.answer
+
+    # ------------------------------------------------------------------ evaluation shapes
+    def probe(self, k: int, facts: int = 1, kind: ProbeKind = "recall") -> Dialogue:
+        """A dialogue whose last turn asks about a fact stated (or corrected) exactly ``k`` turns earlier.
+
+        ``facts`` facts are in play (the asked one included); the others and small talk fill the
+        remaining turns, placed at random, some before the asked fact (0-2 warm-up turns) and some
+        between it and the question. ``correction``: the asked fact was stated once with another
+        value before it was corrected ``k`` turns before the question. ``never_stated``: ``facts``
+        facts are stated, the last ``k`` turns before the question, and the question asks a slot
+        none of them is about; the answer is the slot's "I don't know".
+        """
+        if k < 1 or facts < 1:
+            raise ValueError(f"need k >= 1 and facts >= 1, got k={k}, facts={facts}")
+        rng = self.rng
+        n_slots = facts + (kind == "never_stated")
+        slots = rng.sample(SLOTS, n_slots)
+        asked = slots[0]
+        stated = slots[1:] if kind == "never_stated" else slots
+        before = rng.randint(0, 2)
+        # Turns that must come before the question: the stated facts (plus the first statement of
+        # a corrected fact). The anchor (asked fact, its correction, or the last stated fact when
+        # never_stated) sits at ``before``; the question k turns later.
+        others = stated[1:] if kind != "never_stated" else stated[:-1]
+        if kind == "never_stated":
+            before = max(before, len(others))  # every stated fact at or before the anchor
+        else:
+            before = max(before, len(others) + (kind == "correction") + 1 - k, kind == "correction")
+        length = before + k
+        anchor = before
+        free = [i for i in range(length) if i != anchor]
+        first = -1
+        if kind == "correction":
+            first = rng.randrange(anchor)
+            free.remove(first)
+        if kind == "never_stated":
+            free = [i for i in free if i < anchor]
+        spots = rng.sample(free, len(others))
+        out: list[Turn | None] = [None] * length
+        values: dict[str, str] = {}
+        if kind == "correction":
+            old = self.value(asked)
+            out[first] = self.fact(asked, old)
+            values[asked] = self._new_value(asked, old)
+            out[anchor] = self.correction(asked, values[asked])
+        elif kind == "never_stated":
+            last = stated[-1]
+            out[anchor] = self.fact(last, self.value(last))
+        else:
+            values[asked] = self.value(asked)
+            out[anchor] = self.fact(asked, values[asked])
+        for slot, spot in zip(others, spots):
+            out[spot] = self.fact(slot, self.value(slot))
+        turns = [t if t is not None else chitchat(rng) for t in out]
+        question = self.unknown(asked) if kind == "never_stated" else self.question(asked, values[asked])
+        return Dialogue((*turns, question))

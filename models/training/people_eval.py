@@ -1,0 +1,113 @@
+"""``rxrt eval memory``: recall of facts told the way people tell them, split by what is new.
+
+Every probe ends with a question about a fact stated (or corrected) exactly ``k`` turns earlier,
+and is played as in production (greedy answers, the model's own answers written to memory; see
+``mrqbench.run_dialogues``). A probe scores when the whole answer, case- and space-normalised,
+equals the reference ("Your name is Ada.", or "I don't know your name." for a never-stated fact).
+Each split is scored twice, with memory and with the STM reset before every turn.
+
+Splits (``SPLITS``):
+
+* ``in_domain``: training values and phrasings, 1-3 facts in play;
+* ``unseen_values``: values no training dialogue contains (held-out locales, families, partition);
+* ``held_out_phrasings``: statement, question and frame families training never renders;
+* ``facts_1`` .. ``facts_4``: exactly that many facts in play;
+* ``corrections``: the asked fact was stated, then replaced; the new value is right;
+* ``never_stated``: 1-2 other facts stated, the question asks one never stated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..rxt import RxTModel
+from ..tokenizer import RxTokenizer
+from .dialogues import Dialogue
+from .mrqbench import GAPS, group_by_length, normalise, run_dialogues
+from .people import PeopleGenerator, ProbeKind
+from .phrasings import PhraseSplit
+from .values import ValueSplit
+
+BENCH_SEED = 31337
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    values: ValueSplit
+    phrasings: PhraseSplit
+    facts: tuple[int, ...]
+    """Facts in play, cycled over the probes of each gap."""
+    kind: ProbeKind = "recall"
+
+
+SPLITS: dict[str, SplitSpec] = {
+    "in_domain": SplitSpec("train", "train", (1, 2, 3)),
+    "unseen_values": SplitSpec("unseen", "train", (1, 2, 3)),
+    "held_out_phrasings": SplitSpec("train", "held_out", (1, 2, 3)),
+    "facts_1": SplitSpec("train", "train", (1,)),
+    "facts_2": SplitSpec("train", "train", (2,)),
+    "facts_3": SplitSpec("train", "train", (3,)),
+    "facts_4": SplitSpec("train", "train", (4,)),
+    "corrections": SplitSpec("train", "train", (1, 2), "correction"),
+    "never_stated": SplitSpec("train", "train", (1, 2), "never_stated"),
+}
+
+
+def split_probes(split: str, gaps: Sequence[int], per_gap: int, seed: int = BENCH_SEED) -> dict[int, list[Dialogue]]:
+    """``per_gap`` evaluation dialogues of ``split`` for each gap ``k`` (a pure function of the seed)."""
+    spec = SPLITS[split]
+    gen = PeopleGenerator(
+        seed * 1000 + list(SPLITS).index(split), values=spec.values, phrasings=spec.phrasings, purpose="bench"
+    )
+    return {k: [gen.probe(k, spec.facts[i % len(spec.facts)], spec.kind) for i in range(per_gap)] for k in gaps}
+
+
+def evaluate(
+    model: RxTModel,
+    tokenizer: RxTokenizer,
+    per_gap: int = 50,
+    gaps: Sequence[int] = GAPS,
+    splits: Sequence[str] = tuple(SPLITS),
+    seed: int = BENCH_SEED,
+    batch_size: int = 256,
+) -> dict[str, object]:
+    """The ``rxrt eval memory --json`` record: per split, accuracy per gap with memory and with resets.
+
+    All splits' dialogues are pooled and batched by length, so the model runs few, full batches.
+    """
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; known: {', '.join(SPLITS)}")
+    model.eval()
+    tagged = [
+        ((split, k), d) for split in splits for k, ds in split_probes(split, gaps, per_gap, seed).items() for d in ds
+    ]
+    result: dict[str, object] = {}
+    scores: dict[str, dict[tuple[str, int], int]] = {}
+    for setting in ("with_memory", "reset_memory"):
+        correct = {key: 0 for key, _ in tagged}
+        for group in group_by_length(tagged, batch_size):
+            dialogues = [d for _, d in group]
+            answers = run_dialogues(
+                model, tokenizer, dialogues, reset_memory=setting == "reset_memory", seed=seed + len(dialogues[0])
+            )
+            for (key, d), a in zip(group, answers):
+                correct[key] += normalise(a[-1]) == normalise(d.turns[-1].answer)
+        scores[setting] = correct
+    result["splits"] = {
+        split: {
+            setting: {str(k): scores[setting][(split, k)] / per_gap for k in gaps}
+            for setting in ("with_memory", "reset_memory")
+        }
+        | {"dialogues": per_gap * len(gaps)}
+        for split in splits
+    }
+    result["seed"] = seed
+    return result
+
+
+def mean(per_gap: dict[str, float], up_to: int | None = None) -> float:
+    """Mean accuracy over the gaps ``k <= up_to`` (all when ``None``)."""
+    values = [v for k, v in per_gap.items() if up_to is None or int(k) <= up_to]
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,134 @@
+"""The people generator: endless values, varied phrasings, held-out splits, corrections, never-stated facts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rxruntime.models.training.dialogues import Dialogue
+from rxruntime.models.training.grammar import GrammarError, expand, render
+from rxruntime.models.training.people import PeopleGenerator
+from rxruntime.models.training.people_eval import SPLITS, split_probes
+from rxruntime.models.training.phrasings import PHRASINGS, QUESTION_FRAMES, STATEMENT_FRAMES
+from rxruntime.models.training.values import FAMILIES, RESERVED, SLOTS, draw_value, held_out_value
+
+HELD_OUT_FAMILIES = {f.name for p in PHRASINGS.values() for f in (*p.statements, *p.questions) if f.held_out}
+
+
+@pytest.fixture(scope="module")
+def training() -> list[Dialogue]:
+    gen = PeopleGenerator(seed=11)
+    return [gen.dialogue(2 + i % 9) for i in range(400)]
+
+
+def test_grammar_picks_one_alternative_per_group_and_nests() -> None:
+    rng = random.Random(0)
+    seen = {expand("[I'm|I am] [a [big|small]|the] cat", rng) for _ in range(200)}
+    assert seen == {f"{i} {a} cat" for i in ("I'm", "I am") for a in ("a big", "a small", "the")}
+    assert render("I have {a}.", rng, "axolotl") == "I have an axolotl."
+    for bad in ("[a|b", "a]b", "[a|[b]"):
+        with pytest.raises(GrammarError):
+            expand(bad, rng)
+
+
+def test_generator_is_a_pure_function_of_its_seed() -> None:
+    a = [PeopleGenerator(5).dialogue(6) for _ in range(3)]
+    b = [PeopleGenerator(5).dialogue(6) for _ in range(3)]
+    assert a == b
+    assert PeopleGenerator(5).dialogue(6) != PeopleGenerator(6).dialogue(6)
+    assert split_probes("unseen_values", [2], 3, seed=9) == split_probes("unseen_values", [2], 3, seed=9)
+
+
+def test_every_answer_in_a_training_dialogue_is_right_for_what_was_said_so_far(training: list[Dialogue]) -> None:
+    kinds = set()
+    for d in training:
+        known: dict[str, str] = {}
+        assert d.turns[-1].kind in ("question", "unknown")
+        for turn in d.turns:
+            kinds.add(turn.kind)
+            if turn.kind in ("fact", "correction"):
+                assert turn.value is not None and turn.value in turn.query and turn.value in turn.answer
+                if turn.kind == "correction":
+                    assert turn.slot in known and known[str(turn.slot)] != turn.value
+                known[str(turn.slot)] = turn.value
+            elif turn.kind == "question":
+                assert turn.slot in known, "a question about a fact never stated"
+                assert turn.answer == render(PHRASINGS[str(turn.slot)].answer, random.Random(), known[str(turn.slot)])
+                assert known[str(turn.slot)] not in turn.query  # only memory can supply it
+            elif turn.kind == "unknown":
+                assert turn.slot not in known and turn.answer == PHRASINGS[str(turn.slot)].unknown
+    assert kinds == {"fact", "question", "correction", "unknown", "greeting", "distractor"}
+
+
+def test_values_are_endless_and_several_facts_share_a_dialogue(training: list[Dialogue]) -> None:
+    facts = [t for d in training for t in d.turns if t.kind == "fact"]
+    assert len({t.value for t in facts}) > 0.7 * len(facts)
+    for slot in ("name", "city", "company", "number", "codeword"):  # the open-ended slots: mostly new
+        values = [t.value for t in facts if t.slot == slot]
+        assert len(set(values)) >= 0.85 * len(values) > 0, slot
+    assert max(sum(t.kind == "fact" for t in d.turns) for d in training) == 4
+    greetings = [t for d in training for t in d.turns if t.kind == "greeting"]
+    assert greetings and all(t.answer.startswith(("Hello", "Hi", "Hey", "Good", "Nice")) for t in greetings)
+
+
+def test_held_out_values_and_phrasings_never_occur_in_training(training: list[Dialogue]) -> None:
+    turns = [t for d in training for t in d.turns]
+    train_values = {t.value.lower() for t in turns if t.value}
+    assert not any(held_out_value(v) for v in train_values)
+    assert not {t.family for t in turns} & HELD_OUT_FAMILIES
+    held_out_frames = [
+        render(tpl, random.Random(0)).strip().rstrip(",")
+        for f in (*STATEMENT_FRAMES, *QUESTION_FRAMES)
+        if f.held_out
+        for tpl in f.templates
+    ]
+    assert not any(frame in t.query for t in turns for frame in held_out_frames)
+    # unseen values: held out by partition, never a training value, across every slot
+    rng = random.Random(3)
+    unseen = {draw_value(slot, "unseen", rng).lower() for slot in SLOTS for _ in range(20)}
+    assert all(held_out_value(v) for v in unseen)
+    assert not unseen & train_values
+    assert RESERVED & unseen  # the hand-written held-out pools are drawn
+    for slot in SLOTS:  # the training families never produce a reserved value
+        assert all(draw_value(slot, "train", rng).lower() not in RESERVED for _ in range(50))
+    assert all(any(f.held_out or f.localised for f in fs) for s, fs in FAMILIES.items() if s != "age")
+
+
+def test_each_split_draws_what_it_says() -> None:
+    unseen = [d for ds in split_probes("unseen_values", range(1, 5), 10).values() for d in ds]
+    assert all(held_out_value(str(d.turns[-1].value)) for d in unseen)
+    held = [d for ds in split_probes("held_out_phrasings", range(1, 5), 10).values() for d in ds]
+    for d in held:
+        assert all(t.family in HELD_OUT_FAMILIES for t in d.turns if t.family)
+        assert not held_out_value(str(d.turns[-1].value))
+    for n in (1, 2, 3, 4):
+        for d in split_probes(f"facts_{n}", [1, 3], 10)[1]:
+            assert sum(t.kind == "fact" for t in d.turns) == n
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_question_comes_exactly_k_turns_after_the_fact_it_asks(split: str) -> None:
+    for k, dialogues in split_probes(split, range(1, 9), 6).items():
+        for d in dialogues:
+            question = d.turns[-1]
+            said = [i for i, t in enumerate(d.turns[:-1]) if t.kind in ("fact", "correction")]
+            if question.kind == "unknown":
+                assert split == "never_stated"
+                assert all(d.turns[i].slot != question.slot for i in said)
+                assert said[-1] == len(d) - 1 - k and question.answer.startswith("I don't know")
+                continue
+            anchor = max(i for i in said if d.turns[i].slot == question.slot)
+            assert anchor == len(d) - 1 - k
+            assert d.turns[anchor].value == question.value and str(question.value) in question.answer
+
+
+def test_a_correction_replaces_the_fact_and_the_answer_takes_the_new_value() -> None:
+    for dialogues in split_probes("corrections", range(1, 6), 8).values():
+        for d in dialogues:
+            question = d.turns[-1]
+            about = [t for t in d.turns[:-1] if t.slot == question.slot]
+            assert [t.kind for t in about] == ["fact", "correction"]
+            old, new = about[0].value, about[1].value
+            assert old != new and question.value == new
+            assert str(new) in question.answer and str(old) not in question.answer
