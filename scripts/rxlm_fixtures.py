@@ -254,6 +254,18 @@ CASES: list[Case] = [
         },
     ),
     Case(
+        "elementwise_linear_status",
+        BOTH,
+        memory=dict(
+            residual_gate_type="elementwise",
+            residual_per_slot_gate=True,
+            residual_gate_slot_status_type="linear",
+            use_tanh_residual_gate=False,
+        ),
+        encoder=dict(skip_memory_cross_attention=True),
+        options={"gate": "elementwise sigmoid per slot with a linear slot status (Linear(d, 1))"},
+    ),
+    Case(
         "legacy_encoder_cross_attention",
         BOTH,
         encoder=dict(skip_memory_cross_attention=False),
@@ -302,6 +314,13 @@ CASES: list[Case] = [
             " global shared bias), weighted shared experts",
             "stateless": "1 moe stateless layer before the memory layers",
         },
+    ),
+    Case(
+        "moe_no_bias_no_shared",
+        V03,
+        decoder=dict(MOE, num_shared_experts=0, moe_bias_mode="off", ff_activation="gelu"),
+        encoder=dict(skip_memory_cross_attention=True),
+        options={"ff": "vectorized gated moe (gelu), moe_bias_mode off, no shared expert"},
     ),
     Case(
         "moe_legacy_layout",

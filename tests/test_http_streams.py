@@ -155,7 +155,10 @@ def test_a_failed_memory_update_is_reported_in_the_stream_and_never_cached() -> 
         c = client(url)
         events = [e.model_dump() for e in c.responses.create(model="rxt", input=JULIA, stream=True)]
         types = [e["type"] for e in events]
-        assert types[-3:] == ["response.completed", "rxrt.memory.update_started", "rxrt.memory.failed"]
+        # update_started is missing when the update failed before the turn began watching its memory
+        # (a late watcher is told only the outcome of a failed update)
+        after = types[types.index("response.completed") + 1 :]
+        assert after in (["rxrt.memory.update_started", "rxrt.memory.failed"], ["rxrt.memory.failed"])
         assert "injected memory failure" in events[-1]["message"]
         # Chat Completions: the answer arrives, but a history whose memory failed is not cached
         reply = c.chat.completions.create(model="rxt", messages=[{"role": "user", "content": JULIA}])

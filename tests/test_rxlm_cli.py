@@ -67,12 +67,12 @@ def test_convert_refuses_writing_over_its_source(tmp_path: Path) -> None:
 def test_chat_runs_an_rxlm_checkpoint(case: Path, tmp_path: Path) -> None:
     child = spawn_chat(tmp_path, "--model", str(case), "--max-new-tokens", "8")
     try:
-        child.expect("/help for commands")
+        child.expect("/help for commands", timeout=240)  # start-up (and the C step's build) on a busy machine
         child.expect("you> ")
         child.sendline("Tell me a story about the sea.")
-        child.expect("rxt> ")
-        child.expect("updating memory")
-        child.expect(r"memory v1 \(\d+ ms\)")
+        child.expect("rxt> ", timeout=120)
+        child.expect("updating memory", timeout=120)
+        child.expect(r"memory v1 \(\d+ ms\)", timeout=120)
         child.expect("you> ")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
