@@ -82,6 +82,7 @@ class Client:
         ivl = max(1, int(heartbeat_s * 1000))
         self._socket.setsockopt(zmq.HEARTBEAT_IVL, ivl)
         self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl, int(heartbeat_timeout_s * 1000)))
+        self._has_keys = keys is not None
         if keys is not None:
             self._socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
             self._socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
@@ -241,13 +242,17 @@ class Client:
                 return
             kind = event["event"]
             refused = self._refusal()
+            if kind in _HANDSHAKE_FAILED and not self._has_keys:
+                continue  # not our server (or not up yet): requests wait up to ``timeout`` as before
             if kind in _HANDSHAKE_FAILED:
                 self._refused = True  # until a reply comes through: every drop until then is this
                 self._fail_all(refused)
-            elif kind == zmq.EVENT_DISCONNECTED:
+            elif kind == zmq.EVENT_DISCONNECTED and (self._connected or self._refused):
+                # a connection that had worked: what was in flight on it is gone
                 self._connected, self._last_heard = False, time.monotonic()
                 lost = ConnectionLost(f"the connection to {self.address} was lost")
                 self._fail_all(refused if self._refused else lost)
+            # a connection that never answered: requests wait up to ``timeout`` for one that does
 
     def _refusal(self) -> AuthenticationError:
         return AuthenticationError(
