@@ -11,6 +11,7 @@ The stream of one turn completes after ``MemoryUpdated``. Leaving earlier (e.g. 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -47,8 +48,34 @@ MAX_COUNTER = 2**52
 
 
 def config_fingerprint(config: RxTConfig) -> str:
-    """Identifies the STM layout a snapshot belongs to (a different model cannot read it)."""
-    return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+    """Identifies the model a snapshot belongs to (a different model cannot read it).
+
+    Only the fields that differ from their defaults are hashed, so a release that adds a config
+    field (with a default that keeps the old behaviour) does not orphan every stored memory."""
+    canonical = json.dumps(_non_default(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _non_default(obj: Any) -> dict[str, Any]:
+    """The dataclass's fields that differ from their defaults, nested configs recursively."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            nested = _non_default(value)
+            if nested:
+                out[f.name] = nested
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            out[f.name] = value
+            continue
+        if value != default:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 @dataclass(frozen=True)
