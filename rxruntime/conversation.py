@@ -203,6 +203,8 @@ class TurnMethods(ABC):
                     done.set()
 
         def on_error(exc: Exception) -> None:
+            if "answer" in result and not wait_for_memory:
+                return  # a memory failure after the answer: ask has returned (or is returning) it
             result["error"] = exc
             done.set()
 

@@ -223,3 +223,25 @@ def test_a_program_that_never_closes_its_engine_exits_cleanly(tmp_path: Path, dr
     assert "terminate called" not in result.stderr
     stored = SQLiteStore(db).get("x")
     assert stored is not None and stored.stm_version == 1  # the update owed at exit was committed
+
+
+def test_ask_returns_the_answer_when_the_memory_failure_follows_at_once() -> None:
+    """The failure may arrive before ``ask``'s thread wakes up for the answer: it still returns it."""
+
+    import reactivex
+
+    from rxruntime.conversation import TurnMethods
+    from rxruntime.events import AnswerCompleted
+
+    class Instant(TurnMethods):
+        def interact(self, query: Any, **options: Any) -> reactivex.Observable[Any]:
+            def subscribe(observer: Any, scheduler: Any = None) -> Any:
+                observer.on_next(AnswerCompleted("c", 1, "hello", (7,), "eos", 0.0, 0.0, 0.0, 0.0))
+                observer.on_error(ModelExecutionError("memory update failed"))
+                return reactivex.disposable.Disposable()
+
+            return reactivex.create(subscribe)
+
+    assert Instant().ask("Hi") == "hello"
+    with pytest.raises(ModelExecutionError):
+        Instant().ask("Hi", wait_for_memory=True)
