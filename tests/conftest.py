@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
-from rxruntime.models import DecoderConfig, EncoderConfig, MemoryAttentionConfig, RxTConfig, RxTModel
+from rxruntime.engine import Engine
+from rxruntime.models import DecoderConfig, EncoderConfig, MemoryAttentionConfig, RxTConfig, RxTModel, RxTokenizer
 
 
 def tiny_config(**overrides: object) -> RxTConfig:
@@ -74,3 +77,21 @@ def biased_mqa_model(seed: int, expert_ffn_dim: int = 15) -> RxTModel:
             if name.endswith("bias"):
                 p.normal_(std=0.1)  # zero biases would not test anything
     return model
+
+
+@pytest.fixture(scope="module")
+def tok() -> RxTokenizer:
+    """A tokenizer trained on the engine tests' corpus (a module may define its own)."""
+    from .engine_util import CORPUS
+
+    return RxTokenizer.train(CORPUS, vocab_size=300)
+
+
+@pytest.fixture
+def engine(tok: RxTokenizer) -> Iterator[Engine]:
+    """An engine on a fresh tiny model (tests/engine_util.py), closed afterwards."""
+    from .engine_util import make_model
+
+    eng = Engine(make_model(), tok)
+    yield eng
+    eng.close()

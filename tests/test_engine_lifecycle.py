@@ -24,13 +24,6 @@ from rxruntime.stores import SQLiteStore
 
 from .conftest import tiny_config
 
-CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is Ada. Paris is sunny."] * 30
-
-
-@pytest.fixture(scope="module")
-def tok() -> RxTokenizer:
-    return RxTokenizer.train(CORPUS, vocab_size=300)
-
 
 def make_model(memory_delay: float = 0.0) -> RxTModel:
     torch.manual_seed(0)

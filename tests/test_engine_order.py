@@ -16,13 +16,6 @@ from rxruntime.models import RxTModel, RxTokenizer
 
 from .conftest import tiny_config
 
-CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is Ada. Paris is sunny."] * 30
-
-
-@pytest.fixture(scope="module")
-def tok() -> RxTokenizer:
-    return RxTokenizer.train(CORPUS, vocab_size=300)
-
 
 @pytest.fixture
 def engine(tok: RxTokenizer) -> Iterator[Engine]:

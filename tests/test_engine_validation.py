@@ -27,13 +27,7 @@ from rxruntime.events import Event
 from rxruntime.models import RxTModel, RxTokenizer
 
 from .conftest import tiny_config
-
-CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is Ada. Paris is sunny."] * 30
-
-
-@pytest.fixture(scope="module")
-def tok() -> RxTokenizer:
-    return RxTokenizer.train(CORPUS, vocab_size=300)
+from .engine_util import collect
 
 
 @pytest.fixture
@@ -42,20 +36,6 @@ def engine(tok: RxTokenizer) -> Iterator[Engine]:
     eng = Engine(RxTModel(tiny_config(vocab_size=300, max_seq_len=48)).eval(), tok)
     yield eng
     eng.close()
-
-
-def collect(observable: Any, timeout: float = 20.0) -> tuple[list[Event], BaseException | None]:
-    events: list[Event] = []
-    error: list[BaseException] = []
-    done = threading.Event()
-
-    def on_error(e: Exception) -> None:
-        error.append(e)
-        done.set()
-
-    observable.subscribe(events.append, on_error, done.set)
-    assert done.wait(timeout), "the stream did not finish"
-    return events, (error[0] if error else None)
 
 
 BAD_OPTIONS = [

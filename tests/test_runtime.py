@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,44 +33,7 @@ from rxruntime import (
 from rxruntime.models import RxTModel, RxTokenizer
 
 from .conftest import tiny_config
-
-CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is Ada. Paris is sunny."] * 30
-
-
-@pytest.fixture(scope="module")
-def tok() -> RxTokenizer:
-    return RxTokenizer.train(CORPUS, vocab_size=300)
-
-
-def make_model(seed: int = 0) -> RxTModel:
-    torch.manual_seed(seed)
-    return RxTModel(tiny_config(vocab_size=300, max_seq_len=48)).eval()
-
-
-@pytest.fixture
-def engine(tok: RxTokenizer) -> Iterator[Engine]:
-    eng = Engine(make_model(), tok)
-    yield eng
-    eng.close()
-
-
-def collect(observable: Any, timeout: float = 20.0) -> tuple[list[Event], BaseException | None]:
-    events: list[Event] = []
-    error: list[BaseException] = []
-    done = threading.Event()
-
-    def on_error(e: Exception) -> None:
-        error.append(e)
-        done.set()
-
-    observable.subscribe(events.append, on_error, done.set)
-    assert done.wait(timeout), "the stream did not finish"
-    return events, (error[0] if error else None)
-
-
-def patch(obj: Any, name: str, fn: Any) -> None:
-    """Replace a model method for one test (the model is thrown away afterwards)."""
-    setattr(obj, name, fn)
+from .engine_util import collect, make_model, patch
 
 
 def endless(model: RxTModel, delay: float) -> None:
