@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import torch
 
+from rxruntime.engine import Engine
 from rxruntime.events import Event
 from rxruntime.models import RxTModel
 
@@ -20,7 +22,10 @@ def make_model(seed: int = 0) -> RxTModel:
     return RxTModel(tiny_config(vocab_size=300, max_seq_len=48)).eval()
 
 
-def collect(observable: Any, timeout: float = 20.0) -> tuple[list[Event], BaseException | None]:
+Outcome = tuple[list[Event], BaseException | None]
+
+
+def collect(observable: Any, timeout: float = 20.0) -> Outcome:
     """Every event of a stream and its error (None when it completed)."""
     events: list[Event] = []
     error: list[BaseException] = []
@@ -38,3 +43,32 @@ def collect(observable: Any, timeout: float = 20.0) -> tuple[list[Event], BaseEx
 def patch(obj: Any, name: str, fn: Any) -> None:
     """Replace a model method for one test (the model is thrown away afterwards)."""
     setattr(obj, name, fn)
+
+
+def in_one_prefill(engine: Engine, streams: list[Any]) -> list[Outcome]:
+    """Subscribe ``streams`` while the decode thread is inside a slow step of another turn, so
+    they are admitted together: one batched prefill, then shared decode steps."""
+    model = engine.model
+    real = model.decode_step
+    stepping = threading.Event()
+
+    def slow(*args: Any) -> Any:
+        stepping.set()
+        time.sleep(0.3)
+        return real(*args)
+
+    setattr(model, "decode_step", slow)  # noqa: B010 - the engine's model is thrown away afterwards
+    engine.conversation("blocker").interact("Hi", max_new_tokens=2).subscribe()
+    assert stepping.wait(10)
+    setattr(model, "decode_step", real)  # noqa: B010
+    results: list[Outcome] = [([], None) for _ in streams]
+    done = [threading.Event() for _ in streams]
+    for i, stream in enumerate(streams):
+
+        def on_error(e: Exception, i: int = i) -> None:
+            results[i] = (results[i][0], e)
+            done[i].set()
+
+        stream.subscribe(results[i][0].append, on_error, done[i].set)
+    assert all(d.wait(30) for d in done)
+    return results

@@ -22,6 +22,7 @@ from rxruntime.models import RxTModel, RxTokenizer
 from rxruntime.models import sampler as sampler_module
 
 from .conftest import tiny_config
+from .engine_util import Outcome, collect, in_one_prefill
 
 CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is Ada. Paris is sunny."] * 30
 POISON_SEED = 666
@@ -44,38 +45,6 @@ def engine(tok: RxTokenizer) -> Iterator[Engine]:
     eng.close()
 
 
-Outcome = tuple[list[Event], BaseException | None]
-
-
-def together(engine: Engine, streams: list[Any]) -> list[Outcome]:
-    """Subscribe ``streams`` while the decode thread is inside a slow step of another turn, so
-    they join one batched prefill and then share every decode step."""
-    model = engine.model
-    real = model.decode_step
-    stepping = threading.Event()
-
-    def slow(*args: Any) -> Any:
-        stepping.set()
-        time.sleep(0.3)
-        return real(*args)
-
-    setattr(model, "decode_step", slow)  # noqa: B010 - restored below
-    engine.conversation("blocker").interact("Hi", max_new_tokens=2).subscribe()
-    assert stepping.wait(10)
-    setattr(model, "decode_step", real)  # noqa: B010
-    results: list[Outcome] = [([], None) for _ in streams]
-    done = [threading.Event() for _ in streams]
-    for i, stream in enumerate(streams):
-
-        def on_error(e: Exception, i: int = i) -> None:
-            results[i] = (results[i][0], e)
-            done[i].set()
-
-        stream.subscribe(results[i][0].append, on_error, done[i].set)
-    assert all(d.wait(30) for d in done)
-    return results
-
-
 def answers(events: list[Event]) -> tuple[int, ...]:
     return next(e for e in events if isinstance(e, AnswerCompleted)).token_ids
 
@@ -89,20 +58,6 @@ def reference(tok: RxTokenizer, names: list[str], query: Any = "Hi") -> dict[str
             assert error is None
             out[name] = answers(events)
         return out
-
-
-def collect(observable: Any, timeout: float = 20.0) -> Outcome:
-    events: list[Event] = []
-    error: list[BaseException] = []
-    done = threading.Event()
-
-    def on_error(e: Exception) -> None:
-        error.append(e)
-        done.set()
-
-    observable.subscribe(events.append, on_error, done.set)
-    assert done.wait(timeout), "the stream did not finish"
-    return events, (error[0] if error else None)
 
 
 NAMES = ["a", "b", "c", "d"]
@@ -135,7 +90,7 @@ def test_a_raising_sampler_fails_only_its_row(
     monkeypatch.setattr(sampler_module, "sample", sample)
     convs = [engine.conversation(n) for n in NAMES]
     streams = [c.interact("Hi", max_new_tokens=8, seed=POISON_SEED if i == 1 else 1) for i, c in enumerate(convs)]
-    results = together(engine, streams)
+    results = in_one_prefill(engine, streams)
     events, error = results[1]
     assert isinstance(error, ModelExecutionError) and "injected sampler failure" in str(error)
     assert isinstance(events[-1], InteractionFailed) and events[-1].stage == "generate"
@@ -152,7 +107,7 @@ def test_a_nan_memory_fails_only_its_turn(engine: Engine, tok: RxTokenizer) -> N
     assert stm is not None
     stm[0, 0, 0] = float("nan")  # corrupt one STM in place
     streams = [c.interact("Hi", max_new_tokens=8) for c in convs]
-    results = together(engine, streams)
+    results = in_one_prefill(engine, streams)
     assert isinstance(results[2][1], ModelExecutionError) and "NaN" in str(results[2][1])
     check_others(results, expected, skip=2)
 
@@ -171,7 +126,7 @@ def test_a_raising_prefill_row_fails_only_its_turn(engine: Engine, tok: RxTokeni
     setattr(model, "prefill", prefill)  # noqa: B010 - the fixture's model is thrown away afterwards
     convs = [engine.conversation(n) for n in NAMES]
     streams = [c.interact([poison, 8] if i == 0 else "Hi", max_new_tokens=8) for i, c in enumerate(convs)]
-    results = together(engine, streams)
+    results = in_one_prefill(engine, streams)
     assert isinstance(results[0][1], ModelExecutionError) and "injected prefill failure" in str(results[0][1])
     check_others(results, expected, skip=0)
 
@@ -191,7 +146,7 @@ def test_non_finite_logits_fail_only_their_row(engine: Engine, tok: RxTokenizer)
     convs = [engine.conversation(n) for n in NAMES]
     streams = [c.interact(long if i == 3 else short, max_new_tokens=8) for i, c in enumerate(convs)]
     setattr(model, "decode_step", decode_step)  # noqa: B010 - the fixture's model is thrown away afterwards
-    results = together(engine, streams)
+    results = in_one_prefill(engine, streams)
     assert isinstance(results[3][1], ModelExecutionError) and "not finite" in str(results[3][1])
     check_others(results, expected, skip=3)
 

@@ -4,7 +4,6 @@ the field), token ids before decoding, and a refused query uses no turn number."
 from __future__ import annotations
 
 import threading
-import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -23,11 +22,10 @@ from rxruntime import (
     SamplingParams,
 )
 from rxruntime.engine import TurnRequest
-from rxruntime.events import Event
 from rxruntime.models import RxTModel, RxTokenizer
 
 from .conftest import tiny_config
-from .engine_util import collect
+from .engine_util import collect, in_one_prefill
 
 
 @pytest.fixture
@@ -76,36 +74,6 @@ def test_every_bad_option_is_refused_naming_its_field(engine: Engine, field: str
     assert isinstance(info.value, ValueError)  # what a transport maps to its protocol error
     events, error = collect(conv.interact("Hi", max_new_tokens=2))
     assert error is None and events[0].turn == 1  # the refused queries used no turn number
-
-
-def in_one_prefill(engine: Engine, streams: list[Any]) -> list[tuple[list[Event], BaseException | None]]:
-    """Subscribe ``streams`` while the decode thread is inside a slow step of another turn, so
-    they are admitted together: one batched prefill, then shared decode steps."""
-    model = engine.model
-    real = model.decode_step
-    stepping = threading.Event()
-
-    def slow(*args: Any) -> Any:
-        stepping.set()
-        time.sleep(0.3)
-        return real(*args)
-
-    setattr(model, "decode_step", slow)  # noqa: B010 - the fixture's model is thrown away afterwards
-    blocker = engine.conversation("blocker").interact("Hi", max_new_tokens=2)
-    blocker.subscribe()
-    assert stepping.wait(10)
-    setattr(model, "decode_step", real)  # noqa: B010
-    results: list[tuple[list[Event], BaseException | None]] = [([], None) for _ in streams]
-    done = [threading.Event() for _ in streams]
-    for i, stream in enumerate(streams):
-
-        def on_error(e: Exception, i: int = i) -> None:
-            results[i] = (results[i][0], e)
-            done[i].set()
-
-        stream.subscribe(results[i][0].append, on_error, done[i].set)
-    assert all(d.wait(30) for d in done)
-    return results
 
 
 def test_huge_top_k_fails_no_one(engine: Engine) -> None:
