@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 TurnKind = Literal["fact", "question", "distractor", "greeting", "correction", "unknown"]
 """``greeting``, ``correction`` (a fact replacing an earlier one) and ``unknown`` (a question about a
@@ -257,8 +258,38 @@ def question_turn(rng: random.Random, fact: FactType, value: str) -> Turn:
     return Turn(rng.choice(fact.questions), fact.answer.format(v=value), "question", fact.slot, value)
 
 
+class PlainText(ABC):
+    """The plain-text views every seeded dialogue generator offers: stage 1's running text and
+    stage 0's tokenizer corpus, both drawn from the generator's own interactions and dialogues."""
+
+    rng: random.Random
+    text_sentences: ClassVar[int] = 4
+    """Interactions per :meth:`text` when the caller does not say."""
+
+    @abstractmethod
+    def interaction(self) -> Turn: ...
+
+    @abstractmethod
+    def dialogue(self, turns: int) -> Dialogue: ...
+
+    def text(self, sentences: int | None = None) -> str:
+        """Plain text (no template) for stage 1: a few interactions' sentences run together."""
+        parts: list[str] = []
+        for _ in range(self.text_sentences if sentences is None else sentences):
+            turn = self.interaction()
+            parts.extend((turn.query, turn.answer))
+        return " ".join(parts)
+
+    def corpus(self, n: int) -> Iterator[str]:
+        """Texts for tokenizer training (stage 0): queries and answers of ``n`` dialogues."""
+        for _ in range(n):
+            for turn in self.dialogue(self.rng.randint(2, 8)).turns:
+                yield turn.query
+                yield turn.answer
+
+
 @dataclass
-class DialogueGenerator:
+class DialogueGenerator(PlainText):
     """Seeded source of dialogues and single interactions.
 
     ``split="train"`` draws fact values from the training pools, ``split="hard"`` from the
@@ -349,21 +380,6 @@ class DialogueGenerator:
             fact = self.rng.choice(FACT_TYPES)
             return question_turn(self.rng, fact, self._value(fact))
         return distractor(self.rng)
-
-    def text(self, sentences: int = 4) -> str:
-        """Plain text (no template) for stage 1: a few interactions' sentences run together."""
-        parts: list[str] = []
-        for _ in range(sentences):
-            turn = self.interaction()
-            parts.extend((turn.query, turn.answer))
-        return " ".join(parts)
-
-    def corpus(self, n: int) -> Iterator[str]:
-        """Texts for tokenizer training (stage 0): queries and answers of ``n`` dialogues."""
-        for _ in range(n):
-            for turn in self.dialogue(self.rng.randint(2, 8)).turns:
-                yield turn.query
-                yield turn.answer
 
 
 def dialogue_texts(dialogues: Sequence[Dialogue]) -> Iterator[str]:

@@ -14,12 +14,11 @@ function of the seed; ``purpose`` is part of it, so training and evaluation neve
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .chitchat import chitchat, greeting
-from .dialogues import Dialogue, Purpose, Turn
+from .dialogues import Dialogue, PlainText, Purpose, Turn
 from .grammar import Family, capitalise, render
 from .phrasings import (
     CORRECTION_ACKS,
@@ -43,7 +42,7 @@ def _sentence(text: str, value: str) -> str:
 
 
 @dataclass
-class PeopleGenerator:
+class PeopleGenerator(PlainText):
     """Seeded source of people-like dialogues.
 
     ``values`` picks the value split (``train`` or ``unseen``), ``phrasings`` the phrasing split
@@ -56,6 +55,7 @@ class PeopleGenerator:
     purpose: Purpose = "train"
     max_facts: int = 4
     rng: random.Random = field(init=False, repr=False)
+    text_sentences: ClassVar[int] = 3
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"rxruntime-people/{self.purpose}/{self.values}/{self.phrasings}/{self.seed}")
@@ -160,21 +160,6 @@ class PeopleGenerator:
         if r < 0.7:
             return self.unknown(slot)
         return chitchat(rng)
-
-    def text(self, sentences: int = 3) -> str:
-        """Plain text for stage 1: a few interactions' queries and answers run together."""
-        parts: list[str] = []
-        for _ in range(sentences):
-            turn = self.interaction()
-            parts.extend((turn.query, turn.answer))
-        return " ".join(parts)
-
-    def corpus(self, n: int) -> Iterator[str]:
-        """Texts for tokenizer training: queries and answers of ``n`` dialogues."""
-        for _ in range(n):
-            for turn in self.dialogue(self.rng.randint(2, 8)).turns:
-                yield turn.query
-                yield turn.answer
 
     # ------------------------------------------------------------------ evaluation shapes
     def probe(self, k: int, facts: int = 1, kind: ProbeKind = "recall") -> Dialogue:
