@@ -18,38 +18,23 @@ import zmq
 
 from rxruntime import ConversationError, Engine, QueryTooLongError
 from rxruntime.events import AnswerCompleted, Event, MemoryUpdated, Token
-from rxruntime.models import RxTModel, RxTokenizer
 from rxruntime.serving.client import Client, RemoteConversation
 from rxruntime.serving.errors import ProtocolError
 from rxruntime.serving.zmq_server import Server
 from rxruntime.stores import SQLiteStore
 
-from .conftest import tiny_config
-
-CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is Ada."] * 30
+from .serving_util import engine as make_engine
+from .serving_util import write_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    RxTModel(tiny_config(vocab_size=300, max_seq_len=48)).save_pretrained(
-        path, tokenizer=RxTokenizer.train(CORPUS, vocab_size=300)
-    )
-    return path
-
-
-def _engine(model_dir: Path, store: SQLiteStore | None = None) -> Engine:
-    from rxruntime.models import load_pretrained
-
-    model, tok = load_pretrained(model_dir)
-    assert tok is not None
-    return Engine(model, tok, store=store)
+    return write_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture
 def served(model_dir: Path, tmp_path: Path) -> Iterator[tuple[Client, Engine, Server]]:
-    engine = _engine(model_dir, SQLiteStore(tmp_path / "stm.db"))
+    engine = make_engine(model_dir, SQLiteStore(tmp_path / "stm.db"))
     server = Server(engine, "tcp://127.0.0.1:*").start()
     client = Client(server.endpoint, timeout=20)
     yield client, engine, server
@@ -63,7 +48,7 @@ def test_remote_conversation_matches_a_local_one(served: tuple[Client, Engine, S
     assert client.ping()["protocol"] == "rxrt/2"
     remote = client.open("ada")
     answers = [remote.ask("Hi, I'm Ada.", max_new_tokens=6), remote.ask("What is my name?", max_new_tokens=6)]
-    with _engine(model_dir) as local_engine:
+    with make_engine(model_dir) as local_engine:
         local = local_engine.conversation("ada")
         expected = [local.ask("Hi, I'm Ada.", max_new_tokens=6), local.ask("What is my name?", max_new_tokens=6)]
     assert answers == expected
@@ -156,7 +141,7 @@ def test_disposing_a_remote_turn_cancels_it_on_the_server(served: tuple[Client, 
 
 def test_memory_persists_across_a_server_restart(model_dir: Path, tmp_path: Path) -> None:
     db = tmp_path / "stm.db"
-    with _engine(model_dir, SQLiteStore(db)) as engine:
+    with make_engine(model_dir, SQLiteStore(db)) as engine:
         server = Server(engine, "tcp://127.0.0.1:*").start()
         with Client(server.endpoint, timeout=20) as client:
             conv = client.open("ada")
@@ -164,7 +149,7 @@ def test_memory_persists_across_a_server_restart(model_dir: Path, tmp_path: Path
             before = conv.export_state()  # waits for the memory update
         server.stop()
     assert before.stm_version == 1
-    with _engine(model_dir, SQLiteStore(db)) as engine:  # a new worker, nothing in memory
+    with make_engine(model_dir, SQLiteStore(db)) as engine:  # a new worker, nothing in memory
         server = Server(engine, "tcp://127.0.0.1:*").start()
         with Client(server.endpoint, timeout=20) as client:
             # no open: the worker resumes the stored conversation on demand
