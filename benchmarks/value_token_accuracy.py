@@ -8,30 +8,44 @@ tokens after the answer's fixed prefix, "Your name is"). Comparing with the STM 
 last turn shows how much of it comes from memory::
 
     python benchmarks/value_token_accuracy.py --model runs/pilot/model --dialogues 64
+    python benchmarks/value_token_accuracy.py --run runs/pilot   # a run in progress: its last checkpoint
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
 from rxruntime.models import RxTModel, RxTokenizer, load_pretrained
 from rxruntime.models.training.batches import IGNORE, dialogue_batches
 from rxruntime.models.training.dialogues import Dialogue
+from rxruntime.models.training.mlm import MLMHead
 from rxruntime.models.training.people_eval import SPLITS, split_probes
+from rxruntime.models.training.recipe import recipe_from_dict
+from rxruntime.models.training.state import STATE_FILE, load_state
 
 
 @torch.inference_mode()
-def accuracy(model: RxTModel, tokenizer: RxTokenizer, dialogues: list[Dialogue], reset: bool) -> dict[str, float]:
-    """Answer- and value-token accuracy of the last turn (dialogues of equal length)."""
+def accuracy(model: RxTModel, tokenizer: RxTokenizer, dialogues: list[Dialogue], setting: str) -> dict[str, float]:
+    """Answer- and value-token accuracy of the last turn (dialogues of equal length).
+
+    ``setting``: ``with_memory`` (the STM written from every earlier turn), ``reset_memory`` (a
+    fresh STM), or ``encoded_previous`` (no STM: the decoder reads the encoder's states of the
+    turn before, as stage 2 trained it to read its own turn's; at ``k = 1`` that turn states the
+    fact, so this shows whether the decoder could answer if memory held what the encoder saw).
+    """
     turns, _ = dialogue_batches(tokenizer, dialogues, model.config.max_seq_len, answer_only=True)
     generator = torch.Generator().manual_seed(0)
     stm = model.init_stm(len(dialogues), generator=generator)
-    for batch in turns[:-1]:
-        stm = model.memory_update(stm, batch.ids, batch.mask)
-    if reset:
+    if setting == "encoded_previous":
+        stm = model.encode(turns[-2].ids, turns[-2].mask)
+    else:
+        for batch in turns[:-1]:
+            stm = model.memory_update(stm, batch.ids, batch.mask)
+    if setting == "reset_memory":
         stm = model.init_stm(len(dialogues), generator=generator)
     last = turns[-1]
     logits = model.decoder_logits(last.ids, stm)[:, :-1]
@@ -53,27 +67,44 @@ def accuracy(model: RxTModel, tokenizer: RxTokenizer, dialogues: list[Dialogue],
     }
 
 
+def from_run(run: Path) -> tuple[RxTModel, RxTokenizer, str]:
+    """The model of a training run's latest resumable state, and where in the curriculum it was."""
+    recipe = recipe_from_dict(json.loads((run / "recipe.json").read_text(encoding="utf-8")))
+    model = RxTModel(recipe.config())
+    progress, _ = load_state(run / STATE_FILE, model, MLMHead(recipe.config()))
+    return model, RxTokenizer.from_file(run / "tokenizer.json"), f"{progress['stage']} step {progress['step']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--run", type=Path, help="a training run directory (its train-state), instead of --model")
     parser.add_argument("--dialogues", type=int, default=64, help="per split and k")
     parser.add_argument("--gaps", default="1,2,4")
     parser.add_argument("--splits", default=",".join(SPLITS))
+    parser.add_argument("--settings", default="with_memory,reset_memory", help="also: encoded_previous")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = load_pretrained(args.model)
-    assert tokenizer is not None
+    where = args.model
+    if args.run is not None:
+        model, tokenizer, where = from_run(args.run)
+    else:
+        model, loaded = load_pretrained(args.model)
+        assert loaded is not None
+        tokenizer = loaded
     model.eval()
-    result: dict[str, dict[str, dict[str, float]]] = {}
+    result: dict[str, object] = {"at": where}
     for split in args.splits.split(","):
         for k, dialogues in split_probes(split, [int(g) for g in args.gaps.split(",")], args.dialogues).items():
             by_length: dict[int, list[Dialogue]] = {}
             for d in dialogues:
                 by_length.setdefault(len(d), []).append(d)
-            for setting, reset in (("with_memory", False), ("reset_memory", True)):
-                scores = [(accuracy(model, tokenizer, ds, reset), len(ds)) for ds in by_length.values()]
+            for setting in args.settings.split(","):
+                scores = [(accuracy(model, tokenizer, ds, setting), len(ds)) for ds in by_length.values()]
                 n = sum(w for _, w in scores)
-                result.setdefault(split, {}).setdefault(setting, {})[str(k)] = {
+                per_split = result.setdefault(split, {})
+                assert isinstance(per_split, dict)
+                per_split.setdefault(setting, {})[str(k)] = {
                     key: round(sum(s[key] * w for s, w in scores) / n, 4) for key in ("answer", "value")
                 }
     print(json.dumps(result, indent=2))

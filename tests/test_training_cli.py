@@ -60,6 +60,26 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(ci_run: Path, tm
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
 
 
+def test_a_run_started_from_stage3_trains_stage4_only_to_the_same_weights(ci_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "from3"
+    start = ci_run / "stage3-memory-pretrain"
+    assert main(["train", "--recipe", "ci", "--out", str(out), "--quiet", "--start-from", str(start)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["started_from"] == str(start)
+    assert [summary["stages"][s]["steps"] for s in ("joint_pretrain", "memory_pretrain", "memory_aware")] == [0, 0, 10]
+    assert not (out / "stage3-memory-pretrain").exists()
+    # stage 4 draws its data and noise from (seed, stage, step) alone, so it ends where the full run did
+    a = load_weights(ci_run / "model" / "model.safetensors")
+    b = load_weights(out / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "tokenizer.json").read_bytes() == (ci_run / "tokenizer.json").read_bytes()
+
+
+def test_start_from_needs_a_stage_directory(ci_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--recipe", "ci", "--out", str(tmp_path / "x"), "--quiet", "--start-from", str(ci_run)]) == 2
+    assert "not a stage directory" in capsys.readouterr().err
+
+
 def test_a_second_fresh_run_into_a_used_directory_is_refused(ci_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--recipe", "ci", "--out", str(ci_run), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err

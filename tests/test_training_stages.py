@@ -9,14 +9,30 @@ import pytest
 import torch
 
 from rxruntime.models import RxTModel, RxTokenizer
-from rxruntime.models.training.batches import IGNORE, TokenBatch, dialogue_batches, interaction_batch, text_batch
+from rxruntime.models.training.batches import (
+    IGNORE,
+    TokenBatch,
+    dialogue_batches,
+    interaction_batch,
+    recall_turns,
+    text_batch,
+)
 from rxruntime.models.training.dialogues import DialogueGenerator, Turn
 from rxruntime.models.training.joint import JointLoss, joint_loss
 from rxruntime.models.training.memory_aware import memory_aware_loss, set_trainable, trainable_groups
 from rxruntime.models.training.memory_pretrain import label_weight, memory_pretrain_loss, pool_encoded, pseudo_label
 from rxruntime.models.training.mlm import MLMHead, mask_tokens
 from rxruntime.models.training.optim import lr_at, make_optimizer, step_seed
-from rxruntime.models.training.recipe import JointStage, MemoryAwareStage, MemoryPretrainStage, Optim
+from rxruntime.models.training.people import PeopleGenerator
+from rxruntime.models.training.recipe import (
+    JointStage,
+    MemoryAwareStage,
+    MemoryPretrainStage,
+    Optim,
+    RecipeError,
+    load_recipe,
+    recipe_from_dict,
+)
 
 from .conftest import tiny_config
 
@@ -92,6 +108,40 @@ def test_joint_stage_losses_decrease_and_the_encoder_gets_no_decoder_gradient(to
         _steps(lambda: loss().total, [*model.parameters(), *head.parameters()])
         last = loss()
         assert last.ar < first.ar and last.mlm < first.mlm
+
+
+def test_retrieval_pairs_decode_one_turn_against_the_encoding_of_another(tokenizer: RxTokenizer) -> None:
+    model = _model()
+    head = MLMHead(model.config)
+    gen = PeopleGenerator(11)
+    dialogues = [gen.dialogue(2) for _ in range(6)]
+    questions = interaction_batch(tokenizer, [d.turns[1] for d in dialogues], 64)
+    facts = interaction_batch(tokenizer, [d.turns[0] for d in dialogues], 64)
+    stage = JointStage(memory_noise=0.0)
+
+    def run(encoder_batch: TokenBatch | None) -> JointLoss:
+        g = torch.Generator().manual_seed(0)
+        return joint_loss(model, head, questions, stage, tokenizer.vocab_size, g, encoder_batch)
+
+    own, paired = run(None), run(facts)
+    assert own.ar != paired.ar  # the decoder read the facts' states, not its own turn's
+    assert paired.ar == run(facts).ar
+    with pytest.raises(ValueError, match="rows"):
+        run(interaction_batch(tokenizer, [d.turns[0] for d in dialogues[:3]], 64))
+    first = run(facts)
+    _steps(lambda: run(facts).total, [*model.parameters(), *head.parameters()])
+    assert run(facts).ar < first.ar
+
+
+def test_retrieval_share_is_a_stage2_fraction() -> None:
+    spec = load_recipe("ci").to_dict()
+    spec["joint_sft"]["retrieval_share"] = 1.5
+    with pytest.raises(RecipeError, match="retrieval_share"):
+        recipe_from_dict(spec)
+    spec["joint_sft"]["retrieval_share"] = 0.0
+    spec["joint_pretrain"]["retrieval_share"] = 0.5
+    with pytest.raises(RecipeError, match="stage 2 option"):
+        recipe_from_dict(spec)
 
 
 def test_stage3_label_weights_follow_the_schedule() -> None:
@@ -192,6 +242,29 @@ def test_dialogue_batches_mask_missing_turns(tokenizer: RxTokenizer) -> None:
     turns, present = dialogue_batches(tokenizer, dialogues, 64)
     assert len(turns) == 4
     assert present.tolist() == [[True, True], [True, True], [False, True], [False, True]]
+
+
+def test_recall_turns_marks_the_questions_only(tokenizer: RxTokenizer) -> None:
+    gen = PeopleGenerator(3)
+    dialogues = [gen.dialogue(2), gen.dialogue(5)]
+    mask = recall_turns(dialogues)
+    assert mask.shape == (5, 2)
+    expected = [[t < len(d) and d.turns[t].kind in ("question", "unknown") for d in dialogues] for t in range(5)]
+    assert mask.tolist() == expected
+    assert mask[1, 0] and not mask[0, 0]  # a 2-turn dialogue is a fact, then a question
+    assert mask[4, 1] and not mask[2:, 0].any()  # every dialogue ends with a question
+
+
+def test_stage4_recall_only_loss_ignores_acknowledgements(tokenizer: RxTokenizer) -> None:
+    model = _model()
+    dialogues = [PeopleGenerator(7).dialogue(2) for _ in range(4)]
+    turns, present = dialogue_batches(tokenizer, dialogues, 64)
+    _, all_turns, _ = memory_aware_loss(model, turns, present, torch.Generator().manual_seed(0))
+    _, recall_only, _ = memory_aware_loss(
+        model, turns, present & recall_turns(dialogues), torch.Generator().manual_seed(0)
+    )
+    assert len(all_turns) == 2 and len(recall_only) == 1  # the fact's acknowledgement leaves the loss
+    assert recall_only[0] == pytest.approx(all_turns[1])  # the question's own loss is unchanged
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:

@@ -96,3 +96,15 @@ def dialogue_batches(
     ]
     present = torch.tensor([[t < len(d) for d in dialogues] for t in range(n)], dtype=torch.bool)
     return batches, present
+
+
+RECALL_KINDS = frozenset({"question", "unknown"})
+"""Turns whose answer depends on what memory holds: a stated fact recalled, or its honest absence."""
+
+
+def recall_turns(dialogues: Sequence[Dialogue]) -> Tensor:
+    """A (turns, B) mask of the turns whose kind is in ``RECALL_KINDS`` (False past a dialogue's end)."""
+    n = max(len(d) for d in dialogues)
+    return torch.tensor(
+        [[t < len(d) and d.turns[t].kind in RECALL_KINDS for d in dialogues] for t in range(n)], dtype=torch.bool
+    )

@@ -12,6 +12,12 @@ per-layer hidden states, *detached* and with a little Gaussian noise, in place o
 The decoder thereby learns to pull information out of memory cross-attention from a clean, stable
 signal, and encoder and decoder come to share one representation space through the shared
 embedding. Stage 1 runs this on plain text, stage 2 on ``[Q] .. [A] ..`` interactions.
+
+Reading its own turn's encoding lets the decoder copy by position (the encoder saw the whole
+turn, answer included). Stage 2 can also give a share of its rows a *retrieval* pair
+(``JointStage.retrieval_share``): the encoder reads a turn that states a fact, the decoder writes
+the next turn, a question about it (or about a fact never stated). There the value has to be
+found by content in another turn's states, which is what reading the STM asks of it later.
 """
 
 from __future__ import annotations
@@ -47,15 +53,22 @@ def joint_loss(
     stage: JointStage,
     vocab_size: int,
     generator: torch.Generator,
+    encoder_batch: TokenBatch | None = None,
 ) -> JointLoss:
-    """The stage 1/2 objective on one batch (``vocab_size``: the tokenizer's, for random replacements)."""
+    """The stage 1/2 objective on one batch (``vocab_size``: the tokenizer's, for random replacements).
+
+    ``encoder_batch`` (same rows): what the encoder reads, when it is not ``batch`` itself.
+    """
     special = model.config.special_tokens
     if special.unk_id is None:
         raise ValueError("joint pre-training masks with [UNK]: special_tokens.unk_id must be set")
+    source = batch if encoder_batch is None else encoder_batch
+    if source.size != batch.size:
+        raise ValueError(f"encoder_batch has {source.size} rows, batch {batch.size}")
     enc_ids, mlm_labels = mask_tokens(
-        batch.ids, batch.mask, stage.mask_prob, special.unk_id, FIRST_REGULAR_ID, vocab_size, generator
+        source.ids, source.mask, stage.mask_prob, special.unk_id, FIRST_REGULAR_ID, vocab_size, generator
     )
-    hidden = model.encode(enc_ids, batch.mask)  # (B, L, T, D)
+    hidden = model.encode(enc_ids, source.mask)  # (B, L, T, D)
     mlm_logits = head(hidden[:, -1])
     if bool((mlm_labels != IGNORE).any()):
         mlm = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)

@@ -91,6 +91,9 @@ class JointStage(Optim):
     """Std of the Gaussian noise added to the detached encoder states, relative to their own std."""
     sentences: int = 3
     """Stage 1 synthetic texts: interactions per plain-text sample."""
+    retrieval_share: float = 0.0
+    """Stage 2: share of each batch's rows that are retrieval pairs (the encoder reads a fact, the
+    decoder writes the question after it; see ``joint.py``). 0 keeps every row a single turn."""
 
 
 @dataclass
@@ -127,6 +130,9 @@ class MemoryAwareStage(Optim):
     """Step at which the encoder and the shared embedding start training."""
     loss_on: Literal["answer", "all"] = "answer"
     """Which tokens' next-token loss counts: the answer (and [EOS]) only, or the whole interaction."""
+    recall_only_until: int = 0
+    """Until this step only the answers of questions (stated or never stated) count in the loss:
+    acknowledgements and small talk need no memory and would otherwise dominate the early gradient."""
 
 
 @dataclass
@@ -169,9 +175,17 @@ class Recipe:
             stage: Optim = getattr(self, name)
             if stage.steps < 0 or stage.batch_size < 1 or stage.lr <= 0 or stage.warmup < 0:
                 raise RecipeError(f"{name}: steps >= 0, batch_size >= 1, lr > 0 and warmup >= 0 are required")
+        for name in ("joint_pretrain", "joint_sft"):
+            share = getattr(self, name).retrieval_share
+            if not 0.0 <= share <= 1.0:
+                raise RecipeError(f"{name}: retrieval_share must be in [0, 1], got {share}")
+        if self.joint_pretrain.retrieval_share:
+            raise RecipeError("joint_pretrain: retrieval pairs are a stage 2 option (plain text has no turns)")
         m = self.memory_aware
         if not 2 <= m.min_turns <= m.max_turns:
             raise RecipeError(f"memory_aware: need 2 <= min_turns <= max_turns, got {m.min_turns}, {m.max_turns}")
+        if m.recall_only_until < 0:
+            raise RecipeError(f"memory_aware: recall_only_until must be >= 0, got {m.recall_only_until}")
         if not 0 <= m.ramp_start <= m.ramp_end:
             raise RecipeError(f"memory_aware: need 0 <= ramp_start <= ramp_end, got {m.ramp_start}, {m.ramp_end}")
         if self.memory_pretrain.turns < 1:

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import save_pretrained
+from ..checkpoint import load_pretrained, save_pretrained
 from ..errors import RxTError
 from ..rxt import RxTModel
 from ..tokenizer import RxTokenizer
-from .batches import dialogue_batches, interaction_batch, text_batch
+from .batches import dialogue_batches, interaction_batch, recall_turns, text_batch
 from .joint import joint_loss
 from .memory_aware import memory_aware_loss, set_trainable, trainable_groups
 from .memory_pretrain import memory_pretrain_loss
@@ -111,6 +111,7 @@ class Trainer:
         resume: bool = False,
         stop_after: int | None = None,
         threads: int | None = None,
+        start_from: str | Path | None = None,
         progress: Callable[[], AbstractContextManager[Any]] | None = None,
         echo: Callable[[str], None] = lambda _: None,
     ) -> None:
@@ -118,6 +119,8 @@ class Trainer:
         self.out = Path(out)
         self.resume = resume
         self.stop_after = stop_after
+        self.start_from = Path(start_from) if start_from is not None else None
+        self.started_from: str | None = None
         self.threads = threads or recipe.threads
         self.make_progress = progress
         self.echo = echo
@@ -146,14 +149,20 @@ class Trainer:
         self.source: Source = make_source(
             self.recipe.data, self.recipe.seed, self.recipe.tokenizer.dialogues, self.recipe.joint_pretrain.sentences
         )
-        self.tokenizer = self._tokenizer()
+        resuming = self.resume and (self.out / STATE_FILE).exists()
+        if self.start_from is not None and not resuming:
+            self.tokenizer = self._tokenizer_from(self.start_from)
+        else:
+            self.tokenizer = self._tokenizer()
         torch.manual_seed(self.recipe.seed)
         self.model = RxTModel(self.config)
         self.head = MLMHead(self.config)
         self.model.train()
         start: dict[str, Any] = {}
         optimizer_state = None
-        if self.resume and (self.out / STATE_FILE).exists():
+        if self.start_from is not None and not resuming:
+            self._weights_from(self.start_from)
+        if resuming:
             progress, optimizer_state = load_state(self.out / STATE_FILE, self.model, self.head)
             self._restore(progress)
             start = {"stage": progress.get("stage"), "step": progress.get("step", 0)}
@@ -196,7 +205,43 @@ class Trainer:
         self.echo(f"stage 0 tokenizer: {tok.vocab_size} tokens in {self.tokenizer_seconds:.1f}s")
         return tok
 
+    def _start_stage(self, directory: Path) -> str:
+        """The stage whose output ``directory`` is (``RUN/stage3-memory-pretrain`` -> ``memory_pretrain``)."""
+        by_dir = {d: name for name, d in STAGE_DIRS.items()}
+        if directory.name not in by_dir:
+            raise TrainingError(f"--start-from {directory}: not a stage directory ({', '.join(STAGE_DIRS.values())})")
+        if not directory.is_dir():
+            raise TrainingError(f"--start-from {directory}: no such directory")
+        return by_dir[directory.name]
+
+    def _tokenizer_from(self, directory: Path) -> RxTokenizer:
+        """A run started from another run's stage keeps that run's tokenizer (its embedding rows fit it)."""
+        self._start_stage(directory)
+        tok = RxTokenizer.from_file(directory / "tokenizer.json")
+        if tok.vocab_size != self.recipe.tokenizer.vocab_size:
+            raise TrainingError(
+                f"--start-from {directory}: its tokenizer has {tok.vocab_size} tokens, the recipe asks for "
+                f"{self.recipe.tokenizer.vocab_size}"
+            )
+        tok.save(self.out / "tokenizer.json")
+        return tok
+
+    def _weights_from(self, directory: Path) -> None:
+        """Pilots of later stages: take the weights of an earlier run's stage and skip it and the ones before.
+
+        The MLM head is not in a stage directory, so stages 1-2, if any are left, restart it.
+        """
+        stage = self._start_stage(directory)
+        loaded, _ = load_pretrained(directory, load_tokenizer=False)
+        if loaded.config.to_dict() != self.config.to_dict():
+            raise TrainingError(f"--start-from {directory}: its model config differs from the recipe's")
+        self.model.load_state_dict(loaded.state_dict())
+        self.completed = list(STAGES[: STAGES.index(stage) + 1])
+        self.started_from = str(directory)
+        self.echo(f"starting from {directory}: stages {', '.join(self.completed)} skipped")
+
     def _restore(self, progress: dict[str, Any]) -> None:
+        self.started_from = progress.get("started_from")
         self.completed = list(progress.get("completed", []))
         self.tokenizer_seconds = float(progress.get("tokenizer_seconds", 0.0))
         for name, rec in progress.get("records", {}).items():
@@ -208,6 +253,7 @@ class Trainer:
             "stage": stage,
             "step": step,
             "completed": self.completed,
+            "started_from": self.started_from,
             "threads": self.threads,
             "tokenizer_seconds": self.tokenizer_seconds,
             "records": {n: vars(r) for n, r in self.records.items()},
@@ -274,11 +320,19 @@ class Trainer:
         tok = self.tokenizer
         if name in ("joint_pretrain", "joint_sft"):
             cfg_j: JointStage = getattr(self.recipe, name)
+            encoder_batch = None
             if name == "joint_pretrain":
                 batch = text_batch(tok, self.source.texts(rng, cfg_j.batch_size), max_len)
+            elif cfg_j.retrieval_share > 0:
+                pairs = round(cfg_j.batch_size * cfg_j.retrieval_share)
+                single = self.source.interactions(rng, cfg_j.batch_size - pairs)
+                facts_then_questions = self.source.dialogues(rng, pairs, 2) if pairs else []
+                batch = interaction_batch(tok, [*single, *(d.turns[1] for d in facts_then_questions)], max_len)
+                read = [*single, *(d.turns[0] for d in facts_then_questions)]
+                encoder_batch = interaction_batch(tok, read, max_len)
             else:
                 batch = interaction_batch(tok, self.source.interactions(rng, cfg_j.batch_size), max_len)
-            out = joint_loss(self.model, self.head, batch, cfg_j, tok.vocab_size, gen)
+            out = joint_loss(self.model, self.head, batch, cfg_j, tok.vocab_size, gen, encoder_batch)
             optimizer_step(optimizer, out.total, step, cfg_j)
             return StepResult(out.total.item(), {"ar": out.ar, "mlm": out.mlm, "ar_acc": out.ar_accuracy})
         if name == "memory_pretrain":
@@ -293,6 +347,8 @@ class Trainer:
         n_turns = curriculum_turns(step, cfg_a, rng.random())
         dialogues = self.source.dialogues(rng, cfg_a.batch_size, n_turns)
         turns, present = dialogue_batches(tok, dialogues, max_len, answer_only=cfg_a.loss_on == "answer")
+        if step < cfg_a.recall_only_until:
+            present = present & recall_turns(dialogues)
         loss, per_turn, accuracy = memory_aware_loss(self.model, turns, present, gen)
         optimizer_step(optimizer, loss, step, cfg_a)
         return StepResult(loss.item(), {"per_turn": _mean(per_turn), "answer_acc": accuracy, "turns": n_turns})
@@ -306,6 +362,7 @@ class Trainer:
             "recipe": self.recipe.name,
             "fingerprint": self.recipe.fingerprint(),
             "seed": self.recipe.seed,
+            "started_from": self.started_from,
             "threads": self.threads,
             "torch": torch.__version__,
             "faker": _faker_version() if self.recipe.data.source == "people" else None,

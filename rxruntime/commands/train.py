@@ -17,6 +17,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--stop-after", type=int, metavar="STEPS", help="stop after this many training steps (continue with --resume)"
     )
+    p.add_argument(
+        "--start-from",
+        metavar="STAGE_DIR",
+        help="pilots only: begin with the weights and tokenizer of another run's stage directory "
+        "(e.g. RUN/stage3-memory-pretrain) and skip that stage and those before it",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars, only stage summaries")
     p.set_defaults(func=run)
 
@@ -60,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         stop_after=args.stop_after,
         threads=args.threads,
+        start_from=args.start_from,
         progress=progress,
         echo=console.print,
     )
