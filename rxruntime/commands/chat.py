@@ -16,6 +16,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--memory-init", default=None, help="a system text written to memory before the first turn")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--conversation-id", default=None, help="name of the conversation (default: random)")
+    p.add_argument(
+        "--weights",
+        choices=("fp32", "bf16", "int8"),
+        default=None,
+        help="CPU weight format for decoding: fp32, bf16 or int8 (default: rxruntime.DEFAULT_CPU_WEIGHTS)",
+    )
     p.set_defaults(func=run)
 
 
@@ -36,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     engine: Engine
     if args.preset is None:
         try:
-            engine = rxruntime.load(args.model, device=args.device)
+            engine = rxruntime.load(args.model, device=args.device, weights=args.weights)
         except MissingCheckpointFileError:
             if args.model != "default" or (default_model_dir() / "config.json").exists():
                 raise

@@ -32,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--max-batch", type=int, default=64, help="conversations decoded together (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument(
+        "--weights",
+        choices=("fp32", "bf16", "int8"),
+        default=None,
+        help="CPU weight format for decoding: fp32, bf16 or int8 (default: rxruntime.DEFAULT_CPU_WEIGHTS)",
+    )
     p.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request accepted")
     p.add_argument(
         "--keys",
@@ -74,7 +80,9 @@ def _run_zmq(args: argparse.Namespace, bind: str) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the server answers anyone: no signal is lost
         signal.signal(sig, lambda *_: stop.set())
-    with rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store) as engine:
+    with rxruntime.load(
+        args.model, device=args.device, max_batch=args.max_batch, store=store, weights=args.weights
+    ) as engine:
         server = _zmq_server(engine, args, bind, keys)
         try:  # the server (and its authenticator thread) stops however this ends
             auth = f"CURVE keys from {args.keys}" if keys else "no authentication"
@@ -135,7 +143,9 @@ def _run_http(args: argparse.Namespace) -> int:
     zmq_keys = _zmq_keys(args, args.bind) if args.bind else None  # a refused --bind fails before loading
 
     def load() -> Engine:
-        return rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store)
+        return rxruntime.load(
+            args.model, device=args.device, max_batch=args.max_batch, store=store, weights=args.weights
+        )
 
     def on_ready(engine: Engine) -> None:
         where = f"http://{args.http}"
