@@ -65,7 +65,7 @@ class LocalRayServe:
             int(a["Pid"]) for a in actors.values() if a.get("ActorClassName") == name and a.get("State") == "ALIVE"
         )
 
-    def wait_for_replicas(self, n: int, timeout: float = 180.0, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    def wait_for_replicas(self, n: int, timeout: float = 180.0, exclude: frozenset[int] = frozenset()) -> list[int]:
         """Wait until ``n`` engine replicas (none of them in ``exclude``) are up and serving."""
         from ray import serve
 
@@ -75,7 +75,8 @@ class LocalRayServe:
         while True:
             pids = [p for p in self.replica_pids() if p not in exclude]
             status = serve.status().applications.get(APP_NAME)
-            running = status is not None and status.deployments[ENGINE].replica_states.get("RUNNING", 0) >= n
+            states = status.deployments[ENGINE].replica_states if status is not None else {}
+            running = sum(count for state, count in states.items() if str(state).endswith("RUNNING")) >= n
             if len(pids) >= n and running and status is not None and status.status == "RUNNING":
                 return pids
             if time.monotonic() > deadline:

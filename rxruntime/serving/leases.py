@@ -73,6 +73,10 @@ class Leases:
         self._thread.start()
 
     @property
+    def client(self) -> Any:
+        return self._redis
+
+    @property
     def ttl_s(self) -> float:
         return self._ttl_ms / 1000
 
