@@ -16,11 +16,12 @@ from rxruntime.bench.redis_server import free_port
 
 
 class LocalRayServe:
-    def __init__(self, store: str, *, replicas: int = 2, num_cpus: int = 4, **engine: Any) -> None:
+    def __init__(self, store: str, *, replicas: int = 2, cluster_cpus: int = 4, **options: Any) -> None:
+        """``options`` go to ``ray_app.application`` (per-replica ``num_cpus``, ``lease_ttl_s``, ...)."""
         self.store = store
         self.replicas = replicas
-        self.num_cpus = num_cpus
-        self.engine = engine
+        self.cluster_cpus = cluster_cpus
+        self.options = options
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -30,14 +31,14 @@ class LocalRayServe:
         from rxruntime.serving.ray_app import application, run
 
         ray.init(
-            num_cpus=self.num_cpus,
+            num_cpus=self.cluster_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             log_to_driver=False,
             configure_logging=False,
         )
         try:
-            run(application(self.store, replicas=self.replicas, **self.engine), "127.0.0.1", self.port)
+            run(application(self.store, replicas=self.replicas, **self.options), "127.0.0.1", self.port)
             self.wait_for_replicas(self.replicas)
         except BaseException:
             self.__exit__(None, None, None)
