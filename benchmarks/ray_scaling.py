@@ -8,6 +8,9 @@ One run, one machine, the shipped model, one real ``redis-server`` as every side
 * ``ray-1``: the Ray deployment with 1 engine replica (2 CPUs, so the same cores as the others);
 * ``ray-2``: the Ray deployment with 2 engine replicas (1 CPU each).
 
+Ray is told of 4 logical CPUs (Serve starts a new replica before it stops the old one when the
+replica count changes); each replica's torch uses as many threads as CPUs it asked for.
+
 Each measurement runs 64 conversations at once, 3 streamed turns each (the first opens the
 conversation, the next two continue it from its STM), through the official ``openai`` async client
 in this process. Reported per side: aggregate output tokens/s (all output tokens / wall time) and
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(side, json.dumps(summary(runs[side][-1:])), flush=True)
 
     started = time.time()
-    with RedisServer() as redis, LocalRayServe(redis.url, replicas=2, cluster_cpus=2, num_cpus=1.0) as rs:
+    with RedisServer() as redis, LocalRayServe(redis.url, replicas=2, cluster_cpus=4, num_cpus=1.0) as rs:
         single, single_url = start_single(redis.url)
         current = 2
 

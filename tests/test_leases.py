@@ -34,6 +34,8 @@ def test_a_lease_excludes_every_other_holder_until_released(client: Any) -> None
         lease = a.acquire("conv_x")
         with pytest.raises(ConversationBusyError, match="another turn of it is still running"):
             b.acquire("conv_x", wait_s=0.2)
+        with pytest.raises(ConversationBusyError):
+            a.acquire("conv_x", wait_s=0.2)  # the same process's next turn waits too
         got: list[float] = []
 
         def wait_for_it() -> None:
@@ -49,6 +51,9 @@ def test_a_lease_excludes_every_other_holder_until_released(client: Any) -> None
         waiter.join(10)
         assert got and got[0] >= released
         a.acquire("conv_y").release()  # another conversation was never blocked
+        handed = a.acquire("conv_x", wait_s=1)  # b released it
+        threading.Timer(0.2, handed.release).start()
+        a.acquire("conv_x", wait_s=5).release()  # handed over in-process, on release
     finally:
         a.close()
         b.close()

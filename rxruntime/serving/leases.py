@@ -6,6 +6,10 @@ after one of them has answered from a stale STM; a lease prevents it. A replica 
 a conversation before it reads the STM for a turn and gives it back once that turn's memory
 update has committed, so the next holder always reads the last committed memory.
 
+Within one replica, a turn waiting for a lease the same replica holds (its previous turn's memory
+update still committing) waits on a local condition instead of polling Redis, so it starts the
+moment that update commits. Across replicas it polls every ``poll_s``.
+
 A lease is ``SET rxrt:lease:<id> <token> NX PX <ttl>``: it expires on its own, so the leases of a
 replica killed with ``kill -9`` lapse after ``ttl_s`` and the conversation moves on elsewhere. A
 live holder renews its leases from one thread every ``ttl_s / 3``. Release and renewal compare the
@@ -67,7 +71,9 @@ class Leases:
         self._renew = client.register_script(_RENEW)
         self._release_script = client.register_script(_RELEASE)
         self._held: dict[str, Lease] = {}
+        self._local: dict[str, Lease] = {}  # conversation -> the lease this process holds on it
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name="rxrt-leases", daemon=True)
         self._thread.start()
@@ -88,17 +94,35 @@ class Leases:
         token = uuid.uuid4().hex
         key = self._prefix + conversation_id
         deadline = time.monotonic() + wait_s
-        while not self._redis.set(key, token, nx=True, px=self._ttl_ms):
-            if time.monotonic() >= deadline:
-                raise ConversationBusyError(
-                    f"conversation {conversation_id!r}: another turn of it is still running "
-                    f"(waited {wait_s:g} s for it to finish)"
-                )
-            time.sleep(self._poll_s)
-        lease = Lease(self, conversation_id, token)
+        with self._released:  # held here already: wait for its release without polling Redis
+            while conversation_id in self._local:
+                if not self._released.wait(max(0.0, deadline - time.monotonic())):
+                    raise self._busy(conversation_id, wait_s)
+            self._local[conversation_id] = Lease(self, conversation_id, token)  # reserved
+        try:
+            self._take(key, token, conversation_id, deadline, wait_s)
+        except BaseException:
+            with self._released:
+                self._local.pop(conversation_id, None)
+                self._released.notify_all()
+            raise
+        lease = self._local[conversation_id]
         with self._lock:
             self._held[token] = lease
         return lease
+
+    def _take(self, key: str, token: str, conversation_id: str, deadline: float, wait_s: float) -> None:
+        while not self._redis.set(key, token, nx=True, px=self._ttl_ms):
+            if time.monotonic() >= deadline:
+                raise self._busy(conversation_id, wait_s)
+            time.sleep(self._poll_s)
+
+    @staticmethod
+    def _busy(conversation_id: str, wait_s: float) -> ConversationBusyError:
+        return ConversationBusyError(
+            f"conversation {conversation_id!r}: another turn of it is still running "
+            f"(waited {wait_s:g} s for it to finish)"
+        )
 
     def held(self) -> int:
         with self._lock:
@@ -116,6 +140,11 @@ class Leases:
             self._release_script(keys=[self._prefix + lease.conversation_id], args=[lease.token])
         except Exception as exc:  # Redis down: the lease lapses on its own after its TTL
             log.warning("could not release lease %r (%s); it lapses in %.0f s", lease.conversation_id, exc, self.ttl_s)
+        finally:
+            with self._released:
+                if self._local.get(lease.conversation_id) is lease:
+                    del self._local[lease.conversation_id]
+                self._released.notify_all()
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self._ttl_ms / 3000):
@@ -127,7 +156,10 @@ class Leases:
                     if not int(self._renew(keys=[key], args=[lease.token, self._ttl_ms])):
                         lease.lost = True
                         log.warning("the lease of conversation %r lapsed before its turn ended", lease.conversation_id)
-                        with self._lock:
+                        with self._released:
                             self._held.pop(lease.token, None)
+                            if self._local.get(lease.conversation_id) is lease:
+                                del self._local[lease.conversation_id]
+                            self._released.notify_all()
                 except Exception as exc:
                     log.warning("could not renew the lease of %r: %s", lease.conversation_id, exc)

@@ -92,11 +92,29 @@ class AsgiBridge:
                     pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
                     yield {"status": message["status"], "headers": pairs}
                 elif message["type"] == "http.response.body":
-                    if message.get("body"):
-                        yield bytes(message["body"])
-                    if not message.get("more_body", False):
+                    body_out, more = _coalesce(message, out)
+                    if body_out:
+                        yield body_out
+                    if not more:
                         return
         finally:
             gone.set()  # the consumer stopped reading, or the response is complete
             with contextlib.suppress(BaseException):
                 await asyncio.shield(task)
+
+
+def _coalesce(message: Message, out: asyncio.Queue[Message | None]) -> tuple[bytes, bool]:
+    """The body of ``message`` joined with the body messages already queued behind it.
+
+    Every chunk crosses two Ray hops (replica to ingress to proxy); sending what is ready as one
+    chunk, instead of one per server-sent event, cuts that cost without delaying anything."""
+    parts = [bytes(message.get("body", b""))]
+    more = bool(message.get("more_body", False))
+    while more and not out.empty():
+        following = out.get_nowait()
+        if following is None or following["type"] != "http.response.body":
+            out.put_nowait(following)  # not ours to take: put it back (it is the last item)
+            break
+        parts.append(bytes(following.get("body", b"")))
+        more = bool(following.get("more_body", False))
+    return b"".join(parts), more

@@ -68,6 +68,7 @@ class EngineReplica:
         from rxruntime.serving.http_shared import SharedConversations
         from rxruntime.stores import RedisStore, open_store
 
+        _threads_for_assigned_cpus()
         opened = open_store(store)
         if not isinstance(opened, RedisStore):
             raise ValueError(f"replicas share their memory through Redis: --store must be redis://..., not {store!r}")
@@ -165,6 +166,19 @@ class EngineReplica:
             with contextlib.suppress(Exception):  # closed or deleted meanwhile: nothing more will be written
                 await asyncio.to_thread(entry.conv.wait_for_memory, self._leases.ttl_s * 30)
         await asyncio.to_thread(lease.release)
+
+
+def _threads_for_assigned_cpus() -> None:
+    """As many torch threads as CPUs Serve reserved for this replica (``ray_actor_options``), so
+    replicas on one machine do not oversubscribe its cores; at least one."""
+    import math
+
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, math.floor(cpus)))
 
 
 def _error(error: APIError) -> list[dict[str, Any] | bytes]:
