@@ -176,7 +176,7 @@ def _threads_for_assigned_cpus() -> None:
     import ray
     import torch
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")  # type: ignore[no-untyped-call]
     if cpus:
         torch.set_num_threads(max(1, math.floor(cpus)))
 
