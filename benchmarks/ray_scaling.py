@@ -16,7 +16,9 @@ conversation, the next two continue it from its STM), through the official ``ope
 in this process. Reported per side: aggregate output tokens/s (all output tokens / wall time) and
 the client's time to first token (request sent to first text delta: ingress, routing, the lease
 and queueing included), p50 and p95, over every turn of every round. The sides are measured in
-ABBA order over ``--rounds`` so that load from other work on the machine hits them alike.
+ABBA order over ``--rounds`` so that load from other work on the machine hits them alike. After
+each measurement one conversation runs ``--alone-turns`` turns with nothing else in flight: its
+time to first token is the latency the path adds, apart from contention for the CPUs.
 """
 
 from __future__ import annotations
@@ -115,16 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=64)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--alone-turns", type=int, default=8, help="turns of one conversation alone, per measurement")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     from rxruntime.serving.ray_app import application, run
 
     runs: dict[str, list[tuple[float, list[TurnRecord]]]] = {"single": [], "ray-1": [], "ray-2": []}
+    alone: dict[str, list[float]] = {"single": [], "ray-1": [], "ray-2": []}
     load: list[float] = []
 
     def measure(side: str, url: str) -> None:
         load.append(os.getloadavg()[0])
         runs[side].append(asyncio.run(workload(url, args.conversations, args.turns)))
+        _, records = asyncio.run(workload(url, 1, args.alone_turns))  # one conversation, nothing else
+        alone[side] += [r.ttft_s for r in records if r.ttft_s is not None]
         print(side, json.dumps(summary(runs[side][-1:])), flush=True)
 
     started = time.time()
@@ -154,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             single.terminate()
             single.wait(30)
     sides = {side: summary(r) for side, r in runs.items()}
+    for side, ttfts in alone.items():
+        sides[side]["alone_ttft_p50_s"] = round(_pct(sorted(ttfts), 50), 4)
+        sides[side]["alone_ttft_p95_s"] = round(_pct(sorted(ttfts), 95), 4)
     base = sides["single"]["tokens_per_s"]
     result = {
         "benchmark": "ray_scaling",
@@ -167,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             "ray-2 / ray-1 tokens/s": round(sides["ray-2"]["tokens_per_s"] / sides["ray-1"]["tokens_per_s"], 3),
             "ray-1 / single p50 TTFT": round(sides["ray-1"]["ttft_p50_s"] / sides["single"]["ttft_p50_s"], 3),
             "ray-2 / single p50 TTFT": round(sides["ray-2"]["ttft_p50_s"] / sides["single"]["ttft_p50_s"], 3),
+            "ray-2 - single p50 TTFT of one conversation alone (s)": round(
+                sides["ray-2"]["alone_ttft_p50_s"] - sides["single"]["alone_ttft_p50_s"], 4
+            ),
         },
         "machine": {
             "cpus": os.cpu_count(),
