@@ -4,9 +4,11 @@
 
 A local Ray cluster on loopback with the engine deployment autoscaled between 1 and 2 replicas on
 ongoing requests per replica (short delays so that it fits in a minute or two), and a real
-``redis-server``. 32 conversations state a fact, then keep talking until Serve has added the
-second replica (or ``--load-s`` is up). The load stops; once Serve has removed a replica again
-(draining it), every conversation asks for its fact.
+``redis-server``. 32 clients each open conversations one after another (a fact, then two turns of
+small talk) until Serve has added the second replica and that replica has served some of them (or
+``--load-s`` is up): with affinity, a new replica takes new conversations while the old ones stay
+where they are warm. The load stops; once Serve has removed a replica again (draining it), every
+conversation opened asks for its fact.
 
 Checks: no turn failed at any point (scaling up or down costs no turn); every conversation
 recalls its fact after the scale-down; every stream whole (each event once, in order). Reports the
@@ -54,7 +56,7 @@ AUTOSCALING = {
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--conversations", type=int, default=32)
+    p.add_argument("--clients", type=int, default=32)
     p.add_argument("--load-s", type=float, default=90.0, help="longest the load runs waiting for the scale-up")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -70,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def run(rs: LocalRayServe, args: argparse.Namespace) -> dict[str, Any]:
     client = openai.AsyncOpenAI(api_key="unused", base_url=f"{rs.url}/v1", max_retries=0, timeout=300)
-    n = args.conversations
-    facts = [FACTS[i % len(FACTS)] for i in range(n)]
+    n = args.clients
     records: list[TurnRecord] = []
     counts: list[tuple[float, int]] = []
     started = time.perf_counter()
@@ -82,20 +83,29 @@ async def run(rs: LocalRayServe, args: argparse.Namespace) -> dict[str, Any]:
             counts.append((round(time.perf_counter() - started, 1), live))
         return live
 
-    firsts = await asyncio.gather(*(stream_turn(client, facts[i][0], temperature=0.0) for i in range(n)))
-    records += firsts
-    ids = [r.conversation for r in firsts]
+    opened: list[tuple[str, tuple[str, str, str]]] = []  # (conversation, its fact)
     scaled_up = asyncio.Event()
+    first_pids = set(rs.replica_pids())
+
+    def served_by_new_replica() -> bool:
+        return any(r.replica and int(r.replica.split("@")[0]) not in first_pids for r in records)
 
     async def talk(i: int) -> None:
-        t = 0
+        k = i
         while not scaled_up.is_set() and time.perf_counter() - started < args.load_s:
-            records.append(await stream_turn(client, SMALL_TALK[t % 3], ids[i], temperature=0.0))
-            t += 1
+            fact = FACTS[k % len(FACTS)]
+            k += n
+            first = await stream_turn(client, fact[0], temperature=0.0)
+            records.append(first)
+            if first.conversation is None:
+                continue
+            opened.append((first.conversation, fact))
+            for t in range(2):
+                records.append(await stream_turn(client, SMALL_TALK[t], first.conversation, temperature=0.0))
 
     async def watch() -> None:
         while not scaled_up.is_set() and time.perf_counter() - started < args.load_s:
-            if await asyncio.to_thread(note) >= 2:
+            if await asyncio.to_thread(note) >= 2 and served_by_new_replica():
                 scaled_up.set()
             await asyncio.sleep(0.5)
 
@@ -106,28 +116,29 @@ async def run(rs: LocalRayServe, args: argparse.Namespace) -> dict[str, Any]:
     while await asyncio.to_thread(note) > 1 and time.perf_counter() < deadline:  # idle: Serve scales down
         await asyncio.sleep(0.5)
     survivor = f"{rs.replica_pids()[0]}@" if len(rs.replica_pids()) == 1 else None
-    moved = sum(1 for cid in ids if survivor is not None and not str(homes.get(cid, "")).startswith(survivor))
-    recalls = await asyncio.gather(*(stream_turn(client, facts[i][1], ids[i], temperature=0.0) for i in range(n)))
+    moved = sum(1 for cid, _ in opened if survivor is not None and not str(homes.get(cid, "")).startswith(survivor))
+    recalls = await asyncio.gather(*(stream_turn(client, fact[1], cid, temperature=0.0) for cid, fact in opened))
     records += recalls
     failures = [f"{r.conversation} {r.query!r}: {r.error}" for r in records if not r.ok]
     failures += [f"{r.conversation}: {p}" for r in records for p in r.problems()]
     failures += [
-        f"conversation {i} forgot {facts[i][2]!r}: {recalls[i].text!r}"
-        for i in range(n)
-        if recalls[i].ok and facts[i][2] not in recalls[i].text
+        f"conversation {cid} forgot {fact[2]!r}: {recall.text!r}"
+        for (cid, fact), recall in zip(opened, recalls)
+        if recall.ok and fact[2] not in recall.text
     ]
     with urllib.request.urlopen(f"{rs.url}/metrics", timeout=60) as response:
         metrics = response.read().decode().splitlines()
     return {
         "scenario": "ray_autoscale",
         "autoscaling_config": AUTOSCALING,
-        "conversations": n,
+        "clients": n,
+        "conversations": len(opened),
         "turns": len(records),
         "replica_counts_over_time_s": counts,
         "peak_replicas": peak,
         "scaled_down_to_1": len(rs.replica_pids()) == 1,
         "conversations_last_served_by_the_removed_replica": moved,
-        "recalled_after_scale_down": sum(1 for i in range(n) if recalls[i].ok and facts[i][2] in recalls[i].text),
+        "recalled_after_scale_down": sum(1 for (_, f), r in zip(opened, recalls) if r.ok and f[2] in r.text),
         "affinity": {line.split()[0]: float(line.split()[1]) for line in metrics if line.startswith("rxrt_affinity")},
         "wall_s": round(time.perf_counter() - started, 1),
         "failures": failures[:20],
