@@ -115,6 +115,7 @@ def test_every_conversation_keeps_its_memory_through_a_replica_killed_mid_turn(c
     for fact, _, _ in FACTS:
         _, cid, replica = turn(c, fact)
         convs.append((cid, replica))
+    time.sleep(1.0)  # a replica reports new ids to Serve's routers every 0.1 s, asynchronously
     for cid, replica in convs:  # affinity: the next turn goes to the replica holding the STM
         answer, events = streamed_turn(c, FILLER, cid)
         assert "8" in answer
