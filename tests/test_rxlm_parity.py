@@ -207,3 +207,20 @@ def test_decode_paths_agree(case: Path) -> None:
     assert n > 0
     for path, logits in outputs:  # RxLM's logits for turn 1's tokens 2..n+1
         assert (logits - exp["turn1_step_logits"][1 : n + 1]).abs().max().item() < TOL, path
+
+
+BETA_LAYOUTS = [c for c in SUPPORTED if c.parent.name.startswith("0.3") and "beta" in c.name]
+
+
+@pytest.mark.parametrize("case", BETA_LAYOUTS, ids=_id)
+def test_c_step_steps_aside_on_beta_layouts_and_says_why(case: Path) -> None:
+    """RxT-Beta's RxLM 0.3 layouts are not the C step's: the benchmarks' ``c_decode_step`` note
+    names the reason (the engine then runs the torch step; the engine test above proves its tokens)."""
+    from rxruntime.bench.decode import c_step_note
+    from rxruntime.models import native
+
+    model = _load(case)
+    reason = native.layout_reason(model)
+    prefix = "layout not covered by the C step: "
+    assert reason is not None and reason.startswith(prefix) and len(reason) > len(prefix)
+    assert c_step_note(model) == f"not used: {native.unavailable_reason() or reason}"
