@@ -12,7 +12,9 @@ tests/fixtures/rxlm/README.md::
     /work/venvs/rxlm-0.3.80/bin/python scripts/rxlm_fixtures.py --out tests/fixtures/rxlm
 
 Deterministic: every case seeds torch from its name; the tokenizer is trained by RxLM's own
-``TokenizerTrainer`` on the fixed corpus below. Workarounds for RxLM 0.3.80 bugs (its
+``TokenizerTrainer`` on the fixed corpus below (given the byte-level decoder RxLM leaves out).
+RxTBeta 0.3 cases run Beta's own ``interact`` template (``thinking_mode``), and the
+``system_first`` ones read a system prompt into memory before their turns. Workarounds for RxLM 0.3.80 bugs (its
 ``prepare_stm_kv_cache`` calls ``split_kv_head`` with one argument too many; its
 ``reset_self_attn_cache`` iterates ``stateless_layers`` even when there are none) are applied
 to the instance and listed in each case's expected.json under ``workarounds``.
