@@ -11,6 +11,7 @@ bytes are complete.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class RxTokenizer:
         self.tokenizer = tokenizer
         self.interaction_template: InteractionTemplate = "alpha"
         self.system_prompt_title = "SYSTEM INSTRUCTIONS"
-        if tokenizer.decoder is None and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel):
+        if tokenizer.decoder is None and _byte_level(tokenizer.pre_tokenizer):
             # A byte-level BPE without its decoder (as RxLM's TokenizerTrainer writes them) would
             # decode to its byte symbols ("Ġ" for a space); the byte-level decoder inverts them.
             tokenizer.decoder = decoders.ByteLevel()
@@ -175,6 +176,19 @@ class RxTokenizer:
 
     def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
+
+
+def _byte_level(pre: pre_tokenizers.PreTokenizer | None) -> bool:
+    """Whether a pre-tokenizer maps text to byte symbols (ByteLevel, alone or in a Sequence)."""
+    if pre is None:
+        return False
+
+    def walk(state: dict[str, object]) -> bool:
+        inner = state.get("pretokenizers")
+        nested = [walk(x) for x in inner if isinstance(x, dict)] if isinstance(inner, list) else []
+        return state.get("type") == "ByteLevel" or any(nested)
+
+    return walk(json.loads(pre.__getstate__()))
 
 
 class IncrementalDecoder:

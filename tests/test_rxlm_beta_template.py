@@ -146,3 +146,21 @@ def test_engine_answers_are_readable_without_a_decoder_in_the_file(tmp_path: Pat
     with rxruntime.load(case, device="cpu") as engine:
         answer = engine.conversation(seed=1).ask("Tell me a story about the sea.", max_new_tokens=12)
     assert answer and "Ġ" not in answer and "Ċ" not in answer
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_byte_level_tokenizer_without_decoder_gets_one_and_others_keep_theirs(nested: bool) -> None:
+    from tokenizers import decoders, pre_tokenizers
+
+    from rxruntime.models.tokenizer import RxTokenizer
+
+    tok = RxTokenizer.train(["the sea is calm and the wind is soft"] * 4, vocab_size=300).tokenizer
+    tok.decoder = None
+    if nested:  # GPT-style: a split, then the byte mapping
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(), pre_tokenizers.ByteLevel()])
+    assert "Ġ" in tok.decode(tok.encode("the sea").ids)
+    assert RxTokenizer(tok).decode(tok.encode("the sea").ids) == "the sea"
+    kept = decoders.Metaspace()
+    tok.decoder = kept
+    RxTokenizer(tok)
+    assert json.loads(tok.decoder.__getstate__())["type"] == "Metaspace"  # a decoder the file has is kept
