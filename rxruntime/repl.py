@@ -131,7 +131,10 @@ class ChatREPL:
         except RxTError as exc:
             self._error(exc)
             return
-        self._write("rxt> ")
+        # An extended-thinking turn writes its thinking, then an [A] of its own, then the answer:
+        # the text drops special tokens, so the REPL marks where each part starts.
+        thinking = self.thinking_mode == "extended"
+        self._write("rxt> [thinking] " if thinking else "rxt> ")
         try:
             while True:
                 item = events.get()
@@ -142,6 +145,9 @@ class ChatREPL:
                     self._error(item)
                     return
                 if isinstance(item, Token):
+                    if thinking and item.token_id == self.engine.tokenizer.special.answer_id:
+                        thinking = False
+                        self._write("\n[answer] ")
                     self._write(item.text)
                 elif isinstance(item, InteractionFailed):
                     continue  # its typed error follows
