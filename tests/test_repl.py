@@ -40,7 +40,7 @@ def spawn_chat(tmp_path: Path, *args: str) -> pexpect.spawn:
         env=env,
         cwd=str(tmp_path),
         encoding="utf-8",
-        timeout=60,
+        timeout=120,  # generous: CI and shared machines can be heavily loaded
         dimensions=(50, 200),
     )
 
