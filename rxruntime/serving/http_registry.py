@@ -184,10 +184,6 @@ class Registry:
             except Exception:  # the answer is out; only an older previous_response_id check is weakened
                 self._metrics.store_errors.inc()
 
-    def is_open(self, conversation_id: str) -> bool:
-        with self._lock:
-            return conversation_id in self._entries
-
     def refresh(self, engine: Engine, conversation_id: str) -> bool:
         """True if this process holds the conversation open with the store's latest memory.
 
@@ -212,10 +208,6 @@ class Registry:
         with contextlib.suppress(RxTError):
             entry.conv.close()
         return False
-
-    def open_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._entries)
 
     def entry(self, conversation_id: str) -> Entry | None:
         with self._lock:
