@@ -75,11 +75,11 @@ async def _rest(chunks: Any, events: bool, path: str) -> AsyncIterator[bytes]:
     except _FAILURES as exc:
         log.warning("%s: replica failed mid-response: %s", path, exc)
         if events:
-            for event in _stream_failure(path, replica_failed(exc)):
+            for event in failure_events(path, replica_failed(exc)):
                 yield event
 
 
-def _stream_failure(path: str, message: str) -> list[bytes]:
+def failure_events(path: str, message: str) -> list[bytes]:
     """The events that end a server-sent event stream whose replica died, in that API's shape."""
     error = {"message": message, "type": "server_error", "param": None, "code": "replica_failed"}
     if path == "/v1/chat/completions":
