@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,28 @@ def test_forced_scalar_build_agrees_with_the_vector_build(monkeypatch: pytest.Mo
     scalar_bf = _steps(bf, PROMPTS, steps=6)
     monkeypatch.delenv("RXRT_NATIVE_ISA")
     _close(_steps(bf, PROMPTS, steps=6), scalar_bf)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+
+
+@needs_cc
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="the AVX2 build needs a CPU with AVX2 and FMA")
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+def test_avx2_build_agrees_with_the_scalar_build(monkeypatch: pytest.MonkeyPatch, weights: str) -> None:
+    """The AVX2 loops (what a CPU without AVX-512 runs), checked on any AVX2 machine."""
+    model = biased_mqa_model(seed=46)
+    set_weight_format(model, weights)  # type: ignore[arg-type]
+    monkeypatch.setenv("RXRT_NATIVE_ISA", "avx2")
+    assert native.isa() == "avx2"
+    avx2 = _steps(model, PROMPTS, steps=6)
+    monkeypatch.setenv("RXRT_NATIVE_ISA", "scalar")
+    _close(_steps(model, PROMPTS, steps=6), avx2)
 
 
 @needs_cc

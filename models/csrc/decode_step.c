@@ -34,7 +34,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if !defined(RXRT_SCALAR) && (defined(__AVX512F__) || defined(__AVX2__))
+#if !defined(RXRT_SCALAR) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)))
 #include <immintrin.h>
 #endif
 
@@ -42,7 +42,7 @@
 #define RXRT_ISA "scalar (forced)"
 #elif defined(__AVX512F__)
 #define RXRT_ISA "avx512"
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && defined(__FMA__)
 #define RXRT_ISA "avx2"
 #else
 #define RXRT_ISA "scalar"
@@ -123,7 +123,7 @@ static void fma4_bf16(float *restrict acc, const uint16_t *r0, const uint16_t *r
         s = _mm512_fmadd_ps(v3, BF16x16(r3), s);
         _mm512_storeu_ps(acc + c, s);
     }
-#elif !defined(RXRT_SCALAR) && defined(__AVX2__)
+#elif !defined(RXRT_SCALAR) && defined(__AVX2__) && defined(__FMA__)
 #define BF16x8(r) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)((r) + c))), 16))
     const __m256 v0 = _mm256_set1_ps(a0), v1 = _mm256_set1_ps(a1), v2 = _mm256_set1_ps(a2), v3 = _mm256_set1_ps(a3);
     for (; c + 8 <= n; c += 8) {
@@ -155,7 +155,7 @@ static void fma4_i8(float *restrict acc, const int8_t *r0, const int8_t *r1, con
         s = _mm512_fmadd_ps(v3, I8x16(r3), s);
         _mm512_storeu_ps(acc + c, s);
     }
-#elif !defined(RXRT_SCALAR) && defined(__AVX2__)
+#elif !defined(RXRT_SCALAR) && defined(__AVX2__) && defined(__FMA__)
 #define I8x8(r) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)((r) + c))))
     const __m256 v0 = _mm256_set1_ps(a0), v1 = _mm256_set1_ps(a1), v2 = _mm256_set1_ps(a2), v3 = _mm256_set1_ps(a3);
     for (; c + 8 <= n; c += 8) {
