@@ -59,7 +59,7 @@ async def _drain_scenario(url: str) -> tuple[str, int, bool, bool]:
     assert status == 200 and answered["status"] == "completed", answered
     owed = await asyncio.to_thread(updating.wait, 30)
     # the update of this turn is running (and sleeping): shut the replica down now
-    await replica.__del__()  # type: ignore[misc]
+    await replica.__del__()
     store = open_store(url)
     try:
         state = store.get(cid)
