@@ -40,7 +40,7 @@ async def _drain_scenario(url: str) -> tuple[str, int, bool, bool]:
     async def warm(key: str) -> None:  # Serve's multiplexing bookkeeping: absent outside a cluster
         return None
 
-    replica.warm = warm  # type: ignore[method-assign]
+    replica.warm = warm
     engine = replica._ctx.slot.engine
     real = engine.model.memory_update
     updating = threading.Event()
