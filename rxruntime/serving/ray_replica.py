@@ -176,6 +176,8 @@ def _threads_for_assigned_cpus() -> None:
     import ray
     import torch
 
+    if not ray.is_initialized():  # not inside a Ray worker (the drain test builds a replica in-process)
+        return
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")  # type: ignore[no-untyped-call]
     if cpus:
         torch.set_num_threads(max(1, math.floor(cpus)))
