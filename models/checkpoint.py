@@ -151,6 +151,10 @@ def load_pretrained(
             raise MissingCheckpointFileError(tok_path, "missing tokenizer file")
         special = config.special_tokens if config.tokenizer_template == "rxlm" else None
         tokenizer = RxTokenizer.from_file(tok_path, special)
+        try:
+            tokenizer.use_template(config)
+        except TokenizerError as exc:
+            raise CheckpointMismatchError(tok_path, str(exc)) from exc
         if tokenizer.vocab_size > config.vocab_size:
             raise CheckpointMismatchError(
                 tok_path,

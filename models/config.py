@@ -38,6 +38,8 @@ FinalNorm = Literal["rms", "layer", "none"]
 MemoryNormType = Literal["rmsnorm", "gated-rms", "gated-adaptive-rms", "gated-positional", "gated-layer"]
 StatelessLayer = Literal["dense", "moe"]
 FfnActivation = Literal["silu", "gelu", "relu", "sigmoid", "tanh", "identity"]
+InteractionTemplate = Literal["alpha", "beta"]
+ThinkingMode = Literal["fast", "extended"]
 AttentionGate = Literal["none", "silu", "gelu", "relu", "sigmoid", "tanh", "identity"]
 
 CONFIG_FORMAT = "rxruntime.rxt/1"
@@ -183,6 +185,8 @@ class SpecialTokens:
     query_id: int = 4
     answer_id: int = 5
     think_id: int | None = 6
+    internal_id: int | None = None
+    """``[I]``, which opens RxT-Beta's system prompt (``interaction_template: beta``)."""
 
 
 @dataclass
@@ -214,6 +218,16 @@ class RxTConfig:
     """How the tokenizer is read: ``rxt``: our special tokens at ids 0..6; ``rxlm``: the ids in
     ``special_tokens``, text tokenised as RxLM's transformers wrapper does (no byte-level prefix
     space, the template tokens and the query as one string)."""
+    interaction_template: InteractionTemplate = "alpha"
+    """The token sequences of a turn and of a system text. ``alpha``: the decoder is prompted
+    with ``[BOS] [Q] query [A]`` and a system text enters memory as the interaction
+    ``[BOS] [Q] text [A] [EOS]``. ``beta`` (RxLM 0.3's ``RxTBeta``): the prompt ends with the
+    turn's thinking mode token instead (``[A]`` for ``fast``, ``[T]`` for ``extended``: the
+    model thinks, then answers after an ``[A]`` it writes itself), and a system text enters
+    memory as ``[BOS] [I] {system_prompt_title}\n\n text [EOS]``. The memory update reads the
+    prompt and the answer as generated in both."""
+    system_prompt_title: str = "SYSTEM INSTRUCTIONS"
+    """The heading of a system text under the ``beta`` template (RxTBeta's ``system_prompt_title``)."""
     eos_after_truncated_answer: bool = True
     """Whether the memory update reads an ``[EOS]`` after an answer the length limit cut off
     (ours: yes, every interaction is closed; RxLM: no, it encodes exactly the sampled tokens)."""
@@ -236,6 +250,13 @@ class RxTConfig:
             raise ConfigError(f"norm_eps must be > 0 or null (torch's default), got {self.norm_eps}")
         _choice("rope_pairing", self.rope_pairing, RopePairing)
         _choice("tokenizer_template", self.tokenizer_template, Literal["rxt", "rxlm"])
+        _choice("interaction_template", self.interaction_template, InteractionTemplate)
+        if self.interaction_template == "beta":
+            for token in ("think_id", "internal_id"):
+                if getattr(self.special_tokens, token) is None:
+                    raise ConfigError(f"interaction_template='beta' needs special_tokens.{token} (its [T]/[I] token)")
+        if not isinstance(self.system_prompt_title, str):
+            raise ConfigError(f"system_prompt_title must be a string, got {type(self.system_prompt_title).__name__}")
         if self.stm_init_std < 0:
             raise ConfigError(f"stm_init_std must be >= 0, got {self.stm_init_std}")
         d, e, m = self.decoder, self.encoder, self.memory_attention

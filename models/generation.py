@@ -4,7 +4,10 @@
 one row: its self-attention KV cache, its memory cross-attention keys/values (computed from its
 STM once, when it joins), its position and its sampler settings. Active rows are kept contiguous
 (rows ``0 .. n-1``): a leaving row is replaced by the last one, so a step always runs on a prefix
-of fixed-size buffers. The runtime's engine drives it; :func:`generate` is the plain loop for
+of the buffers. The big buffers (KV cache, memory keys/values: about 12 MiB a row at alpha-mini)
+hold only as many rows as are active, rounded up to a power of two: they double when a join
+needs more and halve when three quarters stand empty, so an engine sized for 256 conversations
+costs memory for the ones it serves. The runtime's engine drives it; :func:`generate` is the plain loop for
 scripts, tests and benchmarks.
 """
 
@@ -48,17 +51,7 @@ class DecodeBatch:
         if decode_layout:
             model.use_decode_layout()
         device = model.device
-        self.cache = model.new_cache(capacity, self.max_len)
-        cfg = model.config
-        d = cfg.decoder
-        kv_shape = (capacity, d.cross_kv_heads, cfg.stm_size, cfg.dim // d.num_heads)
-        self.memory_kv = [
-            (
-                torch.zeros(kv_shape, device=device, dtype=model.dtype),
-                torch.zeros(kv_shape, device=device, dtype=model.dtype),
-            )
-            for _ in range(cfg.num_layers)
-        ]
+        self.cache, self.memory_kv = self._buffers(min(capacity, 1))
         self.sampler = BatchSampler(capacity, device=device)
         self.next_position = torch.zeros(capacity, dtype=torch.long, device=device)
         self.next_token = torch.zeros(capacity, dtype=torch.long, device=device)
@@ -76,6 +69,39 @@ class DecodeBatch:
     def size(self) -> int:
         return len(self.keys)
 
+    @property
+    def allocated_rows(self) -> int:
+        """Rows the KV cache and memory keys/values hold now (``size`` <= this <= ``capacity``)."""
+        return self.cache.rows
+
+    def _buffers(self, rows: int) -> tuple[KVCache, list[tuple[Tensor, Tensor]]]:
+        """Zeroed KV cache and memory keys/values for ``rows`` rows: ordinary tensors even when a
+        join (in inference mode) grows them, so that :meth:`leave` may write to them anywhere."""
+        model, cfg = self.model, self.model.config
+        d = cfg.decoder
+        kv_shape = (rows, d.cross_kv_heads, cfg.stm_size, cfg.dim // d.num_heads)
+        with torch.inference_mode(False):
+            memory_kv = [
+                (
+                    torch.zeros(kv_shape, device=model.device, dtype=model.dtype),
+                    torch.zeros(kv_shape, device=model.device, dtype=model.dtype),
+                )
+                for _ in range(cfg.num_layers)
+            ]
+            return model.new_cache(rows, self.max_len), memory_kv
+
+    def _resize(self, rows: int) -> None:
+        """Move the active rows into buffers of ``rows`` rows (the old ones are freed)."""
+        cache, memory_kv = self._buffers(rows)
+        n = self.size
+        cache.k[:, :n] = self.cache.k[:, :n]
+        cache.v[:, :n] = self.cache.v[:, :n]
+        for (k, v), (old_k, old_v) in zip(memory_kv, self.memory_kv):
+            k[:n] = old_k[:n]
+            v[:n] = old_v[:n]
+        self.cache, self.memory_kv = cache, memory_kv
+        self._step_views = {}
+
     def row_of(self, key: Hashable) -> int:
         return self.keys.index(key)
 
@@ -90,6 +116,11 @@ class DecodeBatch:
             if not 0 < len(r.prompt) < self.max_len:
                 raise ValueError(f"prompt of {len(r.prompt)} tokens does not fit a {self.max_len}-token cache")
         start, stop = self.size, self.size + len(requests)
+        if stop > self.allocated_rows:
+            rows = self.allocated_rows
+            while rows < stop:
+                rows *= 2
+            self._resize(min(rows, self.capacity))
         device = self.model.device
         lengths = torch.tensor([len(r.prompt) for r in requests], device=device)
         ids = torch.full((len(requests), int(lengths.max())), self.model.config.special_tokens.pad_id, device=device)
@@ -167,6 +198,8 @@ class DecodeBatch:
             self.keys[row] = self.keys[last]
             self._host_position[row] = self._host_position[last]
         self.keys.pop()
+        if self.allocated_rows > 1 and 4 * self.size <= self.allocated_rows:
+            self._resize(self.allocated_rows // 2)
 
     def _memory_kv(self, start: int, stop: int) -> list[tuple[Tensor, Tensor]]:
         return [(k[start:stop], v[start:stop]) for k, v in self.memory_kv]

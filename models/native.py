@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
+from .quantize import WeightFormat, quantize_int8
 
 if TYPE_CHECKING:
     from .rxt import RxTModel
@@ -48,34 +49,25 @@ MAX_ROWS = 16
 weight across rows from cache, win (alpha-mini, 2 cores: 1.3x faster at 16 rows, 0.93x at 32)."""
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_step.c"
-_F = ctypes.POINTER(ctypes.c_float)
+_P = ctypes.c_void_p
+_WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "int8": 2}
+
+
+class _Mat(ctypes.Structure):
+    """A weight matrix as the C step reads it: data, int8 block scales (or NULL), row stride, format."""
+
+    _fields_ = [("w", _P), ("scale", _P), ("ld", ctypes.c_int64), ("type", ctypes.c_int64)]
+
+
+_MATS = ["qkv", "o", "cq", "co", "w_in", "w_out"]
+_VECTORS = ["self_norm", "qkv_bias", "o_bias", "cross_norm", "cq_bias", "co_bias", "ffn_norm", "router"]
+_VECTORS += ["b_in", "b_out"]
 
 
 class _Layer(ctypes.Structure):
     _fields_ = [
-        (name, _F)
-        for name in [
-            "self_norm",
-            "qkv",
-            "qkv_bias",
-            "o",
-            "o_bias",
-            "cross_norm",
-            "cq",
-            "cq_bias",
-            "co",
-            "co_bias",
-            "ffn_norm",
-            "router",
-            "w_in",
-            "w_out",
-            "b_in",
-            "b_out",
-            "k_cache",
-            "v_cache",
-            "mem_k",
-            "mem_v",
-        ]
+        *[(name, _Mat) for name in _MATS],
+        *[(name, _P) for name in [*_VECTORS, "k_cache", "v_cache", "mem_k", "mem_v"]],
     ]
 
 
@@ -98,9 +90,6 @@ class _Model(ctypes.Structure):
                 "max_len",
                 "stm",
                 "n_positions",
-                "ld_qkv",
-                "ld_cq",
-                "ld_head",
                 "cache_row",
                 "mem_row",
                 "rope_mode",
@@ -108,7 +97,8 @@ class _Model(ctypes.Structure):
             ]
         ],
         ("eps", ctypes.c_float),
-        *[(name, _F) for name in ["embedding", "final_norm", "lm_head", "cos", "sin", "head_bias"]],
+        ("lm_head", _Mat),
+        *[(name, _P) for name in ["embedding", "final_norm", "cos", "sin", "head_bias"]],
         ("layers", ctypes.POINTER(_Layer)),
     ]
 
@@ -119,13 +109,21 @@ class NativeUnavailable(RuntimeError):
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
+_libraries: dict[str, ctypes.CDLL] = {}
+_failures: dict[str, str] = {}
 
 
 def cache_dir() -> Path:
     root = os.environ.get("RXRT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rxruntime")
     return Path(root) / "native"
+
+
+def variant() -> str:
+    """Which build the C step runs (``RXRT_NATIVE_ISA``): ``"native"`` (vector code for this CPU,
+    the default), ``"avx2"`` (the AVX2 code even on an AVX-512 CPU) or ``"scalar"`` (plain loops,
+    no vector instructions at all), so every fallback can be checked on one machine."""
+    which = os.environ.get("RXRT_NATIVE_ISA", "native")
+    return which if which in ("avx2", "scalar") else "native"
 
 
 def _openmp_runtime() -> Path | None:
@@ -147,14 +145,23 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def build(force: bool = False) -> Path:
+def build(force: bool = False, which: str | None = None) -> Path:
     """Compile the C step (once; later calls find it in :func:`cache_dir`). Raises
-    :class:`NativeUnavailable` with the compiler's message when it cannot."""
+    :class:`NativeUnavailable` with the compiler's message when it cannot.
+
+    ``-march=native`` lets the compiler use what this CPU has (AVX2, AVX-512), and the C file
+    picks its vector code from the macros that sets; ``which`` is a :func:`variant`.
+    """
+    which = which or variant()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise NativeUnavailable("no C compiler found (set CC, or install gcc)")
     runtime = _openmp_runtime()
     flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-Wall"]
+    if which == "scalar":
+        flags += ["-DRXRT_SCALAR", "-fno-tree-vectorize"]
+    elif which == "avx2":  # an AVX2 + FMA CPU without AVX-512 (Haswell's set), for the tests
+        flags[1] = "-march=haswell"
     link = [] if runtime is None else [str(runtime), f"-Wl,-rpath,{runtime.parent}"]
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(
@@ -181,23 +188,25 @@ def build(force: bool = False) -> Path:
 
 
 def library() -> ctypes.CDLL:
-    """The loaded C step (built on first use); :class:`NativeUnavailable` when it cannot be."""
-    global _library, _failure
+    """The loaded C step of :func:`variant` (built on first use); :class:`NativeUnavailable`
+    when it cannot be."""
+    which = variant()
     with _lock:
-        if _library is not None:
-            return _library
-        if _failure is not None:
-            raise NativeUnavailable(_failure)
+        if which in _libraries:
+            return _libraries[which]
+        if which in _failures:
+            raise NativeUnavailable(_failures[which])
         try:
             try:
-                lib = ctypes.CDLL(str(build()))
+                lib = ctypes.CDLL(str(build(which=which)))
             except OSError:  # a damaged cached library: build it again, once
-                lib = ctypes.CDLL(str(build(force=True)))
+                lib = ctypes.CDLL(str(build(force=True, which=which)))
             fn = lib.rxt_decode_step
+            isa = lib.rxt_isa
         except (NativeUnavailable, OSError, AttributeError) as err:
-            _failure = str(err)
-            log.warning("the C decode step is unavailable, decoding runs the torch step: %s", _failure)
-            raise NativeUnavailable(_failure) from None
+            _failures[which] = str(err)
+            log.warning("the C decode step is unavailable, decoding runs the torch step: %s", err)
+            raise NativeUnavailable(str(err)) from None
         fn.argtypes = [
             ctypes.POINTER(_Model),
             ctypes.c_int,
@@ -207,8 +216,14 @@ def library() -> ctypes.CDLL:
             ctypes.c_int,
         ]
         fn.restype = ctypes.c_int
-        _library = lib
+        isa.restype = ctypes.c_char_p
+        _libraries[which] = lib
         return lib
+
+
+def isa() -> str:
+    """The vector code the loaded C step runs: "avx512", "avx2", "scalar" or "scalar (forced)"."""
+    return str(library().rxt_isa().decode())
 
 
 def enabled() -> bool:
@@ -233,8 +248,25 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _ptr(t: Tensor | None) -> ctypes._Pointer[ctypes.c_float] | None:
-    return None if t is None else ctypes.cast(t.data_ptr(), _F)
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _mat(matrix: Tensor, weights: WeightFormat, keep: list[Tensor]) -> _Mat:
+    """``matrix`` (rows, cols), input-major with unit column stride, as a :class:`_Mat` of the
+    format: float32 in place (its row stride as ``ld``), or a contiguous bf16 / int8 copy of the
+    whole rows (``keep`` holds the copies alive while the struct points at them)."""
+    rows, ld = matrix.shape[0], matrix.stride(0)
+    whole = matrix.as_strided((rows, ld), (ld, 1))  # the full rows: a block never straddles a view's edge
+    if weights == "fp32":
+        return _Mat(matrix.data_ptr(), None, ld, _WEIGHT_TYPES["fp32"])
+    if weights == "bf16":
+        copy = whole.to(torch.bfloat16).contiguous()
+        keep.append(copy)
+        return _Mat(copy.data_ptr(), None, ld, _WEIGHT_TYPES["bf16"])
+    q, scales = quantize_int8(whole)
+    keep += [q, scales]
+    return _Mat(q.data_ptr(), scales.data_ptr(), ld, _WEIGHT_TYPES["int8"])
 
 
 def _input_major(weight: Tensor, rows: int, cols: int) -> int | None:
@@ -283,7 +315,8 @@ class NativeDecoder:
     def __init__(self, model: RxTModel) -> None:
         self._model = weakref.ref(model)  # held in a side table keyed by the model: no cycle
         self._weights: list[Tensor | None] = []
-        self._weight_ptrs: tuple[int, ...] = ()
+        self._weight_key: tuple[object, ...] = ()
+        self._copies: list[Tensor] = []
         self._buffers_key: tuple[object, ...] = ()
         self._struct: _Model | None = None
         self._layers: ctypes.Array[_Layer] | None = None
@@ -343,8 +376,9 @@ class NativeDecoder:
             ]
         return out
 
-    def _bind_weights(self, weights: list[Tensor | None]) -> bool:
-        """Fill the C structs from the weights; False when a layout is not the expected one."""
+    def _bind_weights(self, weights: list[Tensor | None], fmt: WeightFormat) -> bool:
+        """Fill the C structs from the weights (copied to ``fmt`` unless it is fp32); False when a
+        layout is not the expected one."""
         m = self.model
         cfg, d = m.config, m.config.decoder
         dim, hd = cfg.dim, cfg.dim // d.num_heads
@@ -369,8 +403,8 @@ class NativeDecoder:
         if head_bias is not None and not head_bias.is_contiguous():
             return False
         qkv_cols = (d.self_q_heads + 2 * d.self_kv_heads) * hd
-        layers = (_Layer * cfg.num_layers)()
-        ld_qkv = ld_cq = 0
+        h = d.expert_ffn_dim
+        planned: list[tuple[list[Tensor], list[int | None]]] = []
         for i in range(cfg.num_layers):
             sn, qkv, qkv_b, o, o_b, cn, cq, cq_b, co, co_b, fn, router, w_in, w_out, b_in, b_out = weights[
                 6 + 16 * i : 22 + 16 * i
@@ -385,28 +419,37 @@ class NativeDecoder:
             lco = _input_major(co, d.cross_q_heads * hd, dim)
             if lq is None or lc is None or lo != dim or lco != dim:
                 return False
-            h = d.expert_ffn_dim
             if w_in.stride() != (2 * h * dim, 1, 2 * h) or w_out.stride() != (h * dim, 1, dim):
                 return False
             if not (router.is_contiguous() and sn.is_contiguous() and cn.is_contiguous() and fn.is_contiguous()):
                 return False
             if any(b is not None and not b.is_contiguous() for b in (b_in, b_out)):
                 return False
-            ld_qkv, ld_cq = lq, lc
-            layers[i] = _Layer(
-                _ptr(sn), _ptr(qkv), _ptr(qkv_b), _ptr(o), _ptr(o_b), _ptr(cn), _ptr(cq), _ptr(cq_b),
-                _ptr(co), _ptr(co_b), _ptr(fn), _ptr(router), _ptr(w_in), _ptr(w_out), _ptr(b_in), _ptr(b_out),
-            )  # fmt: skip
+            experts = d.num_experts
+            mats = [
+                qkv,
+                cq,
+                o.t(),
+                co.t(),
+                w_in.transpose(1, 2).reshape(experts * dim, 2 * h),  # views: both are contiguous
+                w_out.transpose(1, 2).reshape(experts * h, dim),
+            ]
+            planned.append((mats, [_ptr(t) for t in (sn, qkv_b, o_b, cn, cq_b, co_b, fn, router, b_in, b_out)]))
+        keep: list[Tensor] = []
+        layers = (_Layer * cfg.num_layers)()
+        for i, (mats, vectors) in enumerate(planned):
+            qkv_m, cq_m, o_m, co_m, in_m, out_m = (_mat(t, fmt, keep) for t in mats)
+            layers[i] = _Layer(qkv_m, o_m, cq_m, co_m, in_m, out_m, *vectors)
         self._struct = _Model(
             n_layers=cfg.num_layers, dim=dim, head_dim=hd, hq=d.self_q_heads, hkv=d.self_kv_heads,
             cq=d.cross_q_heads, ckv=d.cross_kv_heads, n_experts=d.num_experts, top_k=d.experts_per_token,
-            hidden=d.expert_ffn_dim, vocab=cfg.vocab_size, n_positions=cos.shape[0], ld_qkv=ld_qkv,
-            ld_cq=ld_cq, ld_head=ld_head, rope_mode=_ROPE_MODES[cfg.rope_pairing],
-            rope_offset=d.step_position_offset, eps=float(eps.pop()), embedding=_ptr(emb),
-            final_norm=_ptr(final_norm), lm_head=_ptr(head), cos=_ptr(cos), sin=_ptr(sin),
-            head_bias=_ptr(head_bias), layers=layers,
+            hidden=d.expert_ffn_dim, vocab=cfg.vocab_size, n_positions=cos.shape[0],
+            rope_mode=_ROPE_MODES[cfg.rope_pairing], rope_offset=d.step_position_offset, eps=float(eps.pop()),
+            lm_head=_mat(head.t(), fmt, keep), embedding=_ptr(emb), final_norm=_ptr(final_norm), cos=_ptr(cos),
+            sin=_ptr(sin), head_bias=_ptr(head_bias), layers=layers,
         )  # fmt: skip
         self._layers = layers
+        self._copies = keep
         self._buffers_key = ()
         return True
 
@@ -468,16 +511,19 @@ class NativeDecoder:
         if n > MAX_ROWS or tokens.dtype != torch.long or positions.dtype != torch.long:
             return None
         weights = self._collect()
-        ptrs = tuple(0 if w is None else w.data_ptr() for w in weights)
+        fmt = self.model.weight_format
+        key: tuple[object, ...] = (fmt, *(0 if w is None else w.data_ptr() for w in weights))
+        if fmt != "fp32":  # the copies must follow in-place edits too (float32 is read in place)
+            key += tuple(0 if w is None else w._version for w in weights)
         tokens, positions = tokens.contiguous(), positions.contiguous()
         logits = torch.empty(n, self.model.config.vocab_size)
         # One step at a time per model: the struct points at one batch's buffers during a call,
         # and two decode batches of the same model may step from two threads.
         with self._lock:
-            if ptrs != self._weight_ptrs:
+            if key != self._weight_key:
                 self._struct = None
-                self._weights, self._weight_ptrs = weights, ptrs
-                if not self._bind_weights(weights):
+                self._weights, self._weight_key = weights, key
+                if not self._bind_weights(weights, fmt):
                     return None  # and None again, without re-checking, until the weights move
             if self._struct is None or not self._bind_buffers(n, memory_kv, cache):
                 return None

@@ -378,6 +378,7 @@ def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] |
             query_id=int(tok["query_token_id"]),
             answer_id=int(tok["answer_token_id"]),
             think_id=int(tok["think_token_id"]) if tok.get("think_token_id") is not None else None,
+            internal_id=int(tok["internal_token_id"]) if tok.get("internal_token_id") is not None else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"config.json tokenizer_config lacks a special token id ({exc})") from exc
@@ -395,6 +396,9 @@ def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] |
         stm_init_std=1.0,  # share_components resets RxLM's STM with a standard normal
         eos_after_truncated_answer=False,
         tokenizer_template="rxlm",
+        # RxTBeta 0.3 has its own query and system-prompt template (0.2's RxTBeta uses RxTAlpha's)
+        interaction_template="beta" if beta and version == "0.3" else "alpha",
+        system_prompt_title=str(data.get("system_prompt_title") or "SYSTEM INSTRUCTIONS"),
         decoder=decoder,
         encoder=encoder,
         memory_attention=memory,

@@ -33,6 +33,7 @@ from .errors import TokenizerError
 from .gates import ResidualGate
 from .memory_attention import MemoryAttention
 from .moe import MoE
+from .quantize import WeightFormat
 from .rope import RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -56,6 +57,9 @@ class RxTModel(nn.Module):
         self.native_decode = True
         """Eval-mode float32 CPU steps of a few rows run the C step of :mod:`.native` when it
         builds here (same function, all cores streaming the weights); False keeps them in torch."""
+        self.weight_format: WeightFormat = "fp32"
+        """How the C step stores the matrices it reads ("fp32", "bf16", "int8"); set it with
+        :func:`.quantize.set_weight_format`, which also rounds the float32 weights to match."""
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init

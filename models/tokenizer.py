@@ -11,12 +11,13 @@ bytes are complete.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .config import SpecialTokens
+from .config import InteractionTemplate, RxTConfig, SpecialTokens, ThinkingMode
 from .errors import TokenizerError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[Q]", "[A]", "[T]"]
@@ -29,6 +30,12 @@ class RxTokenizer:
         """``special``: the template's ids when the model's config names them (RxLM checkpoints
         do, in ``tokenizer_config``); otherwise the tokenizer must hold ours at ids 0..6."""
         self.tokenizer = tokenizer
+        self.interaction_template: InteractionTemplate = "alpha"
+        self.system_prompt_title = "SYSTEM INSTRUCTIONS"
+        if tokenizer.decoder is None and _byte_level(tokenizer.pre_tokenizer):
+            # A byte-level BPE without its decoder (as RxLM's TokenizerTrainer writes them) would
+            # decode to its byte symbols ("Ġ" for a space); the byte-level decoder inverts them.
+            tokenizer.decoder = decoders.ByteLevel()
         if special is None:
             ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
             if ids != list(range(len(SPECIAL_TOKENS))):
@@ -104,18 +111,56 @@ class RxTokenizer:
         return str(self.tokenizer.id_to_token(token_id))
 
     # ------------------------------------------------------------------ template
+    def use_template(self, config: RxTConfig) -> None:
+        """Take the model's message template (``interaction_template``, ``system_prompt_title``)."""
+        if config.interaction_template == "beta":
+            missing = [n for n in ("think_id", "internal_id") if getattr(self.special, n) is None]
+            if missing:
+                raise TokenizerError(f"interaction_template='beta' needs the tokenizer's {missing} tokens")
+        self.interaction_template = config.interaction_template
+        self.system_prompt_title = config.system_prompt_title
+
     def _tokens(self, *ids: int) -> str:
         return "".join(str(self.tokenizer.id_to_token(i)) for i in ids)
 
-    def query_ids(self, query: str) -> list[int]:
-        """The decoder prompt ``[BOS] [Q] query [A]``.
+    def mode_id(self, thinking_mode: ThinkingMode | None = None) -> int:
+        """The token that ends a prompt: ``[A]`` (``fast``, and always under ``alpha``) or
+        ``[T]`` (``extended``, ``beta`` only; callers check modes: see engine/options.py)."""
+        if thinking_mode in (None, "fast"):
+            return self.special.answer_id
+        if thinking_mode == "extended" and self.interaction_template == "beta" and self.special.think_id is not None:
+            return self.special.think_id
+        raise TokenizerError(
+            f"thinking_mode={thinking_mode!r} is not a mode of interaction_template={self.interaction_template!r}"
+        )
+
+    def prompt_ids(self, body: Sequence[int], thinking_mode: ThinkingMode | None = None) -> list[int]:
+        """The decoder prompt around a query's own ids: ``[BOS] [Q] body`` and the mode token."""
+        s = self.special
+        return [s.bos_id, s.query_id, *body, self.mode_id(thinking_mode)]
+
+    def query_ids(self, query: str, thinking_mode: ThinkingMode | None = None) -> list[int]:
+        """The decoder prompt ``[BOS] [Q] query [A]`` (``[T]`` for an ``extended`` beta turn).
 
         With an RxLM checkpoint's tokenizer the text is tokenised as RxLM does it: the template
         tokens and the text as one string (so the text gets no leading space of its own)."""
         s = self.special
         if self._joined:
-            return [*self.encode(self._tokens(s.bos_id, s.query_id) + query), s.answer_id]
-        return [s.bos_id, s.query_id, *self.encode(query), s.answer_id]
+            return [*self.encode(self._tokens(s.bos_id, s.query_id) + query), self.mode_id(thinking_mode)]
+        return self.prompt_ids(self.encode(query), thinking_mode)
+
+    def system_ids(self, text: str) -> list[int]:
+        """What the memory reads for a system text (``memory_init``): under ``alpha`` the
+        interaction ``[BOS] [Q] text [A] [EOS]``; under ``beta`` RxTBeta's system prompt
+        ``[BOS] [I] {system_prompt_title}\n\n text [EOS]``, tokenised as one string."""
+        if self.interaction_template == "alpha":
+            return self.interaction_ids(text, "")
+        s = self.special
+        assert s.internal_id is not None  # use_template checked it
+        heading = self._tokens(s.bos_id, s.internal_id) + f"{self.system_prompt_title}\n\n"
+        if self._joined:
+            return self.encode(heading + text + self._tokens(s.eos_id))
+        return [s.bos_id, s.internal_id, *self.encode(f"{self.system_prompt_title}\n\n{text}"), s.eos_id]
 
     def interaction_ids(self, query: str, answer: str) -> list[int]:
         """A whole interaction ``[BOS] [Q] query [A] answer [EOS]`` (what the encoder reads)."""
@@ -131,6 +176,19 @@ class RxTokenizer:
 
     def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
+
+
+def _byte_level(pre: pre_tokenizers.PreTokenizer | None) -> bool:
+    """Whether a pre-tokenizer maps text to byte symbols (ByteLevel, alone or in a Sequence)."""
+    if pre is None:
+        return False
+
+    def walk(state: dict[str, object]) -> bool:
+        inner = state.get("pretokenizers")
+        nested = [walk(x) for x in inner if isinstance(x, dict)] if isinstance(inner, list) else []
+        return state.get("type") == "ByteLevel" or any(nested)
+
+    return walk(json.loads(pre.__getstate__()))
 
 
 class IncrementalDecoder:

@@ -43,6 +43,7 @@ def interaction(
     seed: int | None = None,
     max_new_tokens: int | None = None,
     remember_partial: bool = False,
+    thinking_mode: str | None = None,
 ) -> Callable[[Observable[Query]], Observable[Event]]:
     options = check_options(
         conv.backend.default_sampling,
@@ -54,12 +55,14 @@ def interaction(
             "seed": seed,
             "max_new_tokens": max_new_tokens,
             "remember_partial": remember_partial,
+            "thinking_mode": thinking_mode,
         },
+        conv.backend.tokenizer.interaction_template,
     )
 
     def turn(query: Query) -> Observable[Event]:
         return reactivex.of(query).pipe(
-            tokenize(conv),
+            tokenize(conv, options.thinking_mode),
             generate(
                 conv,
                 options.params,

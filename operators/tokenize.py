@@ -1,7 +1,8 @@
 """``tokenize``: queries -> ``QueryReceived`` events, with the decoder prompt's token ids.
 
-A query is text (wrapped as ``[BOS] [Q] text [A]``) or a sequence of token ids (used as the
-query's body, wrapped the same way). A query is checked first: one that leaves no room for an
+A query is text (wrapped as ``[BOS] [Q] text [A]``; ``[T]`` instead of ``[A]`` for an
+``extended`` turn of a ``beta`` model) or a sequence of token ids (used as the query's body,
+wrapped the same way). A query is checked first: one that leaves no room for an
 answer in ``max_seq_len``, holds ids outside the vocabulary, or finds the conversation's queue
 full never enters the conversation and uses no turn number: it becomes ``InteractionFailed``
 (turn 0, stage ``query``) followed by ``QueryTooLongError`` / ``InvalidTokenError`` /
@@ -26,13 +27,18 @@ from reactivex import Observable, abc
 from rxruntime.engine.options import check_token_ids
 from rxruntime.errors import QueryTooLongError, RxTError
 from rxruntime.events import Event, QueryReceived
+from rxruntime.models.config import ThinkingMode
 
 from ._util import ConversationRef, create, fail_with, failed, ordered
 
 Query = str | Sequence[int]
 
 
-def tokenize(conv: ConversationRef) -> Callable[[Observable[Query]], Observable[Event]]:
+def tokenize(
+    conv: ConversationRef, thinking_mode: ThinkingMode | None = None
+) -> Callable[[Observable[Query]], Observable[Event]]:
+    """``thinking_mode`` (``beta`` template): ``fast`` ends the prompt with ``[A]``, ``extended``
+    with ``[T]``; checked by ``check_options`` before it gets here."""
     backend = conv.backend
 
     def one(query: Query) -> Observable[Event]:
@@ -46,7 +52,7 @@ def tokenize(conv: ConversationRef) -> Callable[[Observable[Query]], Observable[
                 text = tok.decode(body)
             else:
                 raise QueryTooLongError(f"a query is text or a sequence of token ids, got {type(query).__name__}")
-            ids = (tok.special.bos_id, tok.special.query_id, *body, tok.special.answer_id)
+            ids = tuple(tok.prompt_ids(body, thinking_mode))
             if len(ids) + 2 > backend.max_seq_len:  # room for at least one answer token and [EOS]
                 raise QueryTooLongError(
                     f"the query takes {len(ids)} tokens with its template; interactions hold at most "

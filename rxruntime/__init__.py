@@ -41,10 +41,14 @@ from rxruntime.events import (
     QueryReceived,
     Token,
 )
+from rxruntime.models.quantize import WeightFormat
 from rxruntime.models.sampler import SamplingParams
 from rxruntime.stores import STMStore
 
 __version__ = "0.1.0"
+
+DEFAULT_CPU_WEIGHTS: WeightFormat = "fp32"
+"""The weight format :func:`load` gives a float32 model on the CPU when ``weights`` is not given."""
 
 
 def load(
@@ -55,6 +59,7 @@ def load(
     max_batch: int = 64,
     default_sampling: SamplingParams | None = None,
     store: STMStore | None = None,
+    weights: str | None = None,
 ) -> Engine:
     """Load a model and start an :class:`Engine` for it.
 
@@ -63,14 +68,25 @@ def load(
     ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, float32 on the CPU.
     ``default_sampling`` applies to turns that pass no sampling options (default: greedy).
     ``store`` persists every committed STM and resumes stored conversations (``rxruntime.stores``).
+    ``weights`` (CPU, float32): how the matrices are stored for decoding, ``"fp32"``, ``"bf16"``
+    or ``"int8"`` (one scale per 32 columns): fewer bytes per token read, so faster decoding, at
+    a small measured cost in accuracy (docs/benchmarks.md §8). Default: :data:`DEFAULT_CPU_WEIGHTS`
+    on the CPU, float32 elsewhere.
     """
     from rxruntime.models.checkpoint import load_pretrained
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    from rxruntime.models.quantize import check_format, set_weight_format
+
+    fmt = check_format(weights) if weights is not None else None
+    if fmt not in (None, "fp32") and (dev.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"weights={fmt!r} is for float32 models on the CPU (got {dev.type}, {dtype})")
     rxt, tokenizer = load_pretrained(model, device=dev, dtype=dtype)
     assert tokenizer is not None
+    if dev.type == "cpu" and dtype == torch.float32:
+        set_weight_format(rxt, fmt or DEFAULT_CPU_WEIGHTS)
     return Engine(rxt, tokenizer, max_batch=max_batch, default_sampling=default_sampling, store=store)
 
 

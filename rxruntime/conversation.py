@@ -263,10 +263,13 @@ class Conversation(TurnMethods):
         """The events of one turn (cold: subscribing sends the query).
 
         Options: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``max_new_tokens``,
-        ``remember_partial`` (write a cancelled turn's partial answer to memory; default False).
+        ``remember_partial`` (write a cancelled turn's partial answer to memory; default False),
+        ``thinking_mode`` (``fast`` or, for a ``beta`` model, ``extended``: see docs/models.md).
         Each is checked here: a bad name or value raises InvalidOptionError naming it.
         """
-        check_options(self._engine.default_sampling, self._engine.vocab_size, options)
+        check_options(
+            self._engine.default_sampling, self._engine.vocab_size, options, self._engine.tokenizer.interaction_template
+        )
         return reactivex.of(query).pipe(interaction(self, **options))
 
     # ------------------------------------------------------------------ memory

@@ -53,6 +53,7 @@ class ChatREPL:
         *,
         temperature: float = 0.0,
         max_new_tokens: int | None = None,
+        thinking_mode: str | None = None,
         history_file: Path | None = None,
         notice: str | None = None,
     ) -> None:
@@ -61,6 +62,7 @@ class ChatREPL:
         self.console = console
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
+        self.thinking_mode = thinking_mode
         self.history_file = history_file
         self.notice = notice
         self._print_lock = threading.Lock()
@@ -122,12 +124,17 @@ class ChatREPL:
         options: dict[str, Any] = {"temperature": self.temperature}
         if self.max_new_tokens is not None:
             options["max_new_tokens"] = self.max_new_tokens
+        if self.thinking_mode is not None:
+            options["thinking_mode"] = self.thinking_mode
         try:
             subscription = self.conv.interact(text, **options).subscribe(on_next, on_error)
         except RxTError as exc:
             self._error(exc)
             return
-        self._write("rxt> ")
+        # An extended-thinking turn writes its thinking, then an [A] of its own, then the answer:
+        # the text drops special tokens, so the REPL marks where each part starts.
+        thinking = self.thinking_mode == "extended"
+        self._write("rxt> [thinking] " if thinking else "rxt> ")
         try:
             while True:
                 item = events.get()
@@ -138,6 +145,9 @@ class ChatREPL:
                     self._error(item)
                     return
                 if isinstance(item, Token):
+                    if thinking and item.token_id == self.engine.tokenizer.special.answer_id:
+                        thinking = False
+                        self._write("\n[answer] ")
                     self._write(item.text)
                 elif isinstance(item, InteractionFailed):
                     continue  # its typed error follows
@@ -234,9 +244,12 @@ class ChatREPL:
     # ------------------------------------------------------------------ output helpers
     def _banner(self) -> None:
         c = self.engine.config
+        template = "" if c.interaction_template == "alpha" else f" · {c.interaction_template} template"
+        if self.thinking_mode is not None:
+            template += f" ({self.thinking_mode})"
         self.console.print(
             f"[bold]rxrt chat[/bold] · RxT {c.num_layers} layers, dim {c.dim}, STM {c.num_layers}x{c.stm_size} "
-            f"slots · device {self.engine.device} · /help for commands",
+            f"slots{template} · device {self.engine.device} · /help for commands",
             soft_wrap=True,
         )
         if self.notice:

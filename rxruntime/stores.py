@@ -43,6 +43,11 @@ class STMStore(ABC):
     @abstractmethod
     def delete(self, conversation_id: str) -> None: ...
 
+    def version(self, conversation_id: str) -> int | None:
+        """The stored ``stm_version`` (None: nothing stored); stores override it with a cheaper read."""
+        state = self.get(conversation_id)
+        return None if state is None else state.stm_version
+
     def close(self) -> None:  # noqa: B027 - optional for stores without resources
         """Release connections."""
 
@@ -143,7 +148,8 @@ return -1
                 import redis
             except ImportError:
                 raise ConversationError("RedisStore needs the redis extra: pip install 'rxruntime[redis]'") from None
-            client = redis.Redis.from_url(url)
+            # a Redis that stops answering fails a turn after 10 s instead of hanging it
+            client = redis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=5.0)
         self._redis = client
         self._prefix = prefix
         self._put = client.register_script(self._PUT)
@@ -151,6 +157,16 @@ return -1
     def get(self, conversation_id: str) -> ConversationState | None:
         data = self._redis.hget(self._prefix + conversation_id, "state")
         return None if data is None else ConversationState.from_bytes(bytes(data))
+
+    def version(self, conversation_id: str) -> int | None:
+        """One ``HGET``: a replica checks it before every turn (is its warm copy still the latest?)."""
+        raw = self._redis.hget(self._prefix + conversation_id, "version")
+        return None if raw is None else int(raw)
+
+    @property
+    def client(self) -> Any:
+        """The Redis connection, shared with the leases and the HTTP front's shared tables under Ray."""
+        return self._redis
 
     def put(self, state: ConversationState) -> None:
         stored = int(self._put(keys=[self._prefix + state.conversation_id], args=[state.stm_version, state.to_bytes()]))

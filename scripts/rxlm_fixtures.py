@@ -12,7 +12,9 @@ tests/fixtures/rxlm/README.md::
     /work/venvs/rxlm-0.3.80/bin/python scripts/rxlm_fixtures.py --out tests/fixtures/rxlm
 
 Deterministic: every case seeds torch from its name; the tokenizer is trained by RxLM's own
-``TokenizerTrainer`` on the fixed corpus below. Workarounds for RxLM 0.3.80 bugs (its
+``TokenizerTrainer`` on the fixed corpus below (given the byte-level decoder RxLM leaves out).
+RxTBeta 0.3 cases run Beta's own ``interact`` template (``thinking_mode``), and the
+``system_first`` ones read a system prompt into memory before their turns. Workarounds for RxLM 0.3.80 bugs (its
 ``prepare_stm_kv_cache`` calls ``split_kv_head`` with one argument too many; its
 ``reset_self_attn_cache`` iterates ``stateless_layers`` even when there are none) are applied
 to the instance and listed in each case's expected.json under ``workarounds``.
@@ -72,6 +74,8 @@ class Case:
     encoder: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    thinking_mode: str = "fast"  # RxTBeta 0.3 interact: 'fast' appends [A], 'extended' appends [T]
+    system_first: bool = False  # RxTBeta 0.3: turns start from the STM the system prompt wrote
 
 
 def base_component(vocab: int) -> dict[str, Any]:
@@ -349,6 +353,36 @@ CASES: list[Case] = [
             "rope_base": 1000,
         },
     ),
+    Case(
+        "beta_system_fast",
+        V03,
+        cls="RxTBeta",
+        variant=None,
+        decoder=dict(MOE, stateless_layers_config=["dense"], dense_layer_dim=24, use_head_norm=True, seq_len=80),
+        encoder=dict(skip_memory_cross_attention=True, seq_len=80),
+        memory=dict(seq_len=80),
+        system_first=True,
+        options={
+            "template": "RxTBeta's own: system prompt [BOS][I]title\\n\\ntext[EOS] read into memory first, then"
+            " three interact turns in thinking_mode='fast' ([BOS][Q]query[A])",
+            "ff": "vectorized gated moe 4 top-2 + 1 shared expert, 1 dense stateless layer",
+        },
+    ),
+    Case(
+        "beta_system_extended",
+        V03,
+        cls="RxTBeta",
+        variant=None,
+        decoder=dict(seq_len=80),
+        encoder=dict(skip_memory_cross_attention=True, seq_len=80),
+        memory=dict(seq_len=80),
+        system_first=True,
+        thinking_mode="extended",
+        options={
+            "template": "RxTBeta's own: system prompt read into memory first, then three interact turns in"
+            " thinking_mode='extended' ([BOS][Q]query[T])",
+        },
+    ),
 ]
 
 
@@ -369,6 +403,12 @@ def build_tokenizer(workdir: Path) -> Any:
         post_processor_pair="[BOS] $A [EOS] [BOS] $B:1 [EOS]:1",
     )
     trainer.train([str(corpus)], show_progress=False)
+    # RxLM's trainer sets no decoder, so plain decoding shows its byte symbols ('Ġ' for a space) and
+    # RxLM patches a few of them back per token (decode_post_process). The byte-level decoder is the
+    # exact inverse of the byte-level pre-tokenizer: text decodes as written. Encoding is unchanged.
+    from tokenizers import decoders
+
+    trainer.tokenizer.decoder = decoders.ByteLevel()
     trainer.save(str(workdir / "tok"))
     return load_tokenizer_from_file(str(workdir / "tok" / "tokenizer.json"))
 
@@ -509,12 +549,21 @@ def run_case(case: Case, version: str, tok: Any, tok_dir: Path, out: Path) -> di
         tensors["prompt_ids"] = prompt.long()
         tensors["prompt_logits"] = logits.float()
 
-        # 2. three greedy interact turns from stm_init
+        # 2. three greedy interact turns from stm_init (system_first: from the STM the system prompt wrote)
         model.load_stm_state(stm_init.unsqueeze(1).clone())
         interact_kwargs: dict[str, Any] = dict(max_seq_len=MAX_SEQ_LEN, temperature=1.0, top_k=1)
         beta_mode = case.cls == "RxTBeta" and version.startswith("0.3")
+        mode_token = model.answer_token_id
         if beta_mode:
-            interact_kwargs["thinking_mode"] = "fast"
+            interact_kwargs["thinking_mode"] = case.thinking_mode
+            mode_token = model.answer_token_id if case.thinking_mode == "fast" else model.think_token_id
+        if case.system_first:
+            assert beta_mode, "system_first needs RxTBeta 0.3's tokenize_system_prompt"
+            system = model.tokenize_system_prompt(BETA_SYSTEM_PROMPT, max_seq_len=MAX_SEQ_LEN * 2)
+            # untruncated, and within the model's own length (rxruntime cuts a system text there)
+            assert system["input_ids"].shape[1] < min(MAX_SEQ_LEN * 2, decoder["seq_len"]), "system prompt too long"
+            model.init_stm_state(**system)
+            tensors["turns_init_stm"] = stm_of(model)
         for i, query in enumerate(QUERIES, start=1):
             rec.reset()
             q = model.tokenize_query(query, max_seq_len=MAX_SEQ_LEN)
@@ -522,7 +571,7 @@ def run_case(case: Case, version: str, tok: Any, tok_dir: Path, out: Path) -> di
             assert yielded[-2:] == [-1, -2], yielded
             answer = yielded[:-2]
             if beta_mode:
-                assert answer[0] == model.answer_token_id  # interact echoes the forced [A] first
+                assert answer[0] == mode_token  # interact echoes the mode token it appended first
                 answer = answer[1:]
             fed = rec.decode_inputs[0]
             assert len(rec.update_inputs) == 1
@@ -569,9 +618,14 @@ def run_case(case: Case, version: str, tok: Any, tok_dir: Path, out: Path) -> di
         "memory update encodes query_ids + answer_ids (all sampled tokens, EOS included when produced)",
         "greedy = interact(top_k=1, temperature=1.0): multinomial over a one-hot distribution",
     ]
-    if beta_mode:
+    if beta_mode and case.thinking_mode == "fast":
         quirks.append(
             "RxTBeta 0.3.x interact(thinking_mode='fast') appends [A] and yields it first; answer_ids omit that echo"
+        )
+    elif beta_mode:
+        quirks.append(
+            f"RxTBeta 0.3.x interact(thinking_mode={case.thinking_mode!r}) appends [T] and yields it first;"
+            " answer_ids omit that echo (they hold the thinking, any [A] and the answer, as sampled)"
         )
     meta = {
         "rxlm_version": version,
@@ -582,13 +636,16 @@ def run_case(case: Case, version: str, tok: Any, tok_dir: Path, out: Path) -> di
         "prompt": list(PROMPT),
         "max_seq_len": MAX_SEQ_LEN,
         "greedy": "interact(top_k=1, temperature=1.0); checked equal to argmax of the step logits",
-        "thinking_mode": "fast" if beta_mode else None,
+        "thinking_mode": case.thinking_mode if beta_mode else None,
         "stm_init_text": stm_text,
         "stm_init_api": stm_api,
         "quirks": quirks,
         "workarounds": workarounds,
         "torch": torch.__version__,
     }
+    if case.system_first:  # only these cases carry the key: the others' files stay byte-equal
+        meta["system_prompt"] = BETA_SYSTEM_PROMPT
+        meta["turns_start"] = "turns_init_stm: stm_init after init_stm_state(**tokenize_system_prompt(system_prompt))"
     (case_dir / "expected.json").write_text(json.dumps(meta, indent=2) + "\n")
     size = (case_dir / "model.safetensors").stat().st_size
     answers = [len(tensors[f"turn{i}_answer_ids"]) for i in (1, 2, 3)]

@@ -61,9 +61,22 @@ def test_a_bad_stm_is_refused_clearly(engine: Engine, bad: Any, message: str) ->
     assert engine.open_conversations == 0  # nothing was opened
 
 
-def test_stm_excludes_state_and_memory_init(engine: Engine) -> None:
-    with pytest.raises(ConversationError, match="at most one"):
-        engine.conversation("x", stm=torch.zeros(_shape(engine)), memory_init="system")
+def test_state_excludes_stm_and_memory_init(engine: Engine) -> None:
+    state = engine.conversation("src").export_state()
+    for other in ({"stm": torch.zeros(_shape(engine))}, {"memory_init": "system"}):
+        with pytest.raises(ConversationError, match="at most one"):
+            engine.conversation("x", state=state, **other)
+
+
+def test_memory_init_is_read_into_a_given_stm(engine: Engine) -> None:
+    """stm + memory_init: the system text's memory update starts from the given STM."""
+    stm = torch.randn(_shape(engine), generator=torch.Generator().manual_seed(3))
+    conv = engine.conversation("given", stm=stm, memory_init="You are talking to Ada.")
+    assert conv.wait_for_memory(60)
+    ids = torch.tensor([engine.tokenizer.system_ids("You are talking to Ada.")])
+    with torch.no_grad():
+        expected = engine.model.memory_update(stm[None], ids)[0]
+    assert torch.allclose(conv.export_state().stm, expected, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- memory-only turns

@@ -138,8 +138,8 @@ def test_build_failure_is_reported_and_decoding_falls_back(
 ) -> None:
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setenv("RXRT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_libraries", {})
+    monkeypatch.setattr(native, "_failures", {})
     reason = native.unavailable_reason()
     assert reason is not None and "failed" in reason
     with pytest.raises(native.NativeUnavailable):
@@ -160,8 +160,8 @@ def test_build_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 
 def test_damaged_cached_library_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RXRT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_libraries", {})
+    monkeypatch.setattr(native, "_failures", {})
     path = native.build()
     path.write_bytes(b"not a shared library")
     assert native.library() is not None

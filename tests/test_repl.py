@@ -40,7 +40,7 @@ def spawn_chat(tmp_path: Path, *args: str) -> pexpect.spawn:
         env=env,
         cwd=str(tmp_path),
         encoding="utf-8",
-        timeout=60,
+        timeout=120,  # generous: CI and shared machines can be heavily loaded
         dimensions=(50, 200),
     )
 
@@ -152,3 +152,36 @@ def test_quickstart_chat_runs_the_trained_default_model_and_remembers(tmp_path: 
         assert child.wait() == 0
     finally:
         child.close(force=True)
+
+
+def test_an_extended_thinking_turn_marks_its_thinking_and_its_answer() -> None:
+    """The text of a turn drops special tokens, so the REPL marks where the answer starts after
+    the thinking: at the [A] the model writes itself. The events come from a stand-in
+    conversation (the real REPL runs RxT-Beta in a pty in test_rxlm_cli.py)."""
+    import io
+    from types import SimpleNamespace
+    from typing import Any
+
+    import reactivex
+    from rich.console import Console
+
+    from rxruntime.events import AnswerCompleted, Token
+    from rxruntime.repl import ChatREPL
+
+    answer_id = 5
+    pieces = [(40, "the sea"), (answer_id, ""), (41, " is calm")]
+    events: list[Any] = [Token("c", 1, i, text, n) for n, (i, text) in enumerate(pieces)]
+    events.append(AnswerCompleted("c", 1, "the sea is calm", (40, 5, 41), "eos", 0.01, 100.0, 0.03, 0.0))
+    seen: dict[str, Any] = {}
+
+    def interact(text: str, **options: Any) -> reactivex.Observable[Any]:
+        seen.update(options)
+        return reactivex.from_iterable(events)
+
+    engine = SimpleNamespace(tokenizer=SimpleNamespace(special=SimpleNamespace(answer_id=answer_id)))
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    repl = ChatREPL(engine, SimpleNamespace(interact=interact), console, thinking_mode="extended")  # type: ignore[arg-type]
+    repl._turn("Tell me about the sea.")
+    assert seen["thinking_mode"] == "extended"
+    assert "rxt> [thinking] the sea\n[answer]  is calm\n" in out.getvalue()

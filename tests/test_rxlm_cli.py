@@ -79,3 +79,43 @@ def test_chat_runs_an_rxlm_checkpoint(case: Path, tmp_path: Path) -> None:
         assert child.wait() == 0
     finally:
         child.close(force=True)
+
+
+@pytest.mark.parametrize("mode", ["fast", "extended"])
+def test_chat_runs_a_beta_checkpoint_in_its_template_with_readable_text(mode: str, tmp_path: Path) -> None:
+    """`rxrt chat --system ... --thinking MODE` on an RxTBeta 0.3 checkpoint: the system prompt is
+    read into memory in Beta's template and the REPL prints what the engine answers for the same
+    conversation, as text (no byte symbols such as 'Ġ')."""
+    import rxruntime
+
+    (case,) = [c for c in SUPPORTED if f"{c.parent.name}/{c.name}" == f"0.3.80/beta_system_{mode}"]
+    system, query = "You are a helpful robot.", "Tell me a story about the sea."
+    with rxruntime.load(case, device="cpu") as engine:
+        conv = engine.conversation("pty", memory_init=system)
+        assert conv.wait_for_memory(120)
+        expected = conv.ask(query, max_new_tokens=8, thinking_mode=mode)
+    assert expected.strip() and "Ġ" not in expected
+    args = ("--model", str(case), "--max-new-tokens", "8", "--conversation-id", "pty", "--system", system)
+    child = spawn_chat(tmp_path, *args, "--thinking", mode)
+    try:
+        child.expect(f"beta template \\({mode}\\)", timeout=240)
+        child.expect("/help for commands")
+        child.expect("you> ")
+        child.sendline(query)
+        child.expect_exact("rxt> [thinking] " if mode == "extended" else "rxt> ", timeout=120)
+        child.expect("updating memory", timeout=120)
+        printed = child.before
+        assert expected.strip() in printed and "Ġ" not in printed
+        child.expect(r"memory v2 \(\d+ ms\)", timeout=120)  # v1 was the system prompt
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+        assert child.wait() == 0
+    finally:
+        child.close(force=True)
+
+
+def test_chat_refuses_a_thinking_mode_the_model_lacks() -> None:
+    (case,) = [c for c in ALPHA if c.parent.name == "0.3.80"]
+    out = _rxrt("chat", "--model", str(case), "--thinking", "extended")
+    assert out.returncode == 2
+    assert "thinking_mode: must be one of ('fast',) for interaction_template='alpha'" in out.stderr

@@ -88,7 +88,7 @@ def test_turns_are_consistent(case: dict[str, Any]) -> None:
         query = exp[f"turn{i}_query_ids"][0].tolist()
         answer = exp[f"turn{i}_answer_ids"].tolist()
         assert query[:2] == [tokens["bos_token_id"], tokens["query_token_id"]]
-        assert query[-1] == tokens["answer_token_id"]
+        assert query[-1] == _mode_token(case)
         assert answer and min(answer) >= 0
         # the memory update encoded the query and every sampled token, nothing else
         assert exp[f"turn{i}_update_ids"][0].tolist() == query + answer
@@ -98,6 +98,33 @@ def test_turns_are_consistent(case: dict[str, Any]) -> None:
         assert answer[-1] == eos or len(query) + len(answer) == limit
     steps = exp["turn1_step_logits"]
     assert steps.argmax(-1).tolist() == exp["turn1_answer_ids"].tolist()
+
+
+def _mode_token(case: dict[str, Any]) -> int:
+    """The token interact appended to the query: [A], or [T] for RxTBeta's 'extended' mode."""
+    tokens = case["config"]["tokenizer_config"]
+    return int(tokens["think_token_id" if case["meta"].get("thinking_mode") == "extended" else "answer_token_id"])
+
+
+def test_system_prompt_cases_start_their_turns_from_it(case: dict[str, Any]) -> None:
+    """RxTBeta cases with a system prompt first: turn 1 reads the STM init_stm_state wrote."""
+    meta, exp = case["meta"], case["expected"]
+    if "system_prompt" not in meta:
+        assert "turns_init_stm" not in exp
+        return
+    assert meta["class"] == "RxTBeta" and meta["stm_init_text"] == meta["system_prompt"]
+    assert torch.equal(exp["turns_init_stm"], exp["stm_from_text"])  # the same system prompt, same start
+
+
+def test_tokenizer_json_decodes_text_as_written(case: dict[str, Any]) -> None:
+    """The fixtures' tokenizer.json has the byte-level decoder: text comes back as written,
+    without the byte symbols ('Ġ' for a space) a byte-level BPE shows without it."""
+    tok = Tokenizer.from_file(str(case["path"] / "tokenizer.json"))
+    assert json.loads(tok.decoder.__getstate__())["type"] == "ByteLevel"
+    for text in [*case["meta"]["queries"], "Tell me: one, two\nthree."]:
+        decoded = tok.decode(tok.encode(text, add_special_tokens=False).ids)
+        assert "Ġ" not in decoded and "Ċ" not in decoded
+        assert decoded.strip() == text
 
 
 def test_tokenizer_json_alone_gives_rxlm_ids(case: dict[str, Any]) -> None:
@@ -110,10 +137,9 @@ def test_tokenizer_json_alone_gives_rxlm_ids(case: dict[str, Any]) -> None:
     state.pop("type")
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(**{**state, "add_prefix_space": False})
     meta, exp = case["meta"], case["expected"]
-    answer_id = case["config"]["tokenizer_config"]["answer_token_id"]
     for i, text in enumerate(meta["queries"], start=1):
         ids = tok.encode(f"[BOS][Q]{text}", add_special_tokens=False).ids
-        assert [*ids, answer_id] == exp[f"turn{i}_query_ids"][0].tolist()
+        assert [*ids, _mode_token(case)] == exp[f"turn{i}_query_ids"][0].tolist()
     if meta["class"] == "RxTAlpha" or meta["rxlm_version"].startswith("0.2"):
         q, a = meta["stm_init_text"]
         ids = tok.encode(f"[BOS][Q]{q}[A]{a}[EOS]", add_special_tokens=False).ids

@@ -59,9 +59,14 @@ def test_decoder_logits_match(case: Path) -> None:
     assert (logits - exp["prompt_logits"]).abs().max().item() < TOL
 
 
+def _turns_start(exp: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where turn 1 starts: stm_init, or (RxTBeta system-prompt cases) what the system prompt wrote."""
+    return exp.get("turns_init_stm", exp["stm_init"])
+
+
 def _turns(model: RxTModel, exp: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Three greedy turns through our generation and memory update, compared turn by turn."""
-    stm = exp["stm_init"][None].clone()
+    stm = _turns_start(exp)[None].clone()
     eos = model.config.special_tokens.eos_id
     for i in (1, 2, 3):
         query = exp[f"turn{i}_query_ids"][0].tolist()
@@ -89,31 +94,49 @@ def test_stm_from_text_matches(case: Path) -> None:
     model, tokenizer = load_pretrained(case)
     assert tokenizer is not None
     ids = exp["stm_from_text_ids"]
-    if meta["class"] == "RxTAlpha":  # our tokenizer writes the same interaction RxLM encoded
-        assert tokenizer.interaction_ids(*meta["stm_init_text"]) == ids[0].tolist()
+    text = meta["stm_init_text"]
+    if isinstance(text, list):  # RxTAlpha, RxTBeta 0.2: a whole interaction; RxTBeta 0.3: its system prompt
+        assert tokenizer.interaction_ids(*text) == ids[0].tolist()
+    else:
+        assert tokenizer.interaction_template == "beta"
+        assert tokenizer.system_ids(text) == ids[0].tolist()
     for i, query in enumerate(meta["queries"], start=1):
-        assert tokenizer.query_ids(query) == exp[f"turn{i}_query_ids"][0].tolist()
+        assert tokenizer.query_ids(query, meta["thinking_mode"]) == exp[f"turn{i}_query_ids"][0].tolist()
     with torch.no_grad():
         stm = model.memory_update(exp["stm_init"][None], ids)
     assert (stm[0] - exp["stm_from_text"]).abs().max().item() < TOL
 
 
-ENGINE_CASES = [c for c in SUPPORTED if c.name == "alpha_supervised"]
+ENGINE_CASES = [c for c in SUPPORTED if c.name in ("alpha_supervised", "beta_system_fast", "beta_system_extended")]
+
+
+def test_beta_template_cases_exist() -> None:
+    """RxTBeta 0.3's own template is proven on a system prompt in both thinking modes."""
+    modes = {_expected(c)[1]["thinking_mode"] for c in ENGINE_CASES if "system_prompt" in _expected(c)[1]}
+    assert modes == {"fast", "extended"}
 
 
 @pytest.mark.parametrize("case", ENGINE_CASES, ids=_id)
 def test_three_turns_through_the_engine_match(case: Path) -> None:
     """The same turns as text through rxruntime.load and the Engine (batching, decode loop,
-    memory thread), starting from RxLM's STM: identical tokens, STM within 1e-4."""
+    memory thread), starting from RxLM's STM: identical tokens, STM within 1e-4. RxTBeta cases
+    first read their system prompt into that STM (``memory_init``) and run their thinking mode."""
     import threading
 
     import rxruntime
     from rxruntime.events import AnswerCompleted
 
     exp, meta = _expected(case)
+    options: dict[str, Any] = {}
+    if meta["thinking_mode"] is not None:
+        options["thinking_mode"] = meta["thinking_mode"]
     with rxruntime.load(case, device="cpu") as engine:
         eos = engine.config.special_tokens.eos_id
-        conv = engine.conversation(stm=exp["stm_init"])
+        conv = engine.conversation(stm=exp["stm_init"], memory_init=meta.get("system_prompt"))
+        if "system_prompt" in meta:
+            assert engine.config.interaction_template == "beta"
+            assert conv.wait_for_memory(120)
+            assert (conv.export_state().stm - exp["turns_init_stm"]).abs().max().item() < TOL
         for i, query in enumerate(meta["queries"], start=1):
             budget = meta["max_seq_len"] - exp[f"turn{i}_query_ids"].shape[1]
             done = threading.Event()
@@ -126,7 +149,8 @@ def test_three_turns_through_the_engine_match(case: Path) -> None:
             def on_error(exc: Exception, done: threading.Event = done) -> None:
                 done.set()
 
-            conv.interact(query, temperature=0.0, max_new_tokens=budget).subscribe(on_next, on_error, done.set)
+            turn = conv.interact(query, temperature=0.0, max_new_tokens=budget, **options)
+            turn.subscribe(on_next, on_error, done.set)
             assert done.wait(120) and answers, f"turn {i} did not complete"
             (answer,) = answers
             ended = [eos] if answer.finish_reason == "eos" else []
@@ -155,7 +179,7 @@ def test_decode_paths_agree(case: Path) -> None:
     n = min(6, exp["turn1_answer_ids"].shape[0] - 1)  # tokens fed back; each gives the next's logits
     answer = exp["turn1_answer_ids"][:n]
     query = exp["turn1_query_ids"]
-    stm = exp["stm_init"][None]
+    stm = _turns_start(exp)[None]
     outputs = []
     for path in ("modules", "torch step", "C step"):
         model.fast_decode = path != "modules"
@@ -183,3 +207,20 @@ def test_decode_paths_agree(case: Path) -> None:
     assert n > 0
     for path, logits in outputs:  # RxLM's logits for turn 1's tokens 2..n+1
         assert (logits - exp["turn1_step_logits"][1 : n + 1]).abs().max().item() < TOL, path
+
+
+BETA_LAYOUTS = [c for c in SUPPORTED if c.parent.name.startswith("0.3") and "beta" in c.name]
+
+
+@pytest.mark.parametrize("case", BETA_LAYOUTS, ids=_id)
+def test_c_step_steps_aside_on_beta_layouts_and_says_why(case: Path) -> None:
+    """RxT-Beta's RxLM 0.3 layouts are not the C step's: the benchmarks' ``c_decode_step`` note
+    names the reason (the engine then runs the torch step; the engine test above proves its tokens)."""
+    from rxruntime.bench.decode import c_step_note
+    from rxruntime.models import native
+
+    model = _load(case)
+    reason = native.layout_reason(model)
+    prefix = "layout not covered by the C step: "
+    assert reason is not None and reason.startswith(prefix) and len(reason) > len(prefix)
+    assert c_step_note(model) == f"not used: {native.unavailable_reason() or reason}"

@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import zmq
 
-from rxruntime import Engine
+from rxruntime import Engine, InvalidOptionError
 from rxruntime.events import QueryReceived
 from rxruntime.serving import protocol
 from rxruntime.serving.client import Client
@@ -62,6 +62,8 @@ BAD_OPTIONS: list[tuple[str, Any]] = [
     ("max_new_tokens", 2.0),
     ("remember_partial", 1),
     ("remember_partial", "yes"),
+    ("thinking_mode", "auto"),
+    ("thinking_mode", 1),
 ]
 
 
@@ -164,3 +166,14 @@ def _events(conv: Any, query: str) -> list[Any]:
 
     result: list[Any] = conv.interact(query, max_new_tokens=2).pipe(ops.to_list()).run()
     return result
+
+
+def test_thinking_mode_crosses_the_wire_and_the_engine_judges_it(served: tuple[Client, Engine, str]) -> None:
+    """A well-formed mode reaches the engine, which refuses one the model lacks, naming it."""
+    client, _, _ = served
+    conv = client.open("thinker")
+    assert conv.ask("Hi", max_new_tokens=2, thinking_mode="fast") is not None
+    with pytest.raises(InvalidOptionError, match="interaction_template='alpha'") as info:  # this model's
+        conv.ask("Hi", max_new_tokens=2, thinking_mode="extended")
+    assert info.value.field == "thinking_mode"
+    assert conv.ask("Hi", max_new_tokens=2) is not None

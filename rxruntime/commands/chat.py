@@ -13,9 +13,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--preset", help="chat with a randomly initialised preset instead (its answers are noise)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on answer length (default: what fits)")
-    p.add_argument("--memory-init", default=None, help="a system text written to memory before the first turn")
+    p.add_argument(
+        "--memory-init",
+        "--system",
+        dest="memory_init",
+        default=None,
+        help="a system text written to memory before the first turn (RxT-Beta: its system prompt template)",
+    )
+    p.add_argument(
+        "--thinking",
+        choices=("fast", "extended"),
+        default=None,
+        help="thinking mode of every turn: fast answers at once; extended (RxT-Beta models) thinks first",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--conversation-id", default=None, help="name of the conversation (default: random)")
+    p.add_argument(
+        "--weights",
+        choices=("fp32", "bf16", "int8"),
+        default=None,
+        help="CPU weight format for decoding: fp32, bf16 or int8 (default: rxruntime.DEFAULT_CPU_WEIGHTS)",
+    )
     p.set_defaults(func=run)
 
 
@@ -24,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import rxruntime
-    from rxruntime.engine import Engine
+    from rxruntime.engine import Engine, check_options
     from rxruntime.models import RxTModel, preset
     from rxruntime.models.checkpoint import default_model_dir
     from rxruntime.models.errors import MissingCheckpointFileError
@@ -36,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     engine: Engine
     if args.preset is None:
         try:
-            engine = rxruntime.load(args.model, device=args.device)
+            engine = rxruntime.load(args.model, device=args.device, weights=args.weights)
         except MissingCheckpointFileError:
             if args.model != "default" or (default_model_dir() / "config.json").exists():
                 raise
@@ -53,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
         )
     history = Path(os.environ.get("RXRT_HISTORY", Path.home() / ".rxrt_history"))
     with engine:
+        if args.thinking is not None:  # refused here (not at every turn) if the model has no such mode
+            check_options(
+                engine.default_sampling,
+                engine.vocab_size,
+                {"thinking_mode": args.thinking},
+                engine.tokenizer.interaction_template,
+            )
         conv = engine.conversation(args.conversation_id, memory_init=args.memory_init)
         repl = ChatREPL(
             engine,
@@ -60,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             console,
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
+            thinking_mode=args.thinking,
             history_file=history,
             notice=notice,
         )

@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     m.add_argument("--seed", type=int, help="benchmark seed (default: the suite's fixed seed)")
     m.add_argument("--no-hard", action="store_true", help="templates suite: skip the split of values never trained on")
     m.add_argument("--threads", type=int, help="torch threads")
+    m.add_argument(
+        "--weights",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="evaluate with the weights rounded to this CPU format (docs/benchmarks.md §8; default fp32)",
+    )
     m.add_argument("--json", action="store_true", help="machine-readable output")
     m.set_defaults(func=run_memory)
 
@@ -57,6 +63,9 @@ def run_memory(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_pretrained(args.model)
     assert tokenizer is not None
+    from rxruntime.models.quantize import set_weight_format
+
+    set_weight_format(model, args.weights)
     gaps = list(range(1, args.max_gap + 1))
     if args.suite == "people":
         return _people(args, model, tokenizer, dialogues, gaps, splits)
@@ -72,6 +81,7 @@ def _people(
     result = evaluate(model, tokenizer, per_gap=dialogues, gaps=gaps, splits=splits, seed=seed)
     result["model"] = str(args.model)
     result["suite"] = "people"
+    result["weights"] = args.weights
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -103,6 +113,7 @@ def _templates(args: argparse.Namespace, model: Any, tokenizer: Any, dialogues: 
     result = benchmark(model, tokenizer, per_gap=dialogues, gaps=gaps, seed=seed, hard=not args.no_hard)
     result["model"] = str(args.model)
     result["suite"] = "templates"
+    result["weights"] = args.weights
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"dim {c.dim} · layers {c.num_layers} · STM {c.num_layers}x{c.stm_size} slots · "
         f"vocab {c.vocab_size} · interaction {c.max_seq_len} tokens · memory attention "
-        f"{c.memory_attention.variant} ({c.memory_attention.gate_type} gates)"
+        f"{c.memory_attention.variant} ({c.memory_attention.gate_type} gates) · "
+        f"{c.interaction_template} interaction template"
     )
     return 0

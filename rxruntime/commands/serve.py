@@ -1,4 +1,5 @@
-"""``rxrt serve``: serve a model over zmq + msgpack (docs/protocol.md), HTTP (docs/http.md), or both."""
+"""``rxrt serve``: serve a model over zmq + msgpack (docs/protocol.md), HTTP (docs/http.md), or both;
+``--ray`` deploys the HTTP front on Ray Serve with engine replicas sharing Redis (docs/scaling.md)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--max-batch", type=int, default=64, help="conversations decoded together (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument(
+        "--weights",
+        choices=("fp32", "bf16", "int8"),
+        default=None,
+        help="CPU weight format for decoding: fp32, bf16 or int8 (default: rxruntime.DEFAULT_CPU_WEIGHTS)",
+    )
     p.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request accepted")
     p.add_argument(
         "--keys",
@@ -50,10 +57,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=10.0,
         help="seconds of silence after which a client is dead and its turns cancelled (default %(default)s)",
     )
+    ray = p.add_argument_group("Ray Serve (needs the ray extra; docs/scaling.md)")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="deploy the HTTP front and --replicas engine replicas on Ray Serve (joins $RAY_ADDRESS if set); "
+        "needs --http and a redis:// --store",
+    )
+    ray.add_argument("--replicas", type=int, default=2, help="engine replicas (default %(default)s)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    ray.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (1: one GPU each)")
+    ray.add_argument(
+        "--lease-ttl", type=float, default=10.0, help="seconds before a dead replica's conversations move on"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray:
+        return _run_ray(args)
     if args.http is not None:
         return _run_http(args)
     return _run_zmq(args, args.bind or "tcp://127.0.0.1:5555")
@@ -74,7 +96,9 @@ def _run_zmq(args: argparse.Namespace, bind: str) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the server answers anyone: no signal is lost
         signal.signal(sig, lambda *_: stop.set())
-    with rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store) as engine:
+    with rxruntime.load(
+        args.model, device=args.device, max_batch=args.max_batch, store=store, weights=args.weights
+    ) as engine:
         server = _zmq_server(engine, args, bind, keys)
         try:  # the server (and its authenticator thread) stops however this ends
             auth = f"CURVE keys from {args.keys}" if keys else "no authentication"
@@ -135,7 +159,9 @@ def _run_http(args: argparse.Namespace) -> int:
     zmq_keys = _zmq_keys(args, args.bind) if args.bind else None  # a refused --bind fails before loading
 
     def load() -> Engine:
-        return rxruntime.load(args.model, device=args.device, max_batch=args.max_batch, store=store)
+        return rxruntime.load(
+            args.model, device=args.device, max_batch=args.max_batch, store=store, weights=args.weights
+        )
 
     def on_ready(engine: Engine) -> None:
         where = f"http://{args.http}"
@@ -159,4 +185,61 @@ def _run_http(args: argparse.Namespace) -> int:
     )
     serve(app, args.http)
     store.close()
+    return 0
+
+
+def _run_ray(args: argparse.Namespace) -> int:
+    """Start (or join, with ``RAY_ADDRESS``) a Ray cluster and deploy ``ray_app.application`` on it;
+    Ctrl-C deletes the application, which drains every replica (owed memory updates commit)."""
+    import os
+    import signal
+    import threading
+
+    from rich.console import Console
+
+    from rxruntime.models.errors import ConfigError
+    from rxruntime.serving.http_auth import KeyRing
+    from rxruntime.serving.http_serve import parse_address
+
+    if args.http is None or not args.store.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("--ray needs --http HOST:PORT and --store redis://HOST:PORT/DB (the replicas' shared memory)")
+    if args.bind:
+        raise ConfigError("--ray serves HTTP only; the zmq front (--bind) stays single-process: run it without --ray")
+    if args.replicas < 1:
+        raise ConfigError("--replicas must be at least 1")
+    host, port = parse_address(args.http)
+    keys = KeyRing.from_file(args.api_key_file, args.api_key) if args.api_key_file else KeyRing(args.api_key)
+    try:
+        import ray
+        from ray import serve
+
+        from rxruntime.serving.ray_app import APP_NAME, application, run
+    except ImportError as exc:
+        raise ConfigError(f"--ray needs the ray extra: pip install 'rxruntime[ray]' ({exc})") from None
+
+    console = Console(highlight=False)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True)
+    app = application(
+        args.store,
+        replicas=args.replicas,
+        num_cpus=args.replica_cpus,
+        num_gpus=args.replica_gpus,
+        model=args.model,
+        device=args.device,
+        max_batch=args.max_batch,
+        api_keys=list(keys.keys),
+        model_name=args.model_name,
+        lease_ttl_s=args.lease_ttl,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run(app, host, port)
+    console.print(
+        f"rxrt serve --ray: http://{args.http} · {args.replicas} engine replicas · store {args.store} · Ctrl-C stops"
+    )
+    stop.wait()
+    console.print("stopping: draining replicas (owed memory updates commit)")
+    serve.delete(APP_NAME)
+    serve.shutdown()  # type: ignore[no-untyped-call]
     return 0

@@ -80,6 +80,7 @@ class Engine:
         max_resident: int | None = 10_000,
     ) -> None:
         self.model = model.eval()
+        tokenizer.use_template(model.config)  # the model's message template (interaction_template)
         self.tokenizer = tokenizer
         self.config = model.config
         self.max_seq_len = model.config.max_seq_len
@@ -118,17 +119,19 @@ class Engine:
         stm: Tensor | None = None,
     ) -> Conversation:
         """Open a conversation: a fresh random STM, one pre-read from ``memory_init`` (a system
-        text, written to memory in the background before the first turn), a saved ``state``, or
-        a given ``stm`` tensor of shape (layers, slots, dim) (e.g. RxLM's exported STM without
-        its batch axis), checked for shape, dtype and finite values.
+        text, written to memory in the background before the first turn, in the model's
+        ``interaction_template``), a saved ``state``, or a given ``stm`` tensor of shape
+        (layers, slots, dim) (e.g. RxLM's exported STM without its batch axis), checked for
+        shape, dtype and finite values. ``stm`` and ``memory_init`` combine: the system text is
+        read into the given STM (as RxLM's ``init_stm_state`` after ``load_stm_state``).
 
         With a store, an id the store knows resumes from its stored memory (``memory_init`` is
         then ignored); a given ``state`` or ``stm`` is written to the store. Opening an id that
         was just closed while its memory update runs resumes that memory."""
         from rxruntime.conversation import Conversation
 
-        if sum(x is not None for x in (memory_init, state, stm)) > 1:
-            raise ConversationError("pass at most one of memory_init, state and stm")
+        if state is not None and (memory_init is not None or stm is not None):
+            raise ConversationError("a saved state excludes memory_init and stm: pass at most one of them")
         if memory_init is not None and not isinstance(memory_init, str):
             raise InvalidOptionError("memory_init", f"must be a string, got {type(memory_init).__name__}")
         if conversation_id is not None and (not isinstance(conversation_id, str) or not conversation_id):
@@ -563,7 +566,7 @@ class Engine:
         raise ConversationError(f"conversation {conv.id!r}: could not store the given memory")
 
     def _queue_memory_init(self, conv: ConvState, text: str) -> None:
-        ids = self.tokenizer.interaction_ids(text, "")[: self.max_seq_len]
+        ids = self.tokenizer.system_ids(text)[: self.max_seq_len]
         request = TurnRequest(conv.id, 0, (), self.default_sampling)
         job = Job(request, _Silent(), conv, 0, time.perf_counter(), 0, order=conv.next_turn - 0.25, memory_ids=ids)
         self._sched.submit(job)

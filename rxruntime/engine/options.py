@@ -15,9 +15,11 @@ from dataclasses import dataclass, replace
 from numbers import Integral, Real
 
 from rxruntime.errors import InvalidOptionError, InvalidTokenError
+from rxruntime.models.config import InteractionTemplate, ThinkingMode
 from rxruntime.models.sampler import SamplingParams
 
-OPTIONS = frozenset({"temperature", "top_k", "top_p", "seed", "max_new_tokens", "remember_partial"})
+OPTIONS = frozenset({"temperature", "top_k", "top_p", "seed", "max_new_tokens", "remember_partial", "thinking_mode"})
+THINKING_MODES = {"alpha": ("fast",), "beta": ("fast", "extended")}  # per interaction_template
 MAX_SEED = 2**63  # exclusive: seeds are int64 on the device
 
 
@@ -28,6 +30,7 @@ class TurnOptions:
     params: SamplingParams
     max_new_tokens: int | None = None
     remember_partial: bool = False
+    thinking_mode: ThinkingMode | None = None
 
 
 def _int(field: str, value: object) -> int:
@@ -45,8 +48,15 @@ def _real(field: str, value: object) -> float:
     return number
 
 
-def check_options(default: SamplingParams, vocab_size: int, options: Mapping[str, object]) -> TurnOptions:
-    """``default`` with the given options replaced, every value checked; unknown names refused."""
+def check_options(
+    default: SamplingParams,
+    vocab_size: int,
+    options: Mapping[str, object],
+    template: InteractionTemplate = "alpha",
+) -> TurnOptions:
+    """``default`` with the given options replaced, every value checked; unknown names refused.
+
+    ``template``: the model's ``interaction_template``, which says which thinking modes exist."""
     for name in options:
         if name not in OPTIONS:
             raise InvalidOptionError(str(name), f"unknown option; known: {', '.join(sorted(OPTIONS))}")
@@ -81,7 +91,25 @@ def check_options(default: SamplingParams, vocab_size: int, options: Mapping[str
         remember = False
     if not isinstance(remember, bool):
         raise InvalidOptionError("remember_partial", f"must be true or false, got {type(remember).__name__}")
-    return TurnOptions(normalize(params, vocab_size), max_new_tokens, remember)
+    return TurnOptions(normalize(params, vocab_size), max_new_tokens, remember, _thinking_mode(options, template))
+
+
+def _thinking_mode(options: Mapping[str, object], template: InteractionTemplate) -> ThinkingMode | None:
+    mode = options.get("thinking_mode")
+    if mode is None:
+        return None
+    modes = THINKING_MODES[template]
+    if mode == "auto":  # RxTBeta's interact default: there every token is forced to [A] or [T]
+        raise InvalidOptionError(
+            "thinking_mode",
+            "'auto' is not supported: RxLM 0.3's auto mode forces every generated token to be [A] or [T] "
+            f"and never ends an answer; use one of {modes}",
+        )
+    if mode not in modes:
+        raise InvalidOptionError(
+            "thinking_mode", f"must be one of {modes} for interaction_template={template!r}, got {mode!r}"
+        )
+    return mode  # type: ignore[return-value]
 
 
 def normalize(params: SamplingParams, vocab_size: int) -> SamplingParams:

@@ -40,6 +40,7 @@ from rxruntime.serving.http_lifecycle import EngineSlot
 from rxruntime.serving.http_metrics import Metrics
 from rxruntime.serving.http_registry import Registry
 from rxruntime.serving.http_responses import create_response
+from rxruntime.serving.http_shared import SharedConversations
 from rxruntime.serving.http_status import health, list_models, metrics
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ def create_app(
     owns_engine: bool | None = None,
     on_ready: Callable[[Engine], None] | None = None,
     on_shutdown: Callable[[], None] | None = None,
+    shared: SharedConversations | None = None,
+    history_cache: HistoryCache | None = None,
 ) -> Starlette:
     """An ASGI app serving ``engine`` (or the engine ``engine()`` loads once the app starts).
 
@@ -68,6 +71,8 @@ def create_app(
     kept for Chat Completions histories. ``max_open_conversations``: with a store, past this many
     open conversations those idle for ``idle_close_s`` are closed (they reopen from the store).
     An engine the app loads itself is closed at shutdown; a given one only with ``owns_engine=True``.
+    ``shared`` and ``history_cache`` replace the per-process conversation table and chat history
+    cache with shared ones (Redis, under Ray: ``ray_replica``); by default both live in the process.
     """
     slot = EngineSlot(engine, owns_engine=owns_engine)
     if on_ready is not None:
@@ -77,8 +82,8 @@ def create_app(
         slot=slot,
         keys=api_keys if isinstance(api_keys, KeyRing) else KeyRing(api_keys),
         metrics=metrics_,
-        registry=Registry(metrics_, max_open_conversations, idle_close_s),
-        history=HistoryCache(history_cache_size),
+        registry=Registry(metrics_, max_open_conversations, idle_close_s, shared),
+        history=history_cache if history_cache is not None else HistoryCache(history_cache_size),
         model_name=model_name,
         max_body_bytes=max_body_bytes,
         limiter=CapacityLimiter(worker_threads),

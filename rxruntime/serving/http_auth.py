@@ -37,6 +37,11 @@ class KeyRing:
     def enabled(self) -> bool:
         return bool(self._keys)
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys themselves (to hand to Ray Serve replicas, which check them)."""
+        return self._keys
+
     def authenticate(self, request: Request) -> str:
         """The caller's owner tag; raises a 401 APIError without a valid bearer key."""
         if not self._keys:

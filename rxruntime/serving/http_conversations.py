@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from rxruntime.serving.http_context import Context
 from rxruntime.serving.http_errors import bad_field
 from rxruntime.serving.http_fields import json_body, message_text, metadata
-from rxruntime.serving.http_registry import Entry
+from rxruntime.serving.http_registry import CONVERSATION_HEADER, Entry
 
 
 async def create_conversation(ctx: Context, request: Request, owner: str) -> Response:
@@ -27,7 +27,7 @@ async def create_conversation(ctx: Context, request: Request, owner: str) -> Res
     entry = await ctx.blocking(
         lambda: ctx.registry.create(engine, owner, metadata=meta, memory_init=system, history=pairs)
     )
-    return JSONResponse(conversation_object(entry))
+    return JSONResponse(conversation_object(entry), headers={CONVERSATION_HEADER: entry.conv.id})
 
 
 async def get_conversation(ctx: Context, request: Request, owner: str) -> Response:
@@ -45,7 +45,7 @@ async def update_conversation(ctx: Context, request: Request, owner: str) -> Res
     engine = ctx.slot.engine
     cid = str(request.path_params["conversation_id"])
     entry = await ctx.blocking(lambda: ctx.registry.get(engine, owner, cid, "conversation_id"))
-    entry.metadata = meta
+    await ctx.blocking(lambda: ctx.registry.set_metadata(entry, meta))
     return JSONResponse(conversation_object(entry))
 
 

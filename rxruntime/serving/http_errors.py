@@ -79,6 +79,9 @@ def from_engine_error(exc: BaseException, param: str | None = None) -> APIError:
         return APIError(400, str(exc), type="invalid_request_error", param=param, code="invalid_value")
     if isinstance(exc, ConversationError):
         return APIError(404, str(exc), type="invalid_request_error", param="conversation", code="not_found")
+    if type(exc).__module__.partition(".")[0] == "redis":  # the shared store (Redis) is down or unreachable
+        message = f"the conversation store is unavailable ({type(exc).__name__}: {exc}); nothing was written"
+        return unavailable(message, "store_unavailable")
     if isinstance(exc, StreamOverflowError):
         return APIError(500, str(exc), type="server_error", code="stream_overflow")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")

@@ -9,11 +9,17 @@ With a store, the table is bounded (``max_open``): past it, conversations idle f
 closed in the engine, least recently used first, and reopen from the store on their next request.
 Without a store nothing is closed, since closing would lose the memory.
 
+With ``shared`` (:class:`~rxruntime.serving.http_shared.SharedConversations`, under Ray) the
+owner-visible facts (``created_at``, metadata, latest response) live in Redis instead, read on
+every request and written through, so every replica reports the same; ``refresh`` drops a
+replica's open copy of a conversation whose memory another replica has moved on.
+
 Every method may block (the store, replaying initial items): call them from a worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -27,9 +33,13 @@ from rxruntime.models.errors import RxTError
 from rxruntime.serving.http_auth import new_id, owns
 from rxruntime.serving.http_errors import from_engine_error, not_found
 from rxruntime.serving.http_metrics import Metrics
+from rxruntime.serving.http_shared import SharedConversations, SharedMeta
 from rxruntime.stores import StaleStateError
 
 PREFIX = "conv"
+# Names the conversation a response belongs to, so a proxy (the Ray ingress) can take its lease
+# and route its next turns without parsing the body.
+CONVERSATION_HEADER = "x-rxrt-conversation"
 
 
 def replay_pairs(conv: Conversation, pairs: Sequence[tuple[str, str]]) -> None:
@@ -49,8 +59,15 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, metrics: Metrics, max_open: int = 10_000, idle_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        max_open: int = 10_000,
+        idle_s: float = 60.0,
+        shared: SharedConversations | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._shared = shared
         self._max_open = max_open
         self._idle_s = idle_s  # a conversation used more recently is never closed to make room
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
@@ -74,6 +91,13 @@ class Registry:
             self._count_store_error(exc)
             raise from_engine_error(exc) from exc
         entry = self._watch(Entry(conv, int(time.time()), dict(metadata or {})))
+        if self._shared is not None:
+            try:
+                self._shared.create(conversation_id, SharedMeta(entry.created_at, entry.metadata))
+            except Exception as exc:
+                self._drop(entry)
+                self._metrics.store_errors.inc()
+                raise from_engine_error(exc) from exc
         if history:
             try:
                 replay_pairs(conv, history)
@@ -95,11 +119,16 @@ class Registry:
             if entry is not None:
                 entry.used = time.monotonic()
                 self._entries.move_to_end(conversation_id)
-        if entry is not None:
-            return entry
+        shared = None
         store = engine.store
         try:
-            stored = store is not None and store.get(conversation_id) is not None
+            if self._shared is not None:
+                shared = self._shared.load(conversation_id)
+            if entry is not None:
+                if shared is not None:  # another replica may have answered or changed it since
+                    entry.metadata, entry.last_response_turn = shared.metadata, shared.last_response_turn
+                return entry
+            stored = shared is not None or (store is not None and store.get(conversation_id) is not None)
         except Exception as exc:
             self._metrics.store_errors.inc()
             raise from_engine_error(exc) from exc
@@ -115,6 +144,9 @@ class Registry:
                     raise from_engine_error(exc) from exc
                 metadata = self._metadata.pop(conversation_id, {})
                 entry = self._watch(Entry(conv, int(time.time()), metadata))
+                if shared is not None:
+                    entry.created_at, entry.metadata = shared.created_at, shared.metadata
+                    entry.last_response_turn = shared.last_response_turn
                 self._entries[conversation_id] = entry
         self._make_room(engine)
         return entry
@@ -127,9 +159,59 @@ class Registry:
             self._metadata.pop(conversation_id, None)
         try:
             entry.conv.delete()
+            if self._shared is not None:
+                self._shared.delete(conversation_id)
         except Exception as exc:
             self._count_store_error(exc)
             raise from_engine_error(exc) from exc
+
+    def set_metadata(self, entry: Entry, metadata: dict[str, str]) -> None:
+        """Replace the conversation's metadata (in Redis too, when shared)."""
+        if self._shared is not None:
+            try:
+                self._shared.set_metadata(entry.conv.id, metadata)
+            except Exception as exc:
+                self._metrics.store_errors.inc()
+                raise from_engine_error(exc) from exc
+        entry.metadata = metadata
+
+    def answered(self, entry: Entry, turn: int) -> None:
+        """Record the conversation's latest response (the one ``previous_response_id`` may continue)."""
+        entry.last_response_turn = turn
+        if self._shared is not None:
+            try:
+                self._shared.set_last_response(entry.conv.id, turn)
+            except Exception:  # the answer is out; only an older previous_response_id check is weakened
+                self._metrics.store_errors.inc()
+
+    def refresh(self, engine: Engine, conversation_id: str) -> bool:
+        """True if this process holds the conversation open with the store's latest memory.
+
+        An open copy older than the store (another replica served a turn since) is closed, so the
+        next ``get`` reopens it from the store: a turn never reads an STM older than the last one
+        committed. Call it while holding the conversation's lease."""
+        with self._lock:
+            entry = self._entries.get(conversation_id)
+        if entry is None or engine.store is None:
+            return entry is not None
+        stored = engine.store.version(conversation_id)
+        try:
+            fresh = stored is None or entry.conv.stm_version >= stored
+        except RxTError:  # closed underneath us
+            fresh = False
+        if fresh:
+            return True
+        with self._lock:
+            if self._entries.get(conversation_id) is entry:
+                del self._entries[conversation_id]
+                self._metadata.pop(conversation_id, None)
+        with contextlib.suppress(RxTError):
+            entry.conv.close()
+        return False
+
+    def entry(self, conversation_id: str) -> Entry | None:
+        with self._lock:
+            return self._entries.get(conversation_id)
 
     def forget(self, conversation_id: str) -> None:
         """Close a conversation nobody can reach again (a ``store: false`` response's own)."""

@@ -25,7 +25,7 @@ from rxruntime.events import AnswerCompleted, InteractionFailed, MemoryUpdated, 
 from rxruntime.serving.http_context import Context
 from rxruntime.serving.http_errors import APIError, bad_field, not_found
 from rxruntime.serving.http_fields import json_body, message_text, metadata, opt_bool, opt_str, sampling_options
-from rxruntime.serving.http_registry import PREFIX, Entry
+from rxruntime.serving.http_registry import CONVERSATION_HEADER, PREFIX, Entry
 from rxruntime.serving.http_sse import sse, sse_response
 from rxruntime.serving.http_turns import Turn, TurnSummary
 
@@ -70,9 +70,9 @@ async def create_response(ctx: Context, request: Request, owner: str) -> Respons
         finally:
             if ephemeral:
                 await ctx.blocking(lambda: ctx.registry.forget(entry.conv.id))
-        entry.last_response_turn = summary.turn
-        return JSONResponse(shape.response(summary))
-    return sse_response(_stream(ctx, turn, shape))
+        await ctx.blocking(lambda: ctx.registry.answered(entry, summary.turn))
+        return JSONResponse(shape.response(summary), headers={CONVERSATION_HEADER: entry.conv.id})
+    return sse_response(_stream(ctx, turn, shape), headers={CONVERSATION_HEADER: entry.conv.id})
 
 
 async def _from_previous(ctx: Context, owner: str, previous: str) -> Entry:
@@ -111,7 +111,8 @@ async def _stream(ctx: Context, turn: Turn, shape: _Shape) -> AsyncIterator[byte
                     yield event("response.output_text.delta", **at, delta=ev.text, logprobs=[])
             elif isinstance(ev, AnswerCompleted):
                 summary = turn.summary()
-                shape.entry.last_response_turn = summary.turn
+                number = summary.turn
+                await ctx.blocking(lambda: ctx.registry.answered(shape.entry, number))  # noqa: B023
                 text_part = {**part, "text": summary.text}
                 yield event("response.output_text.done", **at, text=summary.text, logprobs=[])
                 yield event("response.content_part.done", **at, part=text_part)

@@ -90,6 +90,7 @@ def _options(value: Any, limits: Limits) -> dict[str, Any]:
         "seed": lambda f, v: _int(f, v, 0, MAX_RID),
         "max_new_tokens": lambda f, v: _int(f, v, 1, limits.max_seq_len),
         "remember_partial": _bool,
+        "thinking_mode": _thinking_mode,  # whether the model has the mode: the engine says (InvalidOptionError)
     }
     out: dict[str, Any] = {}
     for key, item in value.items():
@@ -98,6 +99,12 @@ def _options(value: Any, limits: Limits) -> dict[str, Any]:
             raise ProtocolError(f"unknown option {key!r}; 'options' keys are among {sorted(checks)}", "options")
         out[key] = check(f"options.{key}", item)
     return out
+
+
+def _thinking_mode(field: str, value: Any) -> str:
+    if value not in ("fast", "extended"):
+        raise ProtocolError(f"{field!r} must be 'fast' or 'extended', got {value!r}", field)
+    return str(value)
 
 
 def _bool(field: str, value: Any) -> bool:

@@ -1,0 +1,114 @@
+"""Weight formats for CPU inference: float32, bfloat16, and int8 with one scale per 32 columns.
+
+A batch-1 decode step on a CPU is bound by the bytes of weights it reads per token, so storing
+the big matrices in fewer bytes is the way to more tokens per second. The C decode step
+(``models/native.py``) reads its own bf16 or int8 copies of the matrices it multiplies. So that
+the prefill, the memory update and the torch decode step compute with the same numbers, the
+model's float32 parameters are rounded in place to the values those copies hold
+(:func:`set_weight_format`): the quantised model is one function whichever path runs it, and
+re-quantising a rounded matrix gives back exactly the same int8 values and scales.
+
+Int8 is "weight-only": each weight is ``q * scale`` with ``q`` in [-127, 127] and one float scale
+per block of :data:`BLOCK` consecutive columns of one row of the input-major matrix (32 output
+channels of one input); activations and sums stay float32. Blocks along the output axis fit the
+row-streaming products of the C step (a block's scale folds into the input value).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .rxt import RxTModel
+
+WeightFormat = Literal["fp32", "bf16", "int8"]
+WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("fp32", "bf16", "int8")
+BLOCK = 32
+"""Columns of an input-major matrix row that share one int8 scale (the C step's QBLOCK)."""
+
+
+def check_format(weights: str) -> WeightFormat:
+    """``weights`` as a :data:`WeightFormat`; ValueError naming the choices otherwise."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+    return weights
+
+
+def quantize_int8(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q, scales)`` of a (rows, cols) float matrix: int8 ``q`` (rows, cols), contiguous, and
+    float32 ``scales`` (rows, ceil(cols / BLOCK)) with ``matrix ≈ q * scales[:, c // BLOCK]``."""
+    rows, cols = matrix.shape
+    blocks = -(-cols // BLOCK)
+    padded = torch.zeros(rows, blocks * BLOCK, dtype=torch.float32)
+    padded[:, :cols] = matrix
+    grouped = padded.view(rows, blocks, BLOCK)
+    scales = grouped.abs().amax(dim=2) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block stays zero
+    q = torch.round(grouped / safe[:, :, None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(rows, blocks * BLOCK)[:, :cols].contiguous(), scales.contiguous()
+
+
+def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
+    """The float32 matrix ``q`` and ``scales`` stand for (the inverse of :func:`quantize_int8`)."""
+    per_column = scales.repeat_interleave(BLOCK, dim=1)[:, : q.shape[1]]
+    return q.to(torch.float32) * per_column
+
+
+def round_to_format(matrix: Tensor, weights: WeightFormat) -> Tensor:
+    """The float32 values a (rows, cols) input-major matrix has once stored as ``weights``."""
+    if weights == "bf16":
+        return matrix.to(torch.bfloat16).to(torch.float32)
+    if weights == "int8":
+        return dequantize_int8(*quantize_int8(matrix))
+    return matrix
+
+
+def _round_in_place(matrix: Tensor, weights: WeightFormat) -> None:
+    matrix.copy_(round_to_format(matrix.detach(), weights))
+
+
+@torch.no_grad()
+def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
+    """Store ``model``'s matrices as ``weights`` from now on (the C step reads the compact copies).
+
+    Rounds, in place, every matrix of the decoder, encoder and memory attention (not the
+    embedding table, norms or biases: a lookup, vectors) to the values the format holds, blocked
+    along the rows of each input-major matrix exactly as the C step blocks them, and sets
+    ``model.weight_format``. Irreversible for the loaded weights: load again for float32.
+    """
+    weights = check_format(weights)
+    if weights == "fp32":
+        model.weight_format = "fp32"
+        return
+    if model.dtype != torch.float32:
+        raise ValueError(f"weight formats apply to float32 models, this one is {model.dtype}")
+    model.use_decode_layout()  # the decoder's matrices as the C step reads them
+    from .moe import MoE
+
+    for layer in model.decoder.blocks:
+        for attn in (layer.self_attn, layer.cross_attn):
+            fused = None if attn is None else attn.fused_qkv()
+            if fused is not None:
+                _round_in_place(fused[0], weights)  # (dim, q + 2 kv columns), shared by the views
+    done = {id(t) for layer in model.decoder.blocks for t in _fused_views(layer)}
+    for name, module in model.named_modules():
+        # The router stays float32: it is tiny, and a rounded router can pick other experts.
+        if isinstance(module, nn.Linear) and id(module.weight) not in done and not name.endswith("router"):
+            _round_in_place(module.weight.t(), weights)  # input-major, as the C step blocks it
+        elif isinstance(module, MoE):
+            for table in (module.w_in, module.w_out):  # (E, out, in): expert e's matrix is table[e].t()
+                for expert in table:
+                    _round_in_place(expert.t(), weights)
+    model.weight_format = weights
+
+
+def _fused_views(layer: nn.Module) -> list[Tensor]:
+    """The q/k/v weights of a decoder layer that are views of a fused matrix (already rounded)."""
+    out: list[Tensor] = []
+    for attn in (getattr(layer, "self_attn", None), getattr(layer, "cross_attn", None)):
+        if attn is not None and attn.fused_qkv() is not None:
+            out += [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    return out
