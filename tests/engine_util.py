@@ -10,7 +10,7 @@ import torch
 
 from rxruntime.engine import Engine
 from rxruntime.events import Event
-from rxruntime.models import RxTModel
+from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, SamplingParams
 
 from .conftest import tiny_config
 
@@ -20,6 +20,30 @@ CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is
 def make_model(seed: int = 0) -> RxTModel:
     torch.manual_seed(seed)
     return RxTModel(tiny_config(vocab_size=300, max_seq_len=48)).eval()
+
+
+def decode_steps(model: RxTModel, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """Decode ``steps`` greedy steps of rows that start at different positions: the logits of
+    every step (captured from ``decode_step``), then the cache."""
+    stm = model.init_stm(len(prompts), torch.Generator().manual_seed(5), std=1.0)
+    batch = DecodeBatch(model, len(prompts))
+    batch.join([JoinRequest(i, p, stm[i], SamplingParams(temperature=0.0), 0) for i, p in enumerate(prompts)])
+    logits: list[torch.Tensor] = []
+    real = model.decode_step
+
+    def capture(*args: object) -> torch.Tensor:
+        out = real(*args)  # type: ignore[arg-type]
+        logits.append(out.clone())
+        return out
+
+    model.decode_step = capture  # type: ignore[assignment]
+    try:
+        for _ in range(steps):
+            batch.step()
+    finally:
+        del model.decode_step
+    n = len(prompts)
+    return [*logits, batch.cache.k[:, :n].clone(), batch.cache.v[:, :n].clone()]
 
 
 Outcome = tuple[list[Event], BaseException | None]

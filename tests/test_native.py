@@ -18,6 +18,7 @@ import torch
 from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, SamplingParams, native
 
 from .conftest import biased_mqa_model, tiny_model
+from .engine_util import decode_steps
 
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler: the C decode step cannot be built"
@@ -39,28 +40,9 @@ def torch_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _run(model: RxTModel, native_on: bool, prompts: list[list[int]], steps: int = 12) -> list[torch.Tensor]:
-    """Decode ``steps`` greedy steps of rows that start at different positions: the logits of
-    every step (captured from ``decode_step``), then the cache."""
+    """``decode_steps`` with the C step switched on or off."""
     model.native_decode = native_on
-    stm = model.init_stm(len(prompts), torch.Generator().manual_seed(5), std=1.0)
-    batch = DecodeBatch(model, len(prompts))
-    batch.join([JoinRequest(i, p, stm[i], SamplingParams(temperature=0.0), 0) for i, p in enumerate(prompts)])
-    logits: list[torch.Tensor] = []
-    real = model.decode_step
-
-    def capture(*args: object) -> torch.Tensor:
-        out = real(*args)  # type: ignore[arg-type]
-        logits.append(out.clone())
-        return out
-
-    model.decode_step = capture  # type: ignore[assignment]
-    try:
-        for _ in range(steps):
-            batch.step()
-    finally:
-        del model.decode_step
-    n = len(prompts)
-    return [*logits, batch.cache.k[:, :n].clone(), batch.cache.v[:, :n].clone()]
+    return decode_steps(model, prompts, steps)
 
 
 PROMPTS = [[3, 9, 27, 81, 50], [11, 12], [60, 61, 62, 63, 64, 65, 66, 67, 68]]

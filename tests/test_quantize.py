@@ -25,6 +25,7 @@ from rxruntime.models.quantize import BLOCK, dequantize_int8, quantize_int8, set
 from rxruntime.models.tokenizer import RxTokenizer
 
 from .conftest import biased_mqa_model, tiny_model
+from .engine_util import decode_steps
 
 needs_cc = pytest.mark.skipif(
     shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler: the C decode step cannot be built"
@@ -48,25 +49,7 @@ def test_int8_blocks_round_trip_and_are_idempotent() -> None:
 
 def _steps(model: RxTModel, prompts: list[list[int]], steps: int = 10) -> list[torch.Tensor]:
     """The logits of ``steps`` greedy decode steps, then the caches."""
-    stm = model.init_stm(len(prompts), torch.Generator().manual_seed(5), std=1.0)
-    batch = DecodeBatch(model, len(prompts))
-    batch.join([JoinRequest(i, p, stm[i], SamplingParams(temperature=0.0), 0) for i, p in enumerate(prompts)])
-    logits: list[torch.Tensor] = []
-    real = model.decode_step
-
-    def capture(*args: object) -> torch.Tensor:
-        out = real(*args)  # type: ignore[arg-type]
-        logits.append(out.clone())
-        return out
-
-    model.decode_step = capture  # type: ignore[assignment]
-    try:
-        for _ in range(steps):
-            batch.step()
-    finally:
-        del model.decode_step
-    n = len(prompts)
-    return [*logits, batch.cache.k[:, :n].clone(), batch.cache.v[:, :n].clone()]
+    return decode_steps(model, prompts, steps)
 
 
 def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
