@@ -29,19 +29,10 @@ from typing import Any
 
 import openai
 
-from rxruntime.bench.http_load import TurnRecord, stream_turn
+from rxruntime.bench.http_load import FACTS, SMALL_TALK, TurnRecord, stream_turn
 from rxruntime.bench.ray_cluster import LocalRayServe
 from rxruntime.bench.redis_server import RedisServer
 
-FACTS = [
-    ("I live in Lisbon.", "Where do I live?", "Lisbon"),
-    ("My name is Julia.", "What is my name?", "Julia"),
-    ("My lucky number is 47.", "What is my lucky number?", "47"),
-    ("I live in Paris.", "Where do I live?", "Paris"),
-    ("I live in Tokyo.", "Where do I live?", "Tokyo"),
-    ("I live in Berlin.", "Where do I live?", "Berlin"),
-]
-SMALL_TALK = ["What is 3 plus 5?", "Count from 2 to 5.", "What is 2 plus 3?"]
 AUTOSCALING = {
     "min_replicas": 1,
     "initial_replicas": 1,

@@ -17,6 +17,18 @@ from typing import Any
 
 import openai
 
+# Facts the shipped model recalls through small talk at temperature 0 (its training templates):
+# (statement, question, the word the answer must hold). The recall checks of the Ray scripts.
+FACTS = [
+    ("I live in Lisbon.", "Where do I live?", "Lisbon"),
+    ("My name is Julia.", "What is my name?", "Julia"),
+    ("My lucky number is 47.", "What is my lucky number?", "47"),
+    ("I live in Paris.", "Where do I live?", "Paris"),
+    ("I live in Tokyo.", "Where do I live?", "Tokyo"),
+    ("I live in Berlin.", "Where do I live?", "Berlin"),
+]
+SMALL_TALK = ["What is 3 plus 5?", "Count from 2 to 5.", "What is 2 plus 3?"]
+
 
 @dataclass
 class TurnRecord:
