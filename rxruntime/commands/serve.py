@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from rxruntime.commands.stop_signals import StopSignals
+
 if TYPE_CHECKING:
     from rxruntime.engine import Engine
     from rxruntime.serving.auth import ServerKeys
@@ -82,9 +84,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_zmq(args: argparse.Namespace, bind: str) -> int:
-    import signal
-    import threading
-
     from rich.console import Console
 
     import rxruntime
@@ -93,9 +92,7 @@ def _run_zmq(args: argparse.Namespace, bind: str) -> int:
     console = Console(highlight=False)
     keys = _zmq_keys(args, bind)  # before loading the model
     store = open_store(args.store)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # before the server answers anyone: no signal is lost
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals()  # before the server answers anyone: no signal is lost
     with rxruntime.load(
         args.model, device=args.device, max_batch=args.max_batch, store=store, weights=args.weights
     ) as engine:
@@ -192,8 +189,6 @@ def _run_ray(args: argparse.Namespace) -> int:
     """Start (or join, with ``RAY_ADDRESS``) a Ray cluster and deploy ``ray_app.application`` on it;
     Ctrl-C deletes the application, which drains every replica (owed memory updates commit)."""
     import os
-    import signal
-    import threading
 
     from rich.console import Console
 
@@ -231,9 +226,7 @@ def _run_ray(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         lease_ttl_s=args.lease_ttl,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals()
     run(app, host, port)
     console.print(
         f"rxrt serve --ray: http://{args.http} · {args.replicas} engine replicas · store {args.store} · Ctrl-C stops"
