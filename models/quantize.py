@@ -37,6 +37,25 @@ def check_format(weights: str) -> WeightFormat:
     return weights
 
 
+def default_format(model: RxTModel, preferred: WeightFormat) -> WeightFormat:
+    """``preferred`` where it pays and is wanted, else ``"fp32"``.
+
+    Rounding costs a little accuracy (docs/benchmarks.md section 8), so it is worth it only
+    where the C decode step reads the compact copies: a float32 CPU model whose layout the step
+    runs. RxLM checkpoints stay float32: their promise is the reference's exact numbers, and
+    ``weights=`` asks for compact ones explicitly.
+    """
+    from . import native
+
+    if model.device.type != "cpu" or model.dtype != torch.float32 or not model.native_decode:
+        return "fp32"
+    if model.config.tokenizer_template == "rxlm":
+        return "fp32"
+    if native.unavailable_reason() is not None or native.layout_reason(model) is not None:
+        return "fp32"
+    return preferred
+
+
 def quantize_int8(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """``(q, scales)`` of a (rows, cols) float matrix: int8 ``q`` (rows, cols), contiguous, and
     float32 ``scales`` (rows, ceil(cols / BLOCK)) with ``matrix ≈ q * scales[:, c // BLOCK]``."""

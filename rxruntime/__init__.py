@@ -47,8 +47,9 @@ from rxruntime.stores import STMStore
 
 __version__ = "0.1.0"
 
-DEFAULT_CPU_WEIGHTS: WeightFormat = "fp32"
-"""The weight format :func:`load` gives a float32 model on the CPU when ``weights`` is not given."""
+DEFAULT_CPU_WEIGHTS: WeightFormat = "int8"
+"""The weight format :func:`load` gives a float32 CPU model when ``weights`` is not given, where
+:func:`rxruntime.models.quantize.default_format` allows it (fp32 otherwise)."""
 
 
 def load(
@@ -71,14 +72,15 @@ def load(
     ``weights`` (CPU, float32): how the matrices are stored for decoding, ``"fp32"``, ``"bf16"``
     or ``"int8"`` (one scale per 32 columns): fewer bytes per token read, so faster decoding, at
     a small measured cost in accuracy (docs/benchmarks.md §8). Default: :data:`DEFAULT_CPU_WEIGHTS`
-    on the CPU, float32 elsewhere.
+    where the C decode step runs the model and it is not an RxLM checkpoint (those keep the
+    reference's numbers), float32 otherwise (:func:`~rxruntime.models.quantize.default_format`).
     """
     from rxruntime.models.checkpoint import load_pretrained
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    from rxruntime.models.quantize import check_format, set_weight_format
+    from rxruntime.models.quantize import check_format, default_format, set_weight_format
 
     fmt = check_format(weights) if weights is not None else None
     if fmt not in (None, "fp32") and (dev.type != "cpu" or dtype != torch.float32):
@@ -86,7 +88,7 @@ def load(
     rxt, tokenizer = load_pretrained(model, device=dev, dtype=dtype)
     assert tokenizer is not None
     if dev.type == "cpu" and dtype == torch.float32:
-        set_weight_format(rxt, fmt or DEFAULT_CPU_WEIGHTS)
+        set_weight_format(rxt, fmt or default_format(rxt, DEFAULT_CPU_WEIGHTS))
     return Engine(rxt, tokenizer, max_batch=max_batch, default_sampling=default_sampling, store=store)
 
 

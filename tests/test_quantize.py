@@ -186,3 +186,16 @@ def test_shipped_model_int8_stays_close_to_float32() -> None:
     assert float((diff.amax(-1) < 0.1 * spread).float().mean()) >= 0.9  # a router near-tie may flip an expert
     assert float((logits.argmax(-1) == expected.argmax(-1)).float().mean()) >= 0.95
     assert not torch.equal(logits, expected)
+
+
+def test_load_defaults_to_int8_only_where_the_c_step_runs_a_model_of_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    with rxruntime.load("default", device="cpu") as engine:
+        assert engine.model.weight_format == "int8"  # the C step runs the shipped model
+    with rxruntime.load("default", device="cpu", weights="fp32") as engine:
+        assert engine.model.weight_format == "fp32"  # asked for: float32 stays available
+    rxlm = Path(__file__).parent / "fixtures" / "rxlm" / "0.2.31" / "alpha_supervised"
+    with rxruntime.load(rxlm, device="cpu") as engine:
+        assert engine.model.weight_format == "fp32"  # an RxLM checkpoint keeps the reference's numbers
+    monkeypatch.setenv("RXRT_NATIVE", "0")
+    with rxruntime.load("default", device="cpu") as engine:
+        assert engine.model.weight_format == "fp32"  # no C step: rounding would cost accuracy for nothing

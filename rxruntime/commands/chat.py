@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--weights",
         choices=("fp32", "bf16", "int8"),
         default=None,
-        help="CPU weight format for decoding: fp32, bf16 or int8 (default: rxruntime.DEFAULT_CPU_WEIGHTS)",
+        help="CPU weight format for decoding: fp32, bf16 or int8 (default: int8 where the C step runs the model,"
+        " fp32 for RxLM checkpoints)",
     )
     p.set_defaults(func=run)
 

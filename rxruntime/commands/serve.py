@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--weights",
         choices=("fp32", "bf16", "int8"),
         default=None,
-        help="CPU weight format for decoding: fp32, bf16 or int8 (default: rxruntime.DEFAULT_CPU_WEIGHTS)",
+        help="CPU weight format for decoding: fp32, bf16 or int8 (default: int8 where the C step runs the model,"
+        " fp32 for RxLM checkpoints)",
     )
     p.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request accepted")
     p.add_argument(
