@@ -368,7 +368,7 @@ def _conversations(
         "dtype": str(model.dtype).removeprefix("torch."),
         "sampling": ("greedy" if cfg.temperature <= 0 else f"temperature {cfg.temperature}") + ", EOS ignored",
         "rxt_active_parameters": model.active_parameter_count(),
-        "baseline": "transformers.LlamaForCausalLM, random weights, KV cache within a turn",
+        "baseline_model": "transformers.LlamaForCausalLM, random weights, KV cache within a turn",
         "baseline_active_parameters": active_parameters(llama, config.vocab_size, config.dim),
         "baseline_intermediate_size": llama.config.intermediate_size,
         "baseline_layers": llama.config.num_hidden_layers,
