@@ -22,6 +22,18 @@ def _label(result: dict[str, Any], key: str) -> str:
     return str(result.get("series", {}).get(key, key))
 
 
+def short_label(key: str) -> str:
+    """A column header: ``rxt_int8`` -> ``RxT int8``, ``llamacpp_q8_0_cached`` -> ``llama.cpp q8_0 cached``."""
+    if key == "baseline":
+        return "transformers"
+    if key.startswith("rxt_"):
+        return f"RxT {key.removeprefix('rxt_')}"
+    if key.startswith("llamacpp_"):
+        gguf_type, _, mode = key.removeprefix("llamacpp_").rpartition("_")
+        return f"llama.cpp {gguf_type} {mode}"
+    return key
+
+
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Totals, turn-1 and last-turn times and TTFT of every system, their ratios to RxT (``rxt``),
     and one comparison per (RxT series, other system) pair."""
@@ -142,7 +154,8 @@ def describe(result: dict[str, Any]) -> list[str]:
 
 def format_table(result: dict[str, Any]) -> Any:
     """A rich Table: one row per turn, RxT's figures, then every other system's turn time and its
-    ratio to RxT's (above 1: RxT is faster)."""
+    ratio to RxT's (above 1: RxT is faster; ``cached``: llama.cpp's prompt cache kept, ``reread``:
+    the history re-read)."""
     from rich.table import Table
 
     cfg = result["config"]
@@ -155,7 +168,7 @@ def format_table(result: dict[str, Any]) -> Any:
         table.add_column(name, justify="right")
     others = [k for k in series_keys(result) if k != "rxt"]
     for key in others:
-        table.add_column(f"{_label(result, key)}: turn s (/ RxT)", justify="right")
+        table.add_column(f"{short_label(key)} turn s (/ RxT)", justify="right")
     for i, r in enumerate(result["rxt"]):
         cells = [
             str(r["turn"]),
