@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTModel, SamplingParams, preset
+from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTConfig, RxTModel, SamplingParams, preset
 from rxruntime.models.quantize import check_format, set_weight_format
 
 from .decode import c_step_note
@@ -206,7 +206,7 @@ def _baseline_turn(llama: Any, ids: list[int], answer_tokens: int, temperature: 
 
 
 # ---------------------------------------------------------------------- the conversation
-def _rxt_models(cfg: TurnsConfig, config: Any, device: torch.device) -> dict[str, RxTModel]:
+def _rxt_models(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> dict[str, RxTModel]:
     """One RxT per weight format, all from the same seed (so the same float32 weights before rounding)."""
     models: dict[str, RxTModel] = {}
     for fmt in cfg.weights:
@@ -219,7 +219,8 @@ def _rxt_models(cfg: TurnsConfig, config: Any, device: torch.device) -> dict[str
     return models
 
 
-def _check(cfg: TurnsConfig, config: Any, device: torch.device) -> None:
+def _check(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> None:
+    """Every option checked before anything is built: a bad one is a ConfigError (exit code 2)."""
     prompt_len = cfg.query_tokens + 3  # [BOS] [Q] query [A]
     if prompt_len + cfg.answer_tokens + 1 > config.max_seq_len:
         raise ConfigError(
@@ -264,7 +265,7 @@ def run_turns(cfg: TurnsConfig, progress: Callable[[str], None] | None = None) -
         return _run(cfg, config, Path(folder), progress)
 
 
-def _run(cfg: TurnsConfig, config: Any, folder: Path, progress: Callable[[str], None] | None) -> dict[str, Any]:
+def _run(cfg: TurnsConfig, config: RxTConfig, folder: Path, progress: Callable[[str], None] | None) -> dict[str, Any]:
     """Build every system (GGUF files in ``folder``), run them, free llama.cpp's contexts."""
     tokens = config.special_tokens
     device = torch.device(cfg.device)
@@ -276,7 +277,8 @@ def _run(cfg: TurnsConfig, config: Any, folder: Path, progress: Callable[[str], 
     peers: list[LlamaCppPeer] = []
     peer_info: dict[str, Any] = {}
     if cfg.baseline == "llamacpp":
-        special = {"bos": tokens.bos_id, "eos": tokens.eos_id, "pad": tokens.pad_id, "unk": tokens.unk_id}
+        named = {"bos": tokens.bos_id, "eos": tokens.eos_id, "pad": tokens.pad_id, "unk": tokens.unk_id}
+        special = {name: i for name, i in named.items() if i is not None}
         peers, peer_info = prepare_peers(
             llama, cfg.llamacpp_types, n_ctx=n_ctx, threads=torch.get_num_threads(), special_ids=special, workdir=folder
         )
@@ -289,7 +291,7 @@ def _run(cfg: TurnsConfig, config: Any, folder: Path, progress: Callable[[str], 
 
 def _conversations(
     cfg: TurnsConfig,
-    config: Any,
+    config: RxTConfig,
     rxts: dict[str, RxTModel],
     llama: Any,
     peers: list[LlamaCppPeer],
