@@ -108,11 +108,9 @@ def test_gguf_file_reads_back(llama: Any, gguf_file: Path) -> None:
             assert data.shape[1] == ffn and not data[:, cfg.intermediate_size :].any()
             data = data[:, : cfg.intermediate_size]
         assert torch.equal(data, weight), hf_name
-    q = torch.from_numpy(np.array(tensors["blk.0.attn_q.weight"].data))
-    assert not torch.equal(
-        q.reshape(state["model.layers.0.self_attn.q_proj.weight"].shape),
-        state["model.layers.0.self_attn.q_proj.weight"],
-    )  # the permutation did move rows
+    hf_q = state["model.layers.0.self_attn.q_proj.weight"]
+    stored_q = torch.from_numpy(np.array(tensors["blk.0.attn_q.weight"].data)).reshape(hf_q.shape)
+    assert not torch.equal(stored_q, hf_q)  # the permutation did move rows
 
 
 # ---------------------------------------------------------------------- in llama.cpp (by hand)
