@@ -116,7 +116,9 @@ def prepare_peers(
         "llamacpp_n_batch": n_ctx,
         "llamacpp_threads": threads,
         "llamacpp_kv_cache": "f16, flash attention auto (llama.cpp's defaults)",
-        "llamacpp_extra_buffer_types": "off (llama.cpp's AMX q8_0 matmul segfaults on this CPU)",
+        "llamacpp_extra_buffer_types": "off (AMX, repacked layouts: llama.cpp's AMX q8_0 matmul segfaulted on an "
+        "AMX CPU with llama-cpp-python 0.3.36)",
+        "llamacpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
         "llamacpp_file_bytes": {},
         "llamacpp_tensor_bytes": {},
     }
