@@ -3,7 +3,9 @@ the numbers depend on the machine and its load."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -43,6 +45,99 @@ def test_bench_turns_table_and_compare(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "baseline / RxT turn" in out.replace("\n", " ") or "baseline" in out
     assert (tmp_path / "turns-nano.png").exists()
+
+
+def test_bench_turns_weight_formats_each_a_series(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "turns", "--preset", "nano", "--turns", "2", "--answer-tokens", "4", "--json"]
+    assert main([*argv, "--weights", "fp32,int8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["series"] == {
+        "rxt": "RxT fp32",
+        "rxt_int8": "RxT int8",
+        "baseline": "baseline: transformers, history re-read",
+    }
+    assert [r["turn"] for r in result["rxt_int8"]] == [1, 2]
+    assert all(r["memory_update_s"] > 0 for r in result["rxt_int8"])
+    assert result["config"]["weights"] == ["fp32", "int8"] and result["config"]["baseline"] == "transformers"
+    s = result["summary"]
+    assert set(s["systems"]) == {"rxt", "rxt_int8", "baseline"}
+    assert s["systems"]["rxt"]["over_rxt"]["total"] == pytest.approx(1.0)
+    assert s["systems"]["baseline"]["total_s"] == pytest.approx(s["baseline_total_s"])
+    assert {(c["rxt"], c["other"]) for c in s["comparisons"]} == {("rxt", "baseline"), ("rxt_int8", "baseline")}
+    assert result["memory"]["rxt_stm_bytes"] == 4 * 4 * preset("nano").stm_size * 128  # layers x slots x dim x fp32
+
+
+def test_bench_turns_bad_options(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["bench", "turns", "--preset", "nano", "--turns", "1"]
+    assert main([*base, "--weights", "fp16"]) == 2
+    assert main([*base, "--weights", "int8,int8"]) == 2
+    assert main([*base, "--baseline", "llamacpp", "--llamacpp-types", "q4_0"]) == 2
+    capsys.readouterr()
+    # Without llama-cpp-python: a typed error naming the extra, before any model is built.
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` raise ImportError
+    assert main([*base, "--baseline", "llamacpp"]) == 2
+    assert "pip install 'rxruntime[llamacpp]'" in capsys.readouterr().err
+    from rxruntime.bench import TurnsConfig, run_turns
+    from rxruntime.bench.llamacpp_runtime import LlamaCppUnavailableError
+
+    with pytest.raises(LlamaCppUnavailableError, match=r"rxruntime\[llamacpp\]"):
+        run_turns(TurnsConfig(preset="nano", turns=1, baseline="llamacpp"))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python not installed: it compiles llama.cpp, so CI leaves it out "
+    "(run by hand after pip install 'rxruntime[llamacpp]')",
+)
+def test_bench_turns_llamacpp_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "turns", "--preset", "nano", "--turns", "2", "--query-tokens", "8", "--answer-tokens", "4"]
+    assert main([*argv, "--baseline", "llamacpp", "--json", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    peers = [f"llamacpp_{t}_{m}" for t in ("f32", "q8_0") for m in ("cached", "reread")]
+    assert list(result["series"]) == ["rxt", "baseline", *peers]
+    for key in peers:
+        assert [r["turn"] for r in result[key]] == [1, 2]
+        for record in result[key]:
+            assert set(record) == {"turn", "ttft_s", "turn_s", "tokens_per_s"}
+            assert 0 < record["ttft_s"] <= record["turn_s"]
+    cfg = result["config"]
+    assert cfg["llamacpp_types"] == ["f32", "q8_0"] and cfg["llamacpp_n_ctx"] == 2 * (11 + 4 + 1) + 64
+    assert cfg["llamacpp_tensor_bytes"]["q8_0"] < cfg["llamacpp_tensor_bytes"]["f32"] / 3
+    kv = result["memory"]["llamacpp_kv_at_last_turn"]
+    assert set(kv) == {"llamacpp_f32_cached", "llamacpp_q8_0_cached"}
+    assert all(v["cached_tokens"] == 2 * 16 - 2 and v["state_bytes"] > 0 for v in kv.values())
+    assert len(result["summary"]["comparisons"]) == 5
+    assert (tmp_path / "turns-nano.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_turns_findings_say_where_rxt_is_behind() -> None:
+    from rxruntime.bench.turns_report import describe, summarize, turn_ranges
+
+    def recs(turns: list[float], ttft: float) -> list[dict[str, float]]:
+        return [
+            {"turn": i, "ttft_s": ttft, "turn_s": t, "tokens_per_s": 100.0, "memory_update_s": 0.01}
+            for i, t in enumerate(turns, start=1)
+        ]
+
+    result: dict[str, object] = {
+        "series": {"rxt": "RxT fp32", "baseline": "baseline", "peer": "fast peer"},
+        "rxt": recs([0.2, 0.2, 0.2, 0.2], 0.05),
+        "baseline": recs([0.3, 0.4, 0.5, 0.6], 0.06),
+        "peer": recs([0.1, 0.15, 0.25, 0.3], 0.02),
+    }
+    s = summarize(result)
+    assert s["turn_ratio"] == pytest.approx(3.0) and s["rxt_total_s"] == pytest.approx(0.8)
+    by_other = {c["other"]: c for c in s["comparisons"]}
+    assert by_other["baseline"]["rxt_behind"] is False and by_other["baseline"]["rxt_behind_turns"] == []
+    peer = by_other["peer"]
+    assert peer["rxt_behind_turns"] == [1, 2] and peer["rxt_behind_ttft_turns"] == [1, 2, 3, 4]
+    assert peer["rxt_behind_total"] is False  # 0.8 s against 0.8 s: not behind
+    assert "BEHIND at turns 1-2" in peer["sentence"] and "ahead at turns 3-4" in peer["sentence"]
+    assert s["rxt_behind"] == [peer["sentence"]]
+    assert s["systems"]["peer"]["over_rxt"]["turn_1"] == pytest.approx(0.5)
+    result["summary"] = s
+    assert any("fast peer: 4 turns 0.80 s" in line for line in describe(result))
+    assert turn_ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10" and turn_ranges([]) == ""
 
 
 def test_bench_decode_json(capsys: pytest.CaptureFixture[str]) -> None:

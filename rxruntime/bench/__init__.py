@@ -4,7 +4,8 @@ and the engine's throughput by number of concurrent conversations (``throughput`
 docs/benchmarks.md.
 
 Nothing here is imported by the runtime; ``turns`` needs the ``bench`` extra (transformers,
-matplotlib), imported only when it runs.
+matplotlib), imported only when it runs, and its llama.cpp peer (``gguf_export``,
+``llamacpp_runtime``, ``llamacpp_turns``) the ``llamacpp`` extra.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ ignored), each generated token read back on the host as a streaming client would
 
 RxT and baseline turns alternate, so load from other processes hits both alike; ``repeats`` runs
 the whole conversation again and every figure is the per-turn median.
+
+RxT can run once per weight format (``weights``: fp32, bf16, int8), and with ``baseline="llamacpp"``
+the same baseline Llama also runs in llama.cpp, as GGUF f32 and q8_0, with its prompt cache kept
+and with the history re-read (``llamacpp_turns.py``). The table, the summary and the plot are in
+``turns_report.py``.
 """
 
 from __future__ import annotations
@@ -24,18 +29,28 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTModel, SamplingParams, preset
+from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTConfig, RxTModel, SamplingParams, preset
+from rxruntime.models.quantize import check_format, set_weight_format
 
 from .decode import c_step_note
+from .llamacpp_runtime import import_llama_cpp
+from .llamacpp_turns import LlamaCppPeer, check_types, prepare_peers
+from .turns_report import format_table, plot_turns, summarize
+
+__all__ = ["BASELINES", "TurnRecord", "TurnsConfig", "format_table", "plot_turns", "run_turns"]
+
+BASELINES = ("transformers", "llamacpp")
+"""``transformers``: the HF baseline only; ``llamacpp``: it and llama.cpp in both modes."""
 
 
 @dataclass
@@ -55,6 +70,12 @@ class TurnsConfig:
     compile: bool = False
     """``torch.compile`` RxT's decode step first (:meth:`RxTModel.compile_decode`); the
     baseline stays eager, as transformers runs it by default."""
+    weights: list[str] = field(default_factory=lambda: ["fp32"])
+    """RxT's weight formats (``models/quantize.py``), one series each; the first is ``rxt``."""
+    baseline: str = "transformers"
+    """``transformers``, or ``llamacpp`` to add llama.cpp (both modes) beside it."""
+    llamacpp_types: list[str] = field(default_factory=lambda: ["f32", "q8_0"])
+    """GGUF weight types llama.cpp runs (``f32``: the exported file; ``q8_0``: llama.cpp's quantiser)."""
 
 
 @dataclass
@@ -185,96 +206,194 @@ def _baseline_turn(llama: Any, ids: list[int], answer_tokens: int, temperature: 
 
 
 # ---------------------------------------------------------------------- the conversation
-def run_turns(cfg: TurnsConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the conversation ``cfg.repeats`` times; per-turn medians for RxT and the baseline."""
-    import transformers
+def _rxt_models(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> dict[str, RxTModel]:
+    """One RxT per weight format, all from the same seed (so the same float32 weights before rounding)."""
+    models: dict[str, RxTModel] = {}
+    for fmt in cfg.weights:
+        torch.manual_seed(cfg.seed)
+        model = RxTModel(config).to(device).eval()
+        set_weight_format(model, check_format(fmt))
+        if cfg.compile:
+            model.compile_decode()
+        models["rxt" if not models else f"rxt_{fmt}"] = model
+    return models
 
-    config = preset(cfg.preset)
-    tokens = config.special_tokens
+
+def _check(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> None:
+    """Every option checked before anything is built: a bad one is a ConfigError (exit code 2)."""
     prompt_len = cfg.query_tokens + 3  # [BOS] [Q] query [A]
     if prompt_len + cfg.answer_tokens + 1 > config.max_seq_len:
         raise ConfigError(
             f"a {cfg.query_tokens}-token query and a {cfg.answer_tokens}-token answer do not fit the "
             f"{config.max_seq_len}-token interaction of preset {cfg.preset!r}"
         )
+    if min(cfg.turns, cfg.repeats, cfg.query_tokens, cfg.answer_tokens) < 1:
+        raise ConfigError("--turns, --repeats, --query-tokens and --answer-tokens must be at least 1")
+    if not cfg.weights or len(set(cfg.weights)) != len(cfg.weights):
+        raise ConfigError(f"--weights takes distinct formats, got {','.join(cfg.weights) or 'none'}")
+    try:
+        for fmt in cfg.weights:
+            check_format(fmt)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.weights != ["fp32"] and device.type != "cpu":
+        raise ConfigError(f"--weights {','.join(cfg.weights)} is for the CPU (got {device.type})")
+    if cfg.baseline not in BASELINES:
+        raise ConfigError(f"--baseline must be one of {', '.join(BASELINES)}, got {cfg.baseline!r}")
+    if cfg.baseline == "llamacpp":
+        if device.type != "cpu" or cfg.temperature > 0:
+            raise ConfigError("--baseline llamacpp runs on the CPU, greedy (temperature 0)")
+        try:
+            check_types(cfg.llamacpp_types)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def run_turns(cfg: TurnsConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the conversation ``cfg.repeats`` times; per-turn medians for every system.
+
+    Systems: RxT once per weight format (``rxt``, then ``rxt_<format>``), the transformers
+    baseline (``baseline``), and with ``baseline="llamacpp"`` llama.cpp per GGUF type in both
+    modes (``llamacpp_<type>_<mode>``). Within a turn the systems run one after another, so load
+    from other processes hits all of them alike.
+    """
+    config = preset(cfg.preset)
+    _check(cfg, config, torch.device(cfg.device))
+    if cfg.baseline == "llamacpp":
+        import_llama_cpp()  # the typed "install the extra" error before minutes of set-up
+    with tempfile.TemporaryDirectory(prefix="rxrt-gguf-") as folder:  # the GGUF files, for the run
+        return _run(cfg, config, Path(folder), progress)
+
+
+def _run(cfg: TurnsConfig, config: RxTConfig, folder: Path, progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """Build every system (GGUF files in ``folder``), run them, free llama.cpp's contexts."""
+    tokens = config.special_tokens
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = RxTModel(config).to(device).eval()
-    if cfg.compile:
-        model.compile_decode()
-    interaction_len = prompt_len + cfg.answer_tokens + 1
-    llama = build_baseline(model, max_positions=cfg.turns * interaction_len + 64, seed=cfg.seed)
-    batch = DecodeBatch(model, capacity=1)
+    rxts = _rxt_models(cfg, config, device)
+    model = rxts["rxt"]
+    interaction_len = cfg.query_tokens + 3 + cfg.answer_tokens + 1
+    n_ctx = cfg.turns * interaction_len + 64
+    llama = build_baseline(model, max_positions=n_ctx, seed=cfg.seed)
+    peers: list[LlamaCppPeer] = []
+    peer_info: dict[str, Any] = {}
+    if cfg.baseline == "llamacpp":
+        named = {"bos": tokens.bos_id, "eos": tokens.eos_id, "pad": tokens.pad_id, "unk": tokens.unk_id}
+        special = {name: i for name, i in named.items() if i is not None}
+        peers, peer_info = prepare_peers(
+            llama, cfg.llamacpp_types, n_ctx=n_ctx, threads=torch.get_num_threads(), special_ids=special, workdir=folder
+        )
+    try:
+        return _conversations(cfg, config, rxts, llama, peers, peer_info, progress)
+    finally:
+        for peer in peers:
+            peer.model.close()
+
+
+def _conversations(
+    cfg: TurnsConfig,
+    config: RxTConfig,
+    rxts: dict[str, RxTModel],
+    llama: Any,
+    peers: list[LlamaCppPeer],
+    peer_info: dict[str, Any],
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """The timed part: warm-up, then ``cfg.repeats`` conversations, every system turn by turn."""
+    import transformers
+
+    tokens = config.special_tokens
+    device = torch.device(cfg.device)
+    model = rxts["rxt"]
+    batches = {key: DecodeBatch(m, capacity=1) for key, m in rxts.items()}
     gen = torch.Generator().manual_seed(cfg.seed)
     queries = [
         torch.randint(7, config.vocab_size, (cfg.query_tokens,), generator=gen).tolist() for _ in range(cfg.turns)
     ]
     prompts = [[tokens.bos_id, tokens.query_id, *q, tokens.answer_id] for q in queries]
 
-    # Warm-up (untimed): first-call allocations and kernel selection of both models.
+    # Warm-up (untimed): first-call allocations and kernel selection of every system.
     params = SamplingParams(temperature=cfg.temperature, seed=cfg.seed)
-    warm_stm = model.init_stm(1, torch.Generator().manual_seed(cfg.seed + 1)).to(device)
-    _rxt_turn(model, batch, warm_stm, prompts[0], min(8, cfg.answer_tokens), "warm-up", params)
-    _baseline_turn(llama, prompts[0], min(8, cfg.answer_tokens), cfg.temperature)
+    warm = min(8, cfg.answer_tokens)
+    for key, m in rxts.items():
+        warm_stm = m.init_stm(1, torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+        _rxt_turn(m, batches[key], warm_stm, prompts[0], warm, "warm-up", params)
+    _baseline_turn(llama, prompts[0], warm, cfg.temperature)
+    for peer in peers:
+        peer.start_conversation()
+        peer.turn([], prompts[0], warm)
 
-    rxt_runs: list[list[TurnRecord]] = []
-    base_runs: list[list[TurnRecord]] = []
+    labels = {key: f"RxT {fmt}" for key, fmt in zip(rxts, cfg.weights)}
+    labels["baseline"] = "baseline: transformers, history re-read"
+    labels.update({p.key: p.label for p in peers})
+    runs: dict[str, list[list[TurnRecord]]] = {key: [] for key in labels}
+    kv_state: dict[str, dict[str, int]] = {}
     load_start = os.getloadavg()
     for r in range(cfg.repeats):
-        stm = model.init_stm(1, torch.Generator().manual_seed(cfg.seed)).to(device)
+        stms = {key: m.init_stm(1, torch.Generator().manual_seed(cfg.seed)).to(device) for key, m in rxts.items()}
+        for peer in peers:
+            peer.start_conversation()
         history: list[int] = []
-        rxt_records, base_records = [], []
+        records: dict[str, list[TurnRecord]] = {key: [] for key in labels}
         for t, prompt in enumerate(prompts, start=1):
-            rec, _, stm = _rxt_turn(model, batch, stm, prompt, cfg.answer_tokens, ("turn", r, t), params)
-            rec.turn = t
-            rxt_records.append(rec)
+            for key, m in rxts.items():
+                turn_key = ("turn", key, r, t)
+                rec, _, stms[key] = _rxt_turn(m, batches[key], stms[key], prompt, cfg.answer_tokens, turn_key, params)
+                rec.turn = t
+                records[key].append(rec)
             context = history + prompt
             base, answer = _baseline_turn(llama, context, cfg.answer_tokens, cfg.temperature)
             base.turn = t
-            base_records.append(base)
+            records["baseline"].append(base)
+            for peer in peers:
+                ttft, turn_s, peer_answer = peer.turn(history, prompt, cfg.answer_tokens)
+                rate = (cfg.answer_tokens - 1) / max(turn_s - ttft, 1e-9)
+                records[peer.key].append(TurnRecord(t, ttft, turn_s, rate))
+                peer.end_turn(peer_answer, tokens.eos_id)
             history += [*prompt, *answer, tokens.eos_id]
             if progress:
-                progress(
-                    f"repeat {r + 1}/{cfg.repeats} turn {t}/{cfg.turns}: RxT {rec.turn_s:.3f}s "
-                    f"(+{rec.memory_update_s or 0:.3f}s memory update), baseline {base.turn_s:.3f}s "
-                    f"({len(context)} tokens prefilled)"
-                )
-        rxt_runs.append(rxt_records)
-        base_runs.append(base_records)
-
-    rxt = _median_records(rxt_runs)
-    baseline = _median_records(base_runs)
-    last_rxt, last_base = rxt[-1], baseline[-1]
-    return {
-        "rxt": [r.to_dict() for r in rxt],
-        "baseline": [r.to_dict() for r in baseline],
-        "config": {
-            **asdict(cfg),
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "sampling": ("greedy" if cfg.temperature <= 0 else f"temperature {cfg.temperature}") + ", EOS ignored",
-            "rxt_active_parameters": model.active_parameter_count(),
-            "baseline": "transformers.LlamaForCausalLM, random weights, KV cache within a turn",
-            "baseline_active_parameters": active_parameters(llama, config.vocab_size, config.dim),
-            "baseline_intermediate_size": llama.config.intermediate_size,
-            "baseline_layers": llama.config.num_hidden_layers,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "c_decode_step": "not used (compiled)" if cfg.compile else c_step_note(model),
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "load_average_start": list(load_start),
-            "load_average_end": list(os.getloadavg()),
-        },
-        "summary": {
-            "turn": last_rxt.turn,
-            "turn_ratio": last_base.turn_s / last_rxt.turn_s,
-            "ttft_ratio": last_base.ttft_s / last_rxt.ttft_s,
-            "rxt_total_s": sum(r.turn_s for r in rxt),
-            "baseline_total_s": sum(r.turn_s for r in baseline),
-        },
+                times = ", ".join(f"{labels[k]} {v[-1].turn_s:.3f}s" for k, v in records.items())
+                progress(f"repeat {r + 1}/{cfg.repeats} turn {t}/{cfg.turns} ({len(context)} tokens): {times}")
+        for key, rec_list in records.items():
+            runs[key].append(rec_list)
+        for peer in peers:
+            if peer.mode == "cached":
+                kv_state[peer.key] = {
+                    "state_bytes": peer.model.sequence_state_bytes(),
+                    "cached_tokens": peer.model.n_tokens,
+                }
+    series = {key: _median_records(v) for key, v in runs.items()}
+    stm = stms["rxt"]
+    result: dict[str, Any] = {key: [r.to_dict() for r in recs] for key, recs in series.items()}
+    result["series"] = labels
+    result["config"] = {
+        **asdict(cfg),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "sampling": ("greedy" if cfg.temperature <= 0 else f"temperature {cfg.temperature}") + ", EOS ignored",
+        "rxt_active_parameters": model.active_parameter_count(),
+        "baseline_model": "transformers.LlamaForCausalLM, random weights, KV cache within a turn",
+        "baseline_active_parameters": active_parameters(llama, config.vocab_size, config.dim),
+        "baseline_intermediate_size": llama.config.intermediate_size,
+        "baseline_layers": llama.config.num_hidden_layers,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        **peer_info,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "c_decode_step": "not used (compiled)" if cfg.compile else c_step_note(model),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_average_start": list(load_start),
+        "load_average_end": list(os.getloadavg()),
     }
+    result["memory"] = {
+        "rxt_stm_bytes": stm.numel() * stm.element_size(),
+        "rxt_stm": f"{tuple(stm.shape)} {str(stm.dtype).removeprefix('torch.')}, the same at every turn",
+        "llamacpp_kv_at_last_turn": kv_state,
+        "llamacpp_kv_measure": "llama_state_seq_get_size(ctx, 0) after the last turn: the cache cells the "
+        "conversation holds (K and V, every layer, f16) plus a small header; the context reserves n_ctx cells",
+    }
+    result["summary"] = summarize(result)
+    return result
 
 
 def _median_records(runs: list[list[TurnRecord]]) -> list[TurnRecord]:
@@ -291,82 +410,3 @@ def _median_records(runs: list[list[TurnRecord]]) -> list[TurnRecord]:
             )
         )
     return out
-
-
-# ---------------------------------------------------------------------- output
-def format_table(result: dict[str, Any]) -> Any:
-    """A rich Table: one row per turn, RxT next to the baseline, and their turn-time ratio."""
-    from rich.table import Table
-
-    cfg = result["config"]
-    table = Table(
-        title=f"{cfg['turns']} turns, preset {cfg['preset']}, {cfg['device']} {cfg['dtype']}, "
-        f"{cfg['threads']} threads (query {cfg['query_tokens']}, answer {cfg['answer_tokens']} tokens)"
-    )
-    for name in (
-        "turn",
-        "RxT TTFT s",
-        "RxT tok/s",
-        "RxT turn s",
-        "RxT memory update s",
-        "baseline TTFT s",
-        "baseline tok/s",
-        "baseline turn s",
-        "baseline / RxT turn",
-    ):
-        table.add_column(name, justify="right")
-    for r, b in zip(result["rxt"], result["baseline"]):
-        table.add_row(
-            str(r["turn"]),
-            f"{r['ttft_s']:.3f}",
-            f"{r['tokens_per_s']:.1f}",
-            f"{r['turn_s']:.3f}",
-            f"{r['memory_update_s']:.3f}",
-            f"{b['ttft_s']:.3f}",
-            f"{b['tokens_per_s']:.1f}",
-            f"{b['turn_s']:.3f}",
-            f"{b['turn_s'] / r['turn_s']:.2f}x",
-        )
-    return table
-
-
-def plot_turns(
-    result: dict[str, Any], path: str | Path, extra: Sequence[tuple[str, list[dict[str, Any]]]] = ()
-) -> None:
-    """Turn time against turn number: RxT (with and without its synchronous memory update),
-    the baseline, and any ``extra`` (label, records) series such as RxLM's ``interact``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = result["config"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    turns = [r["turn"] for r in result["rxt"]]
-    ax.plot(turns, [b["turn_s"] for b in result["baseline"]], "o-", label="stateless Llama baseline (re-reads history)")
-    rxt = "RxT (rxruntime, compiled decode)" if cfg.get("compile") else "RxT (rxruntime)"
-    ax.plot(turns, [r["turn_s"] for r in result["rxt"]], "o-", label=f"{rxt}: user-facing turn")
-    ax.plot(
-        turns,
-        [r["turn_s"] + r["memory_update_s"] for r in result["rxt"]],
-        "--",
-        label="RxT + memory update (if run synchronously)",
-    )
-    for label, records in extra:
-        ax.plot([r["turn"] for r in records], [r["turn_s"] for r in records], "s-", label=label)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("turn")
-    ax.set_ylabel("turn time (s), query in -> last token out")
-    ax.set_title(
-        f"{cfg['preset']}: {cfg['query_tokens']}-token queries, {cfg['answer_tokens']}-token answers\n"
-        f"({cfg['sampling']}), {cfg['device']} {cfg['dtype']}, {cfg['threads']} threads",
-        fontsize=9,
-    )
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

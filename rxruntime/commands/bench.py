@@ -2,7 +2,8 @@
 
 * ``rxrt bench decode``: generated tokens/s through the decode batch (``decode_step`` + sampler).
 * ``rxrt bench turns``: one N-turn conversation, RxT against a stateless Llama baseline of the
-  same active size (needs the ``bench`` extra: transformers, matplotlib).
+  same active size (needs the ``bench`` extra: transformers, matplotlib); ``--baseline llamacpp``
+  also runs that Llama in llama.cpp (the ``llamacpp`` extra), ``--weights`` RxT's weight formats.
 * ``rxrt bench overlap``: through the engine, the next query sent the moment the answer completes
   (behind the memory update) against sent after the update: what the asynchronous update hides.
 * ``rxrt bench throughput``: N conversations at once on one engine, for several N: aggregate
@@ -49,6 +50,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     t.add_argument("--repeats", type=int, default=1, help="run the conversation this many times; per-turn medians")
     t.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default) for both models")
     t.add_argument("--compile", action="store_true", help="torch.compile RxT's decode step first (about two minutes)")
+    t.add_argument(
+        "--weights",
+        type=_names,
+        default=["fp32"],
+        help="RxT weight formats, comma-separated, one series each: fp32, bf16, int8 (default fp32)",
+    )
+    t.add_argument(
+        "--baseline",
+        choices=["transformers", "llamacpp"],
+        default="transformers",
+        help="llamacpp: also run the baseline Llama in llama.cpp (GGUF), prompt cache kept and history re-read "
+        "(needs the llamacpp extra)",
+    )
+    t.add_argument(
+        "--llamacpp-types",
+        type=_names,
+        default=["f32", "q8_0"],
+        help="GGUF weight types for --baseline llamacpp: f32, q8_0 (default both)",
+    )
     t.add_argument("--out", type=Path, help="directory for turns-<preset>.json and turns-<preset>.png")
     t.add_argument(
         "--compare",
@@ -199,6 +219,7 @@ def run_decode(args: argparse.Namespace) -> int:
 def run_turns(args: argparse.Namespace) -> int:
     from rxruntime.bench.turns import TurnsConfig, format_table, plot_turns
     from rxruntime.bench.turns import run_turns as run
+    from rxruntime.bench.turns_report import describe
 
     _threads(args)
     extra = [_load_compare(spec) for spec in args.compare]
@@ -212,6 +233,9 @@ def run_turns(args: argparse.Namespace) -> int:
         seed=args.seed,
         temperature=args.temperature,
         compile=args.compile,
+        weights=args.weights,
+        baseline=args.baseline,
+        llamacpp_types=args.llamacpp_types,
     )
 
     def progress(line: str) -> None:
@@ -230,12 +254,8 @@ def run_turns(args: argparse.Namespace) -> int:
 
     console = Console()
     console.print(format_table(result))
-    s = result["summary"]
-    console.print(
-        f"turn {s['turn']}: the baseline's turn takes {s['turn_ratio']:.2f}x RxT's "
-        f"(time to first token {s['ttft_ratio']:.2f}x); whole conversation {s['baseline_total_s']:.1f}s vs "
-        f"{s['rxt_total_s']:.1f}s"
-    )
+    for line in describe(result):
+        console.print(line, highlight=False)
     if args.out:
         console.print(f"wrote {args.out}/turns-{args.preset}.json and .png")
     return 0
@@ -336,6 +356,14 @@ def _levels(text: str) -> list[int]:
     if not levels or min(levels) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return levels
+
+
+def _names(text: str) -> list[str]:
+    """``fp32,int8`` -> ["fp32", "int8"] (checked against the choices where they are used)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 def _load_compare(spec: str) -> tuple[str, list[dict[str, float]]]:
