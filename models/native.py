@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .quantize import WeightFormat, quantize_int8
+from .quantize import BLOCK, WeightFormat, quantize_int8
 
 if TYPE_CHECKING:
     from .rxt import RxTModel
@@ -54,9 +54,10 @@ _WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "int8": 2}
 
 
 class _Mat(ctypes.Structure):
-    """A weight matrix as the C step reads it: data, int8 block scales (or NULL), row stride, format."""
+    """A weight matrix as the C step reads it: data, row stride (int8: padded columns), format,
+    and (int8) the rows per segment that blocks restart at."""
 
-    _fields_ = [("w", _P), ("scale", _P), ("ld", ctypes.c_int64), ("type", ctypes.c_int64)]
+    _fields_ = [("w", _P), ("ld", ctypes.c_int64), ("type", ctypes.c_int64), ("seg", ctypes.c_int64)]
 
 
 _MATS = ["qkv", "o", "cq", "co", "w_in", "w_out"]
@@ -252,21 +253,46 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _mat(matrix: Tensor, weights: WeightFormat, keep: list[Tensor]) -> _Mat:
+_TILE = 16
+"""Columns per int8 tile: one 64-byte VNNI operand holds 16 columns x 4 inputs."""
+
+
+def pack_int8(matrix: Tensor, seg: int) -> Tensor:
+    """The C step's int8 copy of an input-major (rows, cols) matrix whose rows are segments of
+    ``seg`` (an expert's rows each), quantised per segment (:func:`quantize_int8`).
+
+    Layout (decode_step.c's int8 Mat): per segment, per tile of 16 columns, per block of 32 rows,
+    512 bytes of ``q + 128`` as uint8, 8 groups of 4 rows with column j's 4 values at ``4 j``,
+    then the tile's 16 float32 scales of that block. Padding rows and columns hold q = 0 and scale 0.
+    """
+    rows, cols = matrix.shape
+    segments, blocks, tiles = rows // seg, -(-seg // BLOCK), -(-cols // _TILE)
+    q, scales = quantize_int8(matrix.reshape(segments, seg, cols))  # (S, seg, cols), (S, blocks, cols)
+    padded = torch.zeros(segments, blocks * BLOCK, tiles * _TILE, dtype=torch.int16)
+    padded[:, :seg, :cols] = q
+    unsigned = (padded + 128).to(torch.uint8).view(segments, blocks, 8, 4, tiles, _TILE)
+    values = unsigned.permute(0, 4, 1, 2, 5, 3).reshape(segments, tiles, blocks, BLOCK * _TILE)
+    wide = torch.zeros(segments, blocks, tiles * _TILE, dtype=torch.float32)
+    wide[:, :, :cols] = scales
+    scale_bytes = wide.view(segments, blocks, tiles, _TILE).transpose(1, 2).contiguous().view(torch.uint8)
+    return torch.cat([values, scale_bytes], dim=3).contiguous()
+
+
+def _mat(matrix: Tensor, weights: WeightFormat, keep: list[Tensor], seg: int | None = None) -> _Mat:
     """``matrix`` (rows, cols), input-major with unit column stride, as a :class:`_Mat` of the
-    format: float32 in place (its row stride as ``ld``), or a contiguous bf16 / int8 copy of the
-    whole rows (``keep`` holds the copies alive while the struct points at them)."""
-    rows, ld = matrix.shape[0], matrix.stride(0)
-    whole = matrix.as_strided((rows, ld), (ld, 1))  # the full rows: a block never straddles a view's edge
+    format: float32 in place (its row stride as ``ld``), a contiguous bf16 copy of the whole rows,
+    or the packed int8 copy of exactly these columns (:func:`pack_int8`, blocks restarting every
+    ``seg`` rows, default all); ``keep`` holds the copies alive while the struct points at them."""
+    rows, cols, ld = matrix.shape[0], matrix.shape[1], matrix.stride(0)
     if weights == "fp32":
-        return _Mat(matrix.data_ptr(), None, ld, _WEIGHT_TYPES["fp32"])
+        return _Mat(matrix.data_ptr(), ld, _WEIGHT_TYPES["fp32"], rows)
     if weights == "bf16":
-        copy = whole.to(torch.bfloat16).contiguous()
+        copy = matrix.as_strided((rows, ld), (ld, 1)).to(torch.bfloat16).contiguous()
         keep.append(copy)
-        return _Mat(copy.data_ptr(), None, ld, _WEIGHT_TYPES["bf16"])
-    q, scales = quantize_int8(whole)
-    keep += [q, scales]
-    return _Mat(q.data_ptr(), scales.data_ptr(), ld, _WEIGHT_TYPES["int8"])
+        return _Mat(copy.data_ptr(), ld, _WEIGHT_TYPES["bf16"], rows)
+    packed = pack_int8(matrix, seg or rows)
+    keep.append(packed)
+    return _Mat(packed.data_ptr(), -(-cols // _TILE) * _TILE, _WEIGHT_TYPES["int8"], seg or rows)
 
 
 def _input_major(weight: Tensor, rows: int, cols: int) -> int | None:
@@ -428,7 +454,7 @@ class NativeDecoder:
             experts = d.num_experts
             mats = [
                 qkv,
-                cq,
+                cq[:, : d.cross_q_heads * hd],  # the query columns: the step reads only those
                 o.t(),
                 co.t(),
                 w_in.transpose(1, 2).reshape(experts * dim, 2 * h),  # views: both are contiguous
@@ -438,7 +464,8 @@ class NativeDecoder:
         keep: list[Tensor] = []
         layers = (_Layer * cfg.num_layers)()
         for i, (mats, vectors) in enumerate(planned):
-            qkv_m, cq_m, o_m, co_m, in_m, out_m = (_mat(t, fmt, keep) for t in mats)
+            qkv_m, cq_m, o_m, co_m = (_mat(t, fmt, keep) for t in mats[:4])
+            in_m, out_m = _mat(mats[4], fmt, keep, seg=dim), _mat(mats[5], fmt, keep, seg=h)
             layers[i] = _Layer(qkv_m, o_m, cq_m, co_m, in_m, out_m, *vectors)
         self._struct = _Model(
             n_layers=cfg.num_layers, dim=dim, head_dim=hd, hq=d.self_q_heads, hkv=d.self_kv_heads,

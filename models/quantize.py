@@ -1,4 +1,4 @@
-"""Weight formats for CPU inference: float32, bfloat16, and int8 with one scale per 32 columns.
+"""Weight formats for CPU inference: float32, bfloat16, and int8 with one scale per 32 inputs.
 
 A batch-1 decode step on a CPU is bound by the bytes of weights it reads per token, so storing
 the big matrices in fewer bytes is the way to more tokens per second. The C decode step
@@ -8,10 +8,11 @@ model's float32 parameters are rounded in place to the values those copies hold
 (:func:`set_weight_format`): the quantised model is one function whichever path runs it, and
 re-quantising a rounded matrix gives back exactly the same int8 values and scales.
 
-Int8 is "weight-only": each weight is ``q * scale`` with ``q`` in [-127, 127] and one float scale
-per block of :data:`BLOCK` consecutive columns of one row of the input-major matrix (32 output
-channels of one input); activations and sums stay float32. Blocks along the output axis fit the
-row-streaming products of the C step (a block's scale folds into the input value).
+Int8 is llama.cpp's q8_0 blocking: each weight is ``q * scale`` with ``q`` in [-127, 127] and one
+float scale per output column and block of :data:`BLOCK` consecutive inputs (32 rows of one
+column of the input-major matrix). Blocks along the reduction axis let the C step quantise the
+activations per block too and sum each block's products in integers (VNNI), converting to float
+once per 32 inputs; the torch paths compute in float32 on the rounded weights.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 WeightFormat = Literal["fp32", "bf16", "int8"]
 WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("fp32", "bf16", "int8")
 BLOCK = 32
-"""Columns of an input-major matrix row that share one int8 scale (the C step's QBLOCK)."""
+"""Inputs (rows of one column of an input-major matrix) sharing one int8 scale (the C step's QBLOCK)."""
 
 
 def check_format(weights: str) -> WeightFormat:
@@ -57,23 +58,25 @@ def default_format(model: RxTModel, preferred: WeightFormat) -> WeightFormat:
 
 
 def quantize_int8(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """``(q, scales)`` of a (rows, cols) float matrix: int8 ``q`` (rows, cols), contiguous, and
-    float32 ``scales`` (rows, ceil(cols / BLOCK)) with ``matrix ≈ q * scales[:, c // BLOCK]``."""
-    rows, cols = matrix.shape
-    blocks = -(-cols // BLOCK)
-    padded = torch.zeros(rows, blocks * BLOCK, dtype=torch.float32)
-    padded[:, :cols] = matrix
-    grouped = padded.view(rows, blocks, BLOCK)
-    scales = grouped.abs().amax(dim=2) / 127.0
+    """``(q, scales)`` of a (..., rows, cols) input-major float matrix (or a stack of them): int8
+    ``q`` of the same shape, contiguous, and float32 ``scales`` (..., ceil(rows / BLOCK), cols)
+    with ``matrix ≈ q * scales[..., r // BLOCK, :]``: blocks run down each column, the last one
+    padded with zeros."""
+    *lead, rows, cols = matrix.shape
+    blocks = -(-rows // BLOCK)
+    padded = torch.zeros(*lead, blocks * BLOCK, cols, dtype=torch.float32)
+    padded[..., :rows, :] = matrix
+    grouped = padded.view(*lead, blocks, BLOCK, cols)
+    scales = grouped.abs().amax(dim=-2) / 127.0
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block stays zero
-    q = torch.round(grouped / safe[:, :, None]).clamp_(-127, 127).to(torch.int8)
-    return q.view(rows, blocks * BLOCK)[:, :cols].contiguous(), scales.contiguous()
+    q = torch.round(grouped / safe.unsqueeze(-2)).clamp_(-127, 127).to(torch.int8)
+    return q.view(*lead, blocks * BLOCK, cols)[..., :rows, :].contiguous(), scales.contiguous()
 
 
 def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
     """The float32 matrix ``q`` and ``scales`` stand for (the inverse of :func:`quantize_int8`)."""
-    per_column = scales.repeat_interleave(BLOCK, dim=1)[:, : q.shape[1]]
-    return q.to(torch.float32) * per_column
+    per_row = scales.repeat_interleave(BLOCK, dim=-2)[..., : q.shape[-2], :]
+    return q.to(torch.float32) * per_row
 
 
 def round_to_format(matrix: Tensor, weights: WeightFormat) -> Tensor:
@@ -95,7 +98,8 @@ def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
 
     Rounds, in place, every matrix of the decoder, encoder and memory attention (not the
     embedding table, norms or biases: a lookup, vectors) to the values the format holds, blocked
-    along the rows of each input-major matrix exactly as the C step blocks them, and sets
+    down the columns of each input-major matrix (each expert's on its own) exactly as the C step
+    blocks them, and sets
     ``model.weight_format``. Irreversible for the loaded weights: load again for float32.
     """
     weights = check_format(weights)
@@ -119,8 +123,7 @@ def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
             _round_in_place(module.weight.t(), weights)  # input-major, as the C step blocks it
         elif isinstance(module, MoE):
             for table in (module.w_in, module.w_out):  # (E, out, in): expert e's matrix is table[e].t()
-                for expert in table:
-                    _round_in_place(expert.t(), weights)
+                _round_in_place(table.transpose(1, 2), weights)  # a stack: each expert blocked alone
     model.weight_format = weights
 
 

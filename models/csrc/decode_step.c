@@ -5,16 +5,22 @@
  * Here the whole step is one call, and every large read (Q/K/V and output projections, the
  * chosen experts, the LM head) is split across the threads so that all cores stream weights at
  * once. The large matrices may be stored as float32, bfloat16 or int8 with one float scale per
- * block of 32 (a quarter of the bytes: fewer bytes per token is the only way past the memory
- * bandwidth). Activations and sums stay float32 in every format ("weight-only" quantisation), so
- * an int8 or bf16 step computes exactly what the torch step computes on the dequantised weights
- * (models/quantize.py rounds the torch weights to the same values; the tests compare the two).
- * models/native.py builds this file, checks the layouts and falls back to torch when it can't.
+ * column and block of 32 inputs (llama.cpp's q8_0 blocking: fewer bytes per token is the only way
+ * past the memory bandwidth). bf16 is weight-only: activations and sums stay float32, so a bf16
+ * step computes what the torch step computes on the rounded weights. int8 quantises the
+ * activations too, per block of 32 inputs (s = max|x| / 127, x ~ s * round(x / s)), and sums each
+ * block's products in integers, converting to float once per 32 inputs: converting every weight
+ * to float cost more than reading it. That changes the numbers slightly against the torch step
+ * (tests/test_quantize.py states by how much); the integer sums are exact, so every build (VNNI,
+ * AVX2, scalar) gives the same bits. models/quantize.py rounds the torch weights to the values
+ * the int8 copy holds. models/native.py builds this file, checks the layouts and falls back to
+ * torch when it can't.
  *
- * Vector code: the int8 and bf16 inner loops have AVX-512 and AVX2 versions, chosen at build time
- * from what the compiler targets (-march=native); RXRT_SCALAR (or a CPU with neither) builds the
- * plain loops. VNNI and AVX512-BF16 dot products are not used: they need int8/bf16 activations,
- * and converting the weights to float32 in registers is free next to reading them from memory.
+ * Vector code, chosen at build time from what the compiler targets (-march=native): bf16 has
+ * AVX-512 and AVX2 loops; int8 uses AVX512-VNNI (vpdpbusd: unsigned weights q + 128 times signed
+ * activations, minus 128 * sum(x_q) per block), else AVX2 (vpmaddubsw on |x_q| and q signed by
+ * x_q: no pair sum saturates as |q|, |x_q| <= 127). RXRT_SCALAR (or a CPU with neither) builds
+ * the plain loops.
  *
  * Layouts (row-major; "input-major" = the nn.Linear weight's transpose; a Mat is one of these):
  *   qkv      (dim, ld_qkv)       Q | K | V columns of self-attention, input-major
@@ -25,7 +31,13 @@
  *   w_in     (experts*dim, 2H)   [gate | up], input-major per expert
  *   w_out    (experts*H, dim)    input-major per expert
  *   lm_head  (dim, ld_head)      input-major
- *   int8 scales of a Mat: (rows, ceil(ld / 32)) floats; W[d, c] = q[d, c] * scale[d, c / 32]
+ *   int8 Mat: W[d, c] = q[d, c] * s[d / 32, c], q in [-127, 127], blocks restarting at every
+ *            segment of `seg` rows (an expert's rows; one segment elsewhere, rows past its end
+ *            count as zero). Stored per segment, per tile of 16 columns (ld = the columns
+ *            rounded up to 16), per block of 32 rows: I8_BLOCK bytes = 8 groups of 4 rows, each
+ *            64 bytes with column j's 4 values (q + 128, uint8) at 4 j, then the 16 float scales.
+ *            One 64-byte load is 16 columns x 4 inputs (vpdpbusd's operand), and a tile's blocks
+ *            follow one another: a thread reading a range of columns reads one contiguous range.
  *   k/v cache of a layer: row b at + b*cache_row, then (kv_heads, max_len, hd) contiguous
  *   memory k/v of a layer: row b at + b*mem_row, then (cross_kv_heads, stm, hd) contiguous
  */
@@ -37,9 +49,16 @@
 #if !defined(RXRT_SCALAR) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)))
 #include <immintrin.h>
 #endif
+#if !defined(RXRT_SCALAR) && defined(__AVX512F__) && defined(__AVX512VNNI__)
+#define I8_VNNI 1
+#elif !defined(RXRT_SCALAR) && defined(__AVX2__) && defined(__FMA__)
+#define I8_AVX2 1
+#endif
 
 #if defined(RXRT_SCALAR)
 #define RXRT_ISA "scalar (forced)"
+#elif defined(__AVX512F__) && defined(__AVX512VNNI__)
+#define RXRT_ISA "avx512-vnni"
 #elif defined(__AVX512F__)
 #define RXRT_ISA "avx512"
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -52,22 +71,39 @@
 const char *rxt_isa(void) { return RXRT_ISA; }
 
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
-#define QBLOCK 32 /* int8: columns sharing one scale */
+#define QBLOCK 32                    /* int8: inputs sharing one scale (of a column; of x) */
+#define I8_BLOCK (QBLOCK * 16 + 64)  /* int8: bytes of one block of one 16-column tile */
+#define I8_CHUNK 64                  /* int8: blocks of x quantised at a time (on the stack) */
 
-/* A weight matrix of `rows` x ld elements in one of the three formats. */
+/* A weight matrix of rows x ld elements in one of the three formats (int8: see the top). */
 typedef struct {
     const void *w;
-    const float *scale; /* int8 only: (rows, ceil(ld / QBLOCK)) */
     int64_t ld, type;
+    int64_t seg; /* int8: rows per segment (blocks restart at each); unused otherwise */
 } Mat;
 
-/* The same matrix from row `row` on (an expert's block, a thread's share of the rows). */
+/* Blocks of 32 rows in a segment of an int8 Mat (its tiles are this many blocks apart). */
+static int64_t seg_blocks(Mat m) { return (m.seg + QBLOCK - 1) / QBLOCK; }
+
+/* The same matrix from row `row` on (an expert's rows, a part of them). int8: `row` must start a
+ * block of its segment (split_k gives such rows); the tiles stay a whole segment apart. */
 static Mat mat_rows(Mat m, int64_t row) {
     static const int64_t size[] = {4, 2, 1};
     Mat out = m;
-    out.w = (const char *)m.w + row * m.ld * size[m.type];
-    if (m.scale) out.scale = m.scale + row * ((m.ld + QBLOCK - 1) / QBLOCK);
+    if (m.type == W_I8) {
+        const int64_t seg = row / m.seg, block = row % m.seg / QBLOCK;
+        out.w = (const uint8_t *)m.w + (seg * (m.ld / 16) * seg_blocks(m) + block) * I8_BLOCK;
+    } else {
+        out.w = (const char *)m.w + row * m.ld * size[m.type];
+    }
     return out;
+}
+
+/* Where part i of `parts` of k input rows begins: int8 parts start at a block of QBLOCK rows. */
+static int64_t split_k(Mat m, int64_t k, int64_t i, int64_t parts) {
+    if (m.type != W_I8) return k * i / parts;
+    const int64_t at = QBLOCK * (((k + QBLOCK - 1) / QBLOCK) * i / parts);
+    return at < k ? at : k;
 }
 
 typedef struct {
@@ -140,34 +176,108 @@ static void fma4_bf16(float *restrict acc, const uint16_t *r0, const uint16_t *r
                   a3 * bf16_to_f32(r3[c]);
 }
 
-/* The same with int8 rows; the callers fold each block's scale into a0..a3. */
-static void fma4_i8(float *restrict acc, const int8_t *r0, const int8_t *r1, const int8_t *r2, const int8_t *r3,
-                    float a0, float a1, float a2, float a3, int64_t n) {
-    int64_t c = 0;
-#if !defined(RXRT_SCALAR) && defined(__AVX512F__)
-#define I8x16(r) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)((r) + c))))
-    const __m512 v0 = _mm512_set1_ps(a0), v1 = _mm512_set1_ps(a1), v2 = _mm512_set1_ps(a2), v3 = _mm512_set1_ps(a3);
-    for (; c + 16 <= n; c += 16) {
-        __m512 s = _mm512_loadu_ps(acc + c);
-        s = _mm512_fmadd_ps(v0, I8x16(r0), s);
-        s = _mm512_fmadd_ps(v1, I8x16(r1), s);
-        s = _mm512_fmadd_ps(v2, I8x16(r2), s);
-        s = _mm512_fmadd_ps(v3, I8x16(r3), s);
-        _mm512_storeu_ps(acc + c, s);
+/* x (n values) per block of QBLOCK: xq = round(x / s) in [-127, 127] with s = max|x| / 127 (0 for
+ * an all-zero block), the block's sum of xq (the VNNI kernel's correction), the last block padded
+ * with zeros. A NaN makes the block's scale NaN (so is the product, as in float32). One plain loop
+ * for every build: the same xq everywhere. */
+static void quantize_x(const float *x, int64_t n, int8_t *xq, float *sx, int32_t *xsum) {
+    for (int64_t b = 0; b * QBLOCK < n; b++) {
+        const float *xb = x + b * QBLOCK;
+        const int64_t len = n - b * QBLOCK < QBLOCK ? n - b * QBLOCK : QBLOCK;
+        float amax = 0.0f;
+        int nan = 0;
+        for (int64_t i = 0; i < len; i++) {
+            const float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+            nan |= xb[i] != xb[i];
+        }
+        const float s = amax / 127.0f;
+        const int ok = !nan && s > 0.0f && s < INFINITY;
+        int32_t total = 0;
+        for (int64_t i = 0; i < QBLOCK; i++) {
+            float v = i < len && ok ? nearbyintf(xb[i] / s) : 0.0f;
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            xq[b * QBLOCK + i] = (int8_t)v;
+            total += (int32_t)v;
+        }
+        sx[b] = nan ? NAN : s;
+        xsum[b] = total;
     }
-#elif !defined(RXRT_SCALAR) && defined(__AVX2__) && defined(__FMA__)
-#define I8x8(r) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)((r) + c))))
-    const __m256 v0 = _mm256_set1_ps(a0), v1 = _mm256_set1_ps(a1), v2 = _mm256_set1_ps(a2), v3 = _mm256_set1_ps(a3);
-    for (; c + 8 <= n; c += 8) {
-        __m256 s = _mm256_loadu_ps(acc + c);
-        s = _mm256_fmadd_ps(v0, I8x8(r0), s);
-        s = _mm256_fmadd_ps(v1, I8x8(r1), s);
-        s = _mm256_fmadd_ps(v2, I8x8(r2), s);
-        s = _mm256_fmadd_ps(v3, I8x8(r3), s);
-        _mm256_storeu_ps(acc + c, s);
-    }
+}
+
+/* acc[c] += sum_b sx[b] * s[b, c] * sum_{i < 32} xq[32 b + i] * q[32 b + i, c] for c in [c0, c1)
+ * (c0 a multiple of 16), over nb blocks of an int8 Mat's tiles from `w` on (tiles `tile` bytes
+ * apart). Per column the blocks' terms are added in order into a float starting at 0, with one
+ * fused multiply-add each, and that float into acc: every build computes the same bits. */
+static void i8_tiles(float *restrict acc, const int8_t *xq, const float *sx, const int32_t *xsum, const uint8_t *w,
+                     int64_t tile, int64_t nb, int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c += 16) {
+        const uint8_t *p = w + c / 16 * tile;
+        const int64_t valid = c1 - c < 16 ? c1 - c : 16;
+#if defined(I8_VNNI)
+        __m512 f = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++, p += I8_BLOCK) {
+            int32_t x4[8];
+            memcpy(x4, xq + b * QBLOCK, sizeof x4);
+#define DP(s, g) _mm512_dpbusd_epi32(s, _mm512_loadu_si512((const void *)(p + 64 * (g))), _mm512_set1_epi32(x4[g]))
+            __m512i s0 = DP(_mm512_setzero_si512(), 0), s1 = DP(_mm512_setzero_si512(), 1);
+            s0 = DP(s0, 2), s1 = DP(s1, 3), s0 = DP(s0, 4), s1 = DP(s1, 5), s0 = DP(s0, 6), s1 = DP(s1, 7);
+#undef DP
+            const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * xsum[b]));
+            const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sx[b]), _mm512_loadu_ps((const float *)(p + 512)));
+            f = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), f);
+        }
+        const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
+        _mm512_mask_storeu_ps(acc + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc + c), f));
+#else
+        float f[16] = {0};
+        for (int64_t b = 0; b < nb; b++, p += I8_BLOCK) {
+            float scale[16];
+            memcpy(scale, p + 512, sizeof scale);
+#if defined(I8_AVX2)
+            const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                int32_t x4;
+                memcpy(&x4, xq + b * QBLOCK + 4 * g, sizeof x4);
+                const __m256i x = _mm256_set1_epi32(x4), xa = _mm256_abs_epi8(x);
+                const __m256i q0 = _mm256_xor_si256(_mm256_loadu_si256((const void *)(p + 64 * g)), flip);
+                const __m256i q1 = _mm256_xor_si256(_mm256_loadu_si256((const void *)(p + 64 * g + 32)), flip);
+                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(q0, x)), ones));
+                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(q1, x)), ones));
+            }
+            const __m256 sb = _mm256_set1_ps(sx[b]);
+            __m256 f0 = _mm256_loadu_ps(f), f1 = _mm256_loadu_ps(f + 8);
+            f0 = _mm256_fmadd_ps(_mm256_mul_ps(sb, _mm256_loadu_ps(scale)), _mm256_cvtepi32_ps(s0), f0);
+            f1 = _mm256_fmadd_ps(_mm256_mul_ps(sb, _mm256_loadu_ps(scale + 8)), _mm256_cvtepi32_ps(s1), f1);
+            _mm256_storeu_ps(f, f0);
+            _mm256_storeu_ps(f + 8, f1);
+#else
+            int32_t s[16] = {0};
+            for (int g = 0; g < 8; g++)
+                for (int j = 0; j < 16; j++)
+                    for (int i = 0; i < 4; i++)
+                        s[j] += ((int32_t)p[64 * g + 4 * j + i] - 128) * xq[b * QBLOCK + 4 * g + i];
+            for (int j = 0; j < 16; j++) f[j] = fmaf(sx[b] * scale[j], (float)s[j], f[j]);
 #endif
-    for (; c < n; c++) acc[c] += a0 * r0[c] + a1 * r1[c] + a2 * r2[c] + a3 * r3[c];
+        }
+        for (int64_t j = 0; j < valid; j++) acc[c + j] += f[j];
+#endif
+    }
+}
+
+/* acc[c] += sum_{d in [d0, d1)} x[d] * W[d, c] for c in [c0, c1) with an int8 W, x quantised per
+ * block (d0 starts a block of the segment; c0 is a multiple of 16). */
+static void axpy_i8(float *restrict acc, const float *xs, Mat m, int64_t d0, int64_t d1, int64_t c0, int64_t c1) {
+    int8_t xq[I8_CHUNK * QBLOCK];
+    float sx[I8_CHUNK];
+    int32_t xsum[I8_CHUNK];
+    for (int64_t d = d0; d < d1; d += I8_CHUNK * QBLOCK) {
+        const int64_t end = d1 - d < I8_CHUNK * QBLOCK ? d1 : d + I8_CHUNK * QBLOCK;
+        quantize_x(xs + d, end - d, xq, sx, xsum);
+        i8_tiles(acc, xq, sx, xsum, (const uint8_t *)m.w + d / QBLOCK * I8_BLOCK, seg_blocks(m) * I8_BLOCK,
+                 (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
+    }
 }
 
 /* acc[c] += sum_{d in [d0, d1)} xs[d] * W[d, c] for c in [c0, c1), float32 W, four weight rows at
@@ -187,33 +297,26 @@ static void axpy_f32(float *restrict acc, const float *xs, const float *w, int64
     }
 }
 
-/* The same for a Mat of any format. bf16 and int8 go four rows at a time too; a leftover row is
- * a group of four with zero coefficients for the other three (which repeat the row: cached). */
+/* The same for a Mat of any format. bf16 goes four rows at a time too; a leftover row is a group
+ * of four with zero coefficients for the other three (which repeat the row: cached). int8: d0
+ * starts a block (split_k), c0 is a multiple of 16 (split). */
 static void axpy_rows(float *restrict acc, const float *xs, Mat m, int64_t d0, int64_t d1, int64_t c0, int64_t c1) {
     if (m.type == W_F32) {
         axpy_f32(acc, xs, m.w, m.ld, d0, d1, c0, c1);
         return;
     }
-    const int64_t ld = m.ld, nblk = (ld + QBLOCK - 1) / QBLOCK;
+    if (m.type == W_I8) {
+        axpy_i8(acc, xs, m, d0, d1, c0, c1);
+        return;
+    }
+    const int64_t ld = m.ld;
+    const uint16_t *w = m.w;
     for (int64_t d = d0; d < d1;) {
         const int four = d + 4 <= d1;
         const int64_t r[4] = {d, four ? d + 1 : d, four ? d + 2 : d, four ? d + 3 : d};
         const float x[4] = {xs[d], four ? xs[d + 1] : 0.0f, four ? xs[d + 2] : 0.0f, four ? xs[d + 3] : 0.0f};
-        if (m.type == W_BF16) {
-            const uint16_t *w = m.w;
-            fma4_bf16(acc + c0, w + r[0] * ld + c0, w + r[1] * ld + c0, w + r[2] * ld + c0, w + r[3] * ld + c0, x[0],
-                      x[1], x[2], x[3], c1 - c0);
-        } else { /* int8: one call per block of QBLOCK columns, the block's scales folded into x */
-            const int8_t *w = m.w;
-            const float *s0 = m.scale + r[0] * nblk, *s1 = m.scale + r[1] * nblk, *s2 = m.scale + r[2] * nblk,
-                        *s3 = m.scale + r[3] * nblk;
-            for (int64_t c = c0; c < c1;) {
-                const int64_t blk = c / QBLOCK, end = (blk + 1) * QBLOCK < c1 ? (blk + 1) * QBLOCK : c1;
-                fma4_i8(acc + c, w + r[0] * ld + c, w + r[1] * ld + c, w + r[2] * ld + c, w + r[3] * ld + c,
-                        x[0] * s0[blk], x[1] * s1[blk], x[2] * s2[blk], x[3] * s3[blk], end - c);
-                c = end;
-            }
-        }
+        fma4_bf16(acc + c0, w + r[0] * ld + c0, w + r[1] * ld + c0, w + r[2] * ld + c0, w + r[3] * ld + c0, x[0], x[1],
+                  x[2], x[3], c1 - c0);
         d += four ? 4 : 1;
     }
 }
@@ -233,7 +336,7 @@ static void gemv(int n, const float *x, int64_t k, Mat w, int64_t cols,
         int64_t c0, c1;
         split(cols, t, count, &c0, &c1);
         if (split_rows) {
-            const int64_t d0 = k * t / count, d1 = k * (t + 1) / count;
+            const int64_t d0 = split_k(w, k, t, count), d1 = split_k(w, k, t + 1, count);
             float *mine = partial + (int64_t)t * n * cols;
             memset(mine, 0, sizeof(float) * (size_t)(n * cols));
             for (int b = 0; b < n; b++) axpy_rows(mine + b * cols, x + (int64_t)b * k, w, d0, d1, 0, cols);
@@ -253,6 +356,13 @@ static void gemv(int n, const float *x, int64_t k, Mat w, int64_t cols,
         }
     }
     free(partial);
+}
+
+/* y (cols) = x (k) @ W[row : row + k] for one Mat (int8: `row` starts a segment, k its rows):
+ * the tests' window on the kernels alone. */
+void rxt_matvec(const Mat *m, int64_t row, int64_t k, int64_t cols, const float *x, float *y) {
+    memset(y, 0, sizeof(float) * (size_t)cols);
+    axpy_rows(y, x, mat_rows(*m, row), 0, k, 0, cols);
 }
 
 static void rms_norm(int n, int64_t dim, const float *x, const float *weight, float eps, float *out) {
@@ -333,7 +443,7 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
     const int pairs = n * (int)K;
     /* One block of scratch for the whole step. */
     const int64_t sizes[] = {n * D,        n * D, n * qkv_cols, n * m->hq * hd, n * m->hq * long_seq, n * E,
-                             2 * pairs * 2 * H, 2 * pairs * D, 2 * pairs * (H / 2 + 1)};
+                             2 * pairs * 2 * H, 2 * pairs * D, 2 * pairs * H};
     int64_t total = 0;
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) total += sizes[i];
     total = (total + 15) / 16 * 16; /* the expert ids after the floats stay aligned */
@@ -415,8 +525,9 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
             for (int64_t k = 0; k < K; k++) mix[b * K + k] /= total;
         }
         /* Work items: (pair, part of the input rows), each one contiguous block of an expert's
-         * weights. Whole experts when they divide evenly among the threads, else halves; the
-         * parts' partial sums are added before the activation and at the end. */
+         * weights. Whole experts when they divide evenly among the threads, else halves (int8:
+         * split between blocks of 32 rows); the parts' partial sums are added before the
+         * activation and at the end. */
         const int parts = pairs % nt == 0 ? 1 : 2;
 #pragma omp parallel num_threads(nt)
         {
@@ -425,15 +536,15 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
                 const int p = item / parts, part = item % parts;
                 float *o = gu + (int64_t)item * 2 * H;
                 memset(o, 0, sizeof(float) * (size_t)(2 * H));
-                axpy_rows(o, h + (p / K) * D, mat_rows(L->w_in, chosen[p] * D), D * part / parts,
-                          D * (part + 1) / parts, 0, 2 * H);
+                axpy_rows(o, h + (p / K) * D, mat_rows(L->w_in, chosen[p] * D), split_k(L->w_in, D, part, parts),
+                          split_k(L->w_in, D, part + 1, parts), 0, 2 * H);
             }
 #pragma omp barrier
             for (int item = t; item < parts * pairs; item += count) {
                 const int p = item / parts, part = item % parts;
                 const float *g = gu + (int64_t)(parts * p) * 2 * H;
-                float *a = act + (int64_t)item * (H / 2 + 1) * (3 - parts);
-                const int64_t r0 = H * part / parts, r1 = H * (part + 1) / parts;
+                float *a = act + (int64_t)item * H;
+                const int64_t r0 = split_k(L->w_out, H, part, parts), r1 = split_k(L->w_out, H, part + 1, parts);
                 const float *bias = L->b_in ? L->b_in + chosen[p] * 2 * H : NULL;
                 for (int64_t r = r0; r < r1; r++) {
                     float gate = g[r], up = g[H + r];
