@@ -94,12 +94,12 @@ def test_unknown_recipe_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
 def test_eval_memory_json_reports_every_gap_for_both_settings_and_splits(
     ci_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(
-        ["eval", "memory", "--suite", "templates", "--model", str(ci_run / "model"), "--dialogues", "2", "--json"]
-    )
+    """--batch-size 5 splits each length group into several batches (the C step's row counts)."""
+    args = ["--suite", "templates", "--dialogues", "2", "--batch-size", "5", "--json"]
+    code = main(["eval", "memory", "--model", str(ci_run / "model"), *args])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["suite"] == "templates"
+    assert result["suite"] == "templates" and result["batch_size"] == 5
     keys = [str(k) for k in range(1, 9)]
     for part in (result, result["hard"]):
         assert list(part["with_memory"]) == keys and list(part["reset_memory"]) == keys
@@ -139,3 +139,5 @@ def test_eval_memory_people_table_and_bad_split(ci_run: Path, capsys: pytest.Cap
     assert "unseen_values" in out and "corrections" in out and "k=2" in out and "in_domain" not in out
     assert main(["eval", "memory", "--model", model, "--splits", "nope"]) == 2
     assert "unknown split" in capsys.readouterr().err
+    assert main(["eval", "memory", "--model", model, "--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err

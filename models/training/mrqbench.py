@@ -137,17 +137,18 @@ def benchmark(
     gaps: Sequence[int] = GAPS,
     seed: int = BENCH_SEED,
     hard: bool = True,
+    batch_size: int = 256,
 ) -> dict[str, object]:
     """The ``rxrt eval memory --json`` record: main split at the top level, the hard split under ``hard``."""
     model.eval()
-    main = score_split(model, tokenizer, "train", per_gap, gaps, seed)
+    main = score_split(model, tokenizer, "train", per_gap, gaps, seed, batch_size)
     result: dict[str, object] = {
         "with_memory": {str(k): v for k, v in main.with_memory.items()},
         "reset_memory": {str(k): v for k, v in main.reset_memory.items()},
         "dialogues": main.dialogues,
     }
     if hard:
-        h = score_split(model, tokenizer, "hard", per_gap, gaps, seed)
+        h = score_split(model, tokenizer, "hard", per_gap, gaps, seed, batch_size)
         result["hard"] = {
             "with_memory": {str(k): v for k, v in h.with_memory.items()},
             "reset_memory": {str(k): v for k, v in h.reset_memory.items()},

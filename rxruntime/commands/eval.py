@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="fp32",
         help="evaluate with the weights rounded to this CPU format (docs/benchmarks.md §8; default fp32)",
     )
+    m.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="dialogues decoded together (default 256); on a CPU the C decode step runs batches of up to 16, "
+        "larger ones the torch step (int8: the C step also rounds activations, so use 16 to evaluate it)",
+    )
     m.add_argument("--json", action="store_true", help="machine-readable output")
     m.set_defaults(func=run_memory)
 
@@ -53,8 +60,8 @@ def run_memory(args: argparse.Namespace) -> int:
     from rxruntime.models.training.people_eval import SPLITS
 
     dialogues = args.dialogues if args.dialogues is not None else (50 if args.suite == "people" else 100)
-    if dialogues < 1 or args.max_gap < 1:
-        raise ConfigError("--dialogues and --max-gap must be >= 1")
+    if dialogues < 1 or args.max_gap < 1 or args.batch_size < 1:
+        raise ConfigError("--dialogues, --max-gap and --batch-size must be >= 1")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else list(SPLITS)
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown or not splits:
@@ -78,10 +85,13 @@ def _people(
     from rxruntime.models.training.people_eval import BENCH_SEED, evaluate, mean
 
     seed = BENCH_SEED if args.seed is None else args.seed
-    result = evaluate(model, tokenizer, per_gap=dialogues, gaps=gaps, splits=splits, seed=seed)
+    result = evaluate(
+        model, tokenizer, per_gap=dialogues, gaps=gaps, splits=splits, seed=seed, batch_size=args.batch_size
+    )
     result["model"] = str(args.model)
     result["suite"] = "people"
     result["weights"] = args.weights
+    result["batch_size"] = args.batch_size
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -110,10 +120,13 @@ def _templates(args: argparse.Namespace, model: Any, tokenizer: Any, dialogues: 
     from rxruntime.models.training.mrqbench import BENCH_SEED, benchmark
 
     seed = BENCH_SEED if args.seed is None else args.seed
-    result = benchmark(model, tokenizer, per_gap=dialogues, gaps=gaps, seed=seed, hard=not args.no_hard)
+    result = benchmark(
+        model, tokenizer, per_gap=dialogues, gaps=gaps, seed=seed, hard=not args.no_hard, batch_size=args.batch_size
+    )
     result["model"] = str(args.model)
     result["suite"] = "templates"
     result["weights"] = args.weights
+    result["batch_size"] = args.batch_size
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
