@@ -331,6 +331,57 @@ def layout_reason(model: RxTModel) -> str | None:
     return None if not failed else "layout not covered by the C step: " + ", ".join(failed)
 
 
+class _Watch:
+    """Where the tensors the C step reads live, so that a step can check in a few tens of
+    microseconds that none was replaced, moved or (for compact formats) edited in place, instead
+    of collecting them all again (models/attention.py's fused Q/K/V checks included).
+
+    ``links``: (a module's ``_modules`` dict, name, the child found there); ``slots``: (a
+    ``_parameters``/``_buffers`` dict, name); ``sizes``: containers whose length must not change.
+    """
+
+    def __init__(self) -> None:
+        self.links: list[tuple[dict[str, Any], str, Any]] = []
+        self.slots: list[tuple[dict[str, Any], str]] = []
+        self.sizes: list[tuple[dict[str, Any], int]] = []
+
+    def child(self, parent: Any, name: str) -> Any:
+        modules = parent._modules
+        found = modules.get(name)
+        self.links.append((modules, name, found))
+        return found
+
+    def tensor(self, owner: dict[str, Any], name: str) -> Tensor | None:
+        self.slots.append((owner, name))
+        found: Tensor | None = owner.get(name)
+        return found
+
+    def fused(self, attn: Any) -> tuple[Tensor | None, Tensor | None]:
+        """The attention's fused Q/K/V weight and bias (None, None when it has none), watched
+        through the q/k/v parameters, which are views of it while it is valid."""
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            params = self.child(attn, proj)._parameters
+            self.tensor(params, "weight")
+            self.tensor(params, "bias")
+        fused = attn.fused_qkv()
+        return (None, None) if fused is None else fused
+
+    def key(self, fmt: str) -> tuple[object, ...] | None:
+        """Addresses (and, for compact formats, versions) of the watched tensors; None when a
+        module or container changed."""
+        for modules, name, found in self.links:
+            if modules.get(name) is not found:
+                return None
+        for container, size in self.sizes:
+            if len(container) != size:
+                return None
+        tensors = [owner.get(name) for owner, name in self.slots]
+        key: tuple[object, ...] = (fmt, *(0 if t is None else t.data_ptr() for t in tensors))
+        if fmt != "fp32":  # the compact copies must follow in-place edits (float32 is read in place)
+            key += tuple(0 if t is None else t._version for t in tensors)
+        return key
+
+
 class NativeDecoder:
     """The C step bound to one model's weights; see the module docstring.
 
@@ -342,6 +393,8 @@ class NativeDecoder:
         self._model = weakref.ref(model)  # held in a side table keyed by the model: no cycle
         self._weights: list[Tensor | None] = []
         self._weight_key: tuple[object, ...] = ()
+        self._watch = _Watch()
+        self._watch_key: tuple[object, ...] | None = None
         self._copies: list[Tensor] = []
         self._buffers_key: tuple[object, ...] = ()
         self._struct: _Model | None = None
@@ -359,46 +412,47 @@ class NativeDecoder:
         return model
 
     def _collect(self) -> list[Tensor | None]:
-        """Every tensor the C step reads, in a fixed order (compared by address each step).
+        """Every tensor the C step reads, in a fixed order; also records in ``self._watch`` where
+        each one lives, so that later steps can check cheaply that none moved.
 
         Reads the modules' ``_parameters`` and ``_modules`` dicts directly: ``nn.Module``'s
         attribute lookup would cost more than the rest of the step's Python together.
         """
+        w = self._watch = _Watch()
         m: Any = self.model  # the private dicts are untyped
-        dec = m._modules["decoder"]
-        head = dec._modules["lm_head"]._parameters
-        rope = dec._modules["rope"]
-        norm = dec._modules.get("norm")
+        dec = w.child(m, "decoder")
+        head = w.child(dec, "lm_head")
+        rope = w.child(dec, "rope")
+        norm = w.child(dec, "norm")
         out: list[Tensor | None] = [
-            m._modules["embedding"]._parameters["weight"],
-            None if norm is None else norm._parameters["weight"],
-            head["weight"],
-            rope._buffers["cos"],
-            rope._buffers["sin"],
-            head["bias"],
+            w.tensor(w.child(m, "embedding")._parameters, "weight"),
+            None if norm is None else w.tensor(norm._parameters, "weight"),
+            w.tensor(head._parameters, "weight"),
+            w.tensor(rope._buffers, "cos"),
+            w.tensor(rope._buffers, "sin"),
+            w.tensor(head._parameters, "bias"),
         ]
-        for layer in dec._modules["layers"]._modules.values():
-            mods = layer._modules
-            attn, cross, ffn = mods["self_attn"], mods["cross_attn"], mods["ffn"]
-            o, co = attn._modules["o_proj"]._parameters, cross._modules["o_proj"]._parameters
-            ffn_params = ffn._parameters
-            fused = attn.fused_qkv() or (None, None)
-            cross_fused = cross.fused_qkv() or (None, None)
+        layers = w.child(dec, "layers")
+        w.sizes.append((layers._modules, len(layers._modules)))
+        for name in list(layers._modules):
+            layer = w.child(layers, name)
+            attn, cross, ffn = w.child(layer, "self_attn"), w.child(layer, "cross_attn"), w.child(layer, "ffn")
+            o, co = w.child(attn, "o_proj")._parameters, w.child(cross, "o_proj")._parameters
             out += [
-                mods["self_norm"]._parameters["weight"],
-                *fused,
-                o["weight"],
-                o["bias"],
-                mods["cross_norm"]._parameters["weight"],
-                *cross_fused,
-                co["weight"],
-                co["bias"],
-                mods["ffn_norm"]._parameters["weight"],
-                ffn._modules["router"]._parameters["weight"],
-                ffn_params["w_in"],
-                ffn_params["w_out"],
-                ffn_params.get("b_in"),
-                ffn_params.get("b_out"),
+                w.tensor(w.child(layer, "self_norm")._parameters, "weight"),
+                *w.fused(attn),
+                w.tensor(o, "weight"),
+                w.tensor(o, "bias"),
+                w.tensor(w.child(layer, "cross_norm")._parameters, "weight"),
+                *w.fused(cross),
+                w.tensor(co, "weight"),
+                w.tensor(co, "bias"),
+                w.tensor(w.child(layer, "ffn_norm")._parameters, "weight"),
+                w.tensor(w.child(ffn, "router")._parameters, "weight"),
+                w.tensor(ffn._parameters, "w_in"),
+                w.tensor(ffn._parameters, "w_out"),
+                w.tensor(ffn._parameters, "b_in"),
+                w.tensor(ffn._parameters, "b_out"),
             ]
         return out
 
@@ -537,21 +591,24 @@ class NativeDecoder:
         n = tokens.shape[0]
         if n > MAX_ROWS or tokens.dtype != torch.long or positions.dtype != torch.long:
             return None
-        weights = self._collect()
         fmt = self.model.weight_format
-        key: tuple[object, ...] = (fmt, *(0 if w is None else w.data_ptr() for w in weights))
-        if fmt != "fp32":  # the copies must follow in-place edits too (float32 is read in place)
-            key += tuple(0 if w is None else w._version for w in weights)
         tokens, positions = tokens.contiguous(), positions.contiguous()
         logits = torch.empty(n, self.model.config.vocab_size)
         # One step at a time per model: the struct points at one batch's buffers during a call,
         # and two decode batches of the same model may step from two threads.
         with self._lock:
-            if key != self._weight_key:
-                self._struct = None
-                self._weights, self._weight_key = weights, key
-                if not self._bind_weights(weights, fmt):
-                    return None  # and None again, without re-checking, until the weights move
+            watched = self._watch.key(fmt)
+            if watched is None or watched != self._watch_key:  # something moved: collect again
+                weights = self._collect()
+                key: tuple[object, ...] = (fmt, *(0 if w is None else w.data_ptr() for w in weights))
+                if fmt != "fp32":  # the copies must follow in-place edits (float32 is read in place)
+                    key += tuple(0 if w is None else w._version for w in weights)
+                self._watch_key = self._watch.key(fmt)
+                if key != self._weight_key:
+                    self._struct = None
+                    self._weights, self._weight_key = weights, key
+                    if not self._bind_weights(weights, fmt):
+                        return None  # and None again, without re-checking, until the weights move
             if self._struct is None or not self._bind_buffers(n, memory_kv, cache):
                 return None
             code = library().rxt_decode_step(

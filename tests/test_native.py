@@ -115,6 +115,26 @@ def test_replaced_and_updated_weights_are_read(torch_steps: list[int]) -> None:
     copy.deepcopy(model)  # the bound C structs live beside the model, not in it
 
 
+def test_replaced_modules_are_read(torch_steps: list[int]) -> None:
+    """Each step checks cheaply (models/native.py's ``_Watch``) that no module, parameter or
+    layer was swapped since the weights were bound; a swapped module is read, not the old one."""
+    prompts = [[5, 6, 7, 8]]
+    model = tiny_model(seed=26)
+    before = _run(model, True, prompts, steps=2)
+    norm = copy.deepcopy(model.decoder.layers[0].self_norm)
+    with torch.no_grad():
+        norm.weight.mul_(3.0)
+    model.decoder.layers[0].self_norm = norm  # a new module, its parameter a new tensor
+    head = copy.deepcopy(model.decoder.lm_head)
+    with torch.no_grad():
+        head.weight.mul_(0.5)
+    model.decoder.lm_head = head
+    swapped = _run(model, True, prompts, steps=2)
+    assert torch_steps[0] == 0  # all four steps ran in C
+    torch.testing.assert_close(swapped, _run(model, False, prompts, steps=2), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(swapped[0], before[0])
+
+
 def test_build_failure_is_reported_and_decoding_falls_back(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, torch_steps: list[int]
 ) -> None:
