@@ -121,9 +121,9 @@ def test_replaced_modules_are_read(torch_steps: list[int]) -> None:
     prompts = [[5, 6, 7, 8]]
     model = tiny_model(seed=26)
     before = _run(model, True, prompts, steps=2)
-    norm = copy.deepcopy(model.decoder.layers[0].self_norm)
+    norm = copy.deepcopy(model.decoder.blocks[0].self_norm)
     with torch.no_grad():
-        norm.weight.mul_(3.0)
+        norm.get_parameter("weight").mul_(3.0)
     model.decoder.layers[0].self_norm = norm  # a new module, its parameter a new tensor
     head = copy.deepcopy(model.decoder.lm_head)
     with torch.no_grad():
