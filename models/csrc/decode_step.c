@@ -211,25 +211,49 @@ static void quantize_x(const float *x, int64_t n, int8_t *xq, float *sx, int32_t
  * fused multiply-add each, and that float into acc: every build computes the same bits. */
 static void i8_tiles(float *restrict acc, const int8_t *xq, const float *sx, const int32_t *xsum, const uint8_t *w,
                      int64_t tile, int64_t nb, int64_t c0, int64_t c1) {
+#if defined(I8_VNNI)
+    /* Two tiles at a time where there are two: their dependency chains interleave and they share
+     * the broadcasts of x. Each tile's sums are the single-tile ones, in the same order. */
+    for (int64_t c = c0; c < c1;) {
+        const uint8_t *p = w + c / 16 * tile, *p2 = p + tile;
+        const int two = c + 16 < c1;
+        __m512 f = _mm512_setzero_ps(), f2 = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++, p += I8_BLOCK, p2 += I8_BLOCK) {
+            int32_t x4[8];
+            memcpy(x4, xq + b * QBLOCK, sizeof x4);
+            __m512i xb[8];
+            for (int g = 0; g < 8; g++) xb[g] = _mm512_set1_epi32(x4[g]);
+            const __m512i corr = _mm512_set1_epi32(128 * xsum[b]);
+            const __m512 sxb = _mm512_set1_ps(sx[b]);
+#define DP(s, q, g) _mm512_dpbusd_epi32(s, _mm512_loadu_si512((const void *)((q) + 64 * (g))), xb[g])
+#define BLOCK_SUM(q, out)                                                                                          \
+    do {                                                                                                           \
+        __m512i s0 = DP(_mm512_setzero_si512(), q, 0), s1 = DP(_mm512_setzero_si512(), q, 1);                      \
+        s0 = DP(s0, q, 2), s1 = DP(s1, q, 3), s0 = DP(s0, q, 4), s1 = DP(s1, q, 5), s0 = DP(s0, q, 6);            \
+        s1 = DP(s1, q, 7);                                                                                         \
+        const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), corr);                                         \
+        const __m512 scale = _mm512_mul_ps(sxb, _mm512_loadu_ps((const float *)((q) + 512)));                      \
+        out = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), out);                                                  \
+    } while (0)
+            BLOCK_SUM(p, f);
+            if (two) BLOCK_SUM(p2, f2);
+#undef BLOCK_SUM
+#undef DP
+        }
+        const int64_t valid = c1 - c < 16 ? c1 - c : 16;
+        const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
+        _mm512_mask_storeu_ps(acc + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc + c), f));
+        if (two) {
+            const int64_t valid2 = c1 - c - 16 < 16 ? c1 - c - 16 : 16;
+            const __mmask16 keep2 = (__mmask16)((1u << valid2) - 1u);
+            _mm512_mask_storeu_ps(acc + c + 16, keep2, _mm512_add_ps(_mm512_maskz_loadu_ps(keep2, acc + c + 16), f2));
+        }
+        c += two ? 32 : 16;
+    }
+#else
     for (int64_t c = c0; c < c1; c += 16) {
         const uint8_t *p = w + c / 16 * tile;
         const int64_t valid = c1 - c < 16 ? c1 - c : 16;
-#if defined(I8_VNNI)
-        __m512 f = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; b++, p += I8_BLOCK) {
-            int32_t x4[8];
-            memcpy(x4, xq + b * QBLOCK, sizeof x4);
-#define DP(s, g) _mm512_dpbusd_epi32(s, _mm512_loadu_si512((const void *)(p + 64 * (g))), _mm512_set1_epi32(x4[g]))
-            __m512i s0 = DP(_mm512_setzero_si512(), 0), s1 = DP(_mm512_setzero_si512(), 1);
-            s0 = DP(s0, 2), s1 = DP(s1, 3), s0 = DP(s0, 4), s1 = DP(s1, 5), s0 = DP(s0, 6), s1 = DP(s1, 7);
-#undef DP
-            const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * xsum[b]));
-            const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sx[b]), _mm512_loadu_ps((const float *)(p + 512)));
-            f = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), f);
-        }
-        const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
-        _mm512_mask_storeu_ps(acc + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc + c), f));
-#else
         float f[16] = {0};
         for (int64_t b = 0; b < nb; b++, p += I8_BLOCK) {
             float scale[16];
@@ -262,8 +286,8 @@ static void i8_tiles(float *restrict acc, const int8_t *xq, const float *sx, con
 #endif
         }
         for (int64_t j = 0; j < valid; j++) acc[c + j] += f[j];
-#endif
     }
+#endif
 }
 
 /* acc[c] += sum_{d in [d0, d1)} x[d] * W[d, c] for c in [c0, c1) with an int8 W, x quantised per
