@@ -48,6 +48,9 @@ MAX_ROWS = 16
 """Rows per step up to which the C step runs. Beyond it torch's matrix products, which reuse each
 weight across rows from cache, win (alpha-mini, 2 cores: 1.3x faster at 16 rows, 0.93x at 32)."""
 
+PREFILL_CHUNK = 16
+"""Prompt tokens per C-step call in :meth:`NativeDecoder.prefill` (each call reads the weights once)."""
+
 _SOURCE = Path(__file__).with_name("csrc") / "decode_step.c"
 _P = ctypes.c_void_p
 _WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "int8": 2}
@@ -93,6 +96,7 @@ class _Model(ctypes.Structure):
                 "n_positions",
                 "cache_row",
                 "mem_row",
+                "n_rows",
                 "rope_mode",
                 "rope_offset",
             ]
@@ -202,16 +206,20 @@ def library() -> ctypes.CDLL:
                 lib = ctypes.CDLL(str(build(which=which)))
             except OSError:  # a damaged cached library: build it again, once
                 lib = ctypes.CDLL(str(build(force=True, which=which)))
-            fn = lib.rxt_decode_step
+            fn = lib.rxt_decode_rows
             isa = lib.rxt_isa
         except (NativeUnavailable, OSError, AttributeError) as err:
             _failures[which] = str(err)
             log.warning("the C decode step is unavailable, decoding runs the torch step: %s", err)
             raise NativeUnavailable(str(err)) from None
+        # (model, n, tokens, positions, rows, n_out, out_rows, logits, threads)
         fn.argtypes = [
             ctypes.POINTER(_Model),
             ctypes.c_int,
             ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
             ctypes.c_void_p,
             ctypes.c_void_p,
             ctypes.c_int,
@@ -535,7 +543,14 @@ class NativeDecoder:
         return True
 
     def _bind_buffers(self, n: int, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache) -> bool:
-        """Point the layers at this step's cache and memory keys/values (when they moved)."""
+        """Point the layers at this step's cache and memory keys/values (when they moved); False
+        when they do not hold ``n`` rows or are not laid out as the C step reads them."""
+        assert self._struct is not None and self._layers is not None
+        if not self._bind_layout(memory_kv, cache):
+            return False
+        return n <= self._struct.n_rows
+
+    def _bind_layout(self, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache) -> bool:
         assert self._struct is not None and self._layers is not None
         d = self.model.config.decoder
         k, v = cache.k, cache.v
@@ -551,7 +566,6 @@ class NativeDecoder:
         if (
             layers != cfg.num_layers
             or kv_heads != d.self_kv_heads
-            or rows < n
             or k.dtype != torch.float32
             or v.dtype != torch.float32
             or k.stride()[2:] != contiguous[1:]
@@ -566,7 +580,6 @@ class NativeDecoder:
                 if (
                     t.dtype != torch.float32
                     or tuple(t.shape[1:]) != mem_shape
-                    or t.shape[0] < n
                     or t.stride() != (mem_row, cfg.stm_size * hd, hd, 1)
                 ):
                     return False
@@ -580,6 +593,7 @@ class NativeDecoder:
         self._struct.stm = cfg.stm_size
         self._struct.cache_row = k.stride(1)
         self._struct.mem_row = mem_row
+        self._struct.n_rows = min(rows, *(t.shape[0] for pair in memory_kv for t in pair))
         self._buffers_key = key
         self._keep = [k, v, *[t for pair in memory_kv for t in pair]]
         return True
@@ -591,10 +605,60 @@ class NativeDecoder:
         n = tokens.shape[0]
         if n > MAX_ROWS or tokens.dtype != torch.long or positions.dtype != torch.long:
             return None
-        fmt = self.model.weight_format
         tokens, positions = tokens.contiguous(), positions.contiguous()
         logits = torch.empty(n, self.model.config.vocab_size)
-        # One step at a time per model: the struct points at one batch's buffers during a call,
+        ok = self._call(n, tokens, positions, None, None, logits, memory_kv, cache, needed_rows=n)
+        return logits if ok else None
+
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
+    ) -> Tensor | None:
+        """Logits (B, V) of each prompt's last token, like :meth:`RxTModel.prefill`: prompt ``i``
+        fills cache row ``i`` from position 0 against memory row ``i``. None when the C step does
+        not apply.
+
+        The prompts' tokens go through the step :data:`PREFILL_CHUNK` at a time, so each chunk
+        reads the weights once for all its tokens; a chunk's tokens attend to the positions the
+        cache already holds and to each other causally (the step writes a layer's keys/values
+        for every token before it attends).
+        """
+        flat = [t for p in prompts for t in p]
+        tokens = torch.tensor(flat, dtype=torch.long)
+        positions = torch.tensor([i for p in prompts for i in range(len(p))], dtype=torch.long)
+        rows = torch.tensor([r for r, p in enumerate(prompts) for _ in p], dtype=torch.long)
+        ends, end = [], -1
+        for p in prompts:
+            end += len(p)
+            ends.append(end)
+        logits = torch.empty(len(prompts), self.model.config.vocab_size)
+        done = 0
+        for start in range(0, len(flat), PREFILL_CHUNK):
+            stop = min(start + PREFILL_CHUNK, len(flat))
+            outs = torch.tensor([e - start for e in ends if start <= e < stop], dtype=torch.long)
+            sl = slice(start, stop)
+            if not self._call(
+                stop - start, tokens[sl], positions[sl], rows[sl], outs, logits[done:], memory_kv, cache,
+                needed_rows=len(prompts),
+            ):  # fmt: skip
+                return None
+            done += len(outs)
+        return logits
+
+    def _call(
+        self,
+        n: int,
+        tokens: Tensor,
+        positions: Tensor,
+        rows: Tensor | None,
+        out_rows: Tensor | None,
+        logits: Tensor,
+        memory_kv: Sequence[tuple[Tensor, Tensor]],
+        cache: KVCache,
+        needed_rows: int,
+    ) -> bool:
+        """One call into the C step (weights and buffers bound first); False when it does not apply."""
+        fmt = self.model.weight_format
+        # One call at a time per model: the struct points at one batch's buffers during a call,
         # and two decode batches of the same model may step from two threads.
         with self._lock:
             watched = self._watch.key(fmt)
@@ -608,18 +672,21 @@ class NativeDecoder:
                     self._struct = None
                     self._weights, self._weight_key = weights, key
                     if not self._bind_weights(weights, fmt):
-                        return None  # and None again, without re-checking, until the weights move
-            if self._struct is None or not self._bind_buffers(n, memory_kv, cache):
-                return None
-            code = library().rxt_decode_step(
-                ctypes.byref(self._struct), n, tokens.data_ptr(), positions.data_ptr(), logits.data_ptr(),
-                torch.get_num_threads(),
+                        return False  # and False again, without re-checking, until the weights move
+            if self._struct is None or not self._bind_buffers(needed_rows, memory_kv, cache):
+                return False
+            code = library().rxt_decode_rows(
+                ctypes.byref(self._struct), n, tokens.data_ptr(), positions.data_ptr(),
+                None if rows is None else rows.data_ptr(),
+                n if out_rows is None else len(out_rows),
+                None if out_rows is None or len(out_rows) == 0 else out_rows.data_ptr(),
+                logits.data_ptr(), torch.get_num_threads(),
             )  # fmt: skip
         if code == -1:
-            raise IndexError("a token id or position is out of range for this model's decode step")
+            raise IndexError("a token id, position or row is out of range for this model's decode step")
         if code != 0:
             raise RuntimeError(f"the C decode step failed (code {code})")
-        return logits
+        return True
 
 
 _decoders: weakref.WeakKeyDictionary[RxTModel, NativeDecoder] = weakref.WeakKeyDictionary()
@@ -641,3 +708,18 @@ def decode_step(
     if decoder.layout_reason is not None:
         return None
     return decoder.step(tokens, positions, memory_kv, cache)
+
+
+def prefill(
+    model: RxTModel, prompts: Sequence[Sequence[int]], memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
+) -> Tensor | None:
+    """The C step's prefill for ``model`` (see :meth:`NativeDecoder.prefill`), or None when it
+    does not apply."""
+    if not enabled():
+        return None
+    decoder = _decoders.get(model)
+    if decoder is None:
+        decoder = _decoders[model] = NativeDecoder(model)
+    if decoder.layout_reason is not None:
+        return None
+    return decoder.prefill(prompts, memory_kv, cache)

@@ -120,6 +120,7 @@ typedef struct {
     int64_t n_layers, dim, head_dim, hq, hkv, cq, ckv;
     int64_t n_experts, top_k, hidden, vocab, max_len, stm, n_positions;
     int64_t cache_row, mem_row;
+    int64_t n_rows; /* rows the bound cache and memory buffers hold */
     int64_t rope_mode;   /* 0: rotate-half; 1: adjacent pairs in place; 2: adjacent pairs, split */
     int64_t rope_offset; /* added to the position RoPE rotates by (RxLM's interact: 1) */
     float eps;
@@ -452,16 +453,25 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
 
-/* Logits (n, vocab) for tokens (n,) at positions (n,); writes each row's keys/values into the
- * cache at its position. Returns 0, or -1 for a token or position out of range (nothing is
- * written then). */
-int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64_t *positions, float *logits,
-                    int nt) {
+#define ROW(b) (rows ? rows[b] : (int64_t)(b)) /* the cache / memory row of token b */
+
+/* Tokens (n,) at positions (n,), token b in cache/memory row rows[b] (rows NULL: row b). Writes
+ * each token's keys/values into its row's cache at its position, then attends over positions
+ * 0..position of that row, so tokens of one row at consecutive positions are a causal prefill
+ * chunk (the cache holds the earlier positions). Logits (n_out, vocab) of the tokens out_rows,
+ * increasing (NULL: tokens 0..n_out-1). Returns 0, or -1 for a token, position or row out of
+ * range (nothing is written then). */
+int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64_t *positions, const int64_t *rows,
+                    int n_out, const int64_t *out_rows, float *logits, int nt) {
     for (int b = 0; b < n; b++) {
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return -1;
         if (positions[b] < 0 || positions[b] >= m->max_len || positions[b] + m->rope_offset >= m->n_positions)
             return -1;
+        if (rows && (rows[b] < 0 || rows[b] >= m->n_rows)) return -1;
     }
+    if (n_out < 0 || n_out > n) return -1;
+    for (int j = 0; out_rows && j < n_out; j++)
+        if (out_rows[j] < (j ? out_rows[j - 1] + 1 : 0) || out_rows[j] >= n) return -1; /* increasing */
     const int64_t D = m->dim, hd = m->head_dim, H = m->hidden, K = m->top_k, E = m->n_experts;
     const int64_t qkv_cols = (m->hq + 2 * m->hkv) * hd, long_seq = m->max_len > m->stm ? m->max_len : m->stm;
     const int pairs = n * (int)K;
@@ -491,7 +501,7 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
             float *row = qkv + b * qkv_cols;
             for (int64_t j = 0; j < m->hq + m->hkv; j++) rope(row + j * hd, hd, cos, sin, m->rope_mode);
             for (int64_t g = 0; g < m->hkv; g++) {
-                const int64_t at = b * m->cache_row + (g * m->max_len + positions[b]) * hd;
+                const int64_t at = ROW(b) * m->cache_row + (g * m->max_len + positions[b]) * hd;
                 memcpy(L->k_cache + at, row + (m->hq + g) * hd, hd * sizeof(float));
                 memcpy(L->v_cache + at, row + (m->hq + m->hkv + g) * hd, hd * sizeof(float));
             }
@@ -500,7 +510,7 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t bj = 0; bj < heads; bj++) {
             const int64_t b = bj / m->hq, j = bj % m->hq, g = j / (m->hq / m->hkv);
-            const int64_t at = b * m->cache_row + g * m->max_len * hd;
+            const int64_t at = ROW(b) * m->cache_row + g * m->max_len * hd;
             attend(qkv + b * qkv_cols + j * hd, L->k_cache + at, L->v_cache + at, positions[b] + 1, hd,
                    scores + bj * long_seq, att + bj * hd);
         }
@@ -517,7 +527,7 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t bj = 0; bj < cheads; bj++) {
             const int64_t b = bj / m->cq, j = bj % m->cq, g = j / (m->cq / m->ckv);
-            const int64_t at = b * m->mem_row + g * m->stm * hd;
+            const int64_t at = ROW(b) * m->mem_row + g * m->stm * hd;
             attend(qkv + bj * hd, L->mem_k + at, L->mem_v + at, m->stm, hd, scores + bj * long_seq, att + bj * hd);
         }
         gemv(n, att, m->cq * hd, L->co, D, L->co_bias, x, 1, nt);
@@ -593,11 +603,24 @@ int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64
             }
         }
     }
+    if (out_rows) /* only the rows whose logits are wanted go through the norm and the LM head */
+        for (int j = 0; j < n_out; j++) memmove(x + j * D, x + out_rows[j] * D, D * sizeof(float));
+    const int outs = n_out;
+    if (outs == 0) { /* a prefill chunk that ends no prompt: its keys/values were the point */
+        free(scratch);
+        return 0;
+    }
     if (m->final_norm)
-        rms_norm(n, D, x, m->final_norm, m->eps, h);
+        rms_norm(outs, D, x, m->final_norm, m->eps, h);
     else
-        memcpy(h, x, (size_t)(n * D) * sizeof(float));
-    gemv(n, h, D, m->lm_head, m->vocab, m->head_bias, logits, 0, nt);
+        memcpy(h, x, (size_t)(outs * D) * sizeof(float));
+    gemv(outs, h, D, m->lm_head, m->vocab, m->head_bias, logits, 0, nt);
     free(scratch);
     return 0;
+}
+
+/* One decode step: token b in row b, logits for every row. */
+int rxt_decode_step(const RxtModel *m, int n, const int64_t *tokens, const int64_t *positions, float *logits,
+                    int nt) {
+    return rxt_decode_rows(m, n, tokens, positions, NULL, n, NULL, logits, nt);
 }
