@@ -155,17 +155,6 @@ class RxTModel(nn.Module):
         Right padding needs no mask: causal attention never lets a real token see a later pad.
         """
         self.decoder.rope.ensure(input_ids.shape[1])
-        if (
-            self.native_decode
-            and not self.training
-            and not torch.is_grad_enabled()
-            and self._compiled_kernel is None
-            and input_ids.device.type == "cpu"
-        ):
-            prompts = [row[: int(n)].tolist() for row, n in zip(input_ids, lengths)]
-            logits = native.prefill(self, prompts, memory_kv, cache)
-            if logits is not None:
-                return logits
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = self.decoder(self.embedding(input_ids), positions=positions, memory_kv=self.memory_kv(memory))
         return self.decoder.lm_head(h)
@@ -184,14 +173,17 @@ class RxTModel(nn.Module):
 
     def prefill(self, input_ids: Tensor, lengths: Tensor, memory_kv: MemoryKV, cache: KVCache) -> Tensor:
         """Run right-padded prompts (B, T) with ``lengths`` (B,) into ``cache``; logits (B, V) of each
-        row's last real token. For inference on a CPU the C step runs it (``native.prefill``), a
-        chunk of tokens per call; the torch path below computes the same function."""
-        if (
+        row's last real token. For int8 inference on a CPU the C step runs it (``native.prefill``),
+        a chunk of tokens per call, with the int8 step's arithmetic (activations rounded per block
+        of 32 too); the torch path below computes the same function on the rounded weights."""
+        if (  # int8 and short only: elsewhere torch's batched products are faster (native.py)
             self.native_decode
+            and self.weight_format == "int8"
             and not self.training
             and not torch.is_grad_enabled()
             and self._compiled_kernel is None
             and input_ids.device.type == "cpu"
+            and int(lengths.sum()) <= native.PREFILL_MAX_TOKENS
         ):
             prompts = [row[: int(n)].tolist() for row, n in zip(input_ids, lengths)]
             logits = native.prefill(self, prompts, memory_kv, cache)
