@@ -406,9 +406,9 @@ class NativeDecoder:
     def __init__(self, model: RxTModel) -> None:
         self._model = weakref.ref(model)  # held in a side table keyed by the model: no cycle
         self._weights: list[Tensor | None] = []
-        self._weight_key: tuple[object, ...] = ()
         self._watch = _Watch()
-        self._watch_key: tuple[object, ...] | None = None
+        self._weight_key: tuple[object, ...] | None = None
+        """``self._watch.key`` when the weights were bound: the copies are current while it holds."""
         self._copies: list[Tensor] = []
         self._buffers_key: tuple[object, ...] = ()
         self._struct: _Model | None = None
@@ -668,17 +668,12 @@ class NativeDecoder:
         # and two decode batches of the same model may step from two threads.
         with self._lock:
             watched = self._watch.key(fmt)
-            if watched is None or watched != self._watch_key:  # something moved: collect again
+            if watched is None or watched != self._weight_key:  # something moved: bind again
                 weights = self._collect()
-                key: tuple[object, ...] = (fmt, *(0 if w is None else w.data_ptr() for w in weights))
-                if fmt != "fp32":  # the copies must follow in-place edits (float32 is read in place)
-                    key += tuple(0 if w is None else w._version for w in weights)
-                self._watch_key = self._watch.key(fmt)
-                if key != self._weight_key:
-                    self._struct = None
-                    self._weights, self._weight_key = weights, key
-                    if not self._bind_weights(weights, fmt):
-                        return False  # and False again, without re-checking, until the weights move
+                self._struct = None
+                self._weights, self._weight_key = weights, self._watch.key(fmt)
+                if not self._bind_weights(weights, fmt):
+                    return False  # and False again, without re-checking, until the weights move
             if self._struct is None or not self._bind_buffers(needed_rows, memory_kv, cache):
                 return False
             code = library().rxt_decode_rows(
@@ -701,19 +696,11 @@ _decoders: weakref.WeakKeyDictionary[RxTModel, NativeDecoder] = weakref.WeakKeyD
 def decode_step(
     model: RxTModel, tokens: Tensor, positions: Tensor, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
 ) -> Tensor | None:
-    """The C step for ``model`` (see :class:`NativeDecoder`), or None when it does not apply.
-
-    The bound decoder lives in a side table, not on the model, so deep copies and pickles of the
-    model never meet the C structs.
-    """
-    if tokens.shape[0] > MAX_ROWS or tokens.device.type != "cpu" or not enabled():
+    """The C step for ``model`` (see :class:`NativeDecoder`), or None when it does not apply."""
+    if tokens.shape[0] > MAX_ROWS or tokens.device.type != "cpu":
         return None
-    decoder = _decoders.get(model)
-    if decoder is None:
-        decoder = _decoders[model] = NativeDecoder(model)
-    if decoder.layout_reason is not None:
-        return None
-    return decoder.step(tokens, positions, memory_kv, cache)
+    decoder = _decoder_for(model)
+    return None if decoder is None else decoder.step(tokens, positions, memory_kv, cache)
 
 
 def prefill(
@@ -721,11 +708,27 @@ def prefill(
 ) -> Tensor | None:
     """The C step's prefill for ``model`` (see :meth:`NativeDecoder.prefill`), or None when it
     does not apply."""
+    decoder = _decoder_for(model)
+    return None if decoder is None else decoder.prefill(prompts, memory_kv, cache)
+
+
+def _decoder_for(model: RxTModel) -> NativeDecoder | None:
+    """``model``'s bound C step (made on first use), or None when the C step is off, cannot be
+    built, or does not cover the model's layout.
+
+    The bound decoder lives in a side table, not on the model, so deep copies and pickles of the
+    model never meet the C structs.
+    """
     if not enabled():
         return None
     decoder = _decoders.get(model)
     if decoder is None:
         decoder = _decoders[model] = NativeDecoder(model)
-    if decoder.layout_reason is not None:
-        return None
-    return decoder.prefill(prompts, memory_kv, cache)
+    return None if decoder.layout_reason is not None else decoder
+
+
+def not_used_reason(model: RxTModel) -> str | None:
+    """Why decode steps of ``model`` would not run the C step (None: they would)."""
+    if model.device.type != "cpu" or model.dtype != torch.float32 or not model.native_decode:
+        return "not a float32 CPU model, or turned off"
+    return unavailable_reason() or layout_reason(model)

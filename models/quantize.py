@@ -48,11 +48,7 @@ def default_format(model: RxTModel, preferred: WeightFormat) -> WeightFormat:
     """
     from . import native
 
-    if model.device.type != "cpu" or model.dtype != torch.float32 or not model.native_decode:
-        return "fp32"
-    if model.config.tokenizer_template == "rxlm":
-        return "fp32"
-    if native.unavailable_reason() is not None or native.layout_reason(model) is not None:
+    if model.config.tokenizer_template == "rxlm" or native.not_used_reason(model) is not None:
         return "fp32"
     return preferred
 

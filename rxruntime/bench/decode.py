@@ -91,7 +91,5 @@ def c_step_note(model: RxTModel) -> str:
     """Whether decode steps ran the C step of ``models/native.py``, for the JSON's config."""
     from rxruntime.models import native
 
-    if model.device.type != "cpu" or model.dtype != torch.float32 or not model.native_decode:
-        return "not used (not a float32 CPU model, or turned off)"
-    reason = native.unavailable_reason() or native.layout_reason(model)
+    reason = native.not_used_reason(model)
     return f"used for steps of up to {native.MAX_ROWS} rows" if reason is None else f"not used: {reason}"
