@@ -26,7 +26,7 @@ from rxruntime.bench.redis_server import RedisServer
 from rxruntime.serving.leases import Leases
 from rxruntime.serving.ray_replica import REPLICA_HEADER
 
-# Facts the shipped model recalls after filler turns at temperature 0 (its training templates).
+# Facts the shipped model recalls after a filler turn at temperature 0.
 FACTS = [
     ("I live in Lisbon.", "Where do I live?", "Lisbon"),
     ("My name is Julia.", "What is my name?", "Julia"),
