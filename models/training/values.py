@@ -81,7 +81,7 @@ def _faker(locale: str) -> Any:
         from .loaders import DataError
 
         raise DataError(
-            "the people generator (data.source = \"people\", `rxrt eval memory`) draws its values "
+            'the people generator (data.source = "people", `rxrt eval memory`) draws its values '
             "from Faker: pip install 'rxruntime[train]'"
         ) from None
 
