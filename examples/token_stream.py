@@ -24,7 +24,13 @@ def main() -> None:
                 print(f"  [memory v{event.stm_version}, {event.duration_s * 1e3:.0f} ms]")
 
         conv.memory_events.subscribe(on_memory)
-        queries = ["My name is Julia.", "What is 3 plus 5?", "What is my name?", "I live in Lisbon.", "Where do I live?"]
+        queries = [
+            "My name is Julia.",
+            "What is 3 plus 5?",
+            "What is my name?",
+            "I live in Lisbon.",
+            "Where do I live?",
+        ]
         for query in queries:
             done = threading.Event()
 
