@@ -25,11 +25,11 @@ def main() -> None:
 
         conv.memory_events.subscribe(on_memory)
         queries = [
-            "My name is Julia.",
-            "What is 3 plus 5?",
-            "What is my name?",
             "I live in Lisbon.",
+            "What is 3 plus 5?",
             "Where do I live?",
+            "My name is Julia.",
+            "What is my name?",
         ]
         for query in queries:
             done = threading.Event()
