@@ -35,8 +35,8 @@ def main() -> None:
     with engine:
         people = {
             "oslo": "I live in Oslo.",
-            "rome": "I live in Rome.",
-            "lima": "I live in Lima.",
+            "berlin": "I live in Berlin.",
+            "cairo": "I live in Cairo.",
         }
         agents = {name: engine.conversation(name, memory_init=fact) for name, fact in people.items()}
         streams = [

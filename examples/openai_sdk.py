@@ -27,13 +27,13 @@ def main() -> None:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-without---api-key")
 
         conv = client.conversations.create(metadata={"example": "openai_sdk"})
-        for query in ["My name is Julia.", "What is 3 plus 5?", "What is my name?"]:
+        for query in ["I live in Lisbon.", "What is 3 plus 5?", "Where do I live?"]:
             response = client.responses.create(model="rxt", input=query, conversation=conv.id)
             print(f"> {query}\n  {response.output_text}  (input tokens: {response.usage.input_tokens})")  # type: ignore[union-attr]
 
-        print("> Where do I live?  (streamed, after 'I live in Lisbon.')")
-        client.responses.create(model="rxt", input="I live in Lisbon.", conversation=conv.id)
-        for event in client.responses.create(model="rxt", input="Where do I live?", conversation=conv.id, stream=True):
+        print("> What is my name?  (streamed, after 'My name is Julia.')")
+        client.responses.create(model="rxt", input="My name is Julia.", conversation=conv.id)
+        for event in client.responses.create(model="rxt", input="What is my name?", conversation=conv.id, stream=True):
             if event.type == "response.output_text.delta":
                 print(event.delta, end="", flush=True)
             elif event.type.startswith("rxrt.memory."):

@@ -24,7 +24,13 @@ def main() -> None:
                 print(f"  [memory v{event.stm_version}, {event.duration_s * 1e3:.0f} ms]")
 
         conv.memory_events.subscribe(on_memory)
-        queries = ["My name is Julia.", "I live in Paris.", "What is 3 plus 5?", "What is my name?", "Where do I live?"]
+        queries = [
+            "I live in Lisbon.",
+            "What is 3 plus 5?",
+            "Where do I live?",
+            "My name is Julia.",
+            "What is my name?",
+        ]
         for query in queries:
             done = threading.Event()
 

@@ -163,3 +163,15 @@ def test_a_correction_replaces_the_fact_and_the_answer_takes_the_new_value() -> 
             old, new = about[0].value, about[1].value
             assert old != new and question.value == new
             assert str(new) in question.answer and str(old) not in question.answer
+
+
+def test_training_on_people_data_without_faker_says_which_extra_to_install(tmp_path: object) -> None:
+    """Faker is in the `train` extra, not a base dependency: a user who lacks it gets the fix, not a traceback."""
+    code = (
+        "import sys; sys.modules['faker'] = None\n"
+        "from rxruntime.cli import main\n"
+        f"sys.exit(main(['train', '--recipe', 'nano', '--out', {str(tmp_path)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "pip install 'rxruntime[train]'" in result.stderr and "Traceback" not in result.stderr, result.stderr

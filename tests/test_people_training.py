@@ -26,7 +26,7 @@ def test_ci_recipe_trains_every_stage_on_people_dialogues(tmp_path: Path) -> Non
         assert tokenizer.decode(tokenizer.encode(f"My name is {value}.")).strip() == f"My name is {value}."
 
 
-def test_the_people_recipe_is_built_in_and_valid() -> None:
-    recipe = load_recipe("people")
+def test_the_shipped_recipe_trains_on_people_data() -> None:
+    recipe = load_recipe("nano")
     assert recipe.data.source == "people"
     assert recipe.config().stm_size >= 32

@@ -26,7 +26,7 @@ from rxruntime.bench.redis_server import RedisServer
 from rxruntime.serving.leases import Leases
 from rxruntime.serving.ray_replica import REPLICA_HEADER
 
-# Facts the shipped model recalls after filler turns at temperature 0 (its training templates).
+# Facts the shipped model recalls after a filler turn at temperature 0.
 FACTS = [
     ("I live in Lisbon.", "Where do I live?", "Lisbon"),
     ("My name is Julia.", "What is my name?", "Julia"),
@@ -174,7 +174,10 @@ def test_every_conversation_keeps_its_memory_through_a_replica_killed_mid_turn(c
 def test_a_redis_outage_fails_turns_clearly_and_loses_nothing(cluster: Cluster) -> None:  # runs last: restarts Redis
     c = cluster
     _, cid, _ = turn(c, "I live in Berlin.")
-    turn(c, FILLER, cid)
+    # Streamed, so it ends at the memory commit: a plain turn returns at the answer, and under load
+    # Redis could stop before that turn's memory reached it (that update then fails, as designed).
+    _, events = streamed_turn(c, FILLER, cid)
+    check_stream(events, stm_version=2)
     c.redis.stop()
     try:
         started = time.monotonic()

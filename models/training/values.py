@@ -75,7 +75,15 @@ def _faker(locale: str) -> Any:
     training run was not a function of its recipe. Sorting that list fixes it.
     ``tests/test_people_data.py`` replays the generator under two hash seeds to catch any other.
     """
-    from faker import Faker  # imported lazily: only training and evaluation need it
+    try:
+        from faker import Faker  # imported lazily: only training and evaluation need it
+    except ImportError:
+        from .loaders import DataError
+
+        raise DataError(
+            'the people generator (data.source = "people", `rxrt eval memory`) draws its values '
+            "from Faker: pip install 'rxruntime[train]'"
+        ) from None
 
     fake = Faker(locale)
     for provider in fake.providers:
