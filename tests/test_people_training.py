@@ -24,9 +24,3 @@ def test_ci_recipe_trains_every_stage_on_people_dialogues(tmp_path: Path) -> Non
     assert tokenizer is not None
     for value in ("Łukasz Zięcik", "İÇDAŞ Çelik Enerji", "the 12th of December", "54.94"):  # held-out locales too
         assert tokenizer.decode(tokenizer.encode(f"My name is {value}.")).strip() == f"My name is {value}."
-
-
-def test_the_shipped_recipe_trains_on_people_data() -> None:
-    recipe = load_recipe("nano")
-    assert recipe.data.source == "people"
-    assert recipe.config().stm_size >= 32

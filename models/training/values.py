@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .loaders import DataError
+
 ValueSplit = Literal["train", "unseen"]
 
 HELD_OUT_BUCKETS = 8
@@ -78,8 +80,6 @@ def _faker(locale: str) -> Any:
     try:
         from faker import Faker  # imported lazily: only training and evaluation need it
     except ImportError:
-        from .loaders import DataError
-
         raise DataError(
             'the people generator (data.source = "people", `rxrt eval memory`) draws its values '
             "from Faker: pip install 'rxruntime[train]'"
