@@ -1,11 +1,15 @@
-"""Recall when several facts are in play: the default model card's 1/2/3-facts figures.
+"""Recall when several facts are in play, in the training templates' words: the default model
+card's figures for the previous default (``nano-templates``).
 
-``rxrt eval memory`` states one fact per dialogue. Here each of ``--dialogues`` dialogues states
-1, 2 or 3 facts of different kinds in consecutive turns, then a distractor, then asks about every
-fact in random order; the score is exact recall per question (greedy, the model's own answers
-written to memory), as in ``rxruntime.models.training.mrqbench``::
+``rxrt eval memory --suite templates`` states one fact per dialogue. Here each of
+``--dialogues`` dialogues states 1, 2 or 3 facts of different kinds in consecutive turns, then a
+distractor, then asks about every fact in random order; the score is exact recall per question
+(greedy, the model's own answers written to memory), as in ``rxruntime.models.training.mrqbench``::
 
-    python benchmarks/multi_fact_recall.py            # the embedded default model, seed 5
+    python benchmarks/multi_fact_recall.py --model runs/nano-templates/model   # the card's figures
+
+The shipped model's figures with several facts in play are the ``facts_1`` .. ``facts_4`` splits
+of ``rxrt eval memory``, in the people generator's words.
 """
 
 from __future__ import annotations
