@@ -26,7 +26,8 @@ def main() -> None:
     with engine, ThreadedServer(create_app(engine)) as server:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-without---api-key")
 
-        conv = client.conversations.create(metadata={"example": "openai_sdk"})
+        # `seed` (our extension) fixes the conversation's starting memory, so this prints the same every run
+        conv = client.conversations.create(metadata={"example": "openai_sdk"}, extra_body={"seed": 0})
         for query in ["I live in Lisbon.", "What is 3 plus 5?", "Where do I live?"]:
             response = client.responses.create(model="rxt", input=query, conversation=conv.id)
             print(f"> {query}\n  {response.output_text}  (input tokens: {response.usage.input_tokens})")  # type: ignore[union-attr]

@@ -17,7 +17,7 @@ from rxruntime.events import AnswerCompleted, Event, MemoryUpdated, Token
 def main() -> None:
     engine, _ = engine_from_args(__doc__ or "")
     with engine:
-        conv = engine.conversation()
+        conv = engine.conversation(seed=0)  # a fixed starting memory: the same output every run
 
         def on_memory(event: Event) -> None:  # arrives in the background, after each answer
             if isinstance(event, MemoryUpdated):

@@ -8,6 +8,7 @@ from typing import Any
 
 import openai
 import pytest
+import torch
 
 import rxruntime
 from rxruntime.engine import Engine
@@ -126,6 +127,22 @@ def test_conversation_items_are_written_into_memory(api: tuple[openai.OpenAI, An
         ]
     )
     assert "Julia" in c.responses.create(model="rxt", input=ASK_NAME, conversation=conv.id).output_text
+
+
+def test_a_seed_fixes_a_new_conversations_starting_memory(api: tuple[openai.OpenAI, Any], engine: Engine) -> None:
+    """Our extension to ``POST /v1/conversations``: ``seed`` as in ``engine.conversation(seed=...)``,
+    so a client can replay a conversation from the same starting STM."""
+    c, _ = api
+    a, b, other = (c.conversations.create(extra_body={"seed": seed}) for seed in (11, 11, 12))
+    local = engine.conversation(seed=11)
+    ids = {"a": a.id, "b": b.id, "other": other.id, "local": local.id}
+    stm = {name: engine.snapshot(cid)[0] for name, cid in ids.items()}
+    local.close()
+    assert torch.equal(stm["a"], stm["b"]) and torch.equal(stm["a"], stm["local"])
+    assert not torch.equal(stm["a"], stm["other"])
+    with pytest.raises(openai.BadRequestError) as err:
+        c.conversations.create(extra_body={"seed": -1})
+    assert err.value.body["param"] == "seed"  # type: ignore[index]
 
 
 def test_delete_removes_the_conversation_from_the_store(api: tuple[openai.OpenAI, Any], engine: Engine) -> None:

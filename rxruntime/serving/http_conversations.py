@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from rxruntime.serving.http_context import Context
 from rxruntime.serving.http_errors import bad_field
-from rxruntime.serving.http_fields import json_body, message_text, metadata
+from rxruntime.serving.http_fields import json_body, message_text, metadata, opt_int
 from rxruntime.serving.http_registry import CONVERSATION_HEADER, Entry
 
 
@@ -24,8 +24,9 @@ async def create_conversation(ctx: Context, request: Request, owner: str) -> Res
     engine = ctx.slot.engine
     meta = metadata(body)
     system, pairs = parse_items(body.get("items"))
+    seed = opt_int(body, "seed", 0, 2**63 - 1)  # our extension: the starting STM, as engine.conversation(seed=)
     entry = await ctx.blocking(
-        lambda: ctx.registry.create(engine, owner, metadata=meta, memory_init=system, history=pairs)
+        lambda: ctx.registry.create(engine, owner, metadata=meta, memory_init=system, history=pairs, seed=seed)
     )
     return JSONResponse(conversation_object(entry), headers={CONVERSATION_HEADER: entry.conv.id})
 

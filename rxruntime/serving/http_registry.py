@@ -82,11 +82,13 @@ class Registry:
         metadata: dict[str, str] | None = None,
         memory_init: str | None = None,
         history: Sequence[tuple[str, str]] = (),
+        seed: int | None = None,
     ) -> Entry:
-        """A new conversation; ``memory_init`` and ``history`` are written to its memory first."""
+        """A new conversation; ``memory_init`` and ``history`` are written to its memory first.
+        ``seed`` fixes its starting STM (otherwise drawn from its random id)."""
         conversation_id = new_id(PREFIX, owner)
         try:
-            conv = engine.conversation(conversation_id, memory_init=memory_init)
+            conv = engine.conversation(conversation_id, memory_init=memory_init, seed=seed)
         except Exception as exc:
             self._count_store_error(exc)
             raise from_engine_error(exc) from exc
