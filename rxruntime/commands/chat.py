@@ -29,6 +29,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--conversation-id", default=None, help="name of the conversation (default: random)")
     p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the starting memory, for a session that replays the same (default: drawn from the id)",
+    )
+    p.add_argument(
         "--weights",
         choices=("fp32", "bf16", "int8"),
         default=None,
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                 {"thinking_mode": args.thinking},
                 engine.tokenizer.interaction_template,
             )
-        conv = engine.conversation(args.conversation_id, memory_init=args.memory_init)
+        conv = engine.conversation(args.conversation_id, memory_init=args.memory_init, seed=args.seed)
         repl = ChatREPL(
             engine,
             conv,
