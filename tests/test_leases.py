@@ -13,11 +13,15 @@ import pytest
 import redis
 import torch
 
+import rxruntime
 from rxruntime.bench.redis_server import RedisServer
 from rxruntime.serving.http_history_shared import SharedHistoryCache
+from rxruntime.serving.http_metrics import Metrics
+from rxruntime.serving.http_registry import Registry
 from rxruntime.serving.http_shared import SharedConversations, SharedMeta
 from rxruntime.serving.leases import ConversationBusyError, Leases
 from rxruntime.serving.ray_router import AffinityStats
+from rxruntime.stores import RedisStore
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +101,8 @@ def test_shared_conversation_table_round_trips(client: Any) -> None:
     table.set_last_response("conv_m", 4)
     table.set_metadata("conv_m", {"user": "ada"})
     assert table.load("conv_m") == SharedMeta(123, {"user": "ada"}, 4)
+    table.create("conv_s", SharedMeta(7, seed=2**63 - 1))
+    assert table.load("conv_s") == SharedMeta(7, seed=2**63 - 1)
     table.delete("conv_m")
     assert table.load("conv_m") is None
 
@@ -120,3 +126,23 @@ def test_affinity_counts_are_shared(client: Any) -> None:
     assert a.counts() == (2, 1)
     ratio = {m.name: m.samples[0].value for m in a.collect() if m.name == "rxrt_affinity_hit_ratio"}
     assert ratio["rxrt_affinity_hit_ratio"] == pytest.approx(2 / 3)
+
+
+def test_a_seeded_conversation_opened_on_another_replica_starts_from_the_creators_memory(client: Any) -> None:
+    """Under Ray the next request of a new conversation may reach a replica that has never seen it,
+    before any memory update reached the store: it must open from the creator's seed, not its own."""
+    shared = SharedConversations(client)
+    with (
+        rxruntime.load("default", store=RedisStore(client=client)) as here,
+        rxruntime.load("default", store=RedisStore(client=client)) as there,
+    ):
+        creator = Registry(Metrics(here.stats), shared=shared)
+        other = Registry(Metrics(there.stats), shared=shared)
+        entry = creator.create(here, "", seed=42)
+        opened = other.get(there, "", entry.conv.id)
+        reference = there.conversation(seed=42)
+        try:
+            assert torch.equal(there.snapshot(opened.conv.id)[0], there.snapshot(reference.id)[0])
+            assert torch.equal(here.snapshot(entry.conv.id)[0], there.snapshot(reference.id)[0])
+        finally:
+            reference.close()

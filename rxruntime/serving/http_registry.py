@@ -95,7 +95,7 @@ class Registry:
         entry = self._watch(Entry(conv, int(time.time()), dict(metadata or {})))
         if self._shared is not None:
             try:
-                self._shared.create(conversation_id, SharedMeta(entry.created_at, entry.metadata))
+                self._shared.create(conversation_id, SharedMeta(entry.created_at, entry.metadata, seed=seed))
             except Exception as exc:
                 self._drop(entry)
                 self._metrics.store_errors.inc()
@@ -139,8 +139,8 @@ class Registry:
         with self._lock:  # two requests may resume the same id at once: one opens, both use it
             entry = self._entries.get(conversation_id)
             if entry is None:
-                try:
-                    conv = engine.conversation(conversation_id)
+                try:  # the creator's seed, should no memory update have reached the store yet
+                    conv = engine.conversation(conversation_id, seed=shared.seed if shared is not None else None)
                 except Exception as exc:
                     self._count_store_error(exc)
                     raise from_engine_error(exc) from exc

@@ -20,6 +20,7 @@ class SharedMeta:
     created_at: int
     metadata: dict[str, str] = field(default_factory=dict)
     last_response_turn: int | None = None
+    seed: int | None = None  # the starting STM's seed, for a replica that opens it before any update
 
 
 class SharedConversations:
@@ -30,21 +31,22 @@ class SharedConversations:
         self._prefix = prefix
 
     def create(self, conversation_id: str, meta: SharedMeta) -> None:
-        self._redis.hset(
-            self._prefix + conversation_id,
-            mapping={"created_at": meta.created_at, "metadata": json.dumps(meta.metadata)},
-        )
+        mapping: dict[str, Any] = {"created_at": meta.created_at, "metadata": json.dumps(meta.metadata)}
+        if meta.seed is not None:
+            mapping["seed"] = meta.seed
+        self._redis.hset(self._prefix + conversation_id, mapping=mapping)
 
     def load(self, conversation_id: str) -> SharedMeta | None:
         raw = self._redis.hgetall(self._prefix + conversation_id)
         if not raw:
             return None
         fields = {_text(k): _text(v) for k, v in raw.items()}
-        last = fields.get("last_response_turn")
+        last, seed = fields.get("last_response_turn"), fields.get("seed")
         return SharedMeta(
             created_at=int(fields.get("created_at", 0)),
             metadata=dict(json.loads(fields.get("metadata", "{}"))),
             last_response_turn=int(last) if last is not None else None,
+            seed=int(seed) if seed is not None else None,
         )
 
     def set_metadata(self, conversation_id: str, metadata: dict[str, str]) -> None:
