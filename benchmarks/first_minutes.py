@@ -57,20 +57,23 @@ TRANSCRIPT: list[tuple[str, Check]] = [
     ("Tell me a joke.", any_answer),
     ("Where do I live?", exactly("You live in Lisbon.")),
 ]
-CITY_FIRST: list[tuple[str, Check]] = [
-    ("I live in Lisbon.", any_answer),
-    ("What is 3 plus 5?", exactly("3 plus 5 is 8.")),
-    ("Where do I live?", exactly("You live in Lisbon.")),
-    ("My name is Julia.", any_answer),
-    ("What is my name?", exactly("Your name is Julia.")),
-]
-NAME_FIRST: list[tuple[str, Check]] = [
-    ("My name is Julia.", any_answer),
-    ("What is 3 plus 5?", exactly("3 plus 5 is 8.")),
-    ("What is my name?", exactly("Your name is Julia.")),
-    ("I live in Lisbon.", any_answer),
-    ("Where do I live?", exactly("You live in Lisbon.")),
-]
+CITY = ("I live in Lisbon.", "Where do I live?", "You live in Lisbon.")  # (fact, question, answer)
+NAME = ("My name is Julia.", "What is my name?", "Your name is Julia.")
+
+
+def two_facts(first: tuple[str, str, str], second: tuple[str, str, str]) -> list[tuple[str, Check]]:
+    """A fact, a sum, its question, then the second fact and its question."""
+    return [
+        (first[0], any_answer),
+        ("What is 3 plus 5?", exactly("3 plus 5 is 8.")),
+        (first[1], exactly(first[2])),
+        (second[0], any_answer),
+        (second[1], exactly(second[2])),
+    ]
+
+
+CITY_FIRST = two_facts(CITY, NAME)
+NAME_FIRST = two_facts(NAME, CITY)
 CAPITALS = (
     "Oslo", "Berlin", "Cairo", "Rome", "Paris", "Lisbon", "Madrid", "Vienna", "Athens", "Dublin", "Lima", "Tokyo"
 )  # fmt: skip
@@ -121,7 +124,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=30, help="starting memories per dialogue")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the figures do not depend on it; one thread is how `rxrt chat` decodes on a laptop
+    torch.set_num_threads(1)  # as the card's figures were measured
     seeds = range(args.seeds)
     out: dict[str, object] = {"model": args.model, "seeds": args.seeds}
     with rxruntime.load(args.model) as engine:
