@@ -26,7 +26,7 @@ from rxruntime.stores import RedisStore
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
-    with RedisServer() as server:  # the real server (.ci/run installs the Debian package)
+    with RedisServer() as server:  # a real server (Debian's, else the test extra's valkey)
         conn = redis.Redis.from_url(server.url)
         yield conn
         conn.close()

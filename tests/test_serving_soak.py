@@ -28,7 +28,7 @@ def test_kill_9_during_memory_updates_loses_nothing_acknowledged_sqlite(model: s
 
 
 def test_kill_9_during_memory_updates_loses_nothing_acknowledged_redis(model: str) -> None:
-    with RedisServer() as redis:  # the real server (.ci/run installs the Debian package)
+    with RedisServer() as redis:  # a real server (Debian's, else the test extra's valkey)
         result = soak.crashes(model, redis.url, rounds=2, conversations=4)
     assert result["ok"] and result["acknowledged_updates"] > 0, result
 
