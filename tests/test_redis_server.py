@@ -5,12 +5,11 @@ writes, the Lua-scripted leases, the append-only file across a restart)."""
 
 from __future__ import annotations
 
+import platform
+import sys
 from pathlib import Path
 
 import pytest
-import platform
-import sys
-
 import redis
 import torch
 
@@ -19,7 +18,6 @@ from rxruntime.conversation import ConversationState
 from rxruntime.models.errors import ConfigError
 from rxruntime.serving.leases import ConversationBusyError, Leases
 from rxruntime.stores import RedisStore, StaleStateError
-
 
 packaged = pytest.mark.skipif(
     not (sys.platform == "linux" and platform.machine() == "x86_64"),
