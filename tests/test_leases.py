@@ -15,12 +15,11 @@ import torch
 
 import rxruntime
 from rxruntime.bench.redis_server import RedisServer
-from rxruntime.serving.http_history_shared import SharedHistoryCache
-from rxruntime.serving.http_metrics import Metrics
-from rxruntime.serving.http_registry import Registry
-from rxruntime.serving.http_shared import SharedConversations, SharedMeta
-from rxruntime.serving.leases import ConversationBusyError, Leases
-from rxruntime.serving.ray_router import AffinityStats
+from rxruntime.serving.http.metrics import Metrics
+from rxruntime.serving.http.registry import Registry, SharedMeta
+from rxruntime.serving.ray.leases import ConversationBusyError, Leases
+from rxruntime.serving.ray.redis_tables import SharedConversations, SharedHistoryCache
+from rxruntime.serving.ray.router import AffinityStats
 from rxruntime.stores import RedisStore
 
 

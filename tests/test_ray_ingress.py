@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from rxruntime.serving.ray_ingress import failure_events, replica_failed
+from rxruntime.serving.ray.ingress import failure_events, replica_failed
 
 
 def _events(chunks: list[bytes]) -> list[tuple[str | None, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from rxruntime.serving.ray_router import Route, route_for
+from rxruntime.serving.ray.router import Route, route_for
 
 
 def _body(**fields: object) -> bytes:
