@@ -1,4 +1,4 @@
-"""Per-conversation leases (rxruntime/serving/leases.py) against a real redis-server, and the
+"""Per-conversation leases (rxruntime/serving/ray/leases.py) against a real redis-server, and the
 shared tables the Ray replicas keep in it: one turn of a conversation at a time anywhere, a dead
 holder's lease lapsing, a lapsed holder never freeing its successor's lease."""
 

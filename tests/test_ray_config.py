@@ -11,11 +11,11 @@ import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-import rxruntime.serving
+import rxruntime.serving.ray
 from rxruntime.cli import main
 from rxruntime.serving.ray.app import APP_NAME, ENGINE, INGRESS, build
 
-CONFIG = Path(rxruntime.serving.__file__).parent / "ray_config.yaml"
+CONFIG = Path(rxruntime.serving.ray.__file__).parent / "config.yaml"
 
 
 def test_the_shipped_serve_config_is_valid_and_names_our_deployments() -> None:

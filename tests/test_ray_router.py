@@ -1,4 +1,4 @@
-"""Which key the Ray ingress routes a request by (rxruntime/serving/ray_router.py): a
+"""Which key the Ray ingress routes a request by (rxruntime/serving/ray/router.py): a
 conversation's every request by its id, a stateless chat by its unchanging head, nothing else."""
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
   Redis (``redis_tables``, ``leases``) and its routing by conversation.
 * ``ownership``: who owns which conversation, the one rule both fronts follow.
 
-zmq and HTTP never import each other; Ray deploys the HTTP app, so it imports ``http`` and
-nothing imports ``ray`` (``[tool.importlinter]`` in pyproject.toml keeps this true).
+zmq and HTTP never import each other; Ray deploys the HTTP app, so it imports ``http``, and no
+front imports ``ray`` (``[tool.importlinter]`` in pyproject.toml keeps this true).
 """
 
 from rxruntime.serving import _moved
