@@ -1,10 +1,9 @@
 """Reading request bodies field by field: each bad value is a 400 that names its field.
 
-(The message lists of ``input``, ``items`` and ``messages`` are read by :mod:`.messages`.)
-
 Unknown fields are ignored, as OpenAI's clients send many we have no use for (``tools`` empty,
 ``user``, ``service_tier``...); a known field with a wrong type or value is always an error, never
-silently replaced by a default.
+silently replaced by a default. The message lists (``input``, ``items``, ``messages``) are read by
+:mod:`.messages`.
 """
 
 from __future__ import annotations
