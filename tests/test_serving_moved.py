@@ -43,15 +43,14 @@ def test_a_documented_old_name_imports_without_a_warning(old: str) -> None:
 
 
 def test_the_documented_names_are_the_objects_of_their_new_homes() -> None:
-    from rxruntime.serving.auth import ClientKeys, ServerKeys, generate_keys  # type: ignore[import-not-found]
-    from rxruntime.serving.http_app import context_of, create_app  # type: ignore[import-not-found]
-    from rxruntime.serving.http_serve import ThreadedServer  # type: ignore[import-not-found]
-    from rxruntime.serving.ray_app import build  # type: ignore[import-not-found]
-
     from rxruntime import client, server
     from rxruntime.serving import client as public_client
+    from rxruntime.serving.auth import ClientKeys, ServerKeys, generate_keys  # type: ignore[import-not-found]
     from rxruntime.serving.http import app, serve
+    from rxruntime.serving.http_app import context_of, create_app  # type: ignore[import-not-found]
+    from rxruntime.serving.http_serve import ThreadedServer  # type: ignore[import-not-found]
     from rxruntime.serving.ray import app as ray_app
+    from rxruntime.serving.ray_app import build  # type: ignore[import-not-found]
     from rxruntime.serving.zmq import client as zmq_client
     from rxruntime.serving.zmq import curve
     from rxruntime.serving.zmq import server as zmq_server
@@ -70,9 +69,13 @@ def test_moved_functions_keep_their_second_home() -> None:
     from rxruntime.serving import ownership
     from rxruntime.serving.http import messages
 
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(
+        DeprecationWarning, match="moved to rxruntime.serving.http.bearer and rxruntime.serving.ownership"
+    ):
         auth = _fresh_import("rxruntime.serving.http_auth")
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(
+        DeprecationWarning, match="moved to rxruntime.serving.http.fields and rxruntime.serving.http.messages"
+    ):
         fields = _fresh_import("rxruntime.serving.http_fields")
     assert (auth.new_id, auth.owns, auth.owner_tag) == (ownership.new_id, ownership.owns, ownership.owner_tag)
     assert fields.message_text is messages.message_text
