@@ -35,6 +35,8 @@ Status = Literal["loading", "ready", "failed", "shutting_down"]
 
 
 class EngineSlot:
+    """The engine behind an app through its life: loading, ready, failed, shutting down."""
+
     def __init__(self, engine: Engine | Callable[[], Engine], *, owns_engine: bool | None = None) -> None:
         self._engine: Engine | None = engine if isinstance(engine, Engine) else None
         self._loader = None if isinstance(engine, Engine) else engine
@@ -117,6 +119,8 @@ class EngineSlot:
 
 @dataclass
 class Context:
+    """What one app holds; every route receives it."""
+
     slot: EngineSlot
     keys: KeyRing
     metrics: Metrics
