@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alone-turns", type=int, default=8, help="turns of one conversation alone, per measurement")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    from rxruntime.serving.ray_app import application, run
+    from rxruntime.serving.ray.app import application, run
 
     runs: dict[str, list[tuple[float, list[TurnRecord]]]] = {"single": [], "ray-1": [], "ray-2": []}
     alone: dict[str, list[float]] = {"single": [], "ray-1": [], "ray-2": []}

@@ -17,8 +17,8 @@ from __future__ import annotations
 from _common import engine_from_args
 from openai import OpenAI
 
-from rxruntime.serving.http_app import create_app
-from rxruntime.serving.http_serve import ThreadedServer
+from rxruntime.serving.http.app import create_app
+from rxruntime.serving.http.serve import ThreadedServer
 
 
 def main() -> None:

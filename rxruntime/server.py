@@ -1,6 +1,6 @@
-"""Moved to :mod:`rxruntime.serving.zmq_server` (this name stays for existing imports)."""
+"""Moved to :mod:`rxruntime.serving.zmq.server` (this name stays for existing imports)."""
 
-from rxruntime.serving.errors import ProtocolError
-from rxruntime.serving.zmq_server import Server
+from rxruntime.serving.zmq.errors import ProtocolError
+from rxruntime.serving.zmq.server import Server
 
 __all__ = ["ProtocolError", "Server"]

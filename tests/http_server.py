@@ -10,8 +10,8 @@ import openai
 from starlette.applications import Starlette
 
 from rxruntime.engine import Engine
-from rxruntime.serving.http_app import create_app
-from rxruntime.serving.http_serve import ThreadedServer
+from rxruntime.serving.http.app import create_app
+from rxruntime.serving.http.serve import ThreadedServer
 
 JULIA = "My name is Julia."
 ASK_NAME = "What is my name?"

@@ -15,7 +15,7 @@ import torch
 from rxruntime import Engine
 from rxruntime.models import RxTModel, RxTokenizer, load_pretrained
 from rxruntime.serving.client import Client
-from rxruntime.serving.zmq_server import Server
+from rxruntime.serving.zmq.server import Server
 from rxruntime.stores import STMStore
 
 from .conftest import tiny_config

@@ -58,7 +58,7 @@ def _error(exc: openai.APIStatusError) -> dict[str, Any]:
 def test_api_keys_guard_every_route_but_health(engine: Engine, tmp_path: Path) -> None:
     key_file = tmp_path / "keys"
     key_file.write_text("# team keys\nkey-b\n\n")
-    from rxruntime.serving.http_auth import KeyRing
+    from rxruntime.serving.http.bearer import KeyRing
 
     with served(engine, api_keys=KeyRing.from_file(key_file, ["key-a"])) as (url, _):
         with pytest.raises(openai.AuthenticationError) as err:

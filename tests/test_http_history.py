@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rxruntime.serving.http_history import HistoryCache, extend_key, prefix_keys
+from rxruntime.serving.http.history_cache import HistoryCache, extend_key, prefix_keys
 
 PAIRS = [("My name is Julia.", "Nice to meet you, Julia."), ("What is 3 plus 5?", "3 plus 5 is 8.")]
 

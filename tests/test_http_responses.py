@@ -12,7 +12,7 @@ import torch
 
 import rxruntime
 from rxruntime.engine import Engine
-from rxruntime.serving.http_app import context_of
+from rxruntime.serving.http.app import context_of
 from rxruntime.stores import InMemoryStore
 
 from .http_server import ASK_NAME, JULIA, client, served

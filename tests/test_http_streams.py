@@ -13,7 +13,7 @@ import torch
 import rxruntime
 from rxruntime.engine import Engine
 from rxruntime.models import RxTModel, RxTokenizer
-from rxruntime.serving.http_app import context_of
+from rxruntime.serving.http.app import context_of
 
 from .conftest import tiny_config
 from .http_server import ASK_NAME, JULIA, async_client, client, served

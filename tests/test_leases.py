@@ -1,4 +1,4 @@
-"""Per-conversation leases (rxruntime/serving/leases.py) against a real redis-server, and the
+"""Per-conversation leases (rxruntime/serving/ray/leases.py) against a real redis-server, and the
 shared tables the Ray replicas keep in it: one turn of a conversation at a time anywhere, a dead
 holder's lease lapsing, a lapsed holder never freeing its successor's lease."""
 
@@ -15,12 +15,11 @@ import torch
 
 import rxruntime
 from rxruntime.bench.redis_server import RedisServer
-from rxruntime.serving.http_history_shared import SharedHistoryCache
-from rxruntime.serving.http_metrics import Metrics
-from rxruntime.serving.http_registry import Registry
-from rxruntime.serving.http_shared import SharedConversations, SharedMeta
-from rxruntime.serving.leases import ConversationBusyError, Leases
-from rxruntime.serving.ray_router import AffinityStats
+from rxruntime.serving.http.metrics import Metrics
+from rxruntime.serving.http.registry import Registry, SharedMeta
+from rxruntime.serving.ray.leases import ConversationBusyError, Leases
+from rxruntime.serving.ray.redis_tables import SharedConversations, SharedHistoryCache
+from rxruntime.serving.ray.router import AffinityStats
 from rxruntime.stores import RedisStore
 
 

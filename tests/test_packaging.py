@@ -55,6 +55,7 @@ def test_wheel_carries_the_default_model_the_recipes_and_the_c_step(wheel: Path)
         assert f"rxruntime/default_model/{name}" in names
     assert {"rxruntime/models/recipes/nano.json", "rxruntime/models/recipes/ci.json"} <= names
     assert "rxruntime/models/csrc/decode_step.c" in names  # built on first use (models/native.py)
+    assert "rxruntime/serving/ray/config.yaml" in names  # `serve run` / `serve deploy` take it from the package
 
 
 def test_installed_wheel_is_not_shadowed_by_a_users_models_module(wheel: Path, tmp_path: Path) -> None:

@@ -11,17 +11,17 @@ import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-import rxruntime.serving
+import rxruntime.serving.ray
 from rxruntime.cli import main
-from rxruntime.serving.ray_app import APP_NAME, ENGINE, INGRESS, build
+from rxruntime.serving.ray.app import APP_NAME, ENGINE, INGRESS, build
 
-CONFIG = Path(rxruntime.serving.__file__).parent / "ray_config.yaml"
+CONFIG = Path(rxruntime.serving.ray.__file__).parent / "config.yaml"
 
 
 def test_the_shipped_serve_config_is_valid_and_names_our_deployments() -> None:
     config = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
     (app,) = config.applications
-    assert app.name == APP_NAME and app.import_path == "rxruntime.serving.ray_app:build"
+    assert app.name == APP_NAME and app.import_path == "rxruntime.serving.ray.app:build"
     deployments = {d.name: d for d in app.deployments}
     assert set(deployments) == {ENGINE, INGRESS}
     scaling = deployments[ENGINE].autoscaling_config

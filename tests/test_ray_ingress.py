@@ -1,4 +1,4 @@
-"""How the Ray ingress ends a stream whose replica died (rxruntime/serving/ray_ingress.py): in each
+"""How the Ray ingress ends a stream whose replica died (rxruntime/serving/ray/ingress.py): in each
 API's own shape, so SDK clients raise or stop cleanly instead of waiting. The replica kill itself
 is in tests/test_ray_serve.py (before the first token) and benchmarks/ray_failover.py (mid-stream)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from rxruntime.serving.ray_ingress import failure_events, replica_failed
+from rxruntime.serving.ray.ingress import failure_events, replica_failed
 
 
 def _events(chunks: list[bytes]) -> list[tuple[str | None, str]]:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from rxruntime.bench.redis_server import RedisServer
-from rxruntime.serving.ray_replica import EngineReplica
-from rxruntime.serving.ray_router import Route
+from rxruntime.serving.ray.replica import EngineReplica
+from rxruntime.serving.ray.router import Route
 from rxruntime.stores import open_store
 
 JSON = [("content-type", "application/json")]

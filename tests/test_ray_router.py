@@ -1,11 +1,11 @@
-"""Which key the Ray ingress routes a request by (rxruntime/serving/ray_router.py): a
+"""Which key the Ray ingress routes a request by (rxruntime/serving/ray/router.py): a
 conversation's every request by its id, a stateless chat by its unchanging head, nothing else."""
 
 from __future__ import annotations
 
 import json
 
-from rxruntime.serving.ray_router import Route, route_for
+from rxruntime.serving.ray.router import Route, route_for
 
 
 def _body(**fields: object) -> bytes:

@@ -23,8 +23,8 @@ import redis
 
 from rxruntime.bench.ray_cluster import LocalRayServe
 from rxruntime.bench.redis_server import RedisServer
-from rxruntime.serving.leases import Leases
-from rxruntime.serving.ray_replica import REPLICA_HEADER
+from rxruntime.serving.ray.leases import Leases
+from rxruntime.serving.ray.replica import REPLICA_HEADER
 
 # Facts the shipped model recalls after a filler turn at temperature 0, each conversation from a
 # fixed starting memory (measured through the engine: from random ones these dialogues fail 0-3

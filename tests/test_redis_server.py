@@ -16,7 +16,7 @@ import torch
 from rxruntime.bench.redis_server import RedisServer, find_server, packaged_server
 from rxruntime.conversation import ConversationState
 from rxruntime.models.errors import ConfigError
-from rxruntime.serving.leases import ConversationBusyError, Leases
+from rxruntime.serving.ray.leases import ConversationBusyError, Leases
 from rxruntime.stores import RedisStore, StaleStateError
 
 packaged = pytest.mark.skipif(

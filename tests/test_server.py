@@ -19,8 +19,8 @@ import zmq
 from rxruntime import ConversationError, Engine, QueryTooLongError
 from rxruntime.events import AnswerCompleted, Event, MemoryUpdated, Token
 from rxruntime.serving.client import Client, RemoteConversation
-from rxruntime.serving.errors import ProtocolError
-from rxruntime.serving.zmq_server import Server
+from rxruntime.serving.zmq.errors import ProtocolError
+from rxruntime.serving.zmq.server import Server
 from rxruntime.stores import SQLiteStore
 
 from .serving_util import engine as make_engine

@@ -18,10 +18,10 @@ import torch
 from rxruntime import ConversationError
 from rxruntime.events import Event, Token
 from rxruntime.models.errors import ConfigError
-from rxruntime.serving.auth import ClientKeys, ServerKeys, generate_keys
 from rxruntime.serving.client import Client, RemoteConversation
-from rxruntime.serving.errors import AuthenticationError, ConnectionLost
-from rxruntime.serving.zmq_server import Server, is_loopback
+from rxruntime.serving.zmq.curve import ClientKeys, ServerKeys, generate_keys
+from rxruntime.serving.zmq.errors import AuthenticationError, ConnectionLost
+from rxruntime.serving.zmq.server import Server, is_loopback
 from rxruntime.stores import SQLiteStore
 
 from .serving_util import engine, free_port, serve_process, serving, wait_until_served, write_model

@@ -21,7 +21,7 @@ import zmq
 
 from rxruntime.conversation import ConversationState
 from rxruntime.serving.client import Client
-from rxruntime.serving.errors import ConnectionLost
+from rxruntime.serving.zmq.errors import ConnectionLost
 from rxruntime.stores import InMemoryStore
 
 from .serving_util import engine, free_port, serve_process, serving, wait_until_served, write_model

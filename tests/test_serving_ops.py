@@ -15,8 +15,8 @@ from rxruntime.conversation import ConversationState
 from rxruntime.errors import InvalidOptionError
 from rxruntime.events import Event, QueryReceived
 from rxruntime.serving.client import Client, RemoteConversation
-from rxruntime.serving.errors import ProtocolError
-from rxruntime.serving.protocol import error_from_payload, error_payload
+from rxruntime.serving.zmq.errors import ProtocolError
+from rxruntime.serving.zmq.wire import error_from_payload, error_payload
 from rxruntime.stores import SQLiteStore
 
 from .serving_util import engine, serving, write_model

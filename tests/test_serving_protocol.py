@@ -15,10 +15,10 @@ import zmq
 
 from rxruntime import Engine, InvalidOptionError
 from rxruntime.events import QueryReceived
-from rxruntime.serving import protocol
 from rxruntime.serving.client import Client
-from rxruntime.serving.errors import ProtocolError
-from rxruntime.serving.protocol import Limits
+from rxruntime.serving.zmq import wire
+from rxruntime.serving.zmq.errors import ProtocolError
+from rxruntime.serving.zmq.wire import Limits
 
 from .serving_util import engine, serving, write_model
 
@@ -71,7 +71,7 @@ BAD_OPTIONS: list[tuple[str, Any]] = [
 def test_each_bad_option_value_is_a_protocol_error_naming_it(name: str, value: Any) -> None:
     request = {"op": "interact", "rid": 1, "conversation_id": "c", "query": "hi", "options": {name: value}}
     with pytest.raises(ProtocolError) as info:
-        protocol.validate(request, LIMITS)
+        wire.validate(request, LIMITS)
     assert info.value.field == f"options.{name}" and name in str(info.value)
 
 
@@ -102,20 +102,20 @@ def test_each_bad_option_value_is_a_protocol_error_naming_it(name: str, value: A
 )
 def test_each_bad_field_is_a_protocol_error_naming_it(request_fields: dict[str, Any], field: str) -> None:
     with pytest.raises(ProtocolError) as info:
-        protocol.validate(request_fields, LIMITS)
+        wire.validate(request_fields, LIMITS)
     assert info.value.field == field
 
 
 def test_fuzzed_requests_only_ever_raise_protocol_error() -> None:
     rng = random.Random(0)
     fields = ["op", "rid", "conversation_id", "query", "options", "target", "state", "memory_init", "zzz"]
-    ops = [*protocol.SCHEMA, "dance"]
+    ops = [*wire.SCHEMA, "dance"]
     for _ in range(5000):
         request: dict[Any, Any] = {"op": rng.choice(ops), "rid": rng.choice([1, *ODD_VALUES])}
         for name in rng.sample(fields, rng.randrange(4)):
             request[name] = rng.choice([*ODD_VALUES, {"top_k": rng.choice(ODD_VALUES)}])
         with contextlib.suppress(ProtocolError):  # anything else (a TypeError, a KeyError) fails the test
-            protocol.validate(request, LIMITS)
+            wire.validate(request, LIMITS)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ class LocalRayServe:
     def __enter__(self) -> LocalRayServe:
         import ray
 
-        from rxruntime.serving.ray_app import application, run
+        from rxruntime.serving.ray.app import application, run
 
         ray.init(
             num_cpus=self.cluster_cpus,
@@ -58,7 +58,7 @@ class LocalRayServe:
         """The processes of the live engine replicas."""
         import ray
 
-        from rxruntime.serving.ray_app import APP_NAME, ENGINE
+        from rxruntime.serving.ray.app import APP_NAME, ENGINE
 
         actors = ray._private.state.actors()  # the GCS actor table; needs no dashboard
         name = f"ServeReplica:{APP_NAME}:{ENGINE}"
@@ -70,7 +70,7 @@ class LocalRayServe:
         """Wait until ``n`` engine replicas (none of them in ``exclude``) are up and serving."""
         from ray import serve
 
-        from rxruntime.serving.ray_app import APP_NAME, ENGINE
+        from rxruntime.serving.ray.app import APP_NAME, ENGINE
 
         deadline = time.monotonic() + timeout
         while True:

@@ -69,8 +69,8 @@ class ReplayTurn:
 def run_replay(cfg: ReplayConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     import rxruntime
     from rxruntime.bench.turns import _baseline_turn, build_baseline
-    from rxruntime.serving.http_app import create_app
-    from rxruntime.serving.http_serve import ThreadedServer
+    from rxruntime.serving.http.app import create_app
+    from rxruntime.serving.http.serve import ThreadedServer
 
     runs: list[list[ReplayTurn]] = []
     with rxruntime.load(cfg.model, device=cfg.device) as engine:

@@ -49,11 +49,11 @@ from rxruntime.events import (
     QueryReceived,
     Token,
 )
-from rxruntime.serving import protocol
-from rxruntime.serving.auth import ClientKeys, ServerKeys, generate_keys
 from rxruntime.serving.client import Client, RemoteConversation
-from rxruntime.serving.errors import ProtocolError
-from rxruntime.serving.zmq_server import Server
+from rxruntime.serving.zmq import wire
+from rxruntime.serving.zmq.curve import ClientKeys, ServerKeys, generate_keys
+from rxruntime.serving.zmq.errors import ProtocolError
+from rxruntime.serving.zmq.server import Server
 from rxruntime.stores import InMemoryStore, open_store
 
 _ODD: list[Any] = [None, True, -1, 2**64 - 1, 1.5, float("nan"), float("inf"), "", "x" * 300, b"\x00", [], {}, [1, "a"]]
@@ -76,11 +76,11 @@ def _query(rng: random.Random) -> str:
 
 
 # ---------------------------------------------------------------------- garbage
-def fuzz_frames(n: int, live_ids: list[str], limits: protocol.Limits, seed: int = 0) -> list[bytes]:
+def fuzz_frames(n: int, live_ids: list[str], limits: wire.Limits, seed: int = 0) -> list[bytes]:
     """``n`` frames no server may act on: undecodable bytes, non-maps, requests with bad fields,
     and well-formed requests naming conversations that belong to another connection."""
     rng = random.Random(seed)
-    ops = [*protocol.SCHEMA, "dance"]
+    ops = [*wire.SCHEMA, "dance"]
     frames: list[bytes] = []
     while len(frames) < n:
         kind = rng.random()
@@ -103,7 +103,7 @@ def fuzz_frames(n: int, live_ids: list[str], limits: protocol.Limits, seed: int 
         if rng.random() < 0.5:
             request[rng.choice(["rid", "conversation_id", "query", "options", "state", "zzz"])] = rng.choice(_ODD)
         try:
-            protocol.validate(request, limits)
+            wire.validate(request, limits)
         except ProtocolError:
             pass  # refused at the edge
         else:
@@ -133,7 +133,7 @@ def garbage(model: str = "default", conversations: int = 8, turns: int = 4, fram
     with _served(model) as (_, server), Client(server.endpoint, timeout=120) as client:
         baseline = _live(client, conversations, turns, seed=1)
     with _served(model) as (engine, server), Client(server.endpoint, timeout=120) as client:
-        limits = protocol.Limits(engine.vocab_size, engine.max_seq_len, server.max_message_bytes)
+        limits = wire.Limits(engine.vocab_size, engine.max_seq_len, server.max_message_bytes)
         live_ids = [f"live-{c}" for c in range(conversations)]
         fuzz = fuzz_frames(frames, live_ids, limits)
         batches = [fuzz[i :: conversations * turns] for i in range(conversations * turns)]

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rxruntime.serving.auth import generate_keys
+    from rxruntime.serving.zmq.curve import generate_keys
 
     root = Path(args.dir)
     written = generate_keys(root, args.clients)

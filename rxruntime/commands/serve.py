@@ -10,8 +10,8 @@ from rxruntime.commands.stop_signals import StopSignals
 
 if TYPE_CHECKING:
     from rxruntime.engine import Engine
-    from rxruntime.serving.auth import ServerKeys
-    from rxruntime.serving.zmq_server import Server
+    from rxruntime.serving.zmq.curve import ServerKeys
+    from rxruntime.serving.zmq.server import Server
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -114,8 +114,8 @@ def _run_zmq(args: argparse.Namespace, bind: str) -> int:
 def _zmq_keys(args: argparse.Namespace, bind: str) -> ServerKeys | None:
     """The CURVE keys of ``--keys``; a non-loopback ``bind`` without them is refused unless ``--insecure``."""
     from rxruntime.models.errors import ConfigError
-    from rxruntime.serving.auth import ServerKeys
-    from rxruntime.serving.zmq_server import is_loopback
+    from rxruntime.serving.zmq.curve import ServerKeys
+    from rxruntime.serving.zmq.server import is_loopback
 
     keys = ServerKeys.load(args.keys) if args.keys else None
     if keys is None and not args.insecure and not is_loopback(bind):
@@ -124,7 +124,7 @@ def _zmq_keys(args: argparse.Namespace, bind: str) -> ServerKeys | None:
 
 
 def _zmq_server(engine: Engine, args: argparse.Namespace, bind: str, keys: ServerKeys | None) -> Server:
-    from rxruntime.serving.zmq_server import Server
+    from rxruntime.serving.zmq.server import Server
 
     return Server(
         engine,
@@ -144,9 +144,9 @@ def _run_http(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import rxruntime
-    from rxruntime.serving.http_app import create_app
-    from rxruntime.serving.http_auth import KeyRing
-    from rxruntime.serving.http_serve import parse_address, serve
+    from rxruntime.serving.http.app import create_app
+    from rxruntime.serving.http.bearer import KeyRing
+    from rxruntime.serving.http.serve import parse_address, serve
     from rxruntime.stores import open_store
 
     console = Console(highlight=False)
@@ -194,8 +194,8 @@ def _run_ray(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from rxruntime.models.errors import ConfigError
-    from rxruntime.serving.http_auth import KeyRing
-    from rxruntime.serving.http_serve import parse_address
+    from rxruntime.serving.http.bearer import KeyRing
+    from rxruntime.serving.http.serve import parse_address
 
     if args.http is None or not args.store.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("--ray needs --http HOST:PORT and --store redis://HOST:PORT/DB (the replicas' shared memory)")
@@ -209,7 +209,7 @@ def _run_ray(args: argparse.Namespace) -> int:
         import ray
         from ray import serve
 
-        from rxruntime.serving.ray_app import APP_NAME, application, run
+        from rxruntime.serving.ray.app import APP_NAME, application, run
     except ImportError as exc:
         raise ConfigError(f"--ray needs the ray extra: pip install 'rxruntime[ray]' ({exc})") from None
 

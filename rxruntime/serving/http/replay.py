@@ -1,10 +1,10 @@
 """The STM for a chat history: taken from the cache, or rebuilt by replay, then cached after the answer.
 
-Chat Completions' memory path (``http_chat`` is the endpoint). For a request, ``memory_for`` opens
-a conversation of its own whose STM holds the history before the new query:
+Chat Completions' memory path (``routes/chat_completions.py`` is the endpoint). For a request,
+``memory_for`` opens a conversation of its own whose STM holds the history before the new query:
 
-* the longest prefix of the history found in :class:`~rxruntime.serving.http_history.HistoryCache`
-  is taken as it is (a pending entry is waited for: the previous answer's memory update may still
+* the longest prefix of the history found in the :class:`~.history_cache.HistoryCache` is taken
+  as it is (a pending entry is waited for: the previous answer's memory update may still
   be running);
 * the (user, assistant) pairs after that prefix are replayed through the encoder and memory
   attention only (``Conversation.replay``), one memory update per pair, no decoding;
@@ -27,11 +27,11 @@ from torch import Tensor
 from rxruntime.conversation import Conversation
 from rxruntime.engine import Engine
 from rxruntime.events import AnswerCompleted
-from rxruntime.serving.http_auth import new_id
-from rxruntime.serving.http_context import Context
-from rxruntime.serving.http_errors import from_engine_error
-from rxruntime.serving.http_history import Pair, extend_key, prefix_keys
-from rxruntime.serving.http_registry import replay_pairs
+from rxruntime.serving.http.context import Context
+from rxruntime.serving.http.errors import from_engine_error
+from rxruntime.serving.http.history_cache import Pair, extend_key, prefix_keys
+from rxruntime.serving.http.registry import replay_pairs
+from rxruntime.serving.ownership import new_id
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from rxruntime import errors
 from rxruntime.conversation import ConversationState
 from rxruntime.models.errors import ConfigError
-from rxruntime.serving.errors import (
+from rxruntime.serving.zmq.errors import (
     AuthenticationError,
     ConnectionLost,
     ProtocolError,

@@ -36,13 +36,13 @@ from rxruntime.errors import ConversationError
 from rxruntime.events import Event
 from rxruntime.mailbox import Mailbox
 from rxruntime.models.errors import ConfigError
-from rxruntime.serving import protocol
-from rxruntime.serving.auth import ServerKeys
-from rxruntime.serving.conversations import OwnedConversations
-from rxruntime.serving.errors import ProtocolError, TooManyRequestsError
-from rxruntime.serving.peers import Peer
-from rxruntime.serving.protocol import PROTOCOL, Limits, Request
-from rxruntime.serving.tenants import Identity, Tenants
+from rxruntime.serving.ownership import Identity, Tenants
+from rxruntime.serving.zmq import wire
+from rxruntime.serving.zmq.conversations import OwnedConversations
+from rxruntime.serving.zmq.curve import ServerKeys
+from rxruntime.serving.zmq.errors import ProtocolError, TooManyRequestsError
+from rxruntime.serving.zmq.peers import Peer
+from rxruntime.serving.zmq.wire import PROTOCOL, Limits, Request
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +237,9 @@ class Server:
             peer = self._peer(envelope, identity)
             rid: int | None = None
             try:
-                request = protocol.decode(payload.bytes, self.limits)
-                rid = protocol.request_id(request)
-                self._handle(peer, protocol.validate(request, self.limits))
+                request = wire.decode(payload.bytes, self.limits)
+                rid = wire.request_id(request)
+                self._handle(peer, wire.validate(request, self.limits))
             except Exception as exc:  # never let one request take the server down
                 if not isinstance(exc, (ProtocolError, ConversationError, TooManyRequestsError)):
                     log.exception("request failed")
@@ -328,7 +328,7 @@ class Server:
     ) -> None:
         message: dict[str, Any] = {"rid": rid, **extra}
         if error is not None:
-            message["error"] = protocol.error_payload(error)
+            message["error"] = wire.error_payload(error)
         elif ok is not None:
             message["ok"] = ok
         self._send(key, message)
@@ -357,7 +357,7 @@ class Server:
         elif op == "interact":
             self._interact(peer, rid, f["conversation_id"], f["query"], f.get("options", {}))
         elif op == "restore":
-            state = protocol.parse_state(f["state"])
+            state = wire.parse_state(f["state"])
             cid = state.conversation_id
             self._on_lane(peer, rid, cid, lambda: self.conversations.restore(peer.identity, state))
         elif op == "open":

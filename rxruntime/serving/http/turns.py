@@ -8,18 +8,28 @@ gives the turn's events, the ones read ahead first.
 Closing the turn (``aclose``, or the handler's task being cancelled because the client went away)
 disposes the engine subscription: an answer still being decoded is cancelled within one decode
 step, while a completed answer's memory update still commits (the engine always finishes it).
+
+Streamed, a turn goes out as server-sent events (``sse``, ``sse_response``): a few lines of our
+own rather than a dependency. An event is ``event: NAME`` (optional) and one ``data:`` line of
+compact JSON, then a blank line. Starlette's ``StreamingResponse`` cancels the generator when the
+client disconnects, which is what cancels the turn.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.responses import StreamingResponse
+
 from rxruntime.conversation import Conversation
 from rxruntime.events import AnswerCompleted, Event, InteractionFailed, MemoryUpdated, QueryReceived, Token
-from rxruntime.serving.http_errors import from_engine_error
-from rxruntime.serving.http_metrics import Metrics
+from rxruntime.serving.http.errors import from_engine_error
+from rxruntime.serving.http.metrics import Metrics
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -122,3 +132,16 @@ class Turn:
 
 def _store_failure(event: InteractionFailed) -> bool:
     return event.error_type == "StaleStateError" or "could not store" in event.message
+
+
+# ---------------------------------------------------------------------- server-sent events
+def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
+    """One server-sent event: ``event: NAME`` if named, one ``data:`` line of compact JSON."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+def sse_response(chunks: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
+    """A ``text/event-stream`` response of ``chunks``, unbuffered by proxies."""
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={**_SSE_HEADERS, **(headers or {})})

@@ -1,11 +1,11 @@
 """The Ray Serve application: an HTTP ingress in front of engine replicas, Redis as the memory of record.
 
-Two deployments: ``rxrt-ingress`` (``ray_ingress.Ingress``, no model, routes by conversation) and
-``rxrt-engine`` (``ray_replica.EngineReplica``, one engine each, CPU or a GPU through
+Two deployments: ``rxrt-ingress`` (``ingress.Ingress``, no model, routes by conversation) and
+``rxrt-engine`` (``replica.EngineReplica``, one engine each, CPU or a GPU through
 ``ray_actor_options``). ``application`` builds them from Python; ``build`` is the same for Serve's
-own tools, taking the ``args`` of a Serve config file (``rxruntime/serving/ray_config.yaml``):
+own tools, taking the ``args`` of a Serve config file (``rxruntime/serving/ray/config.yaml``):
 
-    serve run rxruntime/serving/ray_config.yaml        # or: serve deploy ... on a running cluster
+    serve run rxruntime/serving/ray/config.yaml        # or: serve deploy ... on a running cluster
 
 ``rxrt serve --ray`` starts (or, with ``RAY_ADDRESS``, joins) a cluster and calls ``run``. Only the
 HTTP front is deployed on Ray; the zmq front stays single-process (``rxrt serve --bind``).
@@ -18,8 +18,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from rxruntime.serving.ray_ingress import Ingress
-from rxruntime.serving.ray_replica import EngineReplica
+from rxruntime.serving.ray.ingress import Ingress
+from rxruntime.serving.ray.replica import EngineReplica
 
 APP_NAME = "rxrt"
 ENGINE = "rxrt-engine"
@@ -58,7 +58,7 @@ def application(
 
 
 def build(args: dict[str, Any]) -> Application:
-    """Serve's application builder (``import_path: rxruntime.serving.ray_app:build``)."""
+    """Serve's application builder (``import_path: rxruntime.serving.ray.app:build``)."""
     options = dict(args)
     store = options.pop("store", None)
     if not isinstance(store, str):

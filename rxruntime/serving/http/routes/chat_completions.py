@@ -2,10 +2,11 @@
 
 The last user message is the query; a leading ``system`` message initialises memory from text.
 The STM for the earlier turns comes from the history cache or from replaying them
-(``http_replay``), on a conversation that lives for this request. This module reads the messages
-and shapes the answer: a ``chat.completion``, or ``chat.completion.chunk`` events ending with
-``[DONE]``. ``usage`` says what was replayed in the extension field ``rxrt``, and
-``prompt_tokens_details.cached_tokens`` counts the history tokens the cache spared.
+(``http/replay.py``), on a conversation that lives for this request; the messages are read by
+``http/messages.py``. This module shapes the answer: a ``chat.completion``, or
+``chat.completion.chunk`` events ending with ``[DONE]``. ``usage`` says what was replayed in the
+extension field ``rxrt``, and ``prompt_tokens_details.cached_tokens`` counts the history tokens
+the cache spared.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from starlette.responses import JSONResponse, Response
 
 from rxruntime.conversation import Conversation
 from rxruntime.events import AnswerCompleted, Token
-from rxruntime.serving.http_context import Context
-from rxruntime.serving.http_errors import APIError, bad_field
-from rxruntime.serving.http_fields import json_body, message_text, opt_bool, opt_int, sampling_options
-from rxruntime.serving.http_history import Pair
-from rxruntime.serving.http_replay import History, Replay, after_answer, memory_for
-from rxruntime.serving.http_sse import sse, sse_response
-from rxruntime.serving.http_turns import Turn, TurnSummary
+from rxruntime.serving.http.context import Context
+from rxruntime.serving.http.errors import APIError, bad_field
+from rxruntime.serving.http.fields import json_body, opt_bool, opt_int, sampling_options
+from rxruntime.serving.http.messages import parse_messages
+from rxruntime.serving.http.replay import History, Replay, after_answer, memory_for
+from rxruntime.serving.http.turns import Turn, TurnSummary, sse, sse_response
 
 _FINISH = {"eos": "stop", "length": "length", "cancelled": "stop"}
 
@@ -35,7 +35,7 @@ _FINISH = {"eos": "stop", "length": "length", "cancelled": "stop"}
 async def create_chat_completion(ctx: Context, request: Request, owner: str) -> Response:
     body = await json_body(request, ctx.max_body_bytes)
     engine = ctx.slot.engine
-    history = parse_messages(body.get("messages"))
+    history = History(*parse_messages(body.get("messages")))
     stream = opt_bool(body, "stream", False)
     n = opt_int(body, "n", 1, 1)
     del n  # one choice: a conversation's memory takes one answer
@@ -122,37 +122,6 @@ async def _stream(
 
 
 # ---------------------------------------------------------------------- request fields
-def parse_messages(value: Any) -> History:
-    """system* then alternating user / assistant, ending with the user's new message."""
-    if not isinstance(value, list) or not value:
-        raise bad_field("messages", "expected a non-empty list of messages")
-    system: list[str] = []
-    pairs: list[Pair] = []
-    user: str | None = None
-    for i, message in enumerate(value):
-        param = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise bad_field(param, "expected a message object")
-        role = message.get("role")
-        text = message_text(message.get("content"), f"{param}.content") if message.get("content") is not None else ""
-        if role in ("system", "developer"):
-            if pairs or user is not None:
-                raise bad_field(f"{param}.role", "system messages are only read before the first user message")
-            system.append(text)
-        elif role == "user":
-            user = text if user is None else f"{user}\n{text}"  # consecutive user messages read as one
-        elif role == "assistant":
-            if message.get("tool_calls"):
-                raise bad_field(f"{param}.tool_calls", "tool calls are not supported")
-            pairs.append((user or "", text))
-            user = None
-        else:
-            raise bad_field(f"{param}.role", "expected 'system', 'developer', 'user' or 'assistant'")
-    if user is None or not user:
-        raise bad_field(f"messages[{len(value) - 1}]", "the last message must be the user's (non-empty)")
-    return History("\n".join(system) or None, pairs, user)
-
-
 def _include_usage(value: Any) -> bool:
     if value is None:
         return False

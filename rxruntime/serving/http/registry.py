@@ -9,10 +9,11 @@ With a store, the table is bounded (``max_open``): past it, conversations idle f
 closed in the engine, least recently used first, and reopen from the store on their next request.
 Without a store nothing is closed, since closing would lose the memory.
 
-With ``shared`` (:class:`~rxruntime.serving.http_shared.SharedConversations`, under Ray) the
-owner-visible facts (``created_at``, metadata, latest response) live in Redis instead, read on
-every request and written through, so every replica reports the same; ``refresh`` drops a
-replica's open copy of a conversation whose memory another replica has moved on.
+With ``shared`` (a :class:`ConversationTable`; under Ray the Redis one in
+``rxruntime.serving.ray.redis_tables``) the owner-visible facts (``created_at``, metadata, latest
+response) live there instead, read on every request and written through, so every replica reports
+the same; ``refresh`` drops a replica's open copy of a conversation whose memory another replica
+has moved on.
 
 Every method may block (the store, replaying initial items): call them from a worker thread.
 """
@@ -25,21 +26,41 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from rxruntime.conversation import Conversation
 from rxruntime.engine import Engine
 from rxruntime.events import MemoryUpdated
 from rxruntime.models.errors import RxTError
-from rxruntime.serving.http_auth import new_id, owns
-from rxruntime.serving.http_errors import from_engine_error, not_found
-from rxruntime.serving.http_metrics import Metrics
-from rxruntime.serving.http_shared import SharedConversations, SharedMeta
+from rxruntime.serving.http.errors import from_engine_error, not_found
+from rxruntime.serving.http.metrics import Metrics
+from rxruntime.serving.ownership import new_id, owns
 from rxruntime.stores import StaleStateError
 
 PREFIX = "conv"
 # Names the conversation a response belongs to, so a proxy (the Ray ingress) can take its lease
 # and route its next turns without parsing the body.
 CONVERSATION_HEADER = "x-rxrt-conversation"
+
+
+@dataclass
+class SharedMeta:
+    """What a shared table holds of one conversation besides its memory."""
+
+    created_at: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    last_response_turn: int | None = None
+    seed: int | None = None  # the starting STM's seed, for a replica that opens it before any update
+
+
+class ConversationTable(Protocol):
+    """A conversation table shared by several processes (Redis under Ray); every call may block."""
+
+    def create(self, conversation_id: str, meta: SharedMeta) -> None: ...
+    def load(self, conversation_id: str) -> SharedMeta | None: ...
+    def set_metadata(self, conversation_id: str, metadata: dict[str, str]) -> None: ...
+    def set_last_response(self, conversation_id: str, turn: int) -> None: ...
+    def delete(self, conversation_id: str) -> None: ...
 
 
 def replay_pairs(conv: Conversation, pairs: Sequence[tuple[str, str]]) -> None:
@@ -64,7 +85,7 @@ class Registry:
         metrics: Metrics,
         max_open: int = 10_000,
         idle_s: float = 60.0,
-        shared: SharedConversations | None = None,
+        shared: ConversationTable | None = None,
     ) -> None:
         self._metrics = metrics
         self._shared = shared

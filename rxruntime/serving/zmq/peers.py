@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import msgpack
 from reactivex import abc
 
-from rxruntime.serving.errors import SlowConsumerError
-from rxruntime.serving.protocol import error_payload
-from rxruntime.serving.tenants import Identity
+from rxruntime.serving.ownership import Identity
+from rxruntime.serving.zmq.errors import SlowConsumerError
+from rxruntime.serving.zmq.wire import error_payload
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The conversations a front serves, each reachable only by its owner (see :mod:`.tenants`).
+"""The conversations the zmq front serves, each reachable only by its owner (``serving/ownership.py``).
 
 Every operation takes the caller's :class:`Identity` and the id the caller uses; someone else's
 conversation raises exactly what an unknown one does. Operations may read the store or wait for
@@ -15,7 +15,7 @@ from typing import Any
 from rxruntime.conversation import Conversation, ConversationState
 from rxruntime.engine import Engine
 from rxruntime.errors import ConversationError
-from rxruntime.serving.tenants import Identity, Tenants
+from rxruntime.serving.ownership import Identity, Tenants
 
 
 class OwnedConversations:

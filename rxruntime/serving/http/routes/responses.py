@@ -22,12 +22,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from rxruntime.events import AnswerCompleted, InteractionFailed, MemoryUpdated, MemoryUpdateStarted, Token
-from rxruntime.serving.http_context import Context
-from rxruntime.serving.http_errors import APIError, bad_field, not_found
-from rxruntime.serving.http_fields import json_body, message_text, metadata, opt_bool, opt_str, sampling_options
-from rxruntime.serving.http_registry import CONVERSATION_HEADER, PREFIX, Entry
-from rxruntime.serving.http_sse import sse, sse_response
-from rxruntime.serving.http_turns import Turn, TurnSummary
+from rxruntime.serving.http.context import Context
+from rxruntime.serving.http.errors import APIError, bad_field, not_found
+from rxruntime.serving.http.fields import json_body, metadata, opt_bool, opt_str, sampling_options
+from rxruntime.serving.http.messages import parse_input
+from rxruntime.serving.http.registry import CONVERSATION_HEADER, PREFIX, Entry
+from rxruntime.serving.http.turns import Turn, TurnSummary, sse, sse_response
 
 
 async def create_response(ctx: Context, request: Request, owner: str) -> Response:
@@ -151,37 +151,6 @@ async def _stream(ctx: Context, turn: Turn, shape: _Shape) -> AsyncIterator[byte
 
 
 # ---------------------------------------------------------------------- request fields
-def parse_input(value: Any) -> tuple[str, str | None]:
-    """(the user's message, instructions from a system/developer item if any)."""
-    if isinstance(value, str):
-        if not value:
-            raise bad_field("input", "must not be empty")
-        return value, None
-    if not isinstance(value, list) or not value:
-        raise bad_field("input", "expected a string or a list of message items")
-    query: str | None = None
-    system: list[str] = []
-    for i, item in enumerate(value):
-        param = f"input[{i}]"
-        if not isinstance(item, dict) or item.get("type", "message") != "message":
-            raise bad_field(param, "only message items are supported")
-        role = item.get("role")
-        text = message_text(item.get("content"), f"{param}.content")
-        if role == "user":
-            if query is not None:
-                raise bad_field(
-                    param, "send one user message per request: the conversation's memory holds the earlier ones"
-                )
-            query = text
-        elif role in ("system", "developer"):
-            system.append(text)
-        else:
-            raise bad_field(f"{param}.role", "expected 'user' (or 'system'/'developer' for a new conversation)")
-    if query is None or not query:
-        raise bad_field("input", "needs one non-empty user message")
-    return query, "\n".join(system) or None
-
-
 def conversation_ref(value: Any) -> str | None:
     if value is None:
         return None

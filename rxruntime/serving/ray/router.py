@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from rxruntime.serving.http_registry import PREFIX
+from rxruntime.serving.http.registry import PREFIX
 
 _CONVERSATION_PATH = "/v1/conversations/"
 

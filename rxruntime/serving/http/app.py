@@ -6,7 +6,7 @@ rxruntime's public API (``Engine.conversation``, ``Conversation.astream`` / ``re
 ``delete``).
 
 Every route but ``/health`` checks the API key when keys are configured; every error is OpenAI's
-error object with the matching status (``http_errors``). See docs/http.md.
+error object with the matching status (``http/errors.py``). See docs/http.md.
 """
 
 from __future__ import annotations
@@ -25,23 +25,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from rxruntime.engine import Engine
-from rxruntime.serving.http_auth import KeyRing
-from rxruntime.serving.http_chat import create_chat_completion
-from rxruntime.serving.http_context import Context
-from rxruntime.serving.http_conversations import (
+from rxruntime.serving.http.bearer import KeyRing
+from rxruntime.serving.http.context import Context, EngineSlot
+from rxruntime.serving.http.errors import APIError, not_found
+from rxruntime.serving.http.history_cache import HistoryCache
+from rxruntime.serving.http.metrics import Metrics
+from rxruntime.serving.http.registry import ConversationTable, Registry
+from rxruntime.serving.http.routes.chat_completions import create_chat_completion
+from rxruntime.serving.http.routes.conversations import (
     create_conversation,
     delete_conversation,
     get_conversation,
     update_conversation,
 )
-from rxruntime.serving.http_errors import APIError, not_found
-from rxruntime.serving.http_history import HistoryCache
-from rxruntime.serving.http_lifecycle import EngineSlot
-from rxruntime.serving.http_metrics import Metrics
-from rxruntime.serving.http_registry import Registry
-from rxruntime.serving.http_responses import create_response
-from rxruntime.serving.http_shared import SharedConversations
-from rxruntime.serving.http_status import health, list_models, metrics
+from rxruntime.serving.http.routes.responses import create_response
+from rxruntime.serving.http.routes.status import health, list_models, metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +59,7 @@ def create_app(
     owns_engine: bool | None = None,
     on_ready: Callable[[Engine], None] | None = None,
     on_shutdown: Callable[[], None] | None = None,
-    shared: SharedConversations | None = None,
+    shared: ConversationTable | None = None,
     history_cache: HistoryCache | None = None,
 ) -> Starlette:
     """An ASGI app serving ``engine`` (or the engine ``engine()`` loads once the app starts).
@@ -72,7 +70,7 @@ def create_app(
     open conversations those idle for ``idle_close_s`` are closed (they reopen from the store).
     An engine the app loads itself is closed at shutdown; a given one only with ``owns_engine=True``.
     ``shared`` and ``history_cache`` replace the per-process conversation table and chat history
-    cache with shared ones (Redis, under Ray: ``ray_replica``); by default both live in the process.
+    cache with shared ones (Redis, under Ray: ``ray/replica.py``); by default both live in the process.
     """
     slot = EngineSlot(engine, owns_engine=owns_engine)
     if on_ready is not None:

@@ -2,7 +2,8 @@
 
 Unknown fields are ignored, as OpenAI's clients send many we have no use for (``tools`` empty,
 ``user``, ``service_tier``...); a known field with a wrong type or value is always an error, never
-silently replaced by a default.
+silently replaced by a default. The message lists (``input``, ``items``, ``messages``) are read by
+:mod:`.messages`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from rxruntime.serving.http_errors import APIError, bad_field
+from rxruntime.serving.http.errors import APIError, bad_field
 
 
 async def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -105,20 +106,3 @@ def sampling_options(body: dict[str, Any], max_tokens_field: str | tuple[str, ..
         if limit is not None:
             options["max_new_tokens"] = limit
     return options
-
-
-def message_text(content: Any, param: str) -> str:
-    """The text of a message's ``content``: a string, or a list of text parts (joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text", "output_text"):
-                raise bad_field(f"{param}[{i}]", "only text parts are supported (type 'input_text' or 'text')")
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise bad_field(f"{param}[{i}].text", "expected a string")
-            texts.append(text)
-        return "\n".join(texts)
-    raise bad_field(param, "expected a string or a list of text parts")

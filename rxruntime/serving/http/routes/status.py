@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from rxruntime.serving.http_context import Context
+from rxruntime.serving.http.context import Context
 
 
 async def health(ctx: Context, request: Request, owner: str) -> Response:

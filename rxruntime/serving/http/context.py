@@ -1,9 +1,12 @@
-"""The engine behind an HTTP app, through its life: loading, ready, shutting down.
+"""Everything one HTTP app holds, in one object the routes receive, and its engine through its life.
 
-The app can be given a ready engine or a function that loads one. Loading runs on a worker thread
-after the server has started listening, so ``/health`` answers 503 ``loading`` at once instead of
-the port staying closed for as long as the weights take to load; every other route answers 503
-until the engine is ready, and again once shutdown has begun.
+``create_app`` builds one :class:`Context` per app (no module-level state), so several apps
+(tests, Ray Serve replicas) can live in one process without sharing anything.
+
+The engine sits in an :class:`EngineSlot`: the app can be given a ready engine or a function that
+loads one. Loading runs on a worker thread after the server has started listening, so ``/health``
+answers 503 ``loading`` at once instead of the port staying closed for as long as the weights take
+to load; every other route answers 503 until the engine is ready, and again once shutdown has begun.
 """
 
 from __future__ import annotations
@@ -11,17 +14,29 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Literal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import anyio.to_thread
+from anyio import CapacityLimiter
 
 from rxruntime.engine import Engine
-from rxruntime.serving.http_errors import unavailable
+from rxruntime.serving.http.bearer import KeyRing
+from rxruntime.serving.http.errors import unavailable
+from rxruntime.serving.http.history_cache import HistoryCache
+from rxruntime.serving.http.metrics import Metrics
+from rxruntime.serving.http.registry import Registry
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed", "shutting_down"]
 
 
 class EngineSlot:
+    """The engine behind an app through its life: loading, ready, failed, shutting down."""
+
     def __init__(self, engine: Engine | Callable[[], Engine], *, owns_engine: bool | None = None) -> None:
         self._engine: Engine | None = engine if isinstance(engine, Engine) else None
         self._loader = None if isinstance(engine, Engine) else engine
@@ -100,3 +115,22 @@ class EngineSlot:
             self._thread.join(timeout=60)
         if self._engine is not None and self.owns_engine:
             self._engine.close()
+
+
+@dataclass
+class Context:
+    """What one app holds; every route receives it."""
+
+    slot: EngineSlot
+    keys: KeyRing
+    metrics: Metrics
+    registry: Registry
+    history: HistoryCache
+    model_name: str
+    max_body_bytes: int
+    limiter: CapacityLimiter  # worker threads for blocking engine and store calls
+    background: ThreadPoolExecutor  # work that outlives its request (caching a chat's STM, closing it)
+
+    async def blocking(self, fn: Callable[[], T]) -> T:
+        """Run a blocking call (store, replay, snapshot) off the event loop."""
+        return await anyio.to_thread.run_sync(fn, limiter=self.limiter)

@@ -3,7 +3,7 @@
 Each replica loads one engine (CPU, or the GPU Serve gave it through ``ray_actor_options``) on a
 Redis store, and serves the unchanged HTTP app (``create_app``) through ``AsgiBridge``; what the
 single-process front keeps per process (its conversation table, the chat history cache) is in
-Redis here (``http_shared``, ``http_history_shared``), so any replica can serve any conversation.
+Redis here (``redis_tables``), so any replica can serve any conversation.
 
 Around every turn of an existing conversation the replica:
 
@@ -11,7 +11,7 @@ Around every turn of an existing conversation the replica:
    memory update included; a replica killed mid-turn lets it lapse after ``lease_ttl_s``;
 2. checks that the copy it holds open is the store's latest (``Registry.refresh``), else reopens it
    from Redis: a turn never reads an STM older than the last committed one;
-3. records whether that was an affinity hit (``ray_router.AffinityStats``);
+3. records whether that was an affinity hit (``router.AffinityStats``);
 4. after the response, waits (in the background) for the turn's memory update to commit, then
    gives the lease back. A new conversation's lease is taken as soon as the app names it.
 
@@ -31,11 +31,11 @@ from typing import Any
 
 from ray import serve
 
-from rxruntime.serving.http_errors import APIError, unavailable
-from rxruntime.serving.http_registry import CONVERSATION_HEADER
-from rxruntime.serving.leases import ConversationBusyError, Lease, Leases
-from rxruntime.serving.ray_asgi import AsgiBridge
-from rxruntime.serving.ray_router import AffinityStats, Route
+from rxruntime.serving.http.errors import APIError, unavailable
+from rxruntime.serving.http.registry import CONVERSATION_HEADER
+from rxruntime.serving.ray.asgi import AsgiBridge
+from rxruntime.serving.ray.leases import ConversationBusyError, Lease, Leases
+from rxruntime.serving.ray.router import AffinityStats, Route
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,8 @@ class EngineReplica:
         history_cache_size: int = 512,
     ) -> None:
         import rxruntime
-        from rxruntime.serving.http_app import context_of, create_app
-        from rxruntime.serving.http_history_shared import SharedHistoryCache
-        from rxruntime.serving.http_shared import SharedConversations
+        from rxruntime.serving.http.app import context_of, create_app
+        from rxruntime.serving.ray.redis_tables import SharedConversations, SharedHistoryCache
         from rxruntime.stores import RedisStore, open_store
 
         _threads_for_assigned_cpus()

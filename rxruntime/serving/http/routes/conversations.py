@@ -13,10 +13,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from rxruntime.serving.http_context import Context
-from rxruntime.serving.http_errors import bad_field
-from rxruntime.serving.http_fields import json_body, message_text, metadata, opt_int
-from rxruntime.serving.http_registry import CONVERSATION_HEADER, Entry
+from rxruntime.serving.http.context import Context
+from rxruntime.serving.http.errors import bad_field
+from rxruntime.serving.http.fields import json_body, metadata, opt_int
+from rxruntime.serving.http.messages import parse_items
+from rxruntime.serving.http.registry import CONVERSATION_HEADER, Entry
 
 
 async def create_conversation(ctx: Context, request: Request, owner: str) -> Response:
@@ -59,36 +60,3 @@ async def delete_conversation(ctx: Context, request: Request, owner: str) -> Res
 
 def conversation_object(entry: Entry) -> dict[str, Any]:
     return {"id": entry.conv.id, "object": "conversation", "created_at": entry.created_at, "metadata": entry.metadata}
-
-
-def parse_items(value: Any) -> tuple[str | None, list[tuple[str, str]]]:
-    """(memory_init text from system/developer items, the (user, assistant) pairs to replay)."""
-    if value is None:
-        return None, []
-    if not isinstance(value, list):
-        raise bad_field("items", "expected a list of message items")
-    system: list[str] = []
-    pairs: list[tuple[str, str]] = []
-    user: str | None = None
-    for i, item in enumerate(value):
-        param = f"items[{i}]"
-        if not isinstance(item, dict) or item.get("type", "message") != "message":
-            raise bad_field(param, "only message items are supported")
-        role = item.get("role")
-        text = message_text(item.get("content"), f"{param}.content")
-        if role in ("system", "developer"):
-            if pairs or user is not None:
-                raise bad_field(f"{param}.role", "system and developer messages go before the first user message")
-            system.append(text)
-        elif role == "user":
-            if user is not None:
-                pairs.append((user, ""))
-            user = text
-        elif role == "assistant":
-            pairs.append((user or "", text))
-            user = None
-        else:
-            raise bad_field(f"{param}.role", "expected 'user', 'assistant', 'system' or 'developer'")
-    if user is not None:
-        pairs.append((user, ""))
-    return "\n".join(system) or None, pairs

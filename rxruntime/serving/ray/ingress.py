@@ -1,7 +1,7 @@
 """The HTTP ingress of the Ray Serve deployment: route each request to an engine replica, stream back.
 
 Serve's proxy hands every HTTP request to this deployment, which reads the routing key
-(``ray_router.route_for``: the conversation id, or a chat's history key) and calls an engine
+(``router.route_for``: the conversation id, or a chat's history key) and calls an engine
 replica through a streaming handle with that key as ``multiplexed_model_id``, so a conversation's
 turns reach the replica holding its STM warm. The response (status, headers, then body chunks:
 SSE included) is passed through unchanged; authentication and every API error stay the app's.
@@ -25,9 +25,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from rxruntime.serving.http_errors import unavailable
-from rxruntime.serving.http_sse import sse
-from rxruntime.serving.ray_router import route_for
+from rxruntime.serving.http.errors import unavailable
+from rxruntime.serving.http.turns import sse
+from rxruntime.serving.ray.router import route_for
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,26 @@
-"""Who owns which conversation: identities, their id namespaces, and the ownership table.
+"""Who owns which conversation, for every front: a conversation belongs to the identity that opened it.
 
-With CURVE keys an identity is the client's public key, and the conversation ids it names live in
-a namespace of their own (engine id ``<key fingerprint>/<id>``), so ownership survives restarts
-and reconnects and two clients may both call a conversation "ada". Without keys an identity is
+Both fronts follow one rule: someone else's conversation is reported exactly like one that does
+not exist, so ids cannot be probed. They differ in what an identity is and where ownership is kept.
+
+**zmq** (:class:`Identity`, :class:`Tenants`). With CURVE keys an identity is the client's public
+key, and the conversation ids it names live in a namespace of their own (engine id
+``<key fingerprint>/<id>``), so ownership survives restarts and reconnects and two clients may
+both call a conversation "ada". Without keys an identity is
 one connection (its zmq routing id): it owns what it opened or resumed while it lives, and what it
 owned becomes claimable again once the server has seen it die.
 
-A conversation that belongs to someone else is reported exactly like one that does not exist.
+**HTTP** (:func:`owner_tag`, :func:`new_id`, :func:`owns`). An identity is a bearer key. The
+owner is written into the id itself (``conv_`` + a short hash of the key + random hex), so
+ownership survives a restart with a persistent store and needs no table; with authentication off
+every caller is the same anonymous owner (tag ``""``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import uuid
 from dataclasses import dataclass
 
 
@@ -76,3 +84,22 @@ class Tenants:
     def __len__(self) -> int:
         with self._lock:
             return len(self._owners)
+
+
+# ---------------------------------------------------------------------- HTTP: the owner in the id
+_TAG_LEN = 8
+
+
+def owner_tag(key: str) -> str:
+    """The short hash of a bearer key that the ids it creates carry."""
+    return hashlib.sha256(key.encode()).hexdigest()[:_TAG_LEN]
+
+
+def new_id(prefix: str, owner: str) -> str:
+    """A fresh id carrying its owner (``conv_3fa1c2d0`` + 24 random hex digits)."""
+    return f"{prefix}_{owner}{uuid.uuid4().hex[:24]}"
+
+
+def owns(owner: str, object_id: str, prefix: str) -> bool:
+    """Whether ``object_id`` was issued to ``owner``; with auth off (owner ``""``) every id matches."""
+    return object_id.startswith(f"{prefix}_{owner}") and len(object_id) > len(prefix) + 1

@@ -1,24 +1,20 @@
-"""API keys: ``Authorization: Bearer KEY`` on every route but ``/health``, and who owns what.
+"""API keys: ``Authorization: Bearer KEY`` on every route but ``/health``.
 
-A conversation belongs to the key that created it. The owner is written into the id itself
-(``conv_`` + a short hash of the key + random hex), so ownership survives a restart with a
-persistent store and needs no table; a key asking for another key's conversation gets the same 404
-as for an unknown id, so ids cannot be probed.
+A valid key becomes the caller's owner tag; the conversations it creates carry that tag in their
+ids (:mod:`rxruntime.serving.ownership`), and another key asking for one gets the same 404 as for
+an unknown id.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 from starlette.requests import Request
 
-from rxruntime.serving.http_errors import unauthorized
-
-_TAG_LEN = 8
+from rxruntime.serving.http.errors import unauthorized
+from rxruntime.serving.ownership import owner_tag
 
 
 class KeyRing:
@@ -54,17 +50,3 @@ class KeyRing:
         if not any(hmac.compare_digest(token.encode(), key.encode()) for key in self._keys):
             raise unauthorized("invalid API key")
         return owner_tag(token)
-
-
-def owner_tag(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:_TAG_LEN]
-
-
-def new_id(prefix: str, owner: str) -> str:
-    """A fresh id carrying its owner (``conv_3fa1c2d0`` + 24 random hex digits)."""
-    return f"{prefix}_{owner}{uuid.uuid4().hex[:24]}"
-
-
-def owns(owner: str, object_id: str, prefix: str) -> bool:
-    """Whether ``object_id`` was issued to ``owner``; with auth off (owner ``""``) every id matches."""
-    return object_id.startswith(f"{prefix}_{owner}") and len(object_id) > len(prefix) + 1
