@@ -21,10 +21,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from rxruntime.conversation import Conversation, ConversationState
+from rxruntime.conversation import Conversation
 from rxruntime.engine import Engine
 from rxruntime.errors import RxTError
 from rxruntime.events import AnswerCompleted, Event, InteractionFailed, MemoryUpdated, Token
+from rxruntime.snapshot import ConversationState
 
 try:  # line editing and history where the platform has GNU readline / libedit
     import readline

@@ -21,16 +21,14 @@ from collections.abc import Sequence
 
 import torch
 
+from rxruntime.backend import AnswerStats
 from rxruntime.errors import EngineClosedError, ModelExecutionError
 from rxruntime.events import FinishReason
 from rxruntime.models.generation import DecodeBatch, JoinRequest
 from rxruntime.models.rxt import RxTModel
 
-from . import records
 from .memory_worker import MemoryWorker
-from .protocol import AnswerStats
-from .scheduler import Scheduler
-from .state import Job, MemoryRecord, MemoryTask
+from .scheduler import Job, MemoryRecord, MemoryTask, Scheduler, set_record
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +194,7 @@ class DecodeLoop:
                 ids = [*job.request.prompt_ids, *tokens, *([self.config.special_tokens.eos_id] if closed else [])]
                 self._memory.enqueue(MemoryTask(conv, turn, ids))
             else:
-                records.set_record(conv, turn, MemoryRecord("skipped", conv.version))
+                set_record(conv, turn, MemoryRecord("skipped", conv.version))
                 self._sched.mark_idle(conv)
 
     def _fail(
