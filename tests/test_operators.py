@@ -309,3 +309,28 @@ def test_interaction_passes_sampling_options(tok: RxTokenizer) -> None:
     scheduler.start(lambda: queries.pipe(interaction(FakeConversation(backend), temperature=0.7, top_k=5, seed=3)))
     params = backend.requests[0].params
     assert (params.temperature, params.top_k, params.seed) == (0.7, 5, 3)
+
+
+def test_old_operator_names_still_import_with_a_warning() -> None:
+    """``encode`` / ``update_memory`` were renamed to what they are: views of the memory stage."""
+    import rxruntime.operators as operators
+
+    with pytest.warns(DeprecationWarning, match="memory_started"):
+        assert operators.encode is memory_started
+    with pytest.warns(DeprecationWarning, match="memory_updated"):
+        assert operators.update_memory is memory_updated
+    with pytest.raises(AttributeError):
+        _ = operators.no_such_operator
+
+
+def test_names_moved_out_of_the_engine_package_still_import_with_a_warning() -> None:
+    import rxruntime.backend
+    import rxruntime.engine
+    import rxruntime.options
+
+    for name in ("AnswerStats", "Backend", "MemoryListener", "TurnListener", "TurnRequest"):
+        with pytest.warns(DeprecationWarning, match=f"rxruntime.backend.{name}"):
+            assert getattr(rxruntime.engine, name) is getattr(rxruntime.backend, name)
+    for name in ("TurnOptions", "check_options"):
+        with pytest.warns(DeprecationWarning, match=f"rxruntime.options.{name}"):
+            assert getattr(rxruntime.engine, name) is getattr(rxruntime.options, name)

@@ -320,8 +320,7 @@ class Engine:
             self._check_memory_room(conv, len(prompts))
             jobs = []
             for i, ids in enumerate(prompts):
-                turn = conv.next_turn
-                conv.next_turn += 1
+                turn = self._sched.number_turn(conv)
                 request = TurnRequest(conversation_id, turn, (), self.default_sampling)
                 job = Job(request, waiter.listener(i), conv, 0, time.perf_counter(), 0, order=turn, memory_ids=ids)
                 conv.watchers.setdefault(turn, []).append(waiter.listener(i))

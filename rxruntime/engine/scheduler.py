@@ -161,11 +161,19 @@ class Scheduler:
                 f"(max_turns_per_conversation={self.max_turns_per_conversation})"
             )
 
-    def reserve_turn(self, conv: ConversationEntry) -> int:
-        self.check_open()
-        self.check_room(conv, 1)
+    def number_turn(self, conv: ConversationEntry) -> int:
+        """The conversation's next turn number, for a turn submitted at once (``memorize``).
+
+        The scheduler alone hands out turn numbers; they order a conversation's turns."""
         turn = conv.next_turn
         conv.next_turn += 1
+        return turn
+
+    def reserve_turn(self, conv: ConversationEntry) -> int:
+        """The next turn number, held until its turn is submitted or released (a query's turn)."""
+        self.check_open()
+        self.check_room(conv, 1)
+        turn = self.number_turn(conv)
         conv.reserved.add(turn)
         self._reserved_total += 1
         return turn
