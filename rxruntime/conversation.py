@@ -7,6 +7,10 @@ previous turn's memory update has committed; sending one early simply queues it.
 
 The stream of one turn completes after ``MemoryUpdated``. Leaving earlier (e.g. after
 ``AnswerCompleted``) is fine: the memory update still runs and its events go to ``memory_events``.
+
+A handle runs each query through the operators' pipeline (:mod:`rxruntime.operators`) and asks
+the rest of its engine only what :class:`ConversationHost` names, so this module sits below the
+engine that hands handles out. :class:`EventBuffer` (at the end) feeds ``astream``'s consumers.
 """
 
 from __future__ import annotations
