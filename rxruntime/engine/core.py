@@ -334,7 +334,7 @@ class Engine:
         except BaseException:
             with self._lock:  # the pairs not started yet are not written
                 for job in jobs:
-                    if job.state == "waiting":
+                    if job.phase == "waiting":
                         self._sched.drop_waiting(job)
             raise
 
@@ -433,9 +433,9 @@ class Engine:
             with self._lock:
                 if job is None:
                     return
-                if job.state == "waiting":
+                if job.phase == "waiting":
                     self._sched.drop_waiting(job)
-                elif job.state == "active":
+                elif job.phase == "active":
                     job.cancelled = True  # the decode thread acts on it at the next step
 
         return cancel

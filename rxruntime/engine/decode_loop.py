@@ -177,7 +177,7 @@ class DecodeLoop:
         listener = job.listener
         remember = reason != "cancelled" or (job.request.remember_partial and bool(tokens))
         with self._sched.lock:
-            job.state = "done"
+            job.phase = "done"
             conv.history.append(
                 {
                     "turn": turn,
@@ -208,7 +208,7 @@ class DecodeLoop:
                 if leave and id(job) in self.batch.keys:
                     self.batch.leave(id(job))
                 self._jobs.pop(id(job), None)
-                job.state = "done"
+                job.phase = "done"
                 listener = job.listener
                 job.conv.mailbox.post(lambda listener=listener, v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
                 self._sched.mark_idle(job.conv)
@@ -219,7 +219,7 @@ class DecodeLoop:
         active = list(self._jobs.values())
         self._jobs.clear()
         for job in active:
-            job.state = "done"
+            job.phase = "done"
             listener = job.listener
             job.conv.mailbox.post(lambda listener=listener, v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
             self._sched.mark_idle(job.conv)

@@ -55,7 +55,7 @@ class Job:
     first_token: float | None = None
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
-    state: str = "waiting"  # waiting -> active -> done
+    phase: str = "waiting"  # waiting -> active -> done
     memory_ids: list[int] | None = None
     install: Install | None = None  # a control job: replace the STM (reset / load_state)
 
@@ -231,7 +231,7 @@ class Scheduler:
             self.waiting.remove(job)
             job.conv.pending.popleft()
             job.conv.busy = True
-            job.state = "active" if job in decode else "done"
+            job.phase = "active" if job in decode else "done"
         return decode, memory
 
     def drop_waiting(self, job: Job, exc: Exception | None = None) -> None:
@@ -239,7 +239,7 @@ class Scheduler:
             self.waiting.remove(job)
         if job in job.conv.pending:
             job.conv.pending.remove(job)
-        job.state = "done"
+        job.phase = "done"
         if exc is not None:
             listener = job.listener
             job.conv.mailbox.post(lambda v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
