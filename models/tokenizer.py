@@ -125,7 +125,7 @@ class RxTokenizer:
 
     def mode_id(self, thinking_mode: ThinkingMode | None = None) -> int:
         """The token that ends a prompt: ``[A]`` (``fast``, and always under ``alpha``) or
-        ``[T]`` (``extended``, ``beta`` only; callers check modes: see engine/options.py)."""
+        ``[T]`` (``extended``, ``beta`` only; callers check modes: see rxruntime/options.py)."""
         if thinking_mode in (None, "fast"):
             return self.special.answer_id
         if thinking_mode == "extended" and self.interaction_template == "beta" and self.special.think_id is not None:

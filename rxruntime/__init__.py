@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rxruntime import events
-from rxruntime.conversation import Conversation, ConversationState
+from rxruntime.conversation import Conversation
 from rxruntime.engine import Engine
 from rxruntime.errors import (
     ConversationError,
@@ -43,6 +43,7 @@ from rxruntime.events import (
 )
 from rxruntime.models.quantize import WeightFormat
 from rxruntime.models.sampler import SamplingParams
+from rxruntime.snapshot import ConversationState
 from rxruntime.stores import STMStore
 
 __version__ = "0.1.0"

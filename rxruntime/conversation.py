@@ -7,152 +7,72 @@ previous turn's memory update has committed; sending one early simply queues it.
 
 The stream of one turn completes after ``MemoryUpdated``. Leaving earlier (e.g. after
 ``AnswerCompleted``) is fine: the memory update still runs and its events go to ``memory_events``.
+
+A handle runs each query through the operators' pipeline (:mod:`rxruntime.operators`) and asks
+the rest of its engine only what :class:`ConversationHost` names, so this module sits below the
+engine that hands handles out. :class:`EventBuffer` (at the end) feeds ``astream``'s consumers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-import hashlib
-import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Literal, Protocol
 
+import anyio
 import reactivex
-import torch
 from reactivex import Observable
 from reactivex.disposable import SingleAssignmentDisposable
 from reactivex.subject import Subject
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import Tensor
 
-from rxruntime.engine.options import check_options
-from rxruntime.errors import ConversationError
-from rxruntime.events import AnswerCompleted, Event, MemoryEvent, MemoryUpdated, MemoryUpdateStarted
+from rxruntime.backend import Backend, MemoryListener
+from rxruntime.errors import ConversationError, StreamOverflowError
+from rxruntime.events import AnswerCompleted, Event, MemoryEvent, MemoryUpdated, MemoryUpdateStarted, Token
 from rxruntime.models.config import RxTConfig
-from rxruntime.operators import interaction
-from rxruntime.operators.tokenize import Query
-from rxruntime.streams import DONE, EventBuffer, OverflowPolicy, Waker
+from rxruntime.operators.interaction import Query, turn_pipeline
+from rxruntime.options import check_options
+from rxruntime.snapshot import ConversationState, config_fingerprint
+from rxruntime.stores import STMStore
 
-if TYPE_CHECKING:
-    from rxruntime.engine import Engine
-
-_STATE_FORMAT = "rxruntime.conversation-state/1"
-# Versions and turn counts must stay exact in every store (Redis compares them as doubles) with
-# room to grow, so a snapshot's counters may not exceed this.
-MAX_COUNTER = 2**52
+OverflowPolicy = Literal["coalesce", "error"]
 
 
-def config_fingerprint(config: RxTConfig) -> str:
-    """Identifies the model a snapshot belongs to (a different model cannot read it).
+class ConversationHost(Backend, Protocol):
+    """What a :class:`Conversation` handle asks of the engine that runs it (beyond the operators'
+    :class:`~rxruntime.backend.Backend`): the conversation's lifecycle and memory. The
+    :class:`~rxruntime.engine.Engine` is one; the handle never needs to know more of it."""
 
-    Only the fields that differ from their defaults are hashed, so a release that adds a config
-    field (with a default that keeps the old behaviour) does not orphan every stored memory."""
-    canonical = json.dumps(_non_default(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    config: RxTConfig
+    store: STMStore | None
+    max_turns_per_conversation: int
 
+    def subscribe_memory(self, conversation_id: str, listener: MemoryListener) -> Callable[[], None]: ...
 
-def _non_default(obj: Any) -> dict[str, Any]:
-    """The dataclass's fields that differ from their defaults, nested configs recursively."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            nested = _non_default(value)
-            if nested:
-                out[f.name] = nested
-            continue
-        if f.default is not dataclasses.MISSING:
-            default: Any = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            out[f.name] = value
-            continue
-        if value != default:
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
+    def memory_error(self, conversation_id: str) -> Exception | None: ...
 
+    def memorize(
+        self, conversation_id: str, interactions: Sequence[tuple[str, str]], timeout: float | None = None
+    ) -> int: ...
 
-@dataclass(frozen=True)
-class ConversationState:
-    """A snapshot of a conversation's memory: the STM (L, S, D) on the CPU and where it stands."""
+    def wait_idle(self, conversation_id: str, timeout: float | None = None) -> bool: ...
 
-    conversation_id: str
-    turn: int
-    stm_version: int
-    stm: Tensor
-    config_fingerprint: str
+    def snapshot(self, conversation_id: str) -> tuple[Tensor, int, int]: ...
 
-    def check_fits(self, config: RxTConfig) -> None:
-        """Refuse a snapshot this model cannot use or a store cannot hold (ConversationError)."""
-        if not isinstance(self.stm, Tensor):
-            raise ConversationError("the STM snapshot holds no tensor")
-        expected = (config.num_layers, config.stm_size, config.dim)
-        if tuple(self.stm.shape) != expected:
-            raise ConversationError(f"STM snapshot has shape {tuple(self.stm.shape)}, this model needs {expected}")
-        if self.config_fingerprint != config_fingerprint(config):
-            raise ConversationError(
-                "the STM snapshot was taken with a different model configuration; it cannot be restored here"
-            )
-        if not self.stm.dtype.is_floating_point:
-            raise ConversationError(f"the STM snapshot holds {self.stm.dtype} values, not floating point")
-        if not bool(torch.isfinite(self.stm).all()):
-            raise ConversationError("the STM snapshot holds NaN or infinite values")
-        for name in ("stm_version", "turn"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNTER:
-                raise ConversationError(f"the snapshot's {name} {value!r} is not an integer in [0, 2**52]")
-        if not isinstance(self.conversation_id, str) or not self.conversation_id:
-            raise ConversationError("the snapshot's conversation_id must be a non-empty string")
+    def load_state(self, conversation_id: str, state: ConversationState) -> None: ...
 
-    def to_bytes(self) -> bytes:
-        meta = {
-            "format": _STATE_FORMAT,
-            "conversation_id": self.conversation_id,
-            "turn": str(self.turn),
-            "stm_version": str(self.stm_version),
-            "config_fingerprint": self.config_fingerprint,
-        }
-        return bytes(st_save({"stm": self.stm.contiguous()}, metadata=meta))
+    def reset(self, conversation_id: str, memory_init: str | None = None, seed: int | None = None) -> None: ...
 
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ConversationState:
-        try:
-            header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-            tensors = st_load(data)
-        except Exception as exc:
-            raise ConversationError(f"not a conversation state snapshot ({exc})") from exc
-        if meta.get("format") != _STATE_FORMAT or "stm" not in tensors:
-            raise ConversationError("not a conversation state snapshot (wrong format tag)")
-        try:
-            return cls(
-                conversation_id=str(meta["conversation_id"]),
-                turn=int(meta["turn"]),
-                stm_version=int(meta["stm_version"]),
-                stm=tensors["stm"],
-                config_fingerprint=str(meta["config_fingerprint"]),
-            )
-        except (KeyError, ValueError) as exc:
-            raise ConversationError(f"not a conversation state snapshot (bad metadata: {exc})") from exc
+    def history(self, conversation_id: str) -> list[dict[str, float | int | str]]: ...
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_bytes(self.to_bytes())
+    def close_conversation(self, conversation_id: str) -> None: ...
 
-    @classmethod
-    def load(cls, path: str | Path) -> ConversationState:
-        path = Path(path)
-        if not path.is_file():
-            raise ConversationError(f"{path}: no such state file")
-        try:
-            return cls.from_bytes(path.read_bytes())
-        except ConversationError as exc:
-            raise ConversationError(f"{path}: {exc}") from exc
+    def delete_conversation(self, conversation_id: str) -> None: ...
 
 
 class TurnMethods(ABC):
@@ -166,7 +86,7 @@ class TurnMethods(ABC):
     ) -> AsyncIterator[Event]:
         """The events of one turn for asyncio/trio code. Leaving the loop or cancelling the task
         cancels the turn if its answer is not complete yet. At most ``buffer`` token events wait
-        for a slow consumer (see :mod:`rxruntime.streams` for the ``overflow`` policies)."""
+        for a slow consumer (see :class:`EventBuffer` for the ``overflow`` policies)."""
         waker = Waker()
         subscription = SingleAssignmentDisposable()
         buf = EventBuffer(buffer, overflow, waker, on_overflow=subscription.dispose)
@@ -226,7 +146,7 @@ class TurnMethods(ABC):
 class Conversation(TurnMethods):
     """One conversation on an :class:`~rxruntime.engine.Engine`. Cheap handle; state lives in the engine."""
 
-    def __init__(self, engine: Engine, conversation_id: str) -> None:
+    def __init__(self, engine: ConversationHost, conversation_id: str) -> None:
         self._engine = engine
         self._id = conversation_id
         self._memory_subject: Subject[MemoryEvent] = Subject()
@@ -237,7 +157,7 @@ class Conversation(TurnMethods):
         return self._id
 
     @property
-    def backend(self) -> Engine:
+    def backend(self) -> ConversationHost:
         return self._engine
 
     @property
@@ -267,10 +187,10 @@ class Conversation(TurnMethods):
         ``thinking_mode`` (``fast`` or, for a ``beta`` model, ``extended``: see docs/models.md).
         Each is checked here: a bad name or value raises InvalidOptionError naming it.
         """
-        check_options(
+        checked = check_options(
             self._engine.default_sampling, self._engine.vocab_size, options, self._engine.tokenizer.interaction_template
         )
-        return reactivex.of(query).pipe(interaction(self, **options))
+        return reactivex.of(query).pipe(turn_pipeline(self, checked))
 
     # ------------------------------------------------------------------ memory
     def memorize(self, query: str, answer: str, timeout: float | None = None) -> int:
@@ -345,3 +265,123 @@ class _MemoryForwarder:
 
     def on_memory_skipped(self, turn: int) -> None:
         pass
+
+
+# ---------------------------------------------------------------------- async consumers (astream)
+class _Done:
+    pass
+
+
+DONE = _Done()
+
+
+class Waker:
+    """Lets a foreign thread wake a task of the current event loop without blocking."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._call_soon: Callable[[Callable[[], None]], object]
+        try:
+            self._call_soon = asyncio.get_running_loop().call_soon_threadsafe
+        except RuntimeError:  # not asyncio: trio (anyio's other backend)
+            import trio  # type: ignore[import-not-found]
+
+            self._call_soon = trio.lowlevel.current_trio_token().run_sync_soon
+
+    def arm(self) -> anyio.Event:
+        """A fresh event to wait on; arm *before* checking for work, so no wake-up is lost."""
+        self._event = anyio.Event()
+        return self._event
+
+    def wake(self) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self._call_soon(lambda: self._event.set())
+
+
+class EventBuffer:
+    """A bounded, thread-safe event buffer that feeds an async consumer (``Conversation.astream``).
+
+    Events arrive on a delivery thread; the consumer runs in an asyncio or trio event loop. The
+    buffer never blocks the producer and never grows without bound:
+
+    * ``overflow="coalesce"`` (default): when ``size`` events are waiting, a new ``Token`` is merged
+      into the newest waiting ``Token`` of the same turn (texts concatenated, ``count`` summed), so a
+      slow consumer receives fewer, larger pieces but every character, in order. Other events are
+      never dropped or merged (at most a few per turn).
+    * ``overflow="error"``: the consumer gets :class:`~rxruntime.errors.StreamOverflowError` once the
+      waiting events are drained, and the turn is cancelled.
+
+    An anyio memory object stream cannot merge items already queued and cannot be fed from a foreign
+    thread without blocking it, hence this small deque with a loop-safe wake-up.
+    """
+
+    def __init__(self, size: int, overflow: OverflowPolicy, waker: Waker, on_overflow: Callable[[], None]) -> None:
+        if size < 1:
+            raise ValueError(f"buffer size must be >= 1, got {size}")
+        if overflow not in ("coalesce", "error"):
+            raise ValueError(f"overflow must be 'coalesce' or 'error', got {overflow!r}")
+        self._items: deque[Event | BaseException | _Done] = deque()
+        self._lock = threading.Lock()
+        self._size = size
+        self._overflow = overflow
+        self._waker = waker
+        self._on_overflow = on_overflow
+        self._stopped = False
+        self.merged = 0  # how many tokens were merged into others (for diagnostics)
+
+    def on_next(self, event: Event) -> None:
+        overflowed = False
+        with self._lock:
+            if self._stopped:
+                return
+            tokens = sum(1 for i in self._items if isinstance(i, Token))
+            if isinstance(event, Token) and tokens >= self._size:
+                last = self._items[-1] if self._items else None
+                if self._overflow == "coalesce" and isinstance(last, Token) and last.turn == event.turn:
+                    self._items[-1] = dataclasses.replace(
+                        event, text=last.text + event.text, count=last.count + event.count
+                    )
+                    self.merged += event.count
+                elif self._overflow == "error":
+                    self._items.append(StreamOverflowError(f"the consumer fell {self._size} tokens behind"))
+                    self._stopped = overflowed = True
+                else:
+                    self._items.append(event)
+            else:
+                self._items.append(event)
+        self._waker.wake()
+        if overflowed:
+            self._on_overflow()
+
+    def on_error(self, exc: Exception) -> None:
+        self._finish(exc)
+
+    def on_completed(self) -> None:
+        self._finish(DONE)
+
+    def _finish(self, item: BaseException | _Done) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._items.append(item)
+            self._stopped = True
+        self._waker.wake()
+
+    def pop(self) -> Event | BaseException | _Done | None:
+        """The oldest waiting item, or None when nothing is waiting."""
+        with self._lock:
+            return self._items.popleft() if self._items else None
+
+
+# ConversationState and config_fingerprint live in rxruntime.snapshot; a conversation hands them out
+# (export_state), so they stay importable from here too.
+__all__ = [
+    "Conversation",
+    "ConversationHost",
+    "ConversationState",
+    "EventBuffer",
+    "OverflowPolicy",
+    "TurnMethods",
+    "Waker",
+    "config_fingerprint",
+]

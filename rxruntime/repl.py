@@ -21,10 +21,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from rxruntime.conversation import Conversation, ConversationState
+from rxruntime.conversation import Conversation
 from rxruntime.engine import Engine
 from rxruntime.errors import RxTError
 from rxruntime.events import AnswerCompleted, Event, InteractionFailed, MemoryUpdated, Token
+from rxruntime.snapshot import ConversationState
 
 try:  # line editing and history where the platform has GNU readline / libedit
     import readline
@@ -67,6 +68,8 @@ class ChatREPL:
         self.notice = notice
         self._print_lock = threading.Lock()
         self._at_prompt = False
+        self._answering = False  # an answer is being printed: memory status lines wait for its end
+        self._held: list[str] = []
         self._unsubscribe: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ main loop
@@ -108,6 +111,18 @@ class ChatREPL:
 
     # ------------------------------------------------------------------ one turn
     def _turn(self, text: str) -> None:
+        with self._print_lock:
+            self._answering = True
+        try:
+            self._answer(text)
+        finally:
+            with self._print_lock:
+                self._answering = False
+                held, self._held = self._held, []
+            for message in held:  # a memory update that committed while its answer was printed
+                self._async_status(message)
+
+    def _answer(self, text: str) -> None:
         events: queue.Queue[Event | BaseException | None] = queue.Queue()
         answered = threading.Event()
 
@@ -168,9 +183,12 @@ class ChatREPL:
             self._async_status(f"✓ memory v{event.stm_version} ({event.duration_s * 1000:.0f} ms)")
 
     def _async_status(self, message: str) -> None:
-        """Print a status line without wrecking the line the user is typing."""
+        """Print a status line without wrecking the line the user is typing (or, while an answer
+        is being printed, once it is done, so the memory's line comes after its answer's)."""
         with self._print_lock:
-            if self._at_prompt and readline is not None:
+            if self._answering:
+                self._held.append(message)
+            elif self._at_prompt and readline is not None:
                 buffer = readline.get_line_buffer()
                 sys.stdout.write("\r\x1b[K")
                 sys.stdout.flush()

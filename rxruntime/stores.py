@@ -1,8 +1,11 @@
-"""Where conversations' memories live between turns, processes and machines.
+"""Where conversations' memories live between turns, processes and machines, and their durability.
 
 An engine with a store saves every committed STM (a :class:`ConversationState`) and restores a
 conversation from the store when it is opened by id, so a worker keeps nothing the store does not
-hold: workers can restart, and several can share one Redis.
+hold: workers can restart, and several can share one Redis. The rules of durability live here
+too: :func:`persist` (a committed STM, refused if the store moved on), :func:`overwrite` (an
+explicit replacement that moves past whatever is stored) and :func:`newer_copy` (the stored copy
+a worker adopts when its own is stale).
 
 Writes are monotonic: ``put`` refuses a state whose ``stm_version`` is not newer than the stored
 one (``StaleStateError``), so two workers serving the same conversation cannot silently overwrite
@@ -15,6 +18,7 @@ SQLAlchemy; ``sqlite://`` is a temporary in-memory database), ``redis://host:por
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -22,8 +26,14 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from rxruntime.conversation import ConversationState
+import torch
+from torch import Tensor
+
 from rxruntime.errors import ConversationError
+from rxruntime.models.config import RxTConfig
+from rxruntime.snapshot import ConversationState, config_fingerprint
+
+log = logging.getLogger(__name__)
 
 
 class StaleStateError(ConversationError):
@@ -189,3 +199,40 @@ def open_store(url: str) -> STMStore:
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(url)
     raise ConversationError(f"unknown store URL {url!r}; use memory://, sqlite:///path.db or redis://host:port/db")
+
+
+# ---------------------------------------------------------------------- durability
+def persist(store: STMStore, config: RxTConfig, conversation_id: str, turns: int, stm: Tensor, version: int) -> None:
+    """Write a committed STM as ``version``; StaleStateError if the store holds that version or newer."""
+    cpu = stm.detach().to("cpu", torch.float32).clone()
+    store.put(ConversationState(conversation_id, turns, version, cpu, config_fingerprint(config)))
+
+
+def overwrite(
+    store: STMStore, config: RxTConfig, conversation_id: str, turns: int, stm: Tensor, version: int, tries: int = 3
+) -> int | None:
+    """Write an STM the caller gave explicitly (a given state, ``reset``, ``load_state``): if the
+    store already holds ``version`` or newer, write past it. Returns the version written, or None
+    if other writers kept moving the conversation on for ``tries`` attempts."""
+    for _ in range(tries):
+        try:
+            persist(store, config, conversation_id, turns, stm, version)
+            return version
+        except StaleStateError:
+            stored = store.get(conversation_id)
+            version = (stored.stm_version if stored is not None else version) + 1
+    return None
+
+
+def newer_copy(store: STMStore, config: RxTConfig, conversation_id: str, version: int) -> ConversationState | None:
+    """The stored memory of a conversation if it is newer than ``version`` (another worker moved it
+    on) and fits this model; None otherwise (a stored copy that does not fit is logged)."""
+    stored = store.get(conversation_id)
+    if stored is None or stored.stm_version <= version:
+        return None
+    try:
+        stored.check_fits(config)
+    except ConversationError:
+        log.error("conversation %r: the stored memory does not fit this model", conversation_id)
+        return None
+    return stored

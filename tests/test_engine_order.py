@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rxruntime import AnswerCompleted, Engine, MemoryUpdated, SamplingParams
-from rxruntime.engine import AnswerStats, TurnRequest
+from rxruntime.backend import AnswerStats, TurnRequest
 from rxruntime.events import Event
 from rxruntime.models import RxTModel, RxTokenizer
 

@@ -21,7 +21,7 @@ from rxruntime import (
     QueryTooLongError,
     SamplingParams,
 )
-from rxruntime.engine import TurnRequest
+from rxruntime.backend import TurnRequest
 from rxruntime.models import RxTModel, RxTokenizer
 
 from .conftest import tiny_config

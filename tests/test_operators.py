@@ -12,7 +12,7 @@ from reactivex.notification import OnError, OnNext
 from reactivex.testing import ReactiveTest, TestScheduler
 from reactivex.testing.recorded import Recorded
 
-from rxruntime.engine import AnswerStats, MemoryListener, TurnListener, TurnRequest
+from rxruntime.backend import AnswerStats, MemoryListener, TurnListener, TurnRequest
 from rxruntime.errors import InvalidTokenError, ModelExecutionError, QueryTooLongError
 from rxruntime.events import (
     AnswerCompleted,
@@ -23,7 +23,7 @@ from rxruntime.events import (
     Token,
 )
 from rxruntime.models import RxTokenizer, SamplingParams
-from rxruntime.operators import detokenize, encode, generate, interaction, tokenize, update_memory
+from rxruntime.operators import detokenize, generate, interaction, memory_started, memory_updated, tokenize
 
 on_next, on_completed = ReactiveTest.on_next, ReactiveTest.on_completed
 
@@ -256,7 +256,7 @@ def test_encode_and_update_memory_marbles(tok: RxTokenizer) -> None:
     conv = FakeConversation(backend)
     answer = AnswerCompleted("c", 1, "hi", (40,), "eos", 0.0, 0.0, 0.0, 0.0)
     source = scheduler.create_hot_observable(on_next(210, answer), on_completed(215))
-    results = scheduler.start(lambda: source.pipe(encode(conv), update_memory(conv)))
+    results = scheduler.start(lambda: source.pipe(memory_started(conv), memory_updated(conv)))
     got = values(results.messages)
     assert [(t, type(v).__name__) for t, v in got] == [
         (210, "AnswerCompleted"),
@@ -274,7 +274,7 @@ def test_memory_failure_becomes_interaction_failed(tok: RxTokenizer) -> None:
     conv = FakeConversation(backend)
     answer = AnswerCompleted("c", 1, "hi", (40,), "eos", 0.0, 0.0, 0.0, 0.0)
     source = scheduler.create_hot_observable(on_next(210, answer))
-    results = scheduler.start(lambda: source.pipe(encode(conv), update_memory(conv)))
+    results = scheduler.start(lambda: source.pipe(memory_started(conv), memory_updated(conv)))
     failed = values(results.messages)[-1][1]
     assert isinstance(failed, InteractionFailed) and failed.stage == "memory" and failed.stm_version == 0
     assert isinstance(error_of(results.messages), ModelExecutionError)
@@ -309,3 +309,28 @@ def test_interaction_passes_sampling_options(tok: RxTokenizer) -> None:
     scheduler.start(lambda: queries.pipe(interaction(FakeConversation(backend), temperature=0.7, top_k=5, seed=3)))
     params = backend.requests[0].params
     assert (params.temperature, params.top_k, params.seed) == (0.7, 5, 3)
+
+
+def test_old_operator_names_still_import_with_a_warning() -> None:
+    """``encode`` / ``update_memory`` were renamed to what they are: views of the memory stage."""
+    import rxruntime.operators as operators
+
+    with pytest.warns(DeprecationWarning, match="memory_started"):
+        assert operators.encode is memory_started
+    with pytest.warns(DeprecationWarning, match="memory_updated"):
+        assert operators.update_memory is memory_updated
+    with pytest.raises(AttributeError):
+        _ = operators.no_such_operator
+
+
+def test_names_moved_out_of_the_engine_package_still_import_with_a_warning() -> None:
+    import rxruntime.backend
+    import rxruntime.engine
+    import rxruntime.options
+
+    for name in ("AnswerStats", "Backend", "MemoryListener", "TurnListener", "TurnRequest"):
+        with pytest.warns(DeprecationWarning, match=f"rxruntime.backend.{name}"):
+            assert getattr(rxruntime.engine, name) is getattr(rxruntime.backend, name)
+    for name in ("TurnOptions", "check_options"):
+        with pytest.warns(DeprecationWarning, match=f"rxruntime.options.{name}"):
+            assert getattr(rxruntime.engine, name) is getattr(rxruntime.options, name)

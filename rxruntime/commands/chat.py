@@ -49,11 +49,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import rxruntime
-    from rxruntime.engine import Engine, check_options
+    from rxruntime.engine import Engine
     from rxruntime.models import RxTModel, preset
     from rxruntime.models.checkpoint import default_model_dir
     from rxruntime.models.errors import MissingCheckpointFileError
     from rxruntime.models.tokenizer import RxTokenizer
+    from rxruntime.options import check_options
     from rxruntime.repl import ChatREPL
 
     console = Console(highlight=False)

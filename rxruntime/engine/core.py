@@ -7,7 +7,7 @@ the :mod:`scheduler <rxruntime.engine.scheduler>` (admission and order), whose a
 close, delete, reset, restore, eviction and resumption from the store) lives here.
 
 The engine never calls user code on its threads: listener callbacks go through each
-conversation's :class:`~rxruntime.mailbox.Mailbox`.
+conversation's :class:`~rxruntime.events.Mailbox`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+from rxruntime.backend import AnswerStats, MemoryListener, TurnListener, TurnRequest
+from rxruntime.conversation import Conversation
 from rxruntime.errors import (
     ConversationError,
     EngineClosedError,
@@ -32,24 +35,18 @@ from rxruntime.errors import (
     QueueFullError,
     RxTError,
 )
-from rxruntime.events import FinishReason
-from rxruntime.mailbox import Mailbox
+from rxruntime.events import FinishReason, Mailbox
 from rxruntime.models import native
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.sampler import SamplingParams
 from rxruntime.models.tokenizer import RxTokenizer
+from rxruntime.options import check_token_ids, normalize
+from rxruntime.snapshot import ConversationState
+from rxruntime.stores import STMStore, overwrite
 
-from . import records
 from .decode_loop import DecodeLoop
-from .memory_worker import MemoryWorker, evict, persist
-from .options import check_token_ids, normalize
-from .protocol import AnswerStats, MemoryListener, TurnListener, TurnRequest
-from .scheduler import Scheduler
-from .state import ConvState, Install, Job
-
-if TYPE_CHECKING:
-    from rxruntime.conversation import Conversation, ConversationState
-    from rxruntime.stores import STMStore
+from .memory_worker import MemoryWorker, evict
+from .scheduler import ConversationEntry, Install, Job, Scheduler, post_record
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -128,8 +125,6 @@ class Engine:
         With a store, an id the store knows resumes from its stored memory (``memory_init`` is
         then ignored); a given ``state`` or ``stm`` is written to the store. Opening an id that
         was just closed while its memory update runs resumes that memory."""
-        from rxruntime.conversation import Conversation
-
         if state is not None and (memory_init is not None or stm is not None):
             raise ConversationError("a saved state excludes memory_init and stm: pass at most one of them")
         if memory_init is not None and not isinstance(memory_init, str):
@@ -169,7 +164,7 @@ class Engine:
             initial = given
         else:
             initial = self._random_stm(stm_seed)
-        conv = ConvState(id=conversation_id, stm=initial, mailbox=Mailbox(self._delivery), seed=stm_seed)
+        conv = ConversationEntry(id=conversation_id, stm=initial, mailbox=Mailbox(self._delivery), seed=stm_seed)
         if start is not None:
             conv.version, conv.committed_turn, conv.next_turn = start.stm_version, start.turn, start.turn + 1
         if self.store is not None and (state is not None or given is not None):
@@ -265,7 +260,7 @@ class Engine:
     def snapshot(self, conversation_id: str) -> tuple[Tensor, int, int]:
         """(STM on the CPU, version, turns so far) of the last committed memory."""
 
-        def take(conv: ConvState) -> tuple[Tensor, int, int, object]:
+        def take(conv: ConversationEntry) -> tuple[Tensor, int, int, object]:
             assert conv.stm is not None
             return conv.stm, conv.version, conv.committed_turn, conv.ready_event
 
@@ -320,13 +315,12 @@ class Engine:
             return self.stm_version(conversation_id)
         waiter = _MemorizeWaiter(len(prompts))
 
-        def queue(conv: ConvState) -> list[Job]:
+        def queue(conv: ConversationEntry) -> list[Job]:
             self._sched.check_open()
             self._check_memory_room(conv, len(prompts))
             jobs = []
             for i, ids in enumerate(prompts):
-                turn = conv.next_turn
-                conv.next_turn += 1
+                turn = self._sched.number_turn(conv)
                 request = TurnRequest(conversation_id, turn, (), self.default_sampling)
                 job = Job(request, waiter.listener(i), conv, 0, time.perf_counter(), 0, order=turn, memory_ids=ids)
                 conv.watchers.setdefault(turn, []).append(waiter.listener(i))
@@ -340,7 +334,7 @@ class Engine:
         except BaseException:
             with self._lock:  # the pairs not started yet are not written
                 for job in jobs:
-                    if job.state == "waiting":
+                    if job.phase == "waiting":
                         self._sched.drop_waiting(job)
             raise
 
@@ -413,7 +407,7 @@ class Engine:
             )
         job: Job | None = None
 
-        def queue(conv: ConvState) -> None:
+        def queue(conv: ConversationEntry) -> None:
             nonlocal job
             error = refused
             if error is None and self._sched.closed:
@@ -439,9 +433,9 @@ class Engine:
             with self._lock:
                 if job is None:
                     return
-                if job.state == "waiting":
+                if job.phase == "waiting":
                     self._sched.drop_waiting(job)
-                elif job.state == "active":
+                elif job.phase == "active":
                     job.cancelled = True  # the decode thread acts on it at the next step
 
         return cancel
@@ -454,7 +448,7 @@ class Engine:
                 raise ConversationError(f"unknown conversation {conversation_id!r}")
             record = conv.records.get(turn)
             if record is not None and record.status in ("updated", "failed", "skipped"):
-                records.post_record(conv, turn, record, [listener], replay=True)
+                post_record(conv, turn, record, [listener], replay=True)
                 return lambda: None
             if record is not None and record.status == "started":
                 version = record.version
@@ -488,7 +482,7 @@ class Engine:
         self.close()
 
     # ------------------------------------------------------------------ helpers
-    def _resident(self, conversation_id: str, fn: Callable[[ConvState], _T], load: bool = True) -> _T:
+    def _resident(self, conversation_id: str, fn: Callable[[ConversationEntry], _T], load: bool = True) -> _T:
         """Run ``fn(conv)`` under the lock with the conversation's STM in memory (read back from
         the store first if it was evicted; the read happens outside the lock)."""
         for _ in range(8):
@@ -499,7 +493,7 @@ class Engine:
             self._reload(conv)
         raise ConversationError(f"conversation {conversation_id!r}: could not load its memory")
 
-    def _reload(self, conv: ConvState) -> None:
+    def _reload(self, conv: ConversationEntry) -> None:
         stored = self.store.get(conv.id) if self.store is not None else None
         if stored is not None:
             stored.check_fits(self.config)
@@ -518,7 +512,7 @@ class Engine:
                 self._sched.touch(conv)
                 self._evict(keep=conv)
 
-    def _evict(self, keep: ConvState | None = None) -> None:
+    def _evict(self, keep: ConversationEntry | None = None) -> None:
         """Drop the least recently used idle STMs beyond ``max_resident`` (under the lock)."""
         for victim in self._sched.evictable():
             if victim is keep:
@@ -527,7 +521,7 @@ class Engine:
             evict(victim)
 
     def _install(
-        self, conv: ConvState, stm: Tensor, state: ConversationState | None, memory_init: str | None = None
+        self, conv: ConversationEntry, stm: Tensor, state: ConversationState | None, memory_init: str | None = None
     ) -> None:
         """Commit a given STM through the memory worker, in order with the conversation's turns."""
         install = Install(
@@ -535,7 +529,7 @@ class Engine:
             version=None if state is None else state.stm_version + 1,
         )
 
-        def queue(c: ConvState) -> None:
+        def queue(c: ConversationEntry) -> None:
             self._sched.check_open()
             self._check_memory_room(c, 2 if memory_init is not None else 1)
             request = TurnRequest(c.id, 0, (), self.default_sampling)
@@ -550,28 +544,21 @@ class Engine:
         if install.error is not None:
             raise install.error
 
-    def _store_new(self, conv: ConvState, stm: Tensor) -> int:
+    def _store_new(self, conv: ConversationEntry, stm: Tensor) -> int:
         """Write a caller-given STM to the store at once; returns its version there."""
-        from rxruntime.stores import StaleStateError
-
         assert self.store is not None
-        version = conv.version
-        for _ in range(3):
-            try:
-                persist(self.store, self.config, conv.id, conv.committed_turn, stm, version)
-                return version
-            except StaleStateError:
-                stored = self.store.get(conv.id)
-                version = (stored.stm_version if stored is not None else version) + 1
-        raise ConversationError(f"conversation {conv.id!r}: could not store the given memory")
+        version = overwrite(self.store, self.config, conv.id, conv.committed_turn, stm, conv.version)
+        if version is None:
+            raise ConversationError(f"conversation {conv.id!r}: could not store the given memory")
+        return version
 
-    def _queue_memory_init(self, conv: ConvState, text: str) -> None:
+    def _queue_memory_init(self, conv: ConversationEntry, text: str) -> None:
         ids = self.tokenizer.system_ids(text)[: self.max_seq_len]
         request = TurnRequest(conv.id, 0, (), self.default_sampling)
         job = Job(request, _Silent(), conv, 0, time.perf_counter(), 0, order=conv.next_turn - 0.25, memory_ids=ids)
         self._sched.submit(job)
 
-    def _check_memory_room(self, conv: ConvState, n: int) -> None:
+    def _check_memory_room(self, conv: ConversationEntry, n: int) -> None:
         """Bounds for memory-only work (under the lock): queued turns and the memory backlog."""
         self._sched.check_room(conv, n)
         backlog = self._memory_backlog()
@@ -583,7 +570,7 @@ class Engine:
         waiting = sum(1 for j in self._sched.waiting if j.memory_ids is not None or j.install is not None)
         return self._memory.backlog + waiting
 
-    def _decode_jobs(self, conv: ConvState) -> list[Job]:
+    def _decode_jobs(self, conv: ConversationEntry) -> list[Job]:
         return [job for job in self._decode._jobs.values() if job.conv is conv]
 
     def _random_stm(self, seed: int) -> Tensor:
@@ -706,6 +693,4 @@ def _shutdown(
 
 
 def _new_id() -> str:
-    import uuid
-
     return uuid.uuid4().hex[:12]

@@ -21,16 +21,14 @@ from collections.abc import Sequence
 
 import torch
 
+from rxruntime.backend import AnswerStats
 from rxruntime.errors import EngineClosedError, ModelExecutionError
 from rxruntime.events import FinishReason
 from rxruntime.models.generation import DecodeBatch, JoinRequest
 from rxruntime.models.rxt import RxTModel
 
-from . import records
 from .memory_worker import MemoryWorker
-from .protocol import AnswerStats
-from .scheduler import Scheduler
-from .state import Job, MemoryRecord, MemoryTask
+from .scheduler import Job, MemoryRecord, MemoryTask, Scheduler, set_record
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +177,7 @@ class DecodeLoop:
         listener = job.listener
         remember = reason != "cancelled" or (job.request.remember_partial and bool(tokens))
         with self._sched.lock:
-            job.state = "done"
+            job.phase = "done"
             conv.history.append(
                 {
                     "turn": turn,
@@ -196,7 +194,7 @@ class DecodeLoop:
                 ids = [*job.request.prompt_ids, *tokens, *([self.config.special_tokens.eos_id] if closed else [])]
                 self._memory.enqueue(MemoryTask(conv, turn, ids))
             else:
-                records.set_record(conv, turn, MemoryRecord("skipped", conv.version))
+                set_record(conv, turn, MemoryRecord("skipped", conv.version))
                 self._sched.mark_idle(conv)
 
     def _fail(
@@ -210,7 +208,7 @@ class DecodeLoop:
                 if leave and id(job) in self.batch.keys:
                     self.batch.leave(id(job))
                 self._jobs.pop(id(job), None)
-                job.state = "done"
+                job.phase = "done"
                 listener = job.listener
                 job.conv.mailbox.post(lambda listener=listener, v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
                 self._sched.mark_idle(job.conv)
@@ -221,7 +219,7 @@ class DecodeLoop:
         active = list(self._jobs.values())
         self._jobs.clear()
         for job in active:
-            job.state = "done"
+            job.phase = "done"
             listener = job.listener
             job.conv.mailbox.post(lambda listener=listener, v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
             self._sched.mark_idle(job.conv)

@@ -20,20 +20,17 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from rxruntime.errors import ConversationError, ModelExecutionError, QueueFullError
 from rxruntime.models.rxt import RxTModel
+from rxruntime.snapshot import ConversationState
+from rxruntime.stores import StaleStateError, STMStore, newer_copy, overwrite, persist
 
-from . import records
-from .scheduler import Scheduler
-from .state import ConvState, MemoryRecord, MemoryTask
-
-if TYPE_CHECKING:
-    from rxruntime.stores import STMStore
+from .scheduler import ConversationEntry, MemoryRecord, MemoryTask, Scheduler, notify_started, set_record, settle
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +76,7 @@ class MemoryWorker:
     def enqueue(self, task: MemoryTask) -> None:
         """Queue a task (under the scheduler's lock; the conversation is already busy)."""
         if task.install is None:
-            records.set_record(task.conv, task.turn, MemoryRecord("queued", task.conv.version))
+            set_record(task.conv, task.turn, MemoryRecord("queued", task.conv.version))
         with self._cv:
             self._queue.append(task)
             self._cv.notify()
@@ -108,8 +105,8 @@ class MemoryWorker:
             missing = [t for t in tasks if t.install is None and t.conv.stm is None]
             for t in tasks:
                 if t.install is None and t.conv.stm is not None:
-                    records.set_record(t.conv, t.turn, MemoryRecord("started", t.conv.version))
-                    records.notify_started(t.conv, t.turn)
+                    set_record(t.conv, t.turn, MemoryRecord("started", t.conv.version))
+                    notify_started(t.conv, t.turn)
         if missing:
             self._fail(missing, ModelExecutionError("the conversation's memory was not loaded"), None)
             tasks = [t for t in tasks if t not in missing]
@@ -158,7 +155,7 @@ class MemoryWorker:
                     conv.memory_error = None
                     conv.committed_turn = max(conv.committed_turn, t.turn)
                     record = MemoryRecord("updated", version, duration)
-                    records.settle(conv, t.turn, record)
+                    settle(conv, t.turn, record)
                     if t.turn > 0:
                         conv.history.append({"turn": t.turn, "memory_update_s": duration, "stm_version": version})
                 self._sched.touch(conv)
@@ -197,9 +194,8 @@ class MemoryWorker:
 
     # ------------------------------------------------------------------ the store
     def _persist(self, task: MemoryTask, stm: Tensor) -> int | None:
-        """Write the new STM; returns the version to commit, or None if the task failed."""
-        from rxruntime.stores import StaleStateError
-
+        """Write the new STM (stores own the rules); returns the version to commit, or None if the
+        task failed."""
         conv = task.conv
         with self._sched.lock:
             version = conv.version + 1
@@ -209,33 +205,25 @@ class MemoryWorker:
                 turns = task.install.turns if task.install.turns is not None else turns
         if self.store is None:
             return version
-        for _ in range(3):
-            try:
-                persist(self.store, self.config, conv.id, turns, stm, version)
-                return version
-            except StaleStateError as exc:
-                stored = self.store.get(conv.id)
-                if task.install is not None and stored is not None:
-                    version = stored.stm_version + 1  # an explicit overwrite moves past the store
-                    continue
-                self._adopt(conv, stored)
-                self._fail([task], exc, None)
-                return None
-            except Exception as exc:
-                error = exc if isinstance(exc, ConversationError) else ModelExecutionError(f"could not store: {exc}")
-                self._fail([task], error, exc)
-                return None
-        self._fail([task], ConversationError(f"conversation {conv.id!r}: the store keeps moving on"), None)
+        try:
+            if task.install is not None:  # an explicit overwrite moves past the store
+                written = overwrite(self.store, self.config, conv.id, turns, stm, version)
+                if written is None:
+                    self._fail([task], ConversationError(f"conversation {conv.id!r}: the store keeps moving on"), None)
+                return written
+            persist(self.store, self.config, conv.id, turns, stm, version)
+            return version
+        except StaleStateError as exc:  # another worker moved the conversation on: take its memory
+            self._adopt(conv, newer_copy(self.store, self.config, conv.id, conv.version))
+            self._fail([task], exc, None)
+        except Exception as exc:
+            error = exc if isinstance(exc, ConversationError) else ModelExecutionError(f"could not store: {exc}")
+            self._fail([task], error, exc)
         return None
 
-    def _adopt(self, conv: ConvState, stored: Any) -> None:
+    def _adopt(self, conv: ConversationEntry, stored: ConversationState | None) -> None:
         """Take the store's newer memory as this conversation's (another worker moved it on)."""
         if stored is None:
-            return
-        try:
-            stored.check_fits(self.config)
-        except ConversationError:
-            log.error("conversation %r: the stored memory does not fit this model", conv.id)
             return
         stm = stored.stm.to(self.device, self.model.dtype)
         with self._sched.lock:
@@ -257,22 +245,15 @@ class MemoryWorker:
                     t.install.done.set()
                 else:
                     t.conv.memory_error = error
-                    records.settle(t.conv, t.turn, MemoryRecord("failed", t.conv.version, error=error))
+                    settle(t.conv, t.turn, MemoryRecord("failed", t.conv.version, error=error))
                 self._sched.mark_idle(t.conv)
 
 
-def evict(conv: ConvState) -> None:
+def evict(conv: ConversationEntry) -> None:
     """Drop an idle conversation's STM from memory (the store holds it; under the lock)."""
     conv.stm = None
     conv.ready_event = None
     conv.history.clear()
-
-
-def persist(store: STMStore, config: Any, conversation_id: str, turns: int, stm: Tensor, version: int) -> None:
-    from rxruntime.conversation import ConversationState, config_fingerprint
-
-    cpu = stm.detach().to("cpu", torch.float32).clone()
-    store.put(ConversationState(conversation_id, turns, version, cpu, config_fingerprint(config)))
 
 
 def split(stm: Tensor) -> list[Tensor]:

@@ -14,6 +14,13 @@ the memory worker and the engine's API take it for short, non-blocking sections 
   refused query uses none (:class:`~rxruntime.errors.QueueFullError`).
 * **Residency.** With a store, at most ``max_resident`` conversations keep their STM in memory;
   the least recently used idle ones are evicted and re-read from the store when next used.
+
+The books it keeps are here too, plain data shared by the engine's rooms: a
+:class:`ConversationEntry` per conversation, a :class:`Job` per queued turn (the decode loop runs
+them), a :class:`MemoryTask` per memory update (the memory worker runs them), and a
+:class:`MemoryRecord` per turn's memory stage, so a watcher that arrives late still hears what
+happened (:func:`settle`, :func:`post_record`). Callbacks are posted to the conversation's
+:class:`~rxruntime.events.Mailbox`, never run under the lock.
 """
 
 from __future__ import annotations
@@ -21,16 +28,101 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
 
+from torch import Tensor
+
+from rxruntime.backend import MemoryListener, TurnListener, TurnRequest
 from rxruntime.errors import ConversationError, EngineClosedError, QueueFullError
+from rxruntime.events import Mailbox
 
-from .state import ConvState, Job
+RECORDS_KEPT = 64  # memory records kept per conversation, for late watchers
+
+
+@dataclass(eq=False)  # identity: found and removed in queues by who it is
+class Job:
+    """One queued turn: a decode turn, or a memory-only one (``memory_ids``: ``memorize``)."""
+
+    request: TurnRequest
+    listener: TurnListener
+    conv: ConversationEntry
+    seed: int
+    submitted: float
+    limit: int
+    order: float = 0.0  # position among the conversation's turns (its turn number; see Scheduler)
+    admitted: float = 0.0
+    first_token: float | None = None
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    phase: str = "waiting"  # waiting -> active -> done
+    memory_ids: list[int] | None = None
+    install: Install | None = None  # a control job: replace the STM (reset / load_state)
+
+
+@dataclass(eq=False)
+class Install:
+    """A new STM to commit as it is (no model call): ``reset`` and ``load_state``.
+
+    ``version``: the version to commit, or None for the conversation's version + 1 (either way
+    moved past the store's if the store holds a newer one: an install is an explicit overwrite).
+    """
+
+    stm: Tensor
+    version: int | None = None
+    turns: int | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None  # set when it could not be committed
+
+
+@dataclass(eq=False)
+class MemoryTask:
+    conv: ConversationEntry
+    turn: int
+    ids: list[int] | None = None  # the interaction the encoder reads
+    install: Install | None = None
+
+
+@dataclass
+class MemoryRecord:
+    status: str  # queued, started, updated, failed, skipped
+    version: int
+    duration: float = 0.0
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class ConversationEntry:
+    """The engine's entry for one conversation: its STM on the device, its counters, its queue,
+    who listens to its memory stage. (Not a snapshot: that is :class:`~rxruntime.snapshot.ConversationState`.)"""
+
+    id: str
+    stm: Tensor | None  # (L, S, D) on the engine's device; None while evicted (the store holds it)
+    mailbox: Mailbox
+    seed: int = 0  # of the random initial STM, reused by reset() and by resuming an evicted one
+    version: int = 0
+    next_turn: int = 1
+    committed_turn: int = 0  # the last turn whose memory update committed (what the store records)
+    busy: bool = False  # a turn is decoding or a memory update of this conversation is pending
+    open: bool = True  # False once closed: kept only until its owed memory work is done
+    pending: deque[Job] = field(default_factory=deque)  # sorted by Job.order
+    reserved: set[int] = field(default_factory=set)  # turn numbers reserved, not yet started
+    ready_event: Any = None  # torch.cuda.Event after the last memory update (GPU only)
+    records: dict[int, MemoryRecord] = field(default_factory=dict)
+    watchers: dict[int, list[MemoryListener]] = field(default_factory=dict)
+    subscribers: list[MemoryListener] = field(default_factory=list)
+    history: deque[dict[str, float | int | str]] = field(default_factory=lambda: deque(maxlen=1000))
+    memory_error: Exception | None = None  # of the last memory update, None once one succeeds
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.pending and not self.reserved
 
 
 class Scheduler:
     def __init__(self, *, max_queued_turns: int, max_turns_per_conversation: int, max_resident: int | None) -> None:
         self.lock = threading.Condition()
-        self.conversations: dict[str, ConvState] = {}
+        self.conversations: dict[str, ConversationEntry] = {}
         self.waiting: deque[Job] = deque()
         self.closed = False
         self.max_queued_turns = max_queued_turns
@@ -40,7 +132,7 @@ class Scheduler:
         self._reserved_total = 0
 
     # ------------------------------------------------------------------ conversations
-    def get(self, conversation_id: str) -> ConvState:
+    def get(self, conversation_id: str) -> ConversationEntry:
         """An open conversation (under the lock)."""
         conv = self.conversations.get(conversation_id)
         if conv is None or not conv.open:
@@ -51,14 +143,14 @@ class Scheduler:
         if self.closed:
             raise EngineClosedError("the engine is closed")
 
-    def forget_if_done(self, conv: ConvState) -> None:
+    def forget_if_done(self, conv: ConversationEntry) -> None:
         """Drop a closed conversation once nothing of it is left to run."""
         if not conv.open and not conv.busy and not conv.pending and self.conversations.get(conv.id) is conv:
             del self.conversations[conv.id]
             self._resident.pop(conv.id, None)
 
     # ------------------------------------------------------------------ turn numbers
-    def check_room(self, conv: ConvState, n: int) -> None:
+    def check_room(self, conv: ConversationEntry, n: int) -> None:
         queued = len(self.waiting) + self._reserved_total
         if queued + n > self.max_queued_turns:
             raise QueueFullError(f"the engine has {queued} turns queued (max_queued_turns={self.max_queued_turns})")
@@ -69,16 +161,24 @@ class Scheduler:
                 f"(max_turns_per_conversation={self.max_turns_per_conversation})"
             )
 
-    def reserve_turn(self, conv: ConvState) -> int:
-        self.check_open()
-        self.check_room(conv, 1)
+    def number_turn(self, conv: ConversationEntry) -> int:
+        """The conversation's next turn number, for a turn submitted at once (``memorize``).
+
+        The scheduler alone hands out turn numbers; they order a conversation's turns."""
         turn = conv.next_turn
         conv.next_turn += 1
+        return turn
+
+    def reserve_turn(self, conv: ConversationEntry) -> int:
+        """The next turn number, held until its turn is submitted or released (a query's turn)."""
+        self.check_open()
+        self.check_room(conv, 1)
+        turn = self.number_turn(conv)
         conv.reserved.add(turn)
         self._reserved_total += 1
         return turn
 
-    def release_turn(self, conv: ConvState, turn: int) -> None:
+    def release_turn(self, conv: ConversationEntry, turn: int) -> None:
         """A reserved turn that will never start no longer holds back the turns after it."""
         if turn in conv.reserved:
             conv.reserved.discard(turn)
@@ -86,7 +186,7 @@ class Scheduler:
             self.lock.notify_all()
             self.forget_if_done(conv)
 
-    def unreserve(self, conv: ConvState, turn: int) -> None:
+    def unreserve(self, conv: ConversationEntry, turn: int) -> None:
         """A turn refused at start: give its number back if no later one was taken."""
         self.release_turn(conv, turn)
         if conv.next_turn == turn + 1:
@@ -131,7 +231,7 @@ class Scheduler:
             self.waiting.remove(job)
             job.conv.pending.popleft()
             job.conv.busy = True
-            job.state = "active" if job in decode else "done"
+            job.phase = "active" if job in decode else "done"
         return decode, memory
 
     def drop_waiting(self, job: Job, exc: Exception | None = None) -> None:
@@ -139,7 +239,7 @@ class Scheduler:
             self.waiting.remove(job)
         if job in job.conv.pending:
             job.conv.pending.remove(job)
-        job.state = "done"
+        job.phase = "done"
         if exc is not None:
             listener = job.listener
             job.conv.mailbox.post(lambda v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
@@ -150,24 +250,24 @@ class Scheduler:
         for job in list(self.waiting):
             self.drop_waiting(job, exc)
 
-    def mark_idle(self, conv: ConvState) -> None:
+    def mark_idle(self, conv: ConversationEntry) -> None:
         """The conversation's running turn or memory update is over: its next turn may start."""
         conv.busy = False
         self.lock.notify_all()
         self.forget_if_done(conv)
 
     # ------------------------------------------------------------------ residency (LRU)
-    def touch(self, conv: ConvState) -> None:
+    def touch(self, conv: ConversationEntry) -> None:
         if conv.stm is not None:
             self._resident[conv.id] = None
             self._resident.move_to_end(conv.id)
 
-    def evictable(self) -> list[ConvState]:
+    def evictable(self) -> list[ConversationEntry]:
         """Idle open conversations beyond ``max_resident``, least recently used first."""
         if self.max_resident is None:
             return []
         excess = len(self._resident) - self.max_resident
-        victims: list[ConvState] = []
+        victims: list[ConversationEntry] = []
         if excess <= 0:
             return victims
         for cid in list(self._resident):
@@ -186,3 +286,46 @@ class Scheduler:
     @property
     def resident(self) -> int:
         return len(self._resident)
+
+
+# ---------------------------------------------------------------------- memory records (under the lock)
+def set_record(conv: ConversationEntry, turn: int, record: MemoryRecord) -> None:
+    conv.records[turn] = record
+    if len(conv.records) > RECORDS_KEPT:
+        del conv.records[min(conv.records)]
+    if record.status == "skipped":
+        post_record(conv, turn, record, take_watchers(conv, turn))
+
+
+def take_watchers(conv: ConversationEntry, turn: int) -> list[MemoryListener]:
+    return conv.watchers.pop(turn, [])
+
+
+def notify_started(conv: ConversationEntry, turn: int) -> None:
+    listeners = [*conv.watchers.get(turn, []), *conv.subscribers] if turn > 0 else list(conv.subscribers)
+    version = conv.version
+    for listener in listeners:
+        conv.mailbox.post(lambda ls=listener: ls.on_memory_started(turn, version))  # type: ignore[misc]
+
+
+def post_record(
+    conv: ConversationEntry, turn: int, record: MemoryRecord, watchers: list[MemoryListener], replay: bool = False
+) -> None:
+    listeners = watchers if replay else [*watchers, *conv.subscribers]
+    for listener in listeners:
+        if record.status == "updated":
+            if replay:
+                conv.mailbox.post(lambda ls=listener: ls.on_memory_started(turn, record.version - 1))  # type: ignore[misc]
+            conv.mailbox.post(lambda ls=listener: ls.on_memory_updated(turn, record.version, record.duration))  # type: ignore[misc]
+        elif record.status == "failed":
+            assert record.error is not None
+            error = record.error
+            conv.mailbox.post(lambda ls=listener, e=error: ls.on_memory_failed(turn, e, record.version))  # type: ignore[misc]
+        elif record.status == "skipped" and listener in watchers:
+            conv.mailbox.post(lambda ls=listener: ls.on_memory_skipped(turn))  # type: ignore[misc]
+
+
+def settle(conv: ConversationEntry, turn: int, record: MemoryRecord) -> None:
+    """Record a finished memory stage and tell its watchers and the subscribers."""
+    set_record(conv, turn, record)
+    post_record(conv, turn, record, take_watchers(conv, turn))

@@ -37,9 +37,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from rxruntime import errors
 from rxruntime.conversation import ConversationState, TurnMethods
-from rxruntime.events import Event, from_dict
-from rxruntime.mailbox import Mailbox
-from rxruntime.operators.tokenize import Query
+from rxruntime.events import Event, Mailbox, from_dict
+from rxruntime.operators import Query
 from rxruntime.serving.zmq.curve import ClientKeys
 from rxruntime.serving.zmq.errors import AuthenticationError, ConnectionLost, RemoteError
 from rxruntime.serving.zmq.wire import error_from_payload, error_payload

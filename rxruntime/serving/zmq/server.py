@@ -33,8 +33,7 @@ from reactivex.disposable import SingleAssignmentDisposable
 
 from rxruntime.engine import Engine
 from rxruntime.errors import ConversationError
-from rxruntime.events import Event
-from rxruntime.mailbox import Mailbox
+from rxruntime.events import Event, Mailbox
 from rxruntime.models.errors import ConfigError
 from rxruntime.serving.ownership import Identity, Tenants
 from rxruntime.serving.zmq import wire

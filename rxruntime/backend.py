@@ -1,7 +1,13 @@
-"""What operators ask of an engine and what it calls back: the narrow, operator-facing contract.
+"""The backend protocol: what operators ask of an engine and what it calls back.
 
-A fake engine implementing :class:`Backend` drives the operators' marble tests, so nothing here
-may depend on how the engine schedules work.
+This is the narrow, operator-facing contract (not the wire format: that is
+:mod:`rxruntime.serving.protocol`). The engine implements :class:`Backend`; a fake one drives
+the operators' marble tests, so nothing here may depend on how the engine schedules work.
+
+The engine owns a turn's number and its order: ``next_turn`` hands out the next number of a
+conversation, ``start_turn`` runs a turn only after every turn numbered before it, and
+``release_turn`` gives back a number whose turn will never start. The operators only carry the
+number they were given on the events of that turn.
 """
 
 from __future__ import annotations
@@ -79,3 +85,13 @@ class Backend(Protocol):
     def watch_memory(self, conversation_id: str, turn: int, listener: MemoryListener) -> Callable[[], None]: ...
 
     def stm_version(self, conversation_id: str) -> int: ...
+
+
+class ConversationRef(Protocol):
+    """What an operator needs to know about a conversation: its id and the backend running it."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def backend(self) -> Backend: ...

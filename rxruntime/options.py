@@ -1,4 +1,4 @@
-"""Checking a turn's options and request at the engine's API, before anything is queued.
+"""A turn's options, checked once where they enter (a conversation's ``interact``, the engine's door).
 
 Every value a caller (or a transport on a client's behalf) can pass is checked by type and
 range here and refused with :class:`~rxruntime.errors.InvalidOptionError` naming the field, so a
