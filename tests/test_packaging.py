@@ -1,4 +1,5 @@
-"""The wheel carries operators/ and models/ as rxruntime.operators and rxruntime.models."""
+"""The wheel carries operators/, models/ and training/ as rxruntime.operators, rxruntime.models and
+rxruntime.training, and nothing of the repository's measurement home (benchmarks/)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for folder in ("rxruntime", "operators", "models"):
+    for folder in ("rxruntime", "operators", "models", "training"):
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
@@ -35,13 +36,17 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_maps_the_top_level_folders_into_the_package(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "rxruntime/models/rxt.py" in names
-    assert "rxruntime/models/training/__init__.py" in names
+    assert "rxruntime/training/trainer.py" in names
+    assert "rxruntime/training/data/people.py" in names
+    assert "rxruntime/models/training/__init__.py" in names  # the deprecated alias of rxruntime.training
     assert "rxruntime/operators/__init__.py" in names
     assert "rxruntime/py.typed" in names
-    assert not any(n.startswith(("models/", "operators/", "tests/")) for n in names)
+    top = ("models/", "operators/", "training/", "tests/", "benchmarks/", "examples/")
+    assert not any(n.startswith(top) for n in names)
     for folder, prefix in (
         ("models", "rxruntime/models/"),
         ("operators", "rxruntime/operators/"),
+        ("training", "rxruntime/training/"),
         ("rxruntime", "rxruntime/"),
     ):
         expected = {prefix + p.relative_to(ROOT / folder).as_posix() for p in (ROOT / folder).rglob("*.py")}
@@ -53,7 +58,8 @@ def test_wheel_carries_the_default_model_the_recipes_and_the_c_step(wheel: Path)
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert f"rxruntime/default_model/{name}" in names
-    assert {"rxruntime/models/recipes/nano.json", "rxruntime/models/recipes/ci.json"} <= names
+    assert {"rxruntime/training/recipes/nano.json", "rxruntime/training/recipes/ci.json"} <= names
+    assert not any(n.startswith("rxruntime/models/recipes/") for n in names)  # recipes moved with training
     assert "rxruntime/models/csrc/decode_step.c" in names  # built on first use (models/native.py)
 
 
@@ -68,10 +74,12 @@ def test_installed_wheel_is_not_shadowed_by_a_users_models_module(wheel: Path, t
     user.mkdir()
     (user / "models.py").write_text("raise ImportError('the user models.py was imported')\n")
     (user / "operators.py").write_text("raise ImportError('the user operators.py was imported')\n")
+    (user / "training.py").write_text("raise ImportError('the user training.py was imported')\n")
     env = {**os.environ, "PYTHONPATH": str(target)}
     code = (
-        "import rxruntime, rxruntime.models, rxruntime.operators; "
-        "print(rxruntime.__file__); print(rxruntime.models.__file__); print(rxruntime.operators.__file__)"
+        "import rxruntime, rxruntime.models, rxruntime.operators, rxruntime.training.recipe as r; "
+        "print(rxruntime.__file__); print(rxruntime.models.__file__); print(rxruntime.operators.__file__); "
+        "print(r.__file__); assert r.load_recipe('ci').name == 'ci' and 'nano' in r.builtin_recipes()"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=user, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
