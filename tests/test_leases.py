@@ -14,7 +14,7 @@ import redis
 import torch
 
 import rxruntime
-from rxruntime.bench.redis_server import RedisServer
+from benchmarks.harness.redis_server import RedisServer
 from rxruntime.serving.http_history_shared import SharedHistoryCache
 from rxruntime.serving.http_metrics import Metrics
 from rxruntime.serving.http_registry import Registry

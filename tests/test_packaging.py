@@ -3,6 +3,7 @@ rxruntime.training, and nothing of the repository's measurement home (benchmarks
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -52,6 +53,47 @@ def test_wheel_maps_the_top_level_folders_into_the_package(wheel: Path) -> None:
         expected = {prefix + p.relative_to(ROOT / folder).as_posix() for p in (ROOT / folder).rglob("*.py")}
         missing = expected - set(names)
         assert not missing, f"pyproject.toml's package list misses {sorted(missing)}"
+
+
+def test_wheel_imports_nothing_that_stays_in_the_repository(wheel: Path) -> None:
+    """Every ``rxruntime.*`` module the wheel's code imports is in the wheel, and no module imports a
+    repository folder by its own name (benchmarks/ and its harness, tests/, the unmapped folders)."""
+    with zipfile.ZipFile(wheel) as whl:
+        sources = {n: whl.read(n).decode() for n in whl.namelist() if n.endswith(".py")}
+    trees = {n[: -len(".py")].removesuffix("/__init__").replace("/", "."): ast.parse(t, n) for n, t in sources.items()}
+    outside = {"benchmarks", "harness", "tests", "scripts", "models", "operators", "training", "examples"}
+    bad = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # ``from rxruntime.bench import soak``: a submodule of the wheel or a name its package binds
+                imported = [node.module]
+                if node.module in trees:
+                    bound = _top_level_names(trees[node.module])
+                    imported += [f"{node.module}.{a.name}" for a in node.names if a.name not in bound]
+            else:
+                continue
+            for module in imported:
+                top = module.partition(".")[0]
+                if top in outside or (top == "rxruntime" and module not in trees):
+                    bad.append(f"{name}: {module}")
+    assert not bad, bad
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level (imports, assignments, functions, classes)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).partition(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
 
 
 def test_wheel_carries_the_default_model_the_recipes_and_the_c_step(wheel: Path) -> None:
