@@ -52,7 +52,7 @@ def __getattr__(name: str) -> ModuleType:
     if name not in MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     _warn(f"{__name__}.{name}", MOVED[name])
-    module = globals()[name] = importlib.import_module(MOVED[name])  # warned once, as the import is
+    module = globals()[name] = importlib.import_module(MOVED[name])  # later lookups skip the warning
     return module
 
 
