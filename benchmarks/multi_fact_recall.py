@@ -4,7 +4,7 @@ card's figures for the previous default (``nano-templates``).
 ``rxrt eval memory --suite templates`` states one fact per dialogue. Here each of
 ``--dialogues`` dialogues states 1, 2 or 3 facts of different kinds in consecutive turns, then a
 distractor, then asks about every fact in random order; the score is exact recall per question
-(greedy, the model's own answers written to memory), as in ``rxruntime.models.training.mrqbench``::
+(greedy, the model's own answers written to memory), as in ``rxruntime.training.mrqbench``::
 
     python benchmarks/multi_fact_recall.py --model runs/nano-templates/model   # the card's figures
 
@@ -18,8 +18,8 @@ import argparse
 import random
 
 from rxruntime.models import load_pretrained
-from rxruntime.models.training.dialogues import FACT_TYPES, Dialogue, Turn
-from rxruntime.models.training.mrqbench import normalise, run_dialogues
+from rxruntime.training.data.dialogues import FACT_TYPES, Dialogue, Turn
+from rxruntime.training.mrqbench import normalise, run_dialogues
 
 
 def dialogue(rng: random.Random, facts: int) -> tuple[Dialogue, int]:

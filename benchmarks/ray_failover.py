@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import openai
+from harness.http_load import FACTS, SMALL_TALK, TurnRecord, stream_turn
+from harness.ray_cluster import LocalRayServe
+from harness.redis_server import RedisServer
 
-from rxruntime.bench.http_load import FACTS, SMALL_TALK, TurnRecord, stream_turn
-from rxruntime.bench.ray_cluster import LocalRayServe
-from rxruntime.bench.redis_server import RedisServer
 from rxruntime.stores import RedisStore
 
 

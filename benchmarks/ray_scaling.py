@@ -37,10 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import openai
-
-from rxruntime.bench.http_load import TurnRecord, stream_turn
-from rxruntime.bench.ray_cluster import LocalRayServe
-from rxruntime.bench.redis_server import RedisServer, free_port
+from harness.http_load import TurnRecord, stream_turn
+from harness.ray_cluster import LocalRayServe
+from harness.redis_server import RedisServer, free_port
 
 QUERIES = ["I live in Lisbon.", "What is 3 plus 5?", "Where do I live?"]
 

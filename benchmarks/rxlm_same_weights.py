@@ -2,7 +2,7 @@
 
 Issue 11 asks how fast rxruntime serves an RxLM model compared with RxLM itself, on identical
 weights. This driver runs in rxruntime's environment. Each RxLM version runs as a long-lived
-``benchmarks/rxlm_turns.py serve`` process in its own virtual environment (RxLM pins
+``benchmarks/rxlm_env/rxlm_turns.py serve`` process in its own virtual environment (RxLM pins
 transformers < 5), rxruntime runs in-process, and all load one checkpoint directory written by
 RxLM's ``save_pretrained`` (alpha-mini, random weights, ``[EOS]`` unreachable so every side decodes
 the same lengths)::
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-RXLM_SIDE = HERE / "rxlm_turns.py"
+RXLM_SIDE = HERE / "rxlm_env" / "rxlm_turns.py"
 FIRST_ID = 7  # ids 0-6 are special tokens in both frameworks' tokenizers
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/soak.py --json benchmarks/results/soak.json
 
-Scenarios (see :mod:`rxruntime.bench.soak` for what each checks): 10,000 fuzzed frames interleaved
+Scenarios (see ``benchmarks/harness/soak.py`` for what each checks): 10,000 fuzzed frames interleaved
 with live conversations; ``kill -9`` of ``rxrt serve`` during memory updates, repeated, with SQLite
 and with a real Redis (``redis-server`` from the distribution, started and stopped here on a free
 port); 200 conversations x 5 pipelined turns; a slow reader; a reader that never reads; another
@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from rxruntime.bench import soak
-from rxruntime.bench.redis_server import RedisServer
+from harness import soak
+from harness.redis_server import RedisServer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction
 from nltk.translate.bleu_score import sentence_bleu as nltk_sentence_bleu
 
-from rxruntime.models.training.tensorbleu import _ngram_stats, sentence_bleu
+from rxruntime.training.tensorbleu import _ngram_stats, sentence_bleu
 
 
 def make_batch(

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from rxruntime.models import RxTModel, RxTokenizer, load_pretrained
-from rxruntime.models.training.batches import IGNORE, dialogue_batches
-from rxruntime.models.training.dialogues import Dialogue
-from rxruntime.models.training.mlm import MLMHead
-from rxruntime.models.training.people_eval import SPLITS, split_probes
-from rxruntime.models.training.recipe import recipe_from_dict
-from rxruntime.models.training.state import STATE_FILE, load_state
+from rxruntime.training.batches import IGNORE, dialogue_batches
+from rxruntime.training.data.dialogues import Dialogue
+from rxruntime.training.mlm import MLMHead
+from rxruntime.training.people_eval import SPLITS, split_probes
+from rxruntime.training.recipe import recipe_from_dict
+from rxruntime.training.state import STATE_FILE, load_state
 
 
 @torch.inference_mode()

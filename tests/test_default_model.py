@@ -15,10 +15,10 @@ import pytest
 import rxruntime
 from rxruntime.models import RxTModel, RxTokenizer, load_pretrained, preset
 from rxruntime.models.checkpoint import default_model_dir
-from rxruntime.models.training.dialogues import Dialogue
-from rxruntime.models.training.mrqbench import normalise
-from rxruntime.models.training.people_eval import evaluate, mean, split_probes
-from rxruntime.models.training.recipe import load_recipe
+from rxruntime.training.data.dialogues import Dialogue
+from rxruntime.training.mrqbench import normalise
+from rxruntime.training.people_eval import evaluate, mean, split_probes
+from rxruntime.training.recipe import load_recipe
 
 SHIPPED = default_model_dir()
 # Floors under what the shipped weights reach on these fixed draws (measured through the engine,

@@ -14,7 +14,7 @@ import redis
 import torch
 
 import rxruntime
-from rxruntime.bench.redis_server import RedisServer
+from benchmarks.harness.redis_server import RedisServer
 from rxruntime.serving.http.metrics import Metrics
 from rxruntime.serving.http.registry import Registry, SharedMeta
 from rxruntime.serving.ray.leases import ConversationBusyError, Leases

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from rxruntime.models.training.dialogues import Dialogue
-from rxruntime.models.training.grammar import GrammarError, expand, render
-from rxruntime.models.training.people import PeopleGenerator
-from rxruntime.models.training.people_eval import SPLITS, split_probes
-from rxruntime.models.training.phrasings import PHRASINGS, QUESTION_FRAMES, STATEMENT_FRAMES
-from rxruntime.models.training.values import FAMILIES, RESERVED, SLOTS, draw_value, held_out_value
+from rxruntime.training.data.dialogues import Dialogue
+from rxruntime.training.data.grammar import GrammarError, expand, render
+from rxruntime.training.data.people import PeopleGenerator
+from rxruntime.training.data.phrasings import PHRASINGS, QUESTION_FRAMES, STATEMENT_FRAMES
+from rxruntime.training.data.values import FAMILIES, RESERVED, SLOTS, draw_value, held_out_value
+from rxruntime.training.people_eval import SPLITS, split_probes
 
 HELD_OUT_FAMILIES = {f.name for p in PHRASINGS.values() for f in (*p.statements, *p.questions) if f.held_out}
 
@@ -45,8 +45,8 @@ def test_generator_is_a_pure_function_of_its_seed() -> None:
 
 _REPLAY = """
 import random
-from rxruntime.models.training.people import PeopleGenerator
-from rxruntime.models.training.values import FAMILIES, HELD_OUT_LOCALES, TRAIN_LOCALES
+from rxruntime.training.data.people import PeopleGenerator
+from rxruntime.training.data.values import FAMILIES, HELD_OUT_LOCALES, TRAIN_LOCALES
 for slot, fams in FAMILIES.items():
     for fam in fams:
         for loc in [l for l, _ in TRAIN_LOCALES] + list(HELD_OUT_LOCALES) if fam.localised else ["en_US"]:

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from rxruntime.models import load_pretrained
-from rxruntime.models.training.recipe import load_recipe, recipe_from_dict
-from rxruntime.models.training.sources import PeopleSource, make_source
-from rxruntime.models.training.trainer import Trainer
+from rxruntime.training.recipe import load_recipe, recipe_from_dict
+from rxruntime.training.sources import PeopleSource, make_source
+from rxruntime.training.trainer import Trainer
 
 
 def test_ci_recipe_trains_every_stage_on_people_dialogues(tmp_path: Path) -> None:

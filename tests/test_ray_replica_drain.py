@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from rxruntime.bench.redis_server import RedisServer
+from benchmarks.harness.redis_server import RedisServer
 from rxruntime.serving.ray.replica import EngineReplica
 from rxruntime.serving.ray.router import Route
 from rxruntime.stores import open_store

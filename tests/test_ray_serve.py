@@ -21,8 +21,8 @@ import openai
 import pytest
 import redis
 
-from rxruntime.bench.ray_cluster import LocalRayServe
-from rxruntime.bench.redis_server import RedisServer
+from benchmarks.harness.ray_cluster import LocalRayServe
+from benchmarks.harness.redis_server import RedisServer
 from rxruntime.serving.ray.leases import Leases
 from rxruntime.serving.ray.replica import REPLICA_HEADER
 

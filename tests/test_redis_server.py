@@ -13,7 +13,7 @@ import pytest
 import redis
 import torch
 
-from rxruntime.bench.redis_server import RedisServer, find_server, packaged_server
+from benchmarks.harness.redis_server import RedisServer, find_server, packaged_server
 from rxruntime.conversation import ConversationState
 from rxruntime.models.errors import ConfigError
 from rxruntime.serving.ray.leases import ConversationBusyError, Leases

@@ -1,6 +1,6 @@
 """The RxLM parity fixtures keep their contract (tests/fixtures/rxlm/README.md).
 
-They are written by scripts/rxlm_fixtures.py inside RxLM's own environments, which CI does not
+They are written by benchmarks/rxlm_env/rxlm_fixtures.py inside RxLM's own environments, which CI does not
 have; these checks hold the committed files to what the parity tests rely on: every record is
 present with the shapes the config implies, the turns are consistent with one another (the
 memory update read exactly the query and the answer, greedy picked each step's argmax), and the

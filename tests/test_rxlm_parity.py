@@ -1,6 +1,6 @@
 """RxLM checkpoints load as they are and compute exactly what RxLM computed with them.
 
-The fixtures (tests/fixtures/rxlm/<rxlm-version>/<case>/, written by scripts/rxlm_fixtures.py
+The fixtures (tests/fixtures/rxlm/<rxlm-version>/<case>/, written by benchmarks/rxlm_env/rxlm_fixtures.py
 inside RxLM's own environments) hold a model directory exactly as RxLM's ``save_pretrained``
 wrote it and RxLM's outputs for fixed inputs. For every case: the decoder logits of a prompt,
 three greedy ``interact`` turns (identical tokens; the STM after each memory update), and the

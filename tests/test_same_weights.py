@@ -1,4 +1,4 @@
-"""scripts/same_weights.py, the check behind the default model card's reproduction claim, run as
+"""benchmarks/same_weights.py, the check behind the default model card's reproduction claim, run as
 a user runs it."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from rxruntime.models.checkpoint import default_model_dir
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "same_weights.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "same_weights.py"
 
 
 def _run(a: Path, b: Path) -> subprocess.CompletedProcess[str]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rxruntime.bench import soak
-from rxruntime.bench.redis_server import RedisServer
+from benchmarks.harness import soak
+from benchmarks.harness.redis_server import RedisServer
 
 from .serving_util import write_model
 

@@ -19,8 +19,8 @@ from nltk.translate.bleu_score import SmoothingFunction
 from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
 from nltk.translate.bleu_score import sentence_bleu as nltk_sentence_bleu
 
-from rxruntime.models.training import tensorbleu as tb
-from rxruntime.models.training.tensorbleu import Smoothing, corpus_bleu, ngram_stats, sentence_bleu
+from rxruntime.training import tensorbleu as tb
+from rxruntime.training.tensorbleu import Smoothing, corpus_bleu, ngram_stats, sentence_bleu
 
 TOL = 1e-6
 METHODS = range(8)

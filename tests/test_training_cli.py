@@ -11,8 +11,8 @@ import torch
 from rxruntime.cli import main
 from rxruntime.models import RxTModel, load_pretrained
 from rxruntime.models.checkpoint import load_weights
-from rxruntime.models.training.people_eval import SPLITS
-from rxruntime.models.training.recipe import load_recipe
+from rxruntime.training.people_eval import SPLITS
+from rxruntime.training.recipe import load_recipe
 
 STAGE_DIRS = ("stage1-joint-pretrain", "stage2-joint-sft", "stage3-memory-pretrain", "stage4-memory-aware")
 

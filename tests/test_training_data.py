@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from rxruntime.models.training.dialogues import FACT_TYPES, Dialogue, DialogueGenerator, distractor
-from rxruntime.models.training.loaders import DataError, load_hf_local, load_jsonl, parse_records
-from rxruntime.models.training.mrqbench import probes
-from rxruntime.models.training.recipe import RecipeError, builtin_recipes, load_recipe, recipe_from_dict
+from rxruntime.training.data.dialogues import FACT_TYPES, Dialogue, DialogueGenerator, distractor
+from rxruntime.training.data.loaders import DataError, load_hf_local, load_jsonl, parse_records
+from rxruntime.training.mrqbench import probes
+from rxruntime.training.recipe import RecipeError, builtin_recipes, load_recipe, recipe_from_dict
 
 
 def _training_dialogues(n: int = 300) -> list[Dialogue]:
@@ -119,7 +119,7 @@ def test_jsonl_loader_names_the_bad_line_and_the_bad_record(tmp_path: Path) -> N
 def test_hf_loader_reads_local_files_or_explains_the_missing_extra(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"q": "Hi", "a": "Hello"}) + "\n")
-    from rxruntime.models.training.loaders import Fields
+    from rxruntime.training.data.loaders import Fields
 
     try:
         import datasets  # noqa: F401

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rxruntime.models import RxTModel, RxTokenizer
-from rxruntime.models.training.batches import (
+from rxruntime.training.batches import (
     IGNORE,
     TokenBatch,
     dialogue_batches,
@@ -17,14 +17,14 @@ from rxruntime.models.training.batches import (
     recall_turns,
     text_batch,
 )
-from rxruntime.models.training.dialogues import DialogueGenerator, Turn
-from rxruntime.models.training.joint import JointLoss, joint_loss
-from rxruntime.models.training.memory_aware import memory_aware_loss, set_trainable, trainable_groups
-from rxruntime.models.training.memory_pretrain import label_weight, memory_pretrain_loss, pool_encoded, pseudo_label
-from rxruntime.models.training.mlm import MLMHead, mask_tokens
-from rxruntime.models.training.optim import lr_at, make_optimizer, step_seed
-from rxruntime.models.training.people import PeopleGenerator
-from rxruntime.models.training.recipe import (
+from rxruntime.training.data.dialogues import DialogueGenerator, Turn
+from rxruntime.training.data.people import PeopleGenerator
+from rxruntime.training.joint import JointLoss, joint_loss
+from rxruntime.training.memory_aware import memory_aware_loss, set_trainable, trainable_groups
+from rxruntime.training.memory_pretrain import label_weight, memory_pretrain_loss, pool_encoded, pseudo_label
+from rxruntime.training.mlm import MLMHead, mask_tokens
+from rxruntime.training.optim import lr_at, make_optimizer, step_seed
+from rxruntime.training.recipe import (
     JointStage,
     MemoryAwareStage,
     MemoryPretrainStage,

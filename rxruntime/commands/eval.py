@@ -1,8 +1,8 @@
 """``rxrt eval memory``: how well a model recalls what it was told k turns later, with and without its STM.
 
 Two suites: ``people`` (default; facts told in varied words with endless values, scored per split,
-``models/training/people_eval.py``) and ``templates`` (the original MRQbench-style probes on the
-nano training templates, ``models/training/mrqbench.py``; kept so older figures stay reproducible).
+``training/people_eval.py``) and ``templates`` (the original MRQbench-style probes on the
+nano training templates, ``training/mrqbench.py``; kept so older figures stay reproducible).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run_memory(args: argparse.Namespace) -> int:
 
     from rxruntime.models import load_pretrained
     from rxruntime.models.errors import ConfigError
-    from rxruntime.models.training.people_eval import SPLITS
+    from rxruntime.training.people_eval import SPLITS
 
     dialogues = args.dialogues if args.dialogues is not None else (50 if args.suite == "people" else 100)
     if dialogues < 1 or args.max_gap < 1 or args.batch_size < 1:
@@ -82,7 +82,7 @@ def run_memory(args: argparse.Namespace) -> int:
 def _people(
     args: argparse.Namespace, model: Any, tokenizer: Any, dialogues: int, gaps: list[int], splits: list[str]
 ) -> int:
-    from rxruntime.models.training.people_eval import BENCH_SEED, evaluate, mean
+    from rxruntime.training.people_eval import BENCH_SEED, evaluate, mean
 
     seed = BENCH_SEED if args.seed is None else args.seed
     result = evaluate(
@@ -117,7 +117,7 @@ def _people(
 
 
 def _templates(args: argparse.Namespace, model: Any, tokenizer: Any, dialogues: int, gaps: list[int]) -> int:
-    from rxruntime.models.training.mrqbench import BENCH_SEED, benchmark
+    from rxruntime.training.mrqbench import BENCH_SEED, benchmark
 
     seed = BENCH_SEED if args.seed is None else args.seed
     result = benchmark(

@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
         TimeRemainingColumn,
     )
 
-    from rxruntime.models.training.recipe import RecipeError, load_recipe
-    from rxruntime.models.training.trainer import Trainer
+    from rxruntime.training.recipe import RecipeError, load_recipe
+    from rxruntime.training.trainer import Trainer
 
     if args.threads is not None and args.threads < 1:
         raise RecipeError(f"--threads must be >= 1, got {args.threads}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from rxruntime.models.errors import ConfigError
 
 __all__ = [
     "DEFAULT_WEIGHTS",

@@ -19,10 +19,10 @@ writes it, so every side reads the same ids) or are drawn from ``--seed``. Sampl
 (``top_k=1``: RxLM's sampler keeps one token) unless ``--temperature`` is given. RxLM 0.3.x runs
 its vectorized MoE: the legacy expert weights of a 0.2.x checkpoint are restacked into its
 ``w1``/``b1``/``w2``/``b2`` layout (``moe_bias_mode='local'``, no shared expert), the same weights
-and maths, and its ``interact`` bugs are fixed on the instance (scripts/rxlm_workarounds.py)::
+and maths, and its ``interact`` bugs are fixed on the instance (rxlm_workarounds.py beside it)::
 
-    /work/venvs/rxlm-0.2.31/bin/python benchmarks/rxlm_turns.py save /tmp/alpha-mini-rxlm
-    /work/venvs/rxlm-0.3.80/bin/python benchmarks/rxlm_turns.py turns --checkpoint /tmp/alpha-mini-rxlm
+    /work/venvs/rxlm-0.2.31/bin/python benchmarks/rxlm_env/rxlm_turns.py save /tmp/alpha-mini-rxlm
+    /work/venvs/rxlm-0.3.80/bin/python benchmarks/rxlm_env/rxlm_turns.py turns --checkpoint /tmp/alpha-mini-rxlm
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def restack_legacy_moe(state: dict[str, Any], decoder_layers: int, experts: int)
 
 
 def workarounds() -> Any:
-    """``apply_workarounds`` from scripts/rxlm_workarounds.py (this script runs from a checkout)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    """``apply_workarounds`` from rxlm_workarounds.py beside this script (it runs from a checkout)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from rxlm_workarounds import apply_workarounds
 
     return apply_workarounds

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import RxTConfig
+from rxruntime.models.config import RxTConfig
+
 from .batches import IGNORE
 
 

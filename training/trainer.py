@@ -30,10 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import load_pretrained, save_pretrained
-from ..errors import RxTError
-from ..rxt import RxTModel
-from ..tokenizer import RxTokenizer
+from rxruntime.models.checkpoint import load_pretrained, save_pretrained
+from rxruntime.models.errors import RxTError
+from rxruntime.models.rxt import RxTModel
+from rxruntime.models.tokenizer import RxTokenizer
+
 from .batches import dialogue_batches, interaction_batch, recall_turns, text_batch
 from .joint import joint_loss
 from .memory_aware import memory_aware_loss, set_trainable, trainable_groups

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rxt import RxTModel
+from rxruntime.models.rxt import RxTModel
+
 from .batches import IGNORE, TokenBatch
 from .mlm import MLMHead, mask_tokens
 from .recipe import JointStage

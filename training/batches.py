@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..tokenizer import RxTokenizer
-from .dialogues import Dialogue, Turn
+from rxruntime.models.tokenizer import RxTokenizer
+
+from .data.dialogues import Dialogue, Turn
 
 IGNORE = -100
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import RxTError
+from rxruntime.models.errors import RxTError
+
 from .dialogues import Dialogue, Turn
 
 

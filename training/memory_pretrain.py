@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rxt import RxTModel
+from rxruntime.models.rxt import RxTModel
+
 from .batches import TokenBatch
 from .recipe import MemoryPretrainStage
 

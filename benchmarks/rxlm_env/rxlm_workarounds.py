@@ -1,6 +1,6 @@
 """Instance-level fixes for RxLM bugs that stop its own inference paths, each keeping RxLM's maths.
 
-Shared by scripts/rxlm_fixtures.py (parity fixtures) and benchmarks/rxlm_turns.py (speed on the same
+Shared by rxlm_fixtures.py (parity fixtures) and rxlm_turns.py (speed on the same
 weights); both run inside an RxLM virtual environment. Nothing here changes a weight or a formula:
 each fix makes RxLM run the computation its code intends, and returns a note saying what it did.
 """

@@ -26,12 +26,13 @@ from typing import TypeVar
 
 import torch
 
-from ..generation import generate
-from ..rxt import RxTModel
-from ..sampler import SamplingParams
-from ..tokenizer import RxTokenizer
+from rxruntime.models.generation import generate
+from rxruntime.models.rxt import RxTModel
+from rxruntime.models.sampler import SamplingParams
+from rxruntime.models.tokenizer import RxTokenizer
+
 from .batches import pad
-from .dialogues import Dialogue, DialogueGenerator, Split
+from .data.dialogues import Dialogue, DialogueGenerator, Split
 
 GAPS = tuple(range(1, 9))
 BENCH_SEED = 20251

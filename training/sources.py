@@ -15,9 +15,9 @@ import random
 from collections.abc import Iterator
 from typing import Protocol
 
-from .dialogues import Dialogue, DialogueGenerator, Turn, dialogue_texts
-from .loaders import Corpus, DataError, Fields, load_hf_local, load_jsonl
-from .people import PeopleGenerator
+from .data.dialogues import Dialogue, DialogueGenerator, Turn, dialogue_texts
+from .data.loaders import Corpus, DataError, Fields, load_hf_local, load_jsonl
+from .data.people import PeopleGenerator
 from .recipe import DataSpec
 
 

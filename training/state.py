@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import CheckpointError, CorruptCheckpointError, MissingCheckpointFileError
+from rxruntime.models.errors import CheckpointError, CorruptCheckpointError, MissingCheckpointFileError
 
 STATE_FILE = "train-state.safetensors"
 _PROGRESS_KEY = "rxruntime.progress"

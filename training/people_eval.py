@@ -21,13 +21,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..rxt import RxTModel
-from ..tokenizer import RxTokenizer
-from .dialogues import Dialogue
+from rxruntime.models.rxt import RxTModel
+from rxruntime.models.tokenizer import RxTokenizer
+
+from .data.dialogues import Dialogue
+from .data.people import PeopleGenerator, ProbeKind
+from .data.phrasings import PhraseSplit
+from .data.values import ValueSplit
 from .mrqbench import GAPS, group_by_length, normalise, run_dialogues
-from .people import PeopleGenerator, ProbeKind
-from .phrasings import PhraseSplit
-from .values import ValueSplit
 
 BENCH_SEED = 31337
 

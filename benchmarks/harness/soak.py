@@ -36,7 +36,6 @@ import torch
 import zmq
 
 import rxruntime
-from rxruntime.bench.redis_server import free_port
 from rxruntime.conversation import ConversationState
 from rxruntime.engine import Engine
 from rxruntime.errors import ConversationError
@@ -55,6 +54,8 @@ from rxruntime.serving.zmq.curve import ClientKeys, ServerKeys, generate_keys
 from rxruntime.serving.zmq.errors import ProtocolError
 from rxruntime.serving.zmq.server import Server
 from rxruntime.stores import InMemoryStore, open_store
+
+from .redis_server import free_port
 
 _ODD: list[Any] = [None, True, -1, 2**64 - 1, 1.5, float("nan"), float("inf"), "", "x" * 300, b"\x00", [], {}, [1, "a"]]
 

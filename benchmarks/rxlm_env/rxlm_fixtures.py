@@ -8,8 +8,8 @@ fixed inputs, the decoder logits, three greedy ``interact`` turns with the STM a
 memory update, and the STM initialised from text. The contract of the files it writes is in
 tests/fixtures/rxlm/README.md::
 
-    /work/venvs/rxlm-0.2.31/bin/python scripts/rxlm_fixtures.py --out tests/fixtures/rxlm
-    /work/venvs/rxlm-0.3.80/bin/python scripts/rxlm_fixtures.py --out tests/fixtures/rxlm
+    /work/venvs/rxlm-0.2.31/bin/python benchmarks/rxlm_env/rxlm_fixtures.py --out tests/fixtures/rxlm
+    /work/venvs/rxlm-0.3.80/bin/python benchmarks/rxlm_env/rxlm_fixtures.py --out tests/fixtures/rxlm
 
 Deterministic: every case seeds torch from its name; the tokenizer is trained by RxLM's own
 ``TokenizerTrainer`` on the fixed corpus below (given the byte-level decoder RxLM leaves out).

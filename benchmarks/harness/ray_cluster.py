@@ -12,7 +12,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from rxruntime.bench.redis_server import free_port
+from .redis_server import free_port
 
 
 class LocalRayServe:

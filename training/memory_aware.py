@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..rxt import RxTModel
+from rxruntime.models.rxt import RxTModel
+
 from .batches import IGNORE, TokenBatch
 from .recipe import MemoryAwareStage
 

@@ -3,8 +3,8 @@
 A recipe names the model (a preset or a whole config), the data source, the seed and thread
 count, and the hyper-parameters of every curriculum stage. Unknown fields are rejected by name and
 every value is type-checked, so a typo in a recipe fails loudly instead of silently training
-something else. Built-in recipes live in ``rxruntime/models/recipes/*.json``; ``load_recipe``
-takes one of their names or a path to a JSON file.
+something else. Built-in recipes live in ``training/recipes/*.json`` (installed as
+``rxruntime/training/recipes/``); ``load_recipe`` takes one of their names or a path to a JSON file.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
-from ..config import RxTConfig, preset
-from ..errors import ConfigError, RxTError
+from rxruntime.models.config import RxTConfig, preset
+from rxruntime.models.errors import ConfigError, RxTError
 
 
 class RecipeError(RxTError, ValueError):
@@ -271,7 +271,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
 
 def builtin_recipes() -> list[str]:
     """Names of the recipes shipped in the package."""
-    folder = resources.files("rxruntime.models") / "recipes"
+    folder = resources.files("rxruntime.training") / "recipes"
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
@@ -287,7 +287,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         known = builtin_recipes()
         if text not in known:
             raise RecipeError(f"unknown recipe {text!r}; built-in recipes: {', '.join(known)} (or pass a .json path)")
-        source = (resources.files("rxruntime.models") / "recipes" / f"{text}.json").read_text(encoding="utf-8")
+        source = (resources.files("rxruntime.training") / "recipes" / f"{text}.json").read_text(encoding="utf-8")
         path = Path(f"{text}.json")
     try:
         data = json.loads(source)
