@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rxruntime import events
+from rxruntime import _moved, events
 from rxruntime.conversation import Conversation
 from rxruntime.engine import Engine
 from rxruntime.errors import (
@@ -45,6 +45,8 @@ from rxruntime.models.quantize import WeightFormat
 from rxruntime.models.sampler import SamplingParams
 from rxruntime.snapshot import ConversationState
 from rxruntime.stores import STMStore
+
+_moved.install_core()  # rxruntime.mailbox, rxruntime.engine.options, ...: moved, still importable
 
 __version__ = "0.1.0"
 
