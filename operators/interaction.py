@@ -101,6 +101,7 @@ def turn_pipeline(conv: ConversationRef, options: TurnOptions) -> Callable[[Obse
                 options.params,
                 max_new_tokens=options.max_new_tokens,
                 remember_partial=options.remember_partial,
+                remember=options.remember,
             ),
             detokenize(conv.backend.tokenizer),
             memory_started(conv),
@@ -199,6 +200,7 @@ def generate(
     *,
     max_new_tokens: int | None = None,
     remember_partial: bool = False,
+    remember: bool = True,
 ) -> Callable[[Observable[Event]], Observable[Event]]:
     """``QueryReceived`` -> the query, then ``Token`` events, then ``AnswerCompleted``.
 
@@ -210,6 +212,8 @@ def generate(
     (before the turn has started, it gives back the turn number ``tokenize`` was handed); its
     partial answer is not written to memory unless ``remember_partial=True`` (then
     ``AnswerCompleted`` is not emitted to the disposed subscriber, but the memory update runs).
+    ``remember=False`` writes no answer to memory at all: the caller memorizes the text it chose
+    to show (the HTTP front after a stop sequence).
 
     Marble (``T`` = Token, ``A`` = AnswerCompleted)::
 
@@ -257,6 +261,7 @@ def generate(
                 params=params or backend.default_sampling,
                 max_new_tokens=max_new_tokens,
                 remember_partial=remember_partial,
+                remember=remember,
             )
             return backend.start_turn(request, Listener())
 

@@ -31,6 +31,7 @@ class TurnRequest:
     params: SamplingParams
     max_new_tokens: int | None = None
     remember_partial: bool = False
+    remember: bool = True  # False: no memory update at all (the caller memorizes the text it showed)
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,7 @@ class Conversation(TurnMethods):
 
         Options: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``max_new_tokens``,
         ``remember_partial`` (write a cancelled turn's partial answer to memory; default False),
+        ``remember`` (False: write no answer to memory, the caller ``memorize``s its own text),
         ``thinking_mode`` (``fast`` or, for a ``beta`` model, ``extended``: see docs/models.md).
         Each is checked here: a bad name or value raises InvalidOptionError naming it.
         """

@@ -29,7 +29,7 @@ import msgpack
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["eos", "length", "cancelled"]
+FinishReason = Literal["eos", "length", "cancelled", "stop"]  # "stop": a stop sequence (HTTP front)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +97,16 @@ class MemoryUpdateStarted(EventBase):
 
 @dataclass(frozen=True, slots=True)
 class MemoryUpdated(EventBase):
-    """The new STM is committed as ``stm_version``; the next query of this conversation may run."""
+    """The new STM is committed as ``stm_version``; the next query of this conversation may run.
+
+    What changed, per STM layer (empty where unknown, e.g. from an older sender):
+    ``layer_change`` is how far the memory moved, ‖STM_t − STM_t−1‖ / ‖STM_t−1‖, and ``layer_gate``
+    how open the residual gates were (their mean value: 0 keeps the old memory, 1 takes the new)."""
 
     stm_version: int
     duration_s: float
+    layer_change: tuple[float, ...] = ()
+    layer_gate: tuple[float, ...] = ()
     type_name: ClassVar[str] = "memory_updated"
 
 

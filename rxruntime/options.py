@@ -18,7 +18,9 @@ from rxruntime.errors import InvalidOptionError, InvalidTokenError
 from rxruntime.models.config import InteractionTemplate, ThinkingMode
 from rxruntime.models.sampler import SamplingParams
 
-OPTIONS = frozenset({"temperature", "top_k", "top_p", "seed", "max_new_tokens", "remember_partial", "thinking_mode"})
+OPTIONS = frozenset(
+    {"temperature", "top_k", "top_p", "seed", "max_new_tokens", "remember_partial", "remember", "thinking_mode"}
+)
 THINKING_MODES = {"alpha": ("fast",), "beta": ("fast", "extended")}  # per interaction_template
 MAX_SEED = 2**63  # exclusive: seeds are int64 on the device
 
@@ -31,6 +33,7 @@ class TurnOptions:
     max_new_tokens: int | None = None
     remember_partial: bool = False
     thinking_mode: ThinkingMode | None = None
+    remember: bool = True  # False: the engine writes nothing; the caller memorizes what it chooses
 
 
 def _int(field: str, value: object) -> int:
@@ -91,7 +94,13 @@ def check_options(
         remember = False
     if not isinstance(remember, bool):
         raise InvalidOptionError("remember_partial", f"must be true or false, got {type(remember).__name__}")
-    return TurnOptions(normalize(params, vocab_size), max_new_tokens, remember, _thinking_mode(options, template))
+    keep = options.get("remember", True)
+    if keep is None:
+        keep = True
+    if not isinstance(keep, bool):
+        raise InvalidOptionError("remember", f"must be true or false, got {type(keep).__name__}")
+    thinking = _thinking_mode(options, template)
+    return TurnOptions(normalize(params, vocab_size), max_new_tokens, remember, thinking, keep)
 
 
 def _thinking_mode(options: Mapping[str, object], template: InteractionTemplate) -> ThinkingMode | None:

@@ -422,7 +422,13 @@ class Engine:
                 conv.mailbox.post(lambda v=conv.version, e=error: listener.on_error(e, v))  # type: ignore[misc]
                 return
             req = TurnRequest(
-                request.conversation_id, request.turn, prompt, params, request.max_new_tokens, request.remember_partial
+                request.conversation_id,
+                request.turn,
+                prompt,
+                params,
+                request.max_new_tokens,
+                request.remember_partial,
+                request.remember,
             )
             job = Job(req, listener, conv, params.resolved_seed(), time.perf_counter(), limit, order=request.turn)
             self._sched.submit(job)

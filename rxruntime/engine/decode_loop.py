@@ -175,7 +175,7 @@ class DecodeLoop:
         conv, turn = job.conv, job.request.turn
         tokens = tuple(job.tokens)
         listener = job.listener
-        remember = reason != "cancelled" or (job.request.remember_partial and bool(tokens))
+        remember = job.request.remember and (reason != "cancelled" or (job.request.remember_partial and bool(tokens)))
         with self._sched.lock:
             job.phase = "done"
             conv.history.append(

@@ -48,6 +48,9 @@ class Metrics:
         self.replayed_turns = Counter(
             "rxrt_history_replayed_turns", "Earlier turns written to memory by replay (no decoding)", registry=r
         )
+        self.finished = Counter(
+            "rxrt_requests_finished", "Answers by finish reason", ["model", "finish_reason"], registry=r
+        )
         self.cancelled = Counter("rxrt_turns_cancelled", "Turns cancelled by a client that went away", registry=r)
         self._engine_stats = engine_stats
         queue = Gauge("rxrt_queue_depth", "Turns accepted but not started", registry=r)

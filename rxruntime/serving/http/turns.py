@@ -9,6 +9,12 @@ Closing the turn (``aclose``, or the handler's task being cancelled because the 
 disposes the engine subscription: an answer still being decoded is cancelled within one decode
 step, while a completed answer's memory update still commits (the engine always finishes it).
 
+A turn with stop sequences (``stops.py``) runs with ``remember=False``: the engine writes nothing,
+and once the answer ends (at a stop sequence, which cancels the decoding, or by itself) the turn
+``memorize``s exactly the text the client was shown; that write's memory events are reported as
+this turn's. A ``thinking_mode="extended"`` turn's tokens before the model's ``[A]`` come out as
+:class:`Reasoning` pieces, never mixed into the answer's text.
+
 Streamed, a turn goes out as server-sent events (``sse``, ``sse_response``): a few lines of our
 own rather than a dependency. An event is ``event: NAME`` (optional) and one ``data:`` line of
 compact JSON, then a blank line. Starlette's ``StreamingResponse`` cancels the generator when the
@@ -17,17 +23,31 @@ client disconnects, which is what cancels the turn.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from starlette.responses import StreamingResponse
 
 from rxruntime.conversation import Conversation
-from rxruntime.events import AnswerCompleted, Event, InteractionFailed, MemoryUpdated, QueryReceived, Token
+from rxruntime.events import (
+    AnswerCompleted,
+    Event,
+    InteractionFailed,
+    MemoryEvent,
+    MemoryUpdated,
+    MemoryUpdateStarted,
+    QueryReceived,
+    Token,
+)
 from rxruntime.serving.http.errors import from_engine_error
 from rxruntime.serving.http.metrics import Metrics
+from rxruntime.serving.http.stops import StopMatcher
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -41,15 +61,43 @@ class TurnSummary:
     input_tokens: int
     output_tokens: int
     finish_reason: str
+    reasoning: str = ""
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """A piece of an extended-thinking turn's thinking text (before the model's ``[A]``)."""
+
+    text: str
+
+
+TurnEvent = Event | Reasoning
 
 
 class Turn:
-    def __init__(self, conv: Conversation, query: str, options: dict[str, Any], metrics: Metrics, param: str) -> None:
+    def __init__(
+        self,
+        conv: Conversation,
+        query: str,
+        options: dict[str, Any],
+        metrics: Metrics,
+        param: str,
+        stop: tuple[str, ...] = (),
+        model: str = "rxt",
+    ) -> None:
         self._conv = conv
         self._query = query
-        self._options = options
+        self._stop = StopMatcher(stop) if stop else None
+        self._options = {**options, "remember": False} if stop else options
         self._metrics = metrics
+        self._model = model
         self._param = param
+        self._thinking = options.get("thinking_mode") == "extended"
+        self._answer_id = conv.backend.tokenizer.special.answer_id if self._thinking else -1
+        self._reasoning: list[str] = []
+        self._reasoning_tokens = 0
+        self._shown: list[str] = []
         self._stream: AsyncIterator[Event] | None = None
         self._ahead: list[Event] = []
         self.input_tokens = 0
@@ -58,6 +106,12 @@ class Turn:
         self.memory_committed = False
         self._closed = False
         self._failed = False
+        self._seen_tokens = 0
+
+    @property
+    def memorizes(self) -> bool:
+        """Whether the turn itself writes its answer to memory (stop sequences): read it to the end."""
+        return self._stop is not None
 
     async def start(self) -> None:
         """Send the query; return at the first token or answer, raise an APIError if it fails first."""
@@ -76,8 +130,45 @@ class Turn:
                 raise from_engine_error(exc, self._param) from exc
             raise
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncIterator[TurnEvent]:
         """The turn's events after ``start``: tokens, the answer, then the memory events."""
+        async for event in self._raw():
+            if isinstance(event, Token):
+                if self._thinking:
+                    if event.token_id == self._answer_id:
+                        self._thinking = False
+                    else:
+                        self._reasoning_tokens += event.count
+                        if event.text:
+                            self._reasoning.append(event.text)
+                            yield Reasoning(event.text)
+                    continue
+                if self._stop is None:
+                    self._shown.append(event.text)
+                    yield event
+                    continue
+                text = self._stop.feed(event.text)
+                if text:
+                    self._shown.append(text)
+                    yield dataclasses.replace(event, text=text)
+                if self._stop.stopped:
+                    async for ev in self._stopped(event):
+                        yield ev
+                    return
+            elif isinstance(event, AnswerCompleted) and self._stop is not None:
+                tail = self._stop.flush()
+                if tail:
+                    self._shown.append(tail)
+                    yield Token(event.conversation_id, event.turn, -1, tail, len(event.token_ids))
+                self.answer = event
+                yield event
+                async for ev in self._memorize(event):
+                    yield ev
+                return
+            else:
+                yield event
+
+    async def _raw(self) -> AsyncIterator[Event]:
         assert self._stream is not None, "call start() first"
         while self._ahead:
             yield self._ahead.pop(0)
@@ -89,10 +180,54 @@ class Turn:
             self._failed = True
             raise from_engine_error(exc, self._param) from exc
 
+    async def _stopped(self, last: Token) -> AsyncIterator[Event]:
+        """A stop sequence matched: end the decoding, then write the shown text to memory."""
+        assert self._stream is not None
+        await self._stream.aclose()  # type: ignore[attr-defined]
+        answer = AnswerCompleted(last.conversation_id, last.turn, "".join(self._shown), (), "stop", 0.0, 0.0, 0.0, 0.0)
+        self.answer = answer
+        self._metrics.finished.labels(self._model, "stop").inc()
+        yield answer
+        async for ev in self._memorize(answer):
+            yield ev
+
+    async def _memorize(self, answer: AnswerCompleted) -> AsyncIterator[Event]:
+        """``memorize`` the shown answer; its memory events, reported as this turn's."""
+        if answer.finish_reason == "cancelled":
+            return
+        seen: list[MemoryEvent] = []
+        arrived = threading.Event()
+
+        def collect(ev: MemoryEvent) -> None:
+            seen.append(ev)
+            if isinstance(ev, MemoryUpdated):
+                arrived.set()
+
+        subscription = self._conv.memory_events.subscribe(collect)
+        try:
+            text = "".join(self._shown)
+            try:
+                await anyio.to_thread.run_sync(lambda: self._conv.memorize(self._query, text))
+            except Exception as exc:
+                version = self._conv.stm_version
+                cid, number = answer.conversation_id, answer.turn
+                yield InteractionFailed(cid, number, type(exc).__name__, str(exc), "memory", version)
+                return
+            await anyio.to_thread.run_sync(lambda: arrived.wait(5.0))
+        finally:
+            subscription.dispose()
+        for ev in seen:
+            if isinstance(ev, (MemoryUpdateStarted, MemoryUpdated)):
+                mine = dataclasses.replace(ev, turn=answer.turn)
+                self._see(mine)
+                yield mine
+
     async def answer_only(self) -> TurnSummary:
-        """Read up to the answer and leave the memory update to run in the background."""
+        """Read up to the answer and leave the memory update to run in the background.
+
+        With stop sequences the write of the shown text is awaited (it is this turn's own)."""
         async for event in self.events():
-            if isinstance(event, AnswerCompleted):
+            if isinstance(event, AnswerCompleted) and self._stop is None:
                 break
         await self.aclose()
         return self.summary()
@@ -100,7 +235,12 @@ class Turn:
     def summary(self) -> TurnSummary:
         assert self.answer is not None
         a = self.answer
-        return TurnSummary(a.turn, a.text, self.input_tokens, len(a.token_ids), a.finish_reason)
+        text = "".join(self._shown)
+        tokens = len(a.token_ids) if a.token_ids or a.finish_reason != "stop" else self._seen_tokens
+        reasoning = "".join(self._reasoning)
+        return TurnSummary(
+            self.number or a.turn, text, self.input_tokens, tokens, a.finish_reason, reasoning, self._reasoning_tokens
+        )
 
     async def aclose(self) -> None:
         """Stop listening; cancels the turn if its answer is not complete."""
@@ -118,12 +258,15 @@ class Turn:
             self.input_tokens = len(event.token_ids)
             self.number = event.turn
             m.tokens.labels("input").inc(self.input_tokens)
+        elif isinstance(event, Token):
+            self._seen_tokens += event.count
         elif isinstance(event, AnswerCompleted):
             self.answer = event
             m.tokens.labels("output").inc(len(event.token_ids))
             m.ttft.observe(event.ttft_s)
             if event.tokens_per_s > 0:
                 m.per_token.observe(1.0 / event.tokens_per_s)
+            m.finished.labels(self._model, event.finish_reason).inc()
         elif isinstance(event, MemoryUpdated):
             self.memory_committed = True
         elif isinstance(event, InteractionFailed) and event.stage == "memory" and _store_failure(event):

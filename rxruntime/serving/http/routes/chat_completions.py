@@ -24,28 +24,44 @@ from rxruntime.conversation import Conversation
 from rxruntime.events import AnswerCompleted, Token
 from rxruntime.serving.http.context import Context
 from rxruntime.serving.http.errors import APIError, bad_field
-from rxruntime.serving.http.fields import json_body, opt_bool, opt_int, sampling_options
+from rxruntime.serving.http.fields import (
+    CHAT_COMPLETIONS,
+    check_fields,
+    json_body,
+    opt_bool,
+    opt_int,
+    opt_str,
+    sampling_options,
+    thinking_mode,
+    user_of,
+)
 from rxruntime.serving.http.messages import parse_messages
 from rxruntime.serving.http.replay import History, Replay, after_answer, memory_for
-from rxruntime.serving.http.turns import Turn, TurnSummary, sse, sse_response
+from rxruntime.serving.http.stops import parse_stop
+from rxruntime.serving.http.turns import Reasoning, Turn, TurnSummary, sse, sse_response
 
-_FINISH = {"eos": "stop", "length": "length", "cancelled": "stop"}
+_FINISH = {"eos": "stop", "length": "length", "cancelled": "stop", "stop": "stop"}
 
 
 async def create_chat_completion(ctx: Context, request: Request, owner: str) -> Response:
     body = await json_body(request, ctx.max_body_bytes)
+    check_fields(body, CHAT_COMPLETIONS)
     engine = ctx.slot.engine
     history = History(*parse_messages(body.get("messages")))
     stream = opt_bool(body, "stream", False)
     n = opt_int(body, "n", 1, 1)
     del n  # one choice: a conversation's memory takes one answer
-    if body.get("stop") is not None:
-        raise bad_field("stop", "stop sequences are not supported; the model ends its answers with [EOS]")
+    stop = parse_stop(body.get("stop"))
+    user_of(body)
     options = sampling_options(body, ("max_tokens", "max_completion_tokens"))
+    effort = opt_str(body, "reasoning_effort")
+    mode = thinking_mode(effort, "reasoning_effort", engine.tokenizer.interaction_template)
+    if mode is not None:
+        options["thinking_mode"] = mode
     include_usage = stream and _include_usage(body.get("stream_options"))
 
     conv, replay = await memory_for(ctx, engine, owner, history)
-    turn = Turn(conv, history.query, options, ctx.metrics, "messages")
+    turn = Turn(conv, history.query, options, ctx.metrics, "messages", stop, ctx.model_name)
     try:
         await turn.start()
     except APIError:
@@ -67,7 +83,7 @@ async def create_chat_completion(ctx: Context, request: Request, owner: str) -> 
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": summary.text, "refusal": None},
+                        "message": _message(summary, mode == "extended"),
                         "logprobs": None,
                         "finish_reason": _FINISH[summary.finish_reason],
                     }
@@ -104,7 +120,9 @@ async def _stream(
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for ev in turn.events():
-            if isinstance(ev, Token) and ev.text:
+            if isinstance(ev, Reasoning):
+                yield chunk({"reasoning_content": ev.text})
+            elif isinstance(ev, Token) and ev.text:
                 yield chunk({"content": ev.text})
             elif isinstance(ev, AnswerCompleted):
                 summary = turn.summary()
@@ -112,13 +130,21 @@ async def _stream(
                 if include_usage:
                     yield chunk({}, usage=_usage(summary, replay))
                 yield sse("[DONE]")
-                break
+                if not turn.memorizes:
+                    break  # else read on: the turn writes the shown answer to memory itself
     except APIError as exc:
         yield sse(exc.body())
     finally:
         with anyio.CancelScope(shield=True):  # the client may have gone: still clean up
             await turn.aclose()
             after_answer(ctx, conv, turn.answer, history, replay)
+
+
+def _message(summary: TurnSummary, thinking: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": summary.text, "refusal": None}
+    if thinking:
+        message["reasoning_content"] = summary.reasoning
+    return message
 
 
 # ---------------------------------------------------------------------- request fields

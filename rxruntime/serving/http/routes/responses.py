@@ -24,14 +24,26 @@ from starlette.responses import JSONResponse, Response
 from rxruntime.events import AnswerCompleted, InteractionFailed, MemoryUpdated, MemoryUpdateStarted, Token
 from rxruntime.serving.http.context import Context
 from rxruntime.serving.http.errors import APIError, bad_field, not_found
-from rxruntime.serving.http.fields import json_body, metadata, opt_bool, opt_str, sampling_options
+from rxruntime.serving.http.fields import (
+    RESPONSES,
+    check_fields,
+    json_body,
+    metadata,
+    opt_bool,
+    opt_str,
+    sampling_options,
+    thinking_mode,
+    user_of,
+)
 from rxruntime.serving.http.messages import parse_input
 from rxruntime.serving.http.registry import CONVERSATION_HEADER, PREFIX, Entry
-from rxruntime.serving.http.turns import Turn, TurnSummary, sse, sse_response
+from rxruntime.serving.http.stops import parse_stop
+from rxruntime.serving.http.turns import Reasoning, Turn, TurnSummary, sse, sse_response
 
 
 async def create_response(ctx: Context, request: Request, owner: str) -> Response:
     body = await json_body(request, ctx.max_body_bytes)
+    check_fields(body, RESPONSES)
     engine = ctx.slot.engine
     query, item_instructions = parse_input(body.get("input"))
     instructions = opt_str(body, "instructions") or item_instructions
@@ -39,6 +51,12 @@ async def create_response(ctx: Context, request: Request, owner: str) -> Respons
     store = opt_bool(body, "store", True)
     meta = metadata(body)
     options = sampling_options(body, "max_output_tokens")
+    stop = parse_stop(body.get("stop"))
+    user = user_of(body)
+    effort = _effort(body.get("reasoning"))
+    mode = thinking_mode(effort, "reasoning.effort", engine.tokenizer.interaction_template)
+    if mode is not None:
+        options["thinking_mode"] = mode
     conversation_id = conversation_ref(body.get("conversation"))
     previous = opt_str(body, "previous_response_id")
     if conversation_id is not None and previous is not None:
@@ -56,7 +74,7 @@ async def create_response(ctx: Context, request: Request, owner: str) -> Respons
         )
     ephemeral = new and not store  # nobody can continue it: gone after this turn
 
-    turn = Turn(entry.conv, query, options, ctx.metrics, "input")
+    turn = Turn(entry.conv, query, options, ctx.metrics, "input", stop, ctx.model_name)
     try:
         await turn.start()
     except APIError:
@@ -64,6 +82,7 @@ async def create_response(ctx: Context, request: Request, owner: str) -> Respons
             await ctx.blocking(lambda: ctx.registry.forget(entry.conv.id))
         raise
     shape = _Shape(ctx.model_name, entry, turn.number, body, meta, instructions, previous, store, ephemeral)
+    shape.set_request(user, effort, mode == "extended")
     if not stream:
         try:
             summary = await turn.answer_only()
@@ -99,13 +118,40 @@ async def _stream(ctx: Context, turn: Turn, shape: _Shape) -> AsyncIterator[byte
 
     item = shape.message_item("", "in_progress")
     part = {"type": "output_text", "text": "", "annotations": []}
-    at = {"item_id": shape.item_id, "output_index": 0, "content_index": 0}
+    index = 1 if shape.thinking else 0
+    at = {"item_id": shape.item_id, "output_index": index, "content_index": 0}
+    think_at = {"item_id": shape.reasoning_id, "output_index": 0, "content_index": 0}
+    thinking: list[str] | None = [] if shape.thinking else None
+
+    def end_thinking() -> list[bytes]:
+        nonlocal thinking
+        if thinking is None:
+            return []
+        text, thinking = "".join(thinking), None
+        return [
+            event("response.reasoning_text.done", **think_at, text=text),
+            event("response.output_item.done", output_index=0, item=shape.reasoning_item(text)),
+            event("response.output_item.added", output_index=index, item=item),
+            event("response.content_part.added", **at, part=part),
+        ]
+
     try:
         yield event("response.created", response=shape.pending())
         yield event("response.in_progress", response=shape.pending())
-        yield event("response.output_item.added", output_index=0, item=item)
-        yield event("response.content_part.added", **at, part=part)
+        if shape.thinking:
+            yield event("response.output_item.added", output_index=0, item=shape.reasoning_item("", "in_progress"))
+        else:
+            yield event("response.output_item.added", output_index=0, item=item)
+            yield event("response.content_part.added", **at, part=part)
         async for ev in turn.events():
+            if isinstance(ev, Reasoning):
+                if thinking is not None:
+                    thinking.append(ev.text)
+                    yield event("response.reasoning_text.delta", **think_at, delta=ev.text)
+                continue
+            if isinstance(ev, (Token, AnswerCompleted)):
+                for chunk in end_thinking():
+                    yield chunk
             if isinstance(ev, Token):
                 if ev.text:
                     yield event("response.output_text.delta", **at, delta=ev.text, logprobs=[])
@@ -116,7 +162,7 @@ async def _stream(ctx: Context, turn: Turn, shape: _Shape) -> AsyncIterator[byte
                 text_part = {**part, "text": summary.text}
                 yield event("response.output_text.done", **at, text=summary.text, logprobs=[])
                 yield event("response.content_part.done", **at, part=text_part)
-                yield event("response.output_item.done", output_index=0, item=shape.message_item(summary.text))
+                yield event("response.output_item.done", output_index=index, item=shape.message_item(summary.text))
                 done = shape.response(summary)
                 kind = "response.completed" if done["status"] == "completed" else "response.incomplete"
                 yield event(kind, response=done)
@@ -134,6 +180,7 @@ async def _stream(ctx: Context, turn: Turn, shape: _Shape) -> AsyncIterator[byte
                     turn=ev.turn,
                     stm_version=ev.stm_version,
                     duration_s=ev.duration_s,
+                    layers=memory_layers(ev),
                 )
             elif isinstance(ev, InteractionFailed) and ev.stage == "memory":
                 yield event("rxrt.memory.failed", conversation_id=ev.conversation_id, turn=ev.turn, message=ev.message)
@@ -151,6 +198,25 @@ async def _stream(ctx: Context, turn: Turn, shape: _Shape) -> AsyncIterator[byte
 
 
 # ---------------------------------------------------------------------- request fields
+def _effort(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_field("reasoning", "expected an object {'effort': ...}")
+    for key, item in value.items():
+        if key != "effort" and item is not None:
+            raise bad_field(f"reasoning.{key}", "only reasoning.effort is supported (the thinking text comes whole)")
+    effort = value.get("effort")
+    if effort is not None and not isinstance(effort, str):
+        raise bad_field("reasoning.effort", "expected a string")
+    return effort
+
+
+def memory_layers(ev: MemoryUpdated) -> list[dict[str, float]]:
+    """Per STM layer: how far the memory moved and how open its residual gates were."""
+    return [{"change": c, "gate": g} for c, g in zip(ev.layer_change, ev.layer_gate)]
+
+
 def conversation_ref(value: Any) -> str | None:
     if value is None:
         return None
@@ -193,6 +259,8 @@ class _Shape:
         self.entry = entry
         self.ephemeral = ephemeral
         self.item_id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.reasoning_id = f"rs_{uuid.uuid4().hex[:24]}"
+        self.thinking = False
         self.id = response_id(entry.conv.id, turn)
         self._base: dict[str, Any] = {
             "object": "response",
@@ -215,6 +283,15 @@ class _Shape:
             "incomplete_details": None,
         }
 
+    def set_request(self, user: str | None, effort: str | None, thinking: bool) -> None:
+        self.thinking = thinking
+        self._base["user"] = user
+        self._base["reasoning"] = {"effort": effort, "summary": None}
+
+    def reasoning_item(self, text: str, status: str = "completed") -> dict[str, Any]:
+        content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+        return {"id": self.reasoning_id, "type": "reasoning", "status": status, "summary": [], "content": content}
+
     def pending(self) -> dict[str, Any]:
         return {"id": self.id, **self._base, "status": "in_progress", "output": [], "usage": None}
 
@@ -233,12 +310,15 @@ class _Shape:
             **self._base,
             "status": "incomplete" if incomplete else "completed",
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "output": [self.message_item(summary.text)],
+            "output": [
+                *([self.reasoning_item(summary.reasoning)] if self.thinking else []),
+                self.message_item(summary.text),
+            ],
             "usage": {
                 "input_tokens": summary.input_tokens,
                 "input_tokens_details": {"cached_tokens": 0},
                 "output_tokens": summary.output_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": summary.reasoning_tokens},
                 "total_tokens": summary.input_tokens + summary.output_tokens,
             },
         }

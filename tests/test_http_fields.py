@@ -1,0 +1,256 @@
+"""Every request field works or is refused with a 400 naming it, over real HTTP and the ``openai`` client.
+
+Stop sequences are matched on the streamed text, never shown, and the memory takes in exactly the
+text the client saw; docs/http.md's field table is the code's (parsed here).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+
+import rxruntime
+from rxruntime.engine import Engine
+from rxruntime.serving.http.fields import CHAT_COMPLETIONS, COMPLETIONS, RESPONSES
+from rxruntime.serving.http.stops import StopMatcher
+
+from .http_server import JULIA, client, served
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "http.md"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    with rxruntime.load("default") as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def url(engine: Engine) -> Iterator[str]:
+    with served(engine) as (url, _):
+        yield url
+
+
+def _greedy_answer(c: openai.OpenAI) -> str:
+    reply = c.chat.completions.create(
+        model="rxt", messages=[{"role": "user", "content": JULIA}], temperature=0, max_tokens=24
+    )
+    text = reply.choices[0].message.content
+    assert text and len(text) > 6, text
+    return text
+
+
+def _stop_in(text: str) -> tuple[str, str]:
+    """A stop sequence from the middle of ``text`` and the answer it leaves."""
+    start = len(text) // 2
+    stop = text[start : start + 3]
+    return stop, text[: text.index(stop)]
+
+
+# ---------------------------------------------------------------------- stop
+def test_stop_matcher_holds_back_only_a_possible_match() -> None:
+    m = StopMatcher(("END", "xy"))
+    assert m.feed("abcE") == "abc"  # "E" may start END
+    assert m.feed("N") == ""
+    assert m.feed("D tail") == ""  # matched: nothing after it, the END itself hidden
+    assert m.stopped and m.shown == "abc"
+    m = StopMatcher(("END",))
+    assert m.feed("aE") == "a"
+    assert m.feed("x") == "Ex"  # not a match after all: released at once
+    assert m.feed("E") == "" and m.flush() == "E"
+    assert m.shown == "aExE"
+
+
+def test_chat_stop_sequence_streams_the_text_before_it(url: str) -> None:
+    c = client(url)
+    full = _greedy_answer(c)
+    stop, before = _stop_in(full)
+    stream = c.chat.completions.create(
+        model="rxt",
+        messages=[{"role": "user", "content": JULIA}],
+        temperature=0,
+        max_tokens=24,
+        stop=[stop, "never-in-the-answer"],
+        stream=True,
+    )
+    pieces, finish = [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == before
+    assert finish == "stop"
+    reply = c.chat.completions.create(
+        model="rxt", messages=[{"role": "user", "content": JULIA}], temperature=0, max_tokens=24, stop=stop
+    )
+    assert reply.choices[0].message.content == before
+
+
+def test_responses_stop_writes_the_shown_text_to_memory(url: str, engine: Engine) -> None:
+    c = client(url)
+    full = _greedy_answer(c)
+    stop, before = _stop_in(full)
+    events = list(
+        c.responses.create(
+            model="rxt", input=JULIA, temperature=0, max_output_tokens=24, stream=True, extra_body={"stop": [stop]}
+        )
+    )
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == before
+    done = next(e for e in events if e.type == "response.completed")
+    assert done.response.output_text == before
+    kinds: list[str] = [e.type for e in events]
+    assert kinds[-1] == "rxrt.memory.updated"
+    conversation = done.response.conversation
+    assert conversation is not None
+    stm, version, _ = engine.snapshot(conversation.id)
+    assert version == 1  # one write: the shown answer, not the decoded one too
+    ref = engine.conversation(seed=zlib.crc32(conversation.id.encode()))  # the same initial STM
+    try:
+        ref.memorize(JULIA, before)
+        ref_stm, _, _ = engine.snapshot(ref.id)
+    finally:
+        ref.delete()
+    assert torch.allclose(stm, ref_stm, atol=1e-5)
+
+
+def test_empty_and_null_stop_are_accepted(url: str) -> None:
+    c = client(url)
+    stops: list[Any] = [[], None]
+    for stop in stops:
+        body: dict[str, Any] = {"stop": stop}
+        reply = c.chat.completions.create(
+            model="rxt", messages=[{"role": "user", "content": JULIA}], max_tokens=4, extra_body=body
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_bad_stop_values_are_refused(url: str) -> None:
+    c = client(url)
+    for stop in (["a", "b", "c", "d", "e"], [""], [1]):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(
+                model="rxt", messages=[{"role": "user", "content": JULIA}], extra_body={"stop": stop}
+            )
+        assert err.value.body["param"] == "stop"  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------- the other fields
+def test_seed_user_and_max_completion_tokens_work(url: str) -> None:
+    c = client(url)
+    answers = {
+        c.chat.completions.create(
+            model="rxt",
+            messages=[{"role": "user", "content": JULIA}],
+            seed=7,
+            temperature=1.0,
+            max_completion_tokens=5,
+            user="user-1",
+        )
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    }
+    assert len(answers) == 1  # same seed, same answer
+    reply = c.chat.completions.create(
+        model="rxt", messages=[{"role": "user", "content": JULIA}], max_completion_tokens=3, user="u"
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens <= 3
+    response = c.responses.create(model="rxt", input=JULIA, max_output_tokens=3, store=False, user="u-2")
+    assert response.usage is not None and response.usage.output_tokens <= 3
+    assert response.user == "u-2"
+
+
+REFUSED_CHAT: list[tuple[str, Any]] = [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"),
+    ("response_format", {"type": "json_object"}),
+    ("logprobs", True),
+    ("top_logprobs", 2),
+    ("frequency_penalty", 0.5),
+    ("presence_penalty", -1),
+    ("logit_bias", {"5": 10}),
+    ("reasoning_effort", "high"),  # the default model is an Alpha: no thinking modes
+    ("not_a_field", 1),
+]
+REFUSED_RESPONSES: list[tuple[str, Any]] = [
+    ("tools", [{"type": "function", "name": "f", "parameters": {}}]),
+    ("tool_choice", "required"),
+    ("text", {"format": {"type": "json_object"}}),
+    ("background", True),
+    ("include", ["message.output_text.logprobs"]),
+    ("reasoning", {"effort": "medium"}),
+    ("not_a_field", 1),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), REFUSED_CHAT)
+def test_chat_fields_we_cannot_honour_are_refused_by_name(url: str, name: str, value: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client(url).chat.completions.create(
+            model="rxt", messages=[{"role": "user", "content": JULIA}], extra_body={name: value}
+        )
+    body: Any = err.value.body
+    assert body["param"] in (name, f"{name}.effort"), body
+    assert name in body["message"], body
+
+
+@pytest.mark.parametrize(("name", "value"), REFUSED_RESPONSES)
+def test_responses_fields_we_cannot_honour_are_refused_by_name(url: str, name: str, value: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client(url).responses.create(model="rxt", input=JULIA, store=False, extra_body={name: value})
+    body: Any = err.value.body
+    assert body["param"] in (name, f"{name}.effort"), body
+
+
+def test_harmless_values_of_refused_fields_are_accepted(url: str) -> None:
+    c = client(url)
+    chat = c.chat.completions.create(
+        model="rxt",
+        messages=[{"role": "user", "content": JULIA}],
+        max_tokens=3,
+        tools=[],
+        tool_choice="none",
+        response_format={"type": "text"},
+        frequency_penalty=0,
+        presence_penalty=0,
+        logprobs=False,
+    )
+    assert chat.choices[0].message.content is not None
+    response = c.responses.create(
+        model="rxt", input=JULIA, max_output_tokens=3, store=False, tools=[], tool_choice="auto", background=False
+    )
+    assert response.status in ("completed", "incomplete")
+
+
+# ---------------------------------------------------------------------- the documented table
+def _doc_table() -> dict[str, dict[str, str]]:
+    """docs/http.md's field table: field -> {endpoint: works | refused | ""}."""
+    text = DOCS.read_text()
+    section = text.split("## Request fields", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    table: dict[str, dict[str, str]] = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        name = cells[0].strip("`")
+        table[name] = {
+            endpoint: (re.match(r"\w+", cell) or re.match("", "")).group(0)  # type: ignore[union-attr]
+            for endpoint, cell in zip(("responses", "chat", "completions"), cells[1:4])
+        }
+    return table
+
+
+def test_docs_field_table_matches_the_code() -> None:
+    table = _doc_table()
+    for endpoint, fields in (("responses", RESPONSES), ("chat", CHAT_COMPLETIONS), ("completions", COMPLETIONS)):
+        documented = {name: cells[endpoint] for name, cells in table.items() if cells[endpoint] != "—"}
+        documented = {name: status for name, status in documented.items() if status}
+        code = {name: "works" if field.works else "refused" for name, field in fields.items()}
+        assert documented == code, endpoint
