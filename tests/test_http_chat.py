@@ -34,14 +34,19 @@ def test_replayed_history_remembers_a_fact(engine: Engine) -> None:
     assert "Julia" in (reply.choices[0].message.content or "")
     assert reply.choices[0].finish_reason == "stop"
     usage = reply.model_dump()["usage"]
+    replayed = len(engine.tokenizer.interaction_ids(JULIA, "Nice to meet you, Julia."))
+    query = len(engine.tokenizer.query_ids(ASK_NAME))
     assert usage["rxrt"] == {
+        "query_tokens": query,
+        "stm_tokens": replayed,
         "history_turns": 1,
         "cached_turns": 0,
         "replayed_turns": 1,
-        "replayed_tokens": len(engine.tokenizer.interaction_ids(JULIA, "Nice to meet you, Julia.")),
+        "replayed_tokens": replayed,
         "history_cache": "miss",
     }
-    assert usage["prompt_tokens"] == len(engine.tokenizer.query_ids(ASK_NAME))
+    assert usage["prompt_tokens"] == query + replayed  # the whole prompt, as OpenAI counts it
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0
 
 
 def test_the_clients_next_request_hits_the_cache_and_answers_as_a_replay_would(engine: Engine) -> None:

@@ -55,7 +55,7 @@ def _error(exc: openai.APIStatusError) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- keys
-def test_api_keys_guard_every_route_but_health(engine: Engine, tmp_path: Path) -> None:
+def test_api_keys_guard_v1_but_not_health_or_metrics(engine: Engine, tmp_path: Path) -> None:
     key_file = tmp_path / "keys"
     key_file.write_text("# team keys\nkey-b\n\n")
     from rxruntime.serving.http.bearer import KeyRing
@@ -67,8 +67,7 @@ def test_api_keys_guard_every_route_but_health(engine: Engine, tmp_path: Path) -
         status, body = _get(f"{url}/v1/models")  # no Authorization header at all
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
         assert _get(f"{url}/health")[0] == 200
-        assert _get(f"{url}/metrics")[0] == 401
-        assert _get(f"{url}/metrics", {"Authorization": "Bearer key-b"})[0] == 200
+        assert _get(f"{url}/metrics")[0] == 200  # scrapers hold no API key: open unless metrics keys are set
         assert _get(f"{url}/v1/models", {"Authorization": "Basic key-a"})[0] == 401
         a, b = client(url, "key-a"), client(url, "key-b")
         conv = a.conversations.create()
@@ -81,6 +80,14 @@ def test_api_keys_guard_every_route_but_health(engine: Engine, tmp_path: Path) -
         with pytest.raises(openai.NotFoundError):
             b.conversations.delete(conv.id)
         assert "Julia" in a.responses.create(model="rxt", input=ASK_NAME, conversation=conv.id).output_text
+
+
+def test_metrics_keys_guard_metrics_alone(engine: Engine) -> None:
+    with served(engine, metrics_keys=["scrape"]) as (url, _):
+        assert _get(f"{url}/metrics")[0] == 401
+        assert _get(f"{url}/metrics", {"Authorization": "Bearer other"})[0] == 401
+        assert _get(f"{url}/metrics", {"Authorization": "Bearer scrape"})[0] == 200
+        assert _get(f"{url}/v1/models")[0] == 200  # no API keys: /v1 stays open
 
 
 # ---------------------------------------------------------------------- 400: the bad field is named

@@ -27,6 +27,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--api-key", action="append", default=[], help="HTTP: accepted bearer key (repeatable; none: no auth)"
     )
     p.add_argument("--api-key-file", default=None, help="HTTP: file of accepted keys, one per line")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="HTTP: a browser origin allowed to call the API (repeatable; '*' for any; none: CORS off)",
+    )
+    p.add_argument(
+        "--metrics-key",
+        action="append",
+        default=[],
+        help="HTTP: a bearer key /metrics requires (repeatable; none: /metrics is open, /v1 keys still guard /v1)",
+    )
     p.add_argument("--model-name", default="rxt", help="HTTP: the model id /v1/models lists (default %(default)s)")
     p.add_argument(
         "--store",
@@ -178,6 +191,8 @@ def _run_http(args: argparse.Namespace) -> int:
         api_keys=keys,
         model_name=args.model_name,
         max_body_bytes=args.max_message_bytes,
+        cors_origins=args.cors_origin,
+        metrics_keys=args.metrics_key,
         on_ready=on_ready,
         on_shutdown=on_shutdown,
     )

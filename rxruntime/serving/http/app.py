@@ -5,8 +5,10 @@ mounted in another ASGI app, or deployed under Ray Serve. It speaks to the engin
 rxruntime's public API (``Engine.conversation``, ``Conversation.astream`` / ``replay`` /
 ``delete``).
 
-Every route but ``/health`` checks the API key when keys are configured; every error is OpenAI's
-error object with the matching status (``http/errors.py``). See docs/http.md.
+Every ``/v1`` route checks the API key when keys are configured; ``/health`` is open, and
+``/metrics`` is open unless metrics keys are given (scrapers rarely hold an API key). Every error
+is OpenAI's error object with the matching status (``http/errors.py``). CORS is off unless
+origins are given. See docs/http.md.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import anyio.to_thread
 from anyio import CapacityLimiter
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -30,8 +34,9 @@ from rxruntime.serving.http.context import Context, EngineSlot
 from rxruntime.serving.http.errors import APIError, not_found
 from rxruntime.serving.http.history_cache import HistoryCache
 from rxruntime.serving.http.metrics import Metrics
-from rxruntime.serving.http.registry import ConversationTable, Registry
+from rxruntime.serving.http.registry import CONVERSATION_HEADER, ConversationTable, Registry
 from rxruntime.serving.http.routes.chat_completions import create_chat_completion
+from rxruntime.serving.http.routes.completions import create_completion
 from rxruntime.serving.http.routes.conversations import (
     create_conversation,
     delete_conversation,
@@ -39,7 +44,7 @@ from rxruntime.serving.http.routes.conversations import (
     update_conversation,
 )
 from rxruntime.serving.http.routes.responses import create_response
-from rxruntime.serving.http.routes.status import health, list_models, metrics
+from rxruntime.serving.http.routes.status import get_model, health, list_models, metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,8 @@ def create_app(
     on_shutdown: Callable[[], None] | None = None,
     shared: ConversationTable | None = None,
     history_cache: HistoryCache | None = None,
+    cors_origins: Iterable[str] = (),
+    metrics_keys: Iterable[str] = (),
 ) -> Starlette:
     """An ASGI app serving ``engine`` (or the engine ``engine()`` loads once the app starts).
 
@@ -88,10 +95,15 @@ def create_app(
         background=ThreadPoolExecutor(4, thread_name_prefix="rxrt-http-bg"),
     )
 
+    scrape_keys = KeyRing(metrics_keys)
+
     def route(path: str, handler: Handler, methods: list[str], *, public: bool = False) -> Route:
         async def endpoint(request: Request) -> Response:
             try:
-                owner = "" if public else ctx.keys.authenticate(request)
+                if path == "/metrics":
+                    owner = scrape_keys.authenticate(request)
+                else:
+                    owner = "" if public else ctx.keys.authenticate(request)
                 response = await handler(ctx, request, owner)
             except APIError as exc:
                 response = exc.response()
@@ -108,6 +120,8 @@ def create_app(
         route("/health", health, ["GET"], public=True),
         route("/metrics", metrics, ["GET"]),
         route("/v1/models", list_models, ["GET"]),
+        route("/v1/models/{model_id:path}", get_model, ["GET"]),
+        route("/v1/completions", create_completion, ["POST"]),
         route("/v1/responses", create_response, ["POST"]),
         route("/v1/chat/completions", create_chat_completion, ["POST"]),
         route("/v1/conversations", create_conversation, ["POST"]),
@@ -134,7 +148,21 @@ def create_app(
         error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error")
         return error.response()
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    origins = list(cors_origins)
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=[CONVERSATION_HEADER],
+            max_age=600,
+        )
+        for _ in origins[:1]
+    ]
+    app = Starlette(
+        routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={HTTPException: http_error}
+    )
     app.state.rxrt = ctx
     return app
 

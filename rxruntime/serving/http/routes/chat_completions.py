@@ -11,6 +11,7 @@ the cache spared.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -40,6 +41,8 @@ from rxruntime.serving.http.replay import History, Replay, after_answer, memory_
 from rxruntime.serving.http.stops import parse_stop
 from rxruntime.serving.http.turns import Reasoning, Turn, TurnSummary, sse, sse_response
 
+log = logging.getLogger(__name__)
+
 _FINISH = {"eos": "stop", "length": "length", "cancelled": "stop", "stop": "stop"}
 
 
@@ -52,15 +55,17 @@ async def create_chat_completion(ctx: Context, request: Request, owner: str) -> 
     n = opt_int(body, "n", 1, 1)
     del n  # one choice: a conversation's memory takes one answer
     stop = parse_stop(body.get("stop"))
-    user_of(body)
+    user = user_of(body)
     options = sampling_options(body, ("max_tokens", "max_completion_tokens"))
     effort = opt_str(body, "reasoning_effort")
     mode = thinking_mode(effort, "reasoning_effort", engine.tokenizer.interaction_template)
     if mode is not None:
         options["thinking_mode"] = mode
-    include_usage = stream and _include_usage(body.get("stream_options"))
+    include_usage = stream and include_usage_of(body.get("stream_options"))
 
     conv, replay = await memory_for(ctx, engine, owner, history)
+    if user:
+        log.info("chat completion in %s for user %r", conv.id, user)
     turn = Turn(conv, history.query, options, ctx.metrics, "messages", stop, ctx.model_name)
     try:
         await turn.start()
@@ -148,7 +153,7 @@ def _message(summary: TurnSummary, thinking: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- request fields
-def _include_usage(value: Any) -> bool:
+def include_usage_of(value: Any) -> bool:
     if value is None:
         return False
     if not isinstance(value, dict):
@@ -160,12 +165,19 @@ def _include_usage(value: Any) -> bool:
 
 
 def _usage(summary: TurnSummary, replay: Replay) -> dict[str, Any]:
+    """OpenAI's usage: the prompt is the whole history and the query, of which ``cached_tokens``
+    came from the history cache's STM (never more than ``prompt_tokens``); ``rxrt`` says how the
+    STM was built and how many of the prompt's tokens it stood for."""
+    history_tokens = replay.cached_tokens + replay.replayed_tokens
+    prompt = summary.input_tokens + history_tokens
     return {
-        "prompt_tokens": summary.input_tokens,
+        "prompt_tokens": prompt,
         "completion_tokens": summary.output_tokens,
-        "total_tokens": summary.input_tokens + summary.output_tokens,
+        "total_tokens": prompt + summary.output_tokens,
         "prompt_tokens_details": {"cached_tokens": replay.cached_tokens},
         "rxrt": {
+            "query_tokens": summary.input_tokens,
+            "stm_tokens": history_tokens,
             "history_turns": replay.history_turns,
             "cached_turns": replay.cached_turns,
             "replayed_turns": replay.replayed_turns,

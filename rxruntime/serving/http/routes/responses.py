@@ -12,6 +12,7 @@ one needs no table. Only the latest response can be continued: the STM has moved
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +40,8 @@ from rxruntime.serving.http.messages import parse_input
 from rxruntime.serving.http.registry import CONVERSATION_HEADER, PREFIX, Entry
 from rxruntime.serving.http.stops import parse_stop
 from rxruntime.serving.http.turns import Reasoning, Turn, TurnSummary, sse, sse_response
+
+log = logging.getLogger(__name__)
 
 
 async def create_response(ctx: Context, request: Request, owner: str) -> Response:
@@ -83,6 +86,8 @@ async def create_response(ctx: Context, request: Request, owner: str) -> Respons
         raise
     shape = _Shape(ctx.model_name, entry, turn.number, body, meta, instructions, previous, store, ephemeral)
     shape.set_request(user, effort, mode == "extended")
+    if user:
+        log.info("response %s for user %r", shape.id, user)
     if not stream:
         try:
             summary = await turn.answer_only()

@@ -1,4 +1,4 @@
-"""The small routes: ``/health`` (no key needed), ``/v1/models`` and ``/metrics``."""
+"""The small routes: ``/health`` (no key needed), ``/v1/models`` (and one by id) and ``/metrics``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from rxruntime.serving.http.context import Context
+from rxruntime.serving.http.errors import not_found
 
 
 async def health(ctx: Context, request: Request, owner: str) -> Response:
@@ -18,6 +19,18 @@ async def health(ctx: Context, request: Request, owner: str) -> Response:
 
 
 async def list_models(ctx: Context, request: Request, owner: str) -> Response:
+    return JSONResponse({"object": "list", "data": [_model(ctx)]})
+
+
+async def get_model(ctx: Context, request: Request, owner: str) -> Response:
+    """The one model, by its id; 404 in OpenAI's error shape for any other id."""
+    model_id = request.path_params["model_id"]
+    if model_id != ctx.model_name:
+        raise not_found(f"model {model_id!r}", "model")
+    return JSONResponse(_model(ctx))
+
+
+def _model(ctx: Context) -> dict[str, object]:
     engine = ctx.slot.engine
     config = engine.config
     model = {
@@ -33,7 +46,7 @@ async def list_models(ctx: Context, request: Request, owner: str) -> Response:
             "vocab_size": config.vocab_size,
         },
     }
-    return JSONResponse({"object": "list", "data": [model]})
+    return model
 
 
 async def metrics(ctx: Context, request: Request, owner: str) -> Response:
