@@ -166,3 +166,34 @@ def test_a_chat_ui_session(url: str) -> None:
         model="rxt", messages=[{"role": "user", "content": JULIA}], max_tokens=12, stop=["\n", " "]
     )
     assert " " not in (stopped.choices[0].message.content or "").strip()
+
+
+# ---------------------------------------------------------------------- metrics
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics") as reply:  # open: no key needed by default
+        text = reply.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            total += float(line.split()[1])
+    return total
+
+
+def test_metrics_observe_every_token_gap_with_a_model_label(engine: Engine) -> None:
+    with served(engine, model_name="tiny") as (url, _):
+        c = client(url)
+        done = c.responses.create(model="tiny", input=JULIA, max_output_tokens=9, store=False)
+        assert done.usage is not None
+        n = done.usage.output_tokens
+        assert n >= 2
+        assert _metric(url, 'rxrt_inter_token_latency_seconds_count{model="tiny"}') == n - 1  # one per gap
+        assert _metric(url, 'rxrt_tokens_total{kind="completion",model="tiny"}') == n
+        reason = "length" if done.status == "incomplete" else "eos"
+        assert _metric(url, f'rxrt_requests_finished_total{{finish_reason="{reason}",model="tiny"}}') == 1
+        for name in ("time_to_first_token", "e2e_request_latency", "queue_time"):
+            assert _metric(url, f'rxrt_{name}_seconds_count{{model="tiny"}}') == 1
+        stream = c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": JULIA}], max_tokens=12, stop=" ", stream=True
+        )
+        assert [chunk.choices[0].finish_reason for chunk in stream][-1] == "stop"
+        assert _metric(url, 'rxrt_requests_finished_total{finish_reason="stop",model="tiny"}') >= 1

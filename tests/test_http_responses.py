@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -179,17 +180,25 @@ def test_models_and_metrics(api: tuple[openai.OpenAI, Any]) -> None:
     text = _metrics(c)
     for name in (
         'rxrt_http_requests_total{route="/v1/responses",status="200"}',
-        'rxrt_tokens_total{kind="input"}',
-        "rxrt_time_to_first_token_seconds_count",
-        "rxrt_time_per_output_token_seconds_count",
-        "rxrt_memory_update_seconds_count",
+        'rxrt_tokens_total{kind="prompt",model="rxt"}',
+        'rxrt_tokens_total{kind="completion",model="rxt"}',
+        'rxrt_time_to_first_token_seconds_count{model="rxt"}',
+        'rxrt_inter_token_latency_seconds_count{model="rxt"}',
+        'rxrt_e2e_request_latency_seconds_count{model="rxt"}',
+        'rxrt_queue_time_seconds_count{model="rxt"}',
+        'rxrt_memory_update_seconds_count{model="rxt"}',
+        'rxrt_stm_versions_written_total{model="rxt"}',
         "rxrt_queue_depth",
         "rxrt_open_conversations",
         "rxrt_store_errors_total",
     ):
         assert name in text, name
     assert _sample(text, "rxrt_open_conversations") >= 1
-    assert _sample(text, "rxrt_memory_update_seconds_count") >= 1
+    deadline = time.monotonic() + 30  # the non-streamed answer returns before its memory update commits
+    while _sample(text, 'rxrt_memory_update_seconds_count{model="rxt"}') < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = _metrics(c)
+    assert _sample(text, 'rxrt_stm_versions_written_total{model="rxt"}') >= 1
 
 
 def _metrics(c: openai.OpenAI) -> str:

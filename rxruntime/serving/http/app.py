@@ -82,7 +82,7 @@ def create_app(
     slot = EngineSlot(engine, owns_engine=owns_engine)
     if on_ready is not None:
         slot.on_ready.append(on_ready)
-    metrics_ = Metrics(lambda: _engine_stats(slot))
+    metrics_ = Metrics(lambda: _engine_stats(slot), model_name)
     ctx = Context(
         slot=slot,
         keys=api_keys if isinstance(api_keys, KeyRing) else KeyRing(api_keys),

@@ -17,26 +17,47 @@ _PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 
 
 class Metrics:
+    """The app's metrics. Per-request series carry a ``model`` label (the served model's id), as
+    scrapers of several servers expect; the engine gauges describe the one engine and have none."""
+
     CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-    def __init__(self, engine_stats: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, engine_stats: Callable[[], dict[str, int]], model: str = "rxt") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.model = model
         r = self.registry
         self.requests = Counter(
             "rxrt_http_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
         )
-        self.tokens = Counter("rxrt_tokens", "Tokens read (input) and generated (output)", ["kind"], registry=r)
-        self.ttft = Histogram(
-            "rxrt_time_to_first_token_seconds", "Query received to first token", buckets=_LATENCY_BUCKETS, registry=r
+        tokens = Counter(
+            "rxrt_tokens", "Tokens read (prompt) and generated (completion)", ["model", "kind"], registry=r
         )
-        self.per_token = Histogram(
-            "rxrt_time_per_output_token_seconds",
-            "Mean decode time per token after the first, per answer",
-            buckets=_PER_TOKEN_BUCKETS,
-            registry=r,
+        self.prompt_tokens = tokens.labels(model, "prompt")
+        self.completion_tokens = tokens.labels(model, "completion")
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, ["model"], buckets=buckets, registry=r).labels(model)
+
+        self.ttft = histogram(
+            "rxrt_time_to_first_token_seconds", "Query received to first token (queueing included)", _LATENCY_BUCKETS
         )
-        self.memory_update = Histogram(
-            "rxrt_memory_update_seconds", "Encoder + memory attention per turn", buckets=_LATENCY_BUCKETS, registry=r
+        self.inter_token = histogram(
+            "rxrt_inter_token_latency_seconds",
+            "Time between two consecutive tokens of an answer, one observation per gap, as the front receives them",
+            _PER_TOKEN_BUCKETS,
+        )
+        self.e2e = histogram("rxrt_e2e_request_latency_seconds", "Query received to the answer's end", _LATENCY_BUCKETS)
+        self.queue_time = histogram(
+            "rxrt_queue_time_seconds", "Query received to the turn joining the decode batch", _LATENCY_BUCKETS
+        )
+        self.memory_update = histogram(
+            "rxrt_memory_update_seconds", "Encoder + memory attention per turn", _LATENCY_BUCKETS
+        )
+        self.stm_versions = Counter(
+            "rxrt_stm_versions_written", "STM versions committed by memory updates", ["model"], registry=r
+        ).labels(model)
+        self.finished = Counter(
+            "rxrt_requests_finished", "Answers by finish reason", ["model", "finish_reason"], registry=r
         )
         self.store_errors = Counter("rxrt_store_errors", "Failed reads or writes of the STM store", registry=r)
         self.replay = Counter(
@@ -47,9 +68,6 @@ class Metrics:
         )
         self.replayed_turns = Counter(
             "rxrt_history_replayed_turns", "Earlier turns written to memory by replay (no decoding)", registry=r
-        )
-        self.finished = Counter(
-            "rxrt_requests_finished", "Answers by finish reason", ["model", "finish_reason"], registry=r
         )
         self.cancelled = Counter("rxrt_turns_cancelled", "Turns cancelled by a client that went away", registry=r)
         self._engine_stats = engine_stats

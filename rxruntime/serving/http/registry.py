@@ -250,11 +250,12 @@ class Registry:
     # ------------------------------------------------------------------ helpers
     def _watch(self, entry: Entry) -> Entry:
         """Memory-update durations of every turn (also those no client waits for) go to /metrics."""
-        histogram = self._metrics.memory_update
+        histogram, versions = self._metrics.memory_update, self._metrics.stm_versions
 
         def on_memory(event: object) -> None:
             if isinstance(event, MemoryUpdated):
                 histogram.observe(event.duration_s)
+                versions.inc()
 
         entry.conv.memory_events.subscribe(on_memory)
         return entry

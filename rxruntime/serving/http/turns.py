@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -84,14 +85,12 @@ class Turn:
         metrics: Metrics,
         param: str,
         stop: tuple[str, ...] = (),
-        model: str = "rxt",
     ) -> None:
         self._conv = conv
         self._query = query
         self._stop = StopMatcher(stop) if stop else None
         self._options = {**options, "remember": False} if stop else options
         self._metrics = metrics
-        self._model = model
         self._param = param
         self._thinking = options.get("thinking_mode") == "extended"
         self._answer_id = conv.backend.tokenizer.special.answer_id if self._thinking else -1
@@ -107,6 +106,7 @@ class Turn:
         self._closed = False
         self._failed = False
         self._seen_tokens = 0
+        self._last_token: float | None = None
 
     @property
     def memorizes(self) -> bool:
@@ -186,7 +186,8 @@ class Turn:
         await self._stream.aclose()  # type: ignore[attr-defined]
         answer = AnswerCompleted(last.conversation_id, last.turn, "".join(self._shown), (), "stop", 0.0, 0.0, 0.0, 0.0)
         self.answer = answer
-        self._metrics.finished.labels(self._model, "stop").inc()
+        self._metrics.finished.labels(self._metrics.model, "stop").inc()
+        self._metrics.completion_tokens.inc(self._seen_tokens)
         yield answer
         async for ev in self._memorize(answer):
             yield ev
@@ -257,16 +258,22 @@ class Turn:
         if isinstance(event, QueryReceived):
             self.input_tokens = len(event.token_ids)
             self.number = event.turn
-            m.tokens.labels("input").inc(self.input_tokens)
+            m.prompt_tokens.inc(self.input_tokens)
         elif isinstance(event, Token):
             self._seen_tokens += event.count
+            now = time.perf_counter()
+            if self._last_token is not None:  # one observation per gap; merged tokens share theirs
+                gap = (now - self._last_token) / event.count
+                for _ in range(event.count):
+                    m.inter_token.observe(gap)
+            self._last_token = now
         elif isinstance(event, AnswerCompleted):
             self.answer = event
-            m.tokens.labels("output").inc(len(event.token_ids))
+            m.completion_tokens.inc(len(event.token_ids))
             m.ttft.observe(event.ttft_s)
-            if event.tokens_per_s > 0:
-                m.per_token.observe(1.0 / event.tokens_per_s)
-            m.finished.labels(self._model, event.finish_reason).inc()
+            m.e2e.observe(event.duration_s)
+            m.queue_time.observe(event.queued_s)
+            m.finished.labels(m.model, event.finish_reason).inc()
         elif isinstance(event, MemoryUpdated):
             self.memory_committed = True
         elif isinstance(event, InteractionFailed) and event.stage == "memory" and _store_failure(event):

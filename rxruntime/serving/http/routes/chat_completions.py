@@ -66,7 +66,7 @@ async def create_chat_completion(ctx: Context, request: Request, owner: str) -> 
     conv, replay = await memory_for(ctx, engine, owner, history)
     if user:
         log.info("chat completion in %s for user %r", conv.id, user)
-    turn = Turn(conv, history.query, options, ctx.metrics, "messages", stop, ctx.model_name)
+    turn = Turn(conv, history.query, options, ctx.metrics, "messages", stop)
     try:
         await turn.start()
     except APIError:

@@ -62,7 +62,7 @@ async def create_completion(ctx: Context, request: Request, owner: str) -> Respo
     if user:
         log.info("completion in %s for user %r", entry.conv.id, user)
 
-    turn = Turn(entry.conv, prompt, options, ctx.metrics, "prompt", stop, ctx.model_name)
+    turn = Turn(entry.conv, prompt, options, ctx.metrics, "prompt", stop)
     try:
         await turn.start()
     except APIError:

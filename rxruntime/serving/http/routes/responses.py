@@ -77,7 +77,7 @@ async def create_response(ctx: Context, request: Request, owner: str) -> Respons
         )
     ephemeral = new and not store  # nobody can continue it: gone after this turn
 
-    turn = Turn(entry.conv, query, options, ctx.metrics, "input", stop, ctx.model_name)
+    turn = Turn(entry.conv, query, options, ctx.metrics, "input", stop)
     try:
         await turn.start()
     except APIError:
