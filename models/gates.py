@@ -82,6 +82,20 @@ class ResidualGate(nn.Module):
             return act(self.weight * self._status(total))
         return act(self.weight * total)
 
+    def mix(self, old: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward``, and how open the gate was: the mean share of the update that entered the
+        STM, per batch row (B,). 0 keeps the old memory, 1 takes the update (no gate: 1)."""
+        if self.gate_type == "none":
+            return new + old, new.new_ones(new.shape[0], dtype=torch.float32)
+        g = self.gate(old, new)
+        if self.tanh:  # weights (1 + g) on the update, (1 - g) on the memory: its share is (1 + g) / 2
+            out, share = (1 + g) * new + (1 - g) * old, (1 + g) / 2
+        else:
+            out, share = (1 - g) * old + g * new, g
+        if share.dim() == new.dim():
+            return out, share.float().mean(dim=tuple(range(1, share.dim())))
+        return out, share.float().mean().expand(new.shape[0])  # static: the same for every row
+
     def forward(self, old: Tensor, new: Tensor) -> Tensor:
         if self.gate_type == "none":
             return new + old

@@ -97,8 +97,12 @@ class MemoryAttention(nn.Module):
         groups = self.num_groups if self.variant == "grouped-self-interlayer" else 1
         return [self.mean_norm(chunk.mean(dim=1)) for chunk in stm.chunk(groups, dim=1)]
 
-    def forward(self, stm: Tensor, encoded: Tensor, encoded_mask: Tensor | None = None) -> Tensor:
-        """STM (B, L, S, D) and ED (B, L, T, D) with padding mask (B, T) -> new STM (B, L, S, D)."""
+    def forward(
+        self, stm: Tensor, encoded: Tensor, encoded_mask: Tensor | None = None, gates: list[Tensor] | None = None
+    ) -> Tensor:
+        """STM (B, L, S, D) and ED (B, L, T, D) with padding mask (B, T) -> new STM (B, L, S, D).
+
+        ``gates``: if given, each layer's residual gate appends how open it was (B,) (``ResidualGate.mix``)."""
         mask = None if encoded_mask is None else encoded_mask[:, None, None, :]
         means = self._means(stm)
         per_group = stm.shape[1] // len(means) if means else 1
@@ -123,5 +127,12 @@ class MemoryAttention(nn.Module):
                 kv_positions=positions,
                 mask=mask,
             )
-            layers.append(self.gate[i](s, update))
+            if gates is None:
+                layers.append(self.gate[i](s, update))
+            else:
+                gate = self.gate[i]
+                assert isinstance(gate, ResidualGate)
+                merged, share = gate.mix(s, update)
+                layers.append(merged)
+                gates.append(share)
         return torch.stack(layers, dim=1)

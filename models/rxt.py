@@ -370,15 +370,21 @@ class RxTModel(nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()
         return self.encoder(self.embedding(input_ids), key_mask=mask, memory_kv=memory_kv)
 
-    def update_memory(self, stm: Tensor, encoded: Tensor, encoded_mask: Tensor | None = None) -> Tensor:
-        """STM(t-1) (B, L, S, D) and ED(t) (B, L, T, D) -> STM(t)."""
+    def update_memory(
+        self, stm: Tensor, encoded: Tensor, encoded_mask: Tensor | None = None, gates: list[Tensor] | None = None
+    ) -> Tensor:
+        """STM(t-1) (B, L, S, D) and ED(t) (B, L, T, D) -> STM(t). ``gates``: see ``MemoryAttention``."""
         mask = None if encoded_mask is None else encoded_mask.bool()
-        return self.memory_attention(stm, encoded, mask)
+        return cast(Tensor, self.memory_attention(stm, encoded, mask, gates))
 
-    def memory_update(self, stm: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The whole asynchronous phase: encode the interaction, then write the STM."""
+    def memory_update(
+        self, stm: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None, gates: list[Tensor] | None = None
+    ) -> Tensor:
+        """The whole asynchronous phase: encode the interaction, then write the STM.
+
+        ``gates``: if given, receives each layer's gate openness (B,), for ``memory_change``."""
         encoded = self.encode(input_ids, attention_mask, stm)
-        return self.update_memory(stm, encoded, attention_mask)
+        return self.update_memory(stm, encoded, attention_mask, gates)
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(
@@ -409,3 +415,14 @@ def _residual_linear(x: Tensor, features: Tensor, proj: nn.Linear) -> Tensor:
     """``x + proj(features)`` as one ``addmm`` (the residual add fused into the product)."""
     out = torch.addmm(x, features, proj.weight.t())
     return out if proj.bias is None else out + proj.bias
+
+
+def memory_change(old: Tensor, new: Tensor, gates: list[Tensor]) -> Tensor:
+    """What a memory update did, per row and layer: (B, 2, L) of ‖STM_t − STM_t−1‖ / ‖STM_t−1‖
+    and the gates' openness (from ``memory_update(gates=...)``; NaN where none were recorded).
+
+    A few reductions on tensors the update already holds, left on the device (no sync)."""
+    before = old.float().flatten(2)
+    change = (new.float().flatten(2) - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-12)
+    gate = torch.stack(gates, dim=1) if len(gates) == change.shape[1] else torch.full_like(change, float("nan"))
+    return torch.stack([change, gate.to(change.device)], dim=1)

@@ -346,7 +346,14 @@ def memory_started(conv: ConversationRef) -> Callable[[Observable[Event]], Obser
                     observer.on_next(MemoryUpdateStarted(conversation_id=cid, turn=turn, stm_version=stm_version))
                     observer.on_completed()
 
-                def on_memory_updated(self, turn: int, stm_version: int, duration_s: float) -> None:
+                def on_memory_updated(
+                    self,
+                    turn: int,
+                    stm_version: int,
+                    duration_s: float,
+                    change: tuple[float, ...] = (),
+                    gate: tuple[float, ...] = (),
+                ) -> None:
                     observer.on_completed()  # only reached if the start was already reported
 
                 def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None:
@@ -389,10 +396,15 @@ def memory_updated(conv: ConversationRef) -> Callable[[Observable[Event]], Obser
                 def on_memory_started(self, turn: int, stm_version: int) -> None:
                     pass
 
-                def on_memory_updated(self, turn: int, stm_version: int, duration_s: float) -> None:
-                    observer.on_next(
-                        MemoryUpdated(conversation_id=cid, turn=turn, stm_version=stm_version, duration_s=duration_s)
-                    )
+                def on_memory_updated(
+                    self,
+                    turn: int,
+                    stm_version: int,
+                    duration_s: float,
+                    change: tuple[float, ...] = (),
+                    gate: tuple[float, ...] = (),
+                ) -> None:
+                    observer.on_next(MemoryUpdated(cid, turn, stm_version, duration_s, change, gate))
                     observer.on_completed()
 
                 def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None:

@@ -57,7 +57,14 @@ class MemoryListener(Protocol):
 
     def on_memory_started(self, turn: int, stm_version: int) -> None: ...
 
-    def on_memory_updated(self, turn: int, stm_version: int, duration_s: float) -> None: ...
+    def on_memory_updated(
+        self,
+        turn: int,
+        stm_version: int,
+        duration_s: float,
+        change: tuple[float, ...] = (),
+        gate: tuple[float, ...] = (),
+    ) -> None: ...
 
     def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None: ...
 

@@ -258,8 +258,15 @@ class _MemoryForwarder:
     def on_memory_started(self, turn: int, stm_version: int) -> None:
         self._conv._memory_subject.on_next(MemoryUpdateStarted(self._conv.id, turn, stm_version))
 
-    def on_memory_updated(self, turn: int, stm_version: int, duration_s: float) -> None:
-        self._conv._memory_subject.on_next(MemoryUpdated(self._conv.id, turn, stm_version, duration_s))
+    def on_memory_updated(
+        self,
+        turn: int,
+        stm_version: int,
+        duration_s: float,
+        change: tuple[float, ...] = (),
+        gate: tuple[float, ...] = (),
+    ) -> None:
+        self._conv._memory_subject.on_next(MemoryUpdated(self._conv.id, turn, stm_version, duration_s, change, gate))
 
     def on_memory_failed(self, turn: int, exc: BaseException, stm_version: int) -> None:
         pass  # the turn's own stream reports failures; memory_events stays alive for later turns

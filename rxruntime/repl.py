@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich.bar import Bar
 from rich.console import Console
 from rich.table import Table
 
@@ -40,6 +41,7 @@ Commands:
   /save PATH     save the conversation's memory (STM) to a file
   /load PATH     load a memory saved with /save
   /stats         per-turn statistics (time to first token, tokens/s, memory update)
+  /memory        what the last memory update changed: a bar per STM layer
   /temp X        sampling temperature (0 = greedy)
   /exit          quit (or Ctrl-D)
 Ctrl-C stops the current answer."""
@@ -71,6 +73,7 @@ class ChatREPL:
         self._answering = False  # an answer is being printed: memory status lines wait for its end
         self._held: list[str] = []
         self._unsubscribe: Callable[[], None] | None = None
+        self._last_memory: MemoryUpdated | None = None
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -180,6 +183,7 @@ class ChatREPL:
     # ------------------------------------------------------------------ memory status (background)
     def _on_memory_event(self, event: Event) -> None:
         if isinstance(event, MemoryUpdated) and event.turn > 0:
+            self._last_memory = event
             self._async_status(f"✓ memory v{event.stm_version} ({event.duration_s * 1000:.0f} ms)")
 
     def _async_status(self, message: str) -> None:
@@ -223,6 +227,8 @@ class ChatREPL:
                 self._status(f"loaded {arg} (now STM v{self.conv.stm_version})")
             elif name == "/stats":
                 self._stats()
+            elif name == "/memory":
+                self._memory()
             elif name == "/temp":
                 value = float(arg)
                 if not value >= 0 or value == float("inf"):
@@ -257,6 +263,27 @@ class ChatREPL:
                 f"v{r['stm_version']}" if "stm_version" in r else "",
                 str(r.get("finish_reason", "")),
             )
+        self.console.print(table)
+
+    def _memory(self) -> None:
+        """Per STM layer: how far the last update moved the memory (relative to its norm, bars
+        scaled to the layer that moved most) and how open the residual gates were (0 to 1)."""
+        event = self._last_memory
+        if event is None:
+            self._status("no memory update yet")
+            return
+        head = f"memory v{event.stm_version} after turn {event.turn} ({event.duration_s * 1000:.0f} ms)"
+        if not event.layer_change:
+            self._status(f"{head}: no per-layer figures")
+            return
+        widest = max(max(event.layer_change), 1e-12)
+        table = Table(title=head, title_justify="left")
+        for col, justify in (("layer", "right"), ("moved", "left"), ("", "right"), ("gate", "left"), (" ", "right")):
+            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        gates = event.layer_gate or tuple(float("nan") for _ in event.layer_change)
+        for i, (moved, gate) in enumerate(zip(event.layer_change, gates)):
+            gate_cells = (Bar(1.0, 0.0, gate, width=16), f"{gate:.2f}") if gate == gate else ("", "")
+            table.add_row(str(i), Bar(widest, 0.0, moved, width=24), f"{moved:.1%}", *gate_cells)
         self.console.print(table)
 
     # ------------------------------------------------------------------ output helpers

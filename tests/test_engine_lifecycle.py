@@ -31,9 +31,9 @@ def make_model(memory_delay: float = 0.0) -> RxTModel:
     if memory_delay:
         real = model.memory_update
 
-        def slow(stm: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        def slow(stm: Tensor, ids: Tensor, mask: Tensor | None = None, gates: Any = None) -> Tensor:
             time.sleep(memory_delay)
-            return real(stm, ids, mask)
+            return real(stm, ids, mask, gates)
 
         setattr(model, "memory_update", slow)  # noqa: B010
     return model
@@ -173,10 +173,10 @@ def test_ask_can_wait_for_the_memory_update_and_raise_its_failure(tok: RxTokeniz
     real = model.memory_update
     broken = {"on": True}
 
-    def memory_update(stm: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    def memory_update(stm: Tensor, ids: Tensor, mask: Tensor | None = None, gates: Any = None) -> Tensor:
         if broken["on"]:
             raise RuntimeError("injected memory failure")
-        return real(stm, ids, mask)
+        return real(stm, ids, mask, gates)
 
     setattr(model, "memory_update", memory_update)  # noqa: B010
     with Engine(model, tok) as eng:

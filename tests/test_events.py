@@ -25,6 +25,7 @@ SAMPLES: list[Event] = [
     AnswerCompleted("c1", 1, "Hello Ada", (17, 18), "eos", 0.012, 95.5, 0.2, 0.001),
     MemoryUpdateStarted("c1", 1, 0),
     MemoryUpdated("c1", 1, 1, 0.004),
+    MemoryUpdated("c1", 2, 2, 0.004, (0.25, 0.125), (0.5, 0.75)),
     InteractionFailed("c1", 2, "QueryTooLongError", "too long", "query", 1),
 ]
 
@@ -50,3 +51,9 @@ def test_bad_wire_data_is_rejected_clearly() -> None:
         events.from_dict({"type": "token", "conversation_id": "c", "turn": 1})
     with pytest.raises(ValueError, match="msgpack map"):
         events.unpack(msgpack.packb([1, 2]))
+
+
+def test_an_older_memory_updated_without_layer_figures_still_decodes() -> None:
+    old = {"type": "memory_updated", "conversation_id": "c", "turn": 1, "stm_version": 1, "duration_s": 0.1}
+    event = events.unpack(msgpack.packb(old))
+    assert isinstance(event, MemoryUpdated) and event.layer_change == () and event.layer_gate == ()

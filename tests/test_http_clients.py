@@ -197,3 +197,12 @@ def test_metrics_observe_every_token_gap_with_a_model_label(engine: Engine) -> N
         )
         assert [chunk.choices[0].finish_reason for chunk in stream][-1] == "stop"
         assert _metric(url, 'rxrt_requests_finished_total{finish_reason="stop",model="tiny"}') >= 1
+
+
+# ---------------------------------------------------------------------- the memory, watched
+def test_the_stream_carries_what_the_memory_update_changed(url: str, engine: Engine) -> None:
+    events = list(client(url, "k").responses.create(model="rxt", input=JULIA, max_output_tokens=8, stream=True))
+    updated: Any = next(e for e in events if str(e.type) == "rxrt.memory.updated")
+    layers = updated.layers
+    assert len(layers) == engine.config.num_layers
+    assert all(layer["change"] > 0 and 0 <= layer["gate"] <= 1 for layer in layers)

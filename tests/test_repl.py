@@ -65,6 +65,11 @@ def test_a_conversation_with_memory_status_lines(chat: pexpect.spawn) -> None:
     chat.sendline("/stats")
     chat.expect("STM v2 · 2 turns")
     chat.expect("TTFT ms")
+    chat.sendline("/memory")  # a bar per STM layer: how far it moved, how open its gates were
+    chat.expect(r"memory v2 after turn 2 \(\d+ ms\)")
+    chat.expect("moved")
+    for layer in range(2):  # the tiny model's layers
+        chat.expect(rf"{layer} [^\n]*\d+\.\d%[^\n]*\d\.\d\d")  # pexpect's "." crosses lines
     chat.sendline("/exit")
     chat.expect(pexpect.EOF)
     assert chat.wait() == 0

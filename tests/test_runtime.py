@@ -136,10 +136,10 @@ def test_other_conversations_are_not_blocked_by_a_memory_update(tok: RxTokenizer
     real = model.memory_update
     gate = threading.Event()
 
-    def memory_update(stm: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    def memory_update(stm: Tensor, ids: Tensor, mask: Tensor | None = None, gates: Any = None) -> Tensor:
         if getattr(threading.current_thread(), "slow", False):
             gate.wait(5)
-        return real(stm, ids, mask)
+        return real(stm, ids, mask, gates)
 
     patch(model, "memory_update", memory_update)
     with Engine(model, tok) as eng:

@@ -662,7 +662,14 @@ class _MemorizeListener(_Silent):
     def on_memory_started(self, turn: int, stm_version: int) -> None:
         pass
 
-    def on_memory_updated(self, turn: int, stm_version: int, duration_s: float) -> None:
+    def on_memory_updated(
+        self,
+        turn: int,
+        stm_version: int,
+        duration_s: float,
+        change: tuple[float, ...] = (),
+        gate: tuple[float, ...] = (),
+    ) -> None:
         self._waiter.settle(self._i, stm_version, None)
 
     def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None:

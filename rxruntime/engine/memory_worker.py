@@ -17,6 +17,7 @@ re-reads the store, so its next turn runs on the newest memory instead of failin
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from rxruntime.errors import ConversationError, ModelExecutionError, QueueFullError
-from rxruntime.models.rxt import RxTModel
+from rxruntime.models.rxt import RxTModel, memory_change
 from rxruntime.snapshot import ConversationState
 from rxruntime.stores import StaleStateError, STMStore, newer_copy, overwrite, persist
 
@@ -113,19 +114,22 @@ class MemoryWorker:
         start = time.perf_counter()
         updates = [t for t in tasks if t.install is None]
         results: dict[int, Tensor] = {}
+        changes: dict[int, Tensor] = {}
         done_event = None
         if updates:
             try:
-                new_stm, done_event = self._compute(updates)
+                new_stm, change, done_event = self._compute(updates)
                 results.update({id(t): s for t, s in zip(updates, new_stm)})
+                changes.update({id(t): c for t, c in zip(updates, change)})
             except Exception as exc:
                 if len(updates) == 1:
                     self._fail(updates, ModelExecutionError(f"memory update failed: {exc}"), exc)
                 else:  # find the one that fails; the others commit
                     for t in updates:
                         try:
-                            one, done_event = self._compute([t])
+                            one, change, done_event = self._compute([t])
                             results[id(t)] = one[0]
+                            changes[id(t)] = change[0]
                         except Exception as single:
                             self._fail([t], ModelExecutionError(f"memory update failed: {single}"), single)
         if done_event is not None and (self.store is not None or results):
@@ -142,6 +146,7 @@ class MemoryWorker:
             if version is not None:
                 committed.append((t, stm, version))
         duration = time.perf_counter() - start
+        stats = {key: _per_layer(change) for key, change in changes.items()}  # after the sync: no stall
         with self._sched.lock:  # commit: the next turn of each conversation may now be admitted
             for t, stm, version in committed:
                 conv = t.conv
@@ -154,7 +159,7 @@ class MemoryWorker:
                 else:
                     conv.memory_error = None
                     conv.committed_turn = max(conv.committed_turn, t.turn)
-                    record = MemoryRecord("updated", version, duration)
+                    record = MemoryRecord("updated", version, duration, None, *stats.get(id(t), ((), ())))
                     settle(conv, t.turn, record)
                     if t.turn > 0:
                         conv.history.append({"turn": t.turn, "memory_update_s": duration, "stm_version": version})
@@ -163,8 +168,9 @@ class MemoryWorker:
             for conv in self._sched.evictable():
                 evict(conv)
 
-    def _compute(self, tasks: list[MemoryTask]) -> tuple[list[Tensor], Any]:
-        """Encoder + memory attention for a batch of conversations -> each one's own new STM."""
+    def _compute(self, tasks: list[MemoryTask]) -> tuple[list[Tensor], Tensor, Any]:
+        """Encoder + memory attention for a batch of conversations -> each one's own new STM, and
+        what changed (``memory_change``: (B, 2, L), read once the update has synchronised)."""
         device = self.device
         lengths = [len(t.ids or ()) for t in tasks]
         ids = torch.full((len(tasks), max(lengths)), self.config.special_tokens.pad_id, dtype=torch.long)
@@ -173,24 +179,26 @@ class MemoryWorker:
             ids[i, : lengths[i]] = torch.tensor(t.ids)
             mask[i, : lengths[i]] = True
         stms = [t.conv.stm for t in tasks]
+        gates: list[Tensor] = []
         if self._stream is None:
-            new = self.model.memory_update(torch.stack(stms), ids.to(device), mask.to(device))  # type: ignore[arg-type]
-            return split(new), None
+            old = torch.stack(stms)  # type: ignore[arg-type]
+            new = self.model.memory_update(old, ids.to(device), mask.to(device), gates)
+            return split(new), memory_change(old, new, gates), None
         with torch.cuda.stream(self._stream):  # pragma: no cover - GPU only
             for t in tasks:
                 if t.conv.ready_event is not None:
                     self._stream.wait_event(t.conv.ready_event)
             # the answer's decode ran on the default stream; the memory stream starts after it
             self._stream.wait_stream(torch.cuda.default_stream(device))
+            old = torch.stack(stms)  # type: ignore[arg-type]
             new = self.model.memory_update(
-                torch.stack(stms),  # type: ignore[arg-type]
-                ids.to(device, non_blocking=True),
-                mask.to(device, non_blocking=True),
+                old, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), gates
             )
             parts = split(new)
+            change = memory_change(old, new, gates)
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record(self._stream)
-        return parts, done
+        return parts, change, done
 
     # ------------------------------------------------------------------ the store
     def _persist(self, task: MemoryTask, stm: Tensor) -> int | None:
@@ -254,6 +262,15 @@ def evict(conv: ConversationEntry) -> None:
     conv.stm = None
     conv.ready_event = None
     conv.history.clear()
+
+
+def _per_layer(change: Tensor | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(layer_change, layer_gate) of one conversation's (2, L) row; () where unknown."""
+    if change is None:
+        return (), ()
+    moved, gate = change.tolist()
+    known = all(math.isfinite(g) for g in gate)
+    return tuple(moved), tuple(gate) if known else ()
 
 
 def split(stm: Tensor) -> list[Tensor]:

@@ -89,6 +89,8 @@ class MemoryRecord:
     version: int
     duration: float = 0.0
     error: Exception | None = None
+    change: tuple[float, ...] = ()  # per layer: |STM_t - STM_t-1| / |STM_t-1|
+    gate: tuple[float, ...] = ()  # per layer: the residual gates' mean share of the update
 
 
 @dataclass(eq=False)
@@ -316,7 +318,11 @@ def post_record(
         if record.status == "updated":
             if replay:
                 conv.mailbox.post(lambda ls=listener: ls.on_memory_started(turn, record.version - 1))  # type: ignore[misc]
-            conv.mailbox.post(lambda ls=listener: ls.on_memory_updated(turn, record.version, record.duration))  # type: ignore[misc]
+            conv.mailbox.post(
+                lambda ls=listener: ls.on_memory_updated(  # type: ignore[misc]
+                    turn, record.version, record.duration, record.change, record.gate
+                )
+            )
         elif record.status == "failed":
             assert record.error is not None
             error = record.error
