@@ -156,11 +156,11 @@ def test_a_failing_memory_update_fails_only_its_conversation(tok: RxTokenizer) -
     real = model.memory_update
     gate = threading.Event()
 
-    def memory_update(stm: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    def memory_update(stm: Tensor, ids: Tensor, mask: Tensor | None = None, gates: Any = None) -> Tensor:
         gate.wait(10)  # let every conversation's update queue up: one batch
         if bool((ids == 7).any()):
             raise RuntimeError("injected memory failure")
-        return real(stm, ids, mask)
+        return real(stm, ids, mask, gates)
 
     setattr(model, "memory_update", memory_update)  # noqa: B010
     with Engine(model, tok) as eng:
@@ -190,8 +190,8 @@ def test_a_memory_update_that_yields_nan_is_refused(tok: RxTokenizer) -> None:
     model = make_model()
     real = model.memory_update
 
-    def memory_update(stm: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
-        out: Tensor = real(stm, ids, mask)
+    def memory_update(stm: Tensor, ids: Tensor, mask: Tensor | None = None, gates: Any = None) -> Tensor:
+        out: Tensor = real(stm, ids, mask, gates)
         for row in range(ids.shape[0]):
             if bool((ids[row] == 7).any()):
                 out[row] = float("nan")

@@ -267,3 +267,60 @@ def test_docs_field_table_matches_the_code() -> None:
         documented = {name: status for name, status in documented.items() if status}
         code = {name: "works" if field.works else "refused" for name, field in fields.items()}
         assert documented == code, endpoint
+
+
+# ---------------------------------------------------------------------- reasoning on a Beta model
+def test_reasoning_effort_on_a_beta_model_keeps_the_thinking_out_of_the_answer() -> None:
+    from .test_rxlm_beta_template import BETA, _case
+
+    with rxruntime.load(_case(BETA), device="cpu") as beta, served(beta) as (beta_url, _):
+        c = client(beta_url)
+        messages: Any = [{"role": "user", "content": "Hello"}]
+        thought = c.chat.completions.create(
+            model="rxt", messages=messages, temperature=0, max_tokens=8, reasoning_effort="high"
+        )
+        message: Any = thought.choices[0].message
+        reasoning = message.model_extra["reasoning_content"]
+        assert isinstance(reasoning, str) and reasoning  # the thinking comes first: 8 tokens of it here
+        chunks = list(
+            c.chat.completions.create(
+                model="rxt", messages=messages, temperature=0, max_tokens=8, reasoning_effort="high", stream=True
+            )
+        )
+        deltas: list[Any] = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+        streamed = "".join((d.model_extra or {}).get("reasoning_content", "") for d in deltas)
+        assert streamed == reasoning  # the same thinking, streamed apart from the answer
+        assert "".join(d.content or "" for d in deltas) == (message.content or "")
+        fast = c.chat.completions.create(model="rxt", messages=messages, max_tokens=4, reasoning_effort="low")
+        assert "reasoning_content" not in (fast.choices[0].message.model_extra or {})
+        conv = c.conversations.create(extra_body={"seed": 3})  # a starting STM this random model answers from
+        response = c.responses.create(
+            model="rxt",
+            input="Hello",
+            conversation=conv.id,
+            temperature=0,
+            max_output_tokens=8,
+            reasoning={"effort": "high"},
+        )
+        kinds = [item.type for item in response.output]
+        assert kinds == ["reasoning", "message"]
+        assert response.usage is not None
+        assert 0 < response.usage.output_tokens_details.reasoning_tokens <= response.usage.output_tokens
+        thinking: Any = response.output[0]
+        events = list(
+            c.responses.create(
+                model="rxt",
+                input="Hello",
+                conversation=c.conversations.create(extra_body={"seed": 3}).id,
+                temperature=0,
+                max_output_tokens=8,
+                reasoning={"effort": "high"},
+                stream=True,
+            )
+        )
+        kinds: list[str] = [str(e.type) for e in events]
+        assert kinds.index("response.reasoning_text.delta") < kinds.index("response.content_part.added")
+        said = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+        assert said == thinking.content[0].text  # the same thinking, never in output_text
+        done: Any = next(e for e in events if e.type in ("response.completed", "response.incomplete"))
+        assert done.response.output_text == response.output_text

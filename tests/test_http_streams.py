@@ -145,10 +145,12 @@ def test_a_failed_memory_update_is_reported_in_the_stream_and_never_cached() -> 
     real = model.memory_update
     broken = {"on": True}
 
-    def memory_update(stm: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def memory_update(
+        stm: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None, gates: Any = None
+    ) -> torch.Tensor:
         if broken["on"]:
             raise RuntimeError("injected memory failure")
-        return real(stm, ids, mask)
+        return real(stm, ids, mask, gates)
 
     setattr(model, "memory_update", memory_update)  # noqa: B010
     with Engine(model, tokenizer) as engine, served(engine) as (url, _):
