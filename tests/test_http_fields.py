@@ -318,8 +318,8 @@ def test_reasoning_effort_on_a_beta_model_keeps_the_thinking_out_of_the_answer()
                 stream=True,
             )
         )
-        kinds: list[str] = [str(e.type) for e in events]
-        assert kinds.index("response.reasoning_text.delta") < kinds.index("response.content_part.added")
+        order: list[str] = [str(e.type) for e in events]
+        assert order.index("response.reasoning_text.delta") < order.index("response.content_part.added")
         said = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
         assert said == thinking.content[0].text  # the same thinking, never in output_text
         done: Any = next(e for e in events if e.type in ("response.completed", "response.incomplete"))
