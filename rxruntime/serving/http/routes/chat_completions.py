@@ -29,6 +29,7 @@ from rxruntime.serving.http.fields import (
     CHAT_COMPLETIONS,
     check_fields,
     json_body,
+    metadata,
     opt_bool,
     opt_int,
     opt_str,
@@ -56,6 +57,7 @@ async def create_chat_completion(ctx: Context, request: Request, owner: str) -> 
     del n  # one choice: a conversation's memory takes one answer
     stop = parse_stop(body.get("stop"))
     user = user_of(body)
+    metadata(body)  # checked as OpenAI does; kept nowhere, as completions are never stored
     options = sampling_options(body, ("max_tokens", "max_completion_tokens"))
     effort = opt_str(body, "reasoning_effort")
     mode = thinking_mode(effort, "reasoning_effort", engine.tokenizer.interaction_template)
