@@ -70,12 +70,14 @@
 /* The vector code this build runs (for logs and the tests that force the scalar path). */
 const char *rxt_isa(void) { return RXRT_ISA; }
 
-enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_F32T = 3 }; /* W_F32T: float32 in nn.Linear's (out, in) layout */
 #define QBLOCK 32                    /* int8: inputs sharing one scale (of a column; of x) */
 #define I8_BLOCK (QBLOCK * 16 + 64)  /* int8: bytes of one block of one 16-column tile */
 #define I8_CHUNK 64                  /* int8: blocks of x quantised at a time (on the stack) */
 
-/* A weight matrix of rows x ld elements in one of the three formats (int8: see the top). */
+/* A weight matrix of rows x ld elements in one of the formats (int8: see the top). W_F32T is the
+ * transpose in place (an nn.Linear weight that no decode layout touched: a dense feed-forward, an
+ * attention gate): element (d, c) at w[c * ld + d], read as dot products. */
 typedef struct {
     const void *w;
     int64_t ld, type;
@@ -93,6 +95,8 @@ static Mat mat_rows(Mat m, int64_t row) {
     if (m.type == W_I8) {
         const int64_t seg = row / m.seg, block = row % m.seg / QBLOCK;
         out.w = (const uint8_t *)m.w + (seg * (m.ld / 16) * seg_blocks(m) + block) * I8_BLOCK;
+    } else if (m.type == W_F32T) {
+        out.w = (const float *)m.w + row;
     } else {
         out.w = (const char *)m.w + row * m.ld * size[m.type];
     }
@@ -106,14 +110,35 @@ static int64_t split_k(Mat m, int64_t k, int64_t i, int64_t parts) {
     return at < k ? at : k;
 }
 
+/* A gated feed-forward act(x W_gate + b) * (x W_up + b) W_out + b_out: a dense layer's, or one
+ * shared expert's. */
 typedef struct {
-    Mat qkv, o, cq, co, w_in, w_out;
-    const float *self_norm, *qkv_bias, *o_bias;
-    const float *cross_norm, *cq_bias, *co_bias;
+    Mat w_in, w_out;            /* (dim, 2H) [gate | up] and (H, dim), input-major */
+    const float *b_in, *b_out;  /* (2H) and (dim), or NULL */
+    int64_t hidden;             /* H */
+} RxtFfn;
+
+/* One decoder layer, described by the sub-blocks it has:
+ *   self-attention, always; gated when gate.w is set: the heads' output times act(h W_gate + b);
+ *   memory cross-attention when cross_norm is set (a memory layer), gated likewise by cgate;
+ *   the feed-forward: an MoE when router is set (experts w_in/w_out, per-expert biases b_in/b_out,
+ *   a global output bias, n_shared shared experts mixed by softmax(h W_shared_gate) when there
+ *   are several, a global shared bias, the routed and shared sums scaled), else `dense`. */
+typedef struct {
+    Mat qkv, o, gate, cq, co, cgate, w_in, w_out;
+    const float *self_norm, *qkv_bias, *o_bias, *gate_bias;
+    const float *cross_norm, *cq_bias, *co_bias, *cgate_bias;
     const float *ffn_norm, *router;
     const float *b_in, *b_out; /* per-expert biases (E, 2H) and (E, dim), or NULL */
+    const float *global_bias;  /* (dim) added once per token, or NULL */
+    const RxtFfn *shared;      /* n_shared of them */
+    const float *shared_gate;  /* (n_shared, dim), nn.Linear layout; NULL: one shared expert */
+    const float *shared_bias;  /* (dim), or NULL */
+    RxtFfn dense;
+    int64_t n_shared, gate_act, cgate_act, act; /* activations: enum Act */
+    float routed_scale, shared_scale;
     float *k_cache, *v_cache;
-    const float *mem_k, *mem_v;
+    const float *mem_k, *mem_v; /* NULL in a layer without memory cross-attention */
 } RxtLayer;
 
 typedef struct {
@@ -322,12 +347,33 @@ static void axpy_f32(float *restrict acc, const float *xs, const float *w, int64
     }
 }
 
+/* The same for W_F32T (column c's inputs contiguous at w + c * ld): one dot product per column,
+ * in 16 running sums (vector lanes without reassociating any one sum). */
+static void axpy_f32t(float *restrict acc, const float *xs, const float *w, int64_t ld, int64_t d0, int64_t d1,
+                      int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c++) {
+        const float *restrict r = w + c * ld;
+        float s[16] = {0};
+        int64_t d = d0;
+        for (; d + 16 <= d1; d += 16)
+            for (int j = 0; j < 16; j++) s[j] += xs[d + j] * r[d + j];
+        float total = 0.0f;
+        for (; d < d1; d++) total += xs[d] * r[d];
+        for (int j = 0; j < 16; j++) total += s[j];
+        acc[c] += total;
+    }
+}
+
 /* The same for a Mat of any format. bf16 goes four rows at a time too; a leftover row is a group
  * of four with zero coefficients for the other three (which repeat the row: cached). int8: d0
  * starts a block (split_k), c0 is a multiple of 16 (split). */
 static void axpy_rows(float *restrict acc, const float *xs, Mat m, int64_t d0, int64_t d1, int64_t c0, int64_t c1) {
     if (m.type == W_F32) {
         axpy_f32(acc, xs, m.w, m.ld, d0, d1, c0, c1);
+        return;
+    }
+    if (m.type == W_F32T) {
+        axpy_f32t(acc, xs, m.w, m.ld, d0, d1, c0, c1);
         return;
     }
     if (m.type == W_I8) {
@@ -453,6 +499,38 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
 
+/* The activations of models/ffn.py's ACTIVATIONS (attention gates, feed-forward gates). */
+enum { ACT_NONE = 0, ACT_SILU, ACT_GELU, ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_IDENTITY };
+
+static float activate(float x, int64_t act) {
+    switch (act) {
+    case ACT_SILU: return silu(x);
+    case ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); /* torch's exact gelu */
+    case ACT_RELU: return x > 0.0f ? x : 0.0f;
+    case ACT_SIGMOID: return 1.0f / (1.0f + expf(-x));
+    case ACT_TANH: return tanhf(x);
+    default: return x;
+    }
+}
+
+/* out[b] += FFN(h[b]) * (scale ? scale[b * stride] : 1) for rows b < n: a dense layer, or one
+ * shared expert weighted per row. gu (n, 2H) and act (n, H) are scratch. */
+static void ffn_rows(int n, const float *h, int64_t D, const RxtFfn *f, int64_t kind, const float *scale,
+                     int64_t stride, float *gu, float *act, float *out, int nt) {
+    const int64_t H = f->hidden;
+    gemv(n, h, D, f->w_in, 2 * H, f->b_in, gu, 0, nt);
+    for (int b = 0; b < n; b++) {
+        const float s = scale ? scale[b * stride] : 1.0f;
+        for (int64_t r = 0; r < H; r++) act[b * H + r] = activate(gu[b * 2 * H + r], kind) * gu[b * 2 * H + H + r] * s;
+    }
+    gemv(n, act, H, f->w_out, D, NULL, out, 1, nt);
+    if (f->b_out)
+        for (int b = 0; b < n; b++) {
+            const float s = scale ? scale[b * stride] : 1.0f;
+            for (int64_t c = 0; c < D; c++) out[b * D + c] += s * f->b_out[c];
+        }
+}
+
 #define ROW(b) (rows ? rows[b] : (int64_t)(b)) /* the cache / memory row of token b */
 
 /* Tokens (n,) at positions (n,), token b in cache/memory row rows[b] (rows NULL: row b). Writes
@@ -474,10 +552,24 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
         if (out_rows[j] < (j ? out_rows[j - 1] + 1 : 0) || out_rows[j] >= n) return -1; /* increasing */
     const int64_t D = m->dim, hd = m->head_dim, H = m->hidden, K = m->top_k, E = m->n_experts;
     const int64_t qkv_cols = (m->hq + 2 * m->hkv) * hd, long_seq = m->max_len > m->stm ? m->max_len : m->stm;
+    /* Output heads: the query heads, or (reversed SQA) the key/value heads, each reading query
+     * head j mod q_heads. */
+    const int64_t so = m->hq > m->hkv ? m->hq : m->hkv, co = m->cq > m->ckv ? m->cq : m->ckv;
+    const int64_t heads_max = so > co ? so : co, proj = qkv_cols > m->cq * hd ? qkv_cols : m->cq * hd;
+    int64_t wide = 0, shared_max = 0; /* the widest dense or shared feed-forward; most shared experts */
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const RxtLayer *L = &m->layers[l];
+        if (!L->router && L->dense.hidden > wide) wide = L->dense.hidden;
+        for (int64_t s = 0; s < L->n_shared; s++)
+            if (L->shared[s].hidden > wide) wide = L->shared[s].hidden;
+        if (L->n_shared > shared_max) shared_max = L->n_shared;
+    }
     const int pairs = n * (int)K;
+    const int64_t gu_size = 2 * pairs * 2 * H > n * 2 * wide ? 2 * pairs * 2 * H : n * 2 * wide;
+    const int64_t act_size = 2 * pairs * H > n * wide ? 2 * pairs * H : n * wide;
     /* One block of scratch for the whole step. */
-    const int64_t sizes[] = {n * D,        n * D, n * qkv_cols, n * m->hq * hd, n * m->hq * long_seq, n * E,
-                             2 * pairs * 2 * H, 2 * pairs * D, 2 * pairs * H};
+    const int64_t sizes[] = {n * D,       n * D,   n * proj, n * heads_max * hd, n * heads_max * long_seq,
+                             n * (E + shared_max), gu_size, 2 * pairs * D, act_size, n * heads_max * hd};
     int64_t total = 0;
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) total += sizes[i];
     total = (total + 15) / 16 * 16; /* the expert ids after the floats stay aligned */
@@ -486,7 +578,8 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
     int64_t *chosen = (int64_t *)(scratch + total); /* each pair's expert and mixing weight */
     float *mix = (float *)(chosen + pairs);
     float *x = scratch, *h = x + sizes[0], *qkv = h + sizes[1], *att = qkv + sizes[2], *scores = att + sizes[3],
-          *route = scores + sizes[4], *gu = route + sizes[5], *ys = gu + sizes[6], *act = ys + sizes[7];
+          *route = scores + sizes[4], *gu = route + sizes[5], *ys = gu + sizes[6], *act = ys + sizes[7],
+          *gates = act + sizes[8];
 
     for (int b = 0; b < n; b++) memcpy(x + b * D, m->embedding + tokens[b] * D, D * sizeof(float));
 
@@ -506,34 +599,49 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
                 memcpy(L->v_cache + at, row + (m->hq + m->hkv + g) * hd, hd * sizeof(float));
             }
         }
-        const int64_t heads = n * m->hq;
+        const int64_t heads = n * so;
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t bj = 0; bj < heads; bj++) {
-            const int64_t b = bj / m->hq, j = bj % m->hq, g = j / (m->hq / m->hkv);
+            const int64_t b = bj / so, j = bj % so, g = j / (so / m->hkv);
             const int64_t at = ROW(b) * m->cache_row + g * m->max_len * hd;
-            attend(qkv + b * qkv_cols + j * hd, L->k_cache + at, L->v_cache + at, positions[b] + 1, hd,
+            attend(qkv + b * qkv_cols + (j % m->hq) * hd, L->k_cache + at, L->v_cache + at, positions[b] + 1, hd,
                    scores + bj * long_seq, att + bj * hd);
         }
-        gemv(n, att, m->hq * hd, L->o, D, L->o_bias, x, 1, nt);
+        if (L->gate.w) { /* gated attention: the heads' output times act(h W_gate + b) */
+            gemv(n, h, D, L->gate, so * hd, L->gate_bias, gates, 0, nt);
+            for (int64_t i = 0; i < n * so * hd; i++) att[i] *= activate(gates[i], L->gate_act);
+        }
+        gemv(n, att, so * hd, L->o, D, L->o_bias, x, 1, nt);
 
         /* Memory cross-attention: queries rotated, keys/values are the STM's (no position). */
-        rms_norm(n, D, x, L->cross_norm, m->eps, h);
-        gemv(n, h, D, L->cq, m->cq * hd, L->cq_bias, qkv, 0, nt);
-        for (int b = 0; b < n; b++)
-            for (int64_t j = 0; j < m->cq; j++)
-                rope(qkv + (b * m->cq + j) * hd, hd, m->cos + (positions[b] + m->rope_offset) * hd,
-                     m->sin + (positions[b] + m->rope_offset) * hd, m->rope_mode);
-        const int64_t cheads = n * m->cq;
+        if (L->cross_norm) {
+            rms_norm(n, D, x, L->cross_norm, m->eps, h);
+            gemv(n, h, D, L->cq, m->cq * hd, L->cq_bias, qkv, 0, nt);
+            for (int b = 0; b < n; b++)
+                for (int64_t j = 0; j < m->cq; j++)
+                    rope(qkv + (b * m->cq + j) * hd, hd, m->cos + (positions[b] + m->rope_offset) * hd,
+                         m->sin + (positions[b] + m->rope_offset) * hd, m->rope_mode);
+            const int64_t cheads = n * co;
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t bj = 0; bj < cheads; bj++) {
-            const int64_t b = bj / m->cq, j = bj % m->cq, g = j / (m->cq / m->ckv);
-            const int64_t at = ROW(b) * m->mem_row + g * m->stm * hd;
-            attend(qkv + bj * hd, L->mem_k + at, L->mem_v + at, m->stm, hd, scores + bj * long_seq, att + bj * hd);
+            for (int64_t bj = 0; bj < cheads; bj++) {
+                const int64_t b = bj / co, j = bj % co, g = j / (co / m->ckv);
+                const int64_t at = ROW(b) * m->mem_row + g * m->stm * hd;
+                attend(qkv + (b * m->cq + j % m->cq) * hd, L->mem_k + at, L->mem_v + at, m->stm, hd,
+                       scores + bj * long_seq, att + bj * hd);
+            }
+            if (L->cgate.w) {
+                gemv(n, h, D, L->cgate, co * hd, L->cgate_bias, gates, 0, nt);
+                for (int64_t i = 0; i < n * co * hd; i++) att[i] *= activate(gates[i], L->cgate_act);
+            }
+            gemv(n, att, co * hd, L->co, D, L->co_bias, x, 1, nt);
         }
-        gemv(n, att, m->cq * hd, L->co, D, L->co_bias, x, 1, nt);
 
-        /* MoE: top-k of the router logits, softmax over those k, SwiGLU experts. */
         rms_norm(n, D, x, L->ffn_norm, m->eps, h);
+        if (!L->router) { /* a dense feed-forward */
+            ffn_rows(n, h, D, &L->dense, L->act, NULL, 0, gu, act, x, nt);
+            continue;
+        }
+        /* MoE: top-k of the router logits, softmax over those k, gated experts. */
         for (int b = 0; b < n; b++) {
             float *r = route + b * E;
             for (int64_t e = 0; e < E; e++) {
@@ -584,23 +692,46 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
                     float gate = g[r], up = g[H + r];
                     if (parts == 2) gate += g[2 * H + r], up += g[3 * H + r];
                     if (bias) gate += bias[r], up += bias[H + r];
-                    a[r - r0] = silu(gate) * up;
+                    a[r - r0] = activate(gate, L->act) * up;
                 }
                 float *o = ys + (int64_t)item * D;
                 memset(o, 0, sizeof(float) * (size_t)D);
                 axpy_rows(o, a, mat_rows(L->w_out, chosen[p] * H + r0), 0, r1 - r0, 0, D);
             }
         }
+        /* Into the residual: the routed sum (scaled where the shared experts are weighed against
+         * it), the global bias, then the shared experts (models/moe.py's _extras, in its order). */
         for (int p = 0; p < pairs; p++) {
             float *xb = x + (p / K) * D;
+            const float w = L->routed_scale * mix[p];
             for (int part = 0; part < parts; part++) {
                 const float *y = ys + (int64_t)(parts * p + part) * D;
-                for (int64_t c = 0; c < D; c++) xb[c] += mix[p] * y[c];
+                for (int64_t c = 0; c < D; c++) xb[c] += w * y[c];
             }
             if (L->b_out) {
                 const float *bias = L->b_out + chosen[p] * D;
-                for (int64_t c = 0; c < D; c++) xb[c] += mix[p] * bias[c];
+                for (int64_t c = 0; c < D; c++) xb[c] += w * bias[c];
             }
+        }
+        for (int b = 0; b < n; b++)
+            for (int64_t c = 0; c < D && L->global_bias; c++) x[b * D + c] += L->global_bias[c];
+        if (L->n_shared) {
+            const int64_t S = L->n_shared;
+            float *weights = route + n * E; /* (n, S): each shared expert's weight per row */
+            for (int b = 0; b < n; b++) {
+                float *w = weights + b * S, top = -INFINITY, total = 0.0f;
+                for (int64_t s = 0; s < S; s++) {
+                    float v = 0.0f;
+                    for (int64_t i = 0; L->shared_gate && i < D; i++) v += h[b * D + i] * L->shared_gate[s * D + i];
+                    w[s] = v;
+                    if (v > top) top = v;
+                }
+                for (int64_t s = 0; s < S; s++) total += (w[s] = expf(w[s] - top));
+                for (int64_t s = 0; s < S; s++) w[s] = L->shared_scale * w[s] / total;
+            }
+            for (int64_t s = 0; s < S; s++) ffn_rows(n, h, D, &L->shared[s], L->act, weights + s, S, gu, act, x, nt);
+            for (int b = 0; b < n; b++)
+                for (int64_t c = 0; c < D && L->shared_bias; c++) x[b * D + c] += L->shared_scale * L->shared_bias[c];
         }
     }
     if (out_rows) /* only the rows whose logits are wanted go through the norm and the LM head */
