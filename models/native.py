@@ -606,7 +606,9 @@ def _bind_attention(a: dict[str, Any], query_only: bool, hd: int, fmt: WeightFor
     ]
 
 
-def _bind_layer(lw: dict[str, Any], fmt: WeightFormat, keep: list[Tensor], tables: list[Any], dim: int, hd: int) -> _Layer:
+def _bind_layer(
+    lw: dict[str, Any], fmt: WeightFormat, keep: list[Tensor], tables: list[Any], dim: int, hd: int
+) -> _Layer:
     """The :class:`_Layer` of one checked (:func:`_layer_ok`) layer; ``keep`` and ``tables`` hold
     the copies and the shared-expert arrays alive."""
     layer = _Layer()
