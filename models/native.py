@@ -59,6 +59,14 @@ torch: the C step multiplies row by row, torch's batched products win once the w
 reused enough (int8 alpha-mini, 2 threads: one 35-token prompt 35 ms against torch's 60; 120
 tokens 108 against 111; four 35-token prompts 135 against 122)."""
 
+COMPACT_MEMORY_MIN_SLOTS = 1024
+"""From this many STM slots on, a model with bf16 or int8 weights reads the memory keys/values in
+bf16 copies (refreshed when a join or leave writes them): a step reads all of them for every
+token, which at RxT-Beta's size (21 layers x 4,096 slots x 4 key/value heads of 32, twice) is
+88 MB in float32, almost half the bytes of its int8 active weights (190M). Smaller memories stay
+float32 (they cost little to read, and the bf16 step then equals the torch step);
+tests/test_native_layouts.py measures the error the rounding adds."""
+
 _SOURCE = Path(__file__).with_name("csrc") / "decode_step.c"
 _P = ctypes.c_void_p
 _WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "int8": 2, "fp32-t": 3}
@@ -127,6 +135,7 @@ class _Model(ctypes.Structure):
                 "n_rows",
                 "rope_mode",
                 "rope_offset",
+                "mem_bf16",
             ]
         ],
         ("eps", ctypes.c_float),
@@ -662,6 +671,8 @@ class NativeDecoder:
         """``self._watch.key`` when the weights were bound: the copies are current while it holds."""
         self._copies: list[Tensor] = []
         self._shared_tables: list[Any] = []
+        self._compact: list[tuple[Tensor, Tensor]] = []
+        """bf16 copies of the memory keys/values the C step reads (see :meth:`_compacted`)."""
         self._buffers_key: tuple[object, ...] = ()
         self._struct: _Model | None = None
         self._layers: ctypes.Array[_Layer] | None = None
@@ -763,13 +774,27 @@ class NativeDecoder:
             return False
         return n <= self._struct.n_rows
 
+    def _compact_memory(self, memory_kv: Sequence[tuple[Tensor, Tensor]]) -> bool:
+        """Whether this step reads bf16 copies of float32 memory keys/values (see
+        :data:`COMPACT_MEMORY_MIN_SLOTS`): only where their versions tell when they were written."""
+        m = self.model
+        return (
+            m.weight_format != "fp32"
+            and m.config.stm_size >= COMPACT_MEMORY_MIN_SLOTS
+            and bool(memory_kv)
+            and memory_kv[0][0].dtype == torch.float32
+            and not any(t.is_inference() for pair in memory_kv for t in pair)
+        )
+
     def _bind_layout(self, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache) -> bool:
         assert self._struct is not None and self._layers is not None
         d = self.model.config.decoder
         k, v = cache.k, cache.v
+        compact = self._compact_memory(memory_kv)
         key: tuple[object, ...] = (
             k.data_ptr(), v.data_ptr(), k.shape, k.stride(), v.stride(),
             tuple((mk.data_ptr(), mv.data_ptr(), mk.shape, mk.stride(), mv.stride()) for mk, mv in memory_kv),
+            compact and tuple((mk._version, mv._version) for mk, mv in memory_kv),  # written since the copy?
         )  # fmt: skip
         if key == self._buffers_key:
             return True
@@ -790,10 +815,12 @@ class NativeDecoder:
             return False
         mem_row = memory_kv[0][0].stride(0)
         mem_shape = (d.cross_kv_heads, cfg.stm_size, hd)
+        mem_dtype = memory_kv[0][0].dtype
         for mk, mv in memory_kv:
             for t in (mk, mv):
                 if (
-                    t.dtype != torch.float32
+                    t.dtype != mem_dtype
+                    or mem_dtype not in (torch.float32, torch.bfloat16)
                     or tuple(t.shape[1:]) != mem_shape
                     or t.stride() != (mem_row, cfg.stm_size * hd, hd, 1)
                 ):
@@ -804,17 +831,32 @@ class NativeDecoder:
             layer.v_cache = _ptr(v[i])
             if bool(layer.cross_norm) != (i in memory_layers):
                 return False
-        for (mk, mv), i in zip(memory_kv, memory_layers):
+        memory = self._compacted(memory_kv) if compact else list(memory_kv)
+        for (mk, mv), i in zip(memory, memory_layers):
             self._layers[i].mem_k = _ptr(mk)
             self._layers[i].mem_v = _ptr(mv)
         self._struct.max_len = max_len
         self._struct.stm = cfg.stm_size
         self._struct.cache_row = k.stride(1)
-        self._struct.mem_row = mem_row
+        self._struct.mem_row = memory[0][0].stride(0)
+        self._struct.mem_bf16 = int(memory[0][0].dtype == torch.bfloat16)
         self._struct.n_rows = min(rows, *(t.shape[0] for pair in memory_kv for t in pair))
         self._buffers_key = key
-        self._keep = [k, v, *[t for pair in memory_kv for t in pair]]
+        self._keep = [k, v, *[t for pair in memory for t in pair]]
         return True
+
+    def _compacted(self, memory_kv: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """bf16 copies of the memory keys/values (kept between steps, copied again whenever the
+        originals were written: a join, a leave)."""
+        shape = tuple(memory_kv[0][0].shape)
+        if len(self._compact) != len(memory_kv) or tuple(self._compact[0][0].shape) != shape:
+            self._compact = [
+                (torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape, dtype=torch.bfloat16)) for _ in memory_kv
+            ]
+        for (ck, cv), (mk, mv) in zip(self._compact, memory_kv):
+            ck.copy_(mk)
+            cv.copy_(mv)
+        return self._compact
 
     def step(
         self, tokens: Tensor, positions: Tensor, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache

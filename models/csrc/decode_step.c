@@ -39,7 +39,8 @@
  *            One 64-byte load is 16 columns x 4 inputs (vpdpbusd's operand), and a tile's blocks
  *            follow one another: a thread reading a range of columns reads one contiguous range.
  *   k/v cache of a layer: row b at + b*cache_row, then (kv_heads, max_len, hd) contiguous
- *   memory k/v of a layer: row b at + b*mem_row, then (cross_kv_heads, stm, hd) contiguous
+ *   memory k/v of a layer: row b at + b*mem_row, then (cross_kv_heads, stm, hd) contiguous,
+ *            float32 or bfloat16 (mem_bf16)
  */
 #include <math.h>
 #include <omp.h>
@@ -138,7 +139,7 @@ typedef struct {
     int64_t n_shared, gate_act, cgate_act, act; /* activations: enum Act */
     float routed_scale, shared_scale;
     float *k_cache, *v_cache;
-    const float *mem_k, *mem_v; /* NULL in a layer without memory cross-attention */
+    const void *mem_k, *mem_v; /* float32 or (mem_bf16) bfloat16; NULL without memory cross-attention */
 } RxtLayer;
 
 typedef struct {
@@ -148,6 +149,7 @@ typedef struct {
     int64_t n_rows; /* rows the bound cache and memory buffers hold */
     int64_t rope_mode;   /* 0: rotate-half; 1: adjacent pairs in place; 2: adjacent pairs, split */
     int64_t rope_offset; /* added to the position RoPE rotates by (RxLM's interact: 1) */
+    int64_t mem_bf16;    /* the memory keys/values are bfloat16 (else float32) */
     float eps;
     Mat lm_head;
     const float *embedding, *final_norm, *cos, *sin; /* final_norm NULL: none */
@@ -497,6 +499,31 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
     }
 }
 
+/* The same over bfloat16 keys/values (the memory cross-attention's, kept compact: a 4,096-slot
+ * STM's keys/values are read whole for every token). */
+static void attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, int64_t len, int64_t hd,
+                        float *scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    float best = -INFINITY;
+    for (int64_t t = 0; t < len; t++) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < hd; i++) s += q[i] * bf16_to_f32(k[t * hd + i]);
+        s *= scale;
+        scores[t] = s;
+        if (s > best) best = s;
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        scores[t] = expf(scores[t] - best);
+        total += scores[t];
+    }
+    for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        const float p = scores[t] / total;
+        for (int64_t i = 0; i < hd; i++) out[i] += p * bf16_to_f32(v[t * hd + i]);
+    }
+}
+
 static float silu(float x) { return x / (1.0f + expf(-x)); }
 
 /* The activations of models/ffn.py's ACTIVATIONS (attention gates, feed-forward gates). */
@@ -626,8 +653,13 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
             for (int64_t bj = 0; bj < cheads; bj++) {
                 const int64_t b = bj / co, j = bj % co, g = j / (co / m->ckv);
                 const int64_t at = ROW(b) * m->mem_row + g * m->stm * hd;
-                attend(qkv + (b * m->cq + j % m->cq) * hd, L->mem_k + at, L->mem_v + at, m->stm, hd,
-                       scores + bj * long_seq, att + bj * hd);
+                const float *q = qkv + (b * m->cq + j % m->cq) * hd;
+                if (m->mem_bf16)
+                    attend_bf16(q, (const uint16_t *)L->mem_k + at, (const uint16_t *)L->mem_v + at, m->stm, hd,
+                                scores + bj * long_seq, att + bj * hd);
+                else
+                    attend(q, (const float *)L->mem_k + at, (const float *)L->mem_v + at, m->stm, hd,
+                           scores + bj * long_seq, att + bj * hd);
             }
             if (L->cgate.w) {
                 gemv(n, h, D, L->cgate, co * hd, L->cgate_bias, gates, 0, nt);
