@@ -82,14 +82,18 @@ class _Mat(ctypes.Structure):
 
 
 class _Ffn(ctypes.Structure):
-    """A dense gated feed-forward (a dense layer's, or one shared expert's)."""
+    """A dense feed-forward (a dense layer's, or one shared expert's), gated or not."""
 
-    _fields_ = [("w_in", _Mat), ("w_out", _Mat), ("b_in", _P), ("b_out", _P), ("hidden", ctypes.c_int64)]
+    _fields_ = [
+        ("w_in", _Mat), ("w_out", _Mat), ("b_in", _P), ("b_out", _P), ("hidden", ctypes.c_int64),
+        ("gated", ctypes.c_int64),
+    ]  # fmt: skip
 
 
 _MATS = ["qkv", "o", "gate", "cq", "co", "cgate", "w_in", "w_out"]
 _VECTORS = ["self_norm", "qkv_bias", "o_bias", "gate_bias", "cross_norm", "cq_bias", "co_bias", "cgate_bias"]
-_VECTORS += ["ffn_norm", "router", "b_in", "b_out", "global_bias"]
+_VECTORS += ["ffn_norm", "router", "self_norm_bias", "cross_norm_bias", "ffn_norm_bias", "b_in", "b_out"]
+_VECTORS += ["global_bias"]
 
 
 class _Layer(ctypes.Structure):
@@ -104,7 +108,7 @@ class _Layer(ctypes.Structure):
         ("shared_gate", _P),
         ("shared_bias", _P),
         ("dense", _Ffn),
-        *[(name, ctypes.c_int64) for name in ["n_shared", "gate_act", "cgate_act", "act"]],
+        *[(name, ctypes.c_int64) for name in ["n_shared", "gate_act", "cgate_act", "act", "gated"]],
         ("routed_scale", ctypes.c_float),
         ("shared_scale", ctypes.c_float),
         *[(name, _P) for name in ["k_cache", "v_cache", "mem_k", "mem_v"]],
@@ -136,11 +140,14 @@ class _Model(ctypes.Structure):
                 "rope_mode",
                 "rope_offset",
                 "mem_bf16",
+                "layer_norm",
+                "final_layer_norm",
             ]
         ],
         ("eps", ctypes.c_float),
+        ("final_eps", ctypes.c_float),
         ("lm_head", _Mat),
-        *[(name, _P) for name in ["embedding", "final_norm", "cos", "sin", "head_bias"]],
+        *[(name, _P) for name in ["embedding", "final_norm", "cos", "sin", "final_norm_bias", "head_bias"]],
         ("layers", ctypes.POINTER(_Layer)),
     ]
 
@@ -373,22 +380,17 @@ def layout_reason(model: RxTModel) -> str | None:
 
     The C code describes each layer by the sub-blocks it has: self-attention, memory
     cross-attention (memory layers only: stateless layers before and after have none), either
-    gated by any activation of models/ffn.py, SQA/GQA/MQA or reversed-SQA head counts; a gated
-    feed-forward (SwiGLU or another activation), dense or an MoE with per-expert or global biases
-    and shared experts (one, or several mixed by their softmax gate; scaled or not, local or
-    global biases); RMSNorm blocks, any RoPE pairing and position offset, an optional RMSNorm
-    before an optionally biased LM head. That is our layouts, RxLM 0.2's RxT-Alpha and RxLM 0.3's
-    RxT-Beta decoders. Anything else runs the torch step.
+    gated by any activation of models/ffn.py, with SQA/GQA/MQA or reversed-SQA head counts; a
+    feed-forward, gated (SwiGLU and the like) or not, dense or an MoE with per-expert or global
+    biases and shared experts (one, or several mixed by their softmax gate; scaled or not, local
+    or global biases); RMSNorm or LayerNorm blocks, any RoPE pairing and position offset, an
+    optional RMSNorm or LayerNorm before an optionally biased LM head. That is our layouts, RxLM
+    0.2's and 0.3's RxT-Alpha and RxT-Beta decoders, and Llama-like dense decoders. What remains
+    (a reduced-precision router) runs the torch step.
     """
-    c = model.config
-    d = c.decoder
+    d = model.config.decoder
     router_dtype = getattr(d, "router_dtype", "float32")  # RxLM 0.3's router_amp, where the config has it
-    checks = [
-        (not c.layer_norm, "layer_norm=True"),
-        (d.ffn_gated, "decoder.ffn_gated=False"),
-        (d.final_norm in ("rms", "none"), f"decoder.final_norm={d.final_norm!r}"),
-        (router_dtype == "float32", f"decoder.router_dtype={router_dtype!r}"),
-    ]
+    checks = [(router_dtype == "float32", f"decoder.router_dtype={router_dtype!r}")]
     failed = [what for ok, what in checks if not ok]
     return None if not failed else "layout not covered by the C step: " + ", ".join(failed)
 
@@ -505,17 +507,21 @@ def _moe_weights(w: _Watch, ffn: Any) -> dict[str, Any]:
 def _layer_weights(w: _Watch, layer: Any) -> dict[str, Any]:
     """One decoder layer's tensors and sub-blocks (see decode_step.c's RxtLayer), watched."""
     norms: list[Any] = []
+    out: dict[str, Any] = {}
 
-    def norm(name: str) -> Tensor | None:
+    def norm(name: str) -> None:
         module = w.child(layer, name)
         norms.append(module)
-        return None if module is None else w.tensor(module._parameters, "weight")
+        out[name] = None if module is None else w.tensor(module._parameters, "weight")
+        out[f"{name}_bias"] = None if module is None else w.tensor(module._parameters, "bias")
 
-    out: dict[str, Any] = {"self_norm": norm("self_norm"), "self": _attention_weights(w, w.child(layer, "self_attn"))}
+    norm("self_norm")
+    out["self"] = _attention_weights(w, w.child(layer, "self_attn"))
     cross = w.child(layer, "cross_attn")
-    out["cross_norm"] = None if cross is None else norm("cross_norm")
+    if cross is not None:
+        norm("cross_norm")
     out["cross"] = None if cross is None else _attention_weights(w, cross)
-    out["ffn_norm"] = norm("ffn_norm")
+    norm("ffn_norm")
     ffn = w.child(layer, "ffn")
     out["moe"] = _moe_weights(w, ffn) if isinstance(ffn, MoE) else None
     out["dense"] = _ffn_weights(w, ffn) if isinstance(ffn, SwiGLU) else None
@@ -532,6 +538,11 @@ def _tensors(item: Any) -> list[Tensor]:
     if isinstance(item, list):
         return [t for value in item for t in _tensors(value)]
     return []
+
+
+def _eps(norm: Any) -> float:
+    """A norm's epsilon; None is torch's default for the dtype, which F.rms_norm uses."""
+    return float(torch.finfo(torch.float32).eps if norm.eps is None else norm.eps)
 
 
 def _vectors_ok(*vectors: Tensor | None) -> bool:
@@ -554,9 +565,8 @@ def _attention_ok(a: dict[str, Any], dim: int, hd: int, heads: tuple[int, int]) 
 def _ffn_ok(f: dict[str, Any], dim: int) -> bool:
     h = f["hidden"]
     return (
-        f["gated"]
-        and f["act"] is not None
-        and _readable(None if f["w_in"] is None else f["w_in"].t(), dim, 2 * h)
+        f["act"] is not None
+        and _readable(None if f["w_in"] is None else f["w_in"].t(), dim, (2 if f["gated"] else 1) * h)
         and _readable(None if f["w_out"] is None else f["w_out"].t(), h, dim)
         and _vectors_ok(f["b_in"], f["b_out"])
     )
@@ -564,12 +574,13 @@ def _ffn_ok(f: dict[str, Any], dim: int) -> bool:
 
 def _layer_ok(lw: dict[str, Any], dim: int, hd: int, heads: dict[str, tuple[int, int]]) -> bool:
     """Whether a layer's tensors have the shapes and layouts the C step reads."""
-    if lw["self_norm"] is None or lw["ffn_norm"] is None or not _vectors_ok(lw["self_norm"], lw["ffn_norm"]):
+    norms = [lw[f"{name}{part}"] for name in ("self_norm", "ffn_norm") for part in ("", "_bias")]
+    if lw["self_norm"] is None or lw["ffn_norm"] is None or not _vectors_ok(*norms):
         return False
     if not _attention_ok(lw["self"], dim, hd, heads["self"]):
         return False
     if lw["cross"] is not None:
-        if lw["cross_norm"] is None or not lw["cross_norm"].is_contiguous():
+        if lw["cross_norm"] is None or not _vectors_ok(lw["cross_norm"], lw["cross_norm_bias"]):
             return False
         if not _attention_ok(lw["cross"], dim, hd, heads["cross"]):
             return False
@@ -579,11 +590,12 @@ def _layer_ok(lw: dict[str, Any], dim: int, hd: int, heads: dict[str, tuple[int,
     if moe is None:
         return False
     h, experts, router, w_in, w_out = moe["hidden"], moe["experts"], moe["router"], moe["w_in"], moe["w_out"]
-    if not (moe["gated"] and moe["act"] in _ACTIVATIONS) or router is None or w_in is None or w_out is None:
+    if moe["act"] not in _ACTIVATIONS or router is None or w_in is None or w_out is None:
         return False
     if tuple(router.shape) != (experts, dim) or not router.is_contiguous():
         return False
-    if w_in.stride() != (2 * h * dim, 1, 2 * h) or w_out.stride() != (h * dim, 1, dim):
+    gh = (2 if moe["gated"] else 1) * h  # w_in's columns: [gate | up], or the one input projection
+    if w_in.stride() != (gh * dim, 1, gh) or w_out.stride() != (h * dim, 1, dim):
         return False
     gate, shared = moe["shared_gate"], moe["shared"]
     if gate is not None and (tuple(gate.shape) != (len(shared), dim) or not gate.is_contiguous()):
@@ -595,9 +607,8 @@ def _layer_ok(lw: dict[str, Any], dim: int, hd: int, heads: dict[str, tuple[int,
 
 
 def _bind_ffn(f: dict[str, Any], fmt: WeightFormat, keep: list[Tensor]) -> _Ffn:
-    return _Ffn(
-        _mat(f["w_in"].t(), fmt, keep), _mat(f["w_out"].t(), fmt, keep), _ptr(f["b_in"]), _ptr(f["b_out"]), f["hidden"]
-    )
+    w_in, w_out = _mat(f["w_in"].t(), fmt, keep), _mat(f["w_out"].t(), fmt, keep)
+    return _Ffn(w_in, w_out, _ptr(f["b_in"]), _ptr(f["b_out"]), f["hidden"], int(f["gated"]))
 
 
 def _bind_attention(a: dict[str, Any], query_only: bool, hd: int, fmt: WeightFormat, keep: list[Tensor]) -> list[Any]:
@@ -625,20 +636,22 @@ def _bind_layer(
     layer.qkv, layer.o, layer.gate, layer.qkv_bias, layer.o_bias = qkv, o, gate, qkv_bias, o_bias
     layer.gate_bias, layer.gate_act = gate_bias, gate_act
     layer.self_norm, layer.ffn_norm = _ptr(lw["self_norm"]), _ptr(lw["ffn_norm"])
+    layer.self_norm_bias, layer.ffn_norm_bias = _ptr(lw["self_norm_bias"]), _ptr(lw["ffn_norm_bias"])
     cross = lw["cross"]
     if cross is not None:  # the query columns of the fused cross Q/K/V: the step reads only those
         cq, co, cgate, cq_bias, co_bias, cgate_bias, cgate_act = _bind_attention(cross, True, hd, fmt, keep)
         layer.cq, layer.co, layer.cgate, layer.cq_bias, layer.co_bias = cq, co, cgate, cq_bias, co_bias
         layer.cgate_bias, layer.cgate_act = cgate_bias, cgate_act
-        layer.cross_norm = _ptr(lw["cross_norm"])
+        layer.cross_norm, layer.cross_norm_bias = _ptr(lw["cross_norm"]), _ptr(lw["cross_norm_bias"])
     layer.routed_scale = layer.shared_scale = 1.0
     if lw["dense"] is not None:
         layer.dense = _bind_ffn(lw["dense"], fmt, keep)
         layer.act = _ACTIVATIONS[lw["dense"]["act"]]
         return layer
     moe = lw["moe"]
-    h, experts = moe["hidden"], moe["experts"]
-    layer.w_in = _mat(moe["w_in"].transpose(1, 2).reshape(experts * dim, 2 * h), fmt, keep, seg=dim)  # views
+    h, experts, gh = moe["hidden"], moe["experts"], (2 if moe["gated"] else 1) * moe["hidden"]
+    layer.w_in = _mat(moe["w_in"].transpose(1, 2).reshape(experts * dim, gh), fmt, keep, seg=dim)  # views
+    layer.gated = int(moe["gated"])
     layer.w_out = _mat(moe["w_out"].transpose(1, 2).reshape(experts * h, dim), fmt, keep, seg=h)
     layer.router, layer.b_in, layer.b_out = _ptr(moe["router"]), _ptr(moe["b_in"]), _ptr(moe["b_out"])
     layer.global_bias, layer.shared_bias = _ptr(moe["global_bias"]), _ptr(moe["shared_bias"])
@@ -710,6 +723,7 @@ class NativeDecoder:
             w.tensor(rope._buffers, "sin"),
             w.tensor(head._parameters, "bias"),
             norm,
+            None if norm is None else w.tensor(norm._parameters, "bias"),
         ]
         layers = w.child(dec, "layers")
         w.sizes.append((layers._modules, len(layers._modules)))
@@ -722,8 +736,9 @@ class NativeDecoder:
         cfg, d = m.config, m.config.decoder
         dim, hd = cfg.dim, cfg.dim // d.num_heads
         top, layer_weights = weights
-        emb, final_norm, head, cos, sin, head_bias, final = top
-        tensors = [t for t in top[:6] if t is not None] + [t for lw in layer_weights for t in _tensors(lw)]
+        emb, final_norm, head, cos, sin, head_bias, final, final_bias = top
+        tensors = [t for t in [*top[:6], final_bias] if t is not None]
+        tensors += [t for lw in layer_weights for t in _tensors(lw)]
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
             return False
         if emb is None or head is None or cos is None or sin is None:
@@ -731,11 +746,13 @@ class NativeDecoder:
         ld_head = _input_major(head, dim, cfg.vocab_size)
         if ld_head is None or not (emb.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or hd > 512:
             return False
-        norms = [n for lw in layer_weights for n in lw["norms"]] + ([] if final is None else [final])
-        if not all(isinstance(n, torch.nn.RMSNorm) for n in norms):
+        norms = [n for lw in layer_weights for n in lw["norms"]]
+        kinds = {type(n) for n in [*norms, *([] if final is None else [final])]}
+        if not kinds <= {torch.nn.RMSNorm, torch.nn.LayerNorm} or len({type(n) for n in norms}) != 1:
+            return False  # RMSNorm or LayerNorm, one kind for all blocks (the final norm may differ)
+        if final is not None and (final_norm is None or not _vectors_ok(final_norm, final_bias)):
             return False
-        # eps None is torch's default for the dtype, which F.rms_norm uses: the same number here.
-        eps = {torch.finfo(torch.float32).eps if n.eps is None else n.eps for n in norms}
+        eps = {_eps(n) for n in norms}
         if len(eps) != 1 or len(layer_weights) != len(m.decoder.layers):
             return False
         if head_bias is not None and not head_bias.is_contiguous():
@@ -756,9 +773,11 @@ class NativeDecoder:
             n_layers=len(layer_weights), dim=dim, head_dim=hd, hq=d.self_q_heads, hkv=d.self_kv_heads,
             cq=d.cross_q_heads, ckv=d.cross_kv_heads, n_experts=d.num_experts, top_k=d.experts_per_token,
             hidden=d.expert_ffn_dim, vocab=cfg.vocab_size, n_positions=cos.shape[0],
-            rope_mode=_ROPE_MODES[cfg.rope_pairing], rope_offset=d.step_position_offset, eps=float(eps.pop()),
+            rope_mode=_ROPE_MODES[cfg.rope_pairing], rope_offset=d.step_position_offset, eps=eps.pop(),
+            layer_norm=int(isinstance(norms[0], torch.nn.LayerNorm)), final_eps=0.0 if final is None else _eps(final),
+            final_layer_norm=int(isinstance(final, torch.nn.LayerNorm)),
             lm_head=_mat(head.t(), fmt, keep), embedding=_ptr(emb), final_norm=_ptr(final_norm), cos=_ptr(cos),
-            sin=_ptr(sin), head_bias=_ptr(head_bias), layers=layers,
+            sin=_ptr(sin), final_norm_bias=_ptr(final_bias), head_bias=_ptr(head_bias), layers=layers,
         )  # fmt: skip
         self._layers = layers
         self._copies = keep
@@ -818,11 +837,12 @@ class NativeDecoder:
         mem_dtype = memory_kv[0][0].dtype
         for mk, mv in memory_kv:
             for t in (mk, mv):
+                strides = (mem_row, cfg.stm_size * hd, hd, 1)  # a dimension of size 1 may have any stride
                 if (
                     t.dtype != mem_dtype
                     or mem_dtype not in (torch.float32, torch.bfloat16)
                     or tuple(t.shape[1:]) != mem_shape
-                    or t.stride() != (mem_row, cfg.stm_size * hd, hd, 1)
+                    or any(n > 1 and s != want for n, s, want in zip(t.shape, t.stride(), strides))
                 ):
                     return False
         for i in range(layers):

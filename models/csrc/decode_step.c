@@ -24,13 +24,18 @@
  *
  * Layouts (row-major; "input-major" = the nn.Linear weight's transpose; a Mat is one of these):
  *   qkv      (dim, ld_qkv)       Q | K | V columns of self-attention, input-major
- *   o        (hq*hd, dim)        self-attention output projection, input-major
+ *   o        (out*hd, dim)       self-attention output projection, input-major (out: the output
+ *                                heads, max(q, kv): reversed SQA tiles the query heads)
+ *   gate     (dim, out*hd)       self-attention output gate, when gated
  *   cq       (dim, ld_cq)        memory cross-attention query columns, input-major
- *   co       (cq*hd, dim)        memory cross-attention output projection, input-major
- *   router   (experts, dim)      nn.Linear layout, float32
+ *   co, cgate                    memory cross-attention output projection and gate, like o, gate
+ *   router   (experts, dim)      nn.Linear layout, float32 (so are the shared experts' gate)
  *   w_in     (experts*dim, 2H)   [gate | up], input-major per expert
  *   w_out    (experts*H, dim)    input-major per expert
+ *   dense / shared experts: w_in (dim, 2H), w_out (H, dim), input-major
  *   lm_head  (dim, ld_head)      input-major
+ *   A float32 Mat may also be W_F32T, the transpose in place (an nn.Linear weight: gates, dense
+ *   feed-forwards); bf16 and int8 Mats are always input-major copies.
  *   int8 Mat: W[d, c] = q[d, c] * s[d / 32, c], q in [-127, 127], blocks restarting at every
  *            segment of `seg` rows (an expert's rows; one segment elsewhere, rows past its end
  *            count as zero). Stored per segment, per tile of 16 columns (ld = the columns
@@ -111,12 +116,12 @@ static int64_t split_k(Mat m, int64_t k, int64_t i, int64_t parts) {
     return at < k ? at : k;
 }
 
-/* A gated feed-forward act(x W_gate + b) * (x W_up + b) W_out + b_out: a dense layer's, or one
- * shared expert's. */
+/* A feed-forward (act(x W_gate + b) * (x W_up + b)) W_out + b_out, or (not gated)
+ * act(x W_in + b) W_out + b_out: a dense layer's, or one shared expert's. */
 typedef struct {
-    Mat w_in, w_out;            /* (dim, 2H) [gate | up] and (H, dim), input-major */
-    const float *b_in, *b_out;  /* (2H) and (dim), or NULL */
-    int64_t hidden;             /* H */
+    Mat w_in, w_out;            /* (dim, 2H) [gate | up] (not gated: (dim, H)) and (H, dim), input-major */
+    const float *b_in, *b_out;  /* (2H or H) and (dim), or NULL */
+    int64_t hidden, gated;      /* H */
 } RxtFfn;
 
 /* One decoder layer, described by the sub-blocks it has:
@@ -130,6 +135,7 @@ typedef struct {
     const float *self_norm, *qkv_bias, *o_bias, *gate_bias;
     const float *cross_norm, *cq_bias, *co_bias, *cgate_bias;
     const float *ffn_norm, *router;
+    const float *self_norm_bias, *cross_norm_bias, *ffn_norm_bias; /* LayerNorm blocks; else NULL */
     const float *b_in, *b_out; /* per-expert biases (E, 2H) and (E, dim), or NULL */
     const float *global_bias;  /* (dim) added once per token, or NULL */
     const RxtFfn *shared;      /* n_shared of them */
@@ -137,6 +143,7 @@ typedef struct {
     const float *shared_bias;  /* (dim), or NULL */
     RxtFfn dense;
     int64_t n_shared, gate_act, cgate_act, act; /* activations: enum Act */
+    int64_t gated;                              /* the experts are gated: w_in (E*dim, 2H), else (E*dim, H) */
     float routed_scale, shared_scale;
     float *k_cache, *v_cache;
     const void *mem_k, *mem_v; /* float32 or (mem_bf16) bfloat16; NULL without memory cross-attention */
@@ -150,10 +157,11 @@ typedef struct {
     int64_t rope_mode;   /* 0: rotate-half; 1: adjacent pairs in place; 2: adjacent pairs, split */
     int64_t rope_offset; /* added to the position RoPE rotates by (RxLM's interact: 1) */
     int64_t mem_bf16;    /* the memory keys/values are bfloat16 (else float32) */
-    float eps;
+    int64_t layer_norm, final_layer_norm; /* the blocks' norms, the final norm: LayerNorm (else RMSNorm) */
+    float eps, final_eps;
     Mat lm_head;
     const float *embedding, *final_norm, *cos, *sin; /* final_norm NULL: none */
-    const float *head_bias;                                    /* or NULL */
+    const float *final_norm_bias, *head_bias;                  /* or NULL */
     RxtLayer *layers;
 } RxtModel;
 
@@ -438,13 +446,20 @@ void rxt_matvec(const Mat *m, int64_t row, int64_t k, int64_t cols, const float 
     axpy_rows(y, x, mat_rows(*m, row), 0, k, 0, cols);
 }
 
-static void rms_norm(int n, int64_t dim, const float *x, const float *weight, float eps, float *out) {
+/* RMSNorm, or (layer) LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias (bias may be NULL). */
+static void norm(int n, int64_t dim, const float *x, const float *weight, const float *bias, float eps, int64_t layer,
+                 float *out) {
     for (int b = 0; b < n; b++) {
         const float *xb = x + b * dim;
-        float ss = 0.0f;
-        for (int64_t i = 0; i < dim; i++) ss += xb[i] * xb[i];
+        float mean = 0.0f, ss = 0.0f;
+        if (layer) {
+            for (int64_t i = 0; i < dim; i++) mean += xb[i];
+            mean /= (float)dim;
+        }
+        for (int64_t i = 0; i < dim; i++) ss += (xb[i] - mean) * (xb[i] - mean);
         const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
-        for (int64_t i = 0; i < dim; i++) out[b * dim + i] = xb[i] * scale * weight[i];
+        for (int64_t i = 0; i < dim; i++)
+            out[b * dim + i] = (xb[i] - mean) * scale * weight[i] + (bias ? bias[i] : 0.0f);
     }
 }
 
@@ -544,11 +559,12 @@ static float activate(float x, int64_t act) {
  * shared expert weighted per row. gu (n, 2H) and act (n, H) are scratch. */
 static void ffn_rows(int n, const float *h, int64_t D, const RxtFfn *f, int64_t kind, const float *scale,
                      int64_t stride, float *gu, float *act, float *out, int nt) {
-    const int64_t H = f->hidden;
-    gemv(n, h, D, f->w_in, 2 * H, f->b_in, gu, 0, nt);
+    const int64_t H = f->hidden, GH = f->gated ? 2 * H : H;
+    gemv(n, h, D, f->w_in, GH, f->b_in, gu, 0, nt);
     for (int b = 0; b < n; b++) {
         const float s = scale ? scale[b * stride] : 1.0f;
-        for (int64_t r = 0; r < H; r++) act[b * H + r] = activate(gu[b * 2 * H + r], kind) * gu[b * 2 * H + H + r] * s;
+        const float *g = gu + b * GH;
+        for (int64_t r = 0; r < H; r++) act[b * H + r] = activate(g[r], kind) * (f->gated ? g[H + r] : 1.0f) * s;
     }
     gemv(n, act, H, f->w_out, D, NULL, out, 1, nt);
     if (f->b_out)
@@ -613,7 +629,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
     for (int64_t l = 0; l < m->n_layers; l++) {
         const RxtLayer *L = &m->layers[l];
         /* Self-attention: Q/K/V in one product, RoPE on Q and K, cache write, attention. */
-        rms_norm(n, D, x, L->self_norm, m->eps, h);
+        norm(n, D, x, L->self_norm, L->self_norm_bias, m->eps, m->layer_norm, h);
         gemv(n, h, D, L->qkv, qkv_cols, L->qkv_bias, qkv, 0, nt);
         for (int b = 0; b < n; b++) {
             const int64_t at_pos = (positions[b] + m->rope_offset) * hd;
@@ -642,7 +658,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
 
         /* Memory cross-attention: queries rotated, keys/values are the STM's (no position). */
         if (L->cross_norm) {
-            rms_norm(n, D, x, L->cross_norm, m->eps, h);
+            norm(n, D, x, L->cross_norm, L->cross_norm_bias, m->eps, m->layer_norm, h);
             gemv(n, h, D, L->cq, m->cq * hd, L->cq_bias, qkv, 0, nt);
             for (int b = 0; b < n; b++)
                 for (int64_t j = 0; j < m->cq; j++)
@@ -668,7 +684,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
             gemv(n, att, co * hd, L->co, D, L->co_bias, x, 1, nt);
         }
 
-        rms_norm(n, D, x, L->ffn_norm, m->eps, h);
+        norm(n, D, x, L->ffn_norm, L->ffn_norm_bias, m->eps, m->layer_norm, h);
         if (!L->router) { /* a dense feed-forward */
             ffn_rows(n, h, D, &L->dense, L->act, NULL, 0, gu, act, x, nt);
             continue;
@@ -703,27 +719,28 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
          * split between blocks of 32 rows); the parts' partial sums are added before the
          * activation and at the end. */
         const int parts = pairs % nt == 0 ? 1 : 2;
+        const int64_t GH = L->gated ? 2 * H : H; /* w_in's columns */
 #pragma omp parallel num_threads(nt)
         {
             const int t = omp_get_thread_num(), count = omp_get_num_threads();
             for (int item = t; item < parts * pairs; item += count) {
                 const int p = item / parts, part = item % parts;
-                float *o = gu + (int64_t)item * 2 * H;
-                memset(o, 0, sizeof(float) * (size_t)(2 * H));
+                float *o = gu + (int64_t)item * GH;
+                memset(o, 0, sizeof(float) * (size_t)GH);
                 axpy_rows(o, h + (p / K) * D, mat_rows(L->w_in, chosen[p] * D), split_k(L->w_in, D, part, parts),
-                          split_k(L->w_in, D, part + 1, parts), 0, 2 * H);
+                          split_k(L->w_in, D, part + 1, parts), 0, GH);
             }
 #pragma omp barrier
             for (int item = t; item < parts * pairs; item += count) {
                 const int p = item / parts, part = item % parts;
-                const float *g = gu + (int64_t)(parts * p) * 2 * H;
+                const float *g = gu + (int64_t)(parts * p) * GH;
                 float *a = act + (int64_t)item * H;
                 const int64_t r0 = split_k(L->w_out, H, part, parts), r1 = split_k(L->w_out, H, part + 1, parts);
-                const float *bias = L->b_in ? L->b_in + chosen[p] * 2 * H : NULL;
+                const float *bias = L->b_in ? L->b_in + chosen[p] * GH : NULL;
                 for (int64_t r = r0; r < r1; r++) {
-                    float gate = g[r], up = g[H + r];
-                    if (parts == 2) gate += g[2 * H + r], up += g[3 * H + r];
-                    if (bias) gate += bias[r], up += bias[H + r];
+                    float gate = g[r], up = L->gated ? g[H + r] : 1.0f;
+                    if (parts == 2) gate += g[GH + r], up += L->gated ? g[GH + H + r] : 0.0f;
+                    if (bias) gate += bias[r], up += L->gated ? bias[H + r] : 0.0f;
                     a[r - r0] = activate(gate, L->act) * up;
                 }
                 float *o = ys + (int64_t)item * D;
@@ -774,7 +791,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
         return 0;
     }
     if (m->final_norm)
-        rms_norm(outs, D, x, m->final_norm, m->eps, h);
+        norm(outs, D, x, m->final_norm, m->final_norm_bias, m->final_eps, m->final_layer_norm, h);
     else
         memcpy(h, x, (size_t)(outs * D) * sizeof(float));
     gemv(outs, h, D, m->lm_head, m->vocab, m->head_bias, logits, 0, nt);
