@@ -794,14 +794,13 @@ class NativeDecoder:
         return n <= self._struct.n_rows
 
     def _compact_memory(self, memory_kv: Sequence[tuple[Tensor, Tensor]]) -> bool:
-        """Whether this step reads bf16 copies of float32 memory keys/values (see
+        """Whether this step reads bf16 copies of the memory keys/values (see
         :data:`COMPACT_MEMORY_MIN_SLOTS`): only where their versions tell when they were written."""
         m = self.model
         return (
             m.weight_format != "fp32"
             and m.config.stm_size >= COMPACT_MEMORY_MIN_SLOTS
             and bool(memory_kv)
-            and memory_kv[0][0].dtype == torch.float32
             and not any(t.is_inference() for pair in memory_kv for t in pair)
         )
 
@@ -834,13 +833,11 @@ class NativeDecoder:
             return False
         mem_row = memory_kv[0][0].stride(0)
         mem_shape = (d.cross_kv_heads, cfg.stm_size, hd)
-        mem_dtype = memory_kv[0][0].dtype
         for mk, mv in memory_kv:
             for t in (mk, mv):
                 strides = (mem_row, cfg.stm_size * hd, hd, 1)  # a dimension of size 1 may have any stride
                 if (
-                    t.dtype != mem_dtype
-                    or mem_dtype not in (torch.float32, torch.bfloat16)
+                    t.dtype != torch.float32
                     or tuple(t.shape[1:]) != mem_shape
                     or any(n > 1 and s != want for n, s, want in zip(t.shape, t.stride(), strides))
                 ):
@@ -866,16 +863,18 @@ class NativeDecoder:
         return True
 
     def _compacted(self, memory_kv: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-        """bf16 copies of the memory keys/values (kept between steps, copied again whenever the
-        originals were written: a join, a leave)."""
-        shape = tuple(memory_kv[0][0].shape)
+        """bf16 copies of the memory keys/values, each head transposed to (head_dim, slots) so that
+        the C step runs along the slots (decode_step.c's attend_t); kept between steps and copied
+        again whenever the originals were written (a join, a leave)."""
+        rows, heads, slots, hd = memory_kv[0][0].shape
+        shape = (rows, heads, hd, slots)
         if len(self._compact) != len(memory_kv) or tuple(self._compact[0][0].shape) != shape:
             self._compact = [
                 (torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape, dtype=torch.bfloat16)) for _ in memory_kv
             ]
         for (ck, cv), (mk, mv) in zip(self._compact, memory_kv):
-            ck.copy_(mk)
-            cv.copy_(mv)
+            ck.copy_(mk.transpose(2, 3))
+            cv.copy_(mv.transpose(2, 3))
         return self._compact
 
     def step(

@@ -44,8 +44,8 @@
  *            One 64-byte load is 16 columns x 4 inputs (vpdpbusd's operand), and a tile's blocks
  *            follow one another: a thread reading a range of columns reads one contiguous range.
  *   k/v cache of a layer: row b at + b*cache_row, then (kv_heads, max_len, hd) contiguous
- *   memory k/v of a layer: row b at + b*mem_row, then (cross_kv_heads, stm, hd) contiguous,
- *            float32 or bfloat16 (mem_bf16)
+ *   memory k/v of a layer: row b at + b*mem_row, then (cross_kv_heads, stm, hd) contiguous float32,
+ *            or (mem_bf16) bfloat16 copies (cross_kv_heads, hd, stm): each head transposed
  */
 #include <math.h>
 #include <omp.h>
@@ -146,7 +146,7 @@ typedef struct {
     int64_t gated;                              /* the experts are gated: w_in (E*dim, 2H), else (E*dim, H) */
     float routed_scale, shared_scale;
     float *k_cache, *v_cache;
-    const void *mem_k, *mem_v; /* float32 or (mem_bf16) bfloat16; NULL without memory cross-attention */
+    const void *mem_k, *mem_v; /* float32, or (mem_bf16) bf16 transposed; NULL without memory cross-attention */
 } RxtLayer;
 
 typedef struct {
@@ -156,7 +156,7 @@ typedef struct {
     int64_t n_rows; /* rows the bound cache and memory buffers hold */
     int64_t rope_mode;   /* 0: rotate-half; 1: adjacent pairs in place; 2: adjacent pairs, split */
     int64_t rope_offset; /* added to the position RoPE rotates by (RxLM's interact: 1) */
-    int64_t mem_bf16;    /* the memory keys/values are bfloat16 (else float32) */
+    int64_t mem_bf16;    /* the memory keys/values are bf16 copies, (hd, stm) per head (else float32) */
     int64_t layer_norm, final_layer_norm; /* the blocks' norms, the final norm: LayerNorm (else RMSNorm) */
     float eps, final_eps;
     Mat lm_head;
@@ -491,14 +491,23 @@ static void rope(float *u, int64_t hd, const float *cos, const float *sin, int64
 }
 
 /* softmax(q . k_t / sqrt(hd)) over t < len, applied to v: keys/values (len, hd) contiguous. */
+/* q . k over n values in 8 running sums (vector lanes without reassociating any one sum; a
+ * plain sum does not vectorise). */
+static float dot_f32(const float *q, const float *k, int64_t n) {
+    float s[8] = {0}, total = 0.0f;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) s[j] += q[i + j] * k[i + j];
+    for (; i < n; i++) total += q[i] * k[i];
+    return total + (((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])));
+}
+
 static void attend(const float *q, const float *k, const float *v, int64_t len, int64_t hd, float *scores,
                    float *out) {
     const float scale = 1.0f / sqrtf((float)hd);
     float best = -INFINITY;
     for (int64_t t = 0; t < len; t++) {
-        float s = 0.0f;
-        for (int64_t i = 0; i < hd; i++) s += q[i] * k[t * hd + i];
-        s *= scale;
+        const float s = dot_f32(q, k + t * hd, hd) * scale;
         scores[t] = s;
         if (s > best) best = s;
     }
@@ -514,28 +523,57 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
     }
 }
 
-/* The same over bfloat16 keys/values (the memory cross-attention's, kept compact: a 4,096-slot
- * STM's keys/values are read whole for every token). */
-static void attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, int64_t len, int64_t hd,
-                        float *scores, float *out) {
+/* e^x for x <= 0 in plain arithmetic that vectorises (expf does not), within 2 ulp: x = n ln2 + r,
+ * |r| <= ln2 / 2, e^r by its Taylor series to r^6, times 2^n. Below -87 it gives e^-87 (~1e-38, as
+ * good as 0 beside the softmax's largest term, which is 1); NaN stays NaN. */
+static float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln2), |x / ln2| < 2^22 */
+    const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    /* ln2 in two parts (Cody-Waite) */
+    const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    n = !(n >= -126.0f) ? -126.0f : n > 0.0f ? 0.0f : n; /* NaN: any n, p is NaN */
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* softmax(q . k_t / sqrt(hd)) over the memory's len slots, applied to v, with the compact bf16
+ * copies stored transposed per head: kt and vt (hd, len), slot t of feature i at i * len + t. So
+ * every pass runs along the slots, 16 at a time, with no sum across vector lanes: the scores as
+ * hd passes of scores += q_i * kt_i; the outputs as dot products of the weights with each vt row
+ * in 16 running sums. A 4,096-slot memory is read whole for every token. */
+static void attend_t(const float *q, const uint16_t *kt, const uint16_t *vt, int64_t len, int64_t hd,
+                     float *restrict scores, float *out) {
     const float scale = 1.0f / sqrtf((float)hd);
-    float best = -INFINITY;
-    for (int64_t t = 0; t < len; t++) {
-        float s = 0.0f;
-        for (int64_t i = 0; i < hd; i++) s += q[i] * bf16_to_f32(k[t * hd + i]);
-        s *= scale;
-        scores[t] = s;
-        if (s > best) best = s;
+    for (int64_t t = 0; t < len; t++) scores[t] = 0.0f;
+    for (int64_t i = 0; i < hd; i++) {
+        const float qi = q[i];
+        const uint16_t *restrict row = kt + i * len;
+        for (int64_t t = 0; t < len; t++) scores[t] += qi * bf16_to_f32(row[t]);
     }
+    float lanes[16], best = -INFINITY;
+    for (int j = 0; j < 16; j++) lanes[j] = -INFINITY;
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16)
+        for (int j = 0; j < 16; j++) lanes[j] = scores[t + j] > lanes[j] ? scores[t + j] : lanes[j];
+    for (; t < len; t++) best = scores[t] > best ? scores[t] : best;
+    for (int j = 0; j < 16; j++) best = lanes[j] > best ? lanes[j] : best;
+    for (int j = 0; j < 16; j++) lanes[j] = 0.0f;
     float total = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        scores[t] = expf(scores[t] - best);
-        total += scores[t];
-    }
-    for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        const float p = scores[t] / total;
-        for (int64_t i = 0; i < hd; i++) out[i] += p * bf16_to_f32(v[t * hd + i]);
+    for (t = 0; t + 16 <= len; t += 16)
+        for (int j = 0; j < 16; j++) lanes[j] += (scores[t + j] = exp_neg((scores[t + j] - best) * scale));
+    for (; t < len; t++) total += (scores[t] = exp_neg((scores[t] - best) * scale));
+    for (int j = 0; j < 16; j++) total += lanes[j];
+    for (int64_t i = 0; i < hd; i++) {
+        const uint16_t *restrict row = vt + i * len;
+        float sum = 0.0f;
+        for (int j = 0; j < 16; j++) lanes[j] = 0.0f;
+        for (t = 0; t + 16 <= len; t += 16)
+            for (int j = 0; j < 16; j++) lanes[j] += scores[t + j] * bf16_to_f32(row[t + j]);
+        for (; t < len; t++) sum += scores[t] * bf16_to_f32(row[t]);
+        for (int j = 0; j < 16; j++) sum += lanes[j];
+        out[i] = sum / total;
     }
 }
 
@@ -671,8 +709,8 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
                 const int64_t at = ROW(b) * m->mem_row + g * m->stm * hd;
                 const float *q = qkv + (b * m->cq + j % m->cq) * hd;
                 if (m->mem_bf16)
-                    attend_bf16(q, (const uint16_t *)L->mem_k + at, (const uint16_t *)L->mem_v + at, m->stm, hd,
-                                scores + bj * long_seq, att + bj * hd);
+                    attend_t(q, (const uint16_t *)L->mem_k + at, (const uint16_t *)L->mem_v + at, m->stm, hd,
+                             scores + bj * long_seq, att + bj * hd);
                 else
                     attend(q, (const float *)L->mem_k + at, (const float *)L->mem_v + at, m->stm, hd,
                            scores + bj * long_seq, att + bj * hd);
@@ -690,13 +728,10 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
             continue;
         }
         /* MoE: top-k of the router logits, softmax over those k, gated experts. */
+        const Mat router = {L->router, D, W_F32T, D}; /* (E, dim) in place: one dot product per expert */
+        gemv(n, h, D, router, E, NULL, route, 0, nt);
         for (int b = 0; b < n; b++) {
             float *r = route + b * E;
-            for (int64_t e = 0; e < E; e++) {
-                float s = 0.0f;
-                for (int64_t i = 0; i < D; i++) s += h[b * D + i] * L->router[e * D + i];
-                r[e] = s;
-            }
             float top = -INFINITY, total = 0.0f;
             for (int64_t k = 0; k < K; k++) { /* the k largest, first index on ties (like topk) */
                 int64_t arg = -1;
@@ -767,14 +802,16 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
         if (L->n_shared) {
             const int64_t S = L->n_shared;
             float *weights = route + n * E; /* (n, S): each shared expert's weight per row */
+            if (L->shared_gate) {
+                const Mat gate = {L->shared_gate, D, W_F32T, D};
+                gemv(n, h, D, gate, S, NULL, weights, 0, nt);
+            } else {
+                memset(weights, 0, sizeof(float) * (size_t)(n * S));
+            }
             for (int b = 0; b < n; b++) {
                 float *w = weights + b * S, top = -INFINITY, total = 0.0f;
-                for (int64_t s = 0; s < S; s++) {
-                    float v = 0.0f;
-                    for (int64_t i = 0; L->shared_gate && i < D; i++) v += h[b * D + i] * L->shared_gate[s * D + i];
-                    w[s] = v;
-                    if (v > top) top = v;
-                }
+                for (int64_t s = 0; s < S; s++)
+                    if (w[s] > top) top = w[s];
                 for (int64_t s = 0; s < S; s++) total += (w[s] = expf(w[s] - top));
                 for (int64_t s = 0; s < S; s++) w[s] = L->shared_scale * w[s] / total;
             }
