@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from rxruntime.models import DecoderConfig, RxTModel, native
+from rxruntime.models.config import AttentionGate
 from rxruntime.models.quantize import WeightFormat, set_weight_format
 
 from .conftest import tiny_model
@@ -71,17 +72,22 @@ def _beta(seed: int) -> RxTModel:
     )  # fmt: skip
 
 
-def _llama(seed: int) -> RxTModel:
+def _llama(seed: int, cross_gate: AttentionGate = "tanh") -> RxTModel:
     """A Llama-like dense decoder (issue 24): GQA 9 query / 3 key-value heads, dense SwiGLU
-    everywhere, no biases, memory cross-attention gated (tanh) in the middle layers only."""
+    everywhere, no biases, Llama's norm epsilon, memory cross-attention (gated: tanh by default)
+    in the middle layers only, stateless dense layers before and after them."""
     model = tiny_model(
-        seed=seed, dim=72,
+        seed=seed, dim=72, norm_eps=1e-5,
         decoder=DecoderConfig(
             num_heads=9, self_q_heads=9, self_kv_heads=3, cross_q_heads=9, cross_kv_heads=3, use_moe=False,
-            ffn_dim=40, dense_ffn_dim=40, layers_before=["dense"], layers_after=["dense"],
-            cross_attention_gate="tanh",
+            ffn_dim=40, dense_ffn_dim=40, layers_before=["dense"], layers_after=["dense", "dense"],
+            cross_attention_gate=cross_gate, num_experts=1, experts_per_token=1,
         ),
     )  # fmt: skip
+    with torch.no_grad():
+        for name, p in model.decoder.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
     return model
 
 
@@ -126,6 +132,7 @@ LAYOUTS: dict[str, Callable[[int], RxTModel]] = {
     "layer-final-norm": lambda s: _model(s, final_norm="layer", lm_head_bias=True),
     "beta": _beta,
     "llama": _llama,
+    "llama-ungated": lambda s: _llama(s, cross_gate="none"),
 }
 
 PROMPTS = [[3, 9, 27, 81, 50], [11, 12], [60, 61, 62, 63, 64, 65, 66, 67, 68]]
