@@ -166,7 +166,21 @@ def test_three_turns_through_the_engine_match(case: Path) -> None:
             assert _stm_close(state.stm, exp[f"turn{i}_stm"]), f"STM after turn {i}"
 
 
-C_STEP_CASES = {"0.2.31/alpha_supervised"}  # RxT-Alpha's layout: the C step must cover it
+C_STEP_CASES = {  # the layouts the C step must cover: every one here (RxT-Alpha's, RxT-Beta's...)
+    f"{version}/{name}"
+    for version in ("0.2.31", "0.3.80")
+    for name in (
+        "adaptive_norm_plain_residual", "alpha_supervised", "beta_gqa_mqa_elementwise", "elementwise_linear_status",
+        "interlayer_static_tanh", "legacy_encoder_cross_attention", "mha_layernorm_dense",
+        "positional_norm_linear_status", "variant_simple",
+    )
+} | {
+    f"0.3.80/{name}"
+    for name in (
+        "beta_stateless_shared_experts", "beta_system_extended", "beta_system_fast", "gated_attention_no_out_bias",
+        "grouped_self_interlayer", "moe_legacy_layout", "moe_no_bias_no_shared", "moe_two_shared_local_bias",
+    )
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", SUPPORTED, ids=_id)
@@ -220,14 +234,15 @@ BETA_LAYOUTS = [c for c in SUPPORTED if c.parent.name.startswith("0.3") and "bet
 
 
 @pytest.mark.parametrize("case", BETA_LAYOUTS, ids=_id)
-def test_c_step_steps_aside_on_beta_layouts_and_says_why(case: Path) -> None:
-    """RxT-Beta's RxLM 0.3 layouts are not the C step's: the benchmarks' ``c_decode_step`` note
-    names the reason (the engine then runs the torch step; the engine test above proves its tokens)."""
+def test_c_step_runs_beta_layouts_and_says_so(case: Path) -> None:
+    """RxT-Beta's RxLM 0.3 layouts (stateless layers, shared experts, global biases, gated
+    attention, LayerNorm head norm) are the C step's: the benchmarks' ``c_decode_step`` note says
+    it ran (test_decode_paths_agree proves its logits against RxLM's)."""
     from rxruntime.bench.decode import c_step_note
     from rxruntime.models import native
 
     model = _load(case)
-    reason = native.layout_reason(model)
-    prefix = "layout not covered by the C step: "
-    assert reason is not None and reason.startswith(prefix) and len(reason) > len(prefix)
-    assert c_step_note(model) == f"not used: {native.unavailable_reason() or reason}"
+    assert native.layout_reason(model) is None
+    unavailable = native.unavailable_reason()
+    used = f"used for steps of up to {native.MAX_ROWS} rows"
+    assert c_step_note(model) == (used if unavailable is None else f"not used: {unavailable}")
