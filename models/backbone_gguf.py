@@ -85,8 +85,9 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
-def read_gguf(path: str | Path) -> GGUFBackbone:
-    """Read a Llama-architecture GGUF: metadata, tokenizer and float32 tensors (dequantized)."""
+def read_gguf(path: str | Path, tensors: bool = True) -> GGUFBackbone:
+    """Read a Llama-architecture GGUF: metadata, tokenizer and float32 tensors (dequantized;
+    ``tensors=False`` skips them, for a config alone: dequantizing SmolLM2 takes seconds)."""
     try:
         import gguf
     except ImportError:  # pragma: no cover - gguf is a dependency of the package
@@ -105,11 +106,11 @@ def read_gguf(path: str | Path) -> GGUFBackbone:
         raise CheckpointMismatchError(
             path, "only byte-level BPE (tokenizer.ggml.model 'gpt2') tokenizers are supported"
         )
-    tensors: dict[str, Tensor] = {}
-    for t in reader.tensors:
+    weights: dict[str, Tensor] = {}
+    for t in reader.tensors if tensors else []:
         array = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(n) for n in reversed([int(x) for x in t.shape]))  # GGUF lists ne0 (the row) first
-        tensors[t.name] = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a writable copy
+        weights[t.name] = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a writable copy
     tokens = [str(x) for x in _field(reader, "tokenizer.ggml.tokens")]
     unk = _field(reader, "tokenizer.ggml.unknown_token_id")
     dim = int(_field(reader, "llama.embedding_length"))
@@ -139,7 +140,7 @@ def read_gguf(path: str | Path) -> GGUFBackbone:
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id")),
         unk_id=None if unk is None else int(unk),
         chat_template=_field(reader, "tokenizer.chat_template"),
-        tensors=tensors,
+        tensors=weights,
     )
 
 
@@ -209,18 +210,25 @@ def backbone_config(
     backbone: GGUFBackbone,
     *,
     memory_layers: int = 8,
+    memory_start: int | None = None,
     stm_size: int = 64,
     max_seq_len: int = 256,
     cross_q_heads: int | None = None,
     cross_kv_heads: int | None = None,
     chat_system: str | None = SMOLLM2_SYSTEM,
 ) -> RxTConfig:
-    """An RxT config around the backbone: its layers are the decoder, the last ``memory_layers`` of
-    them read the STM (``stm_size`` slots per layer), and encoder and memory attention have
-    ``memory_layers`` layers too (one STM layer each)."""
+    """An RxT config around the backbone: its layers are the decoder, ``memory_layers`` consecutive
+    ones from ``memory_start`` (default: the last ones) read the STM (``stm_size`` slots per
+    layer), and encoder and memory attention have ``memory_layers`` layers too (one STM layer
+    each). The layers before and after the memory block are the decoder's stateless layers."""
     b = backbone
     if not 1 <= memory_layers <= b.num_layers:
         raise CheckpointMismatchError(b.path, f"memory_layers must be in [1, {b.num_layers}], got {memory_layers}")
+    start = b.num_layers - memory_layers if memory_start is None else memory_start
+    if not 0 <= start <= b.num_layers - memory_layers:
+        raise CheckpointMismatchError(
+            b.path, f"memory_start must be in [0, {b.num_layers - memory_layers}] for {memory_layers} memory layers"
+        )
     tok = backbone_tokenizer(b)
     return RxTConfig(
         vocab_size=b.vocab_size,
@@ -243,7 +251,8 @@ def backbone_config(
             use_moe=False,
             ffn_dim=b.ffn_dim,
             dense_ffn_dim=b.ffn_dim,
-            layers_before=["dense"] * (b.num_layers - memory_layers),
+            layers_before=["dense"] * start,
+            layers_after=["dense"] * (b.num_layers - memory_layers - start),
             num_experts=1,
             experts_per_token=1,
             expert_ffn_dim=b.ffn_dim,
@@ -331,7 +340,7 @@ def backbone_parameter_names(model: RxTModel) -> set[str]:
     embedding, the LM head, the final norm and every decoder block's self-attention, feed-forward
     and their norms. Memory cross-attention, the encoder and memory attention are not."""
     names = {"embedding.weight", "decoder.lm_head.weight", "decoder.norm.weight"}
-    for name, _ in model.decoder.named_parameters():
+    for name, _ in model.decoder.named_parameters():  # layers.<i>.<part>...
         part = name.split(".")
         if part[0] == "layers" and part[2] in ("self_norm", "self_attn", "ffn_norm", "ffn"):
             names.add("decoder." + name)
