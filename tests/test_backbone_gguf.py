@@ -192,3 +192,20 @@ def test_smollm2_logits_equal_transformers(smollm2: Path) -> None:
     with torch.no_grad():
         out = generate(model, model.init_stm(1), prompts, max_new_tokens=12)
     assert tokenizer.decode(out[0]).startswith("The capital of France is Paris.")
+
+
+def test_engine_runs_a_chatml_turn(tiny: Path) -> None:
+    """The engine (what `rxrt chat` runs) prompts with the chat template and writes the turn to
+    memory: with the gate closed its greedy answer is the backbone's, from any starting memory."""
+    from rxruntime.engine import Engine
+
+    model, tok = backbone_model(read_gguf(tiny), memory_layers=2)
+    model.eval()
+    query = "What is my name?"
+    with torch.no_grad():
+        expected = generate(model, model.init_stm(1), [tok.query_ids(query)], max_new_tokens=12)[0]
+    with Engine(model, tok) as engine:
+        conv = engine.conversation(seed=3, memory_init="The user's name is Ada.")
+        answer = conv.ask(query, max_new_tokens=12, wait_for_memory=True)
+        assert answer == tok.decode(expected)
+        assert engine.stm_version(conv.id) == 2  # memory_init, then the turn
