@@ -198,6 +198,7 @@ def test_engine_runs_a_chatml_turn(tiny: Path) -> None:
     """The engine (what `rxrt chat` runs) prompts with the chat template and writes the turn to
     memory: with the gate closed its greedy answer is the backbone's, from any starting memory."""
     from rxruntime.engine import Engine
+    from rxruntime.errors import InvalidOptionError
 
     model, tok = backbone_model(read_gguf(tiny), memory_layers=2)
     model.eval()
@@ -209,3 +210,6 @@ def test_engine_runs_a_chatml_turn(tiny: Path) -> None:
         answer = conv.ask(query, max_new_tokens=12, wait_for_memory=True)
         assert answer == tok.decode(expected)
         assert engine.stm_version(conv.id) == 2  # memory_init, then the turn
+        assert conv.ask(query, max_new_tokens=12, thinking_mode="fast") == answer
+        with pytest.raises(InvalidOptionError, match="thinking_mode"):
+            conv.ask(query, thinking_mode="extended")  # ChatML has no thinking mode
