@@ -138,3 +138,20 @@ def test_smol_ci_resumes_bit_for_bit(smol_ci_run: Path, tmp_path: Path) -> None:
         b = load_weights(out / name / "model.safetensors")
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
+
+
+def test_eval_plays_the_chat_template(smol_ci_run: Path) -> None:
+    """``rxrt eval memory``'s player prompts a chatml model with its chat template."""
+    from rxruntime.models.generation import generate
+    from rxruntime.models.training.mrqbench import run_dialogues
+
+    model, tok = load_pretrained(smol_ci_run / "model")
+    assert tok is not None
+    dialogues = PeopleSource(5, 10).dialogues(random.Random(1), 3, 2)
+    answers = run_dialogues(model, tok, dialogues, reset_memory=False, seed=4, max_new_tokens=8)
+    stm = model.init_stm(3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        first = generate(model, stm, [tok.query_ids(d.turns[0].query) for d in dialogues], max_new_tokens=8)
+    assert [a[0] for a in answers] == [tok.decode(ids) for ids in first]
+    assert main(["eval", "memory", "--model", str(smol_ci_run / "model"), "--dialogues", "2", "--max-gap", "1",
+                 "--splits", "in_domain", "--json"]) == 0  # fmt: skip
