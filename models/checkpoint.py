@@ -149,7 +149,8 @@ def load_pretrained(
         tok_path = directory / TOKENIZER_FILE
         if not tok_path.is_file():
             raise MissingCheckpointFileError(tok_path, "missing tokenizer file")
-        special = config.special_tokens if config.tokenizer_template == "rxlm" else None
+        named = config.tokenizer_template == "rxlm" or config.interaction_template == "chatml"
+        special = config.special_tokens if named else None
         tokenizer = RxTokenizer.from_file(tok_path, special)
         try:
             tokenizer.use_template(config)

@@ -38,7 +38,7 @@ FinalNorm = Literal["rms", "layer", "none"]
 MemoryNormType = Literal["rmsnorm", "gated-rms", "gated-adaptive-rms", "gated-positional", "gated-layer"]
 StatelessLayer = Literal["dense", "moe"]
 FfnActivation = Literal["silu", "gelu", "relu", "sigmoid", "tanh", "identity"]
-InteractionTemplate = Literal["alpha", "beta"]
+InteractionTemplate = Literal["alpha", "beta", "chatml"]
 ThinkingMode = Literal["fast", "extended"]
 AttentionGate = Literal["none", "silu", "gelu", "relu", "sigmoid", "tanh", "identity"]
 
@@ -224,10 +224,18 @@ class RxTConfig:
     ``[BOS] [Q] text [A] [EOS]``. ``beta`` (RxLM 0.3's ``RxTBeta``): the prompt ends with the
     turn's thinking mode token instead (``[A]`` for ``fast``, ``[T]`` for ``extended``: the
     model thinks, then answers after an ``[A]`` it writes itself), and a system text enters
-    memory as ``[BOS] [I] {system_prompt_title}\n\n text [EOS]``. The memory update reads the
-    prompt and the answer as generated in both."""
+    memory as ``[BOS] [I] {system_prompt_title}\n\n text [EOS]``. ``chatml`` (chat models built
+    on a pretrained backbone, ``backbone_gguf.py``): the prompt is
+    ``<|im_start|>user\n query <|im_end|>\n<|im_start|>assistant\n`` (after ``chat_system``'s
+    message, if any), the answer ends with ``<|im_end|>`` ([EOS]), and a system text enters memory
+    as a ``system`` message. The memory update reads the prompt and the answer as generated in all
+    three."""
     system_prompt_title: str = "SYSTEM INSTRUCTIONS"
     """The heading of a system text under the ``beta`` template (RxTBeta's ``system_prompt_title``)."""
+    chat_system: str | None = None
+    """``chatml`` only: a system message put before every turn's user message, as a chat model's
+    own template does when a chat has none (SmolLM2-Instruct's), or None for no system message.
+    It is part of the prompt, so the memory update reads it too."""
     eos_after_truncated_answer: bool = True
     """Whether the memory update reads an ``[EOS]`` after an answer the length limit cut off
     (ours: yes, every interaction is closed; RxLM: no, it encodes exactly the sampled tokens)."""
@@ -255,6 +263,8 @@ class RxTConfig:
             for token in ("think_id", "internal_id"):
                 if getattr(self.special_tokens, token) is None:
                     raise ConfigError(f"interaction_template='beta' needs special_tokens.{token} (its [T]/[I] token)")
+        if self.chat_system is not None and not isinstance(self.chat_system, str):
+            raise ConfigError(f"chat_system must be a string or null, got {type(self.chat_system).__name__}")
         if not isinstance(self.system_prompt_title, str):
             raise ConfigError(f"system_prompt_title must be a string, got {type(self.system_prompt_title).__name__}")
         if self.stm_init_std < 0:
