@@ -26,11 +26,11 @@ from rxruntime.models.backbone_gguf import (
     read_gguf,
     unpermute_rope_rows,
 )
-from rxruntime.training.data.backbone_tiny import write_tiny_gguf
 from rxruntime.models.checkpoint import load_pretrained
 from rxruntime.models.config import RxTConfig
 from rxruntime.models.errors import CheckpointMismatchError, MissingCheckpointFileError
 from rxruntime.models.generation import generate
+from rxruntime.training.data.backbone_tiny import write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers needs it to load a GGUF

@@ -41,6 +41,7 @@ from rxruntime.models.backbone_gguf import (
 from rxruntime.models.config import RxTConfig
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.tokenizer import RxTokenizer
+
 from .batches import IGNORE, TokenBatch
 
 SKIPPED_STAGES = ("joint_pretrain", "joint_sft")

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 from rxruntime.models.config import RxTConfig, preset
 from rxruntime.models.errors import ConfigError, RxTError
+
 from .backbone import BackboneSpec
 
 

@@ -34,6 +34,7 @@ from rxruntime.models.checkpoint import load_pretrained, save_pretrained
 from rxruntime.models.errors import RxTError
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.tokenizer import RxTokenizer
+
 from .backbone import SKIPPED_STAGES, frozen_backbone_loss, memory_parameters, set_memory_trainable
 from .batches import dialogue_batches, interaction_batch, recall_turns, text_batch
 from .joint import joint_loss

@@ -64,7 +64,7 @@ def write_tiny_gguf(
 
     import gguf
 
-    from .backbone_gguf import SMOLLM2_SYSTEM
+    from rxruntime.models.backbone_gguf import SMOLLM2_SYSTEM
 
     rng = np.random.default_rng(seed)
     spec = json.loads(tiny_tokenizer_json(vocab_size))
