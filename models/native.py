@@ -336,6 +336,7 @@ def layout_reason(model: RxTModel) -> str | None:
         (not d.layers_before and not d.layers_after, "stateless decoder layers"),
         (d.expert_bias_mode in ("none", "local"), f"decoder.expert_bias_mode={d.expert_bias_mode!r}"),
         (d.num_shared_experts == 0, f"decoder.num_shared_experts={d.num_shared_experts}"),
+        (d.router_dtype == "float32", f"decoder.router_dtype={d.router_dtype!r}"),
         (
             d.self_q_heads >= d.self_kv_heads and d.cross_q_heads >= d.cross_kv_heads,
             "reversed SQA (fewer query than key/value heads)",
