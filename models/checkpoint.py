@@ -78,7 +78,11 @@ class LoadDefaults:
     rxlm_version: str | None = None
 
 
-_DEFAULTS: contextvars.ContextVar[LoadDefaults] = contextvars.ContextVar("rxrt_load_defaults", default=LoadDefaults())
+_DEFAULTS: contextvars.ContextVar[LoadDefaults | None] = contextvars.ContextVar("rxrt_load_defaults", default=None)
+
+
+def _defaults() -> LoadDefaults:
+    return _DEFAULTS.get() or LoadDefaults()
 
 
 @contextlib.contextmanager
@@ -197,7 +201,7 @@ def load_pretrained(
     numbers to reproduce, e.g. ``"0.3.80"``; default the newest of the checkpoint's line
     (:func:`~.rxlm_format.parse_release`); one rxruntime does not know is refused naming it.
     """
-    defaults = _DEFAULTS.get()
+    defaults = _defaults()
     tokenizer = tokenizer if tokenizer is not None else defaults.tokenizer
     rxlm_version = rxlm_version if rxlm_version is not None else defaults.rxlm_version
     directory = resolve_model_dir(path_or_id)
@@ -255,7 +259,7 @@ def load_config(directory: Path, rxlm_version: str | None = None) -> RxTConfig:
     """The config of a model directory, ours or RxLM's (mapped: see :mod:`.rxlm_format`)."""
     path = directory / CONFIG_FILE
     raw = _read_config_json(path)
-    rxlm_version = rxlm_version if rxlm_version is not None else _DEFAULTS.get().rxlm_version
+    rxlm_version = rxlm_version if rxlm_version is not None else _defaults().rxlm_version
     if is_rxlm_config(raw):
         return _rxlm_config(raw, *_version_evidence(directory), path, rxlm_version)[0]
     if rxlm_version is not None:

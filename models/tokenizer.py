@@ -83,9 +83,7 @@ class RxTokenizer:
         return cls(tok)
 
     @classmethod
-    def from_file(
-        cls, path: str | Path, special: SpecialTokens | None = None, as_written: bool = False
-    ) -> RxTokenizer:
+    def from_file(cls, path: str | Path, special: SpecialTokens | None = None, as_written: bool = False) -> RxTokenizer:
         try:
             return cls(Tokenizer.from_file(str(path)), special, as_written)
         except TokenizerError as exc:
