@@ -47,6 +47,7 @@ from .rxlm_format import (
     UnsupportedRxLMOption,
     is_rxlm_config,
     resolve_release,
+    rxlm_component_kind,
     rxlm_config,
     rxlm_weights,
 )
@@ -342,6 +343,13 @@ def _read_config_json(path: Path) -> dict[str, Any]:
 
 
 def _our_config(raw: dict[str, Any], path: Path) -> RxTConfig:
+    kind = rxlm_component_kind(raw)
+    if kind is not None:
+        raise UnsupportedCheckpointError(
+            path,
+            f"an RxLM {kind} alone (a training part, not a chat model): rxruntime runs whole RxTAlpha/RxTBeta "
+            "checkpoints, whose config.json has decoder_config, encoder_config and memory_attention_config",
+        )
     try:
         return RxTConfig.from_dict(raw)
     except (ConfigError, TypeError) as exc:

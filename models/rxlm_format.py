@@ -49,6 +49,27 @@ def is_rxlm_config(data: Mapping[str, Any]) -> bool:
     return all(isinstance(data.get(k), dict) for k in RXLM_KEYS)
 
 
+def rxlm_component_kind(data: Mapping[str, Any]) -> str | None:
+    """What a config.json of one RxLM component alone holds (``None`` if it is not one).
+
+    RxLM publishes the decoder, the encoder, the memory attention and the MLM head of a model
+    in repositories of their own, for training stages; such a config.json has one component's
+    constructor options at its top instead of ``decoder_config``/``encoder_config``/... .
+    """
+    keys = set(data)
+    if is_rxlm_config(data) or "embed_dim" not in keys or "dim" in keys:
+        return None  # ours has "dim"
+    if keys & {"residual_gate_type", "norm_type", "use_gated_residual", "interlayer_att_type"}:
+        return "memory attention"
+    if "att_heads" not in keys:
+        return "MLM head"
+    if data.get("use_moe") or data.get("stateless_layers_config"):
+        return "decoder"
+    if data.get("skip_memory_cross_attention"):
+        return "encoder"
+    return "decoder or encoder"
+
+
 # ---------------------------------------------------------------------- version
 # Component options that only RxLM 0.3 accepts (0.2's constructors reject unknown keywords), less
 # the two that 0.2.38-0.2.45 also saved (``stateless_layers_config``, ``dense_layer_dim``).

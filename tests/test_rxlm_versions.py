@@ -367,3 +367,19 @@ def test_chat_runs_beta_with_its_tokenizer_from_elsewhere_and_a_system_prompt(tm
         assert child.wait() == 0
     finally:
         child.close(force=True)
+
+
+@pytest.mark.parametrize(
+    ("section", "kind"),
+    [("decoder_config", "decoder"), ("encoder_config", "encoder"), ("memory_attention_config", "memory attention")],
+)
+def test_a_single_component_repository_is_refused_as_a_training_part(section: str, kind: str, tmp_path: Path) -> None:
+    """RxT-Beta-Decoder-Base, RxT-Alpha-Micro-Encoder...: one component's options at the top of
+    config.json (as RxLM's component classes save them), not a chat model."""
+    case = _case("0.3.93/beta_published_fast")
+    path = _copy(case, tmp_path)
+    (path / "config.json").write_text(json.dumps(json.loads((case / "config.json").read_text())[section]))
+    with pytest.raises(
+        UnsupportedCheckpointError, match=rf"an RxLM {kind} alone \(a training part, not a chat model\)"
+    ):
+        load_pretrained(path)
