@@ -9,6 +9,7 @@ memory update, and the STM initialised from text. The contract of the files it w
 tests/fixtures/rxlm/README.md::
 
     /work/venvs/rxlm-0.2.31/bin/python scripts/rxlm_fixtures.py --out tests/fixtures/rxlm
+    /work/venvs/rxlm-0.2.45/bin/python scripts/rxlm_fixtures.py --out tests/fixtures/rxlm
     /work/venvs/rxlm-0.3.80/bin/python scripts/rxlm_fixtures.py --out tests/fixtures/rxlm
     /work/venvs/rxlm-0.3.93/bin/python scripts/rxlm_fixtures.py --out tests/fixtures/rxlm
 
@@ -137,6 +138,7 @@ BOTH = ("0.2.31", "0.3.80")
 V02 = ("0.2.31",)
 V03 = ("0.3.80",)
 V03_BOTH = ("0.3.80", "0.3.93")  # 0.3.91 stopped shifting decode steps by one position
+V02_STATELESS = ("0.2.45",)  # 0.2.38-0.2.45 build stateless layers (saved in a 0.2 checkpoint)
 
 MOE = dict(use_moe=True, num_experts=4, moe_top_k=2, ff_dim=8)
 
@@ -454,6 +456,18 @@ CASES: list[Case] = [
         options={
             "template": "RxTBeta's own: system prompt read into memory first, then three interact turns in"
             " thinking_mode='extended' ([BOS][Q]query[T])",
+        },
+    ),
+    Case(
+        "stateless_layers_02",
+        V02_STATELESS,
+        decoder=dict(MOE, stateless_layers_config=["dense", "moe"], dense_layer_dim=24),
+        encoder=dict(skip_memory_cross_attention=True),
+        options={
+            "stateless": "RxLM 0.2.38-0.2.45: ['dense', 'moe'] stateless layers before the memory layers, built as"
+            " ClassicTransformerLayer (norm1, norm2 = feed-forward norm), 0.2 MoE (per-expert biases)",
+            "why": "config.json has stateless_layers_config and the file stateless_layers.*, as 0.3's do: a 0.2"
+            " checkpoint that must not be taken for 0.3",
         },
     ),
     Case(

@@ -28,7 +28,7 @@ def _case_id(path: Path) -> str:
 
 def test_the_matrix_covers_both_rxlm_versions() -> None:
     versions = {p.parent.name for p in CASES}
-    assert versions == {"0.2.31", "0.3.80", "0.3.93"}
+    assert versions == {"0.2.31", "0.2.45", "0.3.80", "0.3.93"}
     assert len(CASES) >= 15
 
 

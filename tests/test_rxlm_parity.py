@@ -35,7 +35,9 @@ def _id(path: Path) -> str:
 def test_fixtures_are_present() -> None:
     """The parity suite must not pass by finding nothing: both RxLM versions have cases."""
     versions = {p.parent.name for p in CASES}
-    assert {"0.2.31", "0.3.80", "0.3.93"} <= versions, f"no RxLM fixtures under {ROOT} (found {sorted(versions)})"
+    assert {"0.2.31", "0.2.45", "0.3.80", "0.3.93"} <= versions, (
+        f"no RxLM fixtures under {ROOT} (found {sorted(versions)})"
+    )
 
 
 def _expected(case: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
