@@ -18,8 +18,10 @@ Two RxLM versions are known, and config.json does not say which one wrote it:
   default; stateless decoder layers; ``interlayer`` builds *self*-interlayer memory attention.
 
 :func:`detect_version` decides from what only 0.3 writes (its MoE tensors, stateless layers,
-options 0.2 does not have) and from the encoder's own STM buffer (see there);
-``RXRT_RXLM_VERSION`` overrides it. Options rxruntime does not compute (linear or hybrid
+options 0.2 does not have) and from the encoder's own STM buffer (see there). Within a line,
+releases differ too (0.3.91 stopped shifting decode steps by one position; 0.3.81 on tokenise
+under transformers 5): the numbers are those of the newest release known unless
+``rxlm_version`` (or ``RXRT_RXLM_VERSION``) names another (:func:`resolve_release`). Options rxruntime does not compute (linear or hybrid
 attention, NoPE, an MoE encoder...) raise :class:`UnsupportedRxLMOption` naming the field.
 """
 
@@ -120,8 +122,7 @@ def _patch(release: str) -> int:
 
 def step_position_offset(release: str) -> int:
     """RxLM's RoPE shift of decode-step tokens in ``release`` (see :data:`STEP_SHIFT_DROPPED`)."""
-    line, _, patch = release.rpartition(".")
-    return 0 if line == "0.3" and int(patch) >= STEP_SHIFT_DROPPED else 1
+    return 0 if release.startswith("0.3.") and _patch(release) >= STEP_SHIFT_DROPPED else 1
 
 
 def resolve_release(

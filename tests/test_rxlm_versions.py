@@ -465,3 +465,9 @@ def test_the_published_beta_config_maps_to_the_published_sizes(tmp_path: Path) -
         "bfloat16", 384, 10, 0
     )  # fmt: skip
     assert info["config"]["tokenizer_template"] == "rxlm-as-written"
+
+
+def test_serve_ray_refuses_the_options_its_replicas_cannot_take() -> None:
+    args = ["serve", "--ray", "--http", "127.0.0.1:8765", "--store", "redis://127.0.0.1:6399/0"]
+    out = _rxrt(*args, "--model", "x", "--tokenizer", "y")
+    assert out.returncode == 2 and "rxrt convert SRC DST --tokenizer" in out.stderr, out.stderr[-2000:]
