@@ -21,7 +21,8 @@ Two RxLM versions are known, and config.json does not say which one wrote it:
 options 0.2 does not have) and from the encoder's own STM buffer (see there). Within a line,
 releases differ too (0.3.91 stopped shifting decode steps by one position; 0.3.81 on tokenise
 under transformers 5): the numbers are those of the newest release known unless
-``rxlm_version`` (or ``RXRT_RXLM_VERSION``) names another (:func:`resolve_release`). Options rxruntime does not compute (linear or hybrid
+``rxlm_version`` (or ``RXRT_RXLM_VERSION``) names another (:func:`resolve_release`).
+Options rxruntime does not compute (linear or hybrid
 attention, NoPE, an MoE encoder...) raise :class:`UnsupportedRxLMOption` naming the field.
 """
 
