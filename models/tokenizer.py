@@ -26,9 +26,11 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[Q]", "[A]", "[T]"]
 class RxTokenizer:
     """A ``tokenizers.Tokenizer`` plus the RxT message template."""
 
-    def __init__(self, tokenizer: Tokenizer, special: SpecialTokens | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, special: SpecialTokens | None = None, as_written: bool = False) -> None:
         """``special``: the template's ids when the model's config names them (RxLM checkpoints
-        do, in ``tokenizer_config``); otherwise the tokenizer must hold ours at ids 0..6."""
+        do, in ``tokenizer_config``); otherwise the tokenizer must hold ours at ids 0..6.
+        ``as_written`` (with ``special``): keep the file's byte-level prefix space, as RxLM's
+        transformers 5 wrapper does (``tokenizer_template='rxlm-as-written'``)."""
         self.tokenizer = tokenizer
         self.interaction_template: InteractionTemplate = "alpha"
         self.system_prompt_title = "SYSTEM INSTRUCTIONS"
@@ -57,8 +59,9 @@ class RxTokenizer:
         # RxLM wraps its tokenizer in transformers' PreTrainedTokenizerFast, which turns the
         # byte-level pre-tokenizer's prefix space off unless told otherwise: do as it does, or
         # "[BOS][Q]Tell" would become [BOS] [Q] "ĠTell" instead of RxLM's "T" "ell".
+        # transformers 5 (RxLM 0.3.81 on) keeps the file's setting.
         pre = tokenizer.pre_tokenizer
-        if isinstance(pre, pre_tokenizers.ByteLevel) and pre.add_prefix_space:
+        if isinstance(pre, pre_tokenizers.ByteLevel) and pre.add_prefix_space and not as_written:
             pre.add_prefix_space = False
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = set(named.values()) | {i for i, tok in added.items() if tok.special}
@@ -81,9 +84,9 @@ class RxTokenizer:
         return cls(tok)
 
     @classmethod
-    def from_file(cls, path: str | Path, special: SpecialTokens | None = None) -> RxTokenizer:
+    def from_file(cls, path: str | Path, special: SpecialTokens | None = None, as_written: bool = False) -> RxTokenizer:
         try:
-            return cls(Tokenizer.from_file(str(path)), special)
+            return cls(Tokenizer.from_file(str(path)), special, as_written)
         except TokenizerError as exc:
             raise TokenizerError(f"{path}: {exc}") from exc
         except Exception as exc:  # the Rust side raises plain Exception on bad JSON

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rxruntime.commands import add_model_options
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
@@ -105,6 +107,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "replay", help="Chat Completions through the HTTP front: cached STM vs replayed history vs a stateless model"
     )
     r.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
+    add_model_options(r)
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     r.add_argument("--seed", type=int, default=0, help="of the stateless model's random weights")
@@ -284,7 +287,10 @@ def run_replay(args: argparse.Namespace) -> int:
 
     _threads(args)
     cfg = ReplayConfig(turns=args.turns, repeats=args.repeats, seed=args.seed, device=args.device, model=args.model)
-    result = run(cfg, progress=None if args.json else _progress)
+    from rxruntime.models.checkpoint import load_defaults
+
+    with load_defaults(tokenizer=args.tokenizer, rxlm_version=args.rxlm_version):  # ReplayConfig names the model only
+        result = run(cfg, progress=None if args.json else _progress)
     s = result["summary"]
     note = (
         f"turn {s['turn']}: replaying the history takes {s['replay_over_cached']:.2f}x the cached path, the "

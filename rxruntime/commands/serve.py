@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from rxruntime.commands import add_model_options
 from rxruntime.commands.stop_signals import StopSignals
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("serve", help="serve a model over zmq (msgpack frames) and/or OpenAI-compatible HTTP")
     p.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
+    add_model_options(p)
     p.add_argument(
         "--bind",
         default=None,
@@ -95,7 +97,13 @@ def _run_zmq(args: argparse.Namespace, bind: str) -> int:
     store = open_store(args.store)
     stop = StopSignals()  # before the server answers anyone: no signal is lost
     with rxruntime.load(
-        args.model, device=args.device, max_batch=args.max_batch, store=store, weights=args.weights
+        args.model,
+        device=args.device,
+        max_batch=args.max_batch,
+        store=store,
+        weights=args.weights,
+        tokenizer=args.tokenizer,
+        rxlm_version=args.rxlm_version,
     ) as engine:
         server = _zmq_server(engine, args, bind, keys)
         try:  # the server (and its authenticator thread) stops however this ends
@@ -158,7 +166,13 @@ def _run_http(args: argparse.Namespace) -> int:
 
     def load() -> Engine:
         return rxruntime.load(
-            args.model, device=args.device, max_batch=args.max_batch, store=store, weights=args.weights
+            args.model,
+            device=args.device,
+            max_batch=args.max_batch,
+            store=store,
+            weights=args.weights,
+            tokenizer=args.tokenizer,
+            rxlm_version=args.rxlm_version,
         )
 
     def on_ready(engine: Engine) -> None:
@@ -203,6 +217,11 @@ def _run_ray(args: argparse.Namespace) -> int:
         raise ConfigError("--ray serves HTTP only; the zmq front (--bind) stays single-process: run it without --ray")
     if args.replicas < 1:
         raise ConfigError("--replicas must be at least 1")
+    if args.tokenizer or args.rxlm_version:
+        raise ConfigError(
+            "--ray replicas load --model by itself: write a directory with the tokenizer and the RxLM release's "
+            "numbers first (rxrt convert SRC DST --tokenizer ... --rxlm-version ...) and serve DST"
+        )
     host, port = parse_address(args.http)
     keys = KeyRing.from_file(args.api_key_file, args.api_key) if args.api_key_file else KeyRing(args.api_key)
     try:
