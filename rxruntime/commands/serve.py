@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from rxruntime.engine import Engine
     from rxruntime.serving.zmq.curve import ServerKeys
     from rxruntime.serving.zmq.server import Server
+    from rxruntime.stores import STMStore
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -89,22 +90,13 @@ def run(args: argparse.Namespace) -> int:
 def _run_zmq(args: argparse.Namespace, bind: str) -> int:
     from rich.console import Console
 
-    import rxruntime
     from rxruntime.stores import open_store
 
     console = Console(highlight=False)
     keys = _zmq_keys(args, bind)  # before loading the model
     store = open_store(args.store)
     stop = StopSignals()  # before the server answers anyone: no signal is lost
-    with rxruntime.load(
-        args.model,
-        device=args.device,
-        max_batch=args.max_batch,
-        store=store,
-        weights=args.weights,
-        tokenizer=args.tokenizer,
-        rxlm_version=args.rxlm_version,
-    ) as engine:
+    with _load(args, store) as engine:
         server = _zmq_server(engine, args, bind, keys)
         try:  # the server (and its authenticator thread) stops however this ends
             auth = f"CURVE keys from {args.keys}" if keys else "no authentication"
@@ -117,6 +109,21 @@ def _run_zmq(args: argparse.Namespace, bind: str) -> int:
             server.stop()
     store.close()
     return 0
+
+
+def _load(args: argparse.Namespace, store: STMStore | None) -> Engine:
+    """The engine every front serves, from the command line's model options."""
+    import rxruntime
+
+    return rxruntime.load(
+        args.model,
+        device=args.device,
+        max_batch=args.max_batch,
+        store=store,
+        weights=args.weights,
+        tokenizer=args.tokenizer,
+        rxlm_version=args.rxlm_version,
+    )
 
 
 def _zmq_keys(args: argparse.Namespace, bind: str) -> ServerKeys | None:
@@ -151,7 +158,6 @@ def _run_http(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    import rxruntime
     from rxruntime.serving.http.app import create_app
     from rxruntime.serving.http.bearer import KeyRing
     from rxruntime.serving.http.serve import parse_address, serve
@@ -165,15 +171,7 @@ def _run_http(args: argparse.Namespace) -> int:
     zmq_keys = _zmq_keys(args, args.bind) if args.bind else None  # a refused --bind fails before loading
 
     def load() -> Engine:
-        return rxruntime.load(
-            args.model,
-            device=args.device,
-            max_batch=args.max_batch,
-            store=store,
-            weights=args.weights,
-            tokenizer=args.tokenizer,
-            rxlm_version=args.rxlm_version,
-        )
+        return _load(args, store)
 
     def on_ready(engine: Engine) -> None:
         where = f"http://{args.http}"
