@@ -11,6 +11,9 @@
 * ``rxrt bench replay``: a stateless client through ``/v1/chat/completions``: the history's STM
   from the cache, rebuilt by replay, or a stateless model re-reading it (needs the ``http`` extra).
 
+``turns``, ``decode`` and ``throughput`` run the engine's own default weights for the device
+(``--weights default``: int8 where the C step runs a float32 CPU model, else fp32), what ``rxrt
+chat`` and ``serve`` run, and every report names the weights and the decode step it measured.
 ``overlap`` and ``throughput`` print a table, or JSON with ``--json``; ``--out DIR`` also writes
 ``<name>-<preset>.json``.
 """
