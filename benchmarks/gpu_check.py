@@ -12,7 +12,9 @@ One script, so one call on a lent machine runs everything and brings the figures
    transformers baseline on the same GPU;
 4. ``throughput``: ``rxrt bench throughput`` at alpha-mini on ``cuda`` (1, 8, 64, 256
    conversations) through the real engine, whose memory updates run on their own CUDA stream;
-5. ``decode``: ``rxrt bench decode`` at alpha-mini on ``cuda``, batch 1 and batch 64.
+5. ``overlap``: ``rxrt bench overlap`` at alpha-mini on ``cuda``: the next query sent at once
+   (behind the previous memory update, which runs on its own CUDA stream) against sent after it;
+6. ``decode``: ``rxrt bench decode`` at alpha-mini on ``cuda``, batch 1 and batch 64.
 
 Each step has its own time limit (together under 8 minutes); a step that fails or runs out is
 recorded and the next one runs. Everything lands in ``--out`` (default ``$OUT``, the device tool's
@@ -61,12 +63,15 @@ def plan(out: Path, device: str = "cuda", preset: str = "alpha-mini", quick: boo
     levels = "1,3" if quick else "1,8,64,256"
     repeats = "1" if quick else "5"
     rows = "4" if quick else "64"
+    answer = ["--answer-tokens", "8"] if quick else []
     return [
         Step("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-m", "gpu",
-                           "tests/test_gpu.py", f"--junitxml={out / 'gpu-tests.xml'}"], 120),
-        Step("turns", [*RXRT, "bench", "turns", *common, *turns, "--json", "--out", str(out)], 110),
+                           "tests/test_gpu.py", f"--junitxml={out / 'gpu-tests.xml'}"], 100),
+        Step("turns", [*RXRT, "bench", "turns", *common, *turns, "--json", "--out", str(out)], 100),
         Step("throughput", [*RXRT, "bench", "throughput", *common, "--concurrency", levels,
-                            "--json", "--out", str(out)], 90),
+                            "--json", "--out", str(out)], 80),
+        Step("overlap", [*RXRT, "bench", "overlap", *common, "--turns", "3" if quick else "10", *answer,
+                         "--json", "--out", str(out)], 40),
         Step("decode", [*RXRT, "bench", "decode", *common, "--repeats", repeats, "--json"], 30,
              stdout_file=f"decode-{preset}-{device}.json"),
         Step("decode-b64", [*RXRT, "bench", "decode", *common, "--repeats", repeats, "--batch-size", rows,

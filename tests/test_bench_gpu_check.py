@@ -32,7 +32,7 @@ def test_dry_run_parses_every_command_and_collects_the_gpu_tests(tmp_path: Path)
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    for step in ("turns", "throughput", "decode", "decode-b64"):
+    for step in ("turns", "throughput", "overlap", "decode", "decode-b64"):
         assert f"[{step}] parses: rxrt bench" in out
     assert "[gpu-tests] collects 3 tests" in out
     plan = _load().plan(tmp_path)  # type: ignore[attr-defined]
@@ -52,9 +52,18 @@ def test_a_quick_cpu_run_writes_every_report(tmp_path: Path) -> None:
     proc = subprocess.run([*argv, "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert [s["step"] for s in report["steps"]] == ["gpu-tests", "turns", "throughput", "decode", "decode-b64"]
+    assert [s["step"] for s in report["steps"]] == [
+        "gpu-tests",
+        "turns",
+        "throughput",
+        "overlap",
+        "decode",
+        "decode-b64",
+    ]
     assert all(s["exit"] == 0 for s in report["steps"])
     assert json.loads((tmp_path / "turns-nano.json").read_text())["config"]["device"] == "cpu"
     assert json.loads((tmp_path / "throughput-nano.json").read_text())["config"]["concurrency"] == [1, 3]
     assert json.loads((tmp_path / "decode-nano-cpu-b4.json").read_text())["batch_size"] == 4
+    assert json.loads((tmp_path / "overlap-nano.json").read_text())["config"]["turns"] == 3
+    assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back from $OUT
     assert "testcase" in (tmp_path / "gpu-tests.xml").read_text()
