@@ -6,16 +6,23 @@ safetensors header is checked, and our own checkpoints carry a SHA-256 of their 
 the header metadata, so even a flipped bit is caught), or weights that do not fit the config.
 
 ``load_pretrained`` takes ``"default"`` (the model embedded in the package), a local directory,
-or a Hugging Face Hub id (needs the ``hub`` extra and network access).
+or a Hugging Face Hub id (needs the ``hub`` extra and network access); its ``tokenizer`` option
+reads ``tokenizer.json`` from elsewhere (a directory, the file, or a Hub id), for checkpoints
+published without one, and ``rxlm_version`` picks which RxLM release's numbers an RxLM
+checkpoint reproduces. :func:`load_defaults` sets both for code that loads by name only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,8 +45,9 @@ from .rope import RotaryEmbedding
 from .rxlm_format import (
     ENCODER_STM,
     UnsupportedRxLMOption,
-    detect_version,
     is_rxlm_config,
+    resolve_release,
+    rxlm_component_kind,
     rxlm_config,
     rxlm_weights,
 )
@@ -50,6 +58,45 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 _DIGEST_KEY = "rxruntime.sha256"
+HUB_FILES = [
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    TOKENIZER_FILE,
+]
+"""What a Hub download of a model fetches: the config, the weights (one file, or the shards and
+their index that ``save_pretrained`` writes above its shard size) and the tokenizer when the
+repository has one (RxT-Beta's is published in a repository of its own: ``tokenizer=``)."""
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class LoadDefaults:
+    """Load options for code that names a model only (benchmarks, replicas): see :func:`load_defaults`."""
+
+    tokenizer: str | Path | None = None
+    rxlm_version: str | None = None
+
+
+_DEFAULTS: contextvars.ContextVar[LoadDefaults | None] = contextvars.ContextVar("rxrt_load_defaults", default=None)
+
+
+def _defaults() -> LoadDefaults:
+    return _DEFAULTS.get() or LoadDefaults()
+
+
+@contextlib.contextmanager
+def load_defaults(tokenizer: str | Path | None = None, rxlm_version: str | None = None) -> Iterator[None]:
+    """Within the block, :func:`load_pretrained` (and so ``rxruntime.load``) called without
+    ``tokenizer``/``rxlm_version`` uses these: how a CLI command passes its ``--tokenizer`` and
+    ``--rxlm-version`` to code that takes a model name alone. Context-local (a thread started
+    inside the block does not inherit it)."""
+    token = _DEFAULTS.set(LoadDefaults(tokenizer, rxlm_version))
+    try:
+        yield
+    finally:
+        _DEFAULTS.reset(token)
 
 
 def default_model_dir() -> Path:
@@ -69,19 +116,43 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
     text = str(path_or_id)
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise MissingCheckpointFileError(path, "no such model directory")
+    return _download(text, HUB_FILES)
+
+
+def _download(repo_id: str, patterns: list[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise MissingCheckpointFileError(
-            path,
+            Path(repo_id),
             "not a local directory; to download it as a Hugging Face Hub id install the hub extra "
             "(pip install 'rxruntime[hub]')",
         ) from None
     try:
-        local = snapshot_download(repo_id=text, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE])
+        local = snapshot_download(repo_id=repo_id, allow_patterns=patterns)
     except Exception as exc:
-        raise CheckpointError(text, f"could not download from the Hugging Face Hub: {exc}") from exc
+        raise CheckpointError(repo_id, f"could not download from the Hugging Face Hub: {exc}") from exc
     return Path(local)
+
+
+def resolve_tokenizer_file(path_or_id: str | Path) -> Path:
+    """A ``tokenizer.json`` given as the file, a directory holding it, or a Hub id whose
+    repository holds it (downloaded, the file alone) -> the local file."""
+    path = Path(path_or_id).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        file = path / TOKENIZER_FILE
+        if not file.is_file():
+            raise MissingCheckpointFileError(file, "missing tokenizer file")
+        return file
+    text = str(path_or_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise MissingCheckpointFileError(path, "no such tokenizer file or directory")
+    file = _download(text, [TOKENIZER_FILE]) / TOKENIZER_FILE
+    if not file.is_file():
+        raise MissingCheckpointFileError(Path(text) / TOKENIZER_FILE, "the Hub repository has no tokenizer.json")
+    return file
 
 
 # ---------------------------------------------------------------------- save
@@ -120,13 +191,29 @@ def load_pretrained(
     dtype: torch.dtype | None = torch.float32,
     load_tokenizer: bool = True,
     verify: bool = True,
+    *,
+    tokenizer: str | Path | None = None,
+    rxlm_version: str | None = None,
 ) -> tuple[RxTModel, RxTokenizer | None]:
-    """Load ``(model, tokenizer)`` from a model directory, in eval mode on ``device``."""
+    """Load ``(model, tokenizer)`` from a model directory, in eval mode on ``device``.
+
+    ``tokenizer``: where ``tokenizer.json`` is when not in the model directory (the file, a
+    directory, or a Hub id). ``rxlm_version`` (RxLM checkpoints only): the RxLM release whose
+    numbers to reproduce, e.g. ``"0.3.80"``; default the newest of the checkpoint's line
+    (:func:`~.rxlm_format.parse_release`); one rxruntime does not know is refused naming it.
+    """
+    defaults = _defaults()
+    tokenizer = tokenizer if tokenizer is not None else defaults.tokenizer
+    rxlm_version = rxlm_version if rxlm_version is not None else defaults.rxlm_version
     directory = resolve_model_dir(path_or_id)
     raw = _read_config_json(directory / CONFIG_FILE)
-    tensors = load_weights(directory / WEIGHTS_FILE, verify=verify)
+    if rxlm_version is not None and not is_rxlm_config(raw):
+        raise UnsupportedCheckpointError(
+            directory / CONFIG_FILE, f"rxlm_version={rxlm_version!r} is for RxLM checkpoints; this one is rxruntime's"
+        )
+    tensors = _load_model_weights(directory, verify)
     if is_rxlm_config(raw):
-        config, tensors = _from_rxlm(raw, tensors, directory)
+        config, tensors = _from_rxlm(raw, tensors, directory, rxlm_version)
     else:
         config = _our_config(raw, directory / CONFIG_FILE)
 
@@ -144,56 +231,103 @@ def load_pretrained(
             module._reset_tables()
     model.eval()
 
-    tokenizer = None
+    tok = None
     if load_tokenizer:
-        tok_path = directory / TOKENIZER_FILE
-        if not tok_path.is_file():
-            raise MissingCheckpointFileError(tok_path, "missing tokenizer file")
-        special = config.special_tokens if config.tokenizer_template == "rxlm" else None
-        tokenizer = RxTokenizer.from_file(tok_path, special)
+        if tokenizer is not None:
+            tok_path = resolve_tokenizer_file(tokenizer)
+        else:
+            tok_path = directory / TOKENIZER_FILE
+            if not tok_path.is_file():
+                raise MissingCheckpointFileError(
+                    tok_path, "missing tokenizer file (give one published elsewhere with tokenizer= / --tokenizer)"
+                )
+        named = config.tokenizer_template != "rxt" or config.interaction_template == "chatml"
+        special = config.special_tokens if named else None
+        tok = RxTokenizer.from_file(tok_path, special, as_written=config.tokenizer_template == "rxlm-as-written")
         try:
-            tokenizer.use_template(config)
+            tok.use_template(config)
         except TokenizerError as exc:
             raise CheckpointMismatchError(tok_path, str(exc)) from exc
-        if tokenizer.vocab_size > config.vocab_size:
+        if tok.vocab_size > config.vocab_size:
             raise CheckpointMismatchError(
                 tok_path,
-                f"tokenizer has {tokenizer.vocab_size} tokens but config.json allows {config.vocab_size}",
+                f"tokenizer has {tok.vocab_size} tokens but config.json allows {config.vocab_size}",
             )
-    return model, tokenizer
+    return model, tok
 
 
-def load_config(directory: Path) -> RxTConfig:
+def load_config(directory: Path, rxlm_version: str | None = None) -> RxTConfig:
     """The config of a model directory, ours or RxLM's (mapped: see :mod:`.rxlm_format`)."""
     path = directory / CONFIG_FILE
     raw = _read_config_json(path)
+    rxlm_version = rxlm_version if rxlm_version is not None else _defaults().rxlm_version
     if is_rxlm_config(raw):
-        return _rxlm_config(raw, *_version_evidence(directory), path)[0]
+        return _rxlm_config(raw, *_version_evidence(directory), path, rxlm_version)[0]
+    if rxlm_version is not None:
+        raise UnsupportedCheckpointError(path, f"rxlm_version={rxlm_version!r} is for RxLM checkpoints")
     return _our_config(raw, path)
 
 
-def checkpoint_format(directory: Path) -> str:
+def checkpoint_format(directory: Path, rxlm_version: str | None = None) -> str:
     """``rxruntime`` or ``RxLM 0.2`` / ``RxLM 0.3``: who wrote the model directory."""
-    raw = _read_config_json(directory / CONFIG_FILE)
+    path = directory / CONFIG_FILE
+    raw = _read_config_json(path)
     if not is_rxlm_config(raw):
         return "rxruntime"
-    return f"RxLM {detect_version(raw, *_version_evidence(directory))}"
+    try:
+        line, _ = resolve_release(raw, *_version_evidence(directory), rxlm_version)
+    except UnsupportedRxLMOption as exc:
+        raise UnsupportedCheckpointError(path, str(exc)) from exc
+    return f"RxLM {line}"
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """``model.safetensors``, or the shards its index names (Hub checkpoints above a shard size)."""
+    single = directory / WEIGHTS_FILE
+    index = directory / INDEX_FILE
+    if single.is_file() or not index.is_file():
+        return [single]
+    data = _read_config_json(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(index, "no weight_map")
+    shards = sorted({str(v) for v in weight_map.values()})
+    if any(Path(s).name != s for s in shards):
+        raise CorruptCheckpointError(index, "shard names must be files beside the index")
+    return [directory / s for s in shards]
+
+
+def _load_model_weights(directory: Path, verify: bool) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(directory):
+        part = load_weights(file, verify=verify)
+        overlap = tensors.keys() & part.keys()
+        if overlap:
+            raise CorruptCheckpointError(file, f"tensor(s) also in another shard: {sorted(overlap)[:3]}")
+        tensors.update(part)
+    return tensors
 
 
 def _version_evidence(directory: Path) -> tuple[list[str] | None, torch.Tensor | None]:
     """The tensor names and the encoder's STM buffer, which tell RxLM versions apart, read
     without loading the other weights."""
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
+    files = [f for f in _weight_files(directory) if f.is_file()]
+    if not files:
         return None, None
-    names = list(_header(path))
-    if ENCODER_STM not in names:
+    names: list[str] = []
+    holder = None
+    for file in files:
+        head = list(_header(file))
+        names += head
+        if ENCODER_STM in head:
+            holder = file
+    if holder is None:
         return names, None
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(holder), framework="pt") as f:
             return names, f.get_tensor(ENCODER_STM)
     except Exception as exc:
-        raise CorruptCheckpointError(path, f"not a readable safetensors file ({exc})") from exc
+        raise CorruptCheckpointError(holder, f"not a readable safetensors file ({exc})") from exc
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
@@ -209,6 +343,13 @@ def _read_config_json(path: Path) -> dict[str, Any]:
 
 
 def _our_config(raw: dict[str, Any], path: Path) -> RxTConfig:
+    kind = rxlm_component_kind(raw)
+    if kind is not None:
+        raise UnsupportedCheckpointError(
+            path,
+            f"an RxLM {kind} alone (a training part, not a chat model): rxruntime runs whole RxTAlpha/RxTBeta "
+            "checkpoints, whose config.json has decoder_config, encoder_config and memory_attention_config",
+        )
     try:
         return RxTConfig.from_dict(raw)
     except (ConfigError, TypeError) as exc:
@@ -216,11 +357,15 @@ def _our_config(raw: dict[str, Any], path: Path) -> RxTConfig:
 
 
 def _rxlm_config(
-    raw: dict[str, Any], names: list[str] | None, encoder_stm: torch.Tensor | None, path: Path
+    raw: dict[str, Any],
+    names: list[str] | None,
+    encoder_stm: torch.Tensor | None,
+    path: Path,
+    rxlm_version: str | None = None,
 ) -> tuple[RxTConfig, str]:
     try:
-        version = detect_version(raw, names, encoder_stm)
-        return rxlm_config(raw, version, names), version
+        version, release = resolve_release(raw, names, encoder_stm, rxlm_version)
+        return rxlm_config(raw, version, names, release), version
     except UnsupportedRxLMOption as exc:
         raise UnsupportedCheckpointError(path, str(exc)) from exc
     except (ConfigError, TypeError, ValueError, KeyError) as exc:
@@ -228,11 +373,11 @@ def _rxlm_config(
 
 
 def _from_rxlm(
-    raw: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+    raw: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path, rxlm_version: str | None = None
 ) -> tuple[RxTConfig, dict[str, torch.Tensor]]:
     """Our config and state dict for an RxLM directory; names RxLM wrote that map to nothing
     we compute are refused (a silently dropped weight would compute something else)."""
-    config, _ = _rxlm_config(raw, list(tensors), tensors.get(ENCODER_STM), directory / CONFIG_FILE)
+    config, _ = _rxlm_config(raw, list(tensors), tensors.get(ENCODER_STM), directory / CONFIG_FILE, rxlm_version)
     weights, unknown = rxlm_weights(tensors, config)
     if unknown:
         raise CheckpointMismatchError(

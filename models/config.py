@@ -37,8 +37,10 @@ RopePairing = Literal["half", "adjacent", "adjacent-split"]
 FinalNorm = Literal["rms", "layer", "none"]
 MemoryNormType = Literal["rmsnorm", "gated-rms", "gated-adaptive-rms", "gated-positional", "gated-layer"]
 StatelessLayer = Literal["dense", "moe"]
+RouterDtype = Literal["float32", "bfloat16", "float16"]
+TokenizerTemplate = Literal["rxt", "rxlm", "rxlm-as-written"]
 FfnActivation = Literal["silu", "gelu", "relu", "sigmoid", "tanh", "identity"]
-InteractionTemplate = Literal["alpha", "beta"]
+InteractionTemplate = Literal["alpha", "beta", "chatml"]
 ThinkingMode = Literal["fast", "extended"]
 AttentionGate = Literal["none", "silu", "gelu", "relu", "sigmoid", "tanh", "identity"]
 
@@ -65,6 +67,11 @@ class DecoderConfig:
     dropout: float = 0.0
     router_aux_loss_weight: float = 0.01
     """Weight of the load-balancing loss the MoE router adds during training."""
+    router_dtype: RouterDtype = "float32"
+    """Precision of the MoE router's linear layer: ``float32``, or ``bfloat16``/``float16``
+    computed as RxLM 0.3's ``router_amp`` does (the routing under ``torch.autocast`` to that
+    dtype on the model's device: the router's product, softmax and top-k in reduced precision
+    wherever autocast puts them), which changes which experts a token gets."""
     attention_output_bias: bool = False
     """A bias on the attention output projections only (RxLM: yes, with unbiased Q/K/V)."""
     use_moe: bool = True
@@ -214,20 +221,34 @@ class RxTConfig:
     function wherever only queries or only keys are rotated."""
     stm_init_std: float = 0.02
     """Standard deviation of the random normal initial STM."""
-    tokenizer_template: Literal["rxt", "rxlm"] = "rxt"
+    tokenizer_template: TokenizerTemplate = "rxt"
     """How the tokenizer is read: ``rxt``: our special tokens at ids 0..6; ``rxlm``: the ids in
-    ``special_tokens``, text tokenised as RxLM's transformers wrapper does (no byte-level prefix
-    space, the template tokens and the query as one string)."""
+    ``special_tokens``, text tokenised as RxLM's transformers wrapper does (the template tokens and
+    the query as one string) under transformers 4 (RxLM up to 0.3.80), which turns the byte-level
+    prefix space off; ``rxlm-as-written``: the same under transformers 5 (RxLM 0.3.81 on), which
+    keeps the pre-tokenizer as ``tokenizer.json`` writes it (RxLM's trainer: prefix space on)."""
     interaction_template: InteractionTemplate = "alpha"
     """The token sequences of a turn and of a system text. ``alpha``: the decoder is prompted
     with ``[BOS] [Q] query [A]`` and a system text enters memory as the interaction
     ``[BOS] [Q] text [A] [EOS]``. ``beta`` (RxLM 0.3's ``RxTBeta``): the prompt ends with the
     turn's thinking mode token instead (``[A]`` for ``fast``, ``[T]`` for ``extended``: the
     model thinks, then answers after an ``[A]`` it writes itself), and a system text enters
-    memory as ``[BOS] [I] {system_prompt_title}\n\n text [EOS]``. The memory update reads the
-    prompt and the answer as generated in both."""
+    memory as ``[BOS] [I] {system_prompt_title}\n\n text [EOS]``. ``chatml`` (chat models built
+    on a pretrained backbone, ``backbone_gguf.py``): the prompt is
+    ``<|im_start|>user\n query <|im_end|>\n<|im_start|>assistant\n`` (after ``chat_system``'s
+    message, if any), the answer ends with ``<|im_end|>`` ([EOS]), and a system text enters memory
+    as a ``system`` message. The memory update reads the prompt and the answer as generated in all
+    three."""
     system_prompt_title: str = "SYSTEM INSTRUCTIONS"
     """The heading of a system text under the ``beta`` template (RxTBeta's ``system_prompt_title``)."""
+    chat_system: str | None = None
+    """``chatml`` only: a system message put before every turn's user message, as a chat model's
+    own template does when a chat has none (SmolLM2-Instruct's), or None for no system message.
+    It is part of the prompt, so the memory update reads it too."""
+    rxlm_version: str = ""
+    """The RxLM release whose numbers this config reproduces (``0.2``, ``0.3.80``, ``0.3.93``...;
+    ``""`` for our own models). Informative: the fields that differ between releases (such as
+    ``decoder.step_position_offset``) are set by the RxLM loader and computed from themselves."""
     eos_after_truncated_answer: bool = True
     """Whether the memory update reads an ``[EOS]`` after an answer the length limit cut off
     (ours: yes, every interaction is closed; RxLM: no, it encodes exactly the sampled tokens)."""
@@ -249,12 +270,14 @@ class RxTConfig:
         if self.norm_eps is not None and self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be > 0 or null (torch's default), got {self.norm_eps}")
         _choice("rope_pairing", self.rope_pairing, RopePairing)
-        _choice("tokenizer_template", self.tokenizer_template, Literal["rxt", "rxlm"])
+        _choice("tokenizer_template", self.tokenizer_template, TokenizerTemplate)
         _choice("interaction_template", self.interaction_template, InteractionTemplate)
         if self.interaction_template == "beta":
             for token in ("think_id", "internal_id"):
                 if getattr(self.special_tokens, token) is None:
                     raise ConfigError(f"interaction_template='beta' needs special_tokens.{token} (its [T]/[I] token)")
+        if self.chat_system is not None and not isinstance(self.chat_system, str):
+            raise ConfigError(f"chat_system must be a string or null, got {type(self.chat_system).__name__}")
         if not isinstance(self.system_prompt_title, str):
             raise ConfigError(f"system_prompt_title must be a string, got {type(self.system_prompt_title).__name__}")
         if self.stm_init_std < 0:
@@ -282,6 +305,9 @@ class RxTConfig:
         _choice("decoder.expert_bias_mode", d.expert_bias_mode, Literal["local", "global", "none"])
         _choice("decoder.shared_expert_bias_mode", d.shared_expert_bias_mode, Literal["local", "global", "none"])
         _choice("decoder.final_norm", d.final_norm, FinalNorm)
+        _choice("decoder.router_dtype", d.router_dtype, RouterDtype)
+        if not isinstance(self.rxlm_version, str):
+            raise ConfigError(f"rxlm_version must be a string, got {type(self.rxlm_version).__name__}")
         if d.step_position_offset < 0:
             raise ConfigError(f"decoder.step_position_offset must be >= 0, got {d.step_position_offset}")
         _choice("encoder.memory_source", e.memory_source, Literal["stm", "fixed"])

@@ -52,6 +52,7 @@ class RxTDecoder(nn.Module):
                 shared_scaled=d.shared_experts_scaled,
                 activation=act,
                 gated=gated,
+                router_dtype=d.router_dtype,
             )
 
         def layer(memory: bool, kind: str) -> RxTLayer:

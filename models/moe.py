@@ -61,15 +61,18 @@ class MoE(nn.Module):
         shared_scaled: bool = False,
         activation: str = "silu",
         gated: bool = True,
+        router_dtype: str = "float32",
     ) -> None:
-        """``bias_mode``, ``num_shared``...: RxLM's options (see :class:`DecoderConfig`); the
-        defaults are the plain layer of the module docstring."""
+        """``bias_mode``, ``num_shared``, ``router_dtype``...: RxLM's options (see
+        :class:`DecoderConfig`); the defaults are the plain layer of the module docstring."""
         super().__init__()
         self.dim = dim
         self.hidden_dim = hidden_dim
         self.num_experts = num_experts
         self.top_k = top_k
         self.router = nn.Linear(dim, num_experts, bias=False)
+        self.router_dtype = router_dtype
+        self._router_autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(router_dtype)
         # Expert weights stacked on a leading expert axis, laid out like nn.Linear (out, in).
         self.gated = gated
         self.activation = activation
@@ -108,10 +111,23 @@ class MoE(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """For tokens (N, dim): top-k weights (N, k) summing to 1, expert ids (N, k), probs (N, E)."""
+        if self._router_autocast is not None:
+            return self._route_reduced(x, self._router_autocast)
         probs = F.softmax(self.router(x).float(), dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, experts, probs
+
+    def _route_reduced(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """RxLM 0.3's ``router_amp``: its router (linear, softmax, top-k, renormalisation with
+        ``+ 1e-9``) run under ``torch.autocast`` to ``dtype`` on ``x``'s device, op for op, so
+        each op runs in the precision autocast gives it there (on a CPU: all of them in
+        ``dtype``), and ties between rounded probabilities fall as they fall in RxLM."""
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            probs = F.softmax(self.router(x), dim=-1)
+            weights, experts = probs.topk(self.top_k, dim=-1)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-9)
+        return weights, experts, probs.float()
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """SwiGLU expert ``e`` applied to tokens (n, dim)."""
@@ -131,6 +147,7 @@ class MoE(nn.Module):
             and not len(self.shared_experts)
             and self.gated
             and self.activation == "silu"
+            and self._router_autocast is None
         )
 
     def _extras(self, tokens: Tensor, routed: Tensor) -> Tensor:

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
+from .ffn import ACTIVATIONS, SwiGLU
+from .moe import MoE
 from .quantize import BLOCK, WeightFormat, quantize_int8
 
 if TYPE_CHECKING:
@@ -57,9 +59,19 @@ torch: the C step multiplies row by row, torch's batched products win once the w
 reused enough (int8 alpha-mini, 2 threads: one 35-token prompt 35 ms against torch's 60; 120
 tokens 108 against 111; four 35-token prompts 135 against 122)."""
 
+COMPACT_MEMORY_MIN_SLOTS = 1024
+"""From this many STM slots on, a model with bf16 or int8 weights reads the memory keys/values in
+bf16 copies (refreshed when a join or leave writes them): a step reads all of them for every
+token, which at RxT-Beta's size (21 layers x 4,096 slots x 4 key/value heads of 32, twice) is
+88 MB in float32, almost half the bytes of its int8 active weights (190M). Smaller memories stay
+float32 (they cost little to read, and the bf16 step then equals the torch step);
+tests/test_native_layouts.py measures the error the rounding adds."""
+
 _SOURCE = Path(__file__).with_name("csrc") / "decode_step.c"
 _P = ctypes.c_void_p
-_WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "int8": 2}
+_WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "int8": 2, "fp32-t": 3}
+_ACTIVATIONS = {"silu": 1, "gelu": 2, "relu": 3, "sigmoid": 4, "tanh": 5, "identity": 6}
+"""decode_step.c's enum Act, by the names of models/ffn.py's ACTIVATIONS (0: no gate)."""
 
 
 class _Mat(ctypes.Structure):
@@ -69,15 +81,37 @@ class _Mat(ctypes.Structure):
     _fields_ = [("w", _P), ("ld", ctypes.c_int64), ("type", ctypes.c_int64), ("seg", ctypes.c_int64)]
 
 
-_MATS = ["qkv", "o", "cq", "co", "w_in", "w_out"]
-_VECTORS = ["self_norm", "qkv_bias", "o_bias", "cross_norm", "cq_bias", "co_bias", "ffn_norm", "router"]
-_VECTORS += ["b_in", "b_out"]
+class _Ffn(ctypes.Structure):
+    """A dense feed-forward (a dense layer's, or one shared expert's), gated or not."""
+
+    _fields_ = [
+        ("w_in", _Mat), ("w_out", _Mat), ("b_in", _P), ("b_out", _P), ("hidden", ctypes.c_int64),
+        ("gated", ctypes.c_int64),
+    ]  # fmt: skip
+
+
+_MATS = ["qkv", "o", "gate", "cq", "co", "cgate", "w_in", "w_out"]
+_VECTORS = ["self_norm", "qkv_bias", "o_bias", "gate_bias", "cross_norm", "cq_bias", "co_bias", "cgate_bias"]
+_VECTORS += ["ffn_norm", "router", "self_norm_bias", "cross_norm_bias", "ffn_norm_bias", "b_in", "b_out"]
+_VECTORS += ["global_bias"]
 
 
 class _Layer(ctypes.Structure):
+    """One decoder layer as decode_step.c's RxtLayer describes it: which sub-blocks it has
+    (memory cross-attention, gates, an MoE or a dense feed-forward, shared experts) and their
+    weights."""
+
     _fields_ = [
         *[(name, _Mat) for name in _MATS],
-        *[(name, _P) for name in [*_VECTORS, "k_cache", "v_cache", "mem_k", "mem_v"]],
+        *[(name, _P) for name in _VECTORS],
+        ("shared", ctypes.POINTER(_Ffn)),
+        ("shared_gate", _P),
+        ("shared_bias", _P),
+        ("dense", _Ffn),
+        *[(name, ctypes.c_int64) for name in ["n_shared", "gate_act", "cgate_act", "act", "gated"]],
+        ("routed_scale", ctypes.c_float),
+        ("shared_scale", ctypes.c_float),
+        *[(name, _P) for name in ["k_cache", "v_cache", "mem_k", "mem_v"]],
     ]
 
 
@@ -105,11 +139,15 @@ class _Model(ctypes.Structure):
                 "n_rows",
                 "rope_mode",
                 "rope_offset",
+                "mem_bf16",
+                "layer_norm",
+                "final_layer_norm",
             ]
         ],
         ("eps", ctypes.c_float),
+        ("final_eps", ctypes.c_float),
         ("lm_head", _Mat),
-        *[(name, _P) for name in ["embedding", "final_norm", "cos", "sin", "head_bias"]],
+        *[(name, _P) for name in ["embedding", "final_norm", "cos", "sin", "final_norm_bias", "head_bias"]],
         ("layers", ctypes.POINTER(_Layer)),
     ]
 
@@ -293,11 +331,21 @@ def pack_int8(matrix: Tensor, seg: int) -> Tensor:
 
 
 def _mat(matrix: Tensor, weights: WeightFormat, keep: list[Tensor], seg: int | None = None) -> _Mat:
-    """``matrix`` (rows, cols), input-major with unit column stride, as a :class:`_Mat` of the
-    format: float32 in place (its row stride as ``ld``), a contiguous bf16 copy of the whole rows,
-    or the packed int8 copy of exactly these columns (:func:`pack_int8`, blocks restarting every
-    ``seg`` rows, default all); ``keep`` holds the copies alive while the struct points at them."""
-    rows, cols, ld = matrix.shape[0], matrix.shape[1], matrix.stride(0)
+    """``matrix`` (rows, cols), input-major (see :func:`_readable`), as a :class:`_Mat` of the
+    format: float32 in place (its row stride as ``ld``, or, for the transpose of an untouched
+    ``nn.Linear`` weight, its column stride, read as dot products), a contiguous bf16 copy of the
+    whole rows, or the packed int8 copy of exactly these columns (:func:`pack_int8`, blocks
+    restarting every ``seg`` rows, default all); ``keep`` holds the copies alive while the struct
+    points at them."""
+    rows, cols = matrix.shape[0], matrix.shape[1]
+    if matrix.stride(1) != 1:  # an nn.Linear weight's transpose: unit row stride
+        if weights == "fp32":
+            return _Mat(matrix.data_ptr(), matrix.stride(1), _WEIGHT_TYPES["fp32-t"], rows)
+        if weights == "bf16":
+            copy = matrix.to(torch.bfloat16).contiguous()
+            keep.append(copy)
+            return _Mat(copy.data_ptr(), cols, _WEIGHT_TYPES["bf16"], rows)
+    ld = matrix.stride(0)
     if weights == "fp32":
         return _Mat(matrix.data_ptr(), ld, _WEIGHT_TYPES["fp32"], rows)
     if weights == "bf16":
@@ -307,6 +355,16 @@ def _mat(matrix: Tensor, weights: WeightFormat, keep: list[Tensor], seg: int | N
     packed = pack_int8(matrix, seg or rows)
     keep.append(packed)
     return _Mat(packed.data_ptr(), -(-cols // _TILE) * _TILE, _WEIGHT_TYPES["int8"], seg or rows)
+
+
+def _readable(matrix: Tensor | None, rows: int, cols: int) -> bool:
+    """Whether ``matrix`` is (rows, cols) and the C step can read it in place or copy it: input-
+    major with unit column stride, or the transpose of an ``nn.Linear`` weight (unit row stride,
+    columns at least ``rows`` apart)."""
+    if matrix is None or tuple(matrix.shape) != (rows, cols):
+        return False
+    s0, s1 = matrix.stride()
+    return (s1 == 1 and s0 >= cols) or (s0 == 1 and s1 >= rows)
 
 
 def _input_major(weight: Tensor, rows: int, cols: int) -> int | None:
@@ -320,27 +378,19 @@ def _input_major(weight: Tensor, rows: int, cols: int) -> int | None:
 def layout_reason(model: RxTModel) -> str | None:
     """Why the C step does not cover this model's decoder layout (None when it does).
 
-    The C code computes RMSNorm blocks, any RoPE pairing and position offset, every layer a
-    memory layer with a SwiGLU MoE (per-expert biases allowed, no global bias or shared experts),
-    an optional RMSNorm before an optionally biased LM head: our layout and RxLM 0.2's RxT-Alpha
-    layout. Anything else runs the torch step.
+    The C code describes each layer by the sub-blocks it has: self-attention, memory
+    cross-attention (memory layers only: stateless layers before and after have none), either
+    gated by any activation of models/ffn.py, with SQA/GQA/MQA or reversed-SQA head counts; a
+    feed-forward, gated (SwiGLU and the like) or not, dense or an MoE with per-expert or global
+    biases and shared experts (one, or several mixed by their softmax gate; scaled or not, local
+    or global biases); RMSNorm or LayerNorm blocks, any RoPE pairing and position offset, an
+    optional RMSNorm or LayerNorm before an optionally biased LM head. That is our layouts, RxLM
+    0.2's and 0.3's RxT-Alpha and RxT-Beta decoders, and Llama-like dense decoders. What remains
+    (a reduced-precision router) runs the torch step.
     """
-    c = model.config
-    d = c.decoder
-    checks = [
-        (not c.layer_norm, "layer_norm=True"),
-        (d.attention_gate == d.cross_attention_gate == "none", "gated attention"),
-        (d.ffn_gated and d.ffn_activation == "silu", "a feed-forward other than SwiGLU"),
-        (d.final_norm in ("rms", "none"), f"decoder.final_norm={d.final_norm!r}"),
-        (d.use_moe, "decoder.use_moe=False"),
-        (not d.layers_before and not d.layers_after, "stateless decoder layers"),
-        (d.expert_bias_mode in ("none", "local"), f"decoder.expert_bias_mode={d.expert_bias_mode!r}"),
-        (d.num_shared_experts == 0, f"decoder.num_shared_experts={d.num_shared_experts}"),
-        (
-            d.self_q_heads >= d.self_kv_heads and d.cross_q_heads >= d.cross_kv_heads,
-            "reversed SQA (fewer query than key/value heads)",
-        ),
-    ]
+    d = model.config.decoder
+    router_dtype = getattr(d, "router_dtype", "float32")  # RxLM 0.3's router_amp, where the config has it
+    checks = [(router_dtype == "float32", f"decoder.router_dtype={router_dtype!r}")]
     failed = [what for ok, what in checks if not ok]
     return None if not failed else "layout not covered by the C step: " + ", ".join(failed)
 
@@ -396,6 +446,229 @@ class _Watch:
         return key
 
 
+_Weights = tuple[list[Any], list[dict[str, Any]]]
+"""What :meth:`NativeDecoder._collect` finds: the model's tensors and one dict per layer."""
+
+
+def _activation(fn: Any) -> str | None:
+    """The name of an activation function in models/ffn.py's ACTIVATIONS (None: not one of them)."""
+    return next((name for name, f in ACTIVATIONS.items() if f is fn), None)
+
+
+def _attention_weights(w: _Watch, attn: Any) -> dict[str, Any]:
+    qkv, qkv_bias = w.fused(attn)
+    o = w.child(attn, "o_proj")._parameters
+    gate = w.child(attn, "gate_proj")
+    return {
+        "qkv": qkv,
+        "qkv_bias": qkv_bias,
+        "o": w.tensor(o, "weight"),
+        "o_bias": w.tensor(o, "bias"),
+        "gate": None if gate is None else w.tensor(gate._parameters, "weight"),
+        "gate_bias": None if gate is None else w.tensor(gate._parameters, "bias"),
+        "gate_act": None if gate is None else _activation(attn.gate_act),
+        "heads": (attn.q_heads, attn.kv_heads, attn.out_heads),
+    }
+
+
+def _ffn_weights(w: _Watch, ffn: Any) -> dict[str, Any]:
+    """A dense gated feed-forward (models/ffn.py's SwiGLU): a dense layer, or a shared expert."""
+    w_in, w_out = w.child(ffn, "w_in")._parameters, w.child(ffn, "w_out")._parameters
+    return {
+        "w_in": w.tensor(w_in, "weight"),
+        "b_in": w.tensor(w_in, "bias"),
+        "w_out": w.tensor(w_out, "weight"),
+        "b_out": w.tensor(w_out, "bias"),
+        "hidden": ffn.hidden_dim,
+        "gated": ffn.gated,
+        "act": _activation(ffn.act),
+    }
+
+
+def _moe_weights(w: _Watch, ffn: Any) -> dict[str, Any]:
+    params = ffn._parameters
+    shared = w.child(ffn, "shared_experts")
+    w.sizes.append((shared._modules, len(shared._modules)))
+    gate = w.child(ffn, "shared_gate")
+    return {
+        "router": w.tensor(w.child(ffn, "router")._parameters, "weight"),
+        **{name: w.tensor(params, name) for name in ("w_in", "w_out", "b_in", "b_out", "global_bias", "shared_bias")},
+        "shared": [_ffn_weights(w, w.child(shared, name)) for name in list(shared._modules)],
+        "shared_gate": None if gate is None else w.tensor(gate._parameters, "weight"),
+        "scaled": ffn.shared_scaled,
+        "top_k": ffn.top_k,
+        "experts": ffn.num_experts,
+        "hidden": ffn.hidden_dim,
+        "gated": ffn.gated,
+        "act": ffn.activation,
+    }
+
+
+def _layer_weights(w: _Watch, layer: Any) -> dict[str, Any]:
+    """One decoder layer's tensors and sub-blocks (see decode_step.c's RxtLayer), watched."""
+    norms: list[Any] = []
+    out: dict[str, Any] = {}
+
+    def norm(name: str) -> None:
+        module = w.child(layer, name)
+        norms.append(module)
+        out[name] = None if module is None else w.tensor(module._parameters, "weight")
+        out[f"{name}_bias"] = None if module is None else w.tensor(module._parameters, "bias")
+
+    norm("self_norm")
+    out["self"] = _attention_weights(w, w.child(layer, "self_attn"))
+    cross = w.child(layer, "cross_attn")
+    if cross is not None:
+        norm("cross_norm")
+    out["cross"] = None if cross is None else _attention_weights(w, cross)
+    norm("ffn_norm")
+    ffn = w.child(layer, "ffn")
+    out["moe"] = _moe_weights(w, ffn) if isinstance(ffn, MoE) else None
+    out["dense"] = _ffn_weights(w, ffn) if isinstance(ffn, SwiGLU) else None
+    out["norms"] = norms
+    return out
+
+
+def _tensors(item: Any) -> list[Tensor]:
+    """Every tensor in a (nested) dict or list of :func:`_layer_weights`."""
+    if isinstance(item, Tensor):
+        return [item]
+    if isinstance(item, dict):
+        return [t for value in item.values() for t in _tensors(value)]
+    if isinstance(item, list):
+        return [t for value in item for t in _tensors(value)]
+    return []
+
+
+def _eps(norm: Any) -> float:
+    """A norm's epsilon; None is torch's default for the dtype, which F.rms_norm uses."""
+    return float(torch.finfo(torch.float32).eps if norm.eps is None else norm.eps)
+
+
+def _vectors_ok(*vectors: Tensor | None) -> bool:
+    return all(v is None or v.is_contiguous() for v in vectors)
+
+
+def _attention_ok(a: dict[str, Any], dim: int, hd: int, heads: tuple[int, int]) -> bool:
+    q, kv = heads
+    out = max(q, kv)
+    qkv, o, gate = a["qkv"], a["o"], a["gate"]
+    if a["heads"] != (q, kv, out) or qkv is None or o is None:
+        return False  # not in decode layout (or the fused weights were replaced)
+    if _input_major(qkv.t(), dim, (q + 2 * kv) * hd) is None or not _readable(o.t(), out * hd, dim):
+        return False
+    if gate is not None and (a["gate_act"] is None or not _readable(gate.t(), dim, out * hd)):
+        return False
+    return _vectors_ok(a["qkv_bias"], a["o_bias"], a["gate_bias"])
+
+
+def _ffn_ok(f: dict[str, Any], dim: int) -> bool:
+    h = f["hidden"]
+    return (
+        f["act"] is not None
+        and _readable(None if f["w_in"] is None else f["w_in"].t(), dim, (2 if f["gated"] else 1) * h)
+        and _readable(None if f["w_out"] is None else f["w_out"].t(), h, dim)
+        and _vectors_ok(f["b_in"], f["b_out"])
+    )
+
+
+def _layer_ok(lw: dict[str, Any], dim: int, hd: int, heads: dict[str, tuple[int, int]]) -> bool:
+    """Whether a layer's tensors have the shapes and layouts the C step reads."""
+    norms = [lw[f"{name}{part}"] for name in ("self_norm", "ffn_norm") for part in ("", "_bias")]
+    if lw["self_norm"] is None or lw["ffn_norm"] is None or not _vectors_ok(*norms):
+        return False
+    if not _attention_ok(lw["self"], dim, hd, heads["self"]):
+        return False
+    if lw["cross"] is not None:
+        if lw["cross_norm"] is None or not _vectors_ok(lw["cross_norm"], lw["cross_norm_bias"]):
+            return False
+        if not _attention_ok(lw["cross"], dim, hd, heads["cross"]):
+            return False
+    if lw["dense"] is not None:
+        return _ffn_ok(lw["dense"], dim)
+    moe = lw["moe"]
+    if moe is None:
+        return False
+    h, experts, router, w_in, w_out = moe["hidden"], moe["experts"], moe["router"], moe["w_in"], moe["w_out"]
+    if moe["act"] not in _ACTIVATIONS or router is None or w_in is None or w_out is None:
+        return False
+    if tuple(router.shape) != (experts, dim) or not router.is_contiguous():
+        return False
+    gh = (2 if moe["gated"] else 1) * h  # w_in's columns: [gate | up], or the one input projection
+    if w_in.stride() != (gh * dim, 1, gh) or w_out.stride() != (h * dim, 1, dim):
+        return False
+    gate, shared = moe["shared_gate"], moe["shared"]
+    if gate is not None and (tuple(gate.shape) != (len(shared), dim) or not gate.is_contiguous()):
+        return False
+    if len(shared) > 1 and gate is None:
+        return False
+    vectors = (moe["b_in"], moe["b_out"], moe["global_bias"], moe["shared_bias"])
+    return _vectors_ok(*vectors) and all(_ffn_ok(f, dim) for f in shared)
+
+
+def _bind_ffn(f: dict[str, Any], fmt: WeightFormat, keep: list[Tensor]) -> _Ffn:
+    w_in, w_out = _mat(f["w_in"].t(), fmt, keep), _mat(f["w_out"].t(), fmt, keep)
+    return _Ffn(w_in, w_out, _ptr(f["b_in"]), _ptr(f["b_out"]), f["hidden"], int(f["gated"]))
+
+
+def _bind_attention(a: dict[str, Any], query_only: bool, hd: int, fmt: WeightFormat, keep: list[Tensor]) -> list[Any]:
+    """(Q/K/V or only its query columns, o, gate) Mats, (Q/K/V bias, o bias, gate bias) and the
+    gate's activation."""
+    gate = _Mat() if a["gate"] is None else _mat(a["gate"].t(), fmt, keep)
+    return [
+        _mat(a["qkv"][:, : a["heads"][0] * hd] if query_only else a["qkv"], fmt, keep),
+        _mat(a["o"].t(), fmt, keep),
+        gate,
+        _ptr(a["qkv_bias"]),
+        _ptr(a["o_bias"]),
+        _ptr(a["gate_bias"]),
+        0 if a["gate"] is None else _ACTIVATIONS[a["gate_act"]],
+    ]
+
+
+def _bind_layer(
+    lw: dict[str, Any], fmt: WeightFormat, keep: list[Tensor], tables: list[Any], dim: int, hd: int
+) -> _Layer:
+    """The :class:`_Layer` of one checked (:func:`_layer_ok`) layer; ``keep`` and ``tables`` hold
+    the copies and the shared-expert arrays alive."""
+    layer = _Layer()
+    qkv, o, gate, qkv_bias, o_bias, gate_bias, gate_act = _bind_attention(lw["self"], False, hd, fmt, keep)
+    layer.qkv, layer.o, layer.gate, layer.qkv_bias, layer.o_bias = qkv, o, gate, qkv_bias, o_bias
+    layer.gate_bias, layer.gate_act = gate_bias, gate_act
+    layer.self_norm, layer.ffn_norm = _ptr(lw["self_norm"]), _ptr(lw["ffn_norm"])
+    layer.self_norm_bias, layer.ffn_norm_bias = _ptr(lw["self_norm_bias"]), _ptr(lw["ffn_norm_bias"])
+    cross = lw["cross"]
+    if cross is not None:  # the query columns of the fused cross Q/K/V: the step reads only those
+        cq, co, cgate, cq_bias, co_bias, cgate_bias, cgate_act = _bind_attention(cross, True, hd, fmt, keep)
+        layer.cq, layer.co, layer.cgate, layer.cq_bias, layer.co_bias = cq, co, cgate, cq_bias, co_bias
+        layer.cgate_bias, layer.cgate_act = cgate_bias, cgate_act
+        layer.cross_norm, layer.cross_norm_bias = _ptr(lw["cross_norm"]), _ptr(lw["cross_norm_bias"])
+    layer.routed_scale = layer.shared_scale = 1.0
+    if lw["dense"] is not None:
+        layer.dense = _bind_ffn(lw["dense"], fmt, keep)
+        layer.act = _ACTIVATIONS[lw["dense"]["act"]]
+        return layer
+    moe = lw["moe"]
+    h, experts, gh = moe["hidden"], moe["experts"], (2 if moe["gated"] else 1) * moe["hidden"]
+    layer.w_in = _mat(moe["w_in"].transpose(1, 2).reshape(experts * dim, gh), fmt, keep, seg=dim)  # views
+    layer.gated = int(moe["gated"])
+    layer.w_out = _mat(moe["w_out"].transpose(1, 2).reshape(experts * h, dim), fmt, keep, seg=h)
+    layer.router, layer.b_in, layer.b_out = _ptr(moe["router"]), _ptr(moe["b_in"]), _ptr(moe["b_out"])
+    layer.global_bias, layer.shared_bias = _ptr(moe["global_bias"]), _ptr(moe["shared_bias"])
+    layer.act = _ACTIVATIONS[moe["act"]]
+    shared = moe["shared"]
+    if shared:
+        table = (_Ffn * len(shared))(*[_bind_ffn(f, fmt, keep) for f in shared])
+        tables.append(table)
+        layer.shared = ctypes.cast(table, ctypes.POINTER(_Ffn))
+        layer.n_shared = len(shared)
+        layer.shared_gate = _ptr(moe["shared_gate"]) if len(shared) > 1 else None
+        if moe["scaled"]:  # models/moe.py: routed * k / (k + s), shared * s / (k + s)
+            k, s = moe["top_k"], len(shared)
+            layer.routed_scale, layer.shared_scale = k / (k + s), s / (k + s)
+    return layer
+
+
 class NativeDecoder:
     """The C step bound to one model's weights; see the module docstring.
 
@@ -405,11 +678,14 @@ class NativeDecoder:
 
     def __init__(self, model: RxTModel) -> None:
         self._model = weakref.ref(model)  # held in a side table keyed by the model: no cycle
-        self._weights: list[Tensor | None] = []
+        self._weights: _Weights = ([], [])
         self._watch = _Watch()
         self._weight_key: tuple[object, ...] | None = None
         """``self._watch.key`` when the weights were bound: the copies are current while it holds."""
         self._copies: list[Tensor] = []
+        self._shared_tables: list[Any] = []
+        self._compact: list[tuple[Tensor, Tensor]] = []
+        """bf16 copies of the memory keys/values the C step reads (see :meth:`_compacted`)."""
         self._buffers_key: tuple[object, ...] = ()
         self._struct: _Model | None = None
         self._layers: ctypes.Array[_Layer] | None = None
@@ -425,9 +701,10 @@ class NativeDecoder:
             raise ReferenceError("the model of this NativeDecoder is gone")
         return model
 
-    def _collect(self) -> list[Tensor | None]:
-        """Every tensor the C step reads, in a fixed order; also records in ``self._watch`` where
-        each one lives, so that later steps can check cheaply that none moved.
+    def _collect(self) -> _Weights:
+        """Every tensor the C step reads: the model's (embedding, final norm, LM head and bias,
+        RoPE tables) and one :func:`_layer_weights` per layer; also records in ``self._watch``
+        where each one lives, so that later steps can check cheaply that none moved.
 
         Reads the modules' ``_parameters`` and ``_modules`` dicts directly: ``nn.Module``'s
         attribute lookup would cost more than the rest of the step's Python together.
@@ -438,113 +715,73 @@ class NativeDecoder:
         head = w.child(dec, "lm_head")
         rope = w.child(dec, "rope")
         norm = w.child(dec, "norm")
-        out: list[Tensor | None] = [
+        top: list[Any] = [
             w.tensor(w.child(m, "embedding")._parameters, "weight"),
             None if norm is None else w.tensor(norm._parameters, "weight"),
             w.tensor(head._parameters, "weight"),
             w.tensor(rope._buffers, "cos"),
             w.tensor(rope._buffers, "sin"),
             w.tensor(head._parameters, "bias"),
+            norm,
+            None if norm is None else w.tensor(norm._parameters, "bias"),
         ]
         layers = w.child(dec, "layers")
         w.sizes.append((layers._modules, len(layers._modules)))
-        for name in list(layers._modules):
-            layer = w.child(layers, name)
-            attn, cross, ffn = w.child(layer, "self_attn"), w.child(layer, "cross_attn"), w.child(layer, "ffn")
-            o, co = w.child(attn, "o_proj")._parameters, w.child(cross, "o_proj")._parameters
-            out += [
-                w.tensor(w.child(layer, "self_norm")._parameters, "weight"),
-                *w.fused(attn),
-                w.tensor(o, "weight"),
-                w.tensor(o, "bias"),
-                w.tensor(w.child(layer, "cross_norm")._parameters, "weight"),
-                *w.fused(cross),
-                w.tensor(co, "weight"),
-                w.tensor(co, "bias"),
-                w.tensor(w.child(layer, "ffn_norm")._parameters, "weight"),
-                w.tensor(w.child(ffn, "router")._parameters, "weight"),
-                w.tensor(ffn._parameters, "w_in"),
-                w.tensor(ffn._parameters, "w_out"),
-                w.tensor(ffn._parameters, "b_in"),
-                w.tensor(ffn._parameters, "b_out"),
-            ]
-        return out
+        return top, [_layer_weights(w, w.child(layers, name)) for name in list(layers._modules)]
 
-    def _bind_weights(self, weights: list[Tensor | None], fmt: WeightFormat) -> bool:
+    def _bind_weights(self, weights: _Weights, fmt: WeightFormat) -> bool:
         """Fill the C structs from the weights (copied to ``fmt`` unless it is fp32); False when a
         layout is not the expected one."""
         m = self.model
         cfg, d = m.config, m.config.decoder
         dim, hd = cfg.dim, cfg.dim // d.num_heads
-        present = [w for w in weights if w is not None]
-        if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in present):
+        top, layer_weights = weights
+        emb, final_norm, head, cos, sin, head_bias, final, final_bias = top
+        tensors = [t for t in [*top[:6], final_bias] if t is not None]
+        tensors += [t for lw in layer_weights for t in _tensors(lw)]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
             return False
-        emb, final_norm, head, cos, sin, head_bias = weights[:6]
-        assert emb is not None and head is not None and cos is not None and sin is not None
+        if emb is None or head is None or cos is None or sin is None:
+            return False
         ld_head = _input_major(head, dim, cfg.vocab_size)
         if ld_head is None or not (emb.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or hd > 512:
             return False
-        norms: list[Any] = [layer.self_norm for layer in m.decoder.blocks]
-        norms += [layer.ffn_norm for layer in m.decoder.blocks] + [layer.cross_norm for layer in m.decoder.blocks]
-        if m.decoder.norm is not None:
-            norms.append(m.decoder.norm)
-        if not all(isinstance(n, torch.nn.RMSNorm) for n in norms):
+        norms = [n for lw in layer_weights for n in lw["norms"]]
+        kinds = {type(n) for n in [*norms, *([] if final is None else [final])]}
+        if not kinds <= {torch.nn.RMSNorm, torch.nn.LayerNorm} or len({type(n) for n in norms}) != 1:
+            return False  # RMSNorm or LayerNorm, one kind for all blocks (the final norm may differ)
+        if final is not None and (final_norm is None or not _vectors_ok(final_norm, final_bias)):
             return False
-        # eps None is torch's default for the dtype, which F.rms_norm uses: the same number here.
-        eps = {torch.finfo(torch.float32).eps if n.eps is None else n.eps for n in norms}
-        if len(eps) != 1:
+        eps = {_eps(n) for n in norms}
+        if len(eps) != 1 or len(layer_weights) != len(m.decoder.layers):
             return False
         if head_bias is not None and not head_bias.is_contiguous():
             return False
-        qkv_cols = (d.self_q_heads + 2 * d.self_kv_heads) * hd
-        h = d.expert_ffn_dim
-        planned: list[tuple[list[Tensor], list[int | None]]] = []
-        for i in range(cfg.num_layers):
-            sn, qkv, qkv_b, o, o_b, cn, cq, cq_b, co, co_b, fn, router, w_in, w_out, b_in, b_out = weights[
-                6 + 16 * i : 22 + 16 * i
-            ]
-            if qkv is None or cq is None:
-                return False  # not in decode layout (or the fused weights were replaced)
-            assert sn is not None and o is not None and cn is not None and co is not None and fn is not None
-            assert router is not None and w_in is not None and w_out is not None
-            lq = _input_major(qkv.t(), dim, qkv_cols)
-            lc = _input_major(cq.t(), dim, (d.cross_q_heads + 2 * d.cross_kv_heads) * hd)
-            lo = _input_major(o, d.self_q_heads * hd, dim)
-            lco = _input_major(co, d.cross_q_heads * hd, dim)
-            if lq is None or lc is None or lo != dim or lco != dim:
-                return False
-            if w_in.stride() != (2 * h * dim, 1, 2 * h) or w_out.stride() != (h * dim, 1, dim):
-                return False
-            if not (router.is_contiguous() and sn.is_contiguous() and cn.is_contiguous() and fn.is_contiguous()):
-                return False
-            if any(b is not None and not b.is_contiguous() for b in (b_in, b_out)):
-                return False
-            experts = d.num_experts
-            mats = [
-                qkv,
-                cq[:, : d.cross_q_heads * hd],  # the query columns: the step reads only those
-                o.t(),
-                co.t(),
-                w_in.transpose(1, 2).reshape(experts * dim, 2 * h),  # views: both are contiguous
-                w_out.transpose(1, 2).reshape(experts * h, dim),
-            ]
-            planned.append((mats, [_ptr(t) for t in (sn, qkv_b, o_b, cn, cq_b, co_b, fn, router, b_in, b_out)]))
+        heads = {"self": (d.self_q_heads, d.self_kv_heads), "cross": (d.cross_q_heads, d.cross_kv_heads)}
+        if not all(_layer_ok(lw, dim, hd, heads) for lw in layer_weights):
+            return False
+        moe = (d.num_experts, d.experts_per_token, d.expert_ffn_dim)  # the C step reads these per model
+        if any(lw["moe"] is not None and (lw["moe"]["experts"], lw["moe"]["top_k"], lw["moe"]["hidden"]) != moe
+               for lw in layer_weights):  # fmt: skip
+            return False
         keep: list[Tensor] = []
-        layers = (_Layer * cfg.num_layers)()
-        for i, (mats, vectors) in enumerate(planned):
-            qkv_m, cq_m, o_m, co_m = (_mat(t, fmt, keep) for t in mats[:4])
-            in_m, out_m = _mat(mats[4], fmt, keep, seg=dim), _mat(mats[5], fmt, keep, seg=h)
-            layers[i] = _Layer(qkv_m, o_m, cq_m, co_m, in_m, out_m, *vectors)
+        layers = (_Layer * len(layer_weights))()
+        shared_tables: list[Any] = []
+        for i, lw in enumerate(layer_weights):
+            layers[i] = _bind_layer(lw, fmt, keep, shared_tables, dim, hd)
         self._struct = _Model(
-            n_layers=cfg.num_layers, dim=dim, head_dim=hd, hq=d.self_q_heads, hkv=d.self_kv_heads,
+            n_layers=len(layer_weights), dim=dim, head_dim=hd, hq=d.self_q_heads, hkv=d.self_kv_heads,
             cq=d.cross_q_heads, ckv=d.cross_kv_heads, n_experts=d.num_experts, top_k=d.experts_per_token,
             hidden=d.expert_ffn_dim, vocab=cfg.vocab_size, n_positions=cos.shape[0],
-            rope_mode=_ROPE_MODES[cfg.rope_pairing], rope_offset=d.step_position_offset, eps=float(eps.pop()),
+            rope_mode=_ROPE_MODES[cfg.rope_pairing], rope_offset=d.step_position_offset, eps=eps.pop(),
+            layer_norm=int(isinstance(norms[0], torch.nn.LayerNorm)), final_eps=0.0 if final is None else _eps(final),
+            final_layer_norm=int(isinstance(final, torch.nn.LayerNorm)),
             lm_head=_mat(head.t(), fmt, keep), embedding=_ptr(emb), final_norm=_ptr(final_norm), cos=_ptr(cos),
-            sin=_ptr(sin), head_bias=_ptr(head_bias), layers=layers,
+            sin=_ptr(sin), final_norm_bias=_ptr(final_bias), head_bias=_ptr(head_bias), layers=layers,
         )  # fmt: skip
         self._layers = layers
         self._copies = keep
+        self._shared_tables = shared_tables
         self._buffers_key = ()
         return True
 
@@ -556,53 +793,89 @@ class NativeDecoder:
             return False
         return n <= self._struct.n_rows
 
+    def _compact_memory(self, memory_kv: Sequence[tuple[Tensor, Tensor]]) -> bool:
+        """Whether this step reads bf16 copies of the memory keys/values (see
+        :data:`COMPACT_MEMORY_MIN_SLOTS`): only where their versions tell when they were written."""
+        m = self.model
+        return (
+            m.weight_format != "fp32"
+            and m.config.stm_size >= COMPACT_MEMORY_MIN_SLOTS
+            and bool(memory_kv)
+            and not any(t.is_inference() for pair in memory_kv for t in pair)
+        )
+
     def _bind_layout(self, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache) -> bool:
         assert self._struct is not None and self._layers is not None
         d = self.model.config.decoder
         k, v = cache.k, cache.v
+        compact = self._compact_memory(memory_kv)
         key: tuple[object, ...] = (
             k.data_ptr(), v.data_ptr(), k.shape, k.stride(), v.stride(),
             tuple((mk.data_ptr(), mv.data_ptr(), mk.shape, mk.stride(), mv.stride()) for mk, mv in memory_kv),
+            compact and tuple((mk._version, mv._version) for mk, mv in memory_kv),  # written since the copy?
         )  # fmt: skip
         if key == self._buffers_key:
             return True
         cfg = self.model.config
+        memory_layers = self.model.decoder.memory_layers  # the cache has every layer, memory_kv these
         layers, rows, kv_heads, max_len, hd = k.shape
         contiguous = (kv_heads * max_len * hd, max_len * hd, hd, 1)
         if (
-            layers != cfg.num_layers
+            layers != self._struct.n_layers
             or kv_heads != d.self_kv_heads
             or k.dtype != torch.float32
             or v.dtype != torch.float32
             or k.stride()[2:] != contiguous[1:]
             or v.stride() != k.stride()
-            or len(memory_kv) != cfg.num_layers
+            or len(memory_kv) != len(memory_layers)
+            or not memory_kv
         ):
             return False
         mem_row = memory_kv[0][0].stride(0)
         mem_shape = (d.cross_kv_heads, cfg.stm_size, hd)
         for mk, mv in memory_kv:
             for t in (mk, mv):
+                strides = (mem_row, cfg.stm_size * hd, hd, 1)  # a dimension of size 1 may have any stride
                 if (
                     t.dtype != torch.float32
                     or tuple(t.shape[1:]) != mem_shape
-                    or t.stride() != (mem_row, cfg.stm_size * hd, hd, 1)
+                    or any(n > 1 and s != want for n, s, want in zip(t.shape, t.stride(), strides))
                 ):
                     return False
-        for i in range(cfg.num_layers):
+        for i in range(layers):
             layer = self._layers[i]
             layer.k_cache = _ptr(k[i])
             layer.v_cache = _ptr(v[i])
-            layer.mem_k = _ptr(memory_kv[i][0])
-            layer.mem_v = _ptr(memory_kv[i][1])
+            if bool(layer.cross_norm) != (i in memory_layers):
+                return False
+        memory = self._compacted(memory_kv) if compact else list(memory_kv)
+        for (mk, mv), i in zip(memory, memory_layers):
+            self._layers[i].mem_k = _ptr(mk)
+            self._layers[i].mem_v = _ptr(mv)
         self._struct.max_len = max_len
         self._struct.stm = cfg.stm_size
         self._struct.cache_row = k.stride(1)
-        self._struct.mem_row = mem_row
+        self._struct.mem_row = memory[0][0].stride(0)
+        self._struct.mem_bf16 = int(memory[0][0].dtype == torch.bfloat16)
         self._struct.n_rows = min(rows, *(t.shape[0] for pair in memory_kv for t in pair))
         self._buffers_key = key
-        self._keep = [k, v, *[t for pair in memory_kv for t in pair]]
+        self._keep = [k, v, *[t for pair in memory for t in pair]]
         return True
+
+    def _compacted(self, memory_kv: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """bf16 copies of the memory keys/values, each head transposed to (head_dim, slots) so that
+        the C step runs along the slots (decode_step.c's attend_t); kept between steps and copied
+        again whenever the originals were written (a join, a leave)."""
+        rows, heads, slots, hd = memory_kv[0][0].shape
+        shape = (rows, heads, hd, slots)
+        if len(self._compact) != len(memory_kv) or tuple(self._compact[0][0].shape) != shape:
+            self._compact = [
+                (torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape, dtype=torch.bfloat16)) for _ in memory_kv
+            ]
+        for (ck, cv), (mk, mv) in zip(self._compact, memory_kv):
+            ck.copy_(mk.transpose(2, 3))
+            cv.copy_(mv.transpose(2, 3))
+        return self._compact
 
     def step(
         self, tokens: Tensor, positions: Tensor, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache

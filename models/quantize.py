@@ -48,7 +48,7 @@ def default_format(model: RxTModel, preferred: WeightFormat) -> WeightFormat:
     """
     from . import native
 
-    if model.config.tokenizer_template == "rxlm" or native.not_used_reason(model) is not None:
+    if model.config.tokenizer_template != "rxt" or native.not_used_reason(model) is not None:
         return "fp32"
     return preferred
 

@@ -18,8 +18,11 @@ Two RxLM versions are known, and config.json does not say which one wrote it:
   default; stateless decoder layers; ``interlayer`` builds *self*-interlayer memory attention.
 
 :func:`detect_version` decides from what only 0.3 writes (its MoE tensors, stateless layers,
-options 0.2 does not have) and from the encoder's own STM buffer (see there);
-``RXRT_RXLM_VERSION`` overrides it. Options rxruntime does not compute (linear or hybrid
+options 0.2 does not have) and from the encoder's own STM buffer (see there). Within a line,
+releases differ too (0.3.91 stopped shifting decode steps by one position; 0.3.81 on tokenise
+under transformers 5): the numbers are those of the newest release known unless
+``rxlm_version`` (or ``RXRT_RXLM_VERSION``) names another (:func:`resolve_release`).
+Options rxruntime does not compute (linear or hybrid
 attention, NoPE, an MoE encoder...) raise :class:`UnsupportedRxLMOption` naming the field.
 """
 
@@ -49,36 +52,118 @@ def is_rxlm_config(data: Mapping[str, Any]) -> bool:
     return all(isinstance(data.get(k), dict) for k in RXLM_KEYS)
 
 
+def rxlm_component_kind(data: Mapping[str, Any]) -> str | None:
+    """What a config.json of one RxLM component alone holds (``None`` if it is not one).
+
+    RxLM publishes the decoder, the encoder, the memory attention and the MLM head of a model
+    in repositories of their own, for training stages; such a config.json has one component's
+    constructor options at its top instead of ``decoder_config``/``encoder_config``/... .
+    """
+    keys = set(data)
+    if is_rxlm_config(data) or "embed_dim" not in keys or "dim" in keys:
+        return None  # ours has "dim"
+    if keys & {"residual_gate_type", "norm_type", "use_gated_residual", "interlayer_att_type"}:
+        return "memory attention"
+    if "att_heads" not in keys:
+        return "MLM head"
+    if data.get("use_moe") or data.get("stateless_layers_config"):
+        return "decoder"
+    if data.get("skip_memory_cross_attention"):
+        return "encoder"
+    return "decoder or encoder"
+
+
 # ---------------------------------------------------------------------- version
-# Component options that only RxLM 0.3 accepts (0.2's constructors reject unknown keywords).
+# Component options that only RxLM 0.3 accepts (0.2's constructors reject unknown keywords), less
+# the two that 0.2.38-0.2.45 also saved (``stateless_layers_config``, ``dense_layer_dim``).
 _V03_COMPONENT_KEYS = {
-    "num_shared_experts", "shared_expert_dim", "stateless_layers_config", "final_stateless_layers_config",
-    "dense_layer_dim", "attn_layer_types", "use_nope", "head_norm_type", "router_amp", "router_dtype",
+    "num_shared_experts", "shared_expert_dim", "final_stateless_layers_config",
+    "attn_layer_types", "use_nope", "head_norm_type", "router_amp", "router_dtype",
     "use_vectorized_moe", "vectorized_moe_from_legacy", "moe_grouped_gemm", "moe_bias_mode",
     "moe_shared_experts_bias_mode", "moe_use_weighted_shared_experts", "use_gated_attention",
     "use_attention_output_bias", "legacy_stm_in_encoder", "rope_base", "linear_attn_mode",
 }  # fmt: skip
-_V03_WEIGHT = re.compile(r"\.ff\.(w1|w2|global_bias|shared_expert\.|shared_w1)|stateless_layers\.")
-
+_V03_WEIGHT = re.compile(r"\.ff\.(w1|w2|global_bias|shared_expert\.|shared_w1)|final_stateless_layers\.")
+# Stateless layers: 0.2.38-0.2.45 build them as ClassicTransformerLayer (feed-forward norm
+# ``norm2``), 0.3 as a ReactiveTransformerLayer without cross-attention (``norm3``).
+_V02_STATELESS = re.compile(r"decoder\.model\.stateless_layers\.\d+\.norm2\.")
+_V03_STATELESS = re.compile(r"decoder\.model\.stateless_layers\.\d+\.norm3\.")
 
 ENCODER_STM = "encoder.model.stm.memory"
+
+NEWEST = {"0.2": 45, "0.3": 93}
+"""The newest patch release of each RxLM line rxruntime knows (0.2.45, 0.3.93)."""
+STEP_SHIFT_DROPPED = 91
+"""From RxLM 0.3.91 on, ``interact`` feeds a decode step's token at its own index; before, at
+index + 1 (``decoder.step_position_offset`` 1). Read in the published wheels: 0.3.90's
+``interact`` passes ``current_positions = len(ids)``, 0.3.91's ``len(ids) - 1``."""
+
+
+def parse_release(value: str, source: str = "rxlm_version") -> tuple[str, str]:
+    """``(format, release)`` for an RxLM version option: ``"0.3"`` or ``"0.3.93"`` ->
+    ``("0.3", "0.3.93")``, ``"0.3.80"`` -> ``("0.3", "0.3.80")``, ``"0.2"`` -> ``("0.2", "0.2.45")``.
+
+    A bare line means its newest release. Anything else, or a release newer than rxruntime
+    knows, is an :class:`UnsupportedRxLMOption` naming ``source``.
+    """
+    m = re.fullmatch(r"0\.(2|3)(?:\.(\d+))?", str(value).strip())
+    known = ", ".join(f"{line}.x up to {line}.{patch}" for line, patch in NEWEST.items())
+    if m is None:
+        raise UnsupportedRxLMOption(f"{source}={value!r}: not an RxLM version rxruntime computes ({known})")
+    line = f"0.{m.group(1)}"
+    patch = NEWEST[line] if m.group(2) is None else int(m.group(2))
+    if patch > NEWEST[line]:
+        raise UnsupportedRxLMOption(f"{source}={value!r}: newer than the RxLM releases rxruntime knows ({known})")
+    return line, f"{line}.{patch}"
+
+
+def _patch(release: str) -> int:
+    return int(release.rpartition(".")[2])
+
+
+def step_position_offset(release: str) -> int:
+    """RxLM's RoPE shift of decode-step tokens in ``release`` (see :data:`STEP_SHIFT_DROPPED`)."""
+    return 0 if release.startswith("0.3.") and _patch(release) >= STEP_SHIFT_DROPPED else 1
+
+
+def resolve_release(
+    data: Mapping[str, Any],
+    weight_names: list[str] | None = None,
+    encoder_stm: Tensor | None = None,
+    rxlm_version: str | None = None,
+) -> tuple[str, str]:
+    """``(format, release)`` of an RxLM checkpoint: ``rxlm_version`` when given, else
+    ``RXRT_RXLM_VERSION``, else the format :func:`detect_version` finds with its line's newest
+    release (the directory does not say which release will run it; the newest is the default)."""
+    if rxlm_version:
+        return parse_release(rxlm_version)
+    forced = os.environ.get(VERSION_ENV)
+    if forced:
+        try:
+            return parse_release(forced, VERSION_ENV)
+        except UnsupportedRxLMOption as exc:
+            raise ConfigError(str(exc)) from exc
+    line = detect_version(data, weight_names, encoder_stm)
+    return parse_release(line)
 
 
 def detect_version(
     data: Mapping[str, Any], weight_names: list[str] | None = None, encoder_stm: Tensor | None = None
 ) -> str:
-    """``"0.2"`` or ``"0.3"``: which RxLM wrote this checkpoint (see the module docstring).
+    """``"0.2"`` or ``"0.3"``: which RxLM line wrote this checkpoint (see the module docstring).
 
-    In order: options or tensors only 0.3 has; then the encoder's own STM buffer, which 0.2
+    In order: options or tensors only 0.3 has; the stateless layers' norm names (0.2.38-0.2.45
+    saved stateless layers too, built otherwise); then the encoder's own STM buffer, which 0.2
     always builds, initialises with std 0.02 and never changes (its conversation STM is another
     buffer), while 0.3 builds it only for an encoder with memory cross-attention and initialises
-    it with std 1. ``RXRT_RXLM_VERSION`` overrides all of this.
+    it with std 1. ``RXRT_RXLM_VERSION`` (any 0.2/0.3 version) overrides all of this.
     """
     forced = os.environ.get(VERSION_ENV)
     if forced:
-        if forced not in ("0.2", "0.3"):
-            raise ConfigError(f"{VERSION_ENV} must be 0.2 or 0.3, got {forced!r}")
-        return forced
+        try:
+            return parse_release(forced, VERSION_ENV)[0]
+        except UnsupportedRxLMOption as exc:
+            raise ConfigError(str(exc)) from exc
     for key in ("decoder_config", "encoder_config", "memory_attention_config"):
         if _V03_COMPONENT_KEYS & set(data.get(key) or {}):
             return "0.3"
@@ -86,8 +171,10 @@ def detect_version(
         return "0.3"
     if weight_names is None:
         return "0.2"
-    if any(_V03_WEIGHT.search(n) for n in weight_names):
+    if any(_V03_WEIGHT.search(n) or _V03_STATELESS.match(n) for n in weight_names):
         return "0.3"
+    if any(_V02_STATELESS.match(n) for n in weight_names):
+        return "0.2"
     if data.get("memory_attention_variant") == "interlayer" and any(
         ".interlayer_gate_layers." in n for n in weight_names
     ):
@@ -107,7 +194,8 @@ _COMPONENT_DEFAULTS: dict[str, dict[str, Any]] = {
         "stm_size": 1024, "use_gated": True, "ff_activation": "swish", "use_rms_norm": True, "att_groups": 1,
         "use_moe": False, "num_experts": 1, "moe_top_k": 1, "self_att_type": "gqa", "cross_att_type": "mqa",
         "att_query_groups": None, "cross_att_groups": None, "cross_att_query_groups": None,
-        "use_head_norm": False, "skip_memory_cross_attention": False,
+        "use_head_norm": False, "skip_memory_cross_attention": False, "stateless_layers_config": None,
+        "dense_layer_dim": 1536,
     },
     "0.3": {
         "num_layers": 12, "vocab_size": 20000, "embed_dim": 512, "ff_dim": 1536, "att_heads": 16, "seq_len": 1024,
@@ -204,17 +292,91 @@ def _gates(o: _Options, version: str) -> tuple[str, str]:
     return (act if own else "none"), (act if cross else "none")
 
 
+# Every option an RxLM constructor takes, by config.json section: what rxruntime computes from
+# it (read below) and what does not change inference (dropouts, attention/MoE kernel choices,
+# initial values of saved parameters, training statistics, debugging, and the linear-attention
+# options, which only hybrid self-attention reads and that is refused). Anything else is refused
+# naming the field: an option nobody has mapped could change the numbers.
+_COMPONENT_COMPUTED = {
+    "num_layers", "vocab_size", "embed_dim", "ff_dim", "att_heads", "seq_len", "stm_size", "use_gated",
+    "ff_activation", "use_rms_norm", "att_groups", "use_moe", "num_experts", "num_shared_experts",
+    "shared_expert_dim", "moe_top_k", "self_att_type", "cross_att_type", "att_query_groups", "cross_att_groups",
+    "cross_att_query_groups", "use_head_norm", "skip_memory_cross_attention", "stateless_layers_config",
+    "final_stateless_layers_config", "dense_layer_dim", "use_nope", "head_norm_type", "router_amp",
+    "router_dtype", "use_vectorized_moe", "moe_bias_mode", "moe_shared_experts_bias_mode",
+    "moe_use_weighted_shared_experts", "use_gated_attention", "gated_attention_activation",
+    "use_gated_cross_attention", "use_attention_output_bias", "rope_base",
+}  # fmt: skip
+_COMPONENT_INERT = {
+    "use_flash_attention", "ff_dropout", "att_dropout", "init_identity_norm", "moe_grouped_gemm",
+    "moe_use_cutlass_grouped_gemm", "vectorized_moe_from_legacy", "legacy_stm_in_encoder", "att_experts",
+    "att_query_experts", "attn_layer_types", "stateless_attn_layer_types", "final_stateless_attn_layer_types",
+    "linear_attn_mode", "linear_attn_expand_k", "linear_attn_expand_v", "linear_attn_use_short_conv",
+    "linear_attn_conv_size", "linear_attn_use_gate", "linear_attn_norm_eps", "linear_attn_heads",
+}  # fmt: skip
+_MEMORY_COMPUTED = {
+    "num_layers", "num_groups", "embed_dim", "att_heads", "seq_len", "stm_size", "att_groups", "att_type",
+    "att_query_groups", "interlayer_att_groups", "interlayer_att_type", "interlayer_att_query_groups", "norm_type",
+    "norm_per_dim_scale", "use_gated_residual", "residual_per_slot_gate", "residual_gate_type",
+    "residual_gate_slot_status_type", "use_tanh_residual_gate", "rope_base",
+}  # fmt: skip
+_MEMORY_INERT = {
+    "use_flash_attention", "att_dropout", "interlayer_att_dropout", "att_experts", "att_query_experts",
+    "interlayer_att_experts", "interlayer_att_query_experts", "norm_init_gate", "residual_gate_init", "norm_decay",
+    "debug_mode", "debug_interval",
+}  # fmt: skip
+_TOP_LEVEL = {
+    "decoder_config", "encoder_config", "memory_attention_config", "memory_attention_variant", "tokenizer_config",
+    "tokenizer", "system_prompt_title",
+}  # fmt: skip
+_ROUTER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _known_keys(data: Mapping[str, Any]) -> None:
+    """Refuse, naming it, any config.json field no RxLM version rxruntime knows writes."""
+    for key in data:
+        if key not in _TOP_LEVEL:
+            raise UnsupportedRxLMOption(f"config.json {key}: not an RxLM option rxruntime knows")
+    for section, known in (
+        ("decoder_config", _COMPONENT_COMPUTED | _COMPONENT_INERT),
+        ("encoder_config", _COMPONENT_COMPUTED | _COMPONENT_INERT),
+        ("memory_attention_config", _MEMORY_COMPUTED | _MEMORY_INERT),
+    ):
+        for key in data[section]:
+            if key not in known:
+                raise UnsupportedRxLMOption(
+                    f"config.json {section}.{key}={data[section][key]!r}: not an RxLM option rxruntime knows"
+                )
+
+
+def _router_dtype(o: _Options) -> str:
+    """The router's precision: ``router_dtype`` under ``router_amp`` (RxLM autocasts the router
+    to it), float32 otherwise (RxLM ignores ``router_dtype`` without ``router_amp``)."""
+    dtype = o.require("router_dtype", _ROUTER_DTYPES, "must be one of " + ", ".join(_ROUTER_DTYPES))
+    if not o.get("router_amp") or dtype == "float32":
+        return "float32"
+    if o.get("moe_use_weighted_shared_experts") and o.get("num_shared_experts"):
+        # RxLM scales the reduced-precision routing weights before mixing; not mirrored.
+        raise o.refuse("moe_use_weighted_shared_experts", f"not supported with router_dtype={dtype!r}")
+    return str(dtype)
+
+
 def _component_checks(o: _Options, version: str) -> None:
     if version == "0.3":
         o.require("self_att_type", ("mha", "gqa", "mqa", "sqa"), "hybrid/linear attention layers are not supported")
         o.require("use_nope", (False,), "attention without RoPE is not supported")
-        if o.get("router_amp"):
-            o.require("router_dtype", ("float32",), "a reduced-precision router changes the routing")
 
 
-def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] | None = None) -> RxTConfig:
-    """Our config for an RxLM config.json written by RxLM ``version`` (``"0.2"``/``"0.3"``);
+def rxlm_config(
+    data: Mapping[str, Any], version: str, weight_names: list[str] | None = None, release: str | None = None
+) -> RxTConfig:
+    """Our config for an RxLM config.json written by RxLM ``version`` (``"0.2"``/``"0.3"``), with
+    the numbers of RxLM ``release`` (default: the line's newest, see :func:`parse_release`);
     ``weight_names`` settle what the config leaves open (RxTBeta 0.2 saves no variant)."""
+    _known_keys(data)
+    line, release = parse_release(release or version)
+    if line != version:
+        raise UnsupportedRxLMOption(f"rxlm_version={release!r} is not of the RxLM {version} format")
     self_interlayer_weights = any(".interlayer_gate_layers." in n for n in weight_names or [])
     defaults = _COMPONENT_DEFAULTS[version]
     # RxTBeta's tokenizer_config names its thinking/tool tokens; its default variant differs.
@@ -259,14 +421,15 @@ def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] |
         if not final_norm:
             raise dec.refuse("head_norm_type", "must be layer_norm or rms_norm")
     moe: dict[str, Any] = {"expert_bias_mode": "local"}
-    before: list[str] = []
-    after: list[str] = []
+    # 0.2.38-0.2.45 build stateless layers before the memory layers too (never after them)
+    before = list(dec.get("stateless_layers_config") or [])
+    after = list(dec.get("final_stateless_layers_config") or []) if version == "0.3" else []
+    for key, kinds in (("stateless_layers_config", before), ("final_stateless_layers_config", after)):
+        if any(k not in ("dense", "moe") for k in kinds):
+            raise dec.refuse(key, "entries must be 'dense' or 'moe'")
+    router_dtype = "float32"
     if version == "0.3":
-        before = list(dec.get("stateless_layers_config") or [])
-        after = list(dec.get("final_stateless_layers_config") or [])
-        for key, kinds in (("stateless_layers_config", before), ("final_stateless_layers_config", after)):
-            if any(k not in ("dense", "moe") for k in kinds):
-                raise dec.refuse(key, "entries must be 'dense' or 'moe'")
+        router_dtype = _router_dtype(dec) if use_moe else "float32"
         if use_moe:
             shared = int(dec.get("num_shared_experts") or 0)
             vectorized = bool(dec.get("use_vectorized_moe"))
@@ -298,7 +461,8 @@ def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] |
         lm_head_bias=True,
         layers_before=before,
         layers_after=after,
-        step_position_offset=1,
+        step_position_offset=step_position_offset(release),
+        router_dtype=router_dtype,  # type: ignore[arg-type]
         attention_gate=_gates(dec, version)[0],  # type: ignore[arg-type]
         cross_attention_gate=_gates(dec, version)[1],  # type: ignore[arg-type]
         **moe,
@@ -395,9 +559,11 @@ def rxlm_config(data: Mapping[str, Any], version: str, weight_names: list[str] |
         rope_pairing="adjacent-split" if version == "0.2" else "adjacent",
         stm_init_std=1.0,  # share_components resets RxLM's STM with a standard normal
         eos_after_truncated_answer=False,
-        tokenizer_template="rxlm",
+        # RxLM 0.3.81 on require transformers 5, whose wrapper keeps tokenizer.json's prefix space
+        tokenizer_template="rxlm-as-written" if _patch(release) >= 81 and version == "0.3" else "rxlm",
         # RxTBeta 0.3 has its own query and system-prompt template (0.2's RxTBeta uses RxTAlpha's)
         interaction_template="beta" if beta and version == "0.3" else "alpha",
+        rxlm_version=release,
         system_prompt_title=str(data.get("system_prompt_title") or "SYSTEM INSTRUCTIONS"),
         decoder=decoder,
         encoder=encoder,
@@ -560,9 +726,12 @@ def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict
                     "final_stateless_layers": n_before + config.num_layers,
                 }[m.group(1)]
             )
-            if vectorized and re.match(r"ff\.experts\.", m.group(3)):
+            rest = m.group(3)
+            if vectorized and re.match(r"ff\.experts\.", rest):
                 continue  # legacy copies kept beside the stacked experts RxLM computes with
-            ok = layer_weights(m.group(3), t, f"decoder.layers.{index}")
+            if m.group(1) != "layers" and rest.startswith("norm2."):
+                rest = "norm3." + rest.removeprefix("norm2.")  # 0.2's stateless layers: norm2 is the ffn norm
+            ok = layer_weights(rest, t, f"decoder.layers.{index}")
         elif name.startswith("decoder.model.head."):
             out[f"decoder.lm_head.{name.rsplit('.', 1)[1]}"] = t
             ok = True

@@ -26,12 +26,15 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[Q]", "[A]", "[T]"]
 class RxTokenizer:
     """A ``tokenizers.Tokenizer`` plus the RxT message template."""
 
-    def __init__(self, tokenizer: Tokenizer, special: SpecialTokens | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, special: SpecialTokens | None = None, as_written: bool = False) -> None:
         """``special``: the template's ids when the model's config names them (RxLM checkpoints
-        do, in ``tokenizer_config``); otherwise the tokenizer must hold ours at ids 0..6."""
+        do, in ``tokenizer_config``); otherwise the tokenizer must hold ours at ids 0..6.
+        ``as_written`` (with ``special``): keep the file's byte-level prefix space, as RxLM's
+        transformers 5 wrapper does (``tokenizer_template='rxlm-as-written'``)."""
         self.tokenizer = tokenizer
         self.interaction_template: InteractionTemplate = "alpha"
         self.system_prompt_title = "SYSTEM INSTRUCTIONS"
+        self._chatml = _ChatML([], [], [])
         if tokenizer.decoder is None and _byte_level(tokenizer.pre_tokenizer):
             # A byte-level BPE without its decoder (as RxLM's TokenizerTrainer writes them) would
             # decode to its byte symbols ("Ġ" for a space); the byte-level decoder inverts them.
@@ -56,8 +59,9 @@ class RxTokenizer:
         # RxLM wraps its tokenizer in transformers' PreTrainedTokenizerFast, which turns the
         # byte-level pre-tokenizer's prefix space off unless told otherwise: do as it does, or
         # "[BOS][Q]Tell" would become [BOS] [Q] "ĠTell" instead of RxLM's "T" "ell".
+        # transformers 5 (RxLM 0.3.81 on) keeps the file's setting.
         pre = tokenizer.pre_tokenizer
-        if isinstance(pre, pre_tokenizers.ByteLevel) and pre.add_prefix_space:
+        if isinstance(pre, pre_tokenizers.ByteLevel) and pre.add_prefix_space and not as_written:
             pre.add_prefix_space = False
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = set(named.values()) | {i for i, tok in added.items() if tok.special}
@@ -80,9 +84,9 @@ class RxTokenizer:
         return cls(tok)
 
     @classmethod
-    def from_file(cls, path: str | Path, special: SpecialTokens | None = None) -> RxTokenizer:
+    def from_file(cls, path: str | Path, special: SpecialTokens | None = None, as_written: bool = False) -> RxTokenizer:
         try:
-            return cls(Tokenizer.from_file(str(path)), special)
+            return cls(Tokenizer.from_file(str(path)), special, as_written)
         except TokenizerError as exc:
             raise TokenizerError(f"{path}: {exc}") from exc
         except Exception as exc:  # the Rust side raises plain Exception on bad JSON
@@ -119,6 +123,12 @@ class RxTokenizer:
                 raise TokenizerError(f"interaction_template='beta' needs the tokenizer's {missing} tokens")
         self.interaction_template = config.interaction_template
         self.system_prompt_title = config.system_prompt_title
+        if config.interaction_template == "chatml":
+            self._chatml = _ChatML.build(self, config.chat_system)
+            # [Q] and [A] stand for ordinary tokens here ("user", a newline): only the vocabulary's
+            # own special tokens are dropped from decoded text.
+            added = self.tokenizer.get_added_tokens_decoder()
+            self._special_ids = {i for i, tok in added.items() if tok.special}
 
     def _tokens(self, *ids: int) -> str:
         return "".join(str(self.tokenizer.id_to_token(i)) for i in ids)
@@ -137,6 +147,9 @@ class RxTokenizer:
     def prompt_ids(self, body: Sequence[int], thinking_mode: ThinkingMode | None = None) -> list[int]:
         """The decoder prompt around a query's own ids: ``[BOS] [Q] body`` and the mode token."""
         s = self.special
+        if self.interaction_template == "chatml":
+            self.mode_id(thinking_mode)  # chatml has the fast mode only
+            return [*self._chatml.before_query, *body, *self._chatml.after_query]
         return [s.bos_id, s.query_id, *body, self.mode_id(thinking_mode)]
 
     def query_ids(self, query: str, thinking_mode: ThinkingMode | None = None) -> list[int]:
@@ -145,6 +158,11 @@ class RxTokenizer:
         With an RxLM checkpoint's tokenizer the text is tokenised as RxLM does it: the template
         tokens and the text as one string (so the text gets no leading space of its own)."""
         s = self.special
+        if self.interaction_template == "chatml":
+            # "user\n" and the query as one string, as the chat template's text is tokenised
+            self.mode_id(thinking_mode)
+            c = self._chatml
+            return [*c.system, s.bos_id, *self.encode("user\n" + query), *c.after_query]
         if self._joined:
             return [*self.encode(self._tokens(s.bos_id, s.query_id) + query), self.mode_id(thinking_mode)]
         return self.prompt_ids(self.encode(query), thinking_mode)
@@ -155,6 +173,8 @@ class RxTokenizer:
         ``[BOS] [I] {system_prompt_title}\n\n text [EOS]``, tokenised as one string."""
         if self.interaction_template == "alpha":
             return self.interaction_ids(text, "")
+        if self.interaction_template == "chatml":
+            return [self.special.bos_id, *self.encode("system\n" + text), self.special.eos_id]
         s = self.special
         assert s.internal_id is not None  # use_template checked it
         heading = self._tokens(s.bos_id, s.internal_id) + f"{self.system_prompt_title}\n\n"
@@ -164,6 +184,8 @@ class RxTokenizer:
 
     def interaction_ids(self, query: str, answer: str) -> list[int]:
         """A whole interaction ``[BOS] [Q] query [A] answer [EOS]`` (what the encoder reads)."""
+        if self.interaction_template == "chatml":
+            return [*self.query_ids(query), *self.encode(answer), self.special.eos_id]
         if self._joined:
             s = self.special
             text = self._tokens(s.bos_id, s.query_id) + query + self._tokens(s.answer_id) + answer
@@ -172,10 +194,42 @@ class RxTokenizer:
 
     def interaction_from_ids(self, query: Sequence[int], answer: Sequence[int]) -> list[int]:
         s = self.special
+        if self.interaction_template == "chatml":
+            return [*self.prompt_ids(query), *answer, s.eos_id]
         return [s.bos_id, s.query_id, *query, s.answer_id, *answer, s.eos_id]
+
+    def answer_start(self, query: Sequence[int]) -> int:
+        """Index of the first answer token in ``interaction_from_ids(query, answer)``."""
+        return len(self.prompt_ids(query))
 
     def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
+
+
+class _ChatML:
+    """The fixed token runs of a ChatML turn, tokenised once (``interaction_template: chatml``)::
+
+    [<|im_start|>system\n{chat_system}<|im_end|>\n]  <|im_start|>user\n {query}
+    <|im_end|>\n<|im_start|>assistant\n {answer} <|im_end|>
+    """
+
+    def __init__(self, system: list[int], before_query: list[int], after_query: list[int]) -> None:
+        self.system = system
+        self.before_query = before_query
+        self.after_query = after_query
+
+    @classmethod
+    def build(cls, tok: RxTokenizer, chat_system: str | None) -> _ChatML:
+        s = tok.special
+        newline = tok.encode("\n")
+        system = [] if chat_system is None else [s.bos_id, *tok.encode("system\n" + chat_system), s.eos_id, *newline]
+        after = [s.eos_id, *newline, s.bos_id, *tok.encode("assistant\n")]
+        if after[-1] != s.answer_id:
+            raise TokenizerError(
+                f"interaction_template='chatml': a prompt ends with token {after[-1]}, "
+                f"special_tokens.answer_id is {s.answer_id}"
+            )
+        return cls(system, [*system, s.bos_id, *tok.encode("user\n")], after)
 
 
 def _byte_level(pre: pre_tokenizers.PreTokenizer | None) -> bool:

@@ -64,6 +64,8 @@ def load(
     default_sampling: SamplingParams | None = None,
     store: STMStore | None = None,
     weights: str | None = None,
+    tokenizer: str | Path | None = None,
+    rxlm_version: str | None = None,
 ) -> Engine:
     """Load a model and start an :class:`Engine` for it.
 
@@ -72,6 +74,10 @@ def load(
     ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, float32 on the CPU.
     ``default_sampling`` applies to turns that pass no sampling options (default: greedy).
     ``store`` persists every committed STM and resumes stored conversations (``rxruntime.stores``).
+    ``tokenizer``: the ``tokenizer.json`` to use when the model directory has none (the file, a
+    directory, or a Hub id: RxT-Beta's is published apart from its weights). ``rxlm_version``
+    (RxLM checkpoints): the RxLM release whose numbers to reproduce, e.g. ``"0.3.80"``; default
+    the newest rxruntime knows of the checkpoint's line (docs/models.md).
     ``weights`` (CPU, float32): how the matrices are stored for decoding, ``"fp32"``, ``"bf16"``
     or ``"int8"`` (one scale per 32 columns): fewer bytes per token read, so faster decoding, at
     a small measured cost in accuracy (docs/benchmarks.md §8). Default: :data:`DEFAULT_CPU_WEIGHTS`
@@ -88,11 +94,11 @@ def load(
     fmt = check_format(weights) if weights is not None else None
     if fmt not in (None, "fp32") and (dev.type != "cpu" or dtype != torch.float32):
         raise ValueError(f"weights={fmt!r} is for float32 models on the CPU (got {dev.type}, {dtype})")
-    rxt, tokenizer = load_pretrained(model, device=dev, dtype=dtype)
-    assert tokenizer is not None
+    rxt, tok = load_pretrained(model, device=dev, dtype=dtype, tokenizer=tokenizer, rxlm_version=rxlm_version)
+    assert tok is not None
     if dev.type == "cpu" and dtype == torch.float32:
         set_weight_format(rxt, fmt or default_format(rxt, DEFAULT_CPU_WEIGHTS))
-    return Engine(rxt, tokenizer, max_batch=max_batch, default_sampling=default_sampling, store=store)
+    return Engine(rxt, tok, max_batch=max_batch, default_sampling=default_sampling, store=store)
 
 
 __all__ = [

@@ -21,7 +21,7 @@ from rxruntime.models.sampler import SamplingParams
 OPTIONS = frozenset(
     {"temperature", "top_k", "top_p", "seed", "max_new_tokens", "remember_partial", "remember", "thinking_mode"}
 )
-THINKING_MODES = {"alpha": ("fast",), "beta": ("fast", "extended")}  # per interaction_template
+THINKING_MODES = {"alpha": ("fast",), "beta": ("fast", "extended"), "chatml": ("fast",)}  # per interaction_template
 MAX_SEED = 2**63  # exclusive: seeds are int64 on the device
 
 

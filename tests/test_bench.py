@@ -95,6 +95,7 @@ def test_bench_turns_llamacpp_json(tmp_path: Path, capsys: pytest.CaptureFixture
     result = json.loads(capsys.readouterr().out)
     peers = [f"llamacpp_{t}_{m}" for t in ("f32", "q8_0") for m in ("cached", "reread")]
     assert list(result["series"]) == ["rxt", "baseline", *peers]
+    assert result["failures"] == {}  # every llama.cpp child ran to the end
     for key in peers:
         assert [r["turn"] for r in result[key]] == [1, 2]
         for record in result[key]:

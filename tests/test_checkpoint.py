@@ -140,7 +140,7 @@ def test_hub_id_downloads_through_snapshot_download(
 
     def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
         calls.append(repo_id)
-        assert set(allow_patterns) == {"config.json", "model.safetensors", "tokenizer.json"}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(allow_patterns)  # + shards, index
         return str(path)
 
     monkeypatch.chdir(tmp_path)

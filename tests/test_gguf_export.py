@@ -166,15 +166,15 @@ def test_cached_and_reread_modes_answer_alike(llama: Any, gguf_file: Path) -> No
     """Prompt caching changes the work, not the answers: over three turns both modes produce HF's
     greedy answers (exact settings), so the cached mode's bookkeeping of pending tokens is right."""
     from rxruntime.bench.llamacpp_runtime import LlamaCppModel
-    from rxruntime.bench.llamacpp_turns import LlamaCppPeer
+    from rxruntime.bench.llamacpp_turns import PeerSession
     from rxruntime.bench.turns import _baseline_turn
 
     eos = llama.config.eos_token_id
     gen = torch.Generator().manual_seed(2)
     prompts = [[2, 4, *torch.randint(7, 1024, (12,), generator=gen).tolist(), 5] for _ in range(3)]
     peers = [
-        LlamaCppPeer(
-            "f32", mode, LlamaCppModel(gguf_file, n_ctx=256, n_batch=256, n_threads=2, kv_type="f32", flash_attn=False)
+        PeerSession(
+            mode, LlamaCppModel(gguf_file, n_ctx=256, n_batch=256, n_threads=2, kv_type="f32", flash_attn=False), eos
         )
         for mode in ("cached", "reread")
     ]
@@ -187,7 +187,6 @@ def test_cached_and_reread_modes_answer_alike(llama: Any, gguf_file: Path) -> No
             ttft, turn, answer = peer.turn(history, prompt, 10)
             assert answer == want, peer.mode
             assert 0 < ttft <= turn
-            peer.end_turn(answer, eos)
         history += [*prompt, *want, eos]
     cached = peers[0].model
     assert cached.n_tokens == len(history) - 2  # all but the last answer token and EOS

@@ -43,8 +43,11 @@ def _edit_config(path: Path, section: str, **changes: object) -> None:
         ("0.2.31", "decoder_config", {"self_att_type": "gma"}, "decoder_config.self_att_type='gma'"),
         ("0.2.31", "encoder_config", {"use_moe": True}, "encoder_config.use_moe=True"),
         ("0.2.31", "memory_attention_config", {"norm_type": "weird"}, "memory_attention_config.norm_type='weird'"),
-        ("0.3.80", "decoder_config", {"router_amp": True, "router_dtype": "bfloat16"},
-         "decoder_config.router_dtype='bfloat16'"),
+        ("0.3.80", "decoder_config", {"router_amp": True, "router_dtype": "int8"},
+         "decoder_config.router_dtype='int8'"),
+        ("0.3.80", "decoder_config", {"router_amp": True, "router_dtype": "bfloat16", "num_shared_experts": 2,
+                                      "moe_use_weighted_shared_experts": True},
+         "decoder_config.moe_use_weighted_shared_experts=True"),
     ],
 )  # fmt: skip
 def test_unsupported_options_are_refused_naming_the_field(

@@ -4,8 +4,9 @@ The fixtures (tests/fixtures/rxlm/<rxlm-version>/<case>/, written by benchmarks/
 inside RxLM's own environments) hold a model directory exactly as RxLM's ``save_pretrained``
 wrote it and RxLM's outputs for fixed inputs. For every case: the decoder logits of a prompt,
 three greedy ``interact`` turns (identical tokens; the STM after each memory update), and the
-STM initialised from text, all within 1e-4 in float32. ``RXRT_RXLM_FIXTURES`` points the tests
-at another fixture folder while developing.
+STM initialised from text, all within 1e-4 in float32. Each case loads with the RxLM release
+that wrote it (``rxlm_version``): 0.3.80 and 0.3.93 compute different tokens from the same
+checkpoint. ``RXRT_RXLM_FIXTURES`` points the tests at another fixture folder while developing.
 """
 
 from __future__ import annotations
@@ -41,15 +42,23 @@ def _id(path: Path) -> str:
 def test_fixtures_are_present() -> None:
     """The parity suite must not pass by finding nothing: both RxLM versions have cases."""
     versions = {p.parent.name for p in CASES}
-    assert {"0.2.31", "0.3.80"} <= versions, f"no RxLM fixtures under {ROOT} (found {sorted(versions)})"
+    assert {"0.2.31", "0.2.45", "0.3.80", "0.3.93"} <= versions, (
+        f"no RxLM fixtures under {ROOT} (found {sorted(versions)})"
+    )
 
 
 def _expected(case: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return load_file(case / "expected.safetensors"), json.loads((case / "expected.json").read_text())
 
 
+def _version(case: Path) -> str:
+    """The RxLM release that wrote (and ran) the case: the fixture's folder."""
+    return case.parent.name
+
+
 def _load(case: Path) -> RxTModel:
-    model, _ = load_pretrained(case, load_tokenizer=False)
+    model, _ = load_pretrained(case, load_tokenizer=False, rxlm_version=_version(case))
+    assert model.config.rxlm_version == _version(case)
     return model
 
 
@@ -59,6 +68,7 @@ SUPPORTED = CASES  # every fixture case is an option set rxruntime computes (ref
 @pytest.mark.parametrize("case", SUPPORTED, ids=_id)
 def test_decoder_logits_match(case: Path) -> None:
     exp, meta = _expected(case)
+    assert meta["rxlm_version"] == _version(case)
     assert checkpoint_format(case) == f"RxLM {'.'.join(meta['rxlm_version'].split('.')[:2])}"
     model = _load(case)
     with torch.no_grad():
@@ -98,7 +108,7 @@ def test_three_turns_match(case: Path) -> None:
 @pytest.mark.parametrize("case", SUPPORTED, ids=_id)
 def test_stm_from_text_matches(case: Path) -> None:
     exp, meta = _expected(case)
-    model, tokenizer = load_pretrained(case)
+    model, tokenizer = load_pretrained(case, rxlm_version=_version(case))
     assert tokenizer is not None
     ids = exp["stm_from_text_ids"]
     text = meta["stm_init_text"]
@@ -114,13 +124,18 @@ def test_stm_from_text_matches(case: Path) -> None:
     assert _stm_close(stm[0], exp["stm_from_text"])
 
 
-ENGINE_CASES = [c for c in SUPPORTED if c.name in ("alpha_supervised", "beta_system_fast", "beta_system_extended")]
+ENGINE_NAMES = ("alpha_supervised", "beta_system_fast", "beta_system_extended", "beta_published_fast")
+ENGINE_CASES = [c for c in SUPPORTED if c.name in (*ENGINE_NAMES, "beta_published_extended")]
 
 
 def test_beta_template_cases_exist() -> None:
-    """RxTBeta 0.3's own template is proven on a system prompt in both thinking modes."""
+    """RxTBeta 0.3's own template is proven on a system prompt in both thinking modes, and RxT-Beta's
+    published shapes in both modes by both RxLM releases (0.3.80 with the decode-step position shift,
+    0.3.93 without)."""
     modes = {_expected(c)[1]["thinking_mode"] for c in ENGINE_CASES if "system_prompt" in _expected(c)[1]}
     assert modes == {"fast", "extended"}
+    published = {(_version(c), _expected(c)[1]["thinking_mode"]) for c in CASES if c.name.startswith("beta_published")}
+    assert published == {(v, m) for v in ("0.3.80", "0.3.93") for m in ("fast", "extended")}
 
 
 @pytest.mark.parametrize("case", ENGINE_CASES, ids=_id)
@@ -137,7 +152,7 @@ def test_three_turns_through_the_engine_match(case: Path) -> None:
     options: dict[str, Any] = {}
     if meta["thinking_mode"] is not None:
         options["thinking_mode"] = meta["thinking_mode"]
-    with rxruntime.load(case, device="cpu") as engine:
+    with rxruntime.load(case, device="cpu", rxlm_version=_version(case)) as engine:
         eos = engine.config.special_tokens.eos_id
         conv = engine.conversation(stm=exp["stm_init"], memory_init=meta.get("system_prompt"))
         if "system_prompt" in meta:
@@ -166,7 +181,23 @@ def test_three_turns_through_the_engine_match(case: Path) -> None:
             assert _stm_close(state.stm, exp[f"turn{i}_stm"]), f"STM after turn {i}"
 
 
-C_STEP_CASES = {"0.2.31/alpha_supervised"}  # RxT-Alpha's layout: the C step must cover it
+C_STEP_CASES = {  # the layouts the C step must cover: every one here (RxT-Alpha's, RxT-Beta's...)
+    f"{version}/{name}"
+    for version in ("0.2.31", "0.3.80")
+    for name in (
+        "adaptive_norm_plain_residual", "alpha_supervised", "beta_gqa_mqa_elementwise", "elementwise_linear_status",
+        "interlayer_static_tanh", "legacy_encoder_cross_attention", "mha_layernorm_dense",
+        "positional_norm_linear_status", "variant_simple",
+    )
+} | {
+    f"0.3.80/{name}"
+    for name in (
+        "beta_stateless_shared_experts", "beta_system_extended", "beta_system_fast", "gated_attention_no_out_bias",
+        "grouped_self_interlayer", "moe_legacy_layout", "moe_no_bias_no_shared", "moe_two_shared_local_bias",
+    )
+} | {"0.2.45/stateless_layers_02"}  # fmt: skip
+BF16_ROUTER = {f"{v}/{n}" for v in ("0.3.80", "0.3.93") for n in ("beta_published_fast", "beta_published_extended")}
+"""RxT-Beta as published: its bf16 router (RxLM's router_amp) is the one layout the C step declines."""
 
 
 @pytest.mark.parametrize("case", SUPPORTED, ids=_id)
@@ -181,6 +212,8 @@ def test_decode_paths_agree(case: Path) -> None:
     reason = native.layout_reason(model)
     if _id(case) in C_STEP_CASES:
         assert reason is None
+    elif _id(case) in BF16_ROUTER:
+        assert reason is not None and "router_dtype='bfloat16'" in reason
     else:
         assert reason is not None and "not covered" in reason
     n = min(6, exp["turn1_answer_ids"].shape[0] - 1)  # tokens fed back; each gives the next's logits
@@ -216,18 +249,21 @@ def test_decode_paths_agree(case: Path) -> None:
         assert (logits - exp["turn1_step_logits"][1 : n + 1]).abs().max().item() < TOL, path
 
 
-BETA_LAYOUTS = [c for c in SUPPORTED if c.parent.name.startswith("0.3") and "beta" in c.name]
+BETA_LAYOUTS = [
+    c for c in SUPPORTED if c.parent.name.startswith("0.3") and "beta" in c.name and _id(c) not in BF16_ROUTER
+]
 
 
 @pytest.mark.parametrize("case", BETA_LAYOUTS, ids=_id)
-def test_c_step_steps_aside_on_beta_layouts_and_says_why(case: Path) -> None:
-    """RxT-Beta's RxLM 0.3 layouts are not the C step's: the benchmarks' ``c_decode_step`` note
-    names the reason (the engine then runs the torch step; the engine test above proves its tokens)."""
+def test_c_step_runs_beta_layouts_and_says_so(case: Path) -> None:
+    """RxT-Beta's RxLM 0.3 layouts (stateless layers, shared experts, global biases, gated
+    attention, LayerNorm head norm) are the C step's: the benchmarks' ``c_decode_step`` note says
+    it ran (test_decode_paths_agree proves its logits against RxLM's)."""
     from rxruntime.bench.decode import c_step_note
     from rxruntime.models import native
 
     model = _load(case)
-    reason = native.layout_reason(model)
-    prefix = "layout not covered by the C step: "
-    assert reason is not None and reason.startswith(prefix) and len(reason) > len(prefix)
-    assert c_step_note(model) == f"not used: {native.unavailable_reason() or reason}"
+    assert native.layout_reason(model) is None
+    unavailable = native.unavailable_reason()
+    used = f"used for steps of up to {native.MAX_ROWS} rows"
+    assert c_step_note(model) == (used if unavailable is None else f"not used: {unavailable}")

@@ -68,17 +68,18 @@ def interaction_batch(
     s = tokenizer.special
     queries = encode_many(tokenizer, [t.query for t in turns])
     answers = encode_many(tokenizer, [t.answer for t in turns])
-    rows = []
+    rows, starts = [], []
     for q, a in zip(queries, answers):
         row = tokenizer.interaction_from_ids(q, a)
         rows.append(row if len(row) <= max_len else [*row[: max_len - 1], s.eos_id])
+        starts.append(tokenizer.answer_start(q))
     ids, mask = pad(rows, s.pad_id)
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
     if answer_only:
-        # Position j predicts token j+1: keep a target only once [A] has been read (j >= index of [A]).
-        is_answer_tag = (ids == s.answer_id).long()
-        after_tag = torch.cumsum(is_answer_tag, dim=1)[:, :-1] > 0
-        targets = targets.masked_fill(~after_tag, IGNORE)
+        # Position j predicts token j+1: keep a target only from the prompt's last token ([A]) on.
+        first = torch.tensor(starts)[:, None] - 1
+        in_answer = torch.arange(targets.shape[1])[None, :] >= first
+        targets = targets.masked_fill(~in_answer, IGNORE)
     return TokenBatch(ids, mask, targets)
 
 

@@ -70,7 +70,7 @@ def run_dialogues(
         if reset_memory and t > 0:
             stm = model.init_stm(len(dialogues), generator=generator)
         queries = [tokenizer.encode(d.turns[t].query) for d in dialogues]
-        prompts = [[s.bos_id, s.query_id, *q, s.answer_id] for q in queries]
+        prompts = [tokenizer.prompt_ids(q) for q in queries]
         outputs = generate(model, stm, prompts, GREEDY, max_new_tokens=max_new_tokens)
         for i, out in enumerate(outputs):
             answers[i].append(tokenizer.decode(out))

@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 from rxruntime.models.config import RxTConfig, preset
 from rxruntime.models.errors import ConfigError, RxTError
 
+from .backbone import BackboneSpec
+
 
 class RecipeError(RxTError, ValueError):
     """A recipe is unknown, not valid JSON, or has a field that is unknown or of the wrong type."""
@@ -29,17 +31,22 @@ class RecipeError(RxTError, ValueError):
 
 @dataclass
 class ModelSpec:
-    """Either a named preset or a whole ``config.json``-style dict (exactly one)."""
+    """A named preset, a whole ``config.json``-style dict, or a pretrained backbone (exactly one)."""
 
     preset: str | None = None
     config: dict[str, Any] | None = None
+    backbone: BackboneSpec | None = None
+    """A pretrained backbone with the RxT parts added (``backbone.py``): the recipe skips stages
+    0-2 and trains memory only."""
 
     def build(self) -> RxTConfig:
-        if (self.preset is None) == (self.config is None):
-            raise RecipeError("model: give exactly one of 'preset' or 'config'")
+        if sum(x is not None for x in (self.preset, self.config, self.backbone)) != 1:
+            raise RecipeError("model: give exactly one of 'preset', 'config' or 'backbone'")
         try:
+            if self.backbone is not None:
+                return self.backbone.config()
             return preset(self.preset) if self.preset is not None else RxTConfig.from_dict(dict(self.config or {}))
-        except (ConfigError, TypeError) as exc:
+        except (ConfigError, RxTError, TypeError) as exc:
             raise RecipeError(f"model: {exc}") from exc
 
 
@@ -159,9 +166,10 @@ class Recipe:
 
     def validate(self) -> None:
         config = self.model.build()
-        if self.tokenizer.vocab_size < 263:
+        trains_tokenizer = self.model.backbone is None  # a backbone brings its own: no stage 0
+        if trains_tokenizer and self.tokenizer.vocab_size < 263:
             raise RecipeError(f"tokenizer.vocab_size must be >= 263 (byte-level BPE), got {self.tokenizer.vocab_size}")
-        if self.tokenizer.vocab_size > config.vocab_size:
+        if trains_tokenizer and self.tokenizer.vocab_size > config.vocab_size:
             raise RecipeError(
                 f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds the model's vocab_size={config.vocab_size}"
             )

@@ -35,6 +35,7 @@ from rxruntime.models.errors import RxTError
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.tokenizer import RxTokenizer
 
+from .backbone import SKIPPED_STAGES, frozen_backbone_loss, memory_parameters, set_memory_trainable
 from .batches import dialogue_batches, interaction_batch, recall_turns, text_batch
 from .joint import joint_loss
 from .memory_aware import memory_aware_loss, set_trainable, trainable_groups
@@ -151,12 +152,18 @@ class Trainer:
             self.recipe.data, self.recipe.seed, self.recipe.tokenizer.dialogues, self.recipe.joint_pretrain.sentences
         )
         resuming = self.resume and (self.out / STATE_FILE).exists()
-        if self.start_from is not None and not resuming:
+        backbone = self.recipe.model.backbone
+        if backbone is not None:  # a pretrained model: its tokenizer, no stages 0-2 (backbone.py)
+            self.model, self.tokenizer = backbone.build(self.recipe.seed)
+            self.tokenizer.save(self.out / "tokenizer.json")
+            self.completed = list(SKIPPED_STAGES)
+        elif self.start_from is not None and not resuming:
             self.tokenizer = self._tokenizer_from(self.start_from)
         else:
             self.tokenizer = self._tokenizer()
-        torch.manual_seed(self.recipe.seed)
-        self.model = RxTModel(self.config)
+        if backbone is None:
+            torch.manual_seed(self.recipe.seed)
+            self.model = RxTModel(self.config)
         self.head = MLMHead(self.config)
         self.model.train()
         start: dict[str, Any] = {}
@@ -265,6 +272,8 @@ class Trainer:
         if name == "memory_pretrain":
             return list(self.model.memory_attention.parameters())
         if name == "memory_aware":
+            if self.recipe.model.backbone is not None:
+                return memory_parameters(self.model)
             return list(self.model.parameters())
         return [*self.model.parameters(), *self.head.parameters()]
 
@@ -344,13 +353,16 @@ class Trainer:
             optimizer_step(optimizer, loss, step, cfg_m)
             return StepResult(loss.item(), {"first_turn": per_turn[0], "last_turn": per_turn[-1]})
         cfg_a: MemoryAwareStage = self.recipe.memory_aware
-        set_trainable(self.model, trainable_groups(step, cfg_a))
+        frozen = self.recipe.model.backbone is not None
+        (set_memory_trainable if frozen else set_trainable)(self.model, trainable_groups(step, cfg_a))
         n_turns = curriculum_turns(step, cfg_a, rng.random())
         dialogues = self.source.dialogues(rng, cfg_a.batch_size, n_turns)
         turns, present = dialogue_batches(tok, dialogues, max_len, answer_only=cfg_a.loss_on == "answer")
         if step < cfg_a.recall_only_until:
             present = present & recall_turns(dialogues)
-        loss, per_turn, accuracy = memory_aware_loss(self.model, turns, present, gen)
+        loss, per_turn, accuracy = (frozen_backbone_loss if frozen else memory_aware_loss)(
+            self.model, turns, present, gen
+        )
         optimizer_step(optimizer, loss, step, cfg_a)
         return StepResult(loss.item(), {"per_turn": _mean(per_turn), "answer_acc": accuracy, "turns": n_turns})
 

@@ -9,15 +9,19 @@ memory update, and the STM initialised from text. The contract of the files it w
 tests/fixtures/rxlm/README.md::
 
     /work/venvs/rxlm-0.2.31/bin/python benchmarks/rxlm_env/rxlm_fixtures.py --out tests/fixtures/rxlm
+    /work/venvs/rxlm-0.2.45/bin/python benchmarks/rxlm_env/rxlm_fixtures.py --out tests/fixtures/rxlm
     /work/venvs/rxlm-0.3.80/bin/python benchmarks/rxlm_env/rxlm_fixtures.py --out tests/fixtures/rxlm
+    /work/venvs/rxlm-0.3.93/bin/python benchmarks/rxlm_env/rxlm_fixtures.py --out tests/fixtures/rxlm
 
 Deterministic: every case seeds torch from its name; the tokenizer is trained by RxLM's own
 ``TokenizerTrainer`` on the fixed corpus below (given the byte-level decoder RxLM leaves out).
 RxTBeta 0.3 cases run Beta's own ``interact`` template (``thinking_mode``), and the
-``system_first`` ones read a system prompt into memory before their turns. Workarounds for RxLM 0.3.80 bugs (its
-``prepare_stm_kv_cache`` calls ``split_kv_head`` with one argument too many; its
-``reset_self_attn_cache`` iterates ``stateless_layers`` even when there are none) are applied
-to the instance and listed in each case's expected.json under ``workarounds``.
+``system_first`` ones read a system prompt into memory before their turns. Workarounds for RxLM 0.3
+bugs (0.3.80's ``prepare_stm_kv_cache`` calls ``split_kv_head`` with one argument too many; the
+``reset_self_attn_cache`` of 0.3.80 and 0.3.93 iterates ``stateless_layers`` even when there are
+none and forgets ``final_stateless_layers``) are applied to the instance
+(benchmarks/rxlm_env/rxlm_workarounds.py) and listed in each case's expected.json under ``workarounds``.
+The ``beta_published_*`` cases have RxT-Beta's published shapes at a small size (issue 23).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class Case:
     options: dict[str, Any] = field(default_factory=dict)
     thinking_mode: str = "fast"  # RxTBeta 0.3 interact: 'fast' appends [A], 'extended' appends [T]
     system_first: bool = False  # RxTBeta 0.3: turns start from the STM the system prompt wrote
+    seed: str = ""  # seeds torch from this name instead of the case's (cases that share weights)
 
 
 def base_component(vocab: int) -> dict[str, Any]:
@@ -132,8 +137,78 @@ def base_memory() -> dict[str, Any]:
 BOTH = ("0.2.31", "0.3.80")
 V02 = ("0.2.31",)
 V03 = ("0.3.80",)
+V03_BOTH = ("0.3.80", "0.3.93")  # 0.3.91 stopped shifting decode steps by one position
+V02_STATELESS = ("0.2.45",)  # 0.2.38-0.2.45 build stateless layers (saved in a 0.2 checkpoint)
 
 MOE = dict(use_moe=True, num_experts=4, moe_top_k=2, ff_dim=8)
+
+# RxT-Beta's published configuration (issue 23) at a small size: dim 64 with 16 heads (head dim 4),
+# SQA 8 query / 4 key-value heads, 16 experts top-10 with 2 shared experts and global biases, the
+# bf16 router, stateless layers before and after, gated self- but ungated cross-attention, no
+# attention output bias, RMS head norm, rope_base 100000; encoder SQA 8/8, gated attention;
+# grouped-self-interlayer memory attention in 3 groups, classic-rms, elementwise per-slot sigmoid gates.
+BETA_DIM = dict(embed_dim=64, att_heads=16, num_layers=3, seq_len=80, rope_base=100000)
+BETA_DECODER = dict(
+    BETA_DIM,
+    self_att_type="sqa",
+    att_query_groups=8,
+    att_groups=4,
+    cross_att_type="sqa",
+    cross_att_groups=4,
+    cross_att_query_groups=8,
+    use_moe=True,
+    num_experts=16,
+    moe_top_k=10,
+    ff_dim=4,
+    num_shared_experts=2,
+    shared_expert_dim=8,
+    moe_bias_mode="global",
+    moe_shared_experts_bias_mode="global",
+    stateless_layers_config=["dense", "moe"],
+    final_stateless_layers_config=["moe", "moe"],
+    dense_layer_dim=24,
+    use_gated_attention=True,
+    use_gated_cross_attention=False,
+    use_attention_output_bias=False,
+    use_head_norm=True,
+    head_norm_type="rms_norm",
+    router_amp=True,
+    router_dtype="bfloat16",
+)
+BETA_ENCODER = dict(
+    BETA_DIM,
+    self_att_type="sqa",
+    att_query_groups=8,
+    att_groups=8,
+    ff_dim=24,
+    use_gated_attention=True,
+    skip_memory_cross_attention=True,
+)
+BETA_MEMORY = dict(
+    BETA_DIM,
+    num_groups=3,
+    att_type="sqa",
+    att_query_groups=8,
+    att_groups=4,
+    interlayer_att_type="sqa",
+    interlayer_att_query_groups=8,
+    interlayer_att_groups=4,
+    norm_type="classic-rms",
+    use_gated_residual=True,
+    residual_gate_type="elementwise",
+    residual_per_slot_gate=True,
+    use_tanh_residual_gate=False,
+)
+BETA_OPTIONS = {
+    "layout": "RxT-Beta-Supervised's published options at dim 64 (16 heads of 4), 3 memory layers, 16 experts",
+    "attention": "sqa 8 query / 4 kv heads of 16 (self and cross); gated self-attention, ungated cross;"
+    " no output bias; encoder sqa 8/8 gated",
+    "ff": "vectorized gated moe 16 top-10 width 4 + 2 shared experts (width 8, softmax-mixed) with global"
+    " routed and shared biases; router_amp with router_dtype bfloat16",
+    "stateless": "['dense', 'moe'] before (dense width 24), ['moe', 'moe'] after the memory layers",
+    "head_norm": "rms_norm; rope_base 100000",
+    "memory": "grouped-self-interlayer, 3 groups, classic-rms, elementwise sigmoid per-slot gates",
+}
 
 CASES: list[Case] = [
     Case(
@@ -383,6 +458,43 @@ CASES: list[Case] = [
             " thinking_mode='extended' ([BOS][Q]query[T])",
         },
     ),
+    Case(
+        "stateless_layers_02",
+        V02_STATELESS,
+        decoder=dict(MOE, stateless_layers_config=["dense", "moe"], dense_layer_dim=24),
+        encoder=dict(skip_memory_cross_attention=True),
+        options={
+            "stateless": "RxLM 0.2.38-0.2.45: ['dense', 'moe'] stateless layers before the memory layers, built as"
+            " ClassicTransformerLayer (norm1, norm2 = feed-forward norm), 0.2 MoE (per-expert biases)",
+            "why": "config.json has stateless_layers_config and the file stateless_layers.*, as 0.3's do: a 0.2"
+            " checkpoint that must not be taken for 0.3",
+        },
+    ),
+    Case(
+        "beta_published_fast",
+        V03_BOTH,
+        cls="RxTBeta",
+        variant="grouped-self-interlayer",
+        decoder=dict(BETA_DECODER),
+        encoder=dict(BETA_ENCODER),
+        memory=dict(BETA_MEMORY),
+        system_first=True,
+        seed="beta_published",  # both modes, both releases: one model.safetensors (git stores it once)
+        options={**BETA_OPTIONS, "template": "system prompt read into memory, then thinking_mode='fast'"},
+    ),
+    Case(
+        "beta_published_extended",
+        V03_BOTH,
+        cls="RxTBeta",
+        variant="grouped-self-interlayer",
+        decoder=dict(BETA_DECODER),
+        encoder=dict(BETA_ENCODER),
+        memory=dict(BETA_MEMORY),
+        system_first=True,
+        thinking_mode="extended",
+        seed="beta_published",
+        options={**BETA_OPTIONS, "template": "system prompt read into memory, then thinking_mode='extended'"},
+    ),
 ]
 
 
@@ -498,8 +610,8 @@ def stm_of(model: Any) -> torch.Tensor:
 def run_case(case: Case, version: str, tok: Any, tok_dir: Path, out: Path) -> dict[str, Any]:
     import rxlm.rxt.models as rxm
 
-    torch.manual_seed(case_seed(case.name))
-    gen = torch.Generator().manual_seed(case_seed(case.name))
+    torch.manual_seed(case_seed(case.seed or case.name))
+    gen = torch.Generator().manual_seed(case_seed(case.seed or case.name))
     vocab = len(tok)
     decoder = {**base_component(vocab), **case.decoder}
     encoder = {**base_component(vocab), **case.encoder}
@@ -610,11 +722,17 @@ def run_case(case: Case, version: str, tok: Any, tok_dir: Path, out: Path) -> di
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(case_dir / "expected.safetensors"))
+    shifted = not version.startswith("0.3") or int(version.split(".")[2]) < 91
     quirks = [
         "interact tokenises '[BOS][Q]{query}' with add_special_tokens=False and appends [A] itself",
-        "decode steps after the first are fed the last token at current_positions = len(ids so far incl. it),"
-        " one more than its index: generated tokens sit one RoPE position later than in a full forward, "
-        "and the KV-cache slot at the prompt's end stays empty and masked",
+        (
+            "decode steps after the first are fed the last token at current_positions = len(ids so far incl. it),"
+            " one more than its index: generated tokens sit one RoPE position later than in a full forward, "
+            "and the KV-cache slot at the prompt's end stays empty and masked"
+        )
+        if shifted
+        else "decode steps after the first are fed the last token at current_positions = its index"
+        " (len(ids) - 1, since RxLM 0.3.91): the positions of a full forward",
         "memory update encodes query_ids + answer_ids (all sampled tokens, EOS included when produced)",
         "greedy = interact(top_k=1, temperature=1.0): multinomial over a one-hot distribution",
     ]

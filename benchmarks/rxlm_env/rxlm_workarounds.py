@@ -44,8 +44,11 @@ def apply_workarounds(model: Any, version: str, batch: bool = False) -> list[str
             notes.append(
                 "reset_self_attn_cache forgets final_stateless_layers: their self-attention KV cache survives into "
                 "the next turn and turn 2 crashes in RoPE; the instance's reset also clears them (each turn starts "
-                "with empty caches, as every other layer does)"
+                "with empty caches, as every other layer does; still so in 0.3.93)"
             )
+
+        if _patch(version) >= 87:  # 0.3.87 calls split_kv_head with the right arity
+            return notes
 
         def prepare_stm_kv_cache() -> list[tuple[torch.Tensor, torch.Tensor]]:
             cache = []
@@ -65,3 +68,8 @@ def apply_workarounds(model: Any, version: str, batch: bool = False) -> list[str
             "K/V path exactly as 0.2.31 does (decode steps rope the cross-attention query at current_positions)"
         )
     return notes
+
+
+def _patch(version: str) -> int:
+    """The patch number of an RxLM version string (``"0.3.93"`` -> 93)."""
+    return int(version.split(".")[2].split("+")[0])

@@ -24,13 +24,18 @@
  *
  * Layouts (row-major; "input-major" = the nn.Linear weight's transpose; a Mat is one of these):
  *   qkv      (dim, ld_qkv)       Q | K | V columns of self-attention, input-major
- *   o        (hq*hd, dim)        self-attention output projection, input-major
+ *   o        (out*hd, dim)       self-attention output projection, input-major (out: the output
+ *                                heads, max(q, kv): reversed SQA tiles the query heads)
+ *   gate     (dim, out*hd)       self-attention output gate, when gated
  *   cq       (dim, ld_cq)        memory cross-attention query columns, input-major
- *   co       (cq*hd, dim)        memory cross-attention output projection, input-major
- *   router   (experts, dim)      nn.Linear layout, float32
+ *   co, cgate                    memory cross-attention output projection and gate, like o, gate
+ *   router   (experts, dim)      nn.Linear layout, float32 (so are the shared experts' gate)
  *   w_in     (experts*dim, 2H)   [gate | up], input-major per expert
  *   w_out    (experts*H, dim)    input-major per expert
+ *   dense / shared experts: w_in (dim, 2H), w_out (H, dim), input-major
  *   lm_head  (dim, ld_head)      input-major
+ *   A float32 Mat may also be W_F32T, the transpose in place (an nn.Linear weight: gates, dense
+ *   feed-forwards); bf16 and int8 Mats are always input-major copies.
  *   int8 Mat: W[d, c] = q[d, c] * s[d / 32, c], q in [-127, 127], blocks restarting at every
  *            segment of `seg` rows (an expert's rows; one segment elsewhere, rows past its end
  *            count as zero). Stored per segment, per tile of 16 columns (ld = the columns
@@ -39,7 +44,8 @@
  *            One 64-byte load is 16 columns x 4 inputs (vpdpbusd's operand), and a tile's blocks
  *            follow one another: a thread reading a range of columns reads one contiguous range.
  *   k/v cache of a layer: row b at + b*cache_row, then (kv_heads, max_len, hd) contiguous
- *   memory k/v of a layer: row b at + b*mem_row, then (cross_kv_heads, stm, hd) contiguous
+ *   memory k/v of a layer: row b at + b*mem_row, then (cross_kv_heads, stm, hd) contiguous float32,
+ *            or (mem_bf16) bfloat16 copies (cross_kv_heads, hd, stm): each head transposed
  */
 #include <math.h>
 #include <omp.h>
@@ -70,12 +76,14 @@
 /* The vector code this build runs (for logs and the tests that force the scalar path). */
 const char *rxt_isa(void) { return RXRT_ISA; }
 
-enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_F32T = 3 }; /* W_F32T: float32 in nn.Linear's (out, in) layout */
 #define QBLOCK 32                    /* int8: inputs sharing one scale (of a column; of x) */
 #define I8_BLOCK (QBLOCK * 16 + 64)  /* int8: bytes of one block of one 16-column tile */
 #define I8_CHUNK 64                  /* int8: blocks of x quantised at a time (on the stack) */
 
-/* A weight matrix of rows x ld elements in one of the three formats (int8: see the top). */
+/* A weight matrix of rows x ld elements in one of the formats (int8: see the top). W_F32T is the
+ * transpose in place (an nn.Linear weight that no decode layout touched: a dense feed-forward, an
+ * attention gate): element (d, c) at w[c * ld + d], read as dot products. */
 typedef struct {
     const void *w;
     int64_t ld, type;
@@ -93,6 +101,8 @@ static Mat mat_rows(Mat m, int64_t row) {
     if (m.type == W_I8) {
         const int64_t seg = row / m.seg, block = row % m.seg / QBLOCK;
         out.w = (const uint8_t *)m.w + (seg * (m.ld / 16) * seg_blocks(m) + block) * I8_BLOCK;
+    } else if (m.type == W_F32T) {
+        out.w = (const float *)m.w + row;
     } else {
         out.w = (const char *)m.w + row * m.ld * size[m.type];
     }
@@ -106,14 +116,37 @@ static int64_t split_k(Mat m, int64_t k, int64_t i, int64_t parts) {
     return at < k ? at : k;
 }
 
+/* A feed-forward (act(x W_gate + b) * (x W_up + b)) W_out + b_out, or (not gated)
+ * act(x W_in + b) W_out + b_out: a dense layer's, or one shared expert's. */
 typedef struct {
-    Mat qkv, o, cq, co, w_in, w_out;
-    const float *self_norm, *qkv_bias, *o_bias;
-    const float *cross_norm, *cq_bias, *co_bias;
+    Mat w_in, w_out;            /* (dim, 2H) [gate | up] (not gated: (dim, H)) and (H, dim), input-major */
+    const float *b_in, *b_out;  /* (2H or H) and (dim), or NULL */
+    int64_t hidden, gated;      /* H */
+} RxtFfn;
+
+/* One decoder layer, described by the sub-blocks it has:
+ *   self-attention, always; gated when gate.w is set: the heads' output times act(h W_gate + b);
+ *   memory cross-attention when cross_norm is set (a memory layer), gated likewise by cgate;
+ *   the feed-forward: an MoE when router is set (experts w_in/w_out, per-expert biases b_in/b_out,
+ *   a global output bias, n_shared shared experts mixed by softmax(h W_shared_gate) when there
+ *   are several, a global shared bias, the routed and shared sums scaled), else `dense`. */
+typedef struct {
+    Mat qkv, o, gate, cq, co, cgate, w_in, w_out;
+    const float *self_norm, *qkv_bias, *o_bias, *gate_bias;
+    const float *cross_norm, *cq_bias, *co_bias, *cgate_bias;
     const float *ffn_norm, *router;
+    const float *self_norm_bias, *cross_norm_bias, *ffn_norm_bias; /* LayerNorm blocks; else NULL */
     const float *b_in, *b_out; /* per-expert biases (E, 2H) and (E, dim), or NULL */
+    const float *global_bias;  /* (dim) added once per token, or NULL */
+    const RxtFfn *shared;      /* n_shared of them */
+    const float *shared_gate;  /* (n_shared, dim), nn.Linear layout; NULL: one shared expert */
+    const float *shared_bias;  /* (dim), or NULL */
+    RxtFfn dense;
+    int64_t n_shared, gate_act, cgate_act, act; /* activations: enum Act */
+    int64_t gated;                              /* the experts are gated: w_in (E*dim, 2H), else (E*dim, H) */
+    float routed_scale, shared_scale;
     float *k_cache, *v_cache;
-    const float *mem_k, *mem_v;
+    const void *mem_k, *mem_v; /* float32, or (mem_bf16) bf16 transposed; NULL without memory cross-attention */
 } RxtLayer;
 
 typedef struct {
@@ -123,10 +156,12 @@ typedef struct {
     int64_t n_rows; /* rows the bound cache and memory buffers hold */
     int64_t rope_mode;   /* 0: rotate-half; 1: adjacent pairs in place; 2: adjacent pairs, split */
     int64_t rope_offset; /* added to the position RoPE rotates by (RxLM's interact: 1) */
-    float eps;
+    int64_t mem_bf16;    /* the memory keys/values are bf16 copies, (hd, stm) per head (else float32) */
+    int64_t layer_norm, final_layer_norm; /* the blocks' norms, the final norm: LayerNorm (else RMSNorm) */
+    float eps, final_eps;
     Mat lm_head;
     const float *embedding, *final_norm, *cos, *sin; /* final_norm NULL: none */
-    const float *head_bias;                                    /* or NULL */
+    const float *final_norm_bias, *head_bias;                  /* or NULL */
     RxtLayer *layers;
 } RxtModel;
 
@@ -322,12 +357,33 @@ static void axpy_f32(float *restrict acc, const float *xs, const float *w, int64
     }
 }
 
+/* The same for W_F32T (column c's inputs contiguous at w + c * ld): one dot product per column,
+ * in 16 running sums (vector lanes without reassociating any one sum). */
+static void axpy_f32t(float *restrict acc, const float *xs, const float *w, int64_t ld, int64_t d0, int64_t d1,
+                      int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c++) {
+        const float *restrict r = w + c * ld;
+        float s[16] = {0};
+        int64_t d = d0;
+        for (; d + 16 <= d1; d += 16)
+            for (int j = 0; j < 16; j++) s[j] += xs[d + j] * r[d + j];
+        float total = 0.0f;
+        for (; d < d1; d++) total += xs[d] * r[d];
+        for (int j = 0; j < 16; j++) total += s[j];
+        acc[c] += total;
+    }
+}
+
 /* The same for a Mat of any format. bf16 goes four rows at a time too; a leftover row is a group
  * of four with zero coefficients for the other three (which repeat the row: cached). int8: d0
  * starts a block (split_k), c0 is a multiple of 16 (split). */
 static void axpy_rows(float *restrict acc, const float *xs, Mat m, int64_t d0, int64_t d1, int64_t c0, int64_t c1) {
     if (m.type == W_F32) {
         axpy_f32(acc, xs, m.w, m.ld, d0, d1, c0, c1);
+        return;
+    }
+    if (m.type == W_F32T) {
+        axpy_f32t(acc, xs, m.w, m.ld, d0, d1, c0, c1);
         return;
     }
     if (m.type == W_I8) {
@@ -390,13 +446,20 @@ void rxt_matvec(const Mat *m, int64_t row, int64_t k, int64_t cols, const float 
     axpy_rows(y, x, mat_rows(*m, row), 0, k, 0, cols);
 }
 
-static void rms_norm(int n, int64_t dim, const float *x, const float *weight, float eps, float *out) {
+/* RMSNorm, or (layer) LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias (bias may be NULL). */
+static void norm(int n, int64_t dim, const float *x, const float *weight, const float *bias, float eps, int64_t layer,
+                 float *out) {
     for (int b = 0; b < n; b++) {
         const float *xb = x + b * dim;
-        float ss = 0.0f;
-        for (int64_t i = 0; i < dim; i++) ss += xb[i] * xb[i];
+        float mean = 0.0f, ss = 0.0f;
+        if (layer) {
+            for (int64_t i = 0; i < dim; i++) mean += xb[i];
+            mean /= (float)dim;
+        }
+        for (int64_t i = 0; i < dim; i++) ss += (xb[i] - mean) * (xb[i] - mean);
         const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
-        for (int64_t i = 0; i < dim; i++) out[b * dim + i] = xb[i] * scale * weight[i];
+        for (int64_t i = 0; i < dim; i++)
+            out[b * dim + i] = (xb[i] - mean) * scale * weight[i] + (bias ? bias[i] : 0.0f);
     }
 }
 
@@ -428,14 +491,23 @@ static void rope(float *u, int64_t hd, const float *cos, const float *sin, int64
 }
 
 /* softmax(q . k_t / sqrt(hd)) over t < len, applied to v: keys/values (len, hd) contiguous. */
+/* q . k over n values in 8 running sums (vector lanes without reassociating any one sum; a
+ * plain sum does not vectorise). */
+static float dot_f32(const float *q, const float *k, int64_t n) {
+    float s[8] = {0}, total = 0.0f;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) s[j] += q[i + j] * k[i + j];
+    for (; i < n; i++) total += q[i] * k[i];
+    return total + (((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])));
+}
+
 static void attend(const float *q, const float *k, const float *v, int64_t len, int64_t hd, float *scores,
                    float *out) {
     const float scale = 1.0f / sqrtf((float)hd);
     float best = -INFINITY;
     for (int64_t t = 0; t < len; t++) {
-        float s = 0.0f;
-        for (int64_t i = 0; i < hd; i++) s += q[i] * k[t * hd + i];
-        s *= scale;
+        const float s = dot_f32(q, k + t * hd, hd) * scale;
         scores[t] = s;
         if (s > best) best = s;
     }
@@ -451,7 +523,94 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
     }
 }
 
+/* e^x for x <= 0 in plain arithmetic that vectorises (expf does not), within 2 ulp: x = n ln2 + r,
+ * |r| <= ln2 / 2, e^r by its Taylor series to r^6, times 2^n. Below -87 it gives e^-87 (~1e-38, as
+ * good as 0 beside the softmax's largest term, which is 1); NaN stays NaN. */
+static float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln2), |x / ln2| < 2^22 */
+    const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    /* ln2 in two parts (Cody-Waite) */
+    const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    n = !(n >= -126.0f) ? -126.0f : n > 0.0f ? 0.0f : n; /* NaN: any n, p is NaN */
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* softmax(q . k_t / sqrt(hd)) over the memory's len slots, applied to v, with the compact bf16
+ * copies stored transposed per head: kt and vt (hd, len), slot t of feature i at i * len + t. So
+ * every pass runs along the slots, 16 at a time, with no sum across vector lanes: the scores as
+ * hd passes of scores += q_i * kt_i; the outputs as dot products of the weights with each vt row
+ * in 16 running sums. A 4,096-slot memory is read whole for every token. */
+static void attend_t(const float *q, const uint16_t *kt, const uint16_t *vt, int64_t len, int64_t hd,
+                     float *restrict scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int64_t t = 0; t < len; t++) scores[t] = 0.0f;
+    for (int64_t i = 0; i < hd; i++) {
+        const float qi = q[i];
+        const uint16_t *restrict row = kt + i * len;
+        for (int64_t t = 0; t < len; t++) scores[t] += qi * bf16_to_f32(row[t]);
+    }
+    float lanes[16], best = -INFINITY;
+    for (int j = 0; j < 16; j++) lanes[j] = -INFINITY;
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16)
+        for (int j = 0; j < 16; j++) lanes[j] = scores[t + j] > lanes[j] ? scores[t + j] : lanes[j];
+    for (; t < len; t++) best = scores[t] > best ? scores[t] : best;
+    for (int j = 0; j < 16; j++) best = lanes[j] > best ? lanes[j] : best;
+    for (int j = 0; j < 16; j++) lanes[j] = 0.0f;
+    float total = 0.0f;
+    for (t = 0; t + 16 <= len; t += 16)
+        for (int j = 0; j < 16; j++) lanes[j] += (scores[t + j] = exp_neg((scores[t + j] - best) * scale));
+    for (; t < len; t++) total += (scores[t] = exp_neg((scores[t] - best) * scale));
+    for (int j = 0; j < 16; j++) total += lanes[j];
+    for (int64_t i = 0; i < hd; i++) {
+        const uint16_t *restrict row = vt + i * len;
+        float sum = 0.0f;
+        for (int j = 0; j < 16; j++) lanes[j] = 0.0f;
+        for (t = 0; t + 16 <= len; t += 16)
+            for (int j = 0; j < 16; j++) lanes[j] += scores[t + j] * bf16_to_f32(row[t + j]);
+        for (; t < len; t++) sum += scores[t] * bf16_to_f32(row[t]);
+        for (int j = 0; j < 16; j++) sum += lanes[j];
+        out[i] = sum / total;
+    }
+}
+
 static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* The activations of models/ffn.py's ACTIVATIONS (attention gates, feed-forward gates). */
+enum { ACT_NONE = 0, ACT_SILU, ACT_GELU, ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_IDENTITY };
+
+static float activate(float x, int64_t act) {
+    switch (act) {
+    case ACT_SILU: return silu(x);
+    case ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); /* torch's exact gelu */
+    case ACT_RELU: return x > 0.0f ? x : 0.0f;
+    case ACT_SIGMOID: return 1.0f / (1.0f + expf(-x));
+    case ACT_TANH: return tanhf(x);
+    default: return x;
+    }
+}
+
+/* out[b] += FFN(h[b]) * (scale ? scale[b * stride] : 1) for rows b < n: a dense layer, or one
+ * shared expert weighted per row. gu (n, 2H) and act (n, H) are scratch. */
+static void ffn_rows(int n, const float *h, int64_t D, const RxtFfn *f, int64_t kind, const float *scale,
+                     int64_t stride, float *gu, float *act, float *out, int nt) {
+    const int64_t H = f->hidden, GH = f->gated ? 2 * H : H;
+    gemv(n, h, D, f->w_in, GH, f->b_in, gu, 0, nt);
+    for (int b = 0; b < n; b++) {
+        const float s = scale ? scale[b * stride] : 1.0f;
+        const float *g = gu + b * GH;
+        for (int64_t r = 0; r < H; r++) act[b * H + r] = activate(g[r], kind) * (f->gated ? g[H + r] : 1.0f) * s;
+    }
+    gemv(n, act, H, f->w_out, D, NULL, out, 1, nt);
+    if (f->b_out)
+        for (int b = 0; b < n; b++) {
+            const float s = scale ? scale[b * stride] : 1.0f;
+            for (int64_t c = 0; c < D; c++) out[b * D + c] += s * f->b_out[c];
+        }
+}
 
 #define ROW(b) (rows ? rows[b] : (int64_t)(b)) /* the cache / memory row of token b */
 
@@ -474,10 +633,24 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
         if (out_rows[j] < (j ? out_rows[j - 1] + 1 : 0) || out_rows[j] >= n) return -1; /* increasing */
     const int64_t D = m->dim, hd = m->head_dim, H = m->hidden, K = m->top_k, E = m->n_experts;
     const int64_t qkv_cols = (m->hq + 2 * m->hkv) * hd, long_seq = m->max_len > m->stm ? m->max_len : m->stm;
+    /* Output heads: the query heads, or (reversed SQA) the key/value heads, each reading query
+     * head j mod q_heads. */
+    const int64_t so = m->hq > m->hkv ? m->hq : m->hkv, co = m->cq > m->ckv ? m->cq : m->ckv;
+    const int64_t heads_max = so > co ? so : co, proj = qkv_cols > m->cq * hd ? qkv_cols : m->cq * hd;
+    int64_t wide = 0, shared_max = 0; /* the widest dense or shared feed-forward; most shared experts */
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const RxtLayer *L = &m->layers[l];
+        if (!L->router && L->dense.hidden > wide) wide = L->dense.hidden;
+        for (int64_t s = 0; s < L->n_shared; s++)
+            if (L->shared[s].hidden > wide) wide = L->shared[s].hidden;
+        if (L->n_shared > shared_max) shared_max = L->n_shared;
+    }
     const int pairs = n * (int)K;
+    const int64_t gu_size = 2 * pairs * 2 * H > n * 2 * wide ? 2 * pairs * 2 * H : n * 2 * wide;
+    const int64_t act_size = 2 * pairs * H > n * wide ? 2 * pairs * H : n * wide;
     /* One block of scratch for the whole step. */
-    const int64_t sizes[] = {n * D,        n * D, n * qkv_cols, n * m->hq * hd, n * m->hq * long_seq, n * E,
-                             2 * pairs * 2 * H, 2 * pairs * D, 2 * pairs * H};
+    const int64_t sizes[] = {n * D,       n * D,   n * proj, n * heads_max * hd, n * heads_max * long_seq,
+                             n * (E + shared_max), gu_size, 2 * pairs * D, act_size, n * heads_max * hd};
     int64_t total = 0;
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) total += sizes[i];
     total = (total + 15) / 16 * 16; /* the expert ids after the floats stay aligned */
@@ -486,14 +659,15 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
     int64_t *chosen = (int64_t *)(scratch + total); /* each pair's expert and mixing weight */
     float *mix = (float *)(chosen + pairs);
     float *x = scratch, *h = x + sizes[0], *qkv = h + sizes[1], *att = qkv + sizes[2], *scores = att + sizes[3],
-          *route = scores + sizes[4], *gu = route + sizes[5], *ys = gu + sizes[6], *act = ys + sizes[7];
+          *route = scores + sizes[4], *gu = route + sizes[5], *ys = gu + sizes[6], *act = ys + sizes[7],
+          *gates = act + sizes[8];
 
     for (int b = 0; b < n; b++) memcpy(x + b * D, m->embedding + tokens[b] * D, D * sizeof(float));
 
     for (int64_t l = 0; l < m->n_layers; l++) {
         const RxtLayer *L = &m->layers[l];
         /* Self-attention: Q/K/V in one product, RoPE on Q and K, cache write, attention. */
-        rms_norm(n, D, x, L->self_norm, m->eps, h);
+        norm(n, D, x, L->self_norm, L->self_norm_bias, m->eps, m->layer_norm, h);
         gemv(n, h, D, L->qkv, qkv_cols, L->qkv_bias, qkv, 0, nt);
         for (int b = 0; b < n; b++) {
             const int64_t at_pos = (positions[b] + m->rope_offset) * hd;
@@ -506,41 +680,58 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
                 memcpy(L->v_cache + at, row + (m->hq + m->hkv + g) * hd, hd * sizeof(float));
             }
         }
-        const int64_t heads = n * m->hq;
+        const int64_t heads = n * so;
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t bj = 0; bj < heads; bj++) {
-            const int64_t b = bj / m->hq, j = bj % m->hq, g = j / (m->hq / m->hkv);
+            const int64_t b = bj / so, j = bj % so, g = j / (so / m->hkv);
             const int64_t at = ROW(b) * m->cache_row + g * m->max_len * hd;
-            attend(qkv + b * qkv_cols + j * hd, L->k_cache + at, L->v_cache + at, positions[b] + 1, hd,
+            attend(qkv + b * qkv_cols + (j % m->hq) * hd, L->k_cache + at, L->v_cache + at, positions[b] + 1, hd,
                    scores + bj * long_seq, att + bj * hd);
         }
-        gemv(n, att, m->hq * hd, L->o, D, L->o_bias, x, 1, nt);
+        if (L->gate.w) { /* gated attention: the heads' output times act(h W_gate + b) */
+            gemv(n, h, D, L->gate, so * hd, L->gate_bias, gates, 0, nt);
+            for (int64_t i = 0; i < n * so * hd; i++) att[i] *= activate(gates[i], L->gate_act);
+        }
+        gemv(n, att, so * hd, L->o, D, L->o_bias, x, 1, nt);
 
         /* Memory cross-attention: queries rotated, keys/values are the STM's (no position). */
-        rms_norm(n, D, x, L->cross_norm, m->eps, h);
-        gemv(n, h, D, L->cq, m->cq * hd, L->cq_bias, qkv, 0, nt);
-        for (int b = 0; b < n; b++)
-            for (int64_t j = 0; j < m->cq; j++)
-                rope(qkv + (b * m->cq + j) * hd, hd, m->cos + (positions[b] + m->rope_offset) * hd,
-                     m->sin + (positions[b] + m->rope_offset) * hd, m->rope_mode);
-        const int64_t cheads = n * m->cq;
+        if (L->cross_norm) {
+            norm(n, D, x, L->cross_norm, L->cross_norm_bias, m->eps, m->layer_norm, h);
+            gemv(n, h, D, L->cq, m->cq * hd, L->cq_bias, qkv, 0, nt);
+            for (int b = 0; b < n; b++)
+                for (int64_t j = 0; j < m->cq; j++)
+                    rope(qkv + (b * m->cq + j) * hd, hd, m->cos + (positions[b] + m->rope_offset) * hd,
+                         m->sin + (positions[b] + m->rope_offset) * hd, m->rope_mode);
+            const int64_t cheads = n * co;
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t bj = 0; bj < cheads; bj++) {
-            const int64_t b = bj / m->cq, j = bj % m->cq, g = j / (m->cq / m->ckv);
-            const int64_t at = ROW(b) * m->mem_row + g * m->stm * hd;
-            attend(qkv + bj * hd, L->mem_k + at, L->mem_v + at, m->stm, hd, scores + bj * long_seq, att + bj * hd);
+            for (int64_t bj = 0; bj < cheads; bj++) {
+                const int64_t b = bj / co, j = bj % co, g = j / (co / m->ckv);
+                const int64_t at = ROW(b) * m->mem_row + g * m->stm * hd;
+                const float *q = qkv + (b * m->cq + j % m->cq) * hd;
+                if (m->mem_bf16)
+                    attend_t(q, (const uint16_t *)L->mem_k + at, (const uint16_t *)L->mem_v + at, m->stm, hd,
+                             scores + bj * long_seq, att + bj * hd);
+                else
+                    attend(q, (const float *)L->mem_k + at, (const float *)L->mem_v + at, m->stm, hd,
+                           scores + bj * long_seq, att + bj * hd);
+            }
+            if (L->cgate.w) {
+                gemv(n, h, D, L->cgate, co * hd, L->cgate_bias, gates, 0, nt);
+                for (int64_t i = 0; i < n * co * hd; i++) att[i] *= activate(gates[i], L->cgate_act);
+            }
+            gemv(n, att, co * hd, L->co, D, L->co_bias, x, 1, nt);
         }
-        gemv(n, att, m->cq * hd, L->co, D, L->co_bias, x, 1, nt);
 
-        /* MoE: top-k of the router logits, softmax over those k, SwiGLU experts. */
-        rms_norm(n, D, x, L->ffn_norm, m->eps, h);
+        norm(n, D, x, L->ffn_norm, L->ffn_norm_bias, m->eps, m->layer_norm, h);
+        if (!L->router) { /* a dense feed-forward */
+            ffn_rows(n, h, D, &L->dense, L->act, NULL, 0, gu, act, x, nt);
+            continue;
+        }
+        /* MoE: top-k of the router logits, softmax over those k, gated experts. */
+        const Mat router = {L->router, D, W_F32T, D}; /* (E, dim) in place: one dot product per expert */
+        gemv(n, h, D, router, E, NULL, route, 0, nt);
         for (int b = 0; b < n; b++) {
             float *r = route + b * E;
-            for (int64_t e = 0; e < E; e++) {
-                float s = 0.0f;
-                for (int64_t i = 0; i < D; i++) s += h[b * D + i] * L->router[e * D + i];
-                r[e] = s;
-            }
             float top = -INFINITY, total = 0.0f;
             for (int64_t k = 0; k < K; k++) { /* the k largest, first index on ties (like topk) */
                 int64_t arg = -1;
@@ -563,44 +754,70 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
          * split between blocks of 32 rows); the parts' partial sums are added before the
          * activation and at the end. */
         const int parts = pairs % nt == 0 ? 1 : 2;
+        const int64_t GH = L->gated ? 2 * H : H; /* w_in's columns */
 #pragma omp parallel num_threads(nt)
         {
             const int t = omp_get_thread_num(), count = omp_get_num_threads();
             for (int item = t; item < parts * pairs; item += count) {
                 const int p = item / parts, part = item % parts;
-                float *o = gu + (int64_t)item * 2 * H;
-                memset(o, 0, sizeof(float) * (size_t)(2 * H));
+                float *o = gu + (int64_t)item * GH;
+                memset(o, 0, sizeof(float) * (size_t)GH);
                 axpy_rows(o, h + (p / K) * D, mat_rows(L->w_in, chosen[p] * D), split_k(L->w_in, D, part, parts),
-                          split_k(L->w_in, D, part + 1, parts), 0, 2 * H);
+                          split_k(L->w_in, D, part + 1, parts), 0, GH);
             }
 #pragma omp barrier
             for (int item = t; item < parts * pairs; item += count) {
                 const int p = item / parts, part = item % parts;
-                const float *g = gu + (int64_t)(parts * p) * 2 * H;
+                const float *g = gu + (int64_t)(parts * p) * GH;
                 float *a = act + (int64_t)item * H;
                 const int64_t r0 = split_k(L->w_out, H, part, parts), r1 = split_k(L->w_out, H, part + 1, parts);
-                const float *bias = L->b_in ? L->b_in + chosen[p] * 2 * H : NULL;
+                const float *bias = L->b_in ? L->b_in + chosen[p] * GH : NULL;
                 for (int64_t r = r0; r < r1; r++) {
-                    float gate = g[r], up = g[H + r];
-                    if (parts == 2) gate += g[2 * H + r], up += g[3 * H + r];
-                    if (bias) gate += bias[r], up += bias[H + r];
-                    a[r - r0] = silu(gate) * up;
+                    float gate = g[r], up = L->gated ? g[H + r] : 1.0f;
+                    if (parts == 2) gate += g[GH + r], up += L->gated ? g[GH + H + r] : 0.0f;
+                    if (bias) gate += bias[r], up += L->gated ? bias[H + r] : 0.0f;
+                    a[r - r0] = activate(gate, L->act) * up;
                 }
                 float *o = ys + (int64_t)item * D;
                 memset(o, 0, sizeof(float) * (size_t)D);
                 axpy_rows(o, a, mat_rows(L->w_out, chosen[p] * H + r0), 0, r1 - r0, 0, D);
             }
         }
+        /* Into the residual: the routed sum (scaled where the shared experts are weighed against
+         * it), the global bias, then the shared experts (models/moe.py's _extras, in its order). */
         for (int p = 0; p < pairs; p++) {
             float *xb = x + (p / K) * D;
+            const float w = L->routed_scale * mix[p];
             for (int part = 0; part < parts; part++) {
                 const float *y = ys + (int64_t)(parts * p + part) * D;
-                for (int64_t c = 0; c < D; c++) xb[c] += mix[p] * y[c];
+                for (int64_t c = 0; c < D; c++) xb[c] += w * y[c];
             }
             if (L->b_out) {
                 const float *bias = L->b_out + chosen[p] * D;
-                for (int64_t c = 0; c < D; c++) xb[c] += mix[p] * bias[c];
+                for (int64_t c = 0; c < D; c++) xb[c] += w * bias[c];
             }
+        }
+        for (int b = 0; b < n; b++)
+            for (int64_t c = 0; c < D && L->global_bias; c++) x[b * D + c] += L->global_bias[c];
+        if (L->n_shared) {
+            const int64_t S = L->n_shared;
+            float *weights = route + n * E; /* (n, S): each shared expert's weight per row */
+            if (L->shared_gate) {
+                const Mat gate = {L->shared_gate, D, W_F32T, D};
+                gemv(n, h, D, gate, S, NULL, weights, 0, nt);
+            } else {
+                memset(weights, 0, sizeof(float) * (size_t)(n * S));
+            }
+            for (int b = 0; b < n; b++) {
+                float *w = weights + b * S, top = -INFINITY, total = 0.0f;
+                for (int64_t s = 0; s < S; s++)
+                    if (w[s] > top) top = w[s];
+                for (int64_t s = 0; s < S; s++) total += (w[s] = expf(w[s] - top));
+                for (int64_t s = 0; s < S; s++) w[s] = L->shared_scale * w[s] / total;
+            }
+            for (int64_t s = 0; s < S; s++) ffn_rows(n, h, D, &L->shared[s], L->act, weights + s, S, gu, act, x, nt);
+            for (int b = 0; b < n; b++)
+                for (int64_t c = 0; c < D && L->shared_bias; c++) x[b * D + c] += L->shared_scale * L->shared_bias[c];
         }
     }
     if (out_rows) /* only the rows whose logits are wanted go through the norm and the LM head */
@@ -611,7 +828,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
         return 0;
     }
     if (m->final_norm)
-        rms_norm(outs, D, x, m->final_norm, m->eps, h);
+        norm(outs, D, x, m->final_norm, m->final_norm_bias, m->final_eps, m->final_layer_norm, h);
     else
         memcpy(h, x, (size_t)(outs * D) * sizeof(float));
     gemv(outs, h, D, m->lm_head, m->vocab, m->head_bias, logits, 0, nt);

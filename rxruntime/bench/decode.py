@@ -16,6 +16,10 @@ from typing import Any
 import torch
 
 from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTModel, SamplingParams
+from rxruntime.models.quantize import WeightFormat, check_format, default_format, set_weight_format
+
+DEFAULT_WEIGHTS = "default"
+"""``--weights default``: the engine's own choice for the device (:func:`default_weights`)."""
 
 
 @dataclass
@@ -93,3 +97,46 @@ def c_step_note(model: RxTModel) -> str:
 
     reason = native.not_used_reason(model)
     return f"used for steps of up to {native.MAX_ROWS} rows" if reason is None else f"not used: {reason}"
+
+
+def default_weights(model: RxTModel) -> WeightFormat:
+    """The weight format :func:`rxruntime.load` gives ``model`` when not told: int8
+    (:data:`rxruntime.DEFAULT_CPU_WEIGHTS`) where the C step runs a float32 CPU model, float32
+    elsewhere. The benchmarks default to it so they measure what ``rxrt chat`` and ``serve`` run."""
+    from rxruntime import DEFAULT_CPU_WEIGHTS
+
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return "fp32"
+    return default_format(model, DEFAULT_CPU_WEIGHTS)
+
+
+def apply_weights(model: RxTModel, requested: str | None) -> WeightFormat:
+    """Store ``model``'s matrices as ``requested`` (None or ``"default"``: :func:`default_weights`)
+    and return the format it now has. ConfigError for an unknown format, or a compact one on a
+    model the formats do not apply to (not float32 on the CPU)."""
+    if requested in (None, DEFAULT_WEIGHTS):
+        fmt = default_weights(model)
+    else:
+        try:
+            fmt = check_format(requested)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if fmt != "fp32" and (model.device.type != "cpu" or model.dtype != torch.float32):
+            raise ConfigError(f"--weights {fmt} is for float32 models on the CPU (got {model.device.type})")
+    set_weight_format(model, fmt)
+    return fmt
+
+
+def kernel_label(model: RxTModel) -> str:
+    """Which decode step a one-row step of ``model`` runs, in words: the C step or torch."""
+    from rxruntime.models import native
+
+    if model._compiled_kernel is not None:
+        return "torch.compile'd step"
+    reason = native.not_used_reason(model)
+    return f"C step (up to {native.MAX_ROWS} rows)" if reason is None else "torch step"
+
+
+def weights_line(weights: str, model: RxTModel) -> str:
+    """The report line every benchmark prints: which weights and which decode step it measured."""
+    return f"weights {weights}, decode: {kernel_label(model)}"

@@ -10,6 +10,7 @@ sequence.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +42,15 @@ def import_llama_cpp() -> ModuleType:
         _log_callback = llama_cpp.llama_log_callback(_errors_only)
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
     return llama_cpp
+
+
+def check_llama_cpp() -> None:
+    """:class:`LlamaCppUnavailableError` naming the extra when ``llama-cpp-python`` is missing,
+    without loading llama.cpp into this process (the benchmark runs it in child processes)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LlamaCppUnavailableError(
+            f"the llama.cpp baseline needs llama-cpp-python (it compiles llama.cpp): {INSTALL_HINT}"
+        )
 
 
 _log_callback: Any = None

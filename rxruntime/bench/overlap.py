@@ -48,7 +48,7 @@ from rxruntime.events import AnswerCompleted, Event, InteractionFailed, MemoryUp
 from rxruntime.models import ConfigError, RxTConfig, RxTModel, RxTokenizer, preset
 from rxruntime.models.tokenizer import SPECIAL_TOKENS
 
-from .decode import c_step_note
+from .decode import c_step_note, kernel_label
 
 Mode = Literal["immediate", "after_memory"]
 MODES: tuple[Mode, ...] = ("immediate", "after_memory")
@@ -148,6 +148,8 @@ def environment(model: RxTModel) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "c_decode_step": c_step_note(model),
+        "weights": model.weight_format,
+        "decode_kernel": kernel_label(model),
     }
 
 

@@ -37,6 +37,7 @@ import torch
 from rxruntime.engine import Engine
 from rxruntime.models import ConfigError, RxTConfig, preset
 
+from .decode import DEFAULT_WEIGHTS, apply_weights
 from .overlap import TurnTrace, check_fits, environment, forced_length_model, random_queries, send, wait, word_tokenizer
 
 
@@ -54,6 +55,9 @@ class ThroughputConfig:
     """Decode rows of the engine; None: the largest concurrency, capped by memory."""
     warmup: bool = True
     """Run one small untimed round first (first-call allocations, thread pools)."""
+    weights: str = DEFAULT_WEIGHTS
+    """The model's weight format (``models/quantize.py``); ``default``: the engine's own for the
+    device, what ``rxruntime.load`` gives (int8 where the C step runs a float32 CPU model)."""
 
 
 # ---------------------------------------------------------------------- how many rows fit
@@ -155,6 +159,7 @@ def run_throughput(cfg: ThroughputConfig, progress: Callable[[str], None] | None
         raise ConfigError("--max-batch must be at least 1")
     device = torch.device(cfg.device)
     model = forced_length_model(config, device, cfg.seed)
+    fmt = apply_weights(model, cfg.weights)
     row_bytes = decode_row_bytes(config, model.dtype)
     max_batch, cap = choose_max_batch(cfg, row_bytes, free_memory_bytes(device))
     results = []
@@ -183,6 +188,8 @@ def run_throughput(cfg: ThroughputConfig, progress: Callable[[str], None] | None
             "max_batch_memory_cap": cap,
             "decode_row_bytes": row_bytes,
             **environment(model),
+            "weights": fmt,
+            "weights_requested": cfg.weights,
             "load_average_start": list(load_start),
             "load_average_end": list(load_end),
         },
@@ -197,7 +204,8 @@ def format_table(result: dict[str, Any]) -> Any:
     cfg = result["config"]
     table = Table(
         title=f"preset {cfg['preset']}, {cfg['device']} {cfg['dtype']}, {cfg['threads']} threads, "
-        f"max batch {cfg['max_batch']} (query {cfg['query_tokens']}, answer {cfg['answer_tokens']} tokens)"
+        f"max batch {cfg['max_batch']} (query {cfg['query_tokens']}, answer {cfg['answer_tokens']} tokens)",
+        caption=f"weights {cfg['weights']}, decode: {cfg['decode_kernel']}" if "decode_kernel" in cfg else None,
     )
     columns = ("convs", "tokens/s", "token gap p50 ms", "p95 ms", "TTFT p50 s", "p95 s", "wall s", "memory p50 s")
     for name in columns:

@@ -40,11 +40,11 @@ import torch
 from torch import Tensor
 
 from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTConfig, RxTModel, SamplingParams, preset
-from rxruntime.models.quantize import check_format, set_weight_format
+from rxruntime.models.quantize import check_format
 
-from .decode import c_step_note
-from .llamacpp_runtime import import_llama_cpp
-from .llamacpp_turns import LlamaCppPeer, check_types, prepare_peers
+from .decode import DEFAULT_WEIGHTS, apply_weights, c_step_note, kernel_label
+from .llamacpp_runtime import check_llama_cpp
+from .llamacpp_turns import TIMEOUT_S, LlamaCppPeer, PeerFailedError, check_types, prepare_peers
 from .turns_report import format_table, plot_turns, summarize
 
 __all__ = ["BASELINES", "TurnRecord", "TurnsConfig", "format_table", "plot_turns", "run_turns"]
@@ -70,12 +70,18 @@ class TurnsConfig:
     compile: bool = False
     """``torch.compile`` RxT's decode step first (:meth:`RxTModel.compile_decode`); the
     baseline stays eager, as transformers runs it by default."""
-    weights: list[str] = field(default_factory=lambda: ["fp32"])
-    """RxT's weight formats (``models/quantize.py``), one series each; the first is ``rxt``."""
+    weights: list[str] = field(default_factory=lambda: [DEFAULT_WEIGHTS])
+    """RxT's weight formats (``models/quantize.py``), one series each; the first is ``rxt``.
+    ``default`` is the engine's own for the device (int8 where the C step runs a float32 CPU
+    model, float32 elsewhere: what ``rxrt chat`` and ``serve`` run); the JSON's ``config.weights``
+    holds the formats it resolved to, ``config.weights_requested`` these."""
     baseline: str = "transformers"
     """``transformers``, or ``llamacpp`` to add llama.cpp (both modes) beside it."""
     llamacpp_types: list[str] = field(default_factory=lambda: ["f32", "q8_0"])
     """GGUF weight types llama.cpp runs (``f32``: the exported file; ``q8_0``: llama.cpp's quantiser)."""
+    llamacpp_timeout_s: float = TIMEOUT_S
+    """Limit on one command to a llama.cpp child (loading, one turn); past it the series is reported
+    as timed out and the others run on."""
 
 
 @dataclass
@@ -206,17 +212,22 @@ def _baseline_turn(llama: Any, ids: list[int], answer_tokens: int, temperature: 
 
 
 # ---------------------------------------------------------------------- the conversation
-def _rxt_models(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> dict[str, RxTModel]:
-    """One RxT per weight format, all from the same seed (so the same float32 weights before rounding)."""
+def _rxt_models(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> tuple[dict[str, RxTModel], list[str]]:
+    """One RxT per weight format, all from the same seed (so the same float32 weights before
+    rounding), and the formats they have (``default`` resolved); ConfigError if two are the same."""
     models: dict[str, RxTModel] = {}
-    for fmt in cfg.weights:
+    formats: list[str] = []
+    for requested in cfg.weights:
         torch.manual_seed(cfg.seed)
         model = RxTModel(config).to(device).eval()
-        set_weight_format(model, check_format(fmt))
+        fmt = apply_weights(model, requested)
+        if fmt in formats:
+            raise ConfigError(f"--weights {','.join(cfg.weights)} runs {fmt} twice (default is {fmt} here)")
+        formats.append(fmt)
         if cfg.compile:
             model.compile_decode()
         models["rxt" if not models else f"rxt_{fmt}"] = model
-    return models
+    return models, formats
 
 
 def _check(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> None:
@@ -233,10 +244,11 @@ def _check(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> None:
         raise ConfigError(f"--weights takes distinct formats, got {','.join(cfg.weights) or 'none'}")
     try:
         for fmt in cfg.weights:
-            check_format(fmt)
+            if fmt != DEFAULT_WEIGHTS:
+                check_format(fmt)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if cfg.weights != ["fp32"] and device.type != "cpu":
+        raise ConfigError(f"{exc} (or {DEFAULT_WEIGHTS})") from None
+    if set(cfg.weights) - {"fp32", DEFAULT_WEIGHTS} and device.type != "cpu":
         raise ConfigError(f"--weights {','.join(cfg.weights)} is for the CPU (got {device.type})")
     if cfg.baseline not in BASELINES:
         raise ConfigError(f"--baseline must be one of {', '.join(BASELINES)}, got {cfg.baseline!r}")
@@ -260,7 +272,7 @@ def run_turns(cfg: TurnsConfig, progress: Callable[[str], None] | None = None) -
     config = preset(cfg.preset)
     _check(cfg, config, torch.device(cfg.device))
     if cfg.baseline == "llamacpp":
-        import_llama_cpp()  # the typed "install the extra" error before minutes of set-up
+        check_llama_cpp()  # the typed "install the extra" error before minutes of set-up
     with tempfile.TemporaryDirectory(prefix="rxrt-gguf-") as folder:  # the GGUF files, for the run
         return _run(cfg, config, Path(folder), progress)
 
@@ -269,36 +281,49 @@ def _run(cfg: TurnsConfig, config: RxTConfig, folder: Path, progress: Callable[[
     """Build every system (GGUF files in ``folder``), run them, free llama.cpp's contexts."""
     tokens = config.special_tokens
     device = torch.device(cfg.device)
-    rxts = _rxt_models(cfg, config, device)
+    rxts, formats = _rxt_models(cfg, config, device)
     model = rxts["rxt"]
     interaction_len = cfg.query_tokens + 3 + cfg.answer_tokens + 1
     n_ctx = cfg.turns * interaction_len + 64
     llama = build_baseline(model, max_positions=n_ctx, seed=cfg.seed)
     peers: list[LlamaCppPeer] = []
     peer_info: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     if cfg.baseline == "llamacpp":
         named = {"bos": tokens.bos_id, "eos": tokens.eos_id, "pad": tokens.pad_id, "unk": tokens.unk_id}
         special = {name: i for name, i in named.items() if i is not None}
-        peers, peer_info = prepare_peers(
-            llama, cfg.llamacpp_types, n_ctx=n_ctx, threads=torch.get_num_threads(), special_ids=special, workdir=folder
+        peers, peer_info, failed = prepare_peers(
+            llama,
+            cfg.llamacpp_types,
+            n_ctx=n_ctx,
+            threads=torch.get_num_threads(),
+            special_ids=special,
+            workdir=folder,
+            timeout_s=cfg.llamacpp_timeout_s,
         )
+        for line in failed.values():
+            if progress:
+                progress(line)
     try:
-        return _conversations(cfg, config, rxts, llama, peers, peer_info, progress)
+        return _conversations(cfg, config, rxts, formats, llama, peers, peer_info, failed, progress)
     finally:
         for peer in peers:
-            peer.model.close()
+            peer.close()
 
 
 def _conversations(
     cfg: TurnsConfig,
     config: RxTConfig,
     rxts: dict[str, RxTModel],
+    formats: list[str],
     llama: Any,
     peers: list[LlamaCppPeer],
     peer_info: dict[str, Any],
+    failed: dict[str, str],
     progress: Callable[[str], None] | None,
 ) -> dict[str, Any]:
-    """The timed part: warm-up, then ``cfg.repeats`` conversations, every system turn by turn."""
+    """The timed part: warm-up, then ``cfg.repeats`` conversations, every system turn by turn.
+    A llama.cpp peer whose child fails drops out (``failed`` says how and when); the rest run on."""
     import transformers
 
     tokens = config.special_tokens
@@ -318,20 +343,34 @@ def _conversations(
         warm_stm = m.init_stm(1, torch.Generator().manual_seed(cfg.seed + 1)).to(device)
         _rxt_turn(m, batches[key], warm_stm, prompts[0], warm, "warm-up", params)
     _baseline_turn(llama, prompts[0], warm, cfg.temperature)
-    for peer in peers:
-        peer.start_conversation()
-        peer.turn([], prompts[0], warm)
+    live = list(peers)
 
-    labels = {key: f"RxT {fmt}" for key, fmt in zip(rxts, cfg.weights)}
+    def drop(peer: LlamaCppPeer) -> None:
+        live.remove(peer)
+        failed[peer.key] = peer.describe_failure()
+        if progress:
+            progress(failed[peer.key])
+
+    for peer in list(live):
+        try:
+            peer.start_conversation("at the warm-up turn")
+            peer.turn([], prompts[0], warm, "at the warm-up turn")
+        except PeerFailedError:
+            drop(peer)
+
+    labels = {key: f"RxT {fmt}" for key, fmt in zip(rxts, formats)}
     labels["baseline"] = "baseline: transformers, history re-read"
-    labels.update({p.key: p.label for p in peers})
+    labels.update({p.key: p.label for p in live})
     runs: dict[str, list[list[TurnRecord]]] = {key: [] for key in labels}
     kv_state: dict[str, dict[str, int]] = {}
     load_start = os.getloadavg()
     for r in range(cfg.repeats):
         stms = {key: m.init_stm(1, torch.Generator().manual_seed(cfg.seed)).to(device) for key, m in rxts.items()}
-        for peer in peers:
-            peer.start_conversation()
+        for peer in list(live):
+            try:
+                peer.start_conversation(f"at the start of repeat {r + 1}")
+            except PeerFailedError:
+                drop(peer)
         history: list[int] = []
         records: dict[str, list[TurnRecord]] = {key: [] for key in labels}
         for t, prompt in enumerate(prompts, start=1):
@@ -344,29 +383,40 @@ def _conversations(
             base, answer = _baseline_turn(llama, context, cfg.answer_tokens, cfg.temperature)
             base.turn = t
             records["baseline"].append(base)
-            for peer in peers:
-                ttft, turn_s, peer_answer = peer.turn(history, prompt, cfg.answer_tokens)
+            for peer in list(live):
+                try:
+                    ttft, turn_s, _ = peer.turn(history, prompt, cfg.answer_tokens, f"at turn {t} of repeat {r + 1}")
+                except PeerFailedError:
+                    drop(peer)
+                    continue
                 rate = (cfg.answer_tokens - 1) / max(turn_s - ttft, 1e-9)
                 records[peer.key].append(TurnRecord(t, ttft, turn_s, rate))
-                peer.end_turn(peer_answer, tokens.eos_id)
             history += [*prompt, *answer, tokens.eos_id]
             if progress:
-                times = ", ".join(f"{labels[k]} {v[-1].turn_s:.3f}s" for k, v in records.items())
+                times = ", ".join(f"{labels[k]} {v[-1].turn_s:.3f}s" for k, v in records.items() if v)
                 progress(f"repeat {r + 1}/{cfg.repeats} turn {t}/{cfg.turns} ({len(context)} tokens): {times}")
         for key, rec_list in records.items():
             runs[key].append(rec_list)
-        for peer in peers:
+        for peer in list(live):
             if peer.mode == "cached":
-                kv_state[peer.key] = {
-                    "state_bytes": peer.model.sequence_state_bytes(),
-                    "cached_tokens": peer.model.n_tokens,
-                }
-    series = {key: _median_records(v) for key, v in runs.items()}
+                try:
+                    kv_state[peer.key] = peer.state()
+                except PeerFailedError:
+                    drop(peer)
+    # A series whose child failed is left out (its turns are incomplete): `failures` says why.
+    gone = set(failed)
+    labels = {key: label for key, label in labels.items() if key not in gone}
+    kv_state = {key: v for key, v in kv_state.items() if key not in gone}
+    series = {key: _median_records(v) for key, v in runs.items() if key not in gone}
     stm = stms["rxt"]
     result: dict[str, Any] = {key: [r.to_dict() for r in recs] for key, recs in series.items()}
     result["series"] = labels
+    result["failures"] = failed
     result["config"] = {
         **asdict(cfg),
+        "weights": formats,
+        "weights_requested": cfg.weights,
+        "decode_kernels": {key: kernel_label(m) for key, m in rxts.items()},
         "dtype": str(model.dtype).removeprefix("torch."),
         "sampling": ("greedy" if cfg.temperature <= 0 else f"temperature {cfg.temperature}") + ", EOS ignored",
         "rxt_active_parameters": model.active_parameter_count(),

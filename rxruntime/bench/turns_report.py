@@ -129,7 +129,8 @@ def describe(result: dict[str, Any]) -> list[str]:
     """The summary in lines of text: per system, then every comparison, then memory."""
     s = result["summary"]
     n = s["turn"]
-    lines = []
+    lines = [weights_line(result)] if "weights" in result.get("config", {}) else []
+    lines += [f"NOT MEASURED: {line}" for line in result.get("failures", {}).values()]
     for row in s["systems"].values():
         r = row["over_rxt"]
         lines.append(
@@ -152,6 +153,17 @@ def describe(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def weights_line(result: dict[str, Any]) -> str:
+    """Which weights and decode step each RxT series ran (``RxT weights: int8 (C step ...)``)."""
+    cfg = result["config"]
+    kernels = cfg.get("decode_kernels", {})
+    keys = [k for k in series_keys(result) if k.startswith("rxt")]
+    parts = [f"{fmt} ({kernels[key]})" if key in kernels else fmt for key, fmt in zip(keys, cfg["weights"])]
+    requested = cfg.get("weights_requested", cfg["weights"])
+    note = " (the engine's default for the device)" if "default" in requested else ""
+    return f"RxT weights: {', '.join(parts)}{note}"
+
+
 def format_table(result: dict[str, Any]) -> Any:
     """A rich Table: one row per turn, RxT's figures, then every other system's turn time and its
     ratio to RxT's (above 1: RxT is faster; ``cached``: llama.cpp's prompt cache kept, ``reread``:
@@ -161,7 +173,12 @@ def format_table(result: dict[str, Any]) -> Any:
     cfg = result["config"]
     table = Table(
         title=f"{cfg['turns']} turns, preset {cfg['preset']}, {cfg['device']} {cfg['dtype']}, "
-        f"{cfg['threads']} threads (query {cfg['query_tokens']}, answer {cfg['answer_tokens']} tokens)"
+        f"{cfg['threads']} threads (query {cfg['query_tokens']}, answer {cfg['answer_tokens']} tokens)",
+        caption="\n".join(
+            ([weights_line(result)] if "weights" in cfg else [])
+            + [f"NOT MEASURED: {line}" for line in result.get("failures", {}).values()]
+        )
+        or None,
     )
     main = _label(result, "rxt")
     for name in ("turn", f"{main} TTFT s", f"{main} tok/s", f"{main} turn s", f"{main} memory update s"):

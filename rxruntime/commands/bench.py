@@ -11,6 +11,9 @@
 * ``rxrt bench replay``: a stateless client through ``/v1/chat/completions``: the history's STM
   from the cache, rebuilt by replay, or a stateless model re-reading it (needs the ``http`` extra).
 
+``turns``, ``decode`` and ``throughput`` run the engine's own default weights for the device
+(``--weights default``: int8 where the C step runs a float32 CPU model, else fp32), what ``rxrt
+chat`` and ``serve`` run, and every report names the weights and the decode step it measured.
 ``overlap`` and ``throughput`` print a table, or JSON with ``--json``; ``--out DIR`` also writes
 ``<name>-<preset>.json``.
 """
@@ -24,6 +27,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from rxruntime.commands import add_model_options
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     d.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     d.add_argument("--top-p", type=float, default=1.0)
     d.add_argument("--compile", action="store_true", help="torch.compile the decode step first (~2 min)")
+    _weights(d)
     d.set_defaults(func=run_decode)
 
     t = sub.add_parser("turns", help="one N-turn conversation: RxT vs a stateless Llama of the same active size")
@@ -53,8 +59,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     t.add_argument(
         "--weights",
         type=_names,
-        default=["fp32"],
-        help="RxT weight formats, comma-separated, one series each: fp32, bf16, int8 (default fp32)",
+        default=["default"],
+        help="RxT weight formats, comma-separated, one series each: fp32, bf16, int8, or default (the "
+        "engine's own for the device: int8 where the C step runs the model on a CPU, else fp32; the default)",
     )
     t.add_argument(
         "--baseline",
@@ -68,6 +75,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=_names,
         default=["f32", "q8_0"],
         help="GGUF weight types for --baseline llamacpp: f32, q8_0 (default both)",
+    )
+    t.add_argument(
+        "--llamacpp-timeout",
+        type=float,
+        default=300.0,
+        help="seconds one command to a llama.cpp child process (load, one turn) may take before that series "
+        "is reported as timed out (default 300)",
     )
     t.add_argument("--out", type=Path, help="directory for turns-<preset>.json and turns-<preset>.png")
     t.add_argument(
@@ -98,6 +112,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--max-batch", type=int, help="decode rows of the engine (default: the largest concurrency, if memory allows)"
     )
     h.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
+    _weights(h)
     h.add_argument("--out", type=Path, help="directory for throughput-<preset>.json")
     h.set_defaults(func=run_throughput)
 
@@ -105,6 +120,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "replay", help="Chat Completions through the HTTP front: cached STM vs replayed history vs a stateless model"
     )
     r.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
+    add_model_options(r)
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     r.add_argument("--seed", type=int, default=0, help="of the stateless model's random weights")
@@ -123,6 +139,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        default="default",
+        help="weight format: fp32, bf16, int8, or default (the engine's own for the device: int8 where the "
+        "C step runs the model on a CPU, else fp32; the default)",
+    )
+
+
 def _threads(args: argparse.Namespace) -> None:
     import torch
 
@@ -137,6 +162,7 @@ def run_decode(args: argparse.Namespace) -> int:
     import torch
 
     from rxruntime.bench import measure_decode
+    from rxruntime.bench.decode import apply_weights, weights_line
     from rxruntime.models import DecodeBatch, RxTModel, SamplingParams, native, preset
     from rxruntime.models.errors import RxTError
 
@@ -145,6 +171,7 @@ def run_decode(args: argparse.Namespace) -> int:
     _threads(args)
     torch.manual_seed(args.seed)
     model = RxTModel(preset(args.preset)).to(args.device).eval()
+    weights = apply_weights(model, args.weights)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     batch = DecodeBatch(model, args.batch_size)
     # The decode steps side by side, repeats interleaved: "torch" is the eager torch step, "C" the
@@ -184,6 +211,8 @@ def run_decode(args: argparse.Namespace) -> int:
     out = {
         **result[default],
         "step": default,
+        "weights": weights,
+        "weights_requested": args.weights,
         "steps_compared": result,
         "batch_size": one.batch_size,  # rows each step decoded (as measure_decode reports it)
         "steps": args.steps,
@@ -203,6 +232,10 @@ def run_decode(args: argparse.Namespace) -> int:
         f"{args.preset} on {args.device} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
         f"{args.repeats} interleaved repeats of {args.steps} steps (load {out['load_average'][0]:.2f})"
         + (f"; compiled in {compile_s:.0f}s" if compile_s is not None else "")
+    )
+    model.native_decode, model._compiled_kernel = kernels[default]
+    print(
+        weights_line(weights, model) + (" (the engine's default for the device)" if args.weights == "default" else "")
     )
     print(f"{'step':<10} {'median tok/s':>13} {'best tok/s':>11} {'vs torch':>9}")
     for name, row in result.items():
@@ -236,6 +269,7 @@ def run_turns(args: argparse.Namespace) -> int:
         weights=args.weights,
         baseline=args.baseline,
         llamacpp_types=args.llamacpp_types,
+        llamacpp_timeout_s=args.llamacpp_timeout,
     )
 
     def progress(line: str) -> None:
@@ -284,7 +318,10 @@ def run_replay(args: argparse.Namespace) -> int:
 
     _threads(args)
     cfg = ReplayConfig(turns=args.turns, repeats=args.repeats, seed=args.seed, device=args.device, model=args.model)
-    result = run(cfg, progress=None if args.json else _progress)
+    from rxruntime.models.checkpoint import load_defaults
+
+    with load_defaults(tokenizer=args.tokenizer, rxlm_version=args.rxlm_version):  # ReplayConfig names the model only
+        result = run(cfg, progress=None if args.json else _progress)
     s = result["summary"]
     note = (
         f"turn {s['turn']}: replaying the history takes {s['replay_over_cached']:.2f}x the cached path, the "
@@ -309,6 +346,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_batch=args.max_batch,
         warmup=not args.no_warmup,
+        weights=args.weights,
     )
     result = run(cfg, progress=None if args.json else _progress)
     limited = [r["conversations"] for r in result["results"] if r["limited"]]

@@ -6,10 +6,13 @@ import argparse
 import os
 from pathlib import Path
 
+from rxruntime.commands import add_model_options
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("chat", help="chat with a model in the terminal")
     p.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
+    add_model_options(p)
     p.add_argument("--preset", help="chat with a randomly initialised preset instead (its answers are noise)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on answer length (default: what fits)")
@@ -62,7 +65,13 @@ def run(args: argparse.Namespace) -> int:
     engine: Engine
     if args.preset is None:
         try:
-            engine = rxruntime.load(args.model, device=args.device, weights=args.weights)
+            engine = rxruntime.load(
+                args.model,
+                device=args.device,
+                weights=args.weights,
+                tokenizer=args.tokenizer,
+                rxlm_version=args.rxlm_version,
+            )
         except MissingCheckpointFileError:
             if args.model != "default" or (default_model_dir() / "config.json").exists():
                 raise

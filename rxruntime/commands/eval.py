@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import Any
 
+from rxruntime.commands import add_model_options
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model")
@@ -20,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="memory retention: recall a fact k = 1..8 turns later, with memory vs STM reset every turn, per split",
     )
     m.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
+    add_model_options(m)
     m.add_argument(
         "--suite",
         choices=("people", "templates"),
@@ -68,7 +71,7 @@ def run_memory(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown split(s) {unknown or args.splits!r}; known: {', '.join(SPLITS)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_pretrained(args.model)
+    model, tokenizer = load_pretrained(args.model, tokenizer=args.tokenizer, rxlm_version=args.rxlm_version)
     assert tokenizer is not None
     from rxruntime.models.quantize import set_weight_format
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from rxruntime.commands import add_model_options
 from rxruntime.commands.stop_signals import StopSignals
 
 if TYPE_CHECKING:
     from rxruntime.engine import Engine
     from rxruntime.serving.zmq.curve import ServerKeys
     from rxruntime.serving.zmq.server import Server
+    from rxruntime.stores import STMStore
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("serve", help="serve a model over zmq (msgpack frames) and/or OpenAI-compatible HTTP")
     p.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
+    add_model_options(p)
     p.add_argument(
         "--bind",
         default=None,
@@ -100,16 +103,13 @@ def run(args: argparse.Namespace) -> int:
 def _run_zmq(args: argparse.Namespace, bind: str) -> int:
     from rich.console import Console
 
-    import rxruntime
     from rxruntime.stores import open_store
 
     console = Console(highlight=False)
     keys = _zmq_keys(args, bind)  # before loading the model
     store = open_store(args.store)
     stop = StopSignals()  # before the server answers anyone: no signal is lost
-    with rxruntime.load(
-        args.model, device=args.device, max_batch=args.max_batch, store=store, weights=args.weights
-    ) as engine:
+    with _load(args, store) as engine:
         server = _zmq_server(engine, args, bind, keys)
         try:  # the server (and its authenticator thread) stops however this ends
             auth = f"CURVE keys from {args.keys}" if keys else "no authentication"
@@ -122,6 +122,21 @@ def _run_zmq(args: argparse.Namespace, bind: str) -> int:
             server.stop()
     store.close()
     return 0
+
+
+def _load(args: argparse.Namespace, store: STMStore | None) -> Engine:
+    """The engine every front serves, from the command line's model options."""
+    import rxruntime
+
+    return rxruntime.load(
+        args.model,
+        device=args.device,
+        max_batch=args.max_batch,
+        store=store,
+        weights=args.weights,
+        tokenizer=args.tokenizer,
+        rxlm_version=args.rxlm_version,
+    )
 
 
 def _zmq_keys(args: argparse.Namespace, bind: str) -> ServerKeys | None:
@@ -156,7 +171,6 @@ def _run_http(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    import rxruntime
     from rxruntime.serving.http.app import create_app
     from rxruntime.serving.http.bearer import KeyRing
     from rxruntime.serving.http.serve import parse_address, serve
@@ -170,9 +184,7 @@ def _run_http(args: argparse.Namespace) -> int:
     zmq_keys = _zmq_keys(args, args.bind) if args.bind else None  # a refused --bind fails before loading
 
     def load() -> Engine:
-        return rxruntime.load(
-            args.model, device=args.device, max_batch=args.max_batch, store=store, weights=args.weights
-        )
+        return _load(args, store)
 
     def on_ready(engine: Engine) -> None:
         where = f"http://{args.http}"
@@ -218,6 +230,11 @@ def _run_ray(args: argparse.Namespace) -> int:
         raise ConfigError("--ray serves HTTP only; the zmq front (--bind) stays single-process: run it without --ray")
     if args.replicas < 1:
         raise ConfigError("--replicas must be at least 1")
+    if args.tokenizer or args.rxlm_version:
+        raise ConfigError(
+            "--ray replicas load --model by itself: write a directory with the tokenizer and the RxLM release's "
+            "numbers first (rxrt convert SRC DST --tokenizer ... --rxlm-version ...) and serve DST"
+        )
     host, port = parse_address(args.http)
     keys = KeyRing.from_file(args.api_key_file, args.api_key) if args.api_key_file else KeyRing(args.api_key)
     try:

