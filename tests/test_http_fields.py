@@ -276,6 +276,7 @@ def test_reasoning_effort_on_a_beta_model_keeps_the_thinking_out_of_the_answer()
     with rxruntime.load(_case(BETA), device="cpu") as beta, served(beta) as (beta_url, _):
         c = client(beta_url)
         messages: Any = [{"role": "user", "content": "Hello"}]
+        high: Any = {"effort": "high"}
         thought = c.chat.completions.create(
             model="rxt", messages=messages, temperature=0, max_tokens=8, reasoning_effort="high"
         )
@@ -293,15 +294,14 @@ def test_reasoning_effort_on_a_beta_model_keeps_the_thinking_out_of_the_answer()
         assert "".join(d.content or "" for d in deltas) == (message.content or "")
         fast = c.chat.completions.create(model="rxt", messages=messages, max_tokens=4, reasoning_effort="low")
         assert "reasoning_content" not in (fast.choices[0].message.model_extra or {})
-        conv = c.conversations.create(extra_body={"seed": 3})  # a starting STM this random model answers from
-        response = c.responses.create(
-            model="rxt",
-            input="Hello",
-            conversation=conv.id,
-            temperature=0,
-            max_output_tokens=8,
-            reasoning={"effort": "high"},
-        )
+        # a starting STM from which this random model thinks at all (some answer [EOS] at once)
+        for seed in range(1, 20):
+            conv = c.conversations.create(extra_body={"seed": seed})
+            response = c.responses.create(
+                model="rxt", input="Hello", conversation=conv.id, temperature=0, max_output_tokens=8, reasoning=high
+            )
+            if response.usage is not None and response.usage.output_tokens:
+                break
         kinds = [item.type for item in response.output]
         assert kinds == ["reasoning", "message"]
         assert response.usage is not None
@@ -311,10 +311,10 @@ def test_reasoning_effort_on_a_beta_model_keeps_the_thinking_out_of_the_answer()
             c.responses.create(
                 model="rxt",
                 input="Hello",
-                conversation=c.conversations.create(extra_body={"seed": 3}).id,
+                conversation=c.conversations.create(extra_body={"seed": seed}).id,
                 temperature=0,
                 max_output_tokens=8,
-                reasoning={"effort": "high"},
+                reasoning=high,
                 stream=True,
             )
         )
