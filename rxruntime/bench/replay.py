@@ -95,7 +95,7 @@ def run_replay(cfg: ReplayConfig, progress: Callable[[str], None] | None = None)
                     records.append(
                         ReplayTurn(
                             turn=t,
-                            query_tokens=int(c_reply["usage"]["prompt_tokens"]),
+                            query_tokens=int(c_reply["usage"]["rxrt"]["query_tokens"]),
                             replayed_tokens=int(r_reply["usage"]["rxrt"]["replayed_tokens"]),
                             stateless_prefill_tokens=len(ids),
                             answer_tokens=int(c_reply["usage"]["completion_tokens"]),
