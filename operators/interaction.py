@@ -29,14 +29,14 @@ import dataclasses
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import reactivex
 from reactivex import Observable, abc
 from reactivex import operators as ops
 from reactivex.disposable import CompositeDisposable, Disposable, SerialDisposable
 
-from rxruntime.backend import AnswerStats, ConversationRef, TurnRequest
+from rxruntime.backend import AnswerStats, Backend, ConversationRef, TurnRequest
 from rxruntime.errors import QueryTooLongError, RxTError
 from rxruntime.events import (
     AnswerCompleted,
@@ -339,31 +339,7 @@ def memory_started(conv: ConversationRef) -> Callable[[Observable[Event]], Obser
 
     def started(answer: AnswerCompleted) -> Observable[Event]:
         def subscribe(observer: abc.ObserverBase[Any]) -> Callable[[], None]:
-            cid = answer.conversation_id
-
-            class Watcher:
-                def on_memory_started(self, turn: int, stm_version: int) -> None:
-                    observer.on_next(MemoryUpdateStarted(conversation_id=cid, turn=turn, stm_version=stm_version))
-                    observer.on_completed()
-
-                def on_memory_updated(
-                    self,
-                    turn: int,
-                    stm_version: int,
-                    duration_s: float,
-                    change: tuple[float, ...] = (),
-                    gate: tuple[float, ...] = (),
-                ) -> None:
-                    observer.on_completed()  # only reached if the start was already reported
-
-                def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None:
-                    observer.on_next(failed(answer, exc, "memory", stm_version))
-                    observer.on_error(exc)
-
-                def on_memory_skipped(self, turn: int) -> None:
-                    observer.on_completed()
-
-            return backend.watch_memory(cid, answer.turn, Watcher())
+            return _watch_memory(backend, answer, observer, report="started")
 
         return reactivex.concat(reactivex.of(answer), create(subscribe))
 
@@ -390,31 +366,7 @@ def memory_updated(conv: ConversationRef) -> Callable[[Observable[Event]], Obser
 
     def committed(start: MemoryUpdateStarted) -> Observable[Event]:
         def subscribe(observer: abc.ObserverBase[Any]) -> Callable[[], None]:
-            cid = start.conversation_id
-
-            class Watcher:
-                def on_memory_started(self, turn: int, stm_version: int) -> None:
-                    pass
-
-                def on_memory_updated(
-                    self,
-                    turn: int,
-                    stm_version: int,
-                    duration_s: float,
-                    change: tuple[float, ...] = (),
-                    gate: tuple[float, ...] = (),
-                ) -> None:
-                    observer.on_next(MemoryUpdated(cid, turn, stm_version, duration_s, change, gate))
-                    observer.on_completed()
-
-                def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None:
-                    observer.on_next(failed(start, exc, "memory", stm_version))
-                    observer.on_error(exc)
-
-                def on_memory_skipped(self, turn: int) -> None:
-                    observer.on_completed()
-
-            return backend.watch_memory(cid, start.turn, Watcher())
+            return _watch_memory(backend, start, observer, report="updated")
 
         return reactivex.concat(reactivex.of(start), create(subscribe))
 
@@ -425,6 +377,42 @@ def memory_updated(conv: ConversationRef) -> Callable[[Observable[Event]], Obser
 
 
 # ---------------------------------------------------------------------- plumbing
+def _watch_memory(
+    backend: Backend, source: Event, observer: abc.ObserverBase[Any], report: Literal["started", "updated"]
+) -> Callable[[], None]:
+    """Watch the engine's memory stage for ``source``'s turn and report one end of it to
+    ``observer`` (``MemoryUpdateStarted`` or ``MemoryUpdated``), then complete; a failure is
+    ``InteractionFailed`` (stage ``memory``) and the error, a skipped update just completes."""
+    cid = source.conversation_id
+
+    class Watcher:
+        def on_memory_started(self, turn: int, stm_version: int) -> None:
+            if report == "started":
+                observer.on_next(MemoryUpdateStarted(conversation_id=cid, turn=turn, stm_version=stm_version))
+                observer.on_completed()
+
+        def on_memory_updated(
+            self,
+            turn: int,
+            stm_version: int,
+            duration_s: float,
+            change: tuple[float, ...] = (),
+            gate: tuple[float, ...] = (),
+        ) -> None:
+            if report == "updated":
+                observer.on_next(MemoryUpdated(cid, turn, stm_version, duration_s, change, gate))
+            observer.on_completed()  # "started": only reached if the start was already reported
+
+        def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None:
+            observer.on_next(failed(source, exc, "memory", stm_version))
+            observer.on_error(exc)
+
+        def on_memory_skipped(self, turn: int) -> None:
+            observer.on_completed()
+
+    return backend.watch_memory(cid, source.turn, Watcher())
+
+
 def failed(event_source: Event, exc: Exception, stage: str, stm_version: int) -> InteractionFailed:
     return InteractionFailed(
         conversation_id=event_source.conversation_id,
