@@ -145,13 +145,12 @@ def read_gguf(path: str | Path, tensors: bool = True) -> GGUFBackbone:
 
 
 def unpermute_rope_rows(weight: Tensor, heads: int) -> Tensor:
-    """Undo llama.cpp's per-head row permutation of a query/key projection (out, in).
+    """Undo llama.cpp's per-head row permutation of a query/key projection (out, ...).
 
     The converter reorders each head's rows from [first half | second half] to interleaved pairs
     (row ``2i`` from ``i``, row ``2i+1`` from ``i + d/2``); this puts them back."""
-    out, cols = weight.shape
-    half = out // heads // 2
-    return weight.reshape(heads, half, 2, cols).transpose(1, 2).reshape(out, cols)
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 # ---------------------------------------------------------------------- tokenizer

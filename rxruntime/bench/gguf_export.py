@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rxruntime.models.backbone_gguf import unpermute_rope_rows
+
 GGUF_TYPES = ("f32", "q8_0")
 """GGUF weight types the benchmark runs: the exported float32 file and llama.cpp's 8-bit copy."""
 FFN_MULTIPLE = 32
@@ -48,9 +50,9 @@ def permute_qk(weight: Tensor, n_heads: int) -> Tensor:
 
 
 def unpermute_qk(weight: Tensor, n_heads: int) -> Tensor:
-    """The inverse of :func:`permute_qk`: llama.cpp's Q or K rows back in HF's order."""
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    """The inverse of :func:`permute_qk`: llama.cpp's Q or K rows back in HF's order (the GGUF
+    backbone reader's own inverse, :func:`rxruntime.models.backbone_gguf.unpermute_rope_rows`)."""
+    return unpermute_rope_rows(weight, n_heads)
 
 
 _LAYER_NAMES = {
