@@ -292,7 +292,7 @@ class Waker:
         try:
             self._call_soon = asyncio.get_running_loop().call_soon_threadsafe
         except RuntimeError:  # not asyncio: trio (anyio's other backend)
-            import trio  # type: ignore[import-not-found]
+            import trio  # type: ignore[import-not-found,unused-ignore]  # selenium (test extra) installs it
 
             self._call_soon = trio.lowlevel.current_trio_token().run_sync_soon
 

@@ -104,6 +104,8 @@ def test_wheel_carries_the_default_model_the_recipes_and_the_c_step(wheel: Path)
     assert not any(n.startswith("rxruntime/models/recipes/") for n in names)  # recipes moved with training
     assert "rxruntime/models/csrc/decode_step.c" in names  # built on first use (models/native.py)
     assert "rxruntime/serving/ray/config.yaml" in names  # `serve run` / `serve deploy` take it from the package
+    for name in ("index.html", "app.js", "style.css"):  # the chat page `rxrt serve --http` serves at /
+        assert f"rxruntime/serving/http/web/{name}" in names
 
 
 def test_installed_wheel_is_not_shadowed_by_a_users_models_module(wheel: Path, tmp_path: Path) -> None:

@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         help="HTTP: a bearer key /metrics requires (repeatable; none: /metrics is open, /v1 keys still guard /v1)",
     )
+    p.add_argument(
+        "--no-ui",
+        dest="ui",
+        action="store_false",
+        help="HTTP: do not serve the chat page at / (the API alone; docs/http.md, 'The page')",
+    )
     p.add_argument("--model-name", default="rxt", help="HTTP: the model id /v1/models lists (default %(default)s)")
     p.add_argument(
         "--store",
@@ -192,6 +198,8 @@ def _run_http(args: argparse.Namespace) -> int:
             zmq["server"] = _zmq_server(engine, args, args.bind, zmq_keys)
             where += f" and {zmq['server'].endpoint}"
         auth = f"{'keys required' if keys.enabled else 'no API key'}"
+        if args.ui:
+            auth += f" · chat page at http://{args.http}/"
         console.print(f"rxrt serve: {where} · store {args.store} · device {engine.device} · {auth} · Ctrl-C stops")
 
     def on_shutdown() -> None:
@@ -205,6 +213,7 @@ def _run_http(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_message_bytes,
         cors_origins=args.cors_origin,
         metrics_keys=args.metrics_key,
+        ui=args.ui,
         on_ready=on_ready,
         on_shutdown=on_shutdown,
     )
@@ -258,6 +267,7 @@ def _run_ray(args: argparse.Namespace) -> int:
         api_keys=list(keys.keys),
         model_name=args.model_name,
         lease_ttl_s=args.lease_ttl,
+        ui=args.ui,
     )
     stop = StopSignals()
     run(app, host, port)

@@ -6,9 +6,10 @@ rxruntime's public API (``Engine.conversation``, ``Conversation.astream`` / ``re
 ``delete``).
 
 Every ``/v1`` route checks the API key when keys are configured; ``/health`` is open, and
-``/metrics`` is open unless metrics keys are given (scrapers rarely hold an API key). Every error
-is OpenAI's error object with the matching status (``http/errors.py``). CORS is off unless
-origins are given. See docs/http.md.
+``/metrics`` is open unless metrics keys are given (scrapers rarely hold an API key). The chat page
+(``/`` and ``/ui/...``, ``routes/page.py``) is open too: it holds nothing, and its API calls carry
+the key a person types in; ``ui=False`` leaves it out. Every error is OpenAI's error object with
+the matching status (``http/errors.py``). CORS is off unless origins are given. See docs/http.md.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from rxruntime.serving.http.errors import APIError, not_found
 from rxruntime.serving.http.history_cache import HistoryCache
 from rxruntime.serving.http.metrics import Metrics
 from rxruntime.serving.http.registry import CONVERSATION_HEADER, ConversationTable, Registry
+from rxruntime.serving.http.routes import page
 from rxruntime.serving.http.routes.chat_completions import create_chat_completion
 from rxruntime.serving.http.routes.completions import create_completion
 from rxruntime.serving.http.routes.conversations import (
@@ -68,6 +70,7 @@ def create_app(
     history_cache: HistoryCache | None = None,
     cors_origins: Iterable[str] = (),
     metrics_keys: Iterable[str] = (),
+    ui: bool = True,
 ) -> Starlette:
     """An ASGI app serving ``engine`` (or the engine ``engine()`` loads once the app starts).
 
@@ -78,6 +81,7 @@ def create_app(
     An engine the app loads itself is closed at shutdown; a given one only with ``owns_engine=True``.
     ``shared`` and ``history_cache`` replace the per-process conversation table and chat history
     cache with shared ones (Redis, under Ray: ``ray/replica.py``); by default both live in the process.
+    ``ui``: serve the chat page at ``/`` (docs/http.md, "The page").
     """
     slot = EngineSlot(engine, owns_engine=owns_engine)
     if on_ready is not None:
@@ -129,6 +133,11 @@ def create_app(
         route("/v1/conversations/{conversation_id}", update_conversation, ["POST"]),
         route("/v1/conversations/{conversation_id}", delete_conversation, ["DELETE"]),
     ]
+    if ui:
+        routes += [
+            route("/", page.index, ["GET"], public=True),
+            route("/ui/{name}", page.asset, ["GET"], public=True),
+        ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

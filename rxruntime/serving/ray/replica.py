@@ -61,6 +61,7 @@ class EngineReplica:
         lease_wait_s: float = 60.0,
         max_open_conversations: int = MAX_WARM,
         history_cache_size: int = 512,
+        ui: bool = True,
     ) -> None:
         import rxruntime
         from rxruntime.serving.http.app import context_of, create_app
@@ -85,6 +86,7 @@ class EngineReplica:
             max_open_conversations=max_open_conversations,
             shared=SharedConversations(client),
             history_cache=SharedHistoryCache(client, history_cache_size),
+            ui=ui,
         )
         self._ctx = context_of(self._app)
         self._ctx.metrics.registry.register(self._affinity)
