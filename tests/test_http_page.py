@@ -69,3 +69,10 @@ def test_no_ui_leaves_the_api_alone(engine: Engine) -> None:
         assert _get(f"{url}/")[0] == 404
         assert _get(f"{url}/ui/app.js")[0] == 404
         assert _get(f"{url}/v1/models")[0] == 200
+
+
+def test_serve_takes_no_ui() -> None:
+    from rxruntime.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--http", "127.0.0.1:8000"]).ui is True
+    assert build_parser().parse_args(["serve", "--http", "127.0.0.1:8000", "--no-ui"]).ui is False

@@ -114,16 +114,23 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
 
 
 # Records every text the streaming answer shows, one per DOM change, so a test sees it grow even
-# when several deltas arrive in one network read. (The page replaces the text node at each delta.)
+# when several deltas arrive in one network read (the page replaces the text node at each delta),
+# and every state a turn's memory line goes through.
 _WATCH = """
 window.__shown = [];
+window.__memory = [];
 new MutationObserver((records) => {
   for (const r of records) {
-    if (r.target.classList && r.target.classList.contains('text') && r.addedNodes.length) {
-      window.__shown.push({turn: r.target.parentElement.dataset.turn, text: r.addedNodes[0].textContent});
+    const turn = r.target.parentElement && r.target.parentElement.dataset.turn;
+    if (r.type === 'childList' && r.target.classList.contains('text') && r.addedNodes.length) {
+      window.__shown.push({turn, text: r.addedNodes[0].textContent});
+    } else if (r.type === 'attributes' && r.target.classList.contains('memory')) {
+      window.__memory.push({turn, state: r.target.dataset.state});
     }
   }
-}).observe(document.getElementById('transcript'), {childList: true, subtree: true});
+}).observe(document.getElementById('transcript'), {
+  childList: true, subtree: true, attributes: true, attributeFilter: ['data-state'],
+});
 """
 
 
@@ -152,6 +159,8 @@ def _turn(browser: WebDriver, number: int, text: str, submit_with_enter: bool) -
     memory = f"{item}.querySelector('.memory')"
     _wait(browser, f"turn {number}'s memory update committed", f"{memory}.dataset.state === 'committed'")
     assert "committed" in browser.execute_script(f"return {memory}.textContent")
+    states = browser.execute_script(f"return window.__memory.filter(m => m.turn === '{number}').map(m => m.state)")
+    assert states == ["started", "committed"]  # shown as it starts, then as it commits
     answer = str(browser.execute_script(f"return {item}.querySelector('.text').textContent"))
     shown = browser.execute_script(f"return window.__shown.filter(s => s.turn === '{number}').map(s => s.text)")
     return answer, [str(s) for s in shown]
@@ -217,10 +226,7 @@ def test_two_turns_stream_and_the_memory_fills_the_heatmap(server: str, browser:
         )
         assert reply.output_text == seen
 
-
-def test_a_new_conversation_clears_the_page(server: str, browser: WebDriver) -> None:
-    from selenium.webdriver.common.by import By
-
+    # "New conversation" starts over: the transcript and the heatmap are cleared
     browser.find_element(By.ID, "new").click()
     assert browser.execute_script("return document.querySelectorAll('#transcript li').length") == 0
     assert _heatmap(browser) == ([], [])
