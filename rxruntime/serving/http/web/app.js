@@ -134,7 +134,7 @@ async function send(text) {
   memory.className = "memory";
   memory.setAttribute("aria-live", "polite");
   item.append(memory);
-  const turn = ++state.turns;
+  const turn = state.turns + 1; // counted once the server has taken it: a refused query is no turn
   item.dataset.turn = String(turn);
 
   const body = { model: state.model, input: text, conversation: state.conversation, stream: true };
@@ -143,6 +143,7 @@ async function send(text) {
   if (temperature !== undefined) body.temperature = temperature;
   if (maxTokens !== undefined) body.max_output_tokens = maxTokens;
   const response = await call("POST", "/v1/responses", body);
+  state.turns = turn;
   for await (const ev of events(response)) {
     if (ev.type === "response.output_text.delta") {
       answer.textContent += ev.delta;
