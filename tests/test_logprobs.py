@@ -28,6 +28,8 @@ from rxruntime.errors import InvalidOptionError
 from rxruntime.events import QueryReceived, Token, TokenLogprob
 from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, SamplingParams, generation, native
 from rxruntime.models.sampler import token_logprobs
+from rxruntime.serving.client import Client
+from rxruntime.serving.zmq.server import Server
 
 from .conftest import tiny_model
 from .engine_util import collect, in_one_prefill, teacher_forced_logprobs
@@ -214,6 +216,23 @@ def test_token_logprobs_survive_the_wire() -> None:
     bad = {**token.to_dict(), "logprobs": [[5, "a"]]}
     with pytest.raises(ValueError, match="logprob"):
         events.unpack(msgpack.packb(bad))
+
+
+def test_a_remote_conversation_gets_the_same_logprobs_over_zmq(engine: Engine) -> None:
+    server = Server(engine, "tcp://127.0.0.1:*").start()
+    client = Client(server.endpoint, timeout=30)
+    try:
+        remote = client.open()
+        stm = engine.snapshot(remote.id)[0]
+        got, error = collect(remote.interact(QUERY, logprobs=2, max_new_tokens=8), timeout=60)
+    finally:
+        client.close()
+        server.stop()
+    assert error is None, error
+    tokens = [e for e in got if isinstance(e, Token)]
+    prompt = next(e for e in got if isinstance(e, QueryReceived)).token_ids
+    assert tokens and all(len(t.logprobs) == 1 for t in tokens)
+    _check_against_model(engine, stm, list(prompt), tokens, 2)
 
 
 def test_a_slow_consumer_gets_every_tokens_logprob_in_merged_tokens() -> None:
