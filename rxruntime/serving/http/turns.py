@@ -16,11 +16,12 @@ this turn's. A ``thinking_mode="extended"`` turn's tokens before the model's ``[
 :class:`Reasoning` pieces, never mixed into the answer's text.
 
 With the ``logprobs`` option each answer ``Token`` carries its tokens' log-probabilities. Under a
-stop sequence a token is reported only once the text it starts at has been shown: a token held
-back in the matcher waits, and at a match only the tokens that start before the cut are
-reported (the one the stop sequence begins in, and any after it, never are unless part of it was
-shown). The yielded ``Token.logprobs`` are the entries released at that point; ``offsets`` says
-where each released token's text starts in the answer.
+stop sequence a token is reported only once its text has been shown: while the matcher holds it
+back it waits, and at a match the tokens that start before the cut are reported (one that the
+cut falls inside too: part of it was shown) and those that start at or after it never are. The
+yielded ``Token.logprobs`` are the entries released at that point, and ``offsets`` says where
+each reported token's text starts in the answer (tokens that a slow reader got merged into one
+event share its start).
 
 Streamed, a turn goes out as server-sent events (``sse``, ``sse_response``): a few lines of our
 own rather than a dependency. An event is ``event: NAME`` (optional) and one ``data:`` line of
