@@ -21,18 +21,22 @@ from torch import Tensor
 
 from .cache import KVCache
 from .rxt import RxTModel
-from .sampler import BatchSampler, SamplingParams
+from .sampler import BatchSampler, SamplingParams, StepLogprobs, token_logprobs
 
 
 @dataclass
 class JoinRequest:
-    """One conversation entering the batch: its prompt ids and its STM (L, S, D)."""
+    """One conversation entering the batch: its prompt ids and its STM (L, S, D).
+
+    ``logprobs``: report each sampled token's log-probability and this many alternatives
+    (0: the chosen token's alone); None reports nothing and costs nothing."""
 
     key: Hashable
     prompt: Sequence[int]
     stm: Tensor
     params: SamplingParams
     seed: int
+    logprobs: int | None = None
 
 
 class DecodeBatch:
@@ -60,6 +64,9 @@ class DecodeBatch:
         # Rows of the last join/step that produced no token (-1): their sampler raised (the error
         # is kept here) or their logits were not finite. The caller leaves them; others go on.
         self.failed: dict[Hashable, BaseException] = {}
+        # Log-probabilities of the last join/step's tokens, for the rows that asked (JoinRequest.logprobs).
+        self.logprobs: dict[Hashable, StepLogprobs] = {}
+        self._asks: list[int | None] = [None] * capacity  # per row: JoinRequest.logprobs
         # Host copy of next_position: the end-of-cache check needs no device read (a GPU sync).
         self._host_position = [0] * capacity
         # Views of rows 0..n-1, made once per n: the buffers never move.
@@ -133,9 +140,12 @@ class DecodeBatch:
         logits = self.model.prefill(ids, lengths, self._memory_kv(start, stop), self.cache.view(start, stop))
         for i, r in enumerate(requests):
             self.sampler.set_row(start + i, r.params, r.seed)
+            self._asks[start + i] = r.logprobs
         self.counter[start:stop] = 0
         self.failed = {}
-        first = self._sample(logits, self.counter[start:stop], start, stop, [r.key for r in requests])
+        keys = [r.key for r in requests]
+        first = self._sample(logits, self.counter[start:stop], start, stop, keys)
+        self.logprobs = self._logprobs(logits, first, start, stop, keys)
         self.next_token[start:stop] = first
         self.next_position[start:stop] = lengths
         self.counter[start:stop] = 1
@@ -159,6 +169,7 @@ class DecodeBatch:
         logits = self.model.decode_step(self.next_token[:n], positions, views[0], views[1])
         self.failed = {}
         tokens = self._sample(logits, counter, 0, n, self.keys)
+        self.logprobs = self._logprobs(logits, tokens, 0, n, self.keys)
         self.next_token[:n] = tokens
         positions += 1
         counter += 1
@@ -185,6 +196,29 @@ class DecodeBatch:
         # would need magnitudes near 1e34 to overflow it): one pass, 7x cheaper than isfinite().all().
         return torch.where(torch.isfinite(logits.sum(dim=-1)), tokens, -1)
 
+    def _logprobs(
+        self, logits: Tensor, tokens: Tensor, start: int, stop: int, keys: Sequence[Hashable]
+    ) -> dict[Hashable, StepLogprobs]:
+        """Log-probabilities for the rows ``start:stop`` that asked for them: only those rows'
+        logits go through ``log_softmax``, so a batch where no row asks pays nothing."""
+        asks = self._asks[start:stop]
+        rows = [i for i, k in enumerate(asks) if k is not None]
+        if not rows:
+            return {}
+        k = max(int(asks[i] or 0) for i in rows)
+        if len(rows) < stop - start:
+            index = torch.tensor(rows, device=logits.device)
+            logits, tokens = logits.index_select(0, index), tokens.index_select(0, index)
+        chosen, values, ids = token_logprobs(logits, tokens, k)
+        chosen_l, values_l, ids_l, tokens_l = chosen.tolist(), values.tolist(), ids.tolist(), tokens.tolist()
+        out: dict[Hashable, StepLogprobs] = {}
+        for j, i in enumerate(rows):
+            if tokens_l[j] < 0:  # this row failed: no token, nothing to report
+                continue
+            n = int(asks[i] or 0)
+            out[keys[i]] = StepLogprobs(chosen_l[j], tuple(zip(ids_l[j][:n], values_l[j][:n])))
+        return out
+
     def leave(self, key: Hashable) -> None:
         """Free a row; the last row moves into it so active rows stay contiguous."""
         row = self.keys.index(key)
@@ -195,6 +229,7 @@ class DecodeBatch:
                 k[row] = k[last]
                 v[row] = v[last]
             self.sampler.copy_row(last, row)
+            self._asks[row] = self._asks[last]
             for t in (self.next_position, self.next_token, self.counter):
                 t[row] = t[last]
             self.keys[row] = self.keys[last]

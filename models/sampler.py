@@ -196,6 +196,30 @@ def _sample_filtered_by_rejection(scaled: Tensor, top_k: Tensor, top_p: Tensor, 
     return choice
 
 
+@dataclass(frozen=True)
+class StepLogprobs:
+    """One row's step: the chosen token's log-probability and the ``k`` most probable tokens as
+    ``(id, logprob)``, best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Under the model's own distribution, ``log_softmax(logits)`` in float32: the log-probability
+    of each row's ``tokens`` (B,), and the ``k`` largest log-probabilities (B, k) with their ids
+    (B, k), sorted best first.
+
+    Temperature, top-k and top-p shape which token is drawn, not what is reported: the raw
+    distribution is what vLLM v1 reports by default, and the only one that stays meaningful for a
+    greedy turn (after temperature 0 every token but one would have ``-inf``).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens.clamp_min(0)[:, None])[:, 0]
+    top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return chosen, top.values, top.indices
+
+
 class BatchSampler:
     """Per-row sampling settings of a decode batch, kept on the device between steps."""
 

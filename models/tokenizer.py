@@ -32,6 +32,8 @@ class RxTokenizer:
         ``as_written`` (with ``special``): keep the file's byte-level prefix space, as RxLM's
         transformers 5 wrapper does (``tokenizer_template='rxlm-as-written'``)."""
         self.tokenizer = tokenizer
+        self._bytes_cache: dict[int, bytes] = {}
+        self._byte_alphabet: dict[str, int] | None = None  # byte-level BPE's symbol -> byte, built on first use
         self.interaction_template: InteractionTemplate = "alpha"
         self.system_prompt_title = "SYSTEM INSTRUCTIONS"
         self._chatml = _ChatML([], [], [])
@@ -113,6 +115,36 @@ class RxTokenizer:
     def token_text(self, token_id: int) -> str:
         """The raw piece of one token (for debugging; streaming uses IncrementalDecoder)."""
         return str(self.tokenizer.id_to_token(token_id))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a special token: its name), alone, for log-probability
+        reports: byte-level BPE pieces map back through the byte alphabet, ``<0xNN>`` byte
+        tokens to their byte, other pieces to their UTF-8 text (a word-start marker as a space)."""
+        cached = self._bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            raise TokenizerError(f"token id {token_id} is not in the vocabulary")
+        piece = str(piece)
+        if self._byte_alphabet is None:
+            self._byte_alphabet = _unicode_to_bytes() if _byte_level(self.tokenizer.pre_tokenizer) else {}
+        alphabet = self._byte_alphabet
+        if token_id in self._special_ids:
+            out = piece.encode()
+        elif alphabet and all(c in alphabet for c in piece):
+            out = bytes(alphabet[c] for c in piece)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out = bytes([int(piece[3:5], 16)])
+        else:
+            out = piece.replace("\u2581", " ").encode()
+        self._bytes_cache[token_id] = out
+        return out
+
+    def token_piece(self, token_id: int) -> str:
+        """One token's own text: :meth:`token_bytes` as UTF-8, U+FFFD for bytes of a character
+        that the token only starts or ends."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     # ------------------------------------------------------------------ template
     def use_template(self, config: RxTConfig) -> None:
@@ -243,6 +275,18 @@ def _byte_level(pre: pre_tokenizers.PreTokenizer | None) -> bool:
         return state.get("type") == "ByteLevel" or any(nested)
 
     return walk(json.loads(pre.__getstate__()))
+
+
+def _unicode_to_bytes() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): the printable symbol each byte is written as -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    symbols = dict(zip(printable, printable))
+    extra = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = 256 + extra
+            extra += 1
+    return {chr(code): b for b, code in symbols.items()}
 
 
 class IncrementalDecoder:

@@ -47,6 +47,7 @@ from rxruntime.events import (
     MemoryUpdateStarted,
     QueryReceived,
     Token,
+    TokenLogprob,
 )
 from rxruntime.models.config import ThinkingMode
 from rxruntime.models.sampler import SamplingParams
@@ -67,6 +68,7 @@ def interaction(
     max_new_tokens: int | None = None,
     remember_partial: bool = False,
     thinking_mode: str | None = None,
+    logprobs: int | None = None,
 ) -> Callable[[Observable[Query]], Observable[Event]]:
     """Queries -> every event of every turn, one turn at a time.
 
@@ -84,6 +86,7 @@ def interaction(
             "max_new_tokens": max_new_tokens,
             "remember_partial": remember_partial,
             "thinking_mode": thinking_mode,
+            "logprobs": logprobs,
         },
         conv.backend.tokenizer.interaction_template,
     )
@@ -102,6 +105,7 @@ def turn_pipeline(conv: ConversationRef, options: TurnOptions) -> Callable[[Obse
                 max_new_tokens=options.max_new_tokens,
                 remember_partial=options.remember_partial,
                 remember=options.remember,
+                logprobs=options.logprobs,
             ),
             detokenize(conv.backend.tokenizer),
             memory_started(conv),
@@ -201,6 +205,7 @@ def generate(
     max_new_tokens: int | None = None,
     remember_partial: bool = False,
     remember: bool = True,
+    logprobs: int | None = None,
 ) -> Callable[[Observable[Event]], Observable[Event]]:
     """``QueryReceived`` -> the query, then ``Token`` events, then ``AnswerCompleted``.
 
@@ -213,7 +218,9 @@ def generate(
     partial answer is not written to memory unless ``remember_partial=True`` (then
     ``AnswerCompleted`` is not emitted to the disposed subscriber, but the memory update runs).
     ``remember=False`` writes no answer to memory at all: the caller memorizes the text it chose
-    to show (the HTTP front after a stop sequence).
+    to show (the HTTP front after a stop sequence). ``logprobs=k`` (0 to 20) gives each ``Token``
+    its log-probability and the ``k`` most probable alternatives (``Token.logprobs``); the engine
+    computes them only for turns that ask.
 
     Marble (``T`` = Token, ``A`` = AnswerCompleted)::
 
@@ -227,9 +234,16 @@ def generate(
             cid, turn = query.conversation_id, query.turn
 
             class Listener:
-                def on_token(self, token_id: int, position: int) -> None:
+                def on_token(self, token_id: int, position: int, logprobs: TokenLogprob | None = None) -> None:
                     observer.on_next(
-                        Token(conversation_id=cid, turn=turn, token_id=token_id, text="", position=position)
+                        Token(
+                            conversation_id=cid,
+                            turn=turn,
+                            token_id=token_id,
+                            text="",
+                            position=position,
+                            logprobs=() if logprobs is None else (logprobs,),
+                        )
                     )
 
                 def on_answer(
@@ -262,6 +276,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 remember_partial=remember_partial,
                 remember=remember,
+                logprobs=logprobs,
             )
             return backend.start_turn(request, Listener())
 
@@ -286,7 +301,8 @@ def detokenize(tokenizer: RxTokenizer) -> Callable[[Observable[Event]], Observab
     carries the whole character. ``AnswerCompleted.text`` is exactly the concatenation of the
     turn's token texts: the decode of all the answer's ids, less a character cut off by the
     length limit (its bytes cannot form text; its ids stay in ``token_ids``). State is kept per
-    subscription and per turn.
+    subscription and per turn. Log-probability entries (``Token.logprobs``) get each token's own
+    text (``RxTokenizer.token_piece``).
 
     Marble (token ids of "é" split in two bytes)::
 
@@ -304,7 +320,10 @@ def detokenize(tokenizer: RxTokenizer) -> Callable[[Observable[Event]], Observab
                     decoder = decoders.get(key)
                     if decoder is None:
                         decoder = decoders[key] = tokenizer.incremental_decoder()
-                    return dataclasses.replace(event, text=decoder.push(event.token_id))
+                    text = decoder.push(event.token_id)
+                    if event.logprobs:
+                        return dataclasses.replace(event, text=text, logprobs=_named(tokenizer, event.logprobs))
+                    return dataclasses.replace(event, text=text)
                 if isinstance(event, AnswerCompleted):
                     text = tokenizer.decode(event.token_ids)
                     held = decoder.flush() if (decoder := decoders.pop(key, None)) else ""
@@ -318,6 +337,16 @@ def detokenize(tokenizer: RxTokenizer) -> Callable[[Observable[Event]], Observab
         return reactivex.defer(lambda _: per_subscription())
 
     return operator
+
+
+def _named(tokenizer: RxTokenizer, entries: tuple[TokenLogprob, ...]) -> tuple[TokenLogprob, ...]:
+    """Log-probability entries with each token's own text filled in."""
+
+    def name(entry: TokenLogprob) -> TokenLogprob:
+        top = tuple(name(t) for t in entry.top)
+        return TokenLogprob(entry.token_id, tokenizer.token_piece(entry.token_id), entry.logprob, top)
+
+    return tuple(name(e) for e in entries)
 
 
 # ---------------------------------------------------------------------- the memory stage (views)

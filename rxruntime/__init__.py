@@ -40,6 +40,7 @@ from rxruntime.events import (
     MemoryUpdateStarted,
     QueryReceived,
     Token,
+    TokenLogprob,
 )
 from rxruntime.models.quantize import WeightFormat
 from rxruntime.models.sampler import SamplingParams
@@ -123,6 +124,7 @@ __all__ = [
     "SamplingParams",
     "StreamOverflowError",
     "Token",
+    "TokenLogprob",
     "events",
     "load",
 ]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from rxruntime.events import FinishReason
+from rxruntime.events import FinishReason, TokenLogprob
 from rxruntime.models.sampler import SamplingParams
 from rxruntime.models.tokenizer import RxTokenizer
 
@@ -32,6 +32,7 @@ class TurnRequest:
     max_new_tokens: int | None = None
     remember_partial: bool = False
     remember: bool = True  # False: no memory update at all (the caller memorizes the text it showed)
+    logprobs: int | None = None  # alternatives to report per token (0: the chosen one's); None: nothing
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class AnswerStats:
 class TurnListener(Protocol):
     """Decode-stage callbacks of one turn, delivered in order on the conversation's mailbox."""
 
-    def on_token(self, token_id: int, position: int) -> None: ...
+    def on_token(self, token_id: int, position: int, logprobs: TokenLogprob | None = None) -> None:
+        """A sampled token; ``logprobs`` (texts empty: ``detokenize`` fills them) when the turn asked."""
 
     def on_answer(self, token_ids: tuple[int, ...], finish_reason: FinishReason, stats: AnswerStats) -> None: ...
 

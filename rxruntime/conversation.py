@@ -185,7 +185,9 @@ class Conversation(TurnMethods):
         Options: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``max_new_tokens``,
         ``remember_partial`` (write a cancelled turn's partial answer to memory; default False),
         ``remember`` (False: write no answer to memory, the caller ``memorize``s its own text),
-        ``thinking_mode`` (``fast`` or, for a ``beta`` model, ``extended``: see docs/models.md).
+        ``thinking_mode`` (``fast`` or, for a ``beta`` model, ``extended``: see docs/models.md),
+        ``logprobs`` (0 to 20: each ``Token`` carries its log-probability and that many
+        alternatives, ``Token.logprobs``; None, the default, reports nothing and costs nothing).
         Each is checked here: a bad name or value raises InvalidOptionError naming it.
         """
         checked = check_options(
@@ -313,9 +315,10 @@ class EventBuffer:
     buffer never blocks the producer and never grows without bound:
 
     * ``overflow="coalesce"`` (default): when ``size`` events are waiting, a new ``Token`` is merged
-      into the newest waiting ``Token`` of the same turn (texts concatenated, ``count`` summed), so a
-      slow consumer receives fewer, larger pieces but every character, in order. Other events are
-      never dropped or merged (at most a few per turn).
+      into the newest waiting ``Token`` of the same turn (texts and ``logprobs`` concatenated,
+      ``count`` summed), so a slow consumer receives fewer, larger pieces but every character (and
+      every token's log-probability), in order. Other events are never dropped or merged (at most a
+      few per turn).
     * ``overflow="error"``: the consumer gets :class:`~rxruntime.errors.StreamOverflowError` once the
       waiting events are drained, and the turn is cancelled.
 
@@ -347,7 +350,10 @@ class EventBuffer:
                 last = self._items[-1] if self._items else None
                 if self._overflow == "coalesce" and isinstance(last, Token) and last.turn == event.turn:
                     self._items[-1] = dataclasses.replace(
-                        event, text=last.text + event.text, count=last.count + event.count
+                        event,
+                        text=last.text + event.text,
+                        count=last.count + event.count,
+                        logprobs=last.logprobs + event.logprobs,
                     )
                     self.merged += event.count
                 elif self._overflow == "error":

@@ -42,7 +42,7 @@ class EventBase:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key, value in data.items():
             if isinstance(value, tuple):
-                data[key] = list(value)
+                data[key] = [v.to_list() if isinstance(v, TokenLogprob) else v for v in value]
         return {"type": self.type_name, **data}
 
 
@@ -56,6 +56,33 @@ class QueryReceived(EventBase):
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log-probability under the model at one answer position.
+
+    ``logprob`` is ``log_softmax`` of the model's raw logits (before temperature, top-k and
+    top-p: docs/api.md says why). ``text`` is the token's own text (its bytes as UTF-8, U+FFFD
+    for bytes of a character it only starts or ends; a special token's name). On a
+    ``Token`` event's entry, ``top`` holds the most probable tokens at that position, best first.
+    """
+
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+    def to_list(self) -> list[Any]:
+        """The wire form: ``[token_id, text, logprob, [top entries...]]``."""
+        return [self.token_id, self.text, self.logprob, [t.to_list() for t in self.top]]
+
+    @classmethod
+    def from_list(cls, data: Any) -> TokenLogprob:
+        if not isinstance(data, (list, tuple)) or len(data) != 4:
+            raise ValueError(f"a token logprob is [token_id, text, logprob, top], got {data!r}")
+        token_id, text, logprob, top = data
+        return cls(int(token_id), str(text), float(logprob), tuple(cls.from_list(t) for t in top))
+
+
+@dataclass(frozen=True, slots=True)
 class Token(EventBase):
     """One generated token: its id, its text piece and its index in the answer (0-based).
 
@@ -63,13 +90,22 @@ class Token(EventBase):
     a turn always gives ``AnswerCompleted.text`` (a character cut off by the length limit is in
     neither). A slow async consumer may receive several tokens merged
     into one event (``count > 1``; see ``Conversation.astream``).
+
+    ``logprobs``: with the turn option ``logprobs=k``, one entry per token of the event (so
+    ``count`` of them), each with its ``k`` most probable alternatives; empty otherwise.
     """
 
     token_id: int
     text: str
     position: int
     count: int = 1
+    logprobs: tuple[TokenLogprob, ...] = ()
     type_name: ClassVar[str] = "token"
+
+    @property
+    def logprob(self) -> float | None:
+        """The log-probability of this event's (last) token, when the turn asked for them."""
+        return self.logprobs[-1].logprob if self.logprobs else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +179,11 @@ def from_dict(data: dict[str, Any]) -> Event:
     for f in dataclasses.fields(cls):
         if f.name in data and isinstance(data[f.name], list):
             data[f.name] = tuple(data[f.name])
+    if cls is Token and "logprobs" in data:
+        try:
+            data["logprobs"] = tuple(TokenLogprob.from_list(item) for item in data["logprobs"])
+        except TypeError as exc:
+            raise ValueError(f"bad token logprobs: {exc}") from None
     event: Event = cls(**data)  # type: ignore[assignment]
     return event
 

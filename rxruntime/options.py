@@ -19,10 +19,21 @@ from rxruntime.models.config import InteractionTemplate, ThinkingMode
 from rxruntime.models.sampler import SamplingParams
 
 OPTIONS = frozenset(
-    {"temperature", "top_k", "top_p", "seed", "max_new_tokens", "remember_partial", "remember", "thinking_mode"}
+    {
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+        "max_new_tokens",
+        "remember_partial",
+        "remember",
+        "thinking_mode",
+        "logprobs",
+    }
 )
 THINKING_MODES = {"alpha": ("fast",), "beta": ("fast", "extended"), "chatml": ("fast",)}  # per interaction_template
 MAX_SEED = 2**63  # exclusive: seeds are int64 on the device
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs and vLLM's default max_logprobs
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class TurnOptions:
     remember_partial: bool = False
     thinking_mode: ThinkingMode | None = None
     remember: bool = True  # False: the engine writes nothing; the caller memorizes what it chooses
+    logprobs: int | None = None  # report log-probabilities with this many alternatives (0: the chosen token's)
 
 
 def _int(field: str, value: object) -> int:
@@ -100,7 +112,19 @@ def check_options(
     if not isinstance(keep, bool):
         raise InvalidOptionError("remember", f"must be true or false, got {type(keep).__name__}")
     thinking = _thinking_mode(options, template)
-    return TurnOptions(normalize(params, vocab_size), max_new_tokens, remember, thinking, keep)
+    logprobs = check_logprobs(options.get("logprobs"))
+    return TurnOptions(normalize(params, vocab_size), max_new_tokens, remember, thinking, keep, logprobs)
+
+
+def check_logprobs(value: object) -> int | None:
+    """``logprobs``: None (report nothing), or how many alternatives to report per token, 0 to
+    ``MAX_LOGPROBS`` (0: only the chosen token's log-probability)."""
+    if value is None:
+        return None
+    count = _int("logprobs", value)
+    if not 0 <= count <= MAX_LOGPROBS:
+        raise InvalidOptionError("logprobs", f"must be in [0, {MAX_LOGPROBS}] (alternatives per token), got {count}")
+    return count
 
 
 def _thinking_mode(options: Mapping[str, object], template: InteractionTemplate) -> ThinkingMode | None:

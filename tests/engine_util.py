@@ -96,3 +96,13 @@ def in_one_prefill(engine: Engine, streams: list[Any]) -> list[Outcome]:
         stream.subscribe(results[i][0].append, on_error, done[i].set)
     assert all(d.wait(30) for d in done)
     return results
+
+
+def teacher_forced_logprobs(model: RxTModel, stm: torch.Tensor, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """``log_softmax`` of the model's own logits at each answer position (A, V), from one full
+    causal forward over ``prompt + answer`` reading ``stm`` (L, S, D): what the decode loop's
+    reported log-probabilities must equal, computed without the KV cache, the C step or the sampler."""
+    ids = torch.tensor([[*prompt, *answer]], device=model.device)
+    with torch.inference_mode():
+        logits = model.decoder_logits(ids, stm[None].to(model.device, model.dtype))[0]
+    return torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 : len(prompt) - 1 + len(answer)]

@@ -31,7 +31,7 @@ class Recorder:
     def __init__(self, turn: int, log: list[int], done: threading.Event) -> None:
         self.turn, self.log, self.done = turn, log, done
 
-    def on_token(self, token_id: int, position: int) -> None:
+    def on_token(self, token_id: int, position: int, logprobs: Any = None) -> None:
         pass
 
     def on_answer(self, token_ids: tuple[int, ...], finish_reason: Any, stats: AnswerStats) -> None:

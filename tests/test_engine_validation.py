@@ -115,7 +115,7 @@ def test_start_turn_checks_a_direct_request(engine: Engine) -> None:
     done = threading.Event()
 
     class Listener:
-        def on_token(self, token_id: int, position: int) -> None:
+        def on_token(self, token_id: int, position: int, logprobs: Any = None) -> None:
             pass
 
         def on_answer(self, token_ids: tuple[int, ...], finish_reason: Any, stats: Any) -> None:

@@ -185,8 +185,6 @@ REFUSED_CHAT: list[tuple[str, Any]] = [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"),
     ("response_format", {"type": "json_object"}),
-    ("logprobs", True),
-    ("top_logprobs", 2),
     ("frequency_penalty", 0.5),
     ("presence_penalty", -1),
     ("logit_bias", {"5": 10}),
@@ -198,7 +196,7 @@ REFUSED_RESPONSES: list[tuple[str, Any]] = [
     ("tool_choice", "required"),
     ("text", {"format": {"type": "json_object"}}),
     ("background", True),
-    ("include", ["message.output_text.logprobs"]),
+    ("include", ["reasoning.encrypted_content"]),
     ("reasoning", {"effort": "medium"}),
     ("not_a_field", 1),
 ]

@@ -35,12 +35,12 @@ from rxruntime.errors import (
     QueueFullError,
     RxTError,
 )
-from rxruntime.events import FinishReason, Mailbox
+from rxruntime.events import FinishReason, Mailbox, TokenLogprob
 from rxruntime.models import native
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.sampler import SamplingParams
 from rxruntime.models.tokenizer import RxTokenizer
-from rxruntime.options import check_token_ids, normalize
+from rxruntime.options import check_logprobs, check_token_ids, normalize
 from rxruntime.snapshot import ConversationState
 from rxruntime.stores import STMStore, overwrite
 
@@ -394,6 +394,7 @@ class Engine:
                 or request.max_new_tokens < 1
             ):
                 raise InvalidOptionError("max_new_tokens", f"must be an integer >= 1, got {request.max_new_tokens!r}")
+            check_logprobs(request.logprobs)
             refused: Exception | None = None
         except RxTError as exc:
             params, prompt, refused = request.params, request.prompt_ids, exc
@@ -429,6 +430,7 @@ class Engine:
                 request.max_new_tokens,
                 request.remember_partial,
                 request.remember,
+                request.logprobs,
             )
             job = Job(req, listener, conv, params.resolved_seed(), time.perf_counter(), limit, order=request.turn)
             self._sched.submit(job)
@@ -600,7 +602,7 @@ class Engine:
 class _Silent:
     """Listener of a background memory-only job (``memory_init``): failures are logged."""
 
-    def on_token(self, token_id: int, position: int) -> None:
+    def on_token(self, token_id: int, position: int, logprobs: TokenLogprob | None = None) -> None:
         pass
 
     def on_answer(self, token_ids: tuple[int, ...], finish_reason: FinishReason, stats: AnswerStats) -> None:

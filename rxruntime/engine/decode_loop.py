@@ -23,9 +23,10 @@ import torch
 
 from rxruntime.backend import AnswerStats
 from rxruntime.errors import EngineClosedError, ModelExecutionError
-from rxruntime.events import FinishReason
+from rxruntime.events import FinishReason, TokenLogprob
 from rxruntime.models.generation import DecodeBatch, JoinRequest
 from rxruntime.models.rxt import RxTModel
+from rxruntime.models.sampler import StepLogprobs
 
 from .memory_worker import MemoryWorker
 from .scheduler import Job, MemoryRecord, MemoryTask, Scheduler, set_record
@@ -115,13 +116,14 @@ class DecodeLoop:
             if job.conv.ready_event is not None:  # GPU: wait on the memory stream, not the host
                 torch.cuda.current_stream(self.device).wait_event(job.conv.ready_event)
                 stm.record_stream(torch.cuda.current_stream(self.device))
-            requests.append(JoinRequest(id(job), job.request.prompt_ids, stm, job.request.params, job.seed))
+            request = job.request
+            requests.append(JoinRequest(id(job), request.prompt_ids, stm, request.params, job.seed, request.logprobs))
         first = self.batch.join(requests).tolist()
-        failed = dict(self.batch.failed)
+        failed, scores = dict(self.batch.failed), self.batch.logprobs
         for job in jobs:
             self._jobs[id(job)] = job
         for job, token in zip(jobs, first):
-            self._on_sampled(job, token, failed)
+            self._on_sampled(job, token, failed, scores.get(id(job)))
 
     def _step(self) -> None:
         keys = list(self.batch.keys)
@@ -133,11 +135,13 @@ class DecodeLoop:
                 self.batch.leave(key)
             self._fail(jobs, ModelExecutionError(f"decode step failed: {exc}"), cause=exc, leave=False)
             return
-        failed = dict(self.batch.failed)
+        failed, scores = dict(self.batch.failed), self.batch.logprobs
         for key, token in zip(keys, tokens):
-            self._on_sampled(self._jobs[key], token, failed)  # type: ignore[index]
+            self._on_sampled(self._jobs[key], token, failed, scores.get(key))  # type: ignore[index]
 
-    def _on_sampled(self, job: Job, token: int, failed: dict[object, BaseException]) -> None:
+    def _on_sampled(
+        self, job: Job, token: int, failed: dict[object, BaseException], scores: StepLogprobs | None = None
+    ) -> None:
         now = time.perf_counter()
         if job.first_token is None:
             job.first_token = now
@@ -155,7 +159,12 @@ class DecodeLoop:
         position = len(job.tokens)
         job.tokens.append(token)
         listener = job.listener
-        job.conv.mailbox.post(lambda: listener.on_token(token, position))
+        if scores is None:
+            job.conv.mailbox.post(lambda: listener.on_token(token, position))
+        else:
+            top = tuple(TokenLogprob(i, "", lp) for i, lp in scores.top)
+            logprob = TokenLogprob(token, "", scores.logprob, top)
+            job.conv.mailbox.post(lambda: listener.on_token(token, position, logprob))
         if len(job.tokens) >= job.limit:
             self._finish(job, "length")
 

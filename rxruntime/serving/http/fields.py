@@ -57,7 +57,6 @@ def _no_tool_choice(v: Any) -> bool:
 _TOOLS = "tools are not supported: a small RxT model has not been trained to call them"
 _FORMAT = "structured output (JSON mode, schemas) is not supported; only plain text"
 _PENALTY = "penalties are not supported by the sampler; only 0 is accepted"
-_LOGPROBS = "log probabilities are not reported yet"
 
 _COMMON: dict[str, Field] = {
     "model": WORKS,
@@ -86,8 +85,8 @@ RESPONSES: dict[str, Field] = {
     "max_tool_calls": _refused(_TOOLS),
     "text": _refused(_FORMAT, lambda v: v is None or (isinstance(v, dict) and _text_format(v.get("format")))),
     "background": _refused("background responses are not supported", lambda v: v is None or v is False),
-    "include": _refused(_LOGPROBS + "; nothing else can be included", _empty),
-    "top_logprobs": _refused(_LOGPROBS, _zero),
+    "include": WORKS,  # only "message.output_text.logprobs" (logprobs.py refuses anything else)
+    "top_logprobs": WORKS,
     "truncation": _refused("only truncation 'disabled' is supported", lambda v: v in (None, "disabled")),
     "service_tier": _refused("there is one service tier", lambda v: v in (None, "auto", "default")),
     "prompt": _refused("stored prompt templates are not supported"),
@@ -110,8 +109,8 @@ CHAT_COMPLETIONS: dict[str, Field] = {
     "functions": _refused(_TOOLS, _empty),
     "function_call": _refused(_TOOLS, _no_tool_choice),
     "response_format": _refused(_FORMAT, _text_format),
-    "logprobs": _refused(_LOGPROBS, lambda v: v is None or v is False),
-    "top_logprobs": _refused(_LOGPROBS, _zero),
+    "logprobs": WORKS,
+    "top_logprobs": WORKS,
     "frequency_penalty": _refused(_PENALTY, _zero),
     "presence_penalty": _refused(_PENALTY, _zero),
     "logit_bias": _refused("logit_bias is not supported by the sampler", _empty),
@@ -132,7 +131,7 @@ COMPLETIONS: dict[str, Field] = {
     "conversation": WORKS,  # our extension: continue a named conversation
     "echo": _refused("echoing the prompt is not supported", lambda v: v is None or v is False),
     "best_of": _refused("one answer per turn: a conversation's memory takes one", lambda v: v in (None, 1)),
-    "logprobs": _refused(_LOGPROBS, lambda v: v is None),
+    "logprobs": WORKS,
     "suffix": _refused("insertion (suffix) is not supported"),
     "frequency_penalty": _refused(_PENALTY, _zero),
     "presence_penalty": _refused(_PENALTY, _zero),

@@ -15,6 +15,14 @@ and once the answer ends (at a stop sequence, which cancels the decoding, or by 
 this turn's. A ``thinking_mode="extended"`` turn's tokens before the model's ``[A]`` come out as
 :class:`Reasoning` pieces, never mixed into the answer's text.
 
+With the ``logprobs`` option each answer ``Token`` carries its tokens' log-probabilities. Under a
+stop sequence a token is reported only once its text has been shown: while the matcher holds it
+back it waits, and at a match the tokens that start before the cut are reported (one that the
+cut falls inside too: part of it was shown) and those that start at or after it never are. The
+yielded ``Token.logprobs`` are the entries released at that point, and ``offsets`` says where
+each reported token's text starts in the answer (tokens that a slow reader got merged into one
+event share its start).
+
 Streamed, a turn goes out as server-sent events (``sse``, ``sse_response``): a few lines of our
 own rather than a dependency. An event is ``event: NAME`` (optional) and one ``data:`` line of
 compact JSON, then a blank line. Starlette's ``StreamingResponse`` cancels the generator when the
@@ -45,6 +53,7 @@ from rxruntime.events import (
     MemoryUpdateStarted,
     QueryReceived,
     Token,
+    TokenLogprob,
 )
 from rxruntime.serving.http.errors import from_engine_error
 from rxruntime.serving.http.metrics import Metrics
@@ -64,6 +73,8 @@ class TurnSummary:
     finish_reason: str
     reasoning: str = ""
     reasoning_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # the reported tokens', when the request asked
+    offsets: tuple[int, ...] = ()  # where each reported token's text starts in ``text``
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,10 @@ class Turn:
         self._failed = False
         self._seen_tokens = 0
         self._last_token: float | None = None
+        self._decoded = 0  # characters of answer text decoded so far (before the stop matcher)
+        self._pending: list[tuple[TokenLogprob, int, int]] = []  # (entry, start, end): not yet shown
+        self.logprobs: list[TokenLogprob] = []  # every token reported so far
+        self.offsets: list[int] = []  # where each of them starts in the answer text
 
     @property
     def memorizes(self) -> bool:
@@ -143,23 +158,29 @@ class Turn:
                             self._reasoning.append(event.text)
                             yield Reasoning(event.text)
                     continue
+                start = self._decoded
+                self._decoded += len(event.text)
                 if self._stop is None:
                     self._shown.append(event.text)
+                    self._report([(entry, start, self._decoded) for entry in event.logprobs])
                     yield event
                     continue
+                self._pending.extend((entry, start, self._decoded) for entry in event.logprobs)
                 text = self._stop.feed(event.text)
-                if text:
+                released = self._release(len(self._stop.shown), self._stop.stopped)
+                if text or released:
                     self._shown.append(text)
-                    yield dataclasses.replace(event, text=text)
+                    yield dataclasses.replace(event, text=text, logprobs=released)
                 if self._stop.stopped:
                     async for ev in self._stopped(event):
                         yield ev
                     return
             elif isinstance(event, AnswerCompleted) and self._stop is not None:
                 tail = self._stop.flush()
-                if tail:
+                released = self._release(len(self._stop.shown), True)
+                if tail or released:
                     self._shown.append(tail)
-                    yield Token(event.conversation_id, event.turn, -1, tail, len(event.token_ids))
+                    yield Token(event.conversation_id, event.turn, -1, tail, len(event.token_ids), logprobs=released)
                 self.answer = event
                 yield event
                 async for ev in self._memorize(event):
@@ -167,6 +188,24 @@ class Turn:
                 return
             else:
                 yield event
+
+    def _release(self, shown: int, final: bool) -> tuple[TokenLogprob, ...]:
+        """The pending tokens now reported: those whose text has been shown whole (and starts
+        before the shown end: a token that ends mid-character waits for the character), or at
+        the end (``final``) every one that starts before the shown end."""
+        n = 0
+        for _, start, end in self._pending:
+            if not (start < shown and (final or end <= shown)):
+                break
+            n += 1
+        released, self._pending = self._pending[:n], [] if final else self._pending[n:]
+        return self._report(released)
+
+    def _report(self, entries: list[tuple[TokenLogprob, int, int]]) -> tuple[TokenLogprob, ...]:
+        for entry, start, _ in entries:
+            self.logprobs.append(entry)
+            self.offsets.append(start)
+        return tuple(entry for entry, _, _ in entries)
 
     async def _raw(self) -> AsyncIterator[Event]:
         assert self._stream is not None, "call start() first"
@@ -240,7 +279,15 @@ class Turn:
         tokens = len(a.token_ids) if a.token_ids or a.finish_reason != "stop" else self._seen_tokens
         reasoning = "".join(self._reasoning)
         return TurnSummary(
-            self.number or a.turn, text, self.input_tokens, tokens, a.finish_reason, reasoning, self._reasoning_tokens
+            self.number or a.turn,
+            text,
+            self.input_tokens,
+            tokens,
+            a.finish_reason,
+            reasoning,
+            self._reasoning_tokens,
+            tuple(self.logprobs),
+            tuple(self.offsets),
         )
 
     async def aclose(self) -> None:

@@ -20,6 +20,7 @@ import torch
 from rxruntime import errors
 from rxruntime.conversation import ConversationState
 from rxruntime.models.errors import ConfigError
+from rxruntime.options import MAX_LOGPROBS
 from rxruntime.serving.zmq.errors import (
     AuthenticationError,
     ConnectionLost,
@@ -91,6 +92,7 @@ def _options(value: Any, limits: Limits) -> dict[str, Any]:
         "max_new_tokens": lambda f, v: _int(f, v, 1, limits.max_seq_len),
         "remember_partial": _bool,
         "thinking_mode": _thinking_mode,  # whether the model has the mode: the engine says (InvalidOptionError)
+        "logprobs": lambda f, v: _int(f, v, 0, MAX_LOGPROBS),
     }
     out: dict[str, Any] = {}
     for key, item in value.items():

@@ -22,7 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from rxruntime.conversation import Conversation
-from rxruntime.events import AnswerCompleted, Token
+from rxruntime.events import AnswerCompleted, Token, TokenLogprob
+from rxruntime.serving.http import logprobs
 from rxruntime.serving.http.context import Context
 from rxruntime.serving.http.errors import APIError, bad_field
 from rxruntime.serving.http.fields import (
@@ -59,6 +60,9 @@ async def create_chat_completion(ctx: Context, request: Request, owner: str) -> 
     user = user_of(body)
     metadata(body)  # checked as OpenAI does; kept nowhere, as completions are never stored
     options = sampling_options(body, ("max_tokens", "max_completion_tokens"))
+    top = logprobs.chat_request(body)
+    if top is not None:
+        options["logprobs"] = top
     effort = opt_str(body, "reasoning_effort")
     mode = thinking_mode(effort, "reasoning_effort", engine.tokenizer.interaction_template)
     if mode is not None:
@@ -91,14 +95,15 @@ async def create_chat_completion(ctx: Context, request: Request, owner: str) -> 
                     {
                         "index": 0,
                         "message": _message(summary, mode == "extended"),
-                        "logprobs": None,
+                        "logprobs": None if top is None else logprobs.chat(engine.tokenizer, summary.logprobs),
                         "finish_reason": _FINISH[summary.finish_reason],
                     }
                 ],
                 "usage": _usage(summary, replay),
             }
         )
-    return sse_response(_stream(ctx, conv, turn, history, replay, completion_id, created, include_usage))
+    asked = top is not None
+    return sse_response(_stream(ctx, conv, turn, history, replay, completion_id, created, include_usage, asked))
 
 
 async def _stream(
@@ -110,9 +115,19 @@ async def _stream(
     completion_id: str,
     created: int,
     include_usage: bool,
+    asked: bool,
 ) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
-        choices = [] if usage is not None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    tok = conv.backend.tokenizer
+
+    def chunk(
+        delta: dict[str, Any],
+        finish: str | None = None,
+        usage: dict[str, Any] | None = None,
+        scores: tuple[TokenLogprob, ...] = (),
+    ) -> bytes:
+        reported = logprobs.chat(tok, scores) if asked and scores else None
+        choice = {"index": 0, "delta": delta, "logprobs": reported, "finish_reason": finish}
+        choices = [] if usage is not None else [choice]
         data: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -129,8 +144,8 @@ async def _stream(
         async for ev in turn.events():
             if isinstance(ev, Reasoning):
                 yield chunk({"reasoning_content": ev.text})
-            elif isinstance(ev, Token) and ev.text:
-                yield chunk({"content": ev.text})
+            elif isinstance(ev, Token) and (ev.text or ev.logprobs):
+                yield chunk({"content": ev.text}, scores=ev.logprobs)
             elif isinstance(ev, AnswerCompleted):
                 summary = turn.summary()
                 yield chunk({}, _FINISH[summary.finish_reason])

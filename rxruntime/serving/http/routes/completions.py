@@ -18,7 +18,8 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from rxruntime.events import AnswerCompleted, Token
+from rxruntime.events import AnswerCompleted, Token, TokenLogprob
+from rxruntime.serving.http import logprobs
 from rxruntime.serving.http.context import Context
 from rxruntime.serving.http.errors import APIError, bad_field
 from rxruntime.serving.http.fields import (
@@ -53,6 +54,9 @@ async def create_completion(ctx: Context, request: Request, owner: str) -> Respo
     stop = parse_stop(body.get("stop"))
     user = user_of(body)
     options = sampling_options(body, "max_tokens")
+    top = logprobs.completions_request(body)
+    if top is not None:
+        options["logprobs"] = top
     include_usage = stream and include_usage_of(body.get("stream_options"))
     named = conversation_ref(body.get("conversation"))
     if named is not None:
@@ -77,23 +81,32 @@ async def create_completion(ctx: Context, request: Request, owner: str) -> Respo
             summary = await turn.answer_only()
         finally:
             await _done(ctx, entry, named is None, summary)
-        choice = {"text": summary.text, "index": 0, "logprobs": None, "finish_reason": _FINISH[summary.finish_reason]}
+        scores = None if top is None else logprobs.legacy(summary.logprobs, summary.offsets)
+        choice = {"text": summary.text, "index": 0, "logprobs": scores, "finish_reason": _FINISH[summary.finish_reason]}
         return JSONResponse({**head, "choices": [choice], "usage": usage(summary)}, headers=headers)
-    return sse_response(_stream(ctx, entry, named is None, turn, head, include_usage), headers=headers)
+    stream_it = _stream(ctx, entry, named is None, turn, head, include_usage, top is not None)
+    return sse_response(stream_it, headers=headers)
 
 
 async def _stream(
-    ctx: Context, entry: Entry, fresh: bool, turn: Turn, head: dict[str, Any], include_usage: bool
+    ctx: Context, entry: Entry, fresh: bool, turn: Turn, head: dict[str, Any], include_usage: bool, asked: bool
 ) -> AsyncIterator[bytes]:
-    def chunk(text: str, finish: str | None = None) -> bytes:
-        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+    reported = 0  # tokens whose log-probabilities went out: their offsets are turn.offsets[:reported]
+
+    def chunk(text: str, finish: str | None = None, scores: tuple[TokenLogprob, ...] = ()) -> bytes:
+        nonlocal reported
+        lp = None
+        if asked and scores:
+            lp = logprobs.legacy(scores, turn.offsets[reported : reported + len(scores)])
+            reported += len(scores)
+        choice = {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
         return sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
 
     summary: TurnSummary | None = None
     try:
         async for ev in turn.events():
-            if isinstance(ev, Token) and ev.text:
-                yield chunk(ev.text)
+            if isinstance(ev, Token) and (ev.text or ev.logprobs):
+                yield chunk(ev.text, scores=ev.logprobs)
             elif isinstance(ev, AnswerCompleted):
                 summary = turn.summary()
                 yield chunk("", _FINISH[summary.finish_reason])

@@ -22,7 +22,15 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from rxruntime.events import AnswerCompleted, InteractionFailed, MemoryUpdated, MemoryUpdateStarted, Token
+from rxruntime.events import (
+    AnswerCompleted,
+    InteractionFailed,
+    MemoryUpdated,
+    MemoryUpdateStarted,
+    Token,
+    TokenLogprob,
+)
+from rxruntime.serving.http import logprobs
 from rxruntime.serving.http.context import Context
 from rxruntime.serving.http.errors import APIError, bad_field, not_found
 from rxruntime.serving.http.fields import (
@@ -54,6 +62,9 @@ async def create_response(ctx: Context, request: Request, owner: str) -> Respons
     store = opt_bool(body, "store", True)
     meta = metadata(body)
     options = sampling_options(body, "max_output_tokens")
+    top = logprobs.responses_request(body)
+    if top is not None:
+        options["logprobs"] = top
     stop = parse_stop(body.get("stop"))
     user = user_of(body)
     effort = _effort(body.get("reasoning"))
@@ -85,7 +96,7 @@ async def create_response(ctx: Context, request: Request, owner: str) -> Respons
             await ctx.blocking(lambda: ctx.registry.forget(entry.conv.id))
         raise
     shape = _Shape(ctx.model_name, entry, turn.number, body, meta, instructions, previous, store, ephemeral)
-    shape.set_request(user, effort, mode == "extended")
+    shape.set_request(user, effort, mode == "extended", top is not None)
     if user:
         log.info("response %s for user %r", shape.id, user)
     if not stream:
@@ -158,16 +169,19 @@ async def _stream(ctx: Context, turn: Turn, shape: _Shape) -> AsyncIterator[byte
                 for chunk in end_thinking():
                     yield chunk
             if isinstance(ev, Token):
-                if ev.text:
-                    yield event("response.output_text.delta", **at, delta=ev.text, logprobs=[])
+                if ev.text or ev.logprobs:
+                    scores = shape.scores(ev.logprobs, with_bytes=False)
+                    yield event("response.output_text.delta", **at, delta=ev.text, logprobs=scores)
             elif isinstance(ev, AnswerCompleted):
                 summary = turn.summary()
                 number = summary.turn
                 await ctx.blocking(lambda: ctx.registry.answered(shape.entry, number))  # noqa: B023
-                text_part = {**part, "text": summary.text}
-                yield event("response.output_text.done", **at, text=summary.text, logprobs=[])
+                message = shape.message_item(summary.text, scores=summary.logprobs)
+                text_part = message["content"][0]
+                all_scores = shape.scores(summary.logprobs, with_bytes=False)
+                yield event("response.output_text.done", **at, text=summary.text, logprobs=all_scores)
                 yield event("response.content_part.done", **at, part=text_part)
-                yield event("response.output_item.done", output_index=index, item=shape.message_item(summary.text))
+                yield event("response.output_item.done", output_index=index, item=message)
                 done = shape.response(summary)
                 kind = "response.completed" if done["status"] == "completed" else "response.incomplete"
                 yield event(kind, response=done)
@@ -266,6 +280,8 @@ class _Shape:
         self.item_id = f"msg_{uuid.uuid4().hex[:24]}"
         self.reasoning_id = f"rs_{uuid.uuid4().hex[:24]}"
         self.thinking = False
+        self.reports_logprobs = False
+        self._tokenizer = entry.conv.backend.tokenizer
         self.id = response_id(entry.conv.id, turn)
         self._base: dict[str, Any] = {
             "object": "response",
@@ -277,6 +293,7 @@ class _Shape:
             "temperature": body.get("temperature"),
             "top_p": body.get("top_p"),
             "max_output_tokens": body.get("max_output_tokens"),
+            "top_logprobs": body.get("top_logprobs"),
             "metadata": meta,
             "store": store,
             "parallel_tool_calls": False,
@@ -288,8 +305,9 @@ class _Shape:
             "incomplete_details": None,
         }
 
-    def set_request(self, user: str | None, effort: str | None, thinking: bool) -> None:
+    def set_request(self, user: str | None, effort: str | None, thinking: bool, reports_logprobs: bool) -> None:
         self.thinking = thinking
+        self.reports_logprobs = reports_logprobs
         self._base["user"] = user
         self._base["reasoning"] = {"effort": effort, "summary": None}
 
@@ -304,8 +322,17 @@ class _Shape:
         error = {"code": exc.code, "message": exc.message}
         return {"id": self.id, **self._base, "status": "failed", "output": [], "usage": None, "error": error}
 
-    def message_item(self, text: str, status: str = "completed") -> dict[str, Any]:
-        content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+    def scores(self, entries: tuple[TokenLogprob, ...], with_bytes: bool = True) -> list[dict[str, Any]]:
+        """``output_text``'s ``logprobs`` (empty unless the request asked for them)."""
+        return logprobs.content(self._tokenizer, entries, with_bytes) if self.reports_logprobs else []
+
+    def message_item(
+        self, text: str, status: str = "completed", scores: tuple[TokenLogprob, ...] = ()
+    ) -> dict[str, Any]:
+        part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+        if self.reports_logprobs:
+            part["logprobs"] = self.scores(scores)
+        content = [part] if status == "completed" else []
         return {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     def response(self, summary: TurnSummary) -> dict[str, Any]:
@@ -317,7 +344,7 @@ class _Shape:
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "output": [
                 *([self.reasoning_item(summary.reasoning)] if self.thinking else []),
-                self.message_item(summary.text),
+                self.message_item(summary.text, scores=summary.logprobs),
             ],
             "usage": {
                 "input_tokens": summary.input_tokens,
