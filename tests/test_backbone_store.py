@@ -188,3 +188,19 @@ def test_convert_compact_command(backbone_dir: Path, tmp_path: Path, capsys: pyt
     b, _ = load_pretrained(tmp_path / "c")
     for x, y in zip(_outputs(a), _outputs(b)):
         assert torch.equal(x, y)
+
+
+def test_the_chat_path_decodes_a_compact_model_with_the_c_step_in_int8(backbone_dir: Path, tmp_path: Path) -> None:
+    """``rxruntime.load`` (what ``rxrt chat`` calls) on a compact backbone model: the C step covers
+    the layout (stateless layers below the memory block, dense SwiGLU), so the weights are int8."""
+    import rxruntime
+    from rxruntime.models import native
+
+    full = _trained(backbone_dir / "tiny" / TINY, tmp_path / "full", torch.bfloat16)
+    save_compact(full, tmp_path / "compact", backbone_dir / "tiny" / TINY)
+    with rxruntime.load(tmp_path / "compact", device="cpu") as engine:
+        assert native.layout_reason(engine.model) is None
+        unavailable = native.unavailable_reason()
+        assert native.not_used_reason(engine.model) == unavailable
+        assert engine.model.weight_format == ("int8" if unavailable is None else "fp32")
+        assert isinstance(engine.conversation(seed=0).ask("Hi", max_new_tokens=3, timeout=60), str)
