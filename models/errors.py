@@ -44,3 +44,9 @@ class TokenizerError(RxTError, ValueError):
 class UnsupportedCheckpointError(CheckpointError, ConfigError):
     """The checkpoint uses an option rxruntime does not compute (the message names the config
     field and its value); nothing is loaded rather than something else computed."""
+
+
+class BackboneUnavailableError(MissingCheckpointFileError):
+    """A compact model directory names a pretrained backbone (``config.json``'s ``backbone``) that
+    is not in the backbone cache and could not be fetched (offline, say). The message says where
+    the file was looked for and how to put it there."""

@@ -70,8 +70,10 @@ def load(
 ) -> Engine:
     """Load a model and start an :class:`Engine` for it.
 
-    ``model``: ``"default"`` (the small model shipped in the package), a model directory
-    (``config.json`` + ``model.safetensors`` + ``tokenizer.json``) or a Hugging Face Hub id.
+    ``model``: a model shipped in the package by name (``"default"``, what ``rxrt chat`` opens, or
+    ``"small"``, the fast 2.8M model: ``rxruntime.models.checkpoint.SHIPPED_MODELS``), a model
+    directory (``config.json`` + ``model.safetensors`` + ``tokenizer.json``; a compact one names
+    its pretrained backbone, fetched and merged on load) or a Hugging Face Hub id.
     ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, float32 on the CPU.
     ``default_sampling`` applies to turns that pass no sampling options (default: greedy).
     ``store`` persists every committed STM and resumes stored conversations (``rxruntime.stores``).

@@ -1,5 +1,5 @@
-"""The model that ships inside the package: small, loadable, and it answers from its STM what a
-person told it.
+"""The 2.8M-parameter model that ships inside the package as ``small`` (the default today): small,
+loadable, and it answers from its STM what a person told it.
 
 These run the trained weights through the public runtime, the path `rxrt chat` takes, so a change
 that breaks memory (the model code, the engine's update, the checkpoint) fails here. The probes
@@ -13,14 +13,14 @@ from collections.abc import Iterator
 import pytest
 
 import rxruntime
-from rxruntime.models import RxTModel, RxTokenizer, load_pretrained, preset
-from rxruntime.models.checkpoint import default_model_dir
+from rxruntime.models import MissingCheckpointFileError, RxTModel, RxTokenizer, load_pretrained, preset
+from rxruntime.models.checkpoint import DEFAULT_MODEL, SHIPPED_MODELS, default_model_dir, shipped_model_dir
 from rxruntime.training.data.dialogues import Dialogue
 from rxruntime.training.mrqbench import normalise
 from rxruntime.training.people_eval import evaluate, mean, split_probes
 from rxruntime.training.recipe import load_recipe
 
-SHIPPED = default_model_dir()
+SHIPPED = shipped_model_dir("small")
 # Floors under what the shipped weights reach on these fixed draws (measured through the engine,
 # int8 on CPU: facts_1 21 of 24; in_domain 67.5%, unseen_values 22.5% of 40, 0% with the STM reset),
 # loose enough for numeric noise across platforms, tight enough that broken memory fails.
@@ -31,15 +31,24 @@ GREETINGS = ("hello", "hi", "hey", "good morning", "good evening", "nice to meet
 
 @pytest.fixture(scope="module")
 def shipped() -> tuple[RxTModel, RxTokenizer]:
-    model, tokenizer = load_pretrained("default")
+    model, tokenizer = load_pretrained("small")
     assert tokenizer is not None
     return model, tokenizer
 
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[rxruntime.Engine]:
-    with rxruntime.load("default") as e:
+    with rxruntime.load("small") as e:
         yield e
+
+
+def test_default_names_a_shipped_model_and_small_is_todays_model() -> None:
+    """``"default"`` is an alias of the shipped model :data:`DEFAULT_MODEL` names; ``"small"``
+    stays this model whatever the default becomes, so tests and fast examples keep their speed."""
+    assert DEFAULT_MODEL in SHIPPED_MODELS and default_model_dir() == shipped_model_dir(DEFAULT_MODEL)
+    assert SHIPPED_MODELS["small"] == "small_model" and SHIPPED.name == "small_model"
+    with pytest.raises(MissingCheckpointFileError, match="shipped: default, small"):
+        shipped_model_dir("tiny")
 
 
 def test_default_model_ships_with_every_file_and_under_ten_megabytes() -> None:

@@ -201,7 +201,7 @@ def test_a_program_that_never_closes_its_engine_exits_cleanly(tmp_path: Path, dr
         import rxruntime
         from rxruntime.stores import SQLiteStore
 
-        engine = rxruntime.load("default", store=SQLiteStore(sys.argv[1]))
+        engine = rxruntime.load("small", store=SQLiteStore(sys.argv[1]))
         conv = engine.conversation("x")
         print(conv.ask("I live in Lisbon.", max_new_tokens=8), flush=True)
         if sys.argv[2] == "drop":

@@ -1,4 +1,5 @@
-"""The examples run, end to end, as a user would start them: on the embedded default model."""
+"""The examples run, end to end, as a user would start them, on the shipped ``small`` model (fast;
+the dialogues below are ones it recalls from every starting memory the examples use)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def run(name: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(EXAMPLES / name), "--model", "small", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -17,7 +17,7 @@ from .http_server import ASK_NAME, JULIA, client, served
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    with rxruntime.load("default") as engine:
+    with rxruntime.load("small") as engine:
         yield engine
 
 
@@ -113,7 +113,7 @@ class RecordingStore(InMemoryStore):
 
 def test_request_conversations_leave_no_trace_in_engine_or_store() -> None:
     store = RecordingStore()
-    with rxruntime.load("default", store=store) as engine, served(engine) as (url, app):
+    with rxruntime.load("small", store=store) as engine, served(engine) as (url, app):
         c = client(url)
         for _ in range(2):
             c.chat.completions.create(model="rxt", messages=_history(JULIA, "Nice to meet you, Julia.", ASK_NAME))
@@ -138,7 +138,7 @@ def _eventually(check: Any, timeout: float = 20.0) -> bool:
 def test_a_history_longer_than_the_engines_per_conversation_queue_replays_in_chunks() -> None:
     from rxruntime.models.checkpoint import load_pretrained
 
-    model, tokenizer = load_pretrained("default")
+    model, tokenizer = load_pretrained("small")
     assert tokenizer is not None
     with Engine(model, tokenizer, max_turns_per_conversation=2) as engine, served(engine) as (url, _):
         messages = _history(JULIA, "Nice to meet you, Julia.", *["What is 3 plus 5?", "3 plus 5 is 8."] * 2, ASK_NAME)

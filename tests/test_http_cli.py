@@ -45,6 +45,8 @@ def test_serve_http_and_zmq_from_the_command_line(tmp_path: Path) -> None:
         "-m",
         "rxruntime.cli",
         "serve",
+        "--model",
+        "small",
         "--http",
         f"127.0.0.1:{http_port}",
         "--bind",

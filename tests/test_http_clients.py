@@ -23,7 +23,7 @@ PAGE = "http://page.example"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    with rxruntime.load("default") as engine:
+    with rxruntime.load("small") as engine:
         yield engine
 
 

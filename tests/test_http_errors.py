@@ -23,7 +23,7 @@ from .http_server import ASK_NAME, JULIA, client, served
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    with rxruntime.load("default") as engine:
+    with rxruntime.load("small") as engine:
         yield engine
 
 
@@ -180,7 +180,7 @@ def test_a_query_too_long_is_413(url: str, engine: Engine) -> None:
 
 # ---------------------------------------------------------------------- 429, 503
 def test_a_full_queue_is_429() -> None:
-    model, tokenizer = load_pretrained("default")
+    model, tokenizer = load_pretrained("small")
     assert tokenizer is not None
     with Engine(model, tokenizer, max_queued_turns=0) as engine, served(engine) as (url, _):
         c = client(url)
@@ -196,7 +196,7 @@ def test_503_while_loading_and_after_shutdown() -> None:
 
     def slow_load() -> Engine:
         release.wait(60)
-        return rxruntime.load("default")
+        return rxruntime.load("small")
 
     with served(slow_load) as (url, _):
         status, body = _get(f"{url}/health")
@@ -211,7 +211,7 @@ def test_503_while_loading_and_after_shutdown() -> None:
             time.sleep(0.05)
         assert [m.id for m in client(url).models.list()] == ["rxt"]
     # an engine closed under the server: new turns are refused with 503
-    engine = rxruntime.load("default")
+    engine = rxruntime.load("small")
     with served(engine) as (url, _):
         c = client(url)
         conv = c.conversations.create()

@@ -27,7 +27,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "http.md"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    with rxruntime.load("default") as engine:
+    with rxruntime.load("small") as engine:
         yield engine
 
 

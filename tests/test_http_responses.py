@@ -21,7 +21,7 @@ from .http_server import ASK_NAME, JULIA, client, served
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    with rxruntime.load("default", store=InMemoryStore()) as engine:
+    with rxruntime.load("small", store=InMemoryStore()) as engine:
         yield engine
 
 
@@ -164,11 +164,11 @@ def test_delete_removes_the_conversation_from_the_store(api: tuple[openai.OpenAI
 
 def test_a_restarted_server_resumes_conversations_from_the_store() -> None:
     store = InMemoryStore()
-    with rxruntime.load("default", store=store) as engine, served(engine) as (url, _):
+    with rxruntime.load("small", store=store) as engine, served(engine) as (url, _):
         c = client(url)
         conv = c.conversations.create()
         c.responses.create(model="rxt", input=JULIA, conversation=conv.id)
-    with rxruntime.load("default", store=store) as engine, served(engine) as (url, _):
+    with rxruntime.load("small", store=store) as engine, served(engine) as (url, _):
         later = client(url).responses.create(model="rxt", input=ASK_NAME, conversation=conv.id)
     assert "Julia" in later.output_text
 
@@ -217,7 +217,7 @@ def _sample(text: str, name: str) -> float:
 def test_idle_conversations_beyond_the_bound_close_and_reopen_from_the_store() -> None:
     store = InMemoryStore()
     with (
-        rxruntime.load("default", store=store) as engine,
+        rxruntime.load("small", store=store) as engine,
         served(engine, max_open_conversations=1, idle_close_s=0.0) as (url, _),
     ):
         c = client(url)

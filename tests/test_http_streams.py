@@ -64,7 +64,7 @@ def test_a_client_leaving_mid_stream_cancels_its_turn(chatty_engine: Engine) -> 
 
 
 def test_a_completed_answers_memory_commits_after_the_client_left() -> None:
-    with rxruntime.load("default") as engine, served(engine) as (url, _):
+    with rxruntime.load("small") as engine, served(engine) as (url, _):
         c = client(url)
         conv = c.conversations.create()
         stream = c.responses.create(model="rxt", input=JULIA, conversation=conv.id, stream=True)
@@ -92,7 +92,7 @@ def test_100_concurrent_streaming_conversations_lose_no_event() -> None:
         finally:
             await c.close()
 
-    with rxruntime.load("default") as engine, served(engine) as (url, _):
+    with rxruntime.load("small") as engine, served(engine) as (url, _):
         results = asyncio.run(everyone(url))
     conversations = set()
     for events in results:
@@ -140,7 +140,7 @@ def test_a_chat_client_leaving_mid_stream_cancels_and_leaves_nothing_open(chatty
 def test_a_failed_memory_update_is_reported_in_the_stream_and_never_cached() -> None:
     from rxruntime.models.checkpoint import load_pretrained
 
-    model, tokenizer = load_pretrained("default")
+    model, tokenizer = load_pretrained("small")
     assert tokenizer is not None
     real = model.memory_update
     broken = {"on": True}

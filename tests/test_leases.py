@@ -132,8 +132,8 @@ def test_a_seeded_conversation_opened_on_another_replica_starts_from_the_creator
     before any memory update reached the store: it must open from the creator's seed, not its own."""
     shared = SharedConversations(client)
     with (
-        rxruntime.load("default", store=RedisStore(client=client)) as here,
-        rxruntime.load("default", store=RedisStore(client=client)) as there,
+        rxruntime.load("small", store=RedisStore(client=client)) as here,
+        rxruntime.load("small", store=RedisStore(client=client)) as there,
     ):
         creator = Registry(Metrics(here.stats), shared=shared)
         other = Registry(Metrics(there.stats), shared=shared)

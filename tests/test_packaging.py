@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from rxruntime.models.checkpoint import SHIPPED_MODELS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,10 +98,11 @@ def _top_level_names(tree: ast.Module) -> set[str]:
     return names
 
 
-def test_wheel_carries_the_default_model_the_recipes_and_the_c_step(wheel: Path) -> None:
+def test_wheel_carries_the_shipped_models_the_recipes_and_the_c_step(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        assert f"rxruntime/default_model/{name}" in names
+        for folder in SHIPPED_MODELS.values():
+            assert f"rxruntime/{folder}/{name}" in names
     assert {"rxruntime/training/recipes/nano.json", "rxruntime/training/recipes/ci.json"} <= names
     assert not any(n.startswith("rxruntime/models/recipes/") for n in names)  # recipes moved with training
     assert "rxruntime/models/csrc/decode_step.c" in names  # built on first use (models/native.py)

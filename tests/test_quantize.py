@@ -268,7 +268,7 @@ def test_bad_weight_formats_are_refused() -> None:
     with pytest.raises(ValueError, match="float32"):
         set_weight_format(tiny_model(seed=45).to(torch.bfloat16), "int8")
     with pytest.raises(ValueError, match="weights must be one of"):
-        rxruntime.load("default", device="cpu", weights="q4")
+        rxruntime.load("small", device="cpu", weights="q4")
 
 
 QUERIES = ["Hi! I'm Ada.", "What is my name?", "I like cats.", "What do I like?"]
@@ -304,7 +304,7 @@ def test_shipped_model_int8_stays_close_to_float32() -> None:
     it at 90% of the positions (measured: all 51, 50 below 5%; the previous default had one
     position where a router near-tie flipped an expert: 21%), the same greedy token at 95% of them
     (measured: all)."""
-    ref_model, tok = load_pretrained("default")
+    ref_model, tok = load_pretrained("small")
     assert tok is not None
     model = copy.deepcopy(ref_model)
     set_weight_format(model, "int8")
@@ -329,7 +329,7 @@ def test_shipped_model_int8_c_step_stays_close_to_its_torch_step() -> None:
     difference 0.78% of each row's logit std; the largest 3.2% at the median row, below 10% at 154
     of 160 rows, and once 185% (a router near-tie flips an expert, as weight rounding does in the
     test above); the same greedy token at 158 of 160 rows. Gates: 2%, 90% of rows below 10%, 95%."""
-    model, tok = load_pretrained("default")
+    model, tok = load_pretrained("small")
     assert tok is not None
     set_weight_format(model, "int8")
     medians, below, same, rows = [], 0, 0, 0
@@ -345,13 +345,13 @@ def test_shipped_model_int8_c_step_stays_close_to_its_torch_step() -> None:
 
 
 def test_load_defaults_to_int8_only_where_the_c_step_runs_a_model_of_ours(monkeypatch: pytest.MonkeyPatch) -> None:
-    with rxruntime.load("default", device="cpu") as engine:
+    with rxruntime.load("small", device="cpu") as engine:
         assert engine.model.weight_format == "int8"  # the C step runs the shipped model
-    with rxruntime.load("default", device="cpu", weights="fp32") as engine:
+    with rxruntime.load("small", device="cpu", weights="fp32") as engine:
         assert engine.model.weight_format == "fp32"  # asked for: float32 stays available
     rxlm = Path(__file__).parent / "fixtures" / "rxlm" / "0.2.31" / "alpha_supervised"
     with rxruntime.load(rxlm, device="cpu") as engine:
         assert engine.model.weight_format == "fp32"  # an RxLM checkpoint keeps the reference's numbers
     monkeypatch.setenv("RXRT_NATIVE", "0")
-    with rxruntime.load("default", device="cpu") as engine:
+    with rxruntime.load("small", device="cpu") as engine:
         assert engine.model.weight_format == "fp32"  # no C step: rounding would cost accuracy for nothing

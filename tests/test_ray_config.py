@@ -31,7 +31,7 @@ def test_the_shipped_serve_config_is_valid_and_names_our_deployments() -> None:
 
 def test_build_needs_the_redis_store() -> None:
     with pytest.raises(ValueError, match="args.store is required"):
-        build({"model": "default"})
+        build({"model": "small"})
 
 
 @pytest.mark.parametrize(

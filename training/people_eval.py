@@ -13,7 +13,11 @@ Splits (``SPLITS``):
 * ``held_out_phrasings``: statement, question and frame families training never renders;
 * ``facts_1`` .. ``facts_4``: exactly that many facts in play;
 * ``corrections``: the asked fact was stated, then replaced; the new value is right;
-* ``never_stated``: 1-2 other facts stated, the question asks one never stated.
+* ``never_stated``: 1-2 other facts stated, the question asks one never stated;
+* ``hand_written``: 48 dialogues written by hand, not by the generator (``data/hand_written.py``):
+  introductions, asides, facts inside longer sentences, corrections, several facts in one turn,
+  never-stated facts, each question in its own words. Its record also counts answers that contain
+  the value at all (``value_in_answer``), beside the exact answer.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from rxruntime.models.rxt import RxTModel
 from rxruntime.models.tokenizer import RxTokenizer
 
 from .data.dialogues import Dialogue
+from .data.hand_written import hand_written_probes
 from .data.people import PeopleGenerator, ProbeKind
 from .data.phrasings import PhraseSplit
 from .data.values import ValueSplit
@@ -55,8 +60,16 @@ SPLITS: dict[str, SplitSpec] = {
 }
 
 
+HAND_WRITTEN = "hand_written"
+EVAL_SPLITS: tuple[str, ...] = (*SPLITS, HAND_WRITTEN)
+"""Every split ``rxrt eval memory`` scores: the generator's (``SPLITS``) and the hand-written one."""
+
+
 def split_probes(split: str, gaps: Sequence[int], per_gap: int, seed: int = BENCH_SEED) -> dict[int, list[Dialogue]]:
-    """``per_gap`` evaluation dialogues of ``split`` for each gap ``k`` (a pure function of the seed)."""
+    """``per_gap`` evaluation dialogues of ``split`` for each gap ``k`` (a pure function of the seed;
+    ``hand_written`` has 48 items, so at most that many)."""
+    if split == HAND_WRITTEN:
+        return hand_written_probes(gaps, per_gap, seed)
     spec = SPLITS[split]
     gen = PeopleGenerator(
         seed * 1000 + list(SPLITS).index(split), values=spec.values, phrasings=spec.phrasings, purpose="bench"
@@ -69,7 +82,7 @@ def evaluate(
     tokenizer: RxTokenizer,
     per_gap: int = 50,
     gaps: Sequence[int] = GAPS,
-    splits: Sequence[str] = tuple(SPLITS),
+    splits: Sequence[str] = EVAL_SPLITS,
     seed: int = BENCH_SEED,
     batch_size: int = 256,
 ) -> dict[str, object]:
@@ -77,33 +90,47 @@ def evaluate(
 
     All splits' dialogues are pooled and batched by length, so the model runs few, full batches.
     """
-    unknown = sorted(set(splits) - set(SPLITS))
+    unknown = sorted(set(splits) - set(EVAL_SPLITS))
     if unknown:
-        raise ValueError(f"unknown split(s) {unknown}; known: {', '.join(SPLITS)}")
+        raise ValueError(f"unknown split(s) {unknown}; known: {', '.join(EVAL_SPLITS)}")
     model.eval()
     tagged = [
         ((split, k), d) for split in splits for k, ds in split_probes(split, gaps, per_gap, seed).items() for d in ds
     ]
+    count = {key: 0 for key, _ in tagged}
+    for key, _ in tagged:
+        count[key] += 1
     result: dict[str, object] = {}
     scores: dict[str, dict[tuple[str, int], int]] = {}
+    contains: dict[str, dict[tuple[str, int], int]] = {}
     for setting in ("with_memory", "reset_memory"):
-        correct = {key: 0 for key, _ in tagged}
+        correct = dict.fromkeys(count, 0)
+        found = dict.fromkeys(count, 0)
         for group in group_by_length(tagged, batch_size):
             dialogues = [d for _, d in group]
             answers = run_dialogues(
                 model, tokenizer, dialogues, reset_memory=setting == "reset_memory", seed=seed + len(dialogues[0])
             )
             for (key, d), a in zip(group, answers):
-                correct[key] += normalise(a[-1]) == normalise(d.turns[-1].answer)
-        scores[setting] = correct
-    result["splits"] = {
-        split: {
-            setting: {str(k): scores[setting][(split, k)] / per_gap for k in gaps}
-            for setting in ("with_memory", "reset_memory")
+                asked = d.turns[-1]
+                exact = normalise(a[-1]) == normalise(asked.answer)
+                correct[key] += exact
+                found[key] += exact if asked.value is None else normalise(asked.value) in normalise(a[-1])
+        scores[setting], contains[setting] = correct, found
+    settings = ("with_memory", "reset_memory")
+    per_split: dict[str, dict[str, object]] = {}
+    for split in splits:
+        record: dict[str, object] = {
+            setting: {str(k): scores[setting][(split, k)] / count[(split, k)] for k in gaps} for setting in settings
         }
-        | {"dialogues": per_gap * len(gaps)}
-        for split in splits
-    }
+        record["dialogues"] = sum(count[(split, k)] for k in gaps)
+        if split == HAND_WRITTEN:
+            record["value_in_answer"] = {
+                setting: {str(k): contains[setting][(split, k)] / count[(split, k)] for k in gaps}
+                for setting in settings
+            }
+        per_split[split] = record
+    result["splits"] = per_split
     result["seed"] = seed
     return result
 

