@@ -37,8 +37,18 @@ import torch
 from rxruntime.engine import Engine
 from rxruntime.models import ConfigError, RxTConfig, preset
 
-from .decode import DEFAULT_WEIGHTS, apply_weights
-from .overlap import TurnTrace, check_fits, environment, forced_length_model, random_queries, send, wait, word_tokenizer
+from .decode import DEFAULT_WEIGHTS, apply_weights, resolve_dtype
+from .overlap import (
+    TurnTrace,
+    check_fits,
+    environment,
+    forced_length_model,
+    random_queries,
+    send,
+    wait,
+    weights_caption,
+    word_tokenizer,
+)
 
 
 @dataclass
@@ -58,6 +68,9 @@ class ThroughputConfig:
     weights: str = DEFAULT_WEIGHTS
     """The model's weight format (``models/quantize.py``); ``default``: the engine's own for the
     device, what ``rxruntime.load`` gives (int8 where the C step runs a float32 CPU model)."""
+    dtype: str = DEFAULT_WEIGHTS
+    """What the model computes in (:func:`~rxruntime.bench.decode.resolve_dtype`): ``default``
+    is the engine's own (bfloat16 on CUDA, float32 on the CPU); float16 and bfloat16 are CUDA's."""
 
 
 # ---------------------------------------------------------------------- how many rows fit
@@ -158,7 +171,8 @@ def run_throughput(cfg: ThroughputConfig, progress: Callable[[str], None] | None
     if cfg.max_batch is not None and cfg.max_batch < 1:
         raise ConfigError("--max-batch must be at least 1")
     device = torch.device(cfg.device)
-    model = forced_length_model(config, device, cfg.seed)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = forced_length_model(config, device, cfg.seed, dtype)
     fmt = apply_weights(model, cfg.weights)
     row_bytes = decode_row_bytes(config, model.dtype)
     max_batch, cap = choose_max_batch(cfg, row_bytes, free_memory_bytes(device))
@@ -190,6 +204,7 @@ def run_throughput(cfg: ThroughputConfig, progress: Callable[[str], None] | None
             **environment(model),
             "weights": fmt,
             "weights_requested": cfg.weights,
+            "dtype_requested": cfg.dtype,
             "load_average_start": list(load_start),
             "load_average_end": list(load_end),
         },
@@ -205,7 +220,7 @@ def format_table(result: dict[str, Any]) -> Any:
     table = Table(
         title=f"preset {cfg['preset']}, {cfg['device']} {cfg['dtype']}, {cfg['threads']} threads, "
         f"max batch {cfg['max_batch']} (query {cfg['query_tokens']}, answer {cfg['answer_tokens']} tokens)",
-        caption=f"weights {cfg['weights']}, decode: {cfg['decode_kernel']}" if "decode_kernel" in cfg else None,
+        caption=weights_caption(cfg),
     )
     columns = ("convs", "tokens/s", "token gap p50 ms", "p95 ms", "TTFT p50 s", "p95 s", "wall s", "memory p50 s")
     for name in columns:

@@ -23,7 +23,7 @@ import torch
 
 from rxruntime.backend import AnswerStats
 from rxruntime.errors import EngineClosedError, ModelExecutionError
-from rxruntime.events import FinishReason
+from rxruntime.events import FinishReason, Mailbox, start_drains
 from rxruntime.models.generation import DecodeBatch, JoinRequest
 from rxruntime.models.rxt import RxTModel
 
@@ -120,8 +120,12 @@ class DecodeLoop:
         failed = dict(self.batch.failed)
         for job in jobs:
             self._jobs[id(job)] = job
-        for job, token in zip(jobs, first):
-            self._on_sampled(job, token, failed)
+        drains: list[Mailbox] = []
+        try:
+            for job, token in zip(jobs, first):
+                self._on_sampled(job, token, failed, drains)
+        finally:
+            start_drains(drains)
 
     def _step(self) -> None:
         keys = list(self.batch.keys)
@@ -134,10 +138,14 @@ class DecodeLoop:
             self._fail(jobs, ModelExecutionError(f"decode step failed: {exc}"), cause=exc, leave=False)
             return
         failed = dict(self.batch.failed)
-        for key, token in zip(keys, tokens):
-            self._on_sampled(self._jobs[key], token, failed)  # type: ignore[index]
+        drains: list[Mailbox] = []  # the step's token events start their deliveries together
+        try:
+            for key, token in zip(keys, tokens):
+                self._on_sampled(self._jobs[key], token, failed, drains)  # type: ignore[index]
+        finally:
+            start_drains(drains)
 
-    def _on_sampled(self, job: Job, token: int, failed: dict[object, BaseException]) -> None:
+    def _on_sampled(self, job: Job, token: int, failed: dict[object, BaseException], drains: list[Mailbox]) -> None:
         now = time.perf_counter()
         if job.first_token is None:
             job.first_token = now
@@ -155,7 +163,7 @@ class DecodeLoop:
         position = len(job.tokens)
         job.tokens.append(token)
         listener = job.listener
-        job.conv.mailbox.post(lambda: listener.on_token(token, position))
+        job.conv.mailbox.post(lambda: listener.on_token(token, position), drains)
         if len(job.tokens) >= job.limit:
             self._finish(job, "length")
 
