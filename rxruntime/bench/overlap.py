@@ -325,6 +325,7 @@ def run_overlap(cfg: OverlapConfig, progress: Callable[[str], None] | None = Non
         "config": {
             **asdict(cfg),
             **environment(model),
+            "weights_requested": cfg.weights,
             "load_average_start": list(load_start),
             "load_average_end": list(load_end),
         },
