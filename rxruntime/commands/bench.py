@@ -116,6 +116,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--max-batch", type=int, help="decode rows of the engine (default: the largest concurrency, if memory allows)"
     )
     h.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
+    h.add_argument(
+        "--no-compute-limit", action="store_true", help="skip measuring the machine's matrix-product rate (~1 s)"
+    )
     _weights(h)
     _dtype(h)
     h.add_argument("--out", type=Path, help="directory for throughput-<preset>.json")
@@ -349,7 +352,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def run_throughput(args: argparse.Namespace) -> int:
-    from rxruntime.bench.throughput import ThroughputConfig, format_table
+    from rxruntime.bench.throughput import ThroughputConfig, describe_limit, format_table
     from rxruntime.bench.throughput import run_throughput as run
 
     _threads(args)
@@ -364,14 +367,14 @@ def run_throughput(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         weights=args.weights,
         dtype=args.dtype,
+        compute_limit=not args.no_compute_limit,
     )
     result = run(cfg, progress=None if args.json else _progress)
     limited = [r["conversations"] for r in result["results"] if r["limited"]]
-    note = (
-        f"max batch {result['config']['max_batch']}: levels {limited} queued the conversations beyond it"
-        if limited
-        else ""
-    )
+    notes = [describe_limit(result)]
+    if limited:
+        notes.append(f"max batch {result['config']['max_batch']}: levels {limited} queued the conversations beyond it")
+    note = "\n".join(n for n in notes if n)
     return _report(args, "throughput", result, format_table, note)
 
 
