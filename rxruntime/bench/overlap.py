@@ -141,6 +141,19 @@ def check_fits(config: RxTConfig, name: str, query_tokens: int, answer_tokens: i
         )
 
 
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere): the
+    machines benchmarks run on differ from one day to the next, so every report names it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment(model: RxTModel) -> dict[str, Any]:
     """Where the numbers come from: versions, threads and machine (load averages are added by
     the caller around the timed part)."""
@@ -152,6 +165,7 @@ def environment(model: RxTModel) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "machine": platform.machine(),
         "c_decode_step": c_step_note(model),
         "weights": model.weight_format,
