@@ -121,9 +121,10 @@ class DecodeLoop:
         for job in jobs:
             self._jobs[id(job)] = job
         drains: list[Mailbox] = []
+        now = time.perf_counter()
         try:
             for job, token in zip(jobs, first):
-                self._on_sampled(job, token, failed, drains)
+                self._on_sampled(job, token, failed, drains, now)
         finally:
             start_drains(drains)
 
@@ -139,14 +140,16 @@ class DecodeLoop:
             return
         failed = dict(self.batch.failed)
         drains: list[Mailbox] = []  # the step's token events start their deliveries together
+        now = time.perf_counter()  # one clock read for the step's rows: they share its token time
         try:
             for key, token in zip(keys, tokens):
-                self._on_sampled(self._jobs[key], token, failed, drains)  # type: ignore[index]
+                self._on_sampled(self._jobs[key], token, failed, drains, now)  # type: ignore[index]
         finally:
             start_drains(drains)
 
-    def _on_sampled(self, job: Job, token: int, failed: dict[object, BaseException], drains: list[Mailbox]) -> None:
-        now = time.perf_counter()
+    def _on_sampled(
+        self, job: Job, token: int, failed: dict[object, BaseException], drains: list[Mailbox], now: float
+    ) -> None:
         if job.first_token is None:
             job.first_token = now
         if token < 0:  # this row alone failed
