@@ -20,9 +20,15 @@ batch rounds), so load from other processes on a shared machine hits all sides a
   RxLM runs ``interact`` (memory update synchronous, between -1 and -2); rxruntime runs the
   engine's decode path (``DecodeBatch``) and times ``memory_update`` on its own, as
   ``rxrt bench turns`` does. The first 8 tokens of every answer are kept, to compare.
-* ``batch``: one turn of ``--conversations`` conversations at once: RxLM's ``batch_interact``
-  against rxruntime's ``Engine`` (continuous batching, real event stream): aggregate tokens/s,
-  the median of ``--batch-rounds`` rounds.
+* ``batch``: for each level of ``--conversations`` (16 and 64), one turn of that many
+  conversations at once: RxLM's ``batch_interact`` against rxruntime's ``Engine`` (continuous
+  batching, real event stream): aggregate tokens/s, the median of ``--batch-rounds`` rounds, the
+  ratio, and beside it the machine's compute limit for the work (``rxruntime.bench.throughput.
+  compute_limit``: the peak matrix-product rate of the arithmetic rxruntime's weights call for,
+  over the FLOPs of one generated token) with the fraction each side reaches.
+
+rxruntime runs ``--weights`` (``default``: the engine's own for the device, int8 where the C step
+runs, what ``rxrt serve`` runs; ``fp32`` keeps RxLM's float32 values exactly).
 
 Where rxruntime cannot load the directory, its side records the error and the other sides still run.
 """
@@ -111,16 +117,18 @@ class RxruntimeSide:
     update timed on its own after the answer as ``rxrt bench turns`` does; batches through the
     real ``Engine``."""
 
-    def __init__(self, checkpoint: Path, threads: int) -> None:
-        from rxruntime.bench.decode import c_step_note
+    def __init__(self, checkpoint: Path, threads: int, weights: str = "default") -> None:
+        from rxruntime.bench.decode import apply_weights, c_step_note
         from rxruntime.models import DecodeBatch, SamplingParams
         from rxruntime.models.checkpoint import load_pretrained
 
         self.model, self.tokenizer = load_pretrained(checkpoint, device="cpu", dtype=torch.float32)
+        fmt = apply_weights(self.model, weights)
         self.params = SamplingParams(temperature=0.0)
         self.decode = DecodeBatch(self.model, capacity=1)
         self.info = {"api": "DecodeBatch (engine decode path); Engine for batches", "threads": threads}
         self.info["c_decode_step"] = c_step_note(self.model)
+        self.info["weights"], self.info["weights_requested"] = fmt, weights
         self.engine: Any = None
         self.reset()
 
@@ -150,6 +158,9 @@ class RxruntimeSide:
         from rxruntime.bench.throughput import run_level, summarize
         from rxruntime.engine import Engine
 
+        if self.engine is not None and self.engine.stats()["max_batch"] < len(qs):
+            self.engine.close()
+            self.engine = None
         if self.engine is None:
             self.engine = Engine(self.model, self.tokenizer, max_batch=len(qs))
         return summarize(run_level(self.engine, qs, answer_tokens, 0, f"b{time.monotonic_ns()}"), len(qs))
@@ -199,6 +210,33 @@ def run_batches(sides: dict[str, Any], qs: list[list[int]], answer_tokens: int, 
     }
 
 
+def run_levels(
+    sides: dict[str, Any], levels: list[int], query_tokens: int, vocab: int, answer_tokens: int, rounds: int
+) -> dict[str, Any]:
+    """:func:`run_batches` at each number of conversations, keyed by it."""
+    return {str(n): run_batches(sides, queries(n, query_tokens, vocab, 2), answer_tokens, rounds) for n in levels}
+
+
+def summarize_batches(batches: dict[str, Any], limit: dict[str, Any] | None) -> dict[str, Any]:
+    """Per level: each side's tokens/s, rxruntime's ratio over each RxLM side, and each side's
+    fraction of the compute limit."""
+    out: dict[str, Any] = {}
+    for level, sides in batches.items():
+        ours = sides.get("rxruntime", {}).get("tokens_per_s")
+        row: dict[str, Any] = {}
+        for name, b in sides.items():
+            if "tokens_per_s" not in b:
+                continue
+            entry: dict[str, Any] = {"tokens_per_s": b["tokens_per_s"]}
+            if limit is not None:
+                entry["compute_fraction"] = b["tokens_per_s"] / limit["limit_tokens_per_s"]
+            if ours is not None and name != "rxruntime":
+                entry["rxruntime_ratio"] = ours / b["tokens_per_s"]
+            row[name] = entry
+        out[level] = row
+    return out
+
+
 # ---------------------------------------------------------------------- summary
 def summarize_turns(sides: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per side, the medians over turns; for RxLM sides, rxruntime's speed-up and matching answers."""
@@ -231,12 +269,28 @@ def table(result: dict[str, Any]) -> str:
             f"| {name} | {s['tokens_per_s_median']:.1f} | {s['ttft_s_median']:.3f} | {s['turn_s_median']:.2f} | "
             f"{s['memory_update_s_median']:.3f} | {f'{ratio:.1f}x' if ratio else ''} |"
         )
-    lines += ["", "| side, batch | tokens/s | wall s |", "| --- | --- | --- |"]
-    for name, b in result["batch"].items():
-        if "tokens_per_s" in b:
-            lines.append(f"| {name} | {b['tokens_per_s']:.1f} | {b['wall_s']:.2f} |")
-        else:
-            lines.append(f"| {name} | failed: {b.get('error')} | |")
+    limit = result["summary"].get("compute_limit")
+    lines += [
+        "",
+        "| conversations | side | tokens/s | wall s | rxruntime ratio | of compute limit |",
+        "|" + " --- |" * 6,
+    ]
+    for level, sides in result["batch"].items():
+        summary = result["summary"].get("batch", {}).get(level, {})
+        for name, b in sides.items():
+            if "tokens_per_s" not in b:
+                lines.append(f"| {level} | {name} | failed: {b.get('error')} | | | |")
+                continue
+            s = summary.get(name, {})
+            ratio = f"{s['rxruntime_ratio']:.2f}x" if "rxruntime_ratio" in s else ""
+            share = f"{100 * s['compute_fraction']:.2f}%" if "compute_fraction" in s else ""
+            lines.append(f"| {level} | {name} | {b['tokens_per_s']:.1f} | {b['wall_s']:.2f} | {ratio} | {share} |")
+    if limit:
+        peaks = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in limit["peak_flops"].items())
+        lines.append(
+            f"\ncompute limit {limit['limit_tokens_per_s']:.0f} tokens/s ({limit['arithmetic']}: {peaks}; "
+            f"{limit['flops_per_token'] / 1e6:.1f} MFLOP per token); CPU {result['config'].get('cpu_model')}"
+        )
     return "\n".join(lines)
 
 
@@ -247,7 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--query-tokens", type=int, default=32)
     parser.add_argument("--answer-tokens", type=int, default=64)
-    parser.add_argument("--conversations", type=int, default=16)
+    parser.add_argument(
+        "--conversations", type=levels, default=[16, 64], help="comma-separated numbers of conversations (16,64)"
+    )
+    parser.add_argument(
+        "--weights",
+        default="default",
+        help="rxruntime's weights: default (the engine's own: int8 where the C step "
+        "runs), fp32 (RxLM's values exactly), bf16, int8",
+    )
     parser.add_argument("--batch-answer-tokens", type=int, default=32)
     parser.add_argument("--batch-rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
@@ -268,10 +330,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sides: dict[str, Any] = {}
     errors: dict[str, str] = {}
+    limit: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         for i, py in enumerate(args.rxlm):
             if i == 1 or len(args.rxlm) == 1:
-                add_ours(sides, errors, args.checkpoint, args.threads)
+                add_ours(sides, errors, args.checkpoint, args.threads, args.weights)
             sides[f"rxlm-{versions[py]}"] = RxlmSide(py, args.checkpoint, args.threads, Path(tmp) / f"rxlm-{i}.log")
         try:
             result: dict[str, Any] = {"turns": {}, "batch": {}, "errors": errors}
@@ -283,14 +346,24 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 result["turns"] = run_interleaved(sides, prompts, args.answer_tokens)
             if "batch" not in args.skip:
-                qs = queries(args.conversations, args.query_tokens, vocab, 2)
-                result["batch"] = run_batches(sides, qs, args.batch_answer_tokens, args.batch_rounds)
+                result["batch"] = run_levels(
+                    sides, args.conversations, args.query_tokens, vocab, args.batch_answer_tokens, args.batch_rounds
+                )
             result["sides"] = {name: side.info for name, side in sides.items()}
+            if "rxruntime" in sides and "batch" not in args.skip:  # after the runs, the RxLM processes idle
+                from rxruntime.bench.throughput import compute_limit
+
+                context = args.query_tokens + 3 + args.batch_answer_tokens / 2
+                limit = compute_limit(sides["rxruntime"].model, context)
         finally:
             for side in sides.values():
                 side.close()
     load_avg.append(os.getloadavg()[0])
-    result["summary"] = {"turns": summarize_turns(result["turns"])}
+    result["summary"] = {
+        "turns": summarize_turns(result["turns"]),
+        "batch": summarize_batches(result["batch"], limit),
+        "compute_limit": limit,
+    }
     result["config"] = {
         "checkpoint": str(args.checkpoint),
         "saved_by": "RxLM save_pretrained (alpha-mini, random weights, [EOS] unreachable)",
@@ -308,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": "cpu",
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "machine": platform.machine(),
         "load_average_start_end": load_avg,
     }
@@ -319,10 +393,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def add_ours(sides: dict[str, Any], errors: dict[str, str], checkpoint: Path, threads: int) -> None:
+def levels(text: str) -> list[int]:
+    """``16,64`` -> [16, 64] (argparse type)."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the record: development machines differ."""
+    from rxruntime.bench.overlap import cpu_model as model_name
+
+    return model_name()
+
+
+def add_ours(sides: dict[str, Any], errors: dict[str, str], checkpoint: Path, threads: int, weights: str) -> None:
     """rxruntime's side, or the reason it cannot load the directory (the RxLM sides still run)."""
     try:
-        sides["rxruntime"] = RxruntimeSide(checkpoint, threads)
+        sides["rxruntime"] = RxruntimeSide(checkpoint, threads, weights)
     except Exception as exc:
         errors["rxruntime"] = f"{type(exc).__name__}: {exc}"
         print(f"rxruntime cannot load {checkpoint}: {errors['rxruntime']}", file=sys.stderr)

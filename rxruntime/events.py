@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -220,14 +220,25 @@ class Mailbox:
         self._idle = threading.Event()
         self._idle.set()
 
-    def post(self, callback: Callable[[], None]) -> None:
-        """Queue ``callback``; it runs after every callback posted before it. Never blocks."""
+    def post(self, callback: Callable[[], None], defer: list[Mailbox] | None = None) -> None:
+        """Queue ``callback``; it runs after every callback posted before it. Never blocks.
+
+        With ``defer``, a drain this post needs is not started here: the mailbox is appended to
+        ``defer`` and the caller must hand the list to :func:`start_drains` (a decode step posts
+        one token to every row's mailbox and starts their drains with one hand-off, not one pool
+        wake-up per conversation on its own thread)."""
         with self._lock:
             self._queue.append(callback)
             if self._draining:
                 return
             self._draining = True
             self._idle.clear()
+        if defer is not None:
+            defer.append(self)
+        else:
+            self._start()
+
+    def _start(self) -> None:
         try:
             self._executor.submit(self._drain)
         except RuntimeError:  # executor shut down: deliver inline so nothing is lost
@@ -249,3 +260,28 @@ class Mailbox:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until everything posted so far has been delivered."""
         return self._idle.wait(timeout)
+
+
+def start_drains(mailboxes: Sequence[Mailbox]) -> None:
+    """Start the drains that posts with ``defer`` left to the caller, with one pool hand-off.
+
+    One pool task starts every other mailbox's drain, each on its own pool thread as
+    :meth:`Mailbox.post` would (so a slow subscriber still delays only its own conversation),
+    and drains the first itself: the posting thread (the decode loop) wakes one pool thread per
+    step instead of one per conversation."""
+    if not mailboxes:
+        return
+    if len(mailboxes) == 1:
+        mailboxes[0]._start()
+        return
+    boxes = list(mailboxes)
+    try:
+        boxes[0]._executor.submit(_fan_out, boxes)
+    except RuntimeError:  # executor shut down: deliver inline so nothing is lost
+        _fan_out(boxes)
+
+
+def _fan_out(mailboxes: list[Mailbox]) -> None:
+    for mailbox in mailboxes[1:]:
+        mailbox._start()
+    mailboxes[0]._drain()

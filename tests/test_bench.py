@@ -224,8 +224,14 @@ def test_bench_throughput_json_shape(tmp_path: Path, capsys: pytest.CaptureFixtu
     argv = ["bench", "throughput", "--preset", "nano", "--concurrency", "1,3", "--query-tokens", "8"]
     assert main([*argv, "--answer-tokens", "5", "--json", "--out", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"results", "config"}
+    assert set(result) == {"results", "config", "compute_limit"}
     assert [r["conversations"] for r in result["results"]] == [1, 3]
+    limit = result["compute_limit"]
+    assert limit["arithmetic"] in ("int8", "float32") and limit["peak_flops"]["float32"] > 0
+    assert limit["context_tokens"] == 8 + 3 + 5 / 2
+    assert limit["limit_tokens_per_s"] == pytest.approx(
+        limit["peak_flops"][limit["arithmetic"]] / limit["flops_per_token"]
+    )
     for r in result["results"]:
         n = r["conversations"]
         assert r["tokens"] == 5 * n and r["max_batch"] == 3 and r["limited"] is False
@@ -234,6 +240,8 @@ def test_bench_throughput_json_shape(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert r["wall_s"] > 0 and r["memory_update_p50_s"] > 0 and r["send_spread_s"] >= 0
         assert r["token_latency_p50_s"] <= r["token_latency_p95_s"] and r["ttft_p50_s"] <= r["ttft_p95_s"]
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
+        assert r["compute_fraction"] == pytest.approx(r["tokens_per_s"] / limit["limit_tokens_per_s"])
+        assert r["compute_fraction_fp32"] == pytest.approx(r["tokens_per_s"] / limit["limit_tokens_per_s_fp32"])
     cfg = result["config"]
     assert cfg["concurrency"] == [1, 3] and cfg["max_batch"] == 3 and cfg["decode_row_bytes"] > 0
     assert {"machine", "torch", "threads", "load_average_start", "load_average_end"} <= set(cfg)
@@ -246,6 +254,23 @@ def test_bench_throughput_beyond_max_batch_queues(capsys: pytest.CaptureFixture[
     assert main([*argv, "--query-tokens", "4", "--answer-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "queued" in out and "max batch 2" in out
+    assert "compute limit: " in out and ("(int8 matrix products" in out or "(float32 matrix products" in out)
+    assert main([*argv, "--query-tokens", "4", "--answer-tokens", "3", "--json", "--no-compute-limit"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["compute_limit"] is None and "compute_fraction" not in result["results"][0]
+
+
+def test_decode_flops_per_token_counts_parameters_and_attention() -> None:
+    from rxruntime.bench.throughput import decode_flops_per_token
+
+    model = RxTModel(preset("alpha-mini"))
+    cfg, d = model.config, model.config.decoder
+    head_dim = cfg.dim // d.num_heads
+    at_0 = decode_flops_per_token(model, 0)
+    assert at_0 == 2 * model.active_parameter_count() + 4 * head_dim * d.cross_q_heads * cfg.stm_size * cfg.num_layers
+    per_context_token = 4 * head_dim * d.self_q_heads * cfg.num_layers
+    assert decode_flops_per_token(model, 100) - at_0 == pytest.approx(100 * per_context_token)
+    assert 55e6 < at_0 < 80e6  # alpha-mini: 29.6M active parameters, plus reading a 256-slot STM
 
 
 def test_percentile_interpolates_like_numpy() -> None:

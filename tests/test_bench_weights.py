@@ -79,3 +79,48 @@ def test_throughput_defaults_to_the_engines_weights_and_says_so(capsys: pytest.C
     assert cfg["decode_kernel"].startswith("C step" if want == "int8" else "torch")
     assert main([*THROUGHPUT, "--weights", "fp32"]) == 0
     assert "weights fp32, decode: " in capsys.readouterr().out
+
+
+OVERLAP = ["bench", "overlap", "--preset", "nano", "--turns", "2", "--query-tokens", "4", "--answer-tokens", "3"]
+
+
+def test_overlap_defaults_to_the_engines_weights_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    want = _expected_default()
+    assert main([*OVERLAP, "--json"]) == 0
+    cfg = json.loads(capsys.readouterr().out)["config"]
+    assert cfg["weights"] == want and cfg["weights_requested"] == "default"
+    assert cfg["decode_kernel"].startswith("C step" if want == "int8" else "torch")
+    assert main(OVERLAP) == 0
+    assert f"weights {want} (the engine's default for the device), decode: " in capsys.readouterr().out
+    assert main([*OVERLAP, "--json", "--weights", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["weights"] == "fp32"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("command", [TURNS, THROUGHPUT], ids=["turns", "throughput"])
+def test_half_dtypes_are_refused_on_the_cpu_with_a_clear_error(
+    capsys: pytest.CaptureFixture[str], command: list[str], dtype: str
+) -> None:
+    assert main([*command, "--dtype", dtype]) == 2
+    err = capsys.readouterr().err
+    assert f"--dtype {dtype} is for CUDA" in err and "--weights bf16|int8" in err
+
+
+def test_dtype_names_are_checked_and_the_cpu_runs_float32(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*THROUGHPUT, "--dtype", "fp64"]) == 2
+    assert "--dtype must be one of float32, bfloat16, float16 or default" in capsys.readouterr().err
+    for dtype in ("default", "float32"):
+        assert main([*THROUGHPUT, "--json", "--dtype", dtype]) == 0
+        cfg = json.loads(capsys.readouterr().out)["config"]
+        assert cfg["dtype"] == "float32" and cfg["dtype_requested"] == dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["default", "bfloat16", "float16", "float32"])
+def test_dtype_on_cuda_is_what_the_model_computes_in(capsys: pytest.CaptureFixture[str], dtype: str) -> None:
+    want = {"default": "bfloat16"}.get(dtype, dtype)  # default: rxruntime.load's choice on CUDA
+    assert main([*THROUGHPUT, "--json", "--device", "cuda", "--dtype", dtype]) == 0
+    cfg = json.loads(capsys.readouterr().out)["config"]
+    assert cfg["dtype"] == want and cfg["weights"] == "fp32"
+    assert main([*TURNS, "--json", "--device", "cuda", "--dtype", dtype]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["dtype"] == want

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import pytest
@@ -57,3 +59,50 @@ def test_an_older_memory_updated_without_layer_figures_still_decodes() -> None:
     old = {"type": "memory_updated", "conversation_id": "c", "turn": 1, "stm_version": 1, "duration_s": 0.1}
     event = events.unpack(msgpack.packb(old))
     assert isinstance(event, MemoryUpdated) and event.layer_change == () and event.layer_gate == ()
+
+
+# ---------------------------------------------------------------------- delivery
+def test_deferred_posts_wait_for_start_drains_then_arrive_in_order() -> None:
+    with ThreadPoolExecutor(4) as pool:
+        boxes = [events.Mailbox(pool) for _ in range(3)]
+        seen: dict[int, list[str]] = {i: [] for i in range(3)}
+        drains: list[events.Mailbox] = []
+        for step in range(2):  # two steps' tokens before anyone starts the drains
+            for i, box in enumerate(boxes):
+                box.post(lambda i=i, s=step: seen[i].append(f"token{s}"), drains)  # type: ignore[misc]
+        boxes[1].post(lambda: seen[1].append("answer"))  # an ordinary post after them
+        assert drains == boxes  # one entry per mailbox that needs a drain
+        assert not any(box.wait_idle(0) for box in boxes) and seen == {0: [], 1: [], 2: []}
+        events.start_drains(drains)
+        assert all(box.wait_idle(10) for box in boxes)
+        assert seen == {0: ["token0", "token1"], 1: ["token0", "token1", "answer"], 2: ["token0", "token1"]}
+
+
+def test_a_slow_subscriber_delays_only_its_own_mailbox_after_start_drains() -> None:
+    release = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        slow, fast = events.Mailbox(pool), events.Mailbox(pool)
+        got: list[str] = []
+        drains: list[events.Mailbox] = []
+
+        def block() -> None:
+            release.wait(10)
+
+        slow.post(block, drains)  # the first mailbox: drained by the fan-out task itself
+        fast.post(lambda: got.append("fast"), drains)
+        events.start_drains(drains)
+        assert fast.wait_idle(10) and got == ["fast"] and not slow.wait_idle(0)
+        release.set()
+        assert slow.wait_idle(10)
+
+
+def test_start_drains_delivers_inline_once_the_pool_is_shut_down() -> None:
+    pool = ThreadPoolExecutor(1)
+    pool.shutdown()
+    boxes = [events.Mailbox(pool) for _ in range(2)]
+    got: list[int] = []
+    drains: list[events.Mailbox] = []
+    for i, box in enumerate(boxes):
+        box.post(lambda i=i: got.append(i), drains)  # type: ignore[misc]
+    events.start_drains(drains)
+    assert sorted(got) == [0, 1] and all(box.wait_idle(0) for box in boxes)  # no order across mailboxes

@@ -127,6 +127,28 @@ def apply_weights(model: RxTModel, requested: str | None) -> WeightFormat:
     return fmt
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``--dtype`` of ``turns`` and ``throughput``: what the model computes in (a CUDA choice)."""
+
+
+def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    """``--dtype``: None or ``"default"`` is :func:`rxruntime.load`'s choice (bfloat16 on CUDA,
+    float32 elsewhere); ``float32``, ``bfloat16`` and ``float16`` are taken on CUDA. On the CPU
+    only float32 is: its compact formats are ``--weights bf16|int8`` (the C step reads them), and
+    a half-precision torch model there is not what the runtime serves. ConfigError otherwise."""
+    if requested in (None, DEFAULT_WEIGHTS):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = DTYPES.get(str(requested))
+    if dtype is None:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} or {DEFAULT_WEIGHTS}, got {requested!r}")
+    if dtype != torch.float32 and device.type != "cuda":
+        raise ConfigError(
+            f"--dtype {requested} is for CUDA; on the {device.type} the model computes in float32 "
+            "(its weights in bf16 or int8: --weights bf16|int8)"
+        )
+    return dtype
+
+
 def kernel_label(model: RxTModel) -> str:
     """Which decode step a one-row step of ``model`` runs, in words: the C step or torch."""
     from rxruntime.models import native

@@ -48,7 +48,7 @@ from rxruntime.events import AnswerCompleted, Event, InteractionFailed, MemoryUp
 from rxruntime.models import ConfigError, RxTConfig, RxTModel, RxTokenizer, preset
 from rxruntime.models.tokenizer import SPECIAL_TOKENS
 
-from .decode import c_step_note, kernel_label
+from .decode import DEFAULT_WEIGHTS, apply_weights, c_step_note, kernel_label
 
 Mode = Literal["immediate", "after_memory"]
 MODES: tuple[Mode, ...] = ("immediate", "after_memory")
@@ -67,6 +67,10 @@ class OverlapConfig:
     answer_tokens: int = 64
     device: str = "cpu"
     seed: int = 0
+    weights: str = DEFAULT_WEIGHTS
+    """The model's weight format; ``default``: the engine's own for the device, what
+    ``rxruntime.load`` gives (int8 where the C step runs a float32 CPU model), as ``turns``,
+    ``decode`` and ``throughput`` default to."""
 
 
 @dataclass
@@ -86,7 +90,9 @@ class OverlapRecord:
 
 
 # ---------------------------------------------------------------------- shared with throughput
-def forced_length_model(config: RxTConfig, device: str | torch.device, seed: int) -> RxTModel:
+def forced_length_model(
+    config: RxTConfig, device: str | torch.device, seed: int, dtype: torch.dtype = torch.float32
+) -> RxTModel:
     """A random-weight model whose greedy answers never end on ``[EOS]``.
 
     The ``[EOS]`` row of the LM head becomes half of another row, so its logit is half of that
@@ -99,7 +105,7 @@ def forced_length_model(config: RxTConfig, device: str | torch.device, seed: int
     with torch.no_grad():
         head = model.decoder.lm_head.weight
         head[config.special_tokens.eos_id] = 0.5 * head[len(SPECIAL_TOKENS)]
-    return model.to(device).eval()
+    return model.to(device, dtype).eval()
 
 
 def word_tokenizer(vocab_size: int) -> RxTokenizer:
@@ -135,6 +141,19 @@ def check_fits(config: RxTConfig, name: str, query_tokens: int, answer_tokens: i
         )
 
 
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere): the
+    machines benchmarks run on differ from one day to the next, so every report names it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment(model: RxTModel) -> dict[str, Any]:
     """Where the numbers come from: versions, threads and machine (load averages are added by
     the caller around the timed part)."""
@@ -146,6 +165,7 @@ def environment(model: RxTModel) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "machine": platform.machine(),
         "c_decode_step": c_step_note(model),
         "weights": model.weight_format,
@@ -282,6 +302,7 @@ def run_overlap(cfg: OverlapConfig, progress: Callable[[str], None] | None = Non
     if cfg.turns < 1:
         raise ConfigError("--turns must be at least 1")
     model = forced_length_model(config, cfg.device, cfg.seed)
+    apply_weights(model, cfg.weights)
     queries = random_queries(config, cfg.turns, cfg.query_tokens, cfg.seed)
     # One conversation decodes at a time, so one decode row is all the engine needs.
     with Engine(model, word_tokenizer(config.vocab_size), max_batch=1) as engine:
@@ -318,6 +339,7 @@ def run_overlap(cfg: OverlapConfig, progress: Callable[[str], None] | None = Non
         "config": {
             **asdict(cfg),
             **environment(model),
+            "weights_requested": cfg.weights,
             "load_average_start": list(load_start),
             "load_average_end": list(load_end),
         },
@@ -344,7 +366,8 @@ def format_table(result: dict[str, Any]) -> Any:
     table = Table(
         title=f"{cfg['turns']} turns, preset {cfg['preset']}, {cfg['device']} {cfg['dtype']}, "
         f"{cfg['threads']} threads (query {cfg['query_tokens']}, answer {cfg['answer_tokens']} tokens; "
-        f"medians of turns {s['turns_in_medians']})"
+        f"medians of turns {s['turns_in_medians']})",
+        caption=weights_caption(cfg),
     )
     for name in ("median", "immediate", "after_memory", "ratio"):
         table.add_column(name, justify="left" if name == "median" else "right")
@@ -359,6 +382,14 @@ def format_table(result: dict[str, Any]) -> Any:
         a, b = s["immediate"][key], s["after_memory"][key]
         table.add_row(label, f"{a:.4f}", f"{b:.4f}", f"{a / b:.2f}x" if b > 0 else "-")
     return table
+
+
+def weights_caption(cfg: dict[str, Any]) -> str | None:
+    """Which weights and decode step a report measured (None for a JSON from before it said)."""
+    if "decode_kernel" not in cfg:
+        return None
+    default = " (the engine's default for the device)" if cfg.get("weights_requested") == DEFAULT_WEIGHTS else ""
+    return f"weights {cfg['weights']}{default}, decode: {cfg['decode_kernel']}"
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -16,7 +16,12 @@ before closing the conversations, so one level never overlaps the next. Answers 
   conversation, pooled over all conversations (what a streaming user sees between words);
 * ``ttft_p50_s`` / ``_p95_s``: send -> first ``Token`` event;
 * ``memory_update_p50_s``: ``MemoryUpdated.duration_s``; the memory thread batches the updates
-  that are queued together, so at high concurrency one duration covers many conversations.
+  that are queued together, so at high concurrency one duration covers many conversations;
+* ``compute_fraction``: ``tokens_per_s`` over the machine's compute limit for this work
+  (:func:`compute_limit`): the best rate one large matrix product of the arithmetic the weights
+  call for (int8 for int8 weights, else the model's dtype) reaches on this device, divided by
+  the FLOPs of one generated token (:func:`decode_flops_per_token`). ``compute_fraction_fp32``
+  measures against the float32 rate.
 
 Decode rows are preallocated (self-attention KV cache of ``max_seq_len`` plus memory
 cross-attention K/V per row), so ``max_batch`` defaults to the largest ``N`` but is capped to what
@@ -27,6 +32,7 @@ half of the free memory holds; a level with more conversations than rows queues 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
@@ -35,10 +41,20 @@ from typing import Any
 import torch
 
 from rxruntime.engine import Engine
-from rxruntime.models import ConfigError, RxTConfig, preset
+from rxruntime.models import ConfigError, RxTConfig, RxTModel, preset
 
-from .decode import DEFAULT_WEIGHTS, apply_weights
-from .overlap import TurnTrace, check_fits, environment, forced_length_model, random_queries, send, wait, word_tokenizer
+from .decode import DEFAULT_WEIGHTS, apply_weights, resolve_dtype
+from .overlap import (
+    TurnTrace,
+    check_fits,
+    environment,
+    forced_length_model,
+    random_queries,
+    send,
+    wait,
+    weights_caption,
+    word_tokenizer,
+)
 
 
 @dataclass
@@ -55,9 +71,14 @@ class ThroughputConfig:
     """Decode rows of the engine; None: the largest concurrency, capped by memory."""
     warmup: bool = True
     """Run one small untimed round first (first-call allocations, thread pools)."""
+    compute_limit: bool = True
+    """Measure the machine's matrix-product rate (about a second) and report each level's share of it."""
     weights: str = DEFAULT_WEIGHTS
     """The model's weight format (``models/quantize.py``); ``default``: the engine's own for the
     device, what ``rxruntime.load`` gives (int8 where the C step runs a float32 CPU model)."""
+    dtype: str = DEFAULT_WEIGHTS
+    """What the model computes in (:func:`~rxruntime.bench.decode.resolve_dtype`): ``default``
+    is the engine's own (bfloat16 on CUDA, float32 on the CPU); float16 and bfloat16 are CUDA's."""
 
 
 # ---------------------------------------------------------------------- how many rows fit
@@ -90,6 +111,85 @@ def choose_max_batch(cfg: ThroughputConfig, row_bytes: int, free: int | None) ->
         return cfg.max_batch, cap
     wanted = max(cfg.concurrency)
     return (wanted if cap is None else min(wanted, cap)), cap
+
+
+# ---------------------------------------------------------------------- the compute limit
+PEAK_SHAPE = (512, 1024, 1024)
+"""(m, k, n) of the product :func:`peak_matmul_flops` times: large enough for any GEMM to reach its peak."""
+
+
+def peak_matmul_flops(kind: str, device: torch.device, seconds: float = 0.5) -> float:
+    """The best FLOP/s one (m, k) x (k, n) matrix product reaches on ``device`` with the threads
+    torch has now: ``kind`` float32, bfloat16, float16, or int8 (``torch._int_mm``, int32
+    accumulation: what VNNI / AMX / tensor cores run). The best of repeats over ``seconds``, so
+    a shared machine's other tenants lower it least."""
+    m, k, n = PEAK_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    if kind == "int8":
+        a = torch.randint(-64, 64, (m, k), dtype=torch.int8, generator=gen).to(device)
+        b = torch.randint(-64, 64, (k, n), dtype=torch.int8, generator=gen).to(device)
+
+        def product() -> object:
+            return torch._int_mm(a, b)
+    else:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[kind]
+        a = torch.randn(m, k, generator=gen).to(device, dtype)
+        b = torch.randn(k, n, generator=gen).to(device, dtype)
+
+        def product() -> object:
+            return torch.mm(a, b)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    product()
+    sync()
+    best, runs, deadline = 0.0, 0, time.perf_counter() + seconds
+    while runs < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        product()
+        sync()
+        best = max(best, 2 * m * k * n / (time.perf_counter() - start))
+        runs += 1
+    return best
+
+
+def decode_flops_per_token(model: RxTModel, context: float) -> float:
+    """FLOPs of one generated token: 2 per active decoder parameter (projections, router, the
+    chosen experts, LM head) plus attention: self-attention over ``context`` earlier tokens and
+    memory cross-attention over the STM slots, scores and weighted sum (2 x 2 x heads x head_dim
+    each), in every layer. The standard estimate; the memory K/V (computed once per turn) and
+    the elementwise work are left out."""
+    cfg = model.config
+    d = cfg.decoder
+    head_dim = cfg.dim // d.num_heads
+    attention = 4 * head_dim * (d.self_q_heads * context + d.cross_q_heads * cfg.stm_size) * cfg.num_layers
+    return 2.0 * model.active_parameter_count() + attention
+
+
+def arithmetic_of(model: RxTModel) -> str:
+    """The arithmetic a model's decode calls for: int8 for int8 weights, else its dtype's."""
+    if model.weight_format == "int8":
+        return "int8"
+    return str(model.dtype).removeprefix("torch.")
+
+
+def compute_limit(model: RxTModel, context: float) -> dict[str, Any]:
+    """The machine's limit for decoding ``model``: peak matrix-product rates (the arithmetic its
+    weights call for, and float32) and the tokens/s they allow at ``context`` tokens of context."""
+    kind = arithmetic_of(model)
+    peaks = {name: peak_matmul_flops(name, model.device) for name in dict.fromkeys((kind, "float32"))}
+    flops = decode_flops_per_token(model, context)
+    return {
+        "arithmetic": kind,
+        "peak_flops": peaks,
+        "peak_shape_mkn": list(PEAK_SHAPE),
+        "flops_per_token": flops,
+        "context_tokens": context,
+        "limit_tokens_per_s": peaks[kind] / flops,
+        "limit_tokens_per_s_fp32": peaks["float32"] / flops,
+    }
 
 
 # ---------------------------------------------------------------------- one concurrency level
@@ -158,7 +258,8 @@ def run_throughput(cfg: ThroughputConfig, progress: Callable[[str], None] | None
     if cfg.max_batch is not None and cfg.max_batch < 1:
         raise ConfigError("--max-batch must be at least 1")
     device = torch.device(cfg.device)
-    model = forced_length_model(config, device, cfg.seed)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = forced_length_model(config, device, cfg.seed, dtype)
     fmt = apply_weights(model, cfg.weights)
     row_bytes = decode_row_bytes(config, model.dtype)
     max_batch, cap = choose_max_batch(cfg, row_bytes, free_memory_bytes(device))
@@ -179,8 +280,15 @@ def run_throughput(cfg: ThroughputConfig, progress: Callable[[str], None] | None
                     f"wall {r['wall_s']:.2f}s"
                 )
         load_end = os.getloadavg()
+    limit = None
+    if cfg.compute_limit:  # after the levels: the engine's threads are gone
+        limit = compute_limit(model, cfg.query_tokens + 3 + cfg.answer_tokens / 2)
+        for r in results:
+            r["compute_fraction"] = r["tokens_per_s"] / limit["limit_tokens_per_s"]
+            r["compute_fraction_fp32"] = r["tokens_per_s"] / limit["limit_tokens_per_s_fp32"]
     return {
         "results": results,
+        "compute_limit": limit,
         "config": {
             **asdict(cfg),
             "max_batch": max_batch,
@@ -190,6 +298,7 @@ def run_throughput(cfg: ThroughputConfig, progress: Callable[[str], None] | None
             **environment(model),
             "weights": fmt,
             "weights_requested": cfg.weights,
+            "dtype_requested": cfg.dtype,
             "load_average_start": list(load_start),
             "load_average_end": list(load_end),
         },
@@ -205,9 +314,12 @@ def format_table(result: dict[str, Any]) -> Any:
     table = Table(
         title=f"preset {cfg['preset']}, {cfg['device']} {cfg['dtype']}, {cfg['threads']} threads, "
         f"max batch {cfg['max_batch']} (query {cfg['query_tokens']}, answer {cfg['answer_tokens']} tokens)",
-        caption=f"weights {cfg['weights']}, decode: {cfg['decode_kernel']}" if "decode_kernel" in cfg else None,
+        caption=weights_caption(cfg),
     )
-    columns = ("convs", "tokens/s", "token gap p50 ms", "p95 ms", "TTFT p50 s", "p95 s", "wall s", "memory p50 s")
+    columns = ["convs", "tokens/s", "token gap p50 ms", "p95 ms", "TTFT p50 s", "p95 s", "wall s", "memory p50 s"]
+    limit = result.get("compute_limit")
+    if limit:
+        columns.append(f"of {limit['arithmetic']} limit")
     for name in columns:
         table.add_column(name, justify="right")
 
@@ -224,5 +336,18 @@ def format_table(result: dict[str, Any]) -> Any:
             f"{r['ttft_p95_s']:.3f}",
             f"{r['wall_s']:.2f}",
             f"{r['memory_update_p50_s']:.3f}",
+            *([f"{100 * r['compute_fraction']:.1f}%"] if limit else []),
         )
     return table
+
+
+def describe_limit(result: dict[str, Any]) -> str:
+    """The compute limit in one line (empty when it was not measured)."""
+    limit = result.get("compute_limit")
+    if not limit:
+        return ""
+    peaks = ", ".join(f"{name} {flops / 1e9:.0f} GFLOP/s" for name, flops in limit["peak_flops"].items())
+    return (
+        f"compute limit: {limit['limit_tokens_per_s']:.0f} tokens/s ({limit['arithmetic']} matrix products; peak "
+        f"{peaks} on {limit['peak_shape_mkn']}, {limit['flops_per_token'] / 1e6:.1f} MFLOP per token)"
+    )

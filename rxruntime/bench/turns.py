@@ -42,7 +42,7 @@ from torch import Tensor
 from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTConfig, RxTModel, SamplingParams, preset
 from rxruntime.models.quantize import check_format
 
-from .decode import DEFAULT_WEIGHTS, apply_weights, c_step_note, kernel_label
+from .decode import DEFAULT_WEIGHTS, apply_weights, c_step_note, kernel_label, resolve_dtype
 from .llamacpp_runtime import check_llama_cpp
 from .llamacpp_turns import TIMEOUT_S, LlamaCppPeer, PeerFailedError, check_types, prepare_peers
 from .turns_report import format_table, plot_turns, summarize
@@ -75,6 +75,9 @@ class TurnsConfig:
     ``default`` is the engine's own for the device (int8 where the C step runs a float32 CPU
     model, float32 elsewhere: what ``rxrt chat`` and ``serve`` run); the JSON's ``config.weights``
     holds the formats it resolved to, ``config.weights_requested`` these."""
+    dtype: str = DEFAULT_WEIGHTS
+    """What both models compute in (:func:`~rxruntime.bench.decode.resolve_dtype`): ``default``
+    is the engine's own (bfloat16 on CUDA, float32 on the CPU); float16 and bfloat16 are CUDA's."""
     baseline: str = "transformers"
     """``transformers``, or ``llamacpp`` to add llama.cpp (both modes) beside it."""
     llamacpp_types: list[str] = field(default_factory=lambda: ["f32", "q8_0"])
@@ -219,7 +222,7 @@ def _rxt_models(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> tu
     formats: list[str] = []
     for requested in cfg.weights:
         torch.manual_seed(cfg.seed)
-        model = RxTModel(config).to(device).eval()
+        model = RxTModel(config).to(device, resolve_dtype(cfg.dtype, device)).eval()
         fmt = apply_weights(model, requested)
         if fmt in formats:
             raise ConfigError(f"--weights {','.join(cfg.weights)} runs {fmt} twice (default is {fmt} here)")
@@ -248,6 +251,7 @@ def _check(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> None:
                 check_format(fmt)
     except ValueError as exc:
         raise ConfigError(f"{exc} (or {DEFAULT_WEIGHTS})") from None
+    resolve_dtype(cfg.dtype, device)
     if set(cfg.weights) - {"fp32", DEFAULT_WEIGHTS} and device.type != "cpu":
         raise ConfigError(f"--weights {','.join(cfg.weights)} is for the CPU (got {device.type})")
     if cfg.baseline not in BASELINES:
@@ -418,6 +422,7 @@ def _conversations(
         "weights_requested": cfg.weights,
         "decode_kernels": {key: kernel_label(m) for key, m in rxts.items()},
         "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype_requested": cfg.dtype,
         "sampling": ("greedy" if cfg.temperature <= 0 else f"temperature {cfg.temperature}") + ", EOS ignored",
         "rxt_active_parameters": model.active_parameter_count(),
         "baseline_model": "transformers.LlamaForCausalLM, random weights, KV cache within a turn",

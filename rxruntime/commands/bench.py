@@ -11,9 +11,11 @@
 * ``rxrt bench replay``: a stateless client through ``/v1/chat/completions``: the history's STM
   from the cache, rebuilt by replay, or a stateless model re-reading it (needs the ``http`` extra).
 
-``turns``, ``decode`` and ``throughput`` run the engine's own default weights for the device
-(``--weights default``: int8 where the C step runs a float32 CPU model, else fp32), what ``rxrt
-chat`` and ``serve`` run, and every report names the weights and the decode step it measured.
+``turns``, ``decode``, ``overlap`` and ``throughput`` run the engine's own default weights for
+the device (``--weights default``: int8 where the C step runs a float32 CPU model, else fp32),
+what ``rxrt chat`` and ``serve`` run, and every report names the weights and the decode step it
+measured. ``turns`` and ``throughput`` take ``--dtype`` for CUDA (``default``: bfloat16 there, as
+``rxruntime.load``; float32 on the CPU, which refuses the others).
 ``overlap`` and ``throughput`` print a table, or JSON with ``--json``; ``--out DIR`` also writes
 ``<name>-<preset>.json``.
 """
@@ -63,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="RxT weight formats, comma-separated, one series each: fp32, bf16, int8, or default (the "
         "engine's own for the device: int8 where the C step runs the model on a CPU, else fp32; the default)",
     )
+    _dtype(t)
     t.add_argument(
         "--baseline",
         choices=["transformers", "llamacpp"],
@@ -98,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     o.add_argument("--turns", type=int, default=10)
     o.add_argument("--query-tokens", type=int, default=32)
     o.add_argument("--answer-tokens", type=int, default=64, help="forced answer length ([EOS] made unreachable)")
+    _weights(o)
     o.add_argument("--out", type=Path, help="directory for overlap-<preset>.json")
     o.set_defaults(func=run_overlap)
 
@@ -112,7 +116,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--max-batch", type=int, help="decode rows of the engine (default: the largest concurrency, if memory allows)"
     )
     h.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
+    h.add_argument(
+        "--no-compute-limit", action="store_true", help="skip measuring the machine's matrix-product rate (~1 s)"
+    )
     _weights(h)
+    _dtype(h)
     h.add_argument("--out", type=Path, help="directory for throughput-<preset>.json")
     h.set_defaults(func=run_throughput)
 
@@ -145,6 +153,15 @@ def _weights(p: argparse.ArgumentParser) -> None:
         default="default",
         help="weight format: fp32, bf16, int8, or default (the engine's own for the device: int8 where the "
         "C step runs the model on a CPU, else fp32; the default)",
+    )
+
+
+def _dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        default="default",
+        help="what the model computes in on CUDA: float32, bfloat16, float16, or default (the engine's own: "
+        "bfloat16 on CUDA, float32 on the CPU, which takes float32 only; its compact weights are --weights)",
     )
 
 
@@ -267,6 +284,7 @@ def run_turns(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         compile=args.compile,
         weights=args.weights,
+        dtype=args.dtype,
         baseline=args.baseline,
         llamacpp_types=args.llamacpp_types,
         llamacpp_timeout_s=args.llamacpp_timeout,
@@ -307,6 +325,7 @@ def run_overlap(args: argparse.Namespace) -> int:
         answer_tokens=args.answer_tokens,
         device=args.device,
         seed=args.seed,
+        weights=args.weights,
     )
     result = run(cfg, progress=None if args.json else _progress)
     return _report(args, "overlap", result, format_table, describe(result))
@@ -333,7 +352,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def run_throughput(args: argparse.Namespace) -> int:
-    from rxruntime.bench.throughput import ThroughputConfig, format_table
+    from rxruntime.bench.throughput import ThroughputConfig, describe_limit, format_table
     from rxruntime.bench.throughput import run_throughput as run
 
     _threads(args)
@@ -347,14 +366,15 @@ def run_throughput(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         warmup=not args.no_warmup,
         weights=args.weights,
+        dtype=args.dtype,
+        compute_limit=not args.no_compute_limit,
     )
     result = run(cfg, progress=None if args.json else _progress)
     limited = [r["conversations"] for r in result["results"] if r["limited"]]
-    note = (
-        f"max batch {result['config']['max_batch']}: levels {limited} queued the conversations beyond it"
-        if limited
-        else ""
-    )
+    notes = [describe_limit(result)]
+    if limited:
+        notes.append(f"max batch {result['config']['max_batch']}: levels {limited} queued the conversations beyond it")
+    note = "\n".join(n for n in notes if n)
     return _report(args, "throughput", result, format_table, note)
 
 

@@ -57,7 +57,8 @@ class Engine:
 
     Bounds (each refused with :class:`~rxruntime.errors.QueueFullError`, nothing queued):
     ``max_queued_turns`` turns waiting in the whole engine, ``max_turns_per_conversation`` in one
-    conversation, ``max_memory_backlog`` memory updates waiting (``memory_init`` bursts). With a
+    conversation, ``max_memory_backlog`` memory updates waiting (``memory_init`` bursts). The memory
+    worker runs the updates queued together as one batch of at most ``max_memory_batch``. With a
     store, at most ``max_resident`` conversations keep their STM in memory (None: no limit); the
     least recently used idle ones are evicted and resume from the store when next used.
     """
@@ -74,8 +75,11 @@ class Engine:
         max_queued_turns: int = 4096,
         max_turns_per_conversation: int = 64,
         max_memory_backlog: int = 1024,
+        max_memory_batch: int = 32,
         max_resident: int | None = 10_000,
     ) -> None:
+        if isinstance(max_memory_batch, bool) or not isinstance(max_memory_batch, int) or max_memory_batch < 1:
+            raise InvalidOptionError("max_memory_batch", f"must be an integer >= 1, got {max_memory_batch!r}")
         self.model = model.eval()
         tokenizer.use_template(model.config)  # the model's message template (interaction_template)
         self.tokenizer = tokenizer
@@ -94,7 +98,9 @@ class Engine:
             max_resident=max_resident if store is not None else None,
         )
         self._lock = self._sched.lock
-        self._memory = MemoryWorker(model, self._sched, store, max_backlog=max_memory_backlog)
+        self._memory = MemoryWorker(
+            model, self._sched, store, max_backlog=max_memory_backlog, max_batch=max_memory_batch
+        )
         self._decode = DecodeLoop(model, self._sched, self._memory, max_batch=max_batch)
         if self.device.type == "cpu" and model.native_decode:
             native.enabled()  # build the C decode step now (once per machine), not in the first turn

@@ -23,7 +23,7 @@ import torch
 
 from rxruntime.backend import AnswerStats
 from rxruntime.errors import EngineClosedError, ModelExecutionError
-from rxruntime.events import FinishReason, TokenLogprob
+from rxruntime.events import FinishReason, Mailbox, TokenLogprob, start_drains
 from rxruntime.models.generation import DecodeBatch, JoinRequest
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.sampler import StepLogprobs
@@ -122,8 +122,13 @@ class DecodeLoop:
         failed, scores = dict(self.batch.failed), self.batch.logprobs
         for job in jobs:
             self._jobs[id(job)] = job
-        for job, token in zip(jobs, first):
-            self._on_sampled(job, token, failed, scores.get(id(job)))
+        drains: list[Mailbox] = []
+        now = time.perf_counter()
+        try:
+            for job, token in zip(jobs, first):
+                self._on_sampled(job, token, failed, drains, now, scores.get(id(job)))
+        finally:
+            start_drains(drains)
 
     def _step(self) -> None:
         keys = list(self.batch.keys)
@@ -136,13 +141,23 @@ class DecodeLoop:
             self._fail(jobs, ModelExecutionError(f"decode step failed: {exc}"), cause=exc, leave=False)
             return
         failed, scores = dict(self.batch.failed), self.batch.logprobs
-        for key, token in zip(keys, tokens):
-            self._on_sampled(self._jobs[key], token, failed, scores.get(key))  # type: ignore[index]
+        drains: list[Mailbox] = []  # the step's token events start their deliveries together
+        now = time.perf_counter()  # one clock read for the step's rows: they share its token time
+        try:
+            for key, token in zip(keys, tokens):
+                self._on_sampled(self._jobs[key], token, failed, drains, now, scores.get(key))  # type: ignore[index]
+        finally:
+            start_drains(drains)
 
     def _on_sampled(
-        self, job: Job, token: int, failed: dict[object, BaseException], scores: StepLogprobs | None = None
+        self,
+        job: Job,
+        token: int,
+        failed: dict[object, BaseException],
+        drains: list[Mailbox],
+        now: float,
+        scores: StepLogprobs | None = None,
     ) -> None:
-        now = time.perf_counter()
         if job.first_token is None:
             job.first_token = now
         if token < 0:  # this row alone failed
@@ -160,11 +175,11 @@ class DecodeLoop:
         job.tokens.append(token)
         listener = job.listener
         if scores is None:
-            job.conv.mailbox.post(lambda: listener.on_token(token, position))
+            job.conv.mailbox.post(lambda: listener.on_token(token, position), drains)
         else:
             top = tuple(TokenLogprob(i, "", lp) for i, lp in scores.top)
             logprob = TokenLogprob(token, "", scores.logprob, top)
-            job.conv.mailbox.post(lambda: listener.on_token(token, position, logprob))
+            job.conv.mailbox.post(lambda: listener.on_token(token, position, logprob), drains)
         if len(job.tokens) >= job.limit:
             self._finish(job, "length")
 

@@ -7,6 +7,11 @@ visible, which lets the conversation's next turn start. ``reset`` and ``load_sta
 too (an *install*: a given STM, no model call), so every change of a conversation's memory is
 ordered with its turns and written the same way.
 
+Batching: each pass takes the updates queued at that moment, at most ``max_batch`` of them, and
+runs them as one padded batch (the padding is masked, so each conversation's STM(t) is what it
+would be alone); it never waits for more, so a lone update starts at once. A conversation has at
+most one task queued (its next turn waits for this commit), so a batch holds each one once.
+
 Failures stay with their conversation: a batch that raises is retried one conversation at a time,
 and an update that yields NaN or infinite values is refused; either way that turn fails and its
 STM keeps its last version. If the store holds a newer version than this worker's (another worker
@@ -37,8 +42,13 @@ log = logging.getLogger(__name__)
 
 
 class MemoryWorker:
-    def __init__(self, model: RxTModel, scheduler: Scheduler, store: STMStore | None, *, max_backlog: int) -> None:
+    def __init__(
+        self, model: RxTModel, scheduler: Scheduler, store: STMStore | None, *, max_backlog: int, max_batch: int = 32
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
+        self.max_batch = max_batch
         self.config = model.config
         self.device = model.device
         self.store = store
@@ -91,8 +101,8 @@ class MemoryWorker:
                         self._cv.wait()
                     if not self._queue:  # stopping and nothing owed
                         return
-                    tasks = list(self._queue)
-                    self._queue.clear()
+                    # what is queued now, up to max_batch; the rest waits for the next pass
+                    tasks = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))]
                 try:
                     self._run(tasks)
                 except Exception as exc:  # a bug here must not strand the conversations
