@@ -59,6 +59,18 @@ torch: the C step multiplies row by row, torch's batched products win once the w
 reused enough (int8 alpha-mini, 2 threads: one 35-token prompt 35 ms against torch's 60; 120
 tokens 108 against 111; four 35-token prompts 135 against 122)."""
 
+ROWS_PER_PASS = 8
+"""Activation rows the int8 kernels apply each weight block to in one pass (decode_step.c's
+multi-row kernel; ROWS_MAX = 8 at most): a prefill chunk, a decode batch of several
+conversations and the rows that chose one expert read each weight once per this many rows, not
+once per row. ``RXRT_NATIVE_ROWS`` overrides it for the process, :func:`set_rows_per_pass` for
+one model; 1 is the step as it was before (row by row, one (row, expert) pair at a time, and
+the row limits :data:`MAX_ROWS` and :data:`PREFILL_MAX_TOKENS`), kept for side-by-side
+benchmarks (``rxrt bench turns --weights int8,int8-rowwise``)."""
+
+ROWS_MAX = 8
+"""decode_step.c's ROWS_MAX: the most rows per pass it takes."""
+
 COMPACT_MEMORY_MIN_SLOTS = 1024
 """From this many STM slots on, a model with bf16 or int8 weights reads the memory keys/values in
 bf16 copies (refreshed when a join or leave writes them): a step reads all of them for every
@@ -112,6 +124,7 @@ class _Layer(ctypes.Structure):
         ("routed_scale", ctypes.c_float),
         ("shared_scale", ctypes.c_float),
         *[(name, _P) for name in ["k_cache", "v_cache", "mem_k", "mem_v"]],
+        ("router_bf16", _P),
     ]
 
 
@@ -149,6 +162,7 @@ class _Model(ctypes.Structure):
         ("lm_head", _Mat),
         *[(name, _P) for name in ["embedding", "final_norm", "cos", "sin", "final_norm_bias", "head_bias"]],
         ("layers", ctypes.POINTER(_Layer)),
+        ("row_block", ctypes.c_int64),
     ]
 
 
@@ -160,6 +174,38 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _libraries: dict[str, ctypes.CDLL] = {}
 _failures: dict[str, str] = {}
+
+
+_rows_per_pass: weakref.WeakKeyDictionary[RxTModel, int] = weakref.WeakKeyDictionary()
+
+
+def set_rows_per_pass(model: RxTModel, rows: int | None) -> None:
+    """Run ``model``'s int8 C step with ``rows`` activation rows per pass (1: row by row, the
+    step before the multi-row kernel; None: back to :func:`rows_per_pass`'s default)."""
+    if rows is None:
+        _rows_per_pass.pop(model, None)
+        return
+    if not 1 <= rows <= ROWS_MAX:
+        raise ValueError(f"rows per pass must be 1..{ROWS_MAX}, got {rows}")
+    _rows_per_pass[model] = rows
+
+
+def rows_per_pass(model: RxTModel) -> int:
+    """The rows per pass of ``model``'s C step: its :func:`set_rows_per_pass`, else
+    ``RXRT_NATIVE_ROWS``, else :data:`ROWS_PER_PASS`."""
+    rows = _rows_per_pass.get(model)
+    if rows is not None:
+        return rows
+    env = os.environ.get("RXRT_NATIVE_ROWS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"RXRT_NATIVE_ROWS must be an integer 1..{ROWS_MAX}, got {env!r}") from None
+        if not 1 <= value <= ROWS_MAX:
+            raise ValueError(f"RXRT_NATIVE_ROWS must be 1..{ROWS_MAX}, got {value}")
+        return value
+    return ROWS_PER_PASS
 
 
 def cache_dir() -> Path:
@@ -384,13 +430,14 @@ def layout_reason(model: RxTModel) -> str | None:
     feed-forward, gated (SwiGLU and the like) or not, dense or an MoE with per-expert or global
     biases and shared experts (one, or several mixed by their softmax gate; scaled or not, local
     or global biases); RMSNorm or LayerNorm blocks, any RoPE pairing and position offset, an
-    optional RMSNorm or LayerNorm before an optionally biased LM head. That is our layouts, RxLM
-    0.2's and 0.3's RxT-Alpha and RxT-Beta decoders, and Llama-like dense decoders. What remains
-    (a reduced-precision router) runs the torch step.
+    optional RMSNorm or LayerNorm before an optionally biased LM head; a float32 router, or a
+    bf16 one computed as RxLM's ``router_amp`` computes it (decode_step.c's route_bf16). That is
+    our layouts, RxLM 0.2's and 0.3's RxT-Alpha and RxT-Beta decoders (RxT-Beta as published
+    included), and Llama-like dense decoders. What remains (a float16 router) runs the torch step.
     """
     d = model.config.decoder
     router_dtype = getattr(d, "router_dtype", "float32")  # RxLM 0.3's router_amp, where the config has it
-    checks = [(router_dtype == "float32", f"decoder.router_dtype={router_dtype!r}")]
+    checks = [(router_dtype in ("float32", "bfloat16"), f"decoder.router_dtype={router_dtype!r}")]
     failed = [what for ok, what in checks if not ok]
     return None if not failed else "layout not covered by the C step: " + ", ".join(failed)
 
@@ -408,6 +455,8 @@ class _Watch:
         self.links: list[tuple[dict[str, Any], str, Any]] = []
         self.slots: list[tuple[dict[str, Any], str]] = []
         self.sizes: list[tuple[dict[str, Any], int]] = []
+        self.versioned = False
+        """Watch versions even in fp32 (a bf16 router's copy must follow in-place edits)."""
 
     def child(self, parent: Any, name: str) -> Any:
         modules = parent._modules
@@ -441,7 +490,7 @@ class _Watch:
                 return None
         tensors = [owner.get(name) for owner, name in self.slots]
         key: tuple[object, ...] = (fmt, *(0 if t is None else t.data_ptr() for t in tensors))
-        if fmt != "fp32":  # the compact copies must follow in-place edits (float32 is read in place)
+        if fmt != "fp32" or self.versioned:  # copies must follow in-place edits (float32 is read in place)
             key += tuple(0 if t is None else t._version for t in tensors)
         return key
 
@@ -490,8 +539,11 @@ def _moe_weights(w: _Watch, ffn: Any) -> dict[str, Any]:
     shared = w.child(ffn, "shared_experts")
     w.sizes.append((shared._modules, len(shared._modules)))
     gate = w.child(ffn, "shared_gate")
+    if ffn.router_dtype == "bfloat16":
+        w.versioned = True
     return {
         "router": w.tensor(w.child(ffn, "router")._parameters, "weight"),
+        "router_dtype": ffn.router_dtype,
         **{name: w.tensor(params, name) for name in ("w_in", "w_out", "b_in", "b_out", "global_bias", "shared_bias")},
         "shared": [_ffn_weights(w, w.child(shared, name)) for name in list(shared._modules)],
         "shared_gate": None if gate is None else w.tensor(gate._parameters, "weight"),
@@ -592,6 +644,8 @@ def _layer_ok(lw: dict[str, Any], dim: int, hd: int, heads: dict[str, tuple[int,
     h, experts, router, w_in, w_out = moe["hidden"], moe["experts"], moe["router"], moe["w_in"], moe["w_out"]
     if moe["act"] not in _ACTIVATIONS or router is None or w_in is None or w_out is None:
         return False
+    if moe["router_dtype"] not in ("float32", "bfloat16"):
+        return False
     if tuple(router.shape) != (experts, dim) or not router.is_contiguous():
         return False
     gh = (2 if moe["gated"] else 1) * h  # w_in's columns: [gate | up], or the one input projection
@@ -654,6 +708,10 @@ def _bind_layer(
     layer.gated = int(moe["gated"])
     layer.w_out = _mat(moe["w_out"].transpose(1, 2).reshape(experts * h, dim), fmt, keep, seg=h)
     layer.router, layer.b_in, layer.b_out = _ptr(moe["router"]), _ptr(moe["b_in"]), _ptr(moe["b_out"])
+    if moe["router_dtype"] == "bfloat16":  # RxLM's router_amp: the C step routes on a bf16 copy
+        router_bf16 = moe["router"].to(torch.bfloat16).contiguous()
+        keep.append(router_bf16)
+        layer.router_bf16 = router_bf16.data_ptr()
     layer.global_bias, layer.shared_bias = _ptr(moe["global_bias"]), _ptr(moe["shared_bias"])
     layer.act = _ACTIVATIONS[moe["act"]]
     shared = moe["shared"]
@@ -949,6 +1007,7 @@ class NativeDecoder:
                     return False  # and False again, without re-checking, until the weights move
             if self._struct is None or not self._bind_buffers(needed_rows, memory_kv, cache):
                 return False
+            self._struct.row_block = rows_per_pass(self.model)
             code = library().rxt_decode_rows(
                 ctypes.byref(self._struct), n, tokens.data_ptr(), positions.data_ptr(),
                 None if rows is None else rows.data_ptr(),
