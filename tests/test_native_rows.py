@@ -56,8 +56,9 @@ def test_kernel_gives_the_same_bits_for_any_rows_per_pass(monkeypatch: pytest.Mo
                            ctypes.c_void_p(x[b].data_ptr()), ctypes.c_void_p(single[b].data_ptr()))  # fmt: skip
         for rows in range(1, 9):
             y = torch.empty(11, 37)
+            x_at, y_at = ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr())
             lib.rxt_matmul(ctypes.byref(mat), row, ctypes.c_int64(75), ctypes.c_int64(37), ctypes.c_int(11),
-                           ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), ctypes.c_int(rows))  # fmt: skip
+                           x_at, y_at, ctypes.c_int(rows))  # fmt: skip
             assert torch.equal(y, single), (segment, rows)
 
 
