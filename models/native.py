@@ -7,7 +7,7 @@ across the threads, so all cores stream weights at once (docs/benchmarks.md §5 
 It is an optional fast path, like flash-attn on a GPU: it is used only when
 
 * a C compiler with OpenMP is present (``$CC``, else ``cc``) and ``RXRT_NATIVE`` is not ``0``;
-* the model is float32 on the CPU, in decode layout, with at most :data:`MAX_ROWS` rows a step;
+* the model is float32 on the CPU, in decode layout, with at most :func:`max_rows` rows a step;
 * the cache and memory keys/values have the layouts the C code indexes.
 
 Otherwise :meth:`RxTModel.decode_step` runs the torch step, which computes the same function
@@ -58,6 +58,14 @@ PREFILL_MAX_TOKENS = 64
 torch: the C step multiplies row by row, torch's batched products win once the weights are
 reused enough (int8 alpha-mini, 2 threads: one 35-token prompt 35 ms against torch's 60; 120
 tokens 108 against 111; four 35-token prompts 135 against 122)."""
+
+INT8_MAX_ROWS = 64
+"""The row limits of an int8 model whose C step runs the multi-row kernel (:data:`ROWS_PER_PASS`
+> 1), in place of :data:`MAX_ROWS`: each weight block is applied to 8 rows from registers, so
+the C step no longer loses to torch's matrix products at 32 rows (docs/benchmarks.md §8)."""
+
+INT8_PREFILL_MAX_TOKENS = 512
+"""The same for :data:`PREFILL_MAX_TOKENS`: prefills up to this many tokens run in C."""
 
 ROWS_PER_PASS = 8
 """Activation rows the int8 kernels apply each weight block to in one pass (decode_step.c's
@@ -206,6 +214,22 @@ def rows_per_pass(model: RxTModel) -> int:
             raise ValueError(f"RXRT_NATIVE_ROWS must be 1..{ROWS_MAX}, got {value}")
         return value
     return ROWS_PER_PASS
+
+
+def _multi_row(model: RxTModel) -> bool:
+    return model.weight_format == "int8" and rows_per_pass(model) > 1
+
+
+def max_rows(model: RxTModel) -> int:
+    """Rows per decode step up to which the C step runs ``model``: :data:`MAX_ROWS`, or
+    :data:`INT8_MAX_ROWS` for int8 weights with the multi-row kernel."""
+    return INT8_MAX_ROWS if _multi_row(model) else MAX_ROWS
+
+
+def prefill_max_tokens(model: RxTModel) -> int:
+    """Prefill tokens (all prompts of a join) up to which ``model``'s int8 prefill runs in C:
+    :data:`PREFILL_MAX_TOKENS`, or :data:`INT8_PREFILL_MAX_TOKENS` with the multi-row kernel."""
+    return INT8_PREFILL_MAX_TOKENS if _multi_row(model) else PREFILL_MAX_TOKENS
 
 
 def cache_dir() -> Path:
@@ -940,7 +964,7 @@ class NativeDecoder:
     ) -> Tensor | None:
         """Logits (B, V) like :meth:`RxTModel.decode_step`, or None when the C step does not apply."""
         n = tokens.shape[0]
-        if n > MAX_ROWS or tokens.dtype != torch.long or positions.dtype != torch.long:
+        if n > max_rows(self.model) or tokens.dtype != torch.long or positions.dtype != torch.long:
             return None
         tokens, positions = tokens.contiguous(), positions.contiguous()
         logits = torch.empty(n, self.model.config.vocab_size)
@@ -1029,8 +1053,8 @@ def decode_step(
     model: RxTModel, tokens: Tensor, positions: Tensor, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
 ) -> Tensor | None:
     """The C step for ``model`` (see :class:`NativeDecoder`), or None when it does not apply."""
-    if tokens.shape[0] > MAX_ROWS or tokens.device.type != "cpu":
-        return None
+    if tokens.shape[0] > max(MAX_ROWS, INT8_MAX_ROWS) or tokens.device.type != "cpu":
+        return None  # (the decoder checks the model's own limit)
     decoder = _decoder_for(model)
     return None if decoder is None else decoder.step(tokens, positions, memory_kv, cache)
 
