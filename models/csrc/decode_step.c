@@ -413,13 +413,20 @@ static void axpy_rows(float *restrict acc, const float *xs, Mat m, int64_t d0, i
  * order), so R rows in one pass give the same bits as R passes of one row. */
 #define ROWS_MAX 8
 
+/* Row r's activations quantised per block (quantize_x): xq[r], sx[r], xsum[r] from the first
+ * block the product reads. */
+typedef struct {
+    const int8_t *xq[ROWS_MAX];
+    const float *sx[ROWS_MAX];
+    const int32_t *xsum[ROWS_MAX];
+} QRows;
+
 #if defined(I8_VNNI)
-/* i8_tiles for R rows (a constant after inlining, so the R accumulators stay in registers): row
- * r's quantised activations at xq + r * I8_CHUNK * QBLOCK, its scales and sums at sx, xsum + r *
- * I8_CHUNK, its sums added into acc[r]. */
-static inline __attribute__((always_inline)) void i8_tiles_r(const int R, float *const *acc, const int8_t *xq,
-                                                             const float *sx, const int32_t *xsum, const uint8_t *w,
-                                                             int64_t tile, int64_t nb, int64_t c0, int64_t c1) {
+/* i8_tiles for R rows (a constant after inlining, so the R accumulators stay in registers), row
+ * r's sums added into acc[r]. */
+static inline __attribute__((always_inline)) void i8_tiles_r(const int R, float *const *acc, const QRows *x,
+                                                             const uint8_t *w, int64_t tile, int64_t nb, int64_t c0,
+                                                             int64_t c1) {
     for (int64_t c = c0; c < c1; c += 16) {
         const uint8_t *p = w + c / 16 * tile;
         __m512 f[ROWS_MAX];
@@ -430,14 +437,13 @@ static inline __attribute__((always_inline)) void i8_tiles_r(const int R, float 
             const __m512 ws = _mm512_loadu_ps((const float *)(p + 512));
             for (int r = 0; r < R; r++) {
                 int32_t x4[8];
-                memcpy(x4, xq + (int64_t)r * I8_CHUNK * QBLOCK + b * QBLOCK, sizeof x4);
+                memcpy(x4, x->xq[r] + b * QBLOCK, sizeof x4);
 #define DPR(s, g) _mm512_dpbusd_epi32(s, q[g], _mm512_set1_epi32(x4[g]))
                 __m512i s0 = DPR(_mm512_setzero_si512(), 0), s1 = DPR(_mm512_setzero_si512(), 1);
                 s0 = DPR(s0, 2), s1 = DPR(s1, 3), s0 = DPR(s0, 4), s1 = DPR(s1, 5), s0 = DPR(s0, 6), s1 = DPR(s1, 7);
 #undef DPR
-                const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1),
-                                                   _mm512_set1_epi32(128 * xsum[r * I8_CHUNK + b]));
-                const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sx[r * I8_CHUNK + b]), ws);
+                const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * x->xsum[r][b]));
+                const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(x->sx[r][b]), ws);
                 f[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), f[r]);
             }
         }
@@ -449,21 +455,34 @@ static inline __attribute__((always_inline)) void i8_tiles_r(const int R, float 
 }
 #endif
 
-/* i8_tiles for R <= ROWS_MAX rows (laid out as i8_tiles_r says), each weight block read once
- * (VNNI); other builds run i8_tiles row by row, which gives the same bits. */
-static void i8_tiles_rows(int R, float *const *acc, const int8_t *xq, const float *sx, const int32_t *xsum,
-                          const uint8_t *w, int64_t tile, int64_t nb, int64_t c0, int64_t c1) {
+/* i8_tiles for R <= ROWS_MAX rows, each weight block read once (VNNI); other builds run
+ * i8_tiles row by row, which gives the same bits. */
+static void i8_tiles_rows(int R, float *const *acc, const QRows *x, const uint8_t *w, int64_t tile, int64_t nb,
+                          int64_t c0, int64_t c1) {
 #if defined(I8_VNNI)
     switch (R) {
 #define CASE(k) \
-    case k: i8_tiles_r(k, acc, xq, sx, xsum, w, tile, nb, c0, c1); return;
+    case k: i8_tiles_r(k, acc, x, w, tile, nb, c0, c1); return;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
     }
 #endif
-    for (int r = 0; r < R; r++)
-        i8_tiles(acc[r], xq + (int64_t)r * I8_CHUNK * QBLOCK, sx + r * I8_CHUNK, xsum + r * I8_CHUNK, w, tile, nb, c0,
-                 c1);
+    for (int r = 0; r < R; r++) i8_tiles(acc[r], x->xq[r], x->sx[r], x->xsum[r], w, tile, nb, c0, c1);
+}
+
+/* acc[r][c] += sum_{d in [d0, d1)} x_r[d] * W[d, c] for R <= ROWS_MAX rows whose activations are
+ * quantised already (x: from block d0 / 32 on), in the chunks of I8_CHUNK blocks axpy_i8 takes,
+ * so that each row's float sums are axpy_i8's. */
+static void i8_rows_quantised(int R, float *const *acc, const QRows *x, Mat m, int64_t d0, int64_t d1, int64_t c0,
+                              int64_t c1) {
+    for (int64_t d = d0; d < d1; d += I8_CHUNK * QBLOCK) {
+        const int64_t end = d1 - d < I8_CHUNK * QBLOCK ? d1 : d + I8_CHUNK * QBLOCK, skip = (d - d0) / QBLOCK;
+        QRows at;
+        for (int r = 0; r < R; r++)
+            at.xq[r] = x->xq[r] + skip * QBLOCK, at.sx[r] = x->sx[r] + skip, at.xsum[r] = x->xsum[r] + skip;
+        i8_tiles_rows(R, acc, &at, (const uint8_t *)m.w + d / QBLOCK * I8_BLOCK, seg_blocks(m) * I8_BLOCK,
+                      (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
+    }
 }
 
 /* acc[r][c] += sum_{d in [d0, d1)} xs[r][d] * W[d, c] for c in [c0, c1) and R <= ROWS_MAX rows:
@@ -478,12 +497,15 @@ static void axpy_rows_multi(int R, float *const *acc, const float *const *xs, Ma
     int8_t xq[ROWS_MAX * I8_CHUNK * QBLOCK];
     float sx[ROWS_MAX * I8_CHUNK];
     int32_t xsum[ROWS_MAX * I8_CHUNK];
+    QRows x;
+    for (int r = 0; r < R; r++)
+        x.xq[r] = xq + (int64_t)r * I8_CHUNK * QBLOCK, x.sx[r] = sx + r * I8_CHUNK, x.xsum[r] = xsum + r * I8_CHUNK;
     for (int64_t d = d0; d < d1; d += I8_CHUNK * QBLOCK) {
         const int64_t end = d1 - d < I8_CHUNK * QBLOCK ? d1 : d + I8_CHUNK * QBLOCK;
         for (int r = 0; r < R; r++)
             quantize_x(xs[r] + d, end - d, xq + (int64_t)r * I8_CHUNK * QBLOCK, sx + r * I8_CHUNK,
                        xsum + r * I8_CHUNK);
-        i8_tiles_rows(R, acc, xq, sx, xsum, (const uint8_t *)m.w + d / QBLOCK * I8_BLOCK, seg_blocks(m) * I8_BLOCK,
+        i8_tiles_rows(R, acc, &x, (const uint8_t *)m.w + d / QBLOCK * I8_BLOCK, seg_blocks(m) * I8_BLOCK,
                       (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
     }
 }
@@ -718,13 +740,13 @@ static void ffn_rows(int n, const float *h, int64_t D, const RxtFfn *f, int64_t 
         }
 }
 
-/* The routed experts of an MoE layer for several rows with the multi-row kernel: the (row,
- * expert) pairs are grouped by expert, so that each chosen expert's weights are read once for
- * every rb of the rows that chose it instead of once per row (a 32-token prefill of alpha-mini
- * sends ~5 rows to each expert). Threads take whole experts, the most chosen first. Pair p's
- * output without its mixing weight into ys + p * D (gu, act: its scratch at p * GH, p * H);
- * each pair's numbers are those of the one-row path with whole experts (parts == 1).
- * groups: scratch of pairs + 2E + 1 ints. */
+/* The routed experts of an MoE layer with the multi-row kernel: the (row, expert) pairs are
+ * grouped by expert, so that each chosen expert's weights are read once for every rb of the
+ * rows that chose it instead of once per row (a 32-token prefill of alpha-mini sends ~5 rows to
+ * each expert), and each row of h is quantised once, not once per expert. Threads take whole
+ * experts, the most chosen first. Pair p's output without its mixing weight into ys + p * D
+ * (gu, act: its scratch at p * GH, p * H); each pair's numbers are those of the one-row path
+ * with whole experts (parts == 1). groups: scratch of pairs + 2E + 1 ints. */
 static void moe_grouped(const RxtLayer *L, int pairs, int64_t K, int64_t E, int64_t D, int64_t H, const float *h,
                         const int64_t *chosen, int *groups, float *gu, float *act, float *ys, int rb, int nt) {
     const int64_t GH = L->gated ? 2 * H : H;
@@ -744,6 +766,21 @@ static void moe_grouped(const RxtLayer *L, int pairs, int64_t K, int64_t E, int6
         ids[i] = (int)e;
     }
     rb = rb > ROWS_MAX ? ROWS_MAX : rb;
+    /* int8: each row of h quantised once here, not once per expert it chose (the same blocks,
+     * so the same values, as quantising it in each product). */
+    const int n = pairs / (int)K;
+    const int64_t nbk = (D + QBLOCK - 1) / QBLOCK;
+    int8_t *hq = NULL;
+    float *hs = NULL;
+    int32_t *hsum = NULL;
+    if (L->w_in.type == W_I8) {
+        hq = malloc((size_t)(n * nbk * QBLOCK) + (size_t)(n * nbk) * (sizeof(float) + sizeof(int32_t)));
+        if (hq) {
+            hs = (float *)(hq + n * nbk * QBLOCK);
+            hsum = (int32_t *)(hs + n * nbk);
+            for (int b = 0; b < n; b++) quantize_x(h + b * D, D, hq + b * nbk * QBLOCK, hs + b * nbk, hsum + b * nbk);
+        }
+    }
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int i = 0; i < used; i++) {
         const int64_t e = ids[i];
@@ -759,7 +796,16 @@ static void moe_grouped(const RxtLayer *L, int pairs, int64_t K, int64_t E, int6
                 memset(acc[r], 0, sizeof(float) * (size_t)GH);
                 xr[r] = h + (p / K) * D;
             }
-            axpy_rows_multi(R, acc, xr, mat_rows(L->w_in, e * D), 0, D, 0, GH);
+            if (hq) {
+                QRows x;
+                for (int r = 0; r < R; r++) {
+                    const int64_t b = ps[j + r] / K;
+                    x.xq[r] = hq + b * nbk * QBLOCK, x.sx[r] = hs + b * nbk, x.xsum[r] = hsum + b * nbk;
+                }
+                i8_rows_quantised(R, acc, &x, mat_rows(L->w_in, e * D), 0, D, 0, GH);
+            } else {
+                axpy_rows_multi(R, acc, xr, mat_rows(L->w_in, e * D), 0, D, 0, GH);
+            }
             for (int r = 0; r < R; r++) {
                 const int p = ps[j + r];
                 const float *g = gu + (int64_t)p * GH;
@@ -776,6 +822,7 @@ static void moe_grouped(const RxtLayer *L, int pairs, int64_t K, int64_t E, int6
             axpy_rows_multi(R, acc, xr, mat_rows(L->w_out, e * H), 0, H, 0, D);
         }
     }
+    free(hq);
 }
 
 /* float32 -> bfloat16, round to nearest even (torch's conversion; NaN stays a NaN). */
@@ -1121,7 +1168,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
         }
         const int64_t GH = L->gated ? 2 * H : H; /* w_in's columns */
         int parts = 1;
-        if (rb > 1 && n > 1) /* several rows: each chosen expert once for all its rows */
+        if (rb > 1 && (n > 1 || pairs % nt == 0)) /* each chosen expert once for all its rows */
             moe_grouped(L, pairs, K, E, D, H, h, chosen, groups, gu, act, ys, rb, nt);
         else {
             /* Work items: (pair, part of the input rows), each one contiguous block of an expert's

@@ -148,11 +148,8 @@ def kernel_label(model: RxTModel) -> str:
     reason = native.not_used_reason(model)
     if reason is not None:
         return "torch step"
-    if model.weight_format != "int8":
-        return f"C step (up to {native.MAX_ROWS} rows)"
-    rows = native.rows_per_pass(model)
-    passes = "row by row" if rows == 1 else f"{rows} rows per pass"
-    return f"C step (up to {native.max_rows(model)} rows, int8 {passes})"
+    rowwise = model.weight_format == "int8" and native.rows_per_pass(model) == 1  # before the multi-row kernel
+    return f"C step (up to {native.max_rows(model)} rows{', row by row' if rowwise else ''})"
 
 
 def weights_line(weights: str, model: RxTModel) -> str:
