@@ -13,8 +13,12 @@ always was (tests/test_quantize.py's gates).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +171,15 @@ def test_environment_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RXRT_NATIVE_ROWS", "twelve")
     with pytest.raises(ValueError, match="RXRT_NATIVE_ROWS"):
         native.rows_per_pass(model)
+
+
+def test_the_side_by_side_script_runs(tmp_path: Path) -> None:
+    """``benchmarks/int8_rows.py`` (docs/benchmarks.md §8) at a tiny size: every variant measured."""
+    out = tmp_path / "rows.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "int8_rows.py"
+    args = ["--preset", "nano", "--repeats", "1", "--prompts", "5", "--rows", "1,2", "--steps", "2", "--out", str(out)]
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert set(result["prefill_ms"]["5"]) == {"multi", "rowwise", "torch", "torch-bf16"}
+    assert set(result["decode_tokens_per_s"]["2"]) == {"multi", "rowwise", "torch"}
+    assert result["config"]["time"] == "thread CPU time"
