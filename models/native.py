@@ -47,25 +47,28 @@ if TYPE_CHECKING:
 _ROPE_MODES = {"half": 0, "adjacent": 1, "adjacent-split": 2}
 
 MAX_ROWS = 16
-"""Rows per step up to which the C step runs. Beyond it torch's matrix products, which reuse each
+"""Rows per step up to which the C step runs (float32, bf16, and int8 row by row; int8 with the
+multi-row kernel: :data:`INT8_MAX_ROWS`). Beyond it torch's matrix products, which reuse each
 weight across rows from cache, win (alpha-mini, 2 cores: 1.3x faster at 16 rows, 0.93x at 32)."""
 
 PREFILL_CHUNK = 64
 """Prompt tokens per C-step call in :meth:`NativeDecoder.prefill` (each call reads the weights once)."""
 
 PREFILL_MAX_TOKENS = 64
-"""Prefills of up to this many tokens (all prompts of a join together) run in C, longer ones in
-torch: the C step multiplies row by row, torch's batched products win once the weights are
-reused enough (int8 alpha-mini, 2 threads: one 35-token prompt 35 ms against torch's 60; 120
-tokens 108 against 111; four 35-token prompts 135 against 122)."""
+"""Int8 prefills of up to this many tokens (all prompts of a join together) run in C row by row
+(:data:`INT8_PREFILL_MAX_TOKENS` with the multi-row kernel), longer ones in torch: row by row,
+torch's batched products win once the weights are reused enough (int8 alpha-mini, 2 threads:
+one 35-token prompt 35 ms against torch's 60; 120 tokens 108 against 111; four 35-token prompts
+135 against 122)."""
 
 INT8_MAX_ROWS = 64
-"""The row limits of an int8 model whose C step runs the multi-row kernel (:data:`ROWS_PER_PASS`
-> 1), in place of :data:`MAX_ROWS`: each weight block is applied to 8 rows from registers, so
-the C step no longer loses to torch's matrix products at 32 rows (docs/benchmarks.md §8)."""
+"""The row limit of an int8 model whose C step runs the multi-row kernel (:data:`ROWS_PER_PASS`
+> 1), in place of :data:`MAX_ROWS`: each weight block is applied to 8 rows from registers, and
+the C step decodes 64 rows 2.8x faster than torch (docs/benchmarks.md §8, CPU time)."""
 
 INT8_PREFILL_MAX_TOKENS = 512
-"""The same for :data:`PREFILL_MAX_TOKENS`: prefills up to this many tokens run in C."""
+"""The same for :data:`PREFILL_MAX_TOKENS`: prefills up to this many tokens run in C (a 256-token
+prompt as fast as torch's float32 products, a 35-token one 2.8x faster)."""
 
 ROWS_PER_PASS = 8
 """Activation rows the int8 kernels apply each weight block to in one pass (decode_step.c's
