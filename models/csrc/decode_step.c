@@ -20,7 +20,10 @@
  * AVX-512 and AVX2 loops; int8 uses AVX512-VNNI (vpdpbusd: unsigned weights q + 128 times signed
  * activations, minus 128 * sum(x_q) per block), else AVX2 (vpmaddubsw on |x_q| and q signed by
  * x_q: no pair sum saturates as |q|, |x_q| <= 127). RXRT_SCALAR (or a CPU with neither) builds
- * the plain loops.
+ * the plain loops. Several rows of one call (a prefill chunk, a decode batch) go through the
+ * multi-row int8 kernel (i8_tiles_rows: each weight block applied to up to ROWS_MAX rows from
+ * registers, with the one-row kernel's bits), and an MoE groups its rows by expert (moe_grouped).
+ * A bf16 router (RxLM's router_amp) is computed as torch computes it, ties included (route_bf16).
  *
  * Layouts (row-major; "input-major" = the nn.Linear weight's transpose; a Mat is one of these):
  *   qkv      (dim, ld_qkv)       Q | K | V columns of self-attention, input-major
