@@ -7,7 +7,7 @@ across the threads, so all cores stream weights at once (docs/benchmarks.md §5 
 It is an optional fast path, like flash-attn on a GPU: it is used only when
 
 * a C compiler with OpenMP is present (``$CC``, else ``cc``) and ``RXRT_NATIVE`` is not ``0``;
-* the model is float32 on the CPU, in decode layout, with at most :data:`MAX_ROWS` rows a step;
+* the model is float32 on the CPU, in decode layout, with at most :func:`max_rows` rows a step;
 * the cache and memory keys/values have the layouts the C code indexes.
 
 Otherwise :meth:`RxTModel.decode_step` runs the torch step, which computes the same function
@@ -47,17 +47,40 @@ if TYPE_CHECKING:
 _ROPE_MODES = {"half": 0, "adjacent": 1, "adjacent-split": 2}
 
 MAX_ROWS = 16
-"""Rows per step up to which the C step runs. Beyond it torch's matrix products, which reuse each
+"""Rows per step up to which the C step runs (float32, bf16, and int8 row by row; int8 with the
+multi-row kernel: :data:`INT8_MAX_ROWS`). Beyond it torch's matrix products, which reuse each
 weight across rows from cache, win (alpha-mini, 2 cores: 1.3x faster at 16 rows, 0.93x at 32)."""
 
 PREFILL_CHUNK = 64
 """Prompt tokens per C-step call in :meth:`NativeDecoder.prefill` (each call reads the weights once)."""
 
 PREFILL_MAX_TOKENS = 64
-"""Prefills of up to this many tokens (all prompts of a join together) run in C, longer ones in
-torch: the C step multiplies row by row, torch's batched products win once the weights are
-reused enough (int8 alpha-mini, 2 threads: one 35-token prompt 35 ms against torch's 60; 120
-tokens 108 against 111; four 35-token prompts 135 against 122)."""
+"""Int8 prefills of up to this many tokens (all prompts of a join together) run in C row by row
+(:data:`INT8_PREFILL_MAX_TOKENS` with the multi-row kernel), longer ones in torch: row by row,
+torch's batched products win once the weights are reused enough (int8 alpha-mini, 2 threads:
+one 35-token prompt 35 ms against torch's 60; 120 tokens 108 against 111; four 35-token prompts
+135 against 122)."""
+
+INT8_MAX_ROWS = 64
+"""The row limit of an int8 model whose C step runs the multi-row kernel (:data:`ROWS_PER_PASS`
+> 1), in place of :data:`MAX_ROWS`: each weight block is applied to 8 rows from registers, and
+the C step decodes 64 rows 2.8x faster than torch (docs/benchmarks.md §8, CPU time)."""
+
+INT8_PREFILL_MAX_TOKENS = 512
+"""The same for :data:`PREFILL_MAX_TOKENS`: prefills up to this many tokens run in C (a 256-token
+prompt as fast as torch's float32 products, a 35-token one 2.8x faster)."""
+
+ROWS_PER_PASS = 8
+"""Activation rows the int8 kernels apply each weight block to in one pass (decode_step.c's
+multi-row kernel; ROWS_MAX = 8 at most): a prefill chunk, a decode batch of several
+conversations and the rows that chose one expert read each weight once per this many rows, not
+once per row. ``RXRT_NATIVE_ROWS`` overrides it for the process, :func:`set_rows_per_pass` for
+one model; 1 is the step as it was before (row by row, one (row, expert) pair at a time, and
+the row limits :data:`MAX_ROWS` and :data:`PREFILL_MAX_TOKENS`), kept for side-by-side
+benchmarks (``rxrt bench turns --weights int8,int8-rowwise``)."""
+
+ROWS_MAX = 8
+"""decode_step.c's ROWS_MAX: the most rows per pass it takes."""
 
 COMPACT_MEMORY_MIN_SLOTS = 1024
 """From this many STM slots on, a model with bf16 or int8 weights reads the memory keys/values in
@@ -112,6 +135,7 @@ class _Layer(ctypes.Structure):
         ("routed_scale", ctypes.c_float),
         ("shared_scale", ctypes.c_float),
         *[(name, _P) for name in ["k_cache", "v_cache", "mem_k", "mem_v"]],
+        ("router_bf16", _P),
     ]
 
 
@@ -149,6 +173,7 @@ class _Model(ctypes.Structure):
         ("lm_head", _Mat),
         *[(name, _P) for name in ["embedding", "final_norm", "cos", "sin", "final_norm_bias", "head_bias"]],
         ("layers", ctypes.POINTER(_Layer)),
+        ("row_block", ctypes.c_int64),
     ]
 
 
@@ -160,6 +185,54 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _libraries: dict[str, ctypes.CDLL] = {}
 _failures: dict[str, str] = {}
+
+
+_rows_per_pass: weakref.WeakKeyDictionary[RxTModel, int] = weakref.WeakKeyDictionary()
+
+
+def set_rows_per_pass(model: RxTModel, rows: int | None) -> None:
+    """Run ``model``'s int8 C step with ``rows`` activation rows per pass (1: row by row, the
+    step before the multi-row kernel; None: back to :func:`rows_per_pass`'s default)."""
+    if rows is None:
+        _rows_per_pass.pop(model, None)
+        return
+    if not 1 <= rows <= ROWS_MAX:
+        raise ValueError(f"rows per pass must be 1..{ROWS_MAX}, got {rows}")
+    _rows_per_pass[model] = rows
+
+
+def rows_per_pass(model: RxTModel) -> int:
+    """The rows per pass of ``model``'s C step: its :func:`set_rows_per_pass`, else
+    ``RXRT_NATIVE_ROWS``, else :data:`ROWS_PER_PASS`."""
+    rows = _rows_per_pass.get(model)
+    if rows is not None:
+        return rows
+    env = os.environ.get("RXRT_NATIVE_ROWS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"RXRT_NATIVE_ROWS must be an integer 1..{ROWS_MAX}, got {env!r}") from None
+        if not 1 <= value <= ROWS_MAX:
+            raise ValueError(f"RXRT_NATIVE_ROWS must be 1..{ROWS_MAX}, got {value}")
+        return value
+    return ROWS_PER_PASS
+
+
+def _multi_row(model: RxTModel) -> bool:
+    return model.weight_format == "int8" and rows_per_pass(model) > 1
+
+
+def max_rows(model: RxTModel) -> int:
+    """Rows per decode step up to which the C step runs ``model``: :data:`MAX_ROWS`, or
+    :data:`INT8_MAX_ROWS` for int8 weights with the multi-row kernel."""
+    return INT8_MAX_ROWS if _multi_row(model) else MAX_ROWS
+
+
+def prefill_max_tokens(model: RxTModel) -> int:
+    """Prefill tokens (all prompts of a join) up to which ``model``'s int8 prefill runs in C:
+    :data:`PREFILL_MAX_TOKENS`, or :data:`INT8_PREFILL_MAX_TOKENS` with the multi-row kernel."""
+    return INT8_PREFILL_MAX_TOKENS if _multi_row(model) else PREFILL_MAX_TOKENS
 
 
 def cache_dir() -> Path:
@@ -384,13 +457,14 @@ def layout_reason(model: RxTModel) -> str | None:
     feed-forward, gated (SwiGLU and the like) or not, dense or an MoE with per-expert or global
     biases and shared experts (one, or several mixed by their softmax gate; scaled or not, local
     or global biases); RMSNorm or LayerNorm blocks, any RoPE pairing and position offset, an
-    optional RMSNorm or LayerNorm before an optionally biased LM head. That is our layouts, RxLM
-    0.2's and 0.3's RxT-Alpha and RxT-Beta decoders, and Llama-like dense decoders. What remains
-    (a reduced-precision router) runs the torch step.
+    optional RMSNorm or LayerNorm before an optionally biased LM head; a float32 router, or a
+    bf16 one computed as RxLM's ``router_amp`` computes it (decode_step.c's route_bf16). That is
+    our layouts, RxLM 0.2's and 0.3's RxT-Alpha and RxT-Beta decoders (RxT-Beta as published
+    included), and Llama-like dense decoders. What remains (a float16 router) runs the torch step.
     """
     d = model.config.decoder
     router_dtype = getattr(d, "router_dtype", "float32")  # RxLM 0.3's router_amp, where the config has it
-    checks = [(router_dtype == "float32", f"decoder.router_dtype={router_dtype!r}")]
+    checks = [(router_dtype in ("float32", "bfloat16"), f"decoder.router_dtype={router_dtype!r}")]
     failed = [what for ok, what in checks if not ok]
     return None if not failed else "layout not covered by the C step: " + ", ".join(failed)
 
@@ -408,6 +482,8 @@ class _Watch:
         self.links: list[tuple[dict[str, Any], str, Any]] = []
         self.slots: list[tuple[dict[str, Any], str]] = []
         self.sizes: list[tuple[dict[str, Any], int]] = []
+        self.versioned = False
+        """Watch versions even in fp32 (a bf16 router's copy must follow in-place edits)."""
 
     def child(self, parent: Any, name: str) -> Any:
         modules = parent._modules
@@ -441,7 +517,7 @@ class _Watch:
                 return None
         tensors = [owner.get(name) for owner, name in self.slots]
         key: tuple[object, ...] = (fmt, *(0 if t is None else t.data_ptr() for t in tensors))
-        if fmt != "fp32":  # the compact copies must follow in-place edits (float32 is read in place)
+        if fmt != "fp32" or self.versioned:  # copies must follow in-place edits (float32 is read in place)
             key += tuple(0 if t is None else t._version for t in tensors)
         return key
 
@@ -490,8 +566,11 @@ def _moe_weights(w: _Watch, ffn: Any) -> dict[str, Any]:
     shared = w.child(ffn, "shared_experts")
     w.sizes.append((shared._modules, len(shared._modules)))
     gate = w.child(ffn, "shared_gate")
+    if ffn.router_dtype == "bfloat16":
+        w.versioned = True
     return {
         "router": w.tensor(w.child(ffn, "router")._parameters, "weight"),
+        "router_dtype": ffn.router_dtype,
         **{name: w.tensor(params, name) for name in ("w_in", "w_out", "b_in", "b_out", "global_bias", "shared_bias")},
         "shared": [_ffn_weights(w, w.child(shared, name)) for name in list(shared._modules)],
         "shared_gate": None if gate is None else w.tensor(gate._parameters, "weight"),
@@ -592,6 +671,8 @@ def _layer_ok(lw: dict[str, Any], dim: int, hd: int, heads: dict[str, tuple[int,
     h, experts, router, w_in, w_out = moe["hidden"], moe["experts"], moe["router"], moe["w_in"], moe["w_out"]
     if moe["act"] not in _ACTIVATIONS or router is None or w_in is None or w_out is None:
         return False
+    if moe["router_dtype"] not in ("float32", "bfloat16"):
+        return False
     if tuple(router.shape) != (experts, dim) or not router.is_contiguous():
         return False
     gh = (2 if moe["gated"] else 1) * h  # w_in's columns: [gate | up], or the one input projection
@@ -654,6 +735,10 @@ def _bind_layer(
     layer.gated = int(moe["gated"])
     layer.w_out = _mat(moe["w_out"].transpose(1, 2).reshape(experts * h, dim), fmt, keep, seg=h)
     layer.router, layer.b_in, layer.b_out = _ptr(moe["router"]), _ptr(moe["b_in"]), _ptr(moe["b_out"])
+    if moe["router_dtype"] == "bfloat16":  # RxLM's router_amp: the C step routes on a bf16 copy
+        router_bf16 = moe["router"].to(torch.bfloat16).contiguous()
+        keep.append(router_bf16)
+        layer.router_bf16 = router_bf16.data_ptr()
     layer.global_bias, layer.shared_bias = _ptr(moe["global_bias"]), _ptr(moe["shared_bias"])
     layer.act = _ACTIVATIONS[moe["act"]]
     shared = moe["shared"]
@@ -882,7 +967,7 @@ class NativeDecoder:
     ) -> Tensor | None:
         """Logits (B, V) like :meth:`RxTModel.decode_step`, or None when the C step does not apply."""
         n = tokens.shape[0]
-        if n > MAX_ROWS or tokens.dtype != torch.long or positions.dtype != torch.long:
+        if n > max_rows(self.model) or tokens.dtype != torch.long or positions.dtype != torch.long:
             return None
         tokens, positions = tokens.contiguous(), positions.contiguous()
         logits = torch.empty(n, self.model.config.vocab_size)
@@ -949,6 +1034,7 @@ class NativeDecoder:
                     return False  # and False again, without re-checking, until the weights move
             if self._struct is None or not self._bind_buffers(needed_rows, memory_kv, cache):
                 return False
+            self._struct.row_block = rows_per_pass(self.model)
             code = library().rxt_decode_rows(
                 ctypes.byref(self._struct), n, tokens.data_ptr(), positions.data_ptr(),
                 None if rows is None else rows.data_ptr(),
@@ -970,8 +1056,8 @@ def decode_step(
     model: RxTModel, tokens: Tensor, positions: Tensor, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
 ) -> Tensor | None:
     """The C step for ``model`` (see :class:`NativeDecoder`), or None when it does not apply."""
-    if tokens.shape[0] > MAX_ROWS or tokens.device.type != "cpu":
-        return None
+    if tokens.shape[0] > max(MAX_ROWS, INT8_MAX_ROWS) or tokens.device.type != "cpu":
+        return None  # (the decoder checks the model's own limit)
     decoder = _decoder_for(model)
     return None if decoder is None else decoder.step(tokens, positions, memory_kv, cache)
 

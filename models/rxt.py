@@ -183,7 +183,7 @@ class RxTModel(nn.Module):
             and not torch.is_grad_enabled()
             and self._compiled_kernel is None
             and input_ids.device.type == "cpu"
-            and int(lengths.sum()) <= native.PREFILL_MAX_TOKENS
+            and int(lengths.sum()) <= native.prefill_max_tokens(self)
         ):
             prompts = [row[: int(n)].tolist() for row, n in zip(input_ids, lengths)]
             logits = native.prefill(self, prompts, memory_kv, cache)

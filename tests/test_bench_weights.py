@@ -124,3 +124,23 @@ def test_dtype_on_cuda_is_what_the_model_computes_in(capsys: pytest.CaptureFixtu
     assert cfg["dtype"] == want and cfg["weights"] == "fp32"
     assert main([*TURNS, "--json", "--device", "cuda", "--dtype", dtype]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["dtype"] == want
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the C step does not build here")
+def test_rowwise_int8_runs_beside_the_multi_row_step(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--weights int8,int8-rowwise`` puts the int8 C step before its multi-row kernel beside
+    today's in one turns run; ``bench decode`` at int8 compares the two steps itself."""
+    assert main([*TURNS, "--json", "--weights", "int8,int8-rowwise"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cfg = result["config"]
+    assert cfg["weights"] == ["int8", "int8-rowwise"]
+    assert result["series"]["rxt_int8-rowwise"] == "RxT int8-rowwise"
+    assert cfg["decode_kernels"]["rxt"] == f"C step (up to {native.INT8_MAX_ROWS} rows)"
+    assert cfg["decode_kernels"]["rxt_int8-rowwise"] == f"C step (up to {native.MAX_ROWS} rows, row by row)"
+    assert len(result["rxt_int8-rowwise"]) == 2
+    assert main([*DECODE, "--json", "--weights", "int8", "--batch-size", "2"]) == 0
+    compared = json.loads(capsys.readouterr().out)["steps_compared"]
+    assert list(compared) == ["torch", "C row by row", "C"]
+    assert main([*DECODE, "--json", "--weights", "int8-rowwise"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["weights"] == "int8-rowwise" and list(result["steps_compared"]) == ["torch", "C"]

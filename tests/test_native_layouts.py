@@ -9,8 +9,9 @@ against RxLM's own step logits on RxLM's layouts.
 Each layout, as tiny random models with random biases: the float32 C step equals the torch step
 (logits and caches over several decode steps of three rows at different positions; a prefill
 spanning chunks), the bf16 C step equals the torch step on the rounded weights, and the int8 C
-step stays within test_quantize.py's gates. What stays uncovered (a reduced-precision router) is
-refused by name, and those models decode in torch.
+step stays within test_quantize.py's gates. RxT-Beta's bf16 router (RxLM's router_amp) is
+covered (tests/test_native_router.py checks the routing itself); what stays uncovered (a float16
+router) is refused by name, and those models decode in torch.
 """
 
 from __future__ import annotations
@@ -58,17 +59,18 @@ def _model(seed: int, dim: int = 32, layer_norm: bool = False, **decoder: object
     return model
 
 
-def _beta(seed: int) -> RxTModel:
+def _beta(seed: int, router_dtype: str = "float32") -> RxTModel:
     """RxT-Beta's shape family, small: 8 query / 4 key-value heads of a 16-head split in self- and
     cross-attention, many experts top-10 with a global bias, 2 shared experts (wider, global bias,
     mixed by their gate), stateless ``dense, moe`` before and ``moe, moe`` after, sigmoid-gated
-    self-attention, ungated cross-attention, biased feed-forwards, no attention biases."""
+    self-attention, ungated cross-attention, biased feed-forwards, no attention biases; the router
+    in float32, or (``router_dtype="bfloat16"``) in bf16 as published (RxLM's router_amp)."""
     return _model(
         seed, dim=128, num_heads=16, self_q_heads=8, self_kv_heads=4, cross_q_heads=8, cross_kv_heads=4,
         num_experts=24, experts_per_token=10, expert_ffn_dim=12, expert_bias_mode="global",
         num_shared_experts=2, shared_expert_ffn_dim=24, shared_expert_bias_mode="global",
         layers_before=["dense", "moe"], layers_after=["moe", "moe"], dense_ffn_dim=48, ffn_bias=True,
-        attention_gate="sigmoid",
+        attention_gate="sigmoid", router_dtype=router_dtype,
     )  # fmt: skip
 
 
@@ -131,6 +133,7 @@ LAYOUTS: dict[str, Callable[[int], RxTModel]] = {
     ),
     "layer-final-norm": lambda s: _model(s, final_norm="layer", lm_head_bias=True),
     "beta": _beta,
+    "beta-bf16-router": lambda s: _beta(s, router_dtype="bfloat16"),
     "llama": _llama,
     "llama-ungated": lambda s: _llama(s, cross_gate="none"),
 }
@@ -186,8 +189,10 @@ def test_c_prefill_equals_torch_prefill_in_float32(layout: str, monkeypatch: pyt
 
 
 @pytest.mark.parametrize(
-    "layout", ["gated-silu-sigmoid", "stateless", "global-shared2-scaled", "layer-norm-plain-ffn", "beta", "llama"]
-)
+    "layout",
+    ["gated-silu-sigmoid", "stateless", "global-shared2-scaled", "layer-norm-plain-ffn", "beta", "beta-bf16-router",
+     "llama"],
+)  # fmt: skip
 def test_bf16_c_step_equals_torch_step_on_the_rounded_weights(layout: str) -> None:
     model = LAYOUTS[layout](62)
     fp32 = _run(copy.deepcopy(model), False, steps=6)
@@ -200,8 +205,10 @@ def test_bf16_c_step_equals_torch_step_on_the_rounded_weights(layout: str) -> No
 
 
 @pytest.mark.parametrize(
-    "layout", ["gated-silu-sigmoid", "stateless", "global-shared2-scaled", "layer-norm-plain-ffn", "beta", "llama"]
-)
+    "layout",
+    ["gated-silu-sigmoid", "stateless", "global-shared2-scaled", "layer-norm-plain-ffn", "beta", "beta-bf16-router",
+     "llama"],
+)  # fmt: skip
 def test_int8_c_step_stays_close_to_the_torch_step(layout: str) -> None:
     """test_quantize.py's gates (the largest difference below 5% of a row's logit std, the median
     below 1%, the same greedy token at 95% of rows), teacher-forced over 20 steps of 3 rows, 2
@@ -217,7 +224,8 @@ def test_int8_c_step_stays_close_to_the_torch_step(layout: str) -> None:
             medians.append(float(rel.median()))
             same += int((c.argmax(-1) == t.argmax(-1)).sum())
             rows += c.shape[0]
-        assert {t.dtype for t in native._decoders[model]._copies} == {torch.uint8}
+        router = {torch.bfloat16} if layout.endswith("bf16-router") else set()  # its bf16 copy
+        assert {t.dtype for t in native._decoders[model]._copies} == {torch.uint8} | router
     assert worst < 0.05
     assert sorted(medians)[len(medians) // 2] < 0.01
     assert same >= 0.95 * rows
@@ -236,16 +244,34 @@ def test_memory_layers_anywhere(torch_steps: list[int]) -> None:  # noqa: F811
     _close(got, reference)
 
 
-def test_reduced_precision_router_is_refused_and_decodes_in_torch(torch_steps: list[int]) -> None:  # noqa: F811
-    """RxLM 0.3's ``router_amp`` routes in bf16 where a config asks for it (``router_dtype``),
-    which the C step's float32 router does not compute: refused by name, the torch step runs."""
-    model = _model(67)
-    object.__setattr__(model.config.decoder, "router_dtype", "bfloat16")
-    reason = "layout not covered by the C step: decoder.router_dtype='bfloat16'"
+def test_float16_router_is_refused_and_decodes_in_torch(torch_steps: list[int]) -> None:  # noqa: F811
+    """RxLM 0.3's ``router_amp`` in float16 (``router_dtype``) is not computed by the C step (its
+    bf16 router is, :func:`test_bf16_router_greedy_tokens_and_logits`): refused by name, the
+    torch step runs."""
+    model = _model(67, router_dtype="float16")
+    reason = "layout not covered by the C step: decoder.router_dtype='float16'"
     assert native.layout_reason(model) == reason
     assert native.not_used_reason(model) == (native.unavailable_reason() or reason)
     _run(model, True, steps=2)
     assert torch_steps[0] == 2
+
+
+def test_bf16_router_greedy_tokens_and_logits(torch_steps: list[int]) -> None:  # noqa: F811
+    """RxT-Beta's bf16 router (RxLM's router_amp) in the C step: a greedy run of 24 steps of three
+    rows gives the torch step's tokens, and logits within 1e-4 (float32 sums in another order;
+    the routing itself, ties included, is torch's: tests/test_native_router.py). The bound C
+    layer routes on its bf16 copy of the router."""
+    model = _beta(66, router_dtype="bfloat16")
+    assert native.layout_reason(model) is None
+    reference = _run(model, False, steps=24)
+    got = _run(model, True, steps=24)
+    assert torch_steps[0] == 24, "the C step did not run"
+    _close(got, reference)
+    for a, b in zip(got[:24], reference[:24]):
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    layers = native._decoders[model]._layers
+    assert layers is not None
+    assert [bool(layer.router_bf16) for layer in layers] == [False, True, True, True, True, True]
 
 
 def test_every_layer_is_described_to_the_c_step() -> None:

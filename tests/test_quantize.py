@@ -135,11 +135,12 @@ def _forced(model: RxTModel, prompts: list[list[int]], steps: int) -> list[tuple
     step's difference does not snowball through diverging tokens."""
     stm = model.init_stm(len(prompts), torch.Generator().manual_seed(5), std=1.0)
     batch = DecodeBatch(model, len(prompts))
-    limit, native.PREFILL_MAX_TOKENS = native.PREFILL_MAX_TOKENS, 0  # the torch prefill: the steps are compared
+    limits = native.PREFILL_MAX_TOKENS, native.INT8_PREFILL_MAX_TOKENS
+    native.PREFILL_MAX_TOKENS = native.INT8_PREFILL_MAX_TOKENS = 0  # the torch prefill: the steps are compared
     try:
         batch.join([JoinRequest(i, p, stm[i], SamplingParams(temperature=0.0), 0) for i, p in enumerate(prompts)])
     finally:
-        native.PREFILL_MAX_TOKENS = limit
+        native.PREFILL_MAX_TOKENS, native.INT8_PREFILL_MAX_TOKENS = limits
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     real = model.decode_step
 

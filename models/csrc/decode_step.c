@@ -20,7 +20,10 @@
  * AVX-512 and AVX2 loops; int8 uses AVX512-VNNI (vpdpbusd: unsigned weights q + 128 times signed
  * activations, minus 128 * sum(x_q) per block), else AVX2 (vpmaddubsw on |x_q| and q signed by
  * x_q: no pair sum saturates as |q|, |x_q| <= 127). RXRT_SCALAR (or a CPU with neither) builds
- * the plain loops.
+ * the plain loops. Several rows of one call (a prefill chunk, a decode batch) go through the
+ * multi-row int8 kernel (i8_tiles_rows: each weight block applied to up to ROWS_MAX rows from
+ * registers, with the one-row kernel's bits), and an MoE groups its rows by expert (moe_grouped).
+ * A bf16 router (RxLM's router_amp) is computed as torch computes it, ties included (route_bf16).
  *
  * Layouts (row-major; "input-major" = the nn.Linear weight's transpose; a Mat is one of these):
  *   qkv      (dim, ld_qkv)       Q | K | V columns of self-attention, input-major
@@ -147,6 +150,7 @@ typedef struct {
     float routed_scale, shared_scale;
     float *k_cache, *v_cache;
     const void *mem_k, *mem_v; /* float32, or (mem_bf16) bf16 transposed; NULL without memory cross-attention */
+    const uint16_t *router_bf16; /* (experts, dim) bf16 copy: route as RxLM's router_amp does (route_bf16); or NULL */
 } RxtLayer;
 
 typedef struct {
@@ -163,6 +167,7 @@ typedef struct {
     const float *embedding, *final_norm, *cos, *sin; /* final_norm NULL: none */
     const float *final_norm_bias, *head_bias;                  /* or NULL */
     RxtLayer *layers;
+    int64_t row_block; /* activation rows per pass of the int8 kernels (at most ROWS_MAX); 1: row by row */
 } RxtModel;
 
 /* Columns [*c0, *c1) of n for thread t of nt, in multiples of 16 floats (one cache line pair). */
@@ -402,12 +407,132 @@ static void axpy_rows(float *restrict acc, const float *xs, Mat m, int64_t d0, i
     }
 }
 
-/* out[b, :] (+)= x[b, :] @ W (+ bias) for rows b < n: W is (k, cols) with row stride ld.
+/* The multi-row int8 kernel: a prefill chunk, a decode batch of several conversations and the
+ * rows an expert was chosen by all multiply the same weights, and a one-row pass per activation
+ * row reads every weight block once per row (from memory, or at best from L2, and converts it
+ * once per row). Here each weight block is loaded into registers once and applied to up to
+ * ROWS_MAX rows (RxtModel.row_block), each with its own VNNI dot products. Every row's sums are
+ * the ones i8_tiles computes (the same integer block sums, the same float operations in the same
+ * order), so R rows in one pass give the same bits as R passes of one row. */
+#define ROWS_MAX 8
+
+/* Row r's activations quantised per block (quantize_x): xq[r], sx[r], xsum[r] from the first
+ * block the product reads. */
+typedef struct {
+    const int8_t *xq[ROWS_MAX];
+    const float *sx[ROWS_MAX];
+    const int32_t *xsum[ROWS_MAX];
+} QRows;
+
+#if defined(I8_VNNI)
+/* i8_tiles for R rows (a constant after inlining, so the R accumulators stay in registers), row
+ * r's sums added into acc[r]. */
+static inline __attribute__((always_inline)) void i8_tiles_r(const int R, float *const *acc, const QRows *x,
+                                                             const uint8_t *w, int64_t tile, int64_t nb, int64_t c0,
+                                                             int64_t c1) {
+    for (int64_t c = c0; c < c1; c += 16) {
+        const uint8_t *p = w + c / 16 * tile;
+        __m512 f[ROWS_MAX];
+        for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++, p += I8_BLOCK) {
+            __m512i q[8];
+            for (int g = 0; g < 8; g++) q[g] = _mm512_loadu_si512((const void *)(p + 64 * g));
+            const __m512 ws = _mm512_loadu_ps((const float *)(p + 512));
+            for (int r = 0; r < R; r++) {
+                int32_t x4[8];
+                memcpy(x4, x->xq[r] + b * QBLOCK, sizeof x4);
+#define DPR(s, g) _mm512_dpbusd_epi32(s, q[g], _mm512_set1_epi32(x4[g]))
+                __m512i s0 = DPR(_mm512_setzero_si512(), 0), s1 = DPR(_mm512_setzero_si512(), 1);
+                s0 = DPR(s0, 2), s1 = DPR(s1, 3), s0 = DPR(s0, 4), s1 = DPR(s1, 5), s0 = DPR(s0, 6), s1 = DPR(s1, 7);
+#undef DPR
+                const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * x->xsum[r][b]));
+                const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(x->sx[r][b]), ws);
+                f[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), f[r]);
+            }
+        }
+        const int64_t valid = c1 - c < 16 ? c1 - c : 16;
+        const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
+        for (int r = 0; r < R; r++)
+            _mm512_mask_storeu_ps(acc[r] + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc[r] + c), f[r]));
+    }
+}
+#endif
+
+/* i8_tiles for R <= ROWS_MAX rows, each weight block read once (VNNI); other builds run
+ * i8_tiles row by row, which gives the same bits. */
+static void i8_tiles_rows(int R, float *const *acc, const QRows *x, const uint8_t *w, int64_t tile, int64_t nb,
+                          int64_t c0, int64_t c1) {
+#if defined(I8_VNNI)
+    switch (R) {
+#define CASE(k) \
+    case k: i8_tiles_r(k, acc, x, w, tile, nb, c0, c1); return;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    }
+#endif
+    for (int r = 0; r < R; r++) i8_tiles(acc[r], x->xq[r], x->sx[r], x->xsum[r], w, tile, nb, c0, c1);
+}
+
+/* acc[r][c] += sum_{d in [d0, d1)} x_r[d] * W[d, c] for R <= ROWS_MAX rows whose activations are
+ * quantised already (x: from block d0 / 32 on), in the chunks of I8_CHUNK blocks axpy_i8 takes,
+ * so that each row's float sums are axpy_i8's. */
+static void i8_rows_quantised(int R, float *const *acc, const QRows *x, Mat m, int64_t d0, int64_t d1, int64_t c0,
+                              int64_t c1) {
+    for (int64_t d = d0; d < d1; d += I8_CHUNK * QBLOCK) {
+        const int64_t end = d1 - d < I8_CHUNK * QBLOCK ? d1 : d + I8_CHUNK * QBLOCK, skip = (d - d0) / QBLOCK;
+        QRows at;
+        for (int r = 0; r < R; r++)
+            at.xq[r] = x->xq[r] + skip * QBLOCK, at.sx[r] = x->sx[r] + skip, at.xsum[r] = x->xsum[r] + skip;
+        i8_tiles_rows(R, acc, &at, (const uint8_t *)m.w + d / QBLOCK * I8_BLOCK, seg_blocks(m) * I8_BLOCK,
+                      (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
+    }
+}
+
+/* acc[r][c] += sum_{d in [d0, d1)} xs[r][d] * W[d, c] for c in [c0, c1) and R <= ROWS_MAX rows:
+ * int8 through i8_tiles_rows (each row quantised per block exactly as axpy_i8 quantises it),
+ * other formats row by row (axpy_rows). */
+static void axpy_rows_multi(int R, float *const *acc, const float *const *xs, Mat m, int64_t d0, int64_t d1,
+                            int64_t c0, int64_t c1) {
+    if (m.type != W_I8 || R == 1) {
+        for (int r = 0; r < R; r++) axpy_rows(acc[r], xs[r], m, d0, d1, c0, c1);
+        return;
+    }
+    int8_t xq[ROWS_MAX * I8_CHUNK * QBLOCK];
+    float sx[ROWS_MAX * I8_CHUNK];
+    int32_t xsum[ROWS_MAX * I8_CHUNK];
+    QRows x;
+    for (int r = 0; r < R; r++)
+        x.xq[r] = xq + (int64_t)r * I8_CHUNK * QBLOCK, x.sx[r] = sx + r * I8_CHUNK, x.xsum[r] = xsum + r * I8_CHUNK;
+    for (int64_t d = d0; d < d1; d += I8_CHUNK * QBLOCK) {
+        const int64_t end = d1 - d < I8_CHUNK * QBLOCK ? d1 : d + I8_CHUNK * QBLOCK;
+        for (int r = 0; r < R; r++)
+            quantize_x(xs[r] + d, end - d, xq + (int64_t)r * I8_CHUNK * QBLOCK, sx + r * I8_CHUNK,
+                       xsum + r * I8_CHUNK);
+        i8_tiles_rows(R, acc, &x, (const uint8_t *)m.w + d / QBLOCK * I8_BLOCK, seg_blocks(m) * I8_BLOCK,
+                      (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
+    }
+}
+
+/* axpy_rows_multi over n rows, rb at a time: acc row b at acc + b * acc_ld, x row b at x + b * x_ld. */
+static void axpy_batch(int n, int rb, float *acc, int64_t acc_ld, const float *x, int64_t x_ld, Mat m, int64_t d0,
+                       int64_t d1, int64_t c0, int64_t c1) {
+    rb = rb < 1 ? 1 : rb > ROWS_MAX ? ROWS_MAX : rb;
+    for (int b = 0; b < n; b += rb) {
+        const int R = n - b < rb ? n - b : rb;
+        float *accs[ROWS_MAX];
+        const float *xr[ROWS_MAX];
+        for (int r = 0; r < R; r++) accs[r] = acc + (int64_t)(b + r) * acc_ld, xr[r] = x + (int64_t)(b + r) * x_ld;
+        axpy_rows_multi(R, accs, xr, m, d0, d1, c0, c1);
+    }
+}
+
+/* out[b, :] (+)= x[b, :] @ W (+ bias) for rows b < n: W is (k, cols) with row stride ld, rb rows
+ * per pass of the int8 kernel (1: row by row, the step before the multi-row kernel).
  * Wide matrices (the LM head) are split by columns: each thread streams long runs of every
  * row. Narrow ones are split by rows, so each thread streams one contiguous block, and the
  * threads' partial sums are added at the end; half-rows with gaps between them read slower. */
 static void gemv(int n, const float *x, int64_t k, Mat w, int64_t cols,
-                 const float *bias, float *out, int accumulate, int nt) {
+                 const float *bias, float *out, int accumulate, int nt, int rb) {
     const int by_rows = cols < 2048 * nt && nt > 1;
     float *partial = by_rows ? malloc(sizeof(float) * (size_t)(nt * n * cols)) : NULL;
     const int split_rows = by_rows && partial;
@@ -420,7 +545,7 @@ static void gemv(int n, const float *x, int64_t k, Mat w, int64_t cols,
             const int64_t d0 = split_k(w, k, t, count), d1 = split_k(w, k, t + 1, count);
             float *mine = partial + (int64_t)t * n * cols;
             memset(mine, 0, sizeof(float) * (size_t)(n * cols));
-            for (int b = 0; b < n; b++) axpy_rows(mine + b * cols, x + (int64_t)b * k, w, d0, d1, 0, cols);
+            axpy_batch(n, rb, mine, cols, x, k, w, d0, d1, 0, cols);
 #pragma omp barrier
         }
         for (int b = 0; b < n; b++) {
@@ -432,9 +557,8 @@ static void gemv(int n, const float *x, int64_t k, Mat w, int64_t cols,
             if (split_rows)
                 for (int j = 0; j < count; j++)
                     for (int64_t c = c0; c < c1; c++) o[c] += partial[((int64_t)j * n + b) * cols + c];
-            else
-                axpy_rows(o, x + (int64_t)b * k, w, 0, k, c0, c1);
         }
+        if (!split_rows) axpy_batch(n, rb, out, cols, x, k, w, 0, k, c0, c1);
     }
     free(partial);
 }
@@ -444,6 +568,13 @@ static void gemv(int n, const float *x, int64_t k, Mat w, int64_t cols,
 void rxt_matvec(const Mat *m, int64_t row, int64_t k, int64_t cols, const float *x, float *y) {
     memset(y, 0, sizeof(float) * (size_t)cols);
     axpy_rows(y, x, mat_rows(*m, row), 0, k, 0, cols);
+}
+
+/* The same for n rows x (n, k) -> y (n, cols), rb rows per pass of the int8 kernel: the tests'
+ * window on the multi-row kernel (its rows must equal n calls of rxt_matvec). */
+void rxt_matmul(const Mat *m, int64_t row, int64_t k, int64_t cols, int n, const float *x, float *y, int rb) {
+    memset(y, 0, sizeof(float) * (size_t)(n * cols));
+    axpy_batch(n, rb, y, cols, x, k, mat_rows(*m, row), 0, k, 0, cols);
 }
 
 /* RMSNorm, or (layer) LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias (bias may be NULL). */
@@ -596,20 +727,297 @@ static float activate(float x, int64_t act) {
 /* out[b] += FFN(h[b]) * (scale ? scale[b * stride] : 1) for rows b < n: a dense layer, or one
  * shared expert weighted per row. gu (n, 2H) and act (n, H) are scratch. */
 static void ffn_rows(int n, const float *h, int64_t D, const RxtFfn *f, int64_t kind, const float *scale,
-                     int64_t stride, float *gu, float *act, float *out, int nt) {
+                     int64_t stride, float *gu, float *act, float *out, int nt, int rb) {
     const int64_t H = f->hidden, GH = f->gated ? 2 * H : H;
-    gemv(n, h, D, f->w_in, GH, f->b_in, gu, 0, nt);
+    gemv(n, h, D, f->w_in, GH, f->b_in, gu, 0, nt, rb);
     for (int b = 0; b < n; b++) {
         const float s = scale ? scale[b * stride] : 1.0f;
         const float *g = gu + b * GH;
         for (int64_t r = 0; r < H; r++) act[b * H + r] = activate(g[r], kind) * (f->gated ? g[H + r] : 1.0f) * s;
     }
-    gemv(n, act, H, f->w_out, D, NULL, out, 1, nt);
+    gemv(n, act, H, f->w_out, D, NULL, out, 1, nt, rb);
     if (f->b_out)
         for (int b = 0; b < n; b++) {
             const float s = scale ? scale[b * stride] : 1.0f;
             for (int64_t c = 0; c < D; c++) out[b * D + c] += s * f->b_out[c];
         }
+}
+
+/* The routed experts of an MoE layer with the multi-row kernel: the (row, expert) pairs are
+ * grouped by expert, so that each chosen expert's weights are read once for every rb of the
+ * rows that chose it instead of once per row (a 32-token prefill of alpha-mini sends ~5 rows to
+ * each expert), and each row of h is quantised once, not once per expert. Threads take whole
+ * experts, the most chosen first. Pair p's output without its mixing weight into ys + p * D
+ * (gu, act: its scratch at p * GH, p * H); each pair's numbers are those of the one-row path
+ * with whole experts (parts == 1). groups: scratch of pairs + 2E + 1 ints. */
+static void moe_grouped(const RxtLayer *L, int pairs, int64_t K, int64_t E, int64_t D, int64_t H, const float *h,
+                        const int64_t *chosen, int *groups, float *gu, float *act, float *ys, int rb, int nt) {
+    const int64_t GH = L->gated ? 2 * H : H;
+    int *order = groups, *start = order + pairs, *ids = start + E + 1; /* pairs by expert; experts by use */
+    for (int64_t e = 0; e <= E; e++) start[e] = 0;
+    for (int p = 0; p < pairs; p++) start[chosen[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int p = 0; p < pairs; p++) order[start[chosen[p]]++] = p; /* start[e] is now e's end */
+    for (int64_t e = E; e > 0; e--) start[e] = start[e - 1];
+    start[0] = 0;
+    int used = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int count = start[e + 1] - start[e];
+        if (!count) continue;
+        int i = used++; /* insertion by count, descending (stable: ties keep expert order) */
+        while (i > 0 && start[ids[i - 1] + 1] - start[ids[i - 1]] < count) ids[i] = ids[i - 1], i--;
+        ids[i] = (int)e;
+    }
+    rb = rb > ROWS_MAX ? ROWS_MAX : rb;
+    /* int8: each row of h quantised once here, not once per expert it chose (the same blocks,
+     * so the same values, as quantising it in each product). */
+    const int n = pairs / (int)K;
+    const int64_t nbk = (D + QBLOCK - 1) / QBLOCK;
+    int8_t *hq = NULL;
+    float *hs = NULL;
+    int32_t *hsum = NULL;
+    if (L->w_in.type == W_I8) {
+        hq = malloc((size_t)(n * nbk * QBLOCK) + (size_t)(n * nbk) * (sizeof(float) + sizeof(int32_t)));
+        if (hq) {
+            hs = (float *)(hq + n * nbk * QBLOCK);
+            hsum = (int32_t *)(hs + n * nbk);
+            for (int b = 0; b < n; b++) quantize_x(h + b * D, D, hq + b * nbk * QBLOCK, hs + b * nbk, hsum + b * nbk);
+        }
+    }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int i = 0; i < used; i++) {
+        const int64_t e = ids[i];
+        const int *ps = order + start[e], count = start[e + 1] - start[e];
+        const float *bias = L->b_in ? L->b_in + e * GH : NULL;
+        for (int j = 0; j < count; j += rb) {
+            const int R = count - j < rb ? count - j : rb;
+            float *acc[ROWS_MAX];
+            const float *xr[ROWS_MAX];
+            for (int r = 0; r < R; r++) {
+                const int p = ps[j + r];
+                acc[r] = gu + (int64_t)p * GH;
+                memset(acc[r], 0, sizeof(float) * (size_t)GH);
+                xr[r] = h + (p / K) * D;
+            }
+            if (hq) {
+                QRows x;
+                for (int r = 0; r < R; r++) {
+                    const int64_t b = ps[j + r] / K;
+                    x.xq[r] = hq + b * nbk * QBLOCK, x.sx[r] = hs + b * nbk, x.xsum[r] = hsum + b * nbk;
+                }
+                i8_rows_quantised(R, acc, &x, mat_rows(L->w_in, e * D), 0, D, 0, GH);
+            } else {
+                axpy_rows_multi(R, acc, xr, mat_rows(L->w_in, e * D), 0, D, 0, GH);
+            }
+            for (int r = 0; r < R; r++) {
+                const int p = ps[j + r];
+                const float *g = gu + (int64_t)p * GH;
+                float *a = act + (int64_t)p * H;
+                for (int64_t c = 0; c < H; c++) {
+                    float gate = g[c], up = L->gated ? g[H + c] : 1.0f;
+                    if (bias) gate += bias[c], up += L->gated ? bias[H + c] : 0.0f;
+                    a[c] = activate(gate, L->act) * up;
+                }
+                acc[r] = ys + (int64_t)p * D;
+                memset(acc[r], 0, sizeof(float) * (size_t)D);
+                xr[r] = a;
+            }
+            axpy_rows_multi(R, acc, xr, mat_rows(L->w_out, e * H), 0, H, 0, D);
+        }
+    }
+    free(hq);
+}
+
+/* float32 -> bfloat16, round to nearest even (torch's conversion; NaN stays a NaN). */
+static uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return (uint16_t)0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* A router probability and its expert, as torch's CPU top-k ranks them. */
+typedef struct {
+    float v;
+    int64_t i;
+} Ranked;
+
+/* torch's top-k comparison: NaN first, then larger values; equal values are not ordered. */
+static int ranked_before(Ranked a, Ranked b) { return (a.v != a.v && b.v == b.v) || a.v > b.v; }
+
+static void ranked_swap(Ranked *a, Ranked *b) {
+    const Ranked t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* libstdc++'s heap helpers (__adjust_heap, __push_heap, __make_heap), for the selection's rare
+ * fallback (its depth limit). */
+static void heap_push(Ranked *q, int64_t hole, int64_t top, Ranked v) {
+    int64_t parent = (hole - 1) / 2;
+    while (hole > top && ranked_before(q[parent], v)) q[hole] = q[parent], hole = parent, parent = (hole - 1) / 2;
+    q[hole] = v;
+}
+
+static void heap_adjust(Ranked *q, int64_t hole, int64_t len, Ranked v) {
+    const int64_t top = hole;
+    int64_t child = hole;
+    while (child < (len - 1) / 2) {
+        child = 2 * (child + 1);
+        if (ranked_before(q[child], q[child - 1])) child--;
+        q[hole] = q[child];
+        hole = child;
+    }
+    if ((len & 1) == 0 && child == (len - 2) / 2) {
+        child = 2 * (child + 1);
+        q[hole] = q[child - 1];
+        hole = child - 1;
+    }
+    heap_push(q, hole, top, v);
+}
+
+static void insertion_sort(Ranked *q, int64_t n) {
+    for (int64_t i = 1; i < n; i++) {
+        Ranked v = q[i];
+        if (ranked_before(v, q[0])) {
+            memmove(q + 1, q, (size_t)i * sizeof(Ranked));
+            q[0] = v;
+        } else {
+            int64_t j = i;
+            while (ranked_before(v, q[j - 1])) q[j] = q[j - 1], j--;
+            q[j] = v;
+        }
+    }
+}
+
+/* std::nth_element(q, q + nth, q + n) as libstdc++ implements it (introselect: median-of-three
+ * pivot, unguarded partition, insertion sort below 4 elements, heap select past its depth
+ * limit), which is what torch's CPU top-k runs when k * 64 > n (partial_sort otherwise). Which
+ * of several equal values end up in front is decided by this sequence of moves alone, so
+ * following it step by step gives torch's choice among tied probabilities. */
+static void nth_element(Ranked *q, int64_t nth, int64_t n) {
+    int64_t first = 0, last = n, depth = 0;
+    for (int64_t m = n; m > 1; m >>= 1) depth++; /* __lg(n) */
+    depth *= 2;
+    while (last - first > 3) {
+        if (depth == 0) { /* __heap_select(first, nth + 1, last), then the nth into place */
+            Ranked *f = q + first;
+            const int64_t len = nth + 1 - first;
+            for (int64_t parent = (len - 2) / 2; len >= 2; parent--) {
+                heap_adjust(f, parent, len, f[parent]);
+                if (parent == 0) break;
+            }
+            for (int64_t i = nth + 1; i < last; i++)
+                if (ranked_before(q[i], f[0])) {
+                    const Ranked v = q[i];
+                    q[i] = f[0];
+                    heap_adjust(f, 0, len, v);
+                }
+            ranked_swap(q + first, q + nth);
+            return;
+        }
+        depth--;
+        /* __unguarded_partition_pivot: the median of (first + 1, mid, last - 1) to first */
+        const int64_t a = first + 1, b = first + (last - first) / 2, c = last - 1;
+        int64_t med;
+        if (ranked_before(q[a], q[b]))
+            med = ranked_before(q[b], q[c]) ? b : ranked_before(q[a], q[c]) ? c : a;
+        else
+            med = ranked_before(q[a], q[c]) ? a : ranked_before(q[b], q[c]) ? c : b;
+        ranked_swap(q + first, q + med);
+        int64_t lo = first + 1, hi = last;
+        for (;;) {
+            while (ranked_before(q[lo], q[first])) lo++;
+            hi--;
+            while (ranked_before(q[first], q[hi])) hi--;
+            if (!(lo < hi)) break;
+            ranked_swap(q + lo, q + hi);
+            lo++;
+        }
+        if (lo <= nth)
+            first = lo;
+        else
+            last = lo;
+    }
+    insertion_sort(q + first, last - first);
+}
+
+/* RxLM's router_amp on a CPU for one row h (D), as models/moe.py's _route_reduced runs it under
+ * torch.autocast(bfloat16): the inputs and the router's weights in bf16 (w: its bf16 copy), the
+ * products summed in float32 and the logits rounded to bf16; the softmax computed in float32 and
+ * rounded to bf16; top-k on those rounded probabilities; the k weights divided by their sum
+ * (+ 1e-9), each step rounded to bf16 as torch rounds a bf16 tensor's result. probs: E floats
+ * of scratch, q: E Ranked.
+ *
+ * Ties: bf16 probabilities have 8 significant bits, so two experts often get the same
+ * probability, and when they straddle the k-th place the choice between them is torch's, not
+ * the values'. torch's CPU top-k picks with std::nth_element (or std::partial_sort when
+ * k * 64 <= E), and then sorts the first k - 1; nth_element above is libstdc++'s, move for
+ * move, so equal probabilities give torch's experts. What stays "close" rather than equal: the
+ * float32 sums (the logits' and the softmax's) are added in another order than oneDNN and
+ * torch's vectorised softmax add them, so a value within a rounding error of a bf16 midpoint
+ * may round the other way (about 1 in 10^5 values), and the inputs h come from our norm, not
+ * torch's; a flip can change which expert ranks k-th. docs/models.md says the same. */
+static void route_bf16(const float *h, int64_t D, const uint16_t *w, int64_t E, int64_t K, int64_t *chosen,
+                       float *mix, float *probs, Ranked *q) {
+    float best = -INFINITY, total = 0.0f;
+    for (int64_t e = 0; e < E; e++) {
+        const uint16_t *row = w + e * D;
+        float lanes[16] = {0}, sum = 0.0f;
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16)
+            for (int j = 0; j < 16; j++) lanes[j] += round_bf16(h[d + j]) * bf16_to_f32(row[d + j]);
+        for (; d < D; d++) sum += round_bf16(h[d]) * bf16_to_f32(row[d]);
+        for (int j = 0; j < 16; j++) sum += lanes[j];
+        probs[e] = round_bf16(sum);
+        best = probs[e] > best ? probs[e] : best;
+    }
+    for (int64_t e = 0; e < E; e++) total += (probs[e] = expf(probs[e] - best));
+    for (int64_t e = 0; e < E; e++) {
+        q[e].v = round_bf16(probs[e] / total);
+        q[e].i = e;
+    }
+    if (K * 64 <= E) { /* std::partial_sort: the K first in order (a heap select, then a heap sort) */
+        for (int64_t parent = (K - 2) / 2; K >= 2; parent--) {
+            heap_adjust(q, parent, K, q[parent]);
+            if (parent == 0) break;
+        }
+        for (int64_t i = K; i < E; i++)
+            if (ranked_before(q[i], q[0])) {
+                const Ranked v = q[i];
+                q[i] = q[0];
+                heap_adjust(q, 0, K, v);
+            }
+        for (int64_t end = K; end > 1; end--) { /* __sort_heap: pop the heap's top to the end */
+            const Ranked v = q[end - 1];
+            q[end - 1] = q[0];
+            heap_adjust(q, 0, end - 1, v);
+        }
+    } else {
+        nth_element(q, K - 1, E);
+        insertion_sort(q, K - 1); /* torch sorts the first k - 1 (std::sort: insertion sort up to 16) */
+    }
+    float sum = 0.0f;
+    for (int64_t k = 0; k < K; k++) sum += q[k].v;
+    const float denom = round_bf16(round_bf16(sum) + 1e-9f);
+    for (int64_t k = 0; k < K; k++) {
+        chosen[k] = q[k].i;
+        mix[k] = round_bf16(q[k].v / denom);
+    }
+}
+
+/* The bf16 router alone, for the tests: rows h (n, D), bf16 weights (E, D) -> experts and
+ * weights (n, K). */
+void rxt_route_bf16(int n, const float *h, int64_t D, const uint16_t *w, int64_t E, int64_t K, int64_t *chosen,
+                    float *mix) {
+    float *probs = malloc(sizeof(float) * (size_t)E);
+    Ranked *q = malloc(sizeof(Ranked) * (size_t)E);
+    if (probs && q)
+        for (int b = 0; b < n; b++) route_bf16(h + b * D, D, w, E, K, chosen + b * K, mix + b * K, probs, q);
+    free(probs);
+    free(q);
 }
 
 #define ROW(b) (rows ? rows[b] : (int64_t)(b)) /* the cache / memory row of token b */
@@ -654,10 +1062,17 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
     int64_t total = 0;
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) total += sizes[i];
     total = (total + 15) / 16 * 16; /* the expert ids after the floats stay aligned */
-    float *scratch = malloc((size_t)total * sizeof(float) + (size_t)pairs * (sizeof(int64_t) + sizeof(float)));
+    /* After the floats: each pair's expert and mixing weight, the pairs grouped by expert
+     * (moe_grouped), and the bf16 router's ranking (route_bf16). */
+    const size_t extra = (size_t)pairs * (sizeof(int64_t) + sizeof(float)) + (size_t)(pairs + 2 * E + 1) * sizeof(int) +
+                         (size_t)E * sizeof(Ranked);
+    float *scratch = malloc((size_t)total * sizeof(float) + extra);
     if (!scratch) return -2;
-    int64_t *chosen = (int64_t *)(scratch + total); /* each pair's expert and mixing weight */
-    float *mix = (float *)(chosen + pairs);
+    int64_t *chosen = (int64_t *)(scratch + total);
+    Ranked *rq = (Ranked *)(chosen + pairs);
+    float *mix = (float *)(rq + E);
+    int *groups = (int *)(mix + pairs);
+    const int rb = m->row_block < 1 ? 1 : m->row_block > ROWS_MAX ? ROWS_MAX : (int)m->row_block;
     float *x = scratch, *h = x + sizes[0], *qkv = h + sizes[1], *att = qkv + sizes[2], *scores = att + sizes[3],
           *route = scores + sizes[4], *gu = route + sizes[5], *ys = gu + sizes[6], *act = ys + sizes[7],
           *gates = act + sizes[8];
@@ -668,7 +1083,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
         const RxtLayer *L = &m->layers[l];
         /* Self-attention: Q/K/V in one product, RoPE on Q and K, cache write, attention. */
         norm(n, D, x, L->self_norm, L->self_norm_bias, m->eps, m->layer_norm, h);
-        gemv(n, h, D, L->qkv, qkv_cols, L->qkv_bias, qkv, 0, nt);
+        gemv(n, h, D, L->qkv, qkv_cols, L->qkv_bias, qkv, 0, nt, rb);
         for (int b = 0; b < n; b++) {
             const int64_t at_pos = (positions[b] + m->rope_offset) * hd;
             const float *cos = m->cos + at_pos, *sin = m->sin + at_pos;
@@ -689,15 +1104,15 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
                    scores + bj * long_seq, att + bj * hd);
         }
         if (L->gate.w) { /* gated attention: the heads' output times act(h W_gate + b) */
-            gemv(n, h, D, L->gate, so * hd, L->gate_bias, gates, 0, nt);
+            gemv(n, h, D, L->gate, so * hd, L->gate_bias, gates, 0, nt, rb);
             for (int64_t i = 0; i < n * so * hd; i++) att[i] *= activate(gates[i], L->gate_act);
         }
-        gemv(n, att, so * hd, L->o, D, L->o_bias, x, 1, nt);
+        gemv(n, att, so * hd, L->o, D, L->o_bias, x, 1, nt, rb);
 
         /* Memory cross-attention: queries rotated, keys/values are the STM's (no position). */
         if (L->cross_norm) {
             norm(n, D, x, L->cross_norm, L->cross_norm_bias, m->eps, m->layer_norm, h);
-            gemv(n, h, D, L->cq, m->cq * hd, L->cq_bias, qkv, 0, nt);
+            gemv(n, h, D, L->cq, m->cq * hd, L->cq_bias, qkv, 0, nt, rb);
             for (int b = 0; b < n; b++)
                 for (int64_t j = 0; j < m->cq; j++)
                     rope(qkv + (b * m->cq + j) * hd, hd, m->cos + (positions[b] + m->rope_offset) * hd,
@@ -716,71 +1131,81 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
                            scores + bj * long_seq, att + bj * hd);
             }
             if (L->cgate.w) {
-                gemv(n, h, D, L->cgate, co * hd, L->cgate_bias, gates, 0, nt);
+                gemv(n, h, D, L->cgate, co * hd, L->cgate_bias, gates, 0, nt, rb);
                 for (int64_t i = 0; i < n * co * hd; i++) att[i] *= activate(gates[i], L->cgate_act);
             }
-            gemv(n, att, co * hd, L->co, D, L->co_bias, x, 1, nt);
+            gemv(n, att, co * hd, L->co, D, L->co_bias, x, 1, nt, rb);
         }
 
         norm(n, D, x, L->ffn_norm, L->ffn_norm_bias, m->eps, m->layer_norm, h);
         if (!L->router) { /* a dense feed-forward */
-            ffn_rows(n, h, D, &L->dense, L->act, NULL, 0, gu, act, x, nt);
+            ffn_rows(n, h, D, &L->dense, L->act, NULL, 0, gu, act, x, nt, rb);
             continue;
         }
         /* MoE: top-k of the router logits, softmax over those k, gated experts. */
-        const Mat router = {L->router, D, W_F32T, D}; /* (E, dim) in place: one dot product per expert */
-        gemv(n, h, D, router, E, NULL, route, 0, nt);
-        for (int b = 0; b < n; b++) {
-            float *r = route + b * E;
-            float top = -INFINITY, total = 0.0f;
-            for (int64_t k = 0; k < K; k++) { /* the k largest, first index on ties (like topk) */
-                int64_t arg = -1;
-                for (int64_t e = 0; e < E; e++)
-                    if (r[e] == r[e] && (arg < 0 || r[e] > r[arg])) {
-                        int used = 0;
-                        for (int64_t j = 0; j < k; j++) used |= chosen[b * K + j] == e;
-                        if (!used) arg = e;
-                    }
-                if (arg < 0) arg = 0; /* all NaN: any expert; the output is NaN anyway */
-                chosen[b * K + k] = arg;
-                mix[b * K + k] = r[arg];
-                if (r[arg] > top) top = r[arg];
-            }
-            for (int64_t k = 0; k < K; k++) total += (mix[b * K + k] = expf(mix[b * K + k] - top));
-            for (int64_t k = 0; k < K; k++) mix[b * K + k] /= total;
-        }
-        /* Work items: (pair, part of the input rows), each one contiguous block of an expert's
-         * weights. Whole experts when they divide evenly among the threads, else halves (int8:
-         * split between blocks of 32 rows); the parts' partial sums are added before the
-         * activation and at the end. */
-        const int parts = pairs % nt == 0 ? 1 : 2;
-        const int64_t GH = L->gated ? 2 * H : H; /* w_in's columns */
-#pragma omp parallel num_threads(nt)
-        {
-            const int t = omp_get_thread_num(), count = omp_get_num_threads();
-            for (int item = t; item < parts * pairs; item += count) {
-                const int p = item / parts, part = item % parts;
-                float *o = gu + (int64_t)item * GH;
-                memset(o, 0, sizeof(float) * (size_t)GH);
-                axpy_rows(o, h + (p / K) * D, mat_rows(L->w_in, chosen[p] * D), split_k(L->w_in, D, part, parts),
-                          split_k(L->w_in, D, part + 1, parts), 0, GH);
-            }
-#pragma omp barrier
-            for (int item = t; item < parts * pairs; item += count) {
-                const int p = item / parts, part = item % parts;
-                const float *g = gu + (int64_t)(parts * p) * GH;
-                float *a = act + (int64_t)item * H;
-                const int64_t r0 = split_k(L->w_out, H, part, parts), r1 = split_k(L->w_out, H, part + 1, parts);
-                const float *bias = L->b_in ? L->b_in + chosen[p] * GH : NULL;
-                for (int64_t r = r0; r < r1; r++) {
-                    float gate = g[r], up = L->gated ? g[H + r] : 1.0f;
-                    if (parts == 2) gate += g[GH + r], up += L->gated ? g[GH + H + r] : 0.0f;
-                    if (bias) gate += bias[r], up += L->gated ? bias[H + r] : 0.0f;
-                    a[r - r0] = activate(gate, L->act) * up;
+        if (L->router_bf16) { /* RxLM's router_amp: the router in bf16 (route_bf16) */
+            for (int b = 0; b < n; b++)
+                route_bf16(h + b * D, D, L->router_bf16, E, K, chosen + b * K, mix + b * K, route + b * E, rq);
+        } else {
+            const Mat router = {L->router, D, W_F32T, D}; /* (E, dim) in place: one dot product per expert */
+            gemv(n, h, D, router, E, NULL, route, 0, nt, rb);
+            for (int b = 0; b < n; b++) {
+                float *r = route + b * E;
+                float top = -INFINITY, total = 0.0f;
+                for (int64_t k = 0; k < K; k++) { /* the k largest, first index on ties (like topk) */
+                    int64_t arg = -1;
+                    for (int64_t e = 0; e < E; e++)
+                        if (r[e] == r[e] && (arg < 0 || r[e] > r[arg])) {
+                            int used = 0;
+                            for (int64_t j = 0; j < k; j++) used |= chosen[b * K + j] == e;
+                            if (!used) arg = e;
+                        }
+                    if (arg < 0) arg = 0; /* all NaN: any expert; the output is NaN anyway */
+                    chosen[b * K + k] = arg;
+                    mix[b * K + k] = r[arg];
+                    if (r[arg] > top) top = r[arg];
                 }
-                float *o = ys + (int64_t)item * D;
-                memset(o, 0, sizeof(float) * (size_t)D);
-                axpy_rows(o, a, mat_rows(L->w_out, chosen[p] * H + r0), 0, r1 - r0, 0, D);
+                for (int64_t k = 0; k < K; k++) total += (mix[b * K + k] = expf(mix[b * K + k] - top));
+                for (int64_t k = 0; k < K; k++) mix[b * K + k] /= total;
+            }
+        }
+        const int64_t GH = L->gated ? 2 * H : H; /* w_in's columns */
+        int parts = 1;
+        if (rb > 1 && (n > 1 || pairs % nt == 0)) /* each chosen expert once for all its rows */
+            moe_grouped(L, pairs, K, E, D, H, h, chosen, groups, gu, act, ys, rb, nt);
+        else {
+            /* Work items: (pair, part of the input rows), each one contiguous block of an expert's
+             * weights. Whole experts when they divide evenly among the threads, else halves (int8:
+             * split between blocks of 32 rows); the parts' partial sums are added before the
+             * activation and at the end. */
+            parts = pairs % nt == 0 ? 1 : 2;
+    #pragma omp parallel num_threads(nt)
+            {
+                const int t = omp_get_thread_num(), count = omp_get_num_threads();
+                for (int item = t; item < parts * pairs; item += count) {
+                    const int p = item / parts, part = item % parts;
+                    float *o = gu + (int64_t)item * GH;
+                    memset(o, 0, sizeof(float) * (size_t)GH);
+                    axpy_rows(o, h + (p / K) * D, mat_rows(L->w_in, chosen[p] * D), split_k(L->w_in, D, part, parts),
+                              split_k(L->w_in, D, part + 1, parts), 0, GH);
+                }
+    #pragma omp barrier
+                for (int item = t; item < parts * pairs; item += count) {
+                    const int p = item / parts, part = item % parts;
+                    const float *g = gu + (int64_t)(parts * p) * GH;
+                    float *a = act + (int64_t)item * H;
+                    const int64_t r0 = split_k(L->w_out, H, part, parts), r1 = split_k(L->w_out, H, part + 1, parts);
+                    const float *bias = L->b_in ? L->b_in + chosen[p] * GH : NULL;
+                    for (int64_t r = r0; r < r1; r++) {
+                        float gate = g[r], up = L->gated ? g[H + r] : 1.0f;
+                        if (parts == 2) gate += g[GH + r], up += L->gated ? g[GH + H + r] : 0.0f;
+                        if (bias) gate += bias[r], up += L->gated ? bias[H + r] : 0.0f;
+                        a[r - r0] = activate(gate, L->act) * up;
+                    }
+                    float *o = ys + (int64_t)item * D;
+                    memset(o, 0, sizeof(float) * (size_t)D);
+                    axpy_rows(o, a, mat_rows(L->w_out, chosen[p] * H + r0), 0, r1 - r0, 0, D);
+                }
             }
         }
         /* Into the residual: the routed sum (scaled where the shared experts are weighed against
@@ -804,7 +1229,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
             float *weights = route + n * E; /* (n, S): each shared expert's weight per row */
             if (L->shared_gate) {
                 const Mat gate = {L->shared_gate, D, W_F32T, D};
-                gemv(n, h, D, gate, S, NULL, weights, 0, nt);
+                gemv(n, h, D, gate, S, NULL, weights, 0, nt, rb);
             } else {
                 memset(weights, 0, sizeof(float) * (size_t)(n * S));
             }
@@ -815,7 +1240,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
                 for (int64_t s = 0; s < S; s++) total += (w[s] = expf(w[s] - top));
                 for (int64_t s = 0; s < S; s++) w[s] = L->shared_scale * w[s] / total;
             }
-            for (int64_t s = 0; s < S; s++) ffn_rows(n, h, D, &L->shared[s], L->act, weights + s, S, gu, act, x, nt);
+            for (int64_t s = 0; s < S; s++) ffn_rows(n, h, D, &L->shared[s], L->act, weights + s, S, gu, act, x, nt, rb);
             for (int b = 0; b < n; b++)
                 for (int64_t c = 0; c < D && L->shared_bias; c++) x[b * D + c] += L->shared_scale * L->shared_bias[c];
         }
@@ -831,7 +1256,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
         norm(outs, D, x, m->final_norm, m->final_norm_bias, m->final_eps, m->final_layer_norm, h);
     else
         memcpy(h, x, (size_t)(outs * D) * sizeof(float));
-    gemv(outs, h, D, m->lm_head, m->vocab, m->head_bias, logits, 0, nt);
+    gemv(outs, h, D, m->lm_head, m->vocab, m->head_bias, logits, 0, nt, rb);
     free(scratch);
     return 0;
 }

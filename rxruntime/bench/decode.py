@@ -21,6 +21,11 @@ from rxruntime.models.quantize import WeightFormat, check_format, default_format
 DEFAULT_WEIGHTS = "default"
 """``--weights default``: the engine's own choice for the device (:func:`default_weights`)."""
 
+ROWWISE = "int8-rowwise"
+"""``--weights int8-rowwise``: int8 weights through the C step as it ran before its multi-row
+kernel (``native.set_rows_per_pass(model, 1)``: one activation row per pass, one (row, expert)
+pair at a time), so that a benchmark can put the two int8 steps side by side in one run."""
+
 
 @dataclass
 class DecodeResult:
@@ -96,7 +101,7 @@ def c_step_note(model: RxTModel) -> str:
     from rxruntime.models import native
 
     reason = native.not_used_reason(model)
-    return f"used for steps of up to {native.MAX_ROWS} rows" if reason is None else f"not used: {reason}"
+    return f"used for steps of up to {native.max_rows(model)} rows" if reason is None else f"not used: {reason}"
 
 
 def default_weights(model: RxTModel) -> WeightFormat:
@@ -110,10 +115,17 @@ def default_weights(model: RxTModel) -> WeightFormat:
     return default_format(model, DEFAULT_CPU_WEIGHTS)
 
 
-def apply_weights(model: RxTModel, requested: str | None) -> WeightFormat:
-    """Store ``model``'s matrices as ``requested`` (None or ``"default"``: :func:`default_weights`)
-    and return the format it now has. ConfigError for an unknown format, or a compact one on a
-    model the formats do not apply to (not float32 on the CPU)."""
+def apply_weights(model: RxTModel, requested: str | None) -> str:
+    """Store ``model``'s matrices as ``requested`` (None or ``"default"``: :func:`default_weights`;
+    :data:`ROWWISE`: int8 through the row-by-row C step) and return the format it now has (or
+    :data:`ROWWISE`). ConfigError for an unknown format, or a compact one on a model the formats
+    do not apply to (not float32 on the CPU)."""
+    from rxruntime.models import native
+
+    if requested == ROWWISE:
+        apply_weights(model, "int8")
+        native.set_rows_per_pass(model, 1)
+        return ROWWISE
     if requested in (None, DEFAULT_WEIGHTS):
         fmt = default_weights(model)
     else:
@@ -156,7 +168,10 @@ def kernel_label(model: RxTModel) -> str:
     if model._compiled_kernel is not None:
         return "torch.compile'd step"
     reason = native.not_used_reason(model)
-    return f"C step (up to {native.MAX_ROWS} rows)" if reason is None else "torch step"
+    if reason is not None:
+        return "torch step"
+    rowwise = model.weight_format == "int8" and native.rows_per_pass(model) == 1  # before the multi-row kernel
+    return f"C step (up to {native.max_rows(model)} rows{', row by row' if rowwise else ''})"
 
 
 def weights_line(weights: str, model: RxTModel) -> str:

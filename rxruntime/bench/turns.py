@@ -42,7 +42,7 @@ from torch import Tensor
 from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTConfig, RxTModel, SamplingParams, preset
 from rxruntime.models.quantize import check_format
 
-from .decode import DEFAULT_WEIGHTS, apply_weights, c_step_note, kernel_label, resolve_dtype
+from .decode import DEFAULT_WEIGHTS, ROWWISE, apply_weights, c_step_note, kernel_label, resolve_dtype
 from .llamacpp_runtime import check_llama_cpp
 from .llamacpp_turns import TIMEOUT_S, LlamaCppPeer, PeerFailedError, check_types, prepare_peers
 from .turns_report import format_table, plot_turns, summarize
@@ -247,10 +247,10 @@ def _check(cfg: TurnsConfig, config: RxTConfig, device: torch.device) -> None:
         raise ConfigError(f"--weights takes distinct formats, got {','.join(cfg.weights) or 'none'}")
     try:
         for fmt in cfg.weights:
-            if fmt != DEFAULT_WEIGHTS:
+            if fmt not in (DEFAULT_WEIGHTS, ROWWISE):
                 check_format(fmt)
     except ValueError as exc:
-        raise ConfigError(f"{exc} (or {DEFAULT_WEIGHTS})") from None
+        raise ConfigError(f"{exc} (or {DEFAULT_WEIGHTS}, {ROWWISE})") from None
     resolve_dtype(cfg.dtype, device)
     if set(cfg.weights) - {"fp32", DEFAULT_WEIGHTS} and device.type != "cpu":
         raise ConfigError(f"--weights {','.join(cfg.weights)} is for the CPU (got {device.type})")

@@ -62,8 +62,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--weights",
         type=_names,
         default=["default"],
-        help="RxT weight formats, comma-separated, one series each: fp32, bf16, int8, or default (the "
-        "engine's own for the device: int8 where the C step runs the model on a CPU, else fp32; the default)",
+        help="RxT weight formats, comma-separated, one series each: fp32, bf16, int8, default (the "
+        "engine's own for the device: int8 where the C step runs the model on a CPU, else fp32; the default), "
+        "or int8-rowwise (int8 through the C step's row-by-row kernels, as before the multi-row kernel)",
     )
     _dtype(t)
     t.add_argument(
@@ -151,8 +152,9 @@ def _weights(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights",
         default="default",
-        help="weight format: fp32, bf16, int8, or default (the engine's own for the device: int8 where the "
-        "C step runs the model on a CPU, else fp32; the default)",
+        help="weight format: fp32, bf16, int8, default (the engine's own for the device: int8 where the "
+        "C step runs the model on a CPU, else fp32; the default), or int8-rowwise (int8 through the C step's "
+        "row-by-row kernels, as before the multi-row kernel)",
     )
 
 
@@ -194,8 +196,13 @@ def run_decode(args: argparse.Namespace) -> int:
     # The decode steps side by side, repeats interleaved: "torch" is the eager torch step, "C" the
     # C step of models/native.py (the default on a CPU when it builds), "compiled" the opt-in
     # torch.compile'd step. The last one listed is what the runtime uses with these options.
+    # With int8 weights and the multi-row kernel, "C row by row" is the C step before it (one
+    # activation row per pass), side by side.
     kernels: dict[str, tuple[bool, Any]] = {"torch": (False, None)}
-    c_step = model.device.type == "cpu" and args.batch_size <= native.MAX_ROWS and native.enabled()
+    c_step = model.device.type == "cpu" and args.batch_size <= native.max_rows(model) and native.enabled()
+    per_pass = native.rows_per_pass(model)
+    if c_step and weights == "int8" and per_pass > 1 and args.batch_size <= native.MAX_ROWS:
+        kernels["C row by row"] = (True, None)
     if c_step:
         kernels["C"] = (True, None)
     compile_s = None
@@ -211,6 +218,7 @@ def run_decode(args: argparse.Namespace) -> int:
     for r in range(args.repeats):
         for name, (use_c, compiled) in kernels.items():
             model.native_decode, model._compiled_kernel = use_c, compiled
+            native.set_rows_per_pass(model, 1 if name == "C row by row" else per_pass)
             one = measure_decode(
                 model,
                 steps=args.steps,
@@ -254,15 +262,15 @@ def run_decode(args: argparse.Namespace) -> int:
     print(
         weights_line(weights, model) + (" (the engine's default for the device)" if args.weights == "default" else "")
     )
-    print(f"{'step':<10} {'median tok/s':>13} {'best tok/s':>11} {'vs torch':>9}")
+    print(f"{'step':<12} {'median tok/s':>13} {'best tok/s':>11} {'vs torch':>9}")
     for name, row in result.items():
         mark = "  <- default" if name == default else ""
         print(
-            f"{name:<10} {row['tokens_per_s']:>13.1f} {row['best_tokens_per_s']:>11.1f} "
+            f"{name:<12} {row['tokens_per_s']:>13.1f} {row['best_tokens_per_s']:>11.1f} "
             f"{row['tokens_per_s'] / base:>8.2f}x{mark}"
         )
     if not c_step and model.device.type == "cpu":
-        print(f"(no C step: {native.unavailable_reason() or f'batch above {native.MAX_ROWS} rows'})")
+        print(f"(no C step: {native.unavailable_reason() or f'batch above {native.max_rows(model)} rows'})")
     return 0
 
 

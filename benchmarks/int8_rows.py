@@ -1,0 +1,137 @@
+"""The int8 C step with its multi-row kernel against the row-by-row step and torch, in CPU time.
+
+Prefills (one prompt of each length) and decode steps of several rows, each variant in turn
+within every repeat (interleaved), at alpha-mini with int8 weights, one thread: ``multi`` is the
+C step as it runs (``native.ROWS_PER_PASS`` rows per pass), ``rowwise`` the C step before the
+multi-row kernel (``native.set_rows_per_pass(model, 1)``), ``torch`` the torch paths on the same
+rounded weights, ``torch-bf16`` the torch prefill under ``torch.autocast(bfloat16)``.
+
+Times are the calling thread's CPU time (``time.thread_time``), not wall time: with one thread
+every path runs on the calling thread, and on a shared machine CPU time is far less disturbed
+by other tenants than wall time (it still counts their cache misses). Writes JSON to ``--out``.
+
+    python benchmarks/int8_rows.py --repeats 3 --out benchmarks/results/multirow/int8-rows-cpu-time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rxruntime.models import RxTModel, native, preset
+from rxruntime.models.cache import KVCache
+from rxruntime.models.quantize import set_weight_format
+
+Buffers = tuple[list[tuple[torch.Tensor, torch.Tensor]], KVCache]
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--preset", default="alpha-mini")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts", default="35,128,256", help="prefill lengths, comma-separated")
+    parser.add_argument("--rows", default="1,8,16,64", help="decode rows, comma-separated")
+    parser.add_argument("--steps", type=int, default=20, help="decode steps per repeat")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = RxTModel(preset(args.preset)).eval()
+    set_weight_format(model, "int8")
+    model.use_decode_layout()
+    vocab = model.config.vocab_size
+
+    def buffers(rows: int) -> Buffers:
+        stm = model.init_stm(rows, torch.Generator().manual_seed(3))
+        with torch.inference_mode():
+            kv = [(k.contiguous(), v.contiguous()) for k, v in model.memory_kv(stm)]
+        return kv, model.new_cache(rows)
+
+    def prefill(prompt: list[int], variant: str) -> float:
+        kv, cache = buffers(1)
+        native.set_rows_per_pass(model, 1 if variant == "rowwise" else None)
+        model.native_decode = variant in ("multi", "rowwise")
+        ids, lengths = torch.tensor([prompt]), torch.tensor([len(prompt)])
+        start = time.thread_time()
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=variant == "torch-bf16"):
+            if model.native_decode:
+                assert native.prefill(model, [prompt], kv, cache) is not None
+            else:
+                model.prefill(ids, lengths, kv, cache)
+        return time.thread_time() - start
+
+    def decode(rows: int, variant: str) -> float:
+        kv, cache = buffers(rows)
+        native.set_rows_per_pass(model, 1 if variant == "rowwise" else None)
+        model.native_decode = variant != "torch"
+        tokens, positions = torch.randint(7, vocab, (rows,)), torch.full((rows,), 40)
+        step: Callable[[], object]
+        if model.native_decode:
+            decoder = native._decoder_for(model)
+            assert decoder is not None
+            step = lambda: decoder.step(tokens, positions, kv, cache)  # noqa: E731
+        else:
+            step = lambda: model.decode_step(tokens, positions, kv, cache)  # noqa: E731
+        with torch.inference_mode():
+            step()
+            start = time.thread_time()
+            for _ in range(args.steps):
+                step()
+        return float(rows * args.steps / (time.thread_time() - start))
+
+    limit = native.INT8_MAX_ROWS
+    native.INT8_MAX_ROWS = native.MAX_ROWS = max(int(r) for r in args.rows.split(","))  # the C step at every size
+    gen = torch.Generator().manual_seed(1)
+    result: dict[str, object] = {"prefill_ms": {}, "decode_tokens_per_s": {}}
+    for length in (int(n) for n in args.prompts.split(",")):
+        prompt = torch.randint(7, vocab, (length,), generator=gen).tolist()
+        times: dict[str, list[float]] = {"multi": [], "rowwise": [], "torch": [], "torch-bf16": []}
+        for _ in range(args.repeats):
+            for variant in times:
+                times[variant].append(prefill(prompt, variant))
+        row = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
+        result["prefill_ms"][str(length)] = row  # type: ignore[index]
+        print(f"prefill {length} tokens, ms:", row, flush=True)
+    for rows in (int(n) for n in args.rows.split(",")):
+        rates: dict[str, list[float]] = {"multi": [], "rowwise": [], "torch": []}
+        for _ in range(args.repeats):
+            for variant in rates:
+                rates[variant].append(decode(rows, variant))
+        row = {k: round(statistics.median(v), 1) for k, v in rates.items()}
+        result["decode_tokens_per_s"][str(rows)] = row  # type: ignore[index]
+        print(f"decode {rows} rows, tokens/s:", row, flush=True)
+    native.INT8_MAX_ROWS, native.MAX_ROWS = limit, 16
+    result["config"] = {
+        **vars(args),
+        "out": str(args.out) if args.out else None,
+        "threads": 1,
+        "time": "thread CPU time",
+        "rows_per_pass": native.ROWS_PER_PASS,
+        "isa": native.isa(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average_end": list(os.getloadavg()),
+        "torch": torch.__version__,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
