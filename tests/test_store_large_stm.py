@@ -3,6 +3,7 @@ that stall no other conversation, eviction by bytes."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from rxruntime.stores import InMemoryStore, RedisStore, SQLiteStore, STMStore, o
 
 from .conftest import tiny_config
 
+ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is Ada."] * 30
 
 
@@ -150,3 +152,43 @@ def test_idle_memories_are_evicted_by_bytes(tok: RxTokenizer, tmp_path: Path) ->
 def test_bad_residency_options_are_refused(tok: RxTokenizer, name: str, value: int) -> None:
     with pytest.raises(InvalidOptionError, match=name):
         Engine(make_model(), tok, store=InMemoryStore(), **{name: value})  # type: ignore[arg-type]
+
+
+BETA_CASES = [
+    ROOT / "tests" / "fixtures" / "rxlm" / version / case
+    for version in ("0.3.80", "0.3.93")
+    for case in ("beta_published_fast", "beta_published_extended")
+]
+
+
+@pytest.mark.parametrize("case", BETA_CASES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_bfloat16_stored_stm_keeps_the_next_turns_answers(case: Path) -> None:
+    """What storing the STM in bf16 does to the answers (docs/scaling.md), on RxLM-written
+    models with RxT-Beta's options: each turn's logits from the rounded STM within 5e-3 of the
+    float32 ones with the same argmax everywhere, and three turns whose STM is rounded after every
+    memory update (a bf16 store between turns) give RxLM's own greedy tokens."""
+    from safetensors.torch import load_file
+
+    from rxruntime.models import SamplingParams, generate
+    from rxruntime.models.checkpoint import load_pretrained
+
+    exp = load_file(case / "expected.safetensors")
+    meta = json.loads((case / "expected.json").read_text())
+    model, _ = load_pretrained(case, load_tokenizer=False, rxlm_version=case.parent.name)
+    eos = model.config.special_tokens.eos_id
+    stored = exp["turns_init_stm"].to(torch.bfloat16)[None]
+    for i in (1, 2, 3):
+        before = exp["turns_init_stm"] if i == 1 else exp[f"turn{i - 1}_stm"]
+        ids = exp[f"turn{i}_update_ids"]
+        with torch.no_grad():
+            exact = model.decoder_logits(ids, before[None])
+            rounded = model.decoder_logits(ids, before.to(torch.bfloat16).float()[None])
+        assert (exact - rounded).abs().max().item() < 5e-3
+        assert torch.equal(exact.argmax(-1), rounded.argmax(-1))
+        query = exp[f"turn{i}_query_ids"][0].tolist()
+        budget = meta["max_seq_len"] - len(query)
+        (answer,) = generate(model, stored.float(), [query], SamplingParams(temperature=0.0), max_new_tokens=budget)
+        expected = exp[f"turn{i}_answer_ids"].tolist()
+        assert answer + ([eos] if len(answer) < budget else []) == expected, f"turn {i}"
+        with torch.no_grad():
+            stored = model.memory_update(stored.float(), torch.tensor([query + expected])).to(torch.bfloat16)
