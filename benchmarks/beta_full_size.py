@@ -276,6 +276,16 @@ def guard(min_available: int) -> None:
 
 
 # ---------------------------------------------------------------------- rxruntime's side
+def progress(stage: str, data: Any) -> None:
+    """A line on stderr per stage (the full-size run takes many minutes), with the resident memory."""
+    now, peak = rss()
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {stage}: rss {now / GIB:.2f} GiB (peak {peak / GIB:.2f}) {data}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def words(start: int, count: int, vocab: int) -> str:
     return " ".join(f"t{len(SPECIAL_TOKENS) + (start + i) % (vocab - len(SPECIAL_TOKENS))}" for i in range(count))
 
@@ -360,6 +370,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in engine.model.parameters()),
         "c_decode_step": bool(getattr(engine.model, "native_decode", False)),
     }
+    progress("loaded", {k: result[k] for k in ("load_s", "rss_bytes", "peak_rss_load_bytes")})
     with engine:
         system_text = words(0, args.system_tokens, vocab)
         system_ids = engine.tokenizer.system_ids(system_text)
@@ -367,8 +378,10 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         conv = engine.conversation("beta-0", memory_init=system_text)
         assert conv.wait_for_memory(3600)
         result["system_prompt"] = {"ids": len(system_ids), "memory_init_s": time.perf_counter() - start}
+        progress("system prompt read", result["system_prompt"])
         first_query = query_ids(0, args.query_tokens, vocab)
         result["b1"] = _turn(conv, first_query, args.answer_tokens)
+        progress("one conversation", result["b1"])
         stm = conv.export_state().stm
 
         # b conversations at once: the same system prompt's memory, one short query each
@@ -376,8 +389,10 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         queries = [query_ids(i + 1, args.batch_query_tokens, vocab) for i in range(args.batch)]
         _batch_turn(convs, queries, args.answer_tokens)  # warm-up at this batch size
         result[f"b{args.batch}"] = _batch_turn(convs, queries, args.answer_tokens)
+        progress(f"{args.batch} conversations", result[f"b{args.batch}"])
         for c in convs:
             c.close()
+        del convs
 
         layers, slots, dim = config.num_layers, config.stm_size, config.dim
         values = layers * slots * dim
@@ -404,7 +419,9 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         for c in idle:
             c.close()
         del idle
-        result["stores"] = measure_stores(config, stm.float(), args.store_repeats)
+        from safetensors.torch import save_file
+
+        save_file({"stm": stm.float().contiguous()}, str(args.stm_file))  # the stores are timed after we exit
         result["system_ids"] = system_ids
         result["queries"] = [first_query, *queries]
     result["peak_rss_bytes"] = rss()[1]
@@ -561,7 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-available-gib", type=float, default=14.0)
     parser.add_argument("--guard-gib", type=float, default=2.5)
     parser.add_argument("--side", choices=["all", "ours"], default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--stm-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if str(HERE.parent) not in sys.path:  # run as a script: benchmarks.harness from the checkout
+        sys.path.insert(0, str(HERE.parent))
 
     if args.side == "ours":  # the child: measure, print JSON
         print("RESULT " + json.dumps(measure_ours(args)), flush=True)
@@ -579,18 +599,26 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads(args.config.read_text()) if args.config else published_config()
     spec = read_spec(args.spec or BETA_SPEC)
     written = write_checkpoint(args.out, config, spec)
-    child = [sys.executable, str(Path(__file__).resolve()), "--side", "ours"]
+    stm_file = Path(tempfile.gettempdir()) / f"rxrt-beta-stm-{os.getpid()}.safetensors"
+    child = [sys.executable, str(Path(__file__).resolve()), "--side", "ours", "--stm-file", str(stm_file)]
     for key in ("out", "threads", "dtype", "system_tokens", "query_tokens", "batch_query_tokens", "answer_tokens"):
         child += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     for key in ("batch", "idle_conversations", "store_repeats", "guard_gib"):
         child += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    proc = subprocess.run(child, capture_output=True, text=True, env=env, cwd=HERE.parent)
+    proc = subprocess.run(child, stdout=subprocess.PIPE, text=True, env=env, cwd=HERE.parent)  # stderr: ours
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        print(proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode or 1
     ours = json.loads(lines[-1].removeprefix("RESULT "))
+    from safetensors.torch import load_file
+
+    from rxruntime.models.checkpoint import load_config
+
+    stm = load_file(str(stm_file))["stm"]
+    stm_file.unlink()
+    ours["stores"] = measure_stores(load_config(args.out), stm, args.store_repeats)  # no model in this process
+    del stm
     ids = {"system_ids": ours.pop("system_ids"), "queries": ours.pop("queries")}
     rxlm: dict[str, Any] | None = None
     if args.rxlm:
