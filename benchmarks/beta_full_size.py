@@ -349,14 +349,18 @@ def measure_stores(config: Any, stm: torch.Tensor, repeats: int) -> dict[str, An
 
 
 def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
-    import rxruntime
+    from rxruntime import Engine
+    from rxruntime.models.checkpoint import load_pretrained
 
     guard(int(args.guard_gib * GIB))
     torch.set_num_threads(args.threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     rss_before = rss()[0]
     start = time.perf_counter()
-    engine = rxruntime.load(str(args.out), device="cpu", dtype=dtype, max_batch=max(8, args.batch))
+    model, tok = load_pretrained(args.out, device="cpu", dtype=dtype)  # what rxruntime.load does in bf16
+    assert tok is not None
+    # memory updates --memory-batch at a time: their activations grow with the batch (slots^2 attention)
+    engine = Engine(model, tok, max_batch=max(8, args.batch), max_memory_batch=args.memory_batch)
     load_s = time.perf_counter() - start
     rss_loaded, peak_load = rss()
     config = engine.config
@@ -387,7 +391,6 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         # b conversations at once: the same system prompt's memory, one short query each
         convs = [engine.conversation(f"beta-b{i}", state=None, stm=stm) for i in range(args.batch)]
         queries = [query_ids(i + 1, args.batch_query_tokens, vocab) for i in range(args.batch)]
-        _batch_turn(convs, queries, args.answer_tokens)  # warm-up at this batch size
         result[f"b{args.batch}"] = _batch_turn(convs, queries, args.answer_tokens)
         progress(f"{args.batch} conversations", result[f"b{args.batch}"])
         for c in convs:
@@ -575,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--idle-conversations", type=int, default=4)
     parser.add_argument("--store-repeats", type=int, default=3)
+    parser.add_argument("--memory-batch", type=int, default=2, help="memory updates computed together")
     parser.add_argument("--min-available-gib", type=float, default=14.0)
     parser.add_argument("--guard-gib", type=float, default=2.5)
     parser.add_argument("--side", choices=["all", "ours"], default="all", help=argparse.SUPPRESS)
@@ -603,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     child = [sys.executable, str(Path(__file__).resolve()), "--side", "ours", "--stm-file", str(stm_file)]
     for key in ("out", "threads", "dtype", "system_tokens", "query_tokens", "batch_query_tokens", "answer_tokens"):
         child += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    for key in ("batch", "idle_conversations", "store_repeats", "guard_gib"):
+    for key in ("batch", "idle_conversations", "store_repeats", "guard_gib", "memory_batch"):
         child += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
     proc = subprocess.run(child, stdout=subprocess.PIPE, text=True, env=env, cwd=HERE.parent)  # stderr: ours

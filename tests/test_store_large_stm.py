@@ -192,3 +192,33 @@ def test_a_bfloat16_stored_stm_keeps_the_next_turns_answers(case: Path) -> None:
         assert answer + ([eos] if len(answer) < budget else []) == expected, f"turn {i}"
         with torch.no_grad():
             stored = model.memory_update(stored.float(), torch.tensor([query + expected])).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(("cap", "batches"), [(None, [1, 2]), (1, [1, 1, 1])])
+def test_memory_updates_are_batched_at_most_max_memory_batch_at_a_time(
+    tok: RxTokenizer, cap: int | None, batches: list[int]
+) -> None:
+    """A memory update's activations grow with its batch (RxT-Beta: ~0.2 GB per conversation), so
+    ``max_memory_batch`` bounds it; the updates queued behind a running one wait their turn."""
+    model = make_model()
+    real = model.memory_update
+    sizes: list[int] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def memory_update(stm: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None, gates: object = None):  # type: ignore[no-untyped-def]
+        sizes.append(stm.shape[0])
+        entered.set()
+        release.wait()
+        return real(stm, ids, mask, gates)  # type: ignore[arg-type]
+
+    model.memory_update = memory_update  # type: ignore[method-assign,assignment]
+    with Engine(model, tok, max_memory_batch=cap) as eng:
+        try:
+            first = eng.conversation("m0", memory_init="Hi, I'm Ada.")
+            assert entered.wait(60)  # the first update runs (held); the next two queue behind it
+            rest = [eng.conversation(f"m{i}", memory_init="Hi, I'm Ada.") for i in (1, 2)]
+            assert eng.stats()["memory_backlog"] == 2
+        finally:
+            release.set()
+        assert all(c.wait_for_memory(60) for c in [first, *rest])
+    assert sizes == batches

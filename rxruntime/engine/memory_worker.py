@@ -45,9 +45,17 @@ log = logging.getLogger(__name__)
 
 class MemoryWorker:
     def __init__(
-        self, model: RxTModel, scheduler: Scheduler, store: STMStore | None, *, max_backlog: int, store_writers: int = 4
+        self,
+        model: RxTModel,
+        scheduler: Scheduler,
+        store: STMStore | None,
+        *,
+        max_backlog: int,
+        store_writers: int = 4,
+        max_batch: int | None = None,
     ) -> None:
         self.model = model
+        self.max_batch = max_batch  # memory updates computed together (None: every one queued)
         self.config = model.config
         self.device = model.device
         self.store = store
@@ -104,8 +112,8 @@ class MemoryWorker:
                         self._cv.wait()
                     if not self._queue:  # stopping and nothing owed
                         return
-                    tasks = list(self._queue)
-                    self._queue.clear()
+                    take = len(self._queue) if self.max_batch is None else min(self.max_batch, len(self._queue))
+                    tasks = [self._queue.popleft() for _ in range(take)]
                 try:
                     self._run(tasks)
                 except Exception as exc:  # a bug here must not strand the conversations
