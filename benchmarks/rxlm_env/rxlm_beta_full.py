@@ -126,6 +126,7 @@ def measure(model: Any, ids: dict[str, Any], answer_tokens: int, batch: int) -> 
         "first_8_tokens": answer[:8],
     }
     out["rss_after_turn_bytes"] = rss_bytes()[0]
+    print(json.dumps({"b1": out["b1"], "system_prompt_s": out["system_prompt_s"]}), file=sys.stderr, flush=True)
     try:
         out[f"b{batch}"] = batch_turn(model, ids["queries"][1 : 1 + batch], answer_tokens)
     except Exception as exc:  # recorded, not hidden: RxLM's batch path may not take Beta's layout
