@@ -562,6 +562,34 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def stores_only(args: argparse.Namespace) -> int:
+    """The stores' part alone: what a turn's write and read cost depends on the STM's bytes only."""
+    from rxruntime.models.checkpoint import load_config
+
+    if args.config is not None:
+        config = load_config(args.config.parent)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(published_config()))
+            config = load_config(Path(tmp))
+    stm = torch.randn(config.num_layers, config.stm_size, config.dim, generator=torch.Generator().manual_seed(0))
+    stores = measure_stores(config, stm, args.store_repeats)
+    result = {
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_at_end": os.getloadavg()},
+        "stm_shape": list(stm.shape),
+        "stores": stores,
+    }
+    for name, st in stores.items():
+        print(
+            f"store {name:16} write {st['write_s'] * 1e3:8.1f} ms  read {st['read_s'] * 1e3:8.1f} ms  "
+            f"{st['bytes'] / 1e6:.1f} MB"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "rxruntime" / "beta-full")
@@ -583,6 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guard-gib", type=float, default=2.5)
     parser.add_argument("--side", choices=["all", "ours"], default="all", help=argparse.SUPPRESS)
     parser.add_argument("--stm-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--stores-only",
+        action="store_true",
+        help="time the stores alone with a random STM of the config's shape (no model loaded: ~1 GB)",
+    )
     args = parser.parse_args(argv)
     if str(HERE.parent) not in sys.path:  # run as a script: benchmarks.harness from the checkout
         sys.path.insert(0, str(HERE.parent))
@@ -591,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(measure_ours(args)), flush=True)
         return 0
 
+    if args.stores_only:
+        return stores_only(args)
     available = meminfo()["MemAvailable"]
     if available < args.min_available_gib * GIB:
         print(

@@ -68,3 +68,16 @@ def test_the_script_measures_a_small_model_with_betas_options(tmp_path: Path) ->
     assert ours["stores"]["redis-bfloat16"]["bytes"] < ours["stores"]["redis-float32"]["bytes"]
     assert ours["load_s"] > 0 and ours["rss_bytes"] > 0 and result["machine"]["cpu"]
     assert result["rxlm"] is None  # RxLM's side runs only in its own environment (--rxlm)
+
+
+def test_the_stores_alone_are_timed_without_a_model(tmp_path: Path) -> None:
+    out = tmp_path / "stores.json"
+    args = ["--stores-only", "--config", str(FIXTURE / "config.json"), "--store-repeats", "1", "--json", str(out)]
+    script = ROOT / "benchmarks" / "beta_full_size.py"
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    config = json.loads((FIXTURE / "config.json").read_text())["decoder_config"]
+    assert result["stm_shape"] == [config["num_layers"], config["stm_size"], config["embed_dim"]]
+    sizes = {name: s["bytes"] for name, s in result["stores"].items()}
+    assert sizes["sqlite-bfloat16"] < sizes["sqlite-float32"] and sizes["redis-bfloat16"] < sizes["redis-float32"]
