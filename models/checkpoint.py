@@ -256,9 +256,10 @@ def load_pretrained(
     with torch.device("meta"):
         model = RxTModel(config)
     _check_fits(model, tensors, directory / WEIGHTS_FILE)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    tensors = {k: v.to(device) for k, v in tensors.items()}
+    for k in list(tensors):  # one tensor at a time: never the whole model in two dtypes at once
+        v = tensors.pop(k)
+        tensors[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device)
+        del v
     model.load_state_dict(tensors, strict=True, assign=True)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
@@ -415,7 +416,7 @@ def _from_rxlm(
     """Our config and state dict for an RxLM directory; names RxLM wrote that map to nothing
     we compute are refused (a silently dropped weight would compute something else)."""
     config, _ = _rxlm_config(raw, list(tensors), tensors.get(ENCODER_STM), directory / CONFIG_FILE, rxlm_version)
-    weights, unknown = rxlm_weights(tensors, config)
+    weights, unknown = rxlm_weights(tensors, config, consume=True)
     if unknown:
         raise CheckpointMismatchError(
             directory / WEIGHTS_FILE,

@@ -604,10 +604,14 @@ def _ignored(name: str) -> bool:
     return ".rope." in name or name in ("decoder.model.stm.memory", "memory_attention.model.stm.memory")
 
 
-def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict[str, Tensor], list[str]]:
+def rxlm_weights(
+    tensors: Mapping[str, Tensor], config: RxTConfig, *, consume: bool = False
+) -> tuple[dict[str, Tensor], list[str]]:
     """Our state dict from RxLM's tensors, and the RxLM names that map to nothing we know.
 
     Names our model expects but this does not produce surface as missing in the caller's check.
+    ``consume`` (``tensors`` a dict): remove each tensor from it once mapped, so that a tensor
+    re-laid out (the MoE experts: nearly all of RxT-Beta's 5.9 GB) is never held twice.
     """
     out: dict[str, Tensor] = {}
     unknown: list[str] = []
@@ -712,7 +716,10 @@ def rxlm_weights(tensors: Mapping[str, Tensor], config: RxTConfig) -> tuple[dict
         return True
 
     vectorized = any(re.search(r"\.ff\.w1$", n) for n in tensors)
-    for name, t in tensors.items():
+    if consume and not isinstance(tensors, dict):
+        raise TypeError("consume=True needs a dict of tensors")
+    for name in list(tensors):
+        t = tensors.pop(name) if consume else tensors[name]  # type: ignore[attr-defined]
         if _ignored(name) or name.endswith("embedding.weight"):
             continue
         ok = False

@@ -13,7 +13,8 @@ each other's memory; route a conversation to one worker at a time.
 
 ``open_store(url)``: ``memory://``, ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (as in
 SQLAlchemy; ``sqlite://`` is a temporary in-memory database), ``redis://host:port/db`` (needs the
-``redis`` extra).
+``redis`` extra). ``?stm_dtype=bfloat16`` on any of them stores STMs in bfloat16: half the bytes
+of float32 (RxT-Beta's 176 MB memory becomes 88 MB), at the cost docs/scaling.md measures.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import sqlite3
 import threading
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rxruntime.errors import ConversationError
+from rxruntime.errors import ConversationError, InvalidOptionError
 from rxruntime.models.config import RxTConfig
 from rxruntime.snapshot import ConversationState, config_fingerprint
 
@@ -40,8 +42,26 @@ class StaleStateError(ConversationError):
     """A newer memory for this conversation is already stored (another worker moved it on)."""
 
 
+STM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The precisions a store keeps STMs in (``stm_dtype``): float32 exactly, or bfloat16 at half the bytes."""
+
+
+def parse_stm_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"bfloat16"`` (or the torch dtype) -> the dtype; anything else is refused."""
+    if isinstance(name, torch.dtype) and name in STM_DTYPES.values():
+        return name
+    if isinstance(name, str) and name in STM_DTYPES:
+        return STM_DTYPES[name]
+    raise InvalidOptionError("stm_dtype", f"must be one of {sorted(STM_DTYPES)}, got {name!r}")
+
+
 class STMStore(ABC):
-    """Persistent ``conversation_id -> ConversationState``."""
+    """Persistent ``conversation_id -> ConversationState``.
+
+    ``stm_dtype``: the precision :func:`persist` writes STMs in (float32, or bfloat16 at half the
+    bytes); a store reads back whatever a snapshot holds, so the two can share one store."""
+
+    stm_dtype: torch.dtype = torch.float32
 
     @abstractmethod
     def get(self, conversation_id: str) -> ConversationState | None: ...
@@ -71,7 +91,8 @@ class STMStore(ABC):
 class InMemoryStore(STMStore):
     """A dict in this process (tests, single-process serving without restarts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, stm_dtype: str | torch.dtype = "float32") -> None:
+        self.stm_dtype = parse_stm_dtype(stm_dtype)
         self._data: dict[str, bytes] = {}
         self._versions: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -99,7 +120,8 @@ class InMemoryStore(STMStore):
 class SQLiteStore(STMStore):
     """One SQLite file (the embedded default): durable, no server, safe across threads."""
 
-    def __init__(self, path: str | Path = ":memory:") -> None:
+    def __init__(self, path: str | Path = ":memory:", *, stm_dtype: str | torch.dtype = "float32") -> None:
+        self.stm_dtype = parse_stm_dtype(stm_dtype)
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +174,15 @@ redis.call('HSET', KEYS[1], 'version', ARGV[1], 'state', ARGV[2])
 return -1
 """
 
-    def __init__(self, url: str = "redis://localhost:6379/0", prefix: str = "rxrt:stm:", client: Any = None) -> None:
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        prefix: str = "rxrt:stm:",
+        client: Any = None,
+        *,
+        stm_dtype: str | torch.dtype = "float32",
+    ) -> None:
+        self.stm_dtype = parse_stm_dtype(stm_dtype)
         if client is None:
             try:
                 import redis
@@ -191,20 +221,38 @@ return -1
 
 
 def open_store(url: str) -> STMStore:
-    """A store from a URL: ``memory://``, ``sqlite:///path.db``, ``redis://host:port/db``."""
+    """A store from a URL: ``memory://``, ``sqlite:///path.db``, ``redis://host:port/db``, each
+    optionally with ``?stm_dtype=bfloat16`` (STMs stored at half the bytes)."""
+    url, dtype = _take_stm_dtype(url)
     if url == "memory://":
-        return InMemoryStore()
+        return InMemoryStore(stm_dtype=dtype)
     if url.startswith("sqlite://"):  # as SQLAlchemy: sqlite:///relative.db, sqlite:////absolute.db
-        return SQLiteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:")
+        return SQLiteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:", stm_dtype=dtype)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(url)
+        return RedisStore(url, stm_dtype=dtype)
     raise ConversationError(f"unknown store URL {url!r}; use memory://, sqlite:///path.db or redis://host:port/db")
+
+
+def _take_stm_dtype(url: str) -> tuple[str, str]:
+    """The URL without its ``stm_dtype`` query parameter, and that parameter (default float32)."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, "float32"
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    dtypes = [value for key, value in pairs if key == "stm_dtype"]
+    if len(dtypes) > 1:
+        raise InvalidOptionError("stm_dtype", "given more than once in the store URL")
+    rest = urllib.parse.urlencode([(key, value) for key, value in pairs if key != "stm_dtype"])
+    return base + ("?" + rest if rest else ""), dtypes[0] if dtypes else "float32"
 
 
 # ---------------------------------------------------------------------- durability
 def persist(store: STMStore, config: RxTConfig, conversation_id: str, turns: int, stm: Tensor, version: int) -> None:
-    """Write a committed STM as ``version``; StaleStateError if the store holds that version or newer."""
-    cpu = stm.detach().to("cpu", torch.float32).clone()
+    """Write a committed STM as ``version`` in the store's ``stm_dtype``; StaleStateError if the
+    store holds that version or newer."""
+    cpu = stm.detach().to("cpu", store.stm_dtype)
+    if cpu.data_ptr() == stm.data_ptr():  # same device and dtype: a copy the caller cannot change
+        cpu = cpu.clone()
     store.put(ConversationState(conversation_id, turns, version, cpu, config_fingerprint(config)))
 
 

@@ -58,9 +58,13 @@ class Engine:
     Bounds (each refused with :class:`~rxruntime.errors.QueueFullError`, nothing queued):
     ``max_queued_turns`` turns waiting in the whole engine, ``max_turns_per_conversation`` in one
     conversation, ``max_memory_backlog`` memory updates waiting (``memory_init`` bursts). The memory
-    worker runs the updates queued together as one batch of at most ``max_memory_batch``. With a
-    store, at most ``max_resident`` conversations keep their STM in memory (None: no limit); the
-    least recently used idle ones are evicted and resume from the store when next used.
+    worker runs the updates queued together as one batch of at most ``max_memory_batch`` (a batch's
+    activations grow with it, about 0.2 GB per conversation at RxT-Beta's size). With a store, at
+    most ``max_resident`` conversations keep their STM in memory (None: no limit), and at most
+    ``max_resident_bytes`` bytes of STMs (None: no limit; RxT-Beta's STM is 176 MB in float32,
+    alpha-mini's 3 MiB, so a count alone says little about memory); the least recently used idle
+    ones are evicted and resume from the store when next used. ``store_writers`` threads write
+    committed STMs to the store, so a slow write holds back its own conversation only.
     """
 
     def __init__(
@@ -77,9 +81,16 @@ class Engine:
         max_memory_backlog: int = 1024,
         max_memory_batch: int = 32,
         max_resident: int | None = 10_000,
+        max_resident_bytes: int | None = None,
+        store_writers: int = 4,
     ) -> None:
-        if isinstance(max_memory_batch, bool) or not isinstance(max_memory_batch, int) or max_memory_batch < 1:
-            raise InvalidOptionError("max_memory_batch", f"must be an integer >= 1, got {max_memory_batch!r}")
+        for name, value, low in (
+            ("max_resident_bytes", max_resident_bytes, 0),
+            ("store_writers", store_writers, 1),
+            ("max_memory_batch", max_memory_batch, 1),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise InvalidOptionError(name, f"must be an integer >= {low}, got {value!r}")
         self.model = model.eval()
         tokenizer.use_template(model.config)  # the model's message template (interaction_template)
         self.tokenizer = tokenizer
@@ -96,10 +107,16 @@ class Engine:
             max_queued_turns=max_queued_turns,
             max_turns_per_conversation=max_turns_per_conversation,
             max_resident=max_resident if store is not None else None,
+            max_resident_bytes=max_resident_bytes if store is not None else None,
         )
         self._lock = self._sched.lock
         self._memory = MemoryWorker(
-            model, self._sched, store, max_backlog=max_memory_backlog, max_batch=max_memory_batch
+            model,
+            self._sched,
+            store,
+            max_backlog=max_memory_backlog,
+            store_writers=store_writers,
+            max_batch=max_memory_batch,
         )
         self._decode = DecodeLoop(model, self._sched, self._memory, max_batch=max_batch)
         if self.device.type == "cpu" and model.native_decode:
@@ -242,7 +259,7 @@ class Engine:
         with self._lock:
             waiting, active = len(self._sched.waiting), self._decode.active
             conversations = sum(1 for c in self._sched.conversations.values() if c.open)
-            resident = self._sched.resident
+            resident, resident_bytes = self._sched.resident, self._sched.resident_bytes
             backlog = self._memory_backlog()
         return {
             "queue_depth": waiting,
@@ -250,6 +267,7 @@ class Engine:
             "memory_backlog": backlog,
             "open_conversations": conversations,
             "resident_conversations": resident,
+            "resident_bytes": resident_bytes,
             "max_batch": self._decode.batch.capacity,
             "max_queued_turns": self.max_queued_turns,
         }

@@ -12,6 +12,11 @@ runs them as one padded batch (the padding is masked, so each conversation's STM
 would be alone); it never waits for more, so a lone update starts at once. A conversation has at
 most one task queued (its next turn waits for this commit), so a batch holds each one once.
 
+With a store, each committed STM is written once, by one of ``store_writers`` writer threads
+rather than by the memory thread itself: a conversation's memory commits once its own write is
+done, and a slow write (RxT-Beta's STM is 88-176 MB) holds back that conversation alone, never
+another conversation's memory update or turn.
+
 Failures stay with their conversation: a batch that raises is retried one conversation at a time,
 and an update that yields NaN or infinite values is refused; either way that turn fails and its
 STM keeps its last version. If the store holds a newer version than this worker's (another worker
@@ -23,9 +28,11 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,12 +50,19 @@ log = logging.getLogger(__name__)
 
 class MemoryWorker:
     def __init__(
-        self, model: RxTModel, scheduler: Scheduler, store: STMStore | None, *, max_backlog: int, max_batch: int = 32
+        self,
+        model: RxTModel,
+        scheduler: Scheduler,
+        store: STMStore | None,
+        *,
+        max_backlog: int,
+        store_writers: int = 4,
+        max_batch: int = 32,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
-        self.max_batch = max_batch
+        self.max_batch = max_batch  # memory updates computed together
         self.config = model.config
         self.device = model.device
         self.store = store
@@ -59,16 +73,20 @@ class MemoryWorker:
         self._stopping = False
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
         self._thread = threading.Thread(target=self._loop, name="rxrt-memory", daemon=True)
+        self._writers = _Writers(store_writers) if store is not None else None
+        self._writing = 0  # STMs handed to the writers, not yet committed (under self._cv)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float | None) -> None:
-        """Run every update already owed, then stop."""
+        """Run every update already owed, write every STM owed to the store, then stop."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout)
+        if self._writers is not None:
+            self._writers.stop(timeout if not self._thread.is_alive() else 0)
 
     @property
     def alive(self) -> bool:
@@ -77,7 +95,7 @@ class MemoryWorker:
     @property
     def backlog(self) -> int:
         with self._cv:
-            return len(self._queue)
+            return len(self._queue) + self._writing
 
     def check_backlog(self) -> None:
         backlog = self.backlog
@@ -144,6 +162,7 @@ class MemoryWorker:
                             self._fail([t], ModelExecutionError(f"memory update failed: {single}"), single)
         if done_event is not None and (self.store is not None or results):
             done_event.synchronize()  # only this thread waits; decode is queued behind the event
+        stats = {key: _per_layer(change) for key, change in changes.items()}  # after the sync: no stall
         committed: list[tuple[MemoryTask, Tensor, int]] = []
         for t in tasks:
             stm = t.install.stm if t.install is not None else results.get(id(t))
@@ -152,12 +171,36 @@ class MemoryWorker:
             if not bool(torch.isfinite(stm).all()):
                 self._fail([t], ModelExecutionError("the memory update produced NaN or infinite values"), None)
                 continue
+            if self._writers is not None:  # the write, then the commit, off this thread
+                with self._cv:
+                    self._writing += 1
+                self._writers.submit(self._write_and_commit, t, stm, start, done_event, stats)
+                continue
             version = self._persist(t, stm)
             if version is not None:
                 committed.append((t, stm, version))
-        duration = time.perf_counter() - start
-        stats = {key: _per_layer(change) for key, change in changes.items()}  # after the sync: no stall
-        with self._sched.lock:  # commit: the next turn of each conversation may now be admitted
+        self._commit(committed, time.perf_counter() - start, done_event, stats)
+
+    def _write_and_commit(
+        self, task: MemoryTask, stm: Tensor, start: float, done_event: Any, stats: dict[int, Any]
+    ) -> None:
+        """A writer thread: store one conversation's new STM, then commit it (its next turn may start)."""
+        try:
+            version = self._persist(task, stm)
+            if version is not None:
+                self._commit([(task, stm, version)], time.perf_counter() - start, done_event, stats)
+        except Exception as exc:  # a bug here must not strand the conversation
+            log.exception("store writer failed")
+            self._fail([task], ModelExecutionError(f"memory commit failed: {exc}"), exc)
+        finally:
+            with self._cv:
+                self._writing -= 1
+
+    def _commit(
+        self, committed: list[tuple[MemoryTask, Tensor, int]], duration: float, done_event: Any, stats: dict[int, Any]
+    ) -> None:
+        """Make the new STMs visible: the next turn of each conversation may now be admitted."""
+        with self._sched.lock:
             for t, stm, version in committed:
                 conv = t.conv
                 conv.stm, conv.version, conv.ready_event = stm, version, done_event if t.install is None else None
@@ -265,6 +308,33 @@ class MemoryWorker:
                     t.conv.memory_error = error
                     settle(t.conv, t.turn, MemoryRecord("failed", t.conv.version, error=error))
                 self._sched.mark_idle(t.conv)
+
+
+class _Writers:
+    """Daemon threads that run store writes (not an executor: one refuses work once the
+    interpreter starts exiting, and the updates owed at exit must still be written)."""
+
+    def __init__(self, count: int) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"rxrt-store-write-{i}", daemon=True) for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._jobs.put(lambda: fn(*args))
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def stop(self, timeout: float | None) -> None:
+        """Write what was handed over, then end the threads."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
 
 
 def evict(conv: ConversationEntry) -> None:

@@ -12,8 +12,9 @@ the memory worker and the engine's API take it for short, non-blocking sections 
 * **Bounds.** ``max_queued_turns`` over the engine and ``max_turns_per_conversation`` per
   conversation (reserved turns included) are checked before a turn number is taken, so a
   refused query uses none (:class:`~rxruntime.errors.QueueFullError`).
-* **Residency.** With a store, at most ``max_resident`` conversations keep their STM in memory;
-  the least recently used idle ones are evicted and re-read from the store when next used.
+* **Residency.** With a store, at most ``max_resident`` conversations and ``max_resident_bytes``
+  bytes of STMs stay in memory; the least recently used idle ones are evicted and re-read from
+  the store when next used.
 
 The books it keeps are here too, plain data shared by the engine's rooms: a
 :class:`ConversationEntry` per conversation, a :class:`Job` per queued turn (the decode loop runs
@@ -122,7 +123,14 @@ class ConversationEntry:
 
 
 class Scheduler:
-    def __init__(self, *, max_queued_turns: int, max_turns_per_conversation: int, max_resident: int | None) -> None:
+    def __init__(
+        self,
+        *,
+        max_queued_turns: int,
+        max_turns_per_conversation: int,
+        max_resident: int | None,
+        max_resident_bytes: int | None = None,
+    ) -> None:
         self.lock = threading.Condition()
         self.conversations: dict[str, ConversationEntry] = {}
         self.waiting: deque[Job] = deque()
@@ -130,7 +138,9 @@ class Scheduler:
         self.max_queued_turns = max_queued_turns
         self.max_turns_per_conversation = max_turns_per_conversation
         self.max_resident = max_resident
-        self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self.max_resident_bytes = max_resident_bytes
+        self._resident: OrderedDict[str, int] = OrderedDict()  # id -> STM bytes, least recently used first
+        self._resident_bytes = 0
         self._reserved_total = 0
 
     # ------------------------------------------------------------------ conversations
@@ -149,7 +159,7 @@ class Scheduler:
         """Drop a closed conversation once nothing of it is left to run."""
         if not conv.open and not conv.busy and not conv.pending and self.conversations.get(conv.id) is conv:
             del self.conversations[conv.id]
-            self._resident.pop(conv.id, None)
+            self._drop_resident(conv.id)
 
     # ------------------------------------------------------------------ turn numbers
     def check_room(self, conv: ConversationEntry, n: int) -> None:
@@ -261,33 +271,46 @@ class Scheduler:
     # ------------------------------------------------------------------ residency (LRU)
     def touch(self, conv: ConversationEntry) -> None:
         if conv.stm is not None:
-            self._resident[conv.id] = None
-            self._resident.move_to_end(conv.id)
+            self._drop_resident(conv.id)
+            self._resident[conv.id] = size = conv.stm.nelement() * conv.stm.element_size()
+            self._resident_bytes += size
+
+    def _drop_resident(self, conversation_id: str) -> None:
+        self._resident_bytes -= self._resident.pop(conversation_id, 0)
+
+    def _over(self, count: int, size: int) -> bool:
+        return (self.max_resident is not None and count > self.max_resident) or (
+            self.max_resident_bytes is not None and size > self.max_resident_bytes
+        )
 
     def evictable(self) -> list[ConversationEntry]:
-        """Idle open conversations beyond ``max_resident``, least recently used first."""
-        if self.max_resident is None:
-            return []
-        excess = len(self._resident) - self.max_resident
+        """Idle open conversations beyond ``max_resident`` or ``max_resident_bytes``, least
+        recently used first (busy ones stay, even over the budget)."""
+        count, size = len(self._resident), self._resident_bytes
         victims: list[ConversationEntry] = []
-        if excess <= 0:
-            return victims
         for cid in list(self._resident):
+            if not self._over(count, size):
+                break
             conv = self.conversations.get(cid)
             if conv is None or conv.stm is None:
-                self._resident.pop(cid, None)
-                excess -= 1
+                stale = self._resident[cid]
+                self._drop_resident(cid)
+                count, size = count - 1, size - stale
             elif conv.open and conv.idle:
                 victims.append(conv)
-            if len(victims) >= excess:
-                break
+                count, size = count - 1, size - self._resident[cid]
         for conv in victims:
-            self._resident.pop(conv.id, None)
+            self._drop_resident(conv.id)
         return victims
 
     @property
     def resident(self) -> int:
         return len(self._resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the STMs held in memory (the conversations not evicted)."""
+        return self._resident_bytes
 
 
 # ---------------------------------------------------------------------- memory records (under the lock)
