@@ -194,9 +194,9 @@ def test_a_bfloat16_stored_stm_keeps_the_next_turns_answers(case: Path) -> None:
             stored = model.memory_update(stored.float(), torch.tensor([query + expected])).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize(("cap", "batches"), [(None, [1, 2]), (1, [1, 1, 1])])
+@pytest.mark.parametrize(("cap", "batches"), [(32, [1, 2]), (1, [1, 1, 1])])
 def test_memory_updates_are_batched_at_most_max_memory_batch_at_a_time(
-    tok: RxTokenizer, cap: int | None, batches: list[int]
+    tok: RxTokenizer, cap: int, batches: list[int]
 ) -> None:
     """A memory update's activations grow with its batch (RxT-Beta: ~0.2 GB per conversation), so
     ``max_memory_batch`` bounds it; the updates queued behind a running one wait their turn."""
