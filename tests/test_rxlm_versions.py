@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.beta_full_size import published_config
 from rxruntime.models import SamplingParams, generate
 from rxruntime.models.checkpoint import HUB_FILES, checkpoint_format, load_config, load_pretrained
 from rxruntime.models.errors import MissingCheckpointFileError, UnsupportedCheckpointError
@@ -381,72 +382,14 @@ def test_a_single_component_repository_is_refused_as_a_training_part(section: st
 
 
 def _published_beta_config() -> dict[str, Any]:
-    """RxT-Beta-Supervised's config.json as issue 23 lists its options (the memory attention's
-    head groups are not listed there: SQA 8/8 here); RxLM's defaults fill the rest."""
-    shared = dict(embed_dim=512, att_heads=16, seq_len=8192, stm_size=4096, rope_base=100000, num_layers=21)
-    component = dict(shared, vocab_size=65536, use_gated=True, ff_activation="silu", use_rms_norm=True)
-    decoder = dict(
-        component,
-        ff_dim=192,
-        use_moe=True,
-        num_experts=384,
-        moe_top_k=10,
-        num_shared_experts=2,
-        shared_expert_dim=384,
-        moe_bias_mode="global",
-        moe_shared_experts_bias_mode="global",
-        self_att_type="sqa",
-        cross_att_type="sqa",
-        att_query_groups=8,
-        att_groups=4,
-        cross_att_query_groups=8,
-        cross_att_groups=4,
-        stateless_layers_config=["dense", "moe"],
-        final_stateless_layers_config=["moe", "moe"],
-        dense_layer_dim=1536,
-        use_gated_attention=True,
-        use_gated_cross_attention=False,
-        use_attention_output_bias=False,
-        use_head_norm=True,
-        head_norm_type="rms_norm",
-        router_amp=True,
-        router_dtype="bfloat16",
-        use_flash_attention=True,
-    )
-    encoder = dict(
-        component,
-        ff_dim=1536,
-        self_att_type="sqa",
-        att_query_groups=8,
-        att_groups=8,
-        use_gated_attention=True,
-        skip_memory_cross_attention=True,
-    )
-    memory = dict(
-        shared,
-        num_groups=3,
-        att_type="sqa",
-        att_query_groups=8,
-        att_groups=8,
-        interlayer_att_type="sqa",
-        interlayer_att_query_groups=8,
-        interlayer_att_groups=8,
-        norm_type="classic-rms",
-        use_gated_residual=True,
-        residual_gate_type="elementwise",
-        residual_per_slot_gate=True,
-        use_tanh_residual_gate=False,
-    )
-    special = dict(bos_token_id=2, eos_token_id=3, query_token_id=4, answer_token_id=5, pad_token_id=0)
-    special.update(think_token_id=6, tool_call_token_id=7, tool_use_token_id=8, internal_token_id=9)
-    return dict(
-        decoder_config=decoder,
-        encoder_config=encoder,
-        memory_attention_config=memory,
-        memory_attention_variant="grouped-self-interlayer",
-        tokenizer_config=special,
-        system_prompt_title="SYSTEM INSTRUCTIONS",
-    )
+    """RxT-Beta-Supervised's config.json as issue 23 lists its options: the benchmark's dict (one
+    source), with the published decoder's flash-attention flag that the benchmark turns off for RxLM
+    on a CPU, and no flag in the encoder and memory attention (RxLM's defaults fill the rest)."""
+    cfg = published_config()
+    cfg["decoder_config"]["use_flash_attention"] = True
+    del cfg["encoder_config"]["use_flash_attention"]
+    del cfg["memory_attention_config"]["use_flash_attention"]
+    return cfg
 
 
 def test_the_published_beta_config_maps_to_the_published_sizes(tmp_path: Path) -> None:
