@@ -174,6 +174,7 @@ class _Model(ctypes.Structure):
         *[(name, _P) for name in ["embedding", "final_norm", "cos", "sin", "final_norm_bias", "head_bias"]],
         ("layers", ctypes.POINTER(_Layer)),
         ("row_block", ctypes.c_int64),
+        ("attend_old", ctypes.c_int64),
     ]
 
 
@@ -217,6 +218,17 @@ def rows_per_pass(model: RxTModel) -> int:
             raise ValueError(f"RXRT_NATIVE_ROWS must be 1..{ROWS_MAX}, got {value}")
         return value
     return ROWS_PER_PASS
+
+
+def old_attention() -> bool:
+    """Whether the C step runs its attention as it was before its vector code (issue 27):
+    ``RXRT_NATIVE_ATTEND=old``; ``vector`` (the default) is decode_step.c's ``attend``. The old
+    code (scalar dot products and libm's ``expf`` one score at a time) is kept only so that
+    benchmarks can run both side by side (``benchmarks/int8_rows.py --attend``)."""
+    env = os.environ.get("RXRT_NATIVE_ATTEND", "vector")
+    if env not in ("vector", "old"):
+        raise ValueError(f"RXRT_NATIVE_ATTEND must be 'vector' or 'old', got {env!r}")
+    return env == "old"
 
 
 def _multi_row(model: RxTModel) -> bool:
@@ -1035,6 +1047,7 @@ class NativeDecoder:
             if self._struct is None or not self._bind_buffers(needed_rows, memory_kv, cache):
                 return False
             self._struct.row_block = rows_per_pass(self.model)
+            self._struct.attend_old = int(old_attention())
             code = library().rxt_decode_rows(
                 ctypes.byref(self._struct), n, tokens.data_ptr(), positions.data_ptr(),
                 None if rows is None else rows.data_ptr(),

@@ -168,6 +168,7 @@ typedef struct {
     const float *final_norm_bias, *head_bias;                  /* or NULL */
     RxtLayer *layers;
     int64_t row_block; /* activation rows per pass of the int8 kernels (at most ROWS_MAX); 1: row by row */
+    int64_t attend_old; /* nonzero: the attention as it was before its vector code (attend_old), for benchmarks */
 } RxtModel;
 
 /* Columns [*c0, *c1) of n for thread t of nt, in multiples of 16 floats (one cache line pair). */
@@ -621,10 +622,277 @@ static void rope(float *u, int64_t hd, const float *cos, const float *sin, int64
     }
 }
 
-/* softmax(q . k_t / sqrt(hd)) over t < len, applied to v: keys/values (len, hd) contiguous. */
-/* q . k over n values in 8 running sums (vector lanes without reassociating any one sum; a
- * plain sum does not vectorise). */
-static float dot_f32(const float *q, const float *k, int64_t n) {
+/* e^x for x <= 0 in plain arithmetic that vectorises (expf does not), within 2 ulp: x = n ln2 + r,
+ * |r| <= ln2 / 2, e^r by its Taylor series to r^6, times 2^n. Below -87 it gives e^-87 (~1e-38, as
+ * good as 0 beside the softmax's largest term, which is 1); NaN stays NaN. The vector versions
+ * below (exp_neg16, exp_neg8) do these operations in this order, so every build gives its bits. */
+static float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln2), |x / ln2| < 2^22 */
+    const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    /* ln2 in two parts (Cody-Waite) */
+    const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    n = !(n >= -126.0f) ? -126.0f : n > 0.0f ? 0.0f : n; /* NaN: any n, p is NaN */
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* The attention of one query over len float32 keys/values (len, hd) contiguous:
+ * softmax(q . k_t / sqrt(hd)) applied to v, in an order every build follows exactly (so the
+ * scalar, AVX2 and AVX-512 builds give the same bits, and one row's result never depends on the
+ * other rows of a call):
+ *   score_t = (q . k_t) * scale, q . k summed in 16 running sums (sum j adds q_i k_i for i = j mod
+ *            16, in order; one vector lane each), folded in halves: 16 -> 8 -> 4, then
+ *            (u0 + u2) + (u1 + u3);
+ *   best    = the largest score, taken in 16 lanes (score_t goes to lane t mod 16 for the whole
+ *            blocks of 16), the tail, then the lanes in order;
+ *   e_t     = exp_neg(score_t - best), their total in 16 lanes the same way;
+ *   out_i   = (sum over t in order of e_t v_ti) / total.
+ * The vector code processes 4 keys at a time for the scores (4 independent sums in flight), the
+ * exponentials 16 at a time, and the weighted sum over v 64 columns at a time in registers. The
+ * step before this code (attend_old) stays selectable for benchmarks (RxtModel.attend_old). */
+static float fold16(float *s) {
+    for (int j = 0; j < 8; j++) s[j] += s[j + 8];
+    for (int j = 0; j < 4; j++) s[j] += s[j + 4];
+    return (s[0] + s[2]) + (s[1] + s[3]);
+}
+
+static float dot16_f32(const float *q, const float *k, int64_t n) {
+    float s[16] = {0};
+    for (int64_t i = 0; i < n; i++) s[i & 15] += q[i] * k[i];
+    return fold16(s);
+}
+
+#if !defined(RXRT_SCALAR) && defined(__AVX512F__)
+#define ATTEND_AVX512 1
+#elif !defined(RXRT_SCALAR) && defined(__AVX2__) && defined(__FMA__)
+#define ATTEND_AVX2 1
+#endif
+
+#if defined(ATTEND_AVX512)
+static __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+/* The scores of keys k[0..3] (dot16_f32's sums, one lane each, then its folds for 4 keys at once). */
+static __m128 dot16x4(const float *q, const float *const *k, int64_t hd) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < hd; i += 16) {
+        const __mmask16 m = tail16(hd - i); /* zero lanes past hd add +0: the sums stay exact */
+        const __m512 x = _mm512_maskz_loadu_ps(m, q + i);
+        a0 = _mm512_add_ps(a0, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, k[0] + i)));
+        a1 = _mm512_add_ps(a1, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, k[1] + i)));
+        a2 = _mm512_add_ps(a2, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, k[2] + i)));
+        a3 = _mm512_add_ps(a3, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, k[3] + i)));
+    }
+    /* 16 -> 8: [a | b] of s_j + s_j+8; 8 -> 4: [a | b | c | d] of w_j + w_j+4 */
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    const __m512 z = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E)); /* u0 + u2, u1 + u3 */
+    const __m512 r = _mm512_add_ps(z, _mm512_permute_ps(z, 0xB1)); /* (u0 + u2) + (u1 + u3) */
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), r));
+}
+
+#define F16(c) _mm512_set1_ps(c)
+static __m512 exp_neg16(__m512 x) { /* exp_neg, 16 at a time */
+    x = _mm512_max_ps(F16(-87.0f), x); /* -87 > x ? -87 : x (NaN stays) */
+    __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, F16(1.44269504f)), F16(12582912.0f)), F16(12582912.0f));
+    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, F16(0.693145752f))), _mm512_mul_ps(n, F16(1.42860677e-6f)));
+    __m512 p = _mm512_add_ps(F16(1.0f / 120), _mm512_mul_ps(r, F16(1.0f / 720)));
+    p = _mm512_add_ps(F16(1.0f / 24), _mm512_mul_ps(r, p));
+    p = _mm512_add_ps(F16(1.0f / 6), _mm512_mul_ps(r, p));
+    p = _mm512_add_ps(F16(0.5f), _mm512_mul_ps(r, p));
+    p = _mm512_add_ps(F16(1.0f), _mm512_mul_ps(r, p));
+    p = _mm512_add_ps(F16(1.0f), _mm512_mul_ps(r, p));
+    n = _mm512_min_ps(_mm512_setzero_ps(), _mm512_max_ps(n, F16(-126.0f))); /* NaN -> -126, then <= 0 */
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+#endif
+
+#if defined(ATTEND_AVX2)
+static __m256i tail8(int64_t n) { /* lanes < n set */
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? (n < 0 ? 0 : n) : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* dot16_f32 for keys k[0..3]: sums 0-7 and 8-15 of each key in two registers, then the folds. */
+static __m128 dot16x4(const float *q, const float *const *k, int64_t hd) {
+    __m256 l0 = _mm256_setzero_ps(), l1 = l0, l2 = l0, l3 = l0, h0 = l0, h1 = l0, h2 = l0, h3 = l0;
+    for (int64_t i = 0; i < hd; i += 16) {
+        const __m256i ml = tail8(hd - i), mh = tail8(hd - i - 8);
+        const __m256 xl = _mm256_maskload_ps(q + i, ml), xh = _mm256_maskload_ps(q + i + 8, mh);
+#define DOT8(a, x, p, m) a = _mm256_add_ps(a, _mm256_mul_ps(x, _mm256_maskload_ps(p, m)))
+        DOT8(l0, xl, k[0] + i, ml);
+        DOT8(h0, xh, k[0] + i + 8, mh);
+        DOT8(l1, xl, k[1] + i, ml);
+        DOT8(h1, xh, k[1] + i + 8, mh);
+        DOT8(l2, xl, k[2] + i, ml);
+        DOT8(h2, xh, k[2] + i + 8, mh);
+        DOT8(l3, xl, k[3] + i, ml);
+        DOT8(h3, xh, k[3] + i + 8, mh);
+#undef DOT8
+    }
+    const __m256 w0 = _mm256_add_ps(l0, h0), w1 = _mm256_add_ps(l1, h1), w2 = _mm256_add_ps(l2, h2),
+                 w3 = _mm256_add_ps(l3, h3); /* 16 -> 8 */
+    const __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(w0, w1, 0x20), _mm256_permute2f128_ps(w0, w1, 0x31));
+    const __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(w2, w3, 0x20), _mm256_permute2f128_ps(w2, w3, 0x31));
+    /* [a0 + a2, c0 + c2, a1 + a3, c1 + c3 | the same of b, d], then (u0 + u2) + (u1 + u3) at 0, 1 | 4, 5 */
+    const __m256 z = _mm256_add_ps(_mm256_unpacklo_ps(ab, cd), _mm256_unpackhi_ps(ab, cd));
+    const __m256 r = _mm256_add_ps(z, _mm256_permute_ps(z, 0x4E));
+    return _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1)); /* [a, b, c, d] */
+}
+
+#define F8(c) _mm256_set1_ps(c)
+static __m256 exp_neg8(__m256 x) { /* exp_neg, 8 at a time */
+    x = _mm256_max_ps(F8(-87.0f), x);
+    __m256 n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, F8(1.44269504f)), F8(12582912.0f)), F8(12582912.0f));
+    const __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, F8(0.693145752f))), _mm256_mul_ps(n, F8(1.42860677e-6f)));
+    __m256 p = _mm256_add_ps(F8(1.0f / 120), _mm256_mul_ps(r, F8(1.0f / 720)));
+    p = _mm256_add_ps(F8(1.0f / 24), _mm256_mul_ps(r, p));
+    p = _mm256_add_ps(F8(1.0f / 6), _mm256_mul_ps(r, p));
+    p = _mm256_add_ps(F8(0.5f), _mm256_mul_ps(r, p));
+    p = _mm256_add_ps(F8(1.0f), _mm256_mul_ps(r, p));
+    p = _mm256_add_ps(F8(1.0f), _mm256_mul_ps(r, p));
+    n = _mm256_min_ps(_mm256_setzero_ps(), _mm256_max_ps(n, F8(-126.0f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+/* scores[t] = (q . k_t) * scale for t < len. */
+static void attend_scores(const float *q, const float *k, int64_t len, int64_t hd, float scale, float *scores) {
+    int64_t t = 0;
+#if defined(ATTEND_AVX512) || defined(ATTEND_AVX2)
+    const __m128 s4 = _mm_set1_ps(scale);
+    for (; t + 4 <= len; t += 4) {
+        const float *keys[4] = {k + t * hd, k + (t + 1) * hd, k + (t + 2) * hd, k + (t + 3) * hd};
+        _mm_storeu_ps(scores + t, _mm_mul_ps(dot16x4(q, keys, hd), s4));
+    }
+    if (t < len) { /* the last 1-3 keys, with the last one repeated */
+        const float *keys[4];
+        float tmp[4];
+        for (int j = 0; j < 4; j++) keys[j] = k + (t + j < len ? t + j : len - 1) * hd;
+        _mm_storeu_ps(tmp, _mm_mul_ps(dot16x4(q, keys, hd), s4));
+        for (int j = 0; t < len; j++, t++) scores[t] = tmp[j];
+    }
+#endif
+    for (; t < len; t++) scores[t] = dot16_f32(q, k + t * hd, hd) * scale;
+}
+
+/* The largest of scores[0..len) (see attend: 16 lanes, the tail, then the lanes in order). */
+static float row_max(const float *scores, int64_t len) {
+    float lanes[16], best = -INFINITY;
+    int64_t t = 0;
+#if defined(ATTEND_AVX512)
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (; t + 16 <= len; t += 16) m = _mm512_max_ps(_mm512_loadu_ps(scores + t), m); /* s > m ? s : m */
+    _mm512_storeu_ps(lanes, m);
+#elif defined(ATTEND_AVX2)
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+    for (; t + 16 <= len; t += 16) {
+        m0 = _mm256_max_ps(_mm256_loadu_ps(scores + t), m0);
+        m1 = _mm256_max_ps(_mm256_loadu_ps(scores + t + 8), m1);
+    }
+    _mm256_storeu_ps(lanes, m0);
+    _mm256_storeu_ps(lanes + 8, m1);
+#else
+    for (int j = 0; j < 16; j++) lanes[j] = -INFINITY;
+    for (; t + 16 <= len; t += 16)
+        for (int j = 0; j < 16; j++) lanes[j] = scores[t + j] > lanes[j] ? scores[t + j] : lanes[j];
+#endif
+    for (; t < len; t++) best = scores[t] > best ? scores[t] : best;
+    for (int j = 0; j < 16; j++) best = lanes[j] > best ? lanes[j] : best;
+    return best;
+}
+
+/* scores[t] = exp_neg((scores[t] - best) * scale) in place; returns their total (16 lanes over the
+ * whole blocks of 16, the tail's sum, then the lanes added in order). */
+static float exp_row(float *scores, int64_t len, float best, float scale) {
+    float lanes[16], total = 0.0f;
+    int64_t t = 0;
+#if defined(ATTEND_AVX512)
+    const __m512 b = _mm512_set1_ps(best), s = _mm512_set1_ps(scale);
+    __m512 sum = _mm512_setzero_ps();
+    for (; t + 16 <= len; t += 16) {
+        const __m512 e = exp_neg16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + t), b), s));
+        _mm512_storeu_ps(scores + t, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_storeu_ps(lanes, sum);
+#elif defined(ATTEND_AVX2)
+    const __m256 b = _mm256_set1_ps(best), s = _mm256_set1_ps(scale);
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0;
+    for (; t + 16 <= len; t += 16) {
+        const __m256 e0 = exp_neg8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + t), b), s));
+        const __m256 e1 = exp_neg8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + t + 8), b), s));
+        _mm256_storeu_ps(scores + t, e0);
+        _mm256_storeu_ps(scores + t + 8, e1);
+        sum0 = _mm256_add_ps(sum0, e0);
+        sum1 = _mm256_add_ps(sum1, e1);
+    }
+    _mm256_storeu_ps(lanes, sum0);
+    _mm256_storeu_ps(lanes + 8, sum1);
+#else
+    for (int j = 0; j < 16; j++) lanes[j] = 0.0f;
+    for (; t + 16 <= len; t += 16)
+        for (int j = 0; j < 16; j++) lanes[j] += (scores[t + j] = exp_neg((scores[t + j] - best) * scale));
+#endif
+    for (; t < len; t++) total += (scores[t] = exp_neg((scores[t] - best) * scale));
+    for (int j = 0; j < 16; j++) total += lanes[j];
+    return total;
+}
+
+/* out[i] = (sum over t < len, in order, of w[t] v[t, i]) / total for i < hd. */
+static void weighted_sum(const float *w, const float *v, int64_t len, int64_t hd, float total, float *out) {
+#if defined(ATTEND_AVX512)
+    const __m512 d = _mm512_set1_ps(total);
+    for (int64_t i = 0; i < hd; i += 64) { /* 64 columns in 4 registers, masked past hd */
+        const __mmask16 m0 = tail16(hd - i), m1 = hd - i > 16 ? tail16(hd - i - 16) : 0,
+                        m2 = hd - i > 32 ? tail16(hd - i - 32) : 0, m3 = hd - i > 48 ? tail16(hd - i - 48) : 0;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const float *row = v + i;
+        for (int64_t t = 0; t < len; t++, row += hd) {
+            const __m512 p = _mm512_set1_ps(w[t]);
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(m0, row)));
+            a1 = _mm512_add_ps(a1, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(m1, row + 16)));
+            a2 = _mm512_add_ps(a2, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(m2, row + 32)));
+            a3 = _mm512_add_ps(a3, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(m3, row + 48)));
+        }
+        _mm512_mask_storeu_ps(out + i, m0, _mm512_div_ps(a0, d));
+        _mm512_mask_storeu_ps(out + i + 16, m1, _mm512_div_ps(a1, d));
+        _mm512_mask_storeu_ps(out + i + 32, m2, _mm512_div_ps(a2, d));
+        _mm512_mask_storeu_ps(out + i + 48, m3, _mm512_div_ps(a3, d));
+    }
+#elif defined(ATTEND_AVX2)
+    const __m256 d = _mm256_set1_ps(total);
+    for (int64_t i = 0; i < hd; i += 32) { /* 32 columns in 4 registers, masked past hd */
+        const __m256i m0 = tail8(hd - i), m1 = tail8(hd - i - 8), m2 = tail8(hd - i - 16), m3 = tail8(hd - i - 24);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const float *row = v + i;
+        for (int64_t t = 0; t < len; t++, row += hd) {
+            const __m256 p = _mm256_set1_ps(w[t]);
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(p, _mm256_maskload_ps(row, m0)));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(p, _mm256_maskload_ps(row + 8, m1)));
+            a2 = _mm256_add_ps(a2, _mm256_mul_ps(p, _mm256_maskload_ps(row + 16, m2)));
+            a3 = _mm256_add_ps(a3, _mm256_mul_ps(p, _mm256_maskload_ps(row + 24, m3)));
+        }
+        _mm256_maskstore_ps(out + i, m0, _mm256_div_ps(a0, d));
+        _mm256_maskstore_ps(out + i + 8, m1, _mm256_div_ps(a1, d));
+        _mm256_maskstore_ps(out + i + 16, m2, _mm256_div_ps(a2, d));
+        _mm256_maskstore_ps(out + i + 24, m3, _mm256_div_ps(a3, d));
+    }
+#else
+    for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
+    for (int64_t t = 0; t < len; t++)
+        for (int64_t i = 0; i < hd; i++) out[i] += w[t] * v[t * hd + i];
+    for (int64_t i = 0; i < hd; i++) out[i] /= total;
+#endif
+}
+
+/* The step's attention before issue 27's vector code (RxtModel.attend_old, RXRT_NATIVE_ATTEND=old),
+ * kept so that benchmarks can run both side by side: q . k in 8 running sums, libm's expf one
+ * score at a time, each weight divided by the total before its axpy over v. */
+static float dot8_f32(const float *q, const float *k, int64_t n) {
     float s[8] = {0}, total = 0.0f;
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -633,12 +901,12 @@ static float dot_f32(const float *q, const float *k, int64_t n) {
     return total + (((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])));
 }
 
-static void attend(const float *q, const float *k, const float *v, int64_t len, int64_t hd, float *scores,
-                   float *out) {
+static void attend_old(const float *q, const float *k, const float *v, int64_t len, int64_t hd, float *scores,
+                       float *out) {
     const float scale = 1.0f / sqrtf((float)hd);
     float best = -INFINITY;
     for (int64_t t = 0; t < len; t++) {
-        const float s = dot_f32(q, k + t * hd, hd) * scale;
+        const float s = dot8_f32(q, k + t * hd, hd) * scale;
         scores[t] = s;
         if (s > best) best = s;
     }
@@ -654,19 +922,22 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
     }
 }
 
-/* e^x for x <= 0 in plain arithmetic that vectorises (expf does not), within 2 ulp: x = n ln2 + r,
- * |r| <= ln2 / 2, e^r by its Taylor series to r^6, times 2^n. Below -87 it gives e^-87 (~1e-38, as
- * good as 0 beside the softmax's largest term, which is 1); NaN stays NaN. */
-static float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln2), |x / ln2| < 2^22 */
-    const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    /* ln2 in two parts (Cody-Waite) */
-    const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    n = !(n >= -126.0f) ? -126.0f : n > 0.0f ? 0.0f : n; /* NaN: any n, p is NaN */
-    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+static void attend(const float *q, const float *k, const float *v, int64_t len, int64_t hd, float *scores,
+                   float *out, int old) {
+    if (old) {
+        attend_old(q, k, v, len, hd, scores, out);
+        return;
+    }
+    attend_scores(q, k, len, hd, 1.0f / sqrtf((float)hd), scores);
+    const float total = exp_row(scores, len, row_max(scores, len), 1.0f);
+    weighted_sum(scores, v, len, hd, total, out);
+}
+
+/* One head's attention, for the tests: attend (old != 0: attend_old) into out (hd), scores (len)
+ * as scratch. */
+void rxt_attend(const float *q, const float *k, const float *v, int64_t len, int64_t hd, float *scores, float *out,
+                int old) {
+    attend(q, k, v, len, hd, scores, out, old);
 }
 
 /* softmax(q . k_t / sqrt(hd)) over the memory's len slots, applied to v, with the compact bf16
@@ -683,19 +954,9 @@ static void attend_t(const float *q, const uint16_t *kt, const uint16_t *vt, int
         const uint16_t *restrict row = kt + i * len;
         for (int64_t t = 0; t < len; t++) scores[t] += qi * bf16_to_f32(row[t]);
     }
-    float lanes[16], best = -INFINITY;
-    for (int j = 0; j < 16; j++) lanes[j] = -INFINITY;
-    int64_t t = 0;
-    for (; t + 16 <= len; t += 16)
-        for (int j = 0; j < 16; j++) lanes[j] = scores[t + j] > lanes[j] ? scores[t + j] : lanes[j];
-    for (; t < len; t++) best = scores[t] > best ? scores[t] : best;
-    for (int j = 0; j < 16; j++) best = lanes[j] > best ? lanes[j] : best;
-    for (int j = 0; j < 16; j++) lanes[j] = 0.0f;
-    float total = 0.0f;
-    for (t = 0; t + 16 <= len; t += 16)
-        for (int j = 0; j < 16; j++) lanes[j] += (scores[t + j] = exp_neg((scores[t + j] - best) * scale));
-    for (; t < len; t++) total += (scores[t] = exp_neg((scores[t] - best) * scale));
-    for (int j = 0; j < 16; j++) total += lanes[j];
+    const float total = exp_row(scores, len, row_max(scores, len), scale);
+    float lanes[16];
+    int64_t t;
     for (int64_t i = 0; i < hd; i++) {
         const uint16_t *restrict row = vt + i * len;
         float sum = 0.0f;
@@ -1072,6 +1333,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
     Ranked *rq = (Ranked *)(chosen + pairs);
     float *mix = (float *)(rq + E);
     int *groups = (int *)(mix + pairs);
+    const int old_attend = m->attend_old != 0;
     const int rb = m->row_block < 1 ? 1 : m->row_block > ROWS_MAX ? ROWS_MAX : (int)m->row_block;
     float *x = scratch, *h = x + sizes[0], *qkv = h + sizes[1], *att = qkv + sizes[2], *scores = att + sizes[3],
           *route = scores + sizes[4], *gu = route + sizes[5], *ys = gu + sizes[6], *act = ys + sizes[7],
@@ -1101,7 +1363,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
             const int64_t b = bj / so, j = bj % so, g = j / (so / m->hkv);
             const int64_t at = ROW(b) * m->cache_row + g * m->max_len * hd;
             attend(qkv + b * qkv_cols + (j % m->hq) * hd, L->k_cache + at, L->v_cache + at, positions[b] + 1, hd,
-                   scores + bj * long_seq, att + bj * hd);
+                   scores + bj * long_seq, att + bj * hd, old_attend);
         }
         if (L->gate.w) { /* gated attention: the heads' output times act(h W_gate + b) */
             gemv(n, h, D, L->gate, so * hd, L->gate_bias, gates, 0, nt, rb);
@@ -1128,7 +1390,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
                              scores + bj * long_seq, att + bj * hd);
                 else
                     attend(q, (const float *)L->mem_k + at, (const float *)L->mem_v + at, m->stm, hd,
-                           scores + bj * long_seq, att + bj * hd);
+                           scores + bj * long_seq, att + bj * hd, old_attend);
             }
             if (L->cgate.w) {
                 gemv(n, h, D, L->cgate, co * hd, L->cgate_bias, gates, 0, nt, rb);
