@@ -626,7 +626,7 @@ static void rope(float *u, int64_t hd, const float *cos, const float *sin, int64
  * |r| <= ln2 / 2, e^r by its Taylor series to r^6, times 2^n. Below -87 it gives e^-87 (~1e-38, as
  * good as 0 beside the softmax's largest term, which is 1); NaN stays NaN. The vector versions
  * below (exp_neg16, exp_neg8) do these operations in this order, so every build gives its bits. */
-static float exp_neg(float x) {
+__attribute__((unused)) static float exp_neg(float x) { /* unused where exp_neg16/8 replace it */
     x = x < -87.0f ? -87.0f : x;
     float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln2), |x / ln2| < 2^22 */
     const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    /* ln2 in two parts (Cody-Waite) */
@@ -639,23 +639,26 @@ static float exp_neg(float x) {
 }
 
 /* The attention of one query over len float32 keys/values (len, hd) contiguous:
- * softmax(q . k_t / sqrt(hd)) applied to v, in an order every build follows exactly (so the
- * scalar, AVX2 and AVX-512 builds give the same bits, and one row's result never depends on the
+ * softmax(q . k_t / sqrt(hd)) applied to v, in an order that every build follows exactly, so the
+ * scalar, AVX2 and AVX-512 builds give the same bits (and one row's result never depends on the
  * other rows of a call):
- *   score_t = (q . k_t) * scale, q . k summed in 16 running sums (sum j adds q_i k_i for i = j mod
- *            16, in order; one vector lane each), folded in halves: 16 -> 8 -> 4, then
- *            (u0 + u2) + (u1 + u3);
- *   best    = the largest score, taken in 16 lanes (score_t goes to lane t mod 16 for the whole
- *            blocks of 16), the tail, then the lanes in order;
- *   e_t     = exp_neg(score_t - best), their total in 16 lanes the same way;
- *   out_i   = (sum over t in order of e_t v_ti) / total.
- * The vector code processes 4 keys at a time for the scores (4 independent sums in flight), the
- * exponentials 16 at a time, and the weighted sum over v 64 columns at a time in registers. The
- * step before this code (attend_old) stays selectable for benchmarks (RxtModel.attend_old). */
-static float fold16(float *s) {
-    for (int j = 0; j < 8; j++) s[j] += s[j + 8];
-    for (int j = 0; j < 4; j++) s[j] += s[j + 4];
-    return (s[0] + s[2]) + (s[1] + s[3]);
+ *   score_t = (q . k_t) * scale: 16 running sums s_j (s_j adds q_i k_i for i = j mod 16, in order;
+ *            one vector lane each), folded as g_m = (s_4m + s_4m+2) + (s_4m+1 + s_4m+3), then
+ *            (g_0 + g_2) + (g_1 + g_3) (fold16: the pairs within 128-bit lanes first, so the
+ *            vector code reduces many keys at once with cheap in-lane shuffles);
+ *   best    = the largest score, taken in 16 lanes (score_t in lane t mod 16), then the lanes
+ *            in order;
+ *   e_t     = exp_neg(score_t - best), their total in 16 lanes the same way (exp_neg, not libm's
+ *            expf: the same bits in vector code, and 5-10x faster there than expf per score);
+ *   out_i   = ((P_0 + P_1) + (P_2 + P_3)) / total, P_r the sum in order of e_t v_ti over the
+ *            t = r mod 4 (four independent sums, so the vector code is not bound by one chain
+ *            of dependent additions when a head is one or two registers wide).
+ * The AVX-512 code scores 16 keys at a time (one result register of 16 scores), AVX2 4 keys. The
+ * attention before this code (attend_old) stays selectable for benchmarks (RxtModel.attend_old). */
+static float fold16(const float *s) {
+    float g[4];
+    for (int m = 0; m < 4; m++) g[m] = (s[4 * m] + s[4 * m + 2]) + (s[4 * m + 1] + s[4 * m + 3]);
+    return (g[0] + g[2]) + (g[1] + g[3]);
 }
 
 static float dot16_f32(const float *q, const float *k, int64_t n) {
@@ -671,26 +674,44 @@ static float dot16_f32(const float *q, const float *k, int64_t n) {
 #endif
 
 #if defined(ATTEND_AVX512)
-static __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+static __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
-/* The scores of keys k[0..3] (dot16_f32's sums, one lane each, then its folds for 4 keys at once). */
-static __m128 dot16x4(const float *q, const float *const *k, int64_t hd) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t i = 0; i < hd; i += 16) {
-        const __mmask16 m = tail16(hd - i); /* zero lanes past hd add +0: the sums stay exact */
-        const __m512 x = _mm512_maskz_loadu_ps(m, q + i);
-        a0 = _mm512_add_ps(a0, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, k[0] + i)));
-        a1 = _mm512_add_ps(a1, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, k[1] + i)));
-        a2 = _mm512_add_ps(a2, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, k[2] + i)));
-        a3 = _mm512_add_ps(a3, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, k[3] + i)));
+/* The scores (before the scale) of keys k[0..15], in order: dot16_f32's 16 sums per key, one lane
+ * each (lanes past hd load zeros and add +0: the sums stay exact), then fold16 of all 16 keys at
+ * once: pairs in 128-bit lanes (unpack, shuffle), then across them (shuffle_f32x4). */
+static __m512 dot16x16(const float *q, const float *k, int64_t hd, int64_t n) {
+    __m512 a[16];
+    for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+    if (n == 16) { /* a whole block: keys at k + j hd */
+        int64_t i = 0;
+        for (; i + 16 <= hd; i += 16) {
+            const __m512 x = _mm512_loadu_ps(q + i);
+            const float *row = k + i;
+            for (int j = 0; j < 16; j++, row += hd) a[j] = _mm512_add_ps(a[j], _mm512_mul_ps(x, _mm512_loadu_ps(row)));
+        }
+        if (i < hd) {
+            const __mmask16 m = tail16(hd - i);
+            const __m512 x = _mm512_maskz_loadu_ps(m, q + i);
+            const float *row = k + i;
+            for (int j = 0; j < 16; j++, row += hd)
+                a[j] = _mm512_add_ps(a[j], _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, row)));
+        }
+    } else { /* the last n < 16 keys; the lanes past them stay 0 (not stored) */
+        for (int64_t i = 0; i < hd; i += 16) {
+            const __mmask16 m = tail16(hd - i);
+            const __m512 x = _mm512_maskz_loadu_ps(m, q + i);
+            for (int j = 0; j < n; j++)
+                a[j] = _mm512_add_ps(a[j], _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, k + j * hd + i)));
+        }
     }
-    /* 16 -> 8: [a | b] of s_j + s_j+8; 8 -> 4: [a | b | c | d] of w_j + w_j+4 */
-    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
-    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
-    const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-    const __m512 z = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E)); /* u0 + u2, u1 + u3 */
-    const __m512 r = _mm512_add_ps(z, _mm512_permute_ps(z, 0xB1)); /* (u0 + u2) + (u1 + u3) */
-    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), r));
+    __m512 b[8], c[4];
+    for (int j = 0; j < 8; j++) /* [s0 + s2, s1 + s3] of keys 2j, 2j + 1, per 128-bit lane */
+        b[j] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * j], a[2 * j + 1]), _mm512_unpackhi_ps(a[2 * j], a[2 * j + 1]));
+    for (int j = 0; j < 4; j++) /* g_m of keys 4j..4j+3 in 128-bit lane m */
+        c[j] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * j], b[2 * j + 1], 0x44), _mm512_shuffle_ps(b[2 * j], b[2 * j + 1], 0xEE));
+    const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+    const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
 }
 
 #define F16(c) _mm512_set1_ps(c)
@@ -708,6 +729,40 @@ static __m512 exp_neg16(__m512 x) { /* exp_neg, 16 at a time */
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
+
+/* weighted_sum's columns [i, i + 16 nv) (masked past hd): nv registers for each of the 4 sums. */
+static inline __attribute__((always_inline)) void wsum16(const int nv, const float *w, const float *v, int64_t len,
+                                                         int64_t hd, int64_t i, float total, float *out) {
+    __mmask16 m[4];
+    __m512 p[4][4];
+    for (int c = 0; c < 4; c++) {
+        m[c] = c < nv ? tail16(hd - i - 16 * c) : 0;
+        for (int r = 0; r < 4; r++) p[r][c] = _mm512_setzero_ps();
+    }
+#define WSUM_ROW(r, at, wt)                                                                            \
+    do {                                                                                               \
+        const __m512 x = _mm512_set1_ps(wt);                                                           \
+        for (int c = 0; c < nv; c++)                                                                   \
+            p[r][c] = _mm512_add_ps(p[r][c], _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m[c], (at) + 16 * c))); \
+    } while (0)
+    const float *row = v + i;
+    int64_t t = 0;
+    for (; t + 4 <= len; t += 4, row += 4 * hd) {
+        WSUM_ROW(0, row, w[t]);
+        WSUM_ROW(1, row + hd, w[t + 1]);
+        WSUM_ROW(2, row + 2 * hd, w[t + 2]);
+        WSUM_ROW(3, row + 3 * hd, w[t + 3]);
+    }
+    if (t < len) WSUM_ROW(0, row, w[t]);
+    if (t + 1 < len) WSUM_ROW(1, row + hd, w[t + 1]);
+    if (t + 2 < len) WSUM_ROW(2, row + 2 * hd, w[t + 2]);
+#undef WSUM_ROW
+    const __m512 d = _mm512_set1_ps(total);
+    for (int c = 0; c < nv; c++) {
+        const __m512 s = _mm512_add_ps(_mm512_add_ps(p[0][c], p[1][c]), _mm512_add_ps(p[2][c], p[3][c]));
+        _mm512_mask_storeu_ps(out + i + 16 * c, m[c], _mm512_div_ps(s, d));
+    }
+}
 #endif
 
 #if defined(ATTEND_AVX2)
@@ -715,31 +770,73 @@ static __m256i tail8(int64_t n) { /* lanes < n set */
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? (n < 0 ? 0 : n) : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/* dot16_f32 for keys k[0..3]: sums 0-7 and 8-15 of each key in two registers, then the folds. */
+/* dot16x16's scores for 4 keys: sums 0-7 and 8-15 of each key in two registers, fold16 in-lane
+ * first (128-bit lanes m = 0, 1 in the low register, 2, 3 in the high one), then across. */
 static __m128 dot16x4(const float *q, const float *const *k, int64_t hd) {
-    __m256 l0 = _mm256_setzero_ps(), l1 = l0, l2 = l0, l3 = l0, h0 = l0, h1 = l0, h2 = l0, h3 = l0;
-    for (int64_t i = 0; i < hd; i += 16) {
+    __m256 l[4], h[4];
+    for (int j = 0; j < 4; j++) l[j] = h[j] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= hd; i += 16) {
+        const __m256 xl = _mm256_loadu_ps(q + i), xh = _mm256_loadu_ps(q + i + 8);
+        for (int j = 0; j < 4; j++) {
+            l[j] = _mm256_add_ps(l[j], _mm256_mul_ps(xl, _mm256_loadu_ps(k[j] + i)));
+            h[j] = _mm256_add_ps(h[j], _mm256_mul_ps(xh, _mm256_loadu_ps(k[j] + i + 8)));
+        }
+    }
+    if (i < hd) { /* lanes past hd load zeros and add +0 */
         const __m256i ml = tail8(hd - i), mh = tail8(hd - i - 8);
         const __m256 xl = _mm256_maskload_ps(q + i, ml), xh = _mm256_maskload_ps(q + i + 8, mh);
-#define DOT8(a, x, p, m) a = _mm256_add_ps(a, _mm256_mul_ps(x, _mm256_maskload_ps(p, m)))
-        DOT8(l0, xl, k[0] + i, ml);
-        DOT8(h0, xh, k[0] + i + 8, mh);
-        DOT8(l1, xl, k[1] + i, ml);
-        DOT8(h1, xh, k[1] + i + 8, mh);
-        DOT8(l2, xl, k[2] + i, ml);
-        DOT8(h2, xh, k[2] + i + 8, mh);
-        DOT8(l3, xl, k[3] + i, ml);
-        DOT8(h3, xh, k[3] + i + 8, mh);
-#undef DOT8
+        for (int j = 0; j < 4; j++) {
+            l[j] = _mm256_add_ps(l[j], _mm256_mul_ps(xl, _mm256_maskload_ps(k[j] + i, ml)));
+            h[j] = _mm256_add_ps(h[j], _mm256_mul_ps(xh, _mm256_maskload_ps(k[j] + i + 8, mh)));
+        }
     }
-    const __m256 w0 = _mm256_add_ps(l0, h0), w1 = _mm256_add_ps(l1, h1), w2 = _mm256_add_ps(l2, h2),
-                 w3 = _mm256_add_ps(l3, h3); /* 16 -> 8 */
-    const __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(w0, w1, 0x20), _mm256_permute2f128_ps(w0, w1, 0x31));
-    const __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(w2, w3, 0x20), _mm256_permute2f128_ps(w2, w3, 0x31));
-    /* [a0 + a2, c0 + c2, a1 + a3, c1 + c3 | the same of b, d], then (u0 + u2) + (u1 + u3) at 0, 1 | 4, 5 */
-    const __m256 z = _mm256_add_ps(_mm256_unpacklo_ps(ab, cd), _mm256_unpackhi_ps(ab, cd));
-    const __m256 r = _mm256_add_ps(z, _mm256_permute_ps(z, 0x4E));
-    return _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1)); /* [a, b, c, d] */
+#define PAIRS(x, y) _mm256_add_ps(_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y))
+#define GROUPS(x, y) _mm256_add_ps(_mm256_shuffle_ps(x, y, 0x44), _mm256_shuffle_ps(x, y, 0xEE))
+    const __m256 gl = GROUPS(PAIRS(l[0], l[1]), PAIRS(l[2], l[3])); /* [g0 | g1] of the 4 keys */
+    const __m256 gh = GROUPS(PAIRS(h[0], h[1]), PAIRS(h[2], h[3])); /* [g2 | g3] */
+#undef PAIRS
+#undef GROUPS
+    const __m256 s = _mm256_add_ps(gl, gh);
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* weighted_sum's columns [i, i + 16) in 2 registers for each of the 4 sums (masked: past hd). */
+static inline __attribute__((always_inline)) void wsum8x2(const int masked, const float *w, const float *v, int64_t len,
+                                                          int64_t hd, int64_t i, float total, float *out) {
+    const __m256i m0 = tail8(hd - i), m1 = tail8(hd - i - 8);
+    __m256 p0[4], p1[4];
+    for (int r = 0; r < 4; r++) p0[r] = p1[r] = _mm256_setzero_ps();
+#define LOAD8(at, m) (masked ? _mm256_maskload_ps((at), m) : _mm256_loadu_ps(at))
+#define WSUM_ROW(r, at, wt)                                                    \
+    do {                                                                       \
+        const __m256 x = _mm256_set1_ps(wt);                                   \
+        p0[r] = _mm256_add_ps(p0[r], _mm256_mul_ps(x, LOAD8((at), m0)));       \
+        p1[r] = _mm256_add_ps(p1[r], _mm256_mul_ps(x, LOAD8((at) + 8, m1)));   \
+    } while (0)
+    const float *row = v + i;
+    int64_t t = 0;
+    for (; t + 4 <= len; t += 4, row += 4 * hd) {
+        WSUM_ROW(0, row, w[t]);
+        WSUM_ROW(1, row + hd, w[t + 1]);
+        WSUM_ROW(2, row + 2 * hd, w[t + 2]);
+        WSUM_ROW(3, row + 3 * hd, w[t + 3]);
+    }
+    if (t < len) WSUM_ROW(0, row, w[t]);
+    if (t + 1 < len) WSUM_ROW(1, row + hd, w[t + 1]);
+    if (t + 2 < len) WSUM_ROW(2, row + 2 * hd, w[t + 2]);
+#undef WSUM_ROW
+#undef LOAD8
+    const __m256 d = _mm256_set1_ps(total);
+    const __m256 s0 = _mm256_add_ps(_mm256_add_ps(p0[0], p0[1]), _mm256_add_ps(p0[2], p0[3]));
+    const __m256 s1 = _mm256_add_ps(_mm256_add_ps(p1[0], p1[1]), _mm256_add_ps(p1[2], p1[3]));
+    if (masked) {
+        _mm256_maskstore_ps(out + i, m0, _mm256_div_ps(s0, d));
+        _mm256_maskstore_ps(out + i + 8, m1, _mm256_div_ps(s1, d));
+    } else {
+        _mm256_storeu_ps(out + i, _mm256_div_ps(s0, d));
+        _mm256_storeu_ps(out + i + 8, _mm256_div_ps(s1, d));
+    }
 }
 
 #define F8(c) _mm256_set1_ps(c)
@@ -762,7 +859,13 @@ static __m256 exp_neg8(__m256 x) { /* exp_neg, 8 at a time */
 /* scores[t] = (q . k_t) * scale for t < len. */
 static void attend_scores(const float *q, const float *k, int64_t len, int64_t hd, float scale, float *scores) {
     int64_t t = 0;
-#if defined(ATTEND_AVX512) || defined(ATTEND_AVX2)
+#if defined(ATTEND_AVX512)
+    const __m512 s16 = _mm512_set1_ps(scale);
+    for (; t < len; t += 16) {
+        const int64_t n = len - t < 16 ? len - t : 16;
+        _mm512_mask_storeu_ps(scores + t, tail16(n), _mm512_mul_ps(dot16x16(q, k + t * hd, hd, n), s16));
+    }
+#elif defined(ATTEND_AVX2)
     const __m128 s4 = _mm_set1_ps(scale);
     for (; t + 4 <= len; t += 4) {
         const float *keys[4] = {k + t * hd, k + (t + 1) * hd, k + (t + 2) * hd, k + (t + 3) * hd};
@@ -779,34 +882,42 @@ static void attend_scores(const float *q, const float *k, int64_t len, int64_t h
     for (; t < len; t++) scores[t] = dot16_f32(q, k + t * hd, hd) * scale;
 }
 
-/* The largest of scores[0..len) (see attend: 16 lanes, the tail, then the lanes in order). */
+/* The largest of scores[0..len) (see attend: score t in lane t mod 16, then the lanes in order). */
 static float row_max(const float *scores, int64_t len) {
     float lanes[16], best = -INFINITY;
     int64_t t = 0;
 #if defined(ATTEND_AVX512)
     __m512 m = _mm512_set1_ps(-INFINITY);
     for (; t + 16 <= len; t += 16) m = _mm512_max_ps(_mm512_loadu_ps(scores + t), m); /* s > m ? s : m */
+    if (t < len) {
+        const __mmask16 k = tail16(len - t);
+        m = _mm512_mask_max_ps(m, k, _mm512_maskz_loadu_ps(k, scores + t), m);
+    }
     _mm512_storeu_ps(lanes, m);
 #elif defined(ATTEND_AVX2)
-    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+    const __m256 none = _mm256_set1_ps(-INFINITY);
+    __m256 m0 = none, m1 = none;
     for (; t + 16 <= len; t += 16) {
         m0 = _mm256_max_ps(_mm256_loadu_ps(scores + t), m0);
         m1 = _mm256_max_ps(_mm256_loadu_ps(scores + t + 8), m1);
+    }
+    if (t < len) { /* the tail's missing lanes count as -inf */
+        const __m256i k0 = tail8(len - t), k1 = tail8(len - t - 8);
+        m0 = _mm256_max_ps(_mm256_blendv_ps(none, _mm256_maskload_ps(scores + t, k0), _mm256_castsi256_ps(k0)), m0);
+        m1 = _mm256_max_ps(_mm256_blendv_ps(none, _mm256_maskload_ps(scores + t + 8, k1), _mm256_castsi256_ps(k1)), m1);
     }
     _mm256_storeu_ps(lanes, m0);
     _mm256_storeu_ps(lanes + 8, m1);
 #else
     for (int j = 0; j < 16; j++) lanes[j] = -INFINITY;
-    for (; t + 16 <= len; t += 16)
-        for (int j = 0; j < 16; j++) lanes[j] = scores[t + j] > lanes[j] ? scores[t + j] : lanes[j];
+    for (; t < len; t++) lanes[t & 15] = scores[t] > lanes[t & 15] ? scores[t] : lanes[t & 15];
 #endif
-    for (; t < len; t++) best = scores[t] > best ? scores[t] : best;
     for (int j = 0; j < 16; j++) best = lanes[j] > best ? lanes[j] : best;
     return best;
 }
 
-/* scores[t] = exp_neg((scores[t] - best) * scale) in place; returns their total (16 lanes over the
- * whole blocks of 16, the tail's sum, then the lanes added in order). */
+/* scores[t] = exp_neg((scores[t] - best) * scale) in place; returns their total (score t added to
+ * lane t mod 16, then the lanes in order). */
 static float exp_row(float *scores, int64_t len, float best, float scale) {
     float lanes[16], total = 0.0f;
     int64_t t = 0;
@@ -817,6 +928,12 @@ static float exp_row(float *scores, int64_t len, float best, float scale) {
         const __m512 e = exp_neg16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + t), b), s));
         _mm512_storeu_ps(scores + t, e);
         sum = _mm512_add_ps(sum, e);
+    }
+    if (t < len) {
+        const __mmask16 k = tail16(len - t);
+        const __m512 e = exp_neg16(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, scores + t), b), s));
+        _mm512_mask_storeu_ps(scores + t, k, e);
+        sum = _mm512_mask_add_ps(sum, k, sum, e);
     }
     _mm512_storeu_ps(lanes, sum);
 #elif defined(ATTEND_AVX2)
@@ -830,62 +947,53 @@ static float exp_row(float *scores, int64_t len, float best, float scale) {
         sum0 = _mm256_add_ps(sum0, e0);
         sum1 = _mm256_add_ps(sum1, e1);
     }
+    if (t < len) { /* the tail's missing lanes add +0 */
+        const __m256i k0 = tail8(len - t), k1 = tail8(len - t - 8);
+        const __m256 e0 = exp_neg8(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(scores + t, k0), b), s));
+        const __m256 e1 = exp_neg8(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(scores + t + 8, k1), b), s));
+        _mm256_maskstore_ps(scores + t, k0, e0);
+        _mm256_maskstore_ps(scores + t + 8, k1, e1);
+        sum0 = _mm256_add_ps(sum0, _mm256_and_ps(e0, _mm256_castsi256_ps(k0)));
+        sum1 = _mm256_add_ps(sum1, _mm256_and_ps(e1, _mm256_castsi256_ps(k1)));
+    }
     _mm256_storeu_ps(lanes, sum0);
     _mm256_storeu_ps(lanes + 8, sum1);
 #else
     for (int j = 0; j < 16; j++) lanes[j] = 0.0f;
-    for (; t + 16 <= len; t += 16)
-        for (int j = 0; j < 16; j++) lanes[j] += (scores[t + j] = exp_neg((scores[t + j] - best) * scale));
+    for (; t < len; t++) lanes[t & 15] += (scores[t] = exp_neg((scores[t] - best) * scale));
 #endif
-    for (; t < len; t++) total += (scores[t] = exp_neg((scores[t] - best) * scale));
     for (int j = 0; j < 16; j++) total += lanes[j];
     return total;
 }
 
-/* out[i] = (sum over t < len, in order, of w[t] v[t, i]) / total for i < hd. */
+/* out[i] = ((P_0 + P_1) + (P_2 + P_3)) / total for i < hd, P_r summing w[t] v[t, i] in order over
+ * the t = r mod 4 below len (hd <= 512, as native.py checks). */
 static void weighted_sum(const float *w, const float *v, int64_t len, int64_t hd, float total, float *out) {
 #if defined(ATTEND_AVX512)
-    const __m512 d = _mm512_set1_ps(total);
-    for (int64_t i = 0; i < hd; i += 64) { /* 64 columns in 4 registers, masked past hd */
-        const __mmask16 m0 = tail16(hd - i), m1 = hd - i > 16 ? tail16(hd - i - 16) : 0,
-                        m2 = hd - i > 32 ? tail16(hd - i - 32) : 0, m3 = hd - i > 48 ? tail16(hd - i - 48) : 0;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const float *row = v + i;
-        for (int64_t t = 0; t < len; t++, row += hd) {
-            const __m512 p = _mm512_set1_ps(w[t]);
-            a0 = _mm512_add_ps(a0, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(m0, row)));
-            a1 = _mm512_add_ps(a1, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(m1, row + 16)));
-            a2 = _mm512_add_ps(a2, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(m2, row + 32)));
-            a3 = _mm512_add_ps(a3, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(m3, row + 48)));
+    for (int64_t i = 0; i < hd;) { /* 16, 32 or 64 columns a pass */
+        const int64_t rest = hd - i;
+        if (rest <= 16) {
+            wsum16(1, w, v, len, hd, i, total, out);
+            i += 16;
+        } else if (rest <= 32) {
+            wsum16(2, w, v, len, hd, i, total, out);
+            i += 32;
+        } else {
+            wsum16(4, w, v, len, hd, i, total, out);
+            i += 64;
         }
-        _mm512_mask_storeu_ps(out + i, m0, _mm512_div_ps(a0, d));
-        _mm512_mask_storeu_ps(out + i + 16, m1, _mm512_div_ps(a1, d));
-        _mm512_mask_storeu_ps(out + i + 32, m2, _mm512_div_ps(a2, d));
-        _mm512_mask_storeu_ps(out + i + 48, m3, _mm512_div_ps(a3, d));
     }
 #elif defined(ATTEND_AVX2)
-    const __m256 d = _mm256_set1_ps(total);
-    for (int64_t i = 0; i < hd; i += 32) { /* 32 columns in 4 registers, masked past hd */
-        const __m256i m0 = tail8(hd - i), m1 = tail8(hd - i - 8), m2 = tail8(hd - i - 16), m3 = tail8(hd - i - 24);
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const float *row = v + i;
-        for (int64_t t = 0; t < len; t++, row += hd) {
-            const __m256 p = _mm256_set1_ps(w[t]);
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(p, _mm256_maskload_ps(row, m0)));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(p, _mm256_maskload_ps(row + 8, m1)));
-            a2 = _mm256_add_ps(a2, _mm256_mul_ps(p, _mm256_maskload_ps(row + 16, m2)));
-            a3 = _mm256_add_ps(a3, _mm256_mul_ps(p, _mm256_maskload_ps(row + 24, m3)));
-        }
-        _mm256_maskstore_ps(out + i, m0, _mm256_div_ps(a0, d));
-        _mm256_maskstore_ps(out + i + 8, m1, _mm256_div_ps(a1, d));
-        _mm256_maskstore_ps(out + i + 16, m2, _mm256_div_ps(a2, d));
-        _mm256_maskstore_ps(out + i + 24, m3, _mm256_div_ps(a3, d));
-    }
+    int64_t i = 0;
+    for (; i + 16 <= hd; i += 16) wsum8x2(0, w, v, len, hd, i, total, out);
+    if (i < hd) wsum8x2(1, w, v, len, hd, i, total, out);
 #else
-    for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
+    float p[4][512];
+    for (int r = 0; r < 4; r++)
+        for (int64_t i = 0; i < hd; i++) p[r][i] = 0.0f;
     for (int64_t t = 0; t < len; t++)
-        for (int64_t i = 0; i < hd; i++) out[i] += w[t] * v[t * hd + i];
-    for (int64_t i = 0; i < hd; i++) out[i] /= total;
+        for (int64_t i = 0; i < hd; i++) p[t & 3][i] += w[t] * v[t * hd + i];
+    for (int64_t i = 0; i < hd; i++) out[i] = ((p[0][i] + p[1][i]) + (p[2][i] + p[3][i])) / total;
 #endif
 }
 
