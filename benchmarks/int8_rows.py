@@ -6,11 +6,20 @@ C step as it runs (``native.ROWS_PER_PASS`` rows per pass), ``rowwise`` the C st
 multi-row kernel (``native.set_rows_per_pass(model, 1)``), ``torch`` the torch paths on the same
 rounded weights, ``torch-bf16`` the torch prefill under ``torch.autocast(bfloat16)``.
 
+``--attend`` compares instead the C step's vectorised attention (decode_step.c's ``attend``) with
+the scalar code it replaced (``RXRT_NATIVE_ATTEND=old``), both in the multi-row int8 step: the same
+prefills and decode steps, the two in turn within every repeat, and the ratios old / vector; then
+``benchmarks/attend_kernel.c`` (built like the C step) times the attention of one head alone at
+the preset's head size (over its memory slots, a decode step's cache at position 40, a 256-token
+prefill's mean cache) and at 64 wide, and the softmax's exponentials (vector exp_neg against
+libm's expf one score at a time).
+
 Times are the calling thread's CPU time (``time.thread_time``), not wall time: with one thread
 every path runs on the calling thread, and on a shared machine CPU time is far less disturbed
 by other tenants than wall time (it still counts their cache misses). Writes JSON to ``--out``.
 
     python benchmarks/int8_rows.py --repeats 3 --out benchmarks/results/multirow/int8-rows-cpu-time.json
+    python benchmarks/int8_rows.py --attend --out benchmarks/results/multirow/attend-cpu-time.json
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +52,21 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def _attend_kernel(head_dim: int, keys: int) -> dict[str, object]:
+    """``benchmarks/attend_kernel.c`` built with the C step's default flags, for one shape."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or "gcc"
+    source = Path(__file__).with_name("attend_kernel.c")
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = Path(tmp) / "attend_kernel"
+        command = [compiler, "-O3", "-march=native", "-fopenmp", "-std=c11", str(source), "-o", str(binary), "-lm"]
+        subprocess.run(command, check=True)
+        calls = max(2000, 5_000_000 // (keys * head_dim))
+        done = subprocess.run([str(binary), str(head_dim), str(keys), str(calls)], check=True, capture_output=True)
+    row: dict[str, object] = json.loads(done.stdout)
+    print("attend kernel:", row, flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--preset", default="alpha-mini")
@@ -47,8 +74,10 @@ def main() -> None:
     parser.add_argument("--prompts", default="35,128,256", help="prefill lengths, comma-separated")
     parser.add_argument("--rows", default="1,8,16,64", help="decode rows, comma-separated")
     parser.add_argument("--steps", type=int, default=20, help="decode steps per repeat")
+    parser.add_argument("--attend", action="store_true", help="vector attention against the old scalar one")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    print("CPU:", _cpu_model(), flush=True)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = RxTModel(preset(args.preset)).eval()
@@ -62,10 +91,15 @@ def main() -> None:
             kv = [(k.contiguous(), v.contiguous()) for k, v in model.memory_kv(stm)]
         return kv, model.new_cache(rows)
 
+    def use(variant: str) -> None:
+        """``vector`` and ``old`` are the multi-row C step with either attention."""
+        os.environ["RXRT_NATIVE_ATTEND"] = "old" if variant == "old" else "vector"
+        native.set_rows_per_pass(model, 1 if variant == "rowwise" else None)
+
     def prefill(prompt: list[int], variant: str) -> float:
         kv, cache = buffers(1)
-        native.set_rows_per_pass(model, 1 if variant == "rowwise" else None)
-        model.native_decode = variant in ("multi", "rowwise")
+        use(variant)
+        model.native_decode = variant in ("multi", "rowwise", "vector", "old")
         ids, lengths = torch.tensor([prompt]), torch.tensor([len(prompt)])
         start = time.thread_time()
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=variant == "torch-bf16"):
@@ -77,7 +111,7 @@ def main() -> None:
 
     def decode(rows: int, variant: str) -> float:
         kv, cache = buffers(rows)
-        native.set_rows_per_pass(model, 1 if variant == "rowwise" else None)
+        use(variant)
         model.native_decode = variant != "torch"
         tokens, positions = torch.randint(7, vocab, (rows,)), torch.full((rows,), 40)
         step: Callable[[], object]
@@ -98,30 +132,43 @@ def main() -> None:
     native.INT8_MAX_ROWS = native.MAX_ROWS = max(int(r) for r in args.rows.split(","))  # the C step at every size
     gen = torch.Generator().manual_seed(1)
     result: dict[str, object] = {"prefill_ms": {}, "decode_tokens_per_s": {}}
+    prefill_variants = ["vector", "old"] if args.attend else ["multi", "rowwise", "torch", "torch-bf16"]
+    decode_variants = ["vector", "old"] if args.attend else ["multi", "rowwise", "torch"]
     for length in (int(n) for n in args.prompts.split(",")):
         prompt = torch.randint(7, vocab, (length,), generator=gen).tolist()
-        times: dict[str, list[float]] = {"multi": [], "rowwise": [], "torch": [], "torch-bf16": []}
+        times: dict[str, list[float]] = {k: [] for k in prefill_variants}
         for _ in range(args.repeats):
             for variant in times:
                 times[variant].append(prefill(prompt, variant))
         row = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
+        if args.attend:
+            row["old_over_vector"] = round(statistics.median(times["old"]) / statistics.median(times["vector"]), 2)
         result["prefill_ms"][str(length)] = row  # type: ignore[index]
         print(f"prefill {length} tokens, ms:", row, flush=True)
     for rows in (int(n) for n in args.rows.split(",")):
-        rates: dict[str, list[float]] = {"multi": [], "rowwise": [], "torch": []}
+        rates: dict[str, list[float]] = {k: [] for k in decode_variants}
         for _ in range(args.repeats):
             for variant in rates:
                 rates[variant].append(decode(rows, variant))
         row = {k: round(statistics.median(v), 1) for k, v in rates.items()}
+        if args.attend:
+            row["vector_over_old"] = round(statistics.median(rates["vector"]) / statistics.median(rates["old"]), 2)
         result["decode_tokens_per_s"][str(rows)] = row  # type: ignore[index]
         print(f"decode {rows} rows, tokens/s:", row, flush=True)
     native.INT8_MAX_ROWS, native.MAX_ROWS = limit, 16
+    os.environ.pop("RXRT_NATIVE_ATTEND", None)
+    if args.attend:
+        hd = model.config.dim // model.config.decoder.num_heads
+        # the memory; a decode step's cache at position 40; a 256-token prefill's mean cache; a 64-wide head
+        shapes = [(hd, model.config.stm_size), (hd, 41), (hd, 128), (64, model.config.stm_size)]
+        result["attend_kernel"] = [_attend_kernel(h, n) for h, n in shapes]
     result["config"] = {
         **vars(args),
         "out": str(args.out) if args.out else None,
         "threads": 1,
         "time": "thread CPU time",
         "rows_per_pass": native.ROWS_PER_PASS,
+        "decode_position": 40,
         "isa": native.isa(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),

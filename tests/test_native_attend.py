@@ -30,9 +30,7 @@ pytestmark = pytest.mark.skipif(
 
 ISAS = ["native", "avx2", "scalar"]
 SHAPES = [
-    (hd, n)
-    for hd in (1, 6, 8, 15, 16, 17, 20, 36, 64, 72, 100, 130)
-    for n in (1, 2, 3, 4, 5, 15, 16, 17, 33, 130)
+    (hd, n) for hd in (1, 6, 8, 15, 16, 17, 20, 36, 64, 72, 100, 130) for n in (1, 2, 3, 4, 5, 15, 16, 17, 33, 130)
 ]
 """(head_dim, keys): below, at and past 16 (one AVX-512 vector, two AVX2 ones, a block of the
 softmax's lanes) and 64 (the columns of v summed in registers at once), and key counts that leave
