@@ -10,9 +10,13 @@ Skipped only where there is no C compiler (like the GPU tests without CUDA).
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +160,20 @@ def test_bad_attention_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("RXRT_NATIVE_ATTEND", "fast")
     with pytest.raises(ValueError, match="RXRT_NATIVE_ATTEND"):
         native.old_attention()
+
+
+def test_the_side_by_side_script_runs(tmp_path: Path) -> None:
+    """``benchmarks/int8_rows.py --attend`` (docs/benchmarks.md §8) at a tiny size: both attentions
+    measured in the step, and the one-head kernel timed."""
+    out = tmp_path / "attend.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "int8_rows.py"
+    args = ["--attend", "--preset", "nano", "--repeats", "1", "--prompts", "5", "--rows", "2", "--steps", "2"]
+    subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(out)], check=True, capture_output=True, timeout=600
+    )
+    result = json.loads(out.read_text())
+    assert set(result["prefill_ms"]["5"]) == {"vector", "old", "old_over_vector"}
+    assert set(result["decode_tokens_per_s"]["2"]) == {"vector", "old", "vector_over_old"}
+    kernel = result["attend_kernel"]
+    assert len(kernel) == 4 and all(row["old_over_new"] > 0 and row["expf_over_exp_row"] > 0 for row in kernel)
+    assert result["config"]["time"] == "thread CPU time"
