@@ -24,6 +24,8 @@
  * multi-row int8 kernel (i8_tiles_rows: each weight block applied to up to ROWS_MAX rows from
  * registers, with the one-row kernel's bits), and an MoE groups its rows by expert (moe_grouped).
  * A bf16 router (RxLM's router_amp) is computed as torch computes it, ties included (route_bf16).
+ * The attention of each (token, head) over float32 keys/values (attend) has AVX-512 and AVX2 code
+ * too, which follows the plain loops' order of operations exactly: every build gives the same bits.
  *
  * Layouts (row-major; "input-major" = the nn.Linear weight's transpose; a Mat is one of these):
  *   qkv      (dim, ld_qkv)       Q | K | V columns of self-attention, input-major
