@@ -651,7 +651,7 @@ __attribute__((unused)) static float exp_neg(float x) { /* unused where exp_neg1
  *   best    = the largest score, taken in 16 lanes (score_t in lane t mod 16), then the lanes
  *            in order;
  *   e_t     = exp_neg(score_t - best), their total in 16 lanes the same way (exp_neg, not libm's
- *            expf: the same bits in vector code, and 5-10x faster there than expf per score);
+ *            expf: the same bits in vector code, and 3-6x faster there than expf per score);
  *   out_i   = ((P_0 + P_1) + (P_2 + P_3)) / total, P_r the sum in order of e_t v_ti over the
  *            t = r mod 4 (four independent sums, so the vector code is not bound by one chain
  *            of dependent additions when a head is one or two registers wide).
@@ -678,9 +678,10 @@ static float dot16_f32(const float *q, const float *k, int64_t n) {
 #if defined(ATTEND_AVX512)
 static __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
-/* The scores (before the scale) of keys k[0..15], in order: dot16_f32's 16 sums per key, one lane
- * each (lanes past hd load zeros and add +0: the sums stay exact), then fold16 of all 16 keys at
- * once: pairs in 128-bit lanes (unpack, shuffle), then across them (shuffle_f32x4). */
+/* The scores (before the scale) of the n <= 16 keys at k + j hd, in order (lanes past n: 0):
+ * dot16_f32's 16 sums per key, one lane each (lanes past hd load zeros and add +0: the sums stay
+ * exact), then fold16 of all 16 keys at once: pairs in 128-bit lanes (unpack, shuffle), then
+ * across them (shuffle_f32x4). */
 static __m512 dot16x16(const float *q, const float *k, int64_t hd, int64_t n) {
     __m512 a[16];
     for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
