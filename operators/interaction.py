@@ -36,14 +36,14 @@ from reactivex import Observable, abc
 from reactivex import operators as ops
 from reactivex.disposable import CompositeDisposable, Disposable, SerialDisposable
 
-from rxruntime.backend import AnswerStats, Backend, ConversationRef, TurnRequest
+from rxruntime.backend import AnswerStats, Backend, ConversationRef, MemoryEvents, TurnRequest
 from rxruntime.errors import QueryTooLongError, RxTError
 from rxruntime.events import (
     AnswerCompleted,
     Event,
     FinishReason,
     InteractionFailed,
-    MemoryUpdated,
+    MemoryEvent,
     MemoryUpdateStarted,
     QueryReceived,
     Token,
@@ -414,22 +414,15 @@ def _watch_memory(
     ``InteractionFailed`` (stage ``memory``) and the error, a skipped update just completes."""
     cid = source.conversation_id
 
-    class Watcher:
-        def on_memory_started(self, turn: int, stm_version: int) -> None:
-            if report == "started":
-                observer.on_next(MemoryUpdateStarted(conversation_id=cid, turn=turn, stm_version=stm_version))
-                observer.on_completed()
-
-        def on_memory_updated(
-            self,
-            turn: int,
-            stm_version: int,
-            duration_s: float,
-            change: tuple[float, ...] = (),
-            gate: tuple[float, ...] = (),
-        ) -> None:
+    class Watcher(MemoryEvents):
+        def memory_event(self, event: MemoryEvent) -> None:
+            if isinstance(event, MemoryUpdateStarted):
+                if report == "started":
+                    observer.on_next(event)
+                    observer.on_completed()
+                return
             if report == "updated":
-                observer.on_next(MemoryUpdated(cid, turn, stm_version, duration_s, change, gate))
+                observer.on_next(event)
             observer.on_completed()  # "started": only reached if the start was already reported
 
         def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None:
@@ -439,7 +432,7 @@ def _watch_memory(
         def on_memory_skipped(self, turn: int) -> None:
             observer.on_completed()
 
-    return backend.watch_memory(cid, source.turn, Watcher())
+    return backend.watch_memory(cid, source.turn, Watcher(cid))
 
 
 def failed(event_source: Event, exc: Exception, stage: str, stm_version: int) -> InteractionFailed:

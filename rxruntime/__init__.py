@@ -67,6 +67,9 @@ def load(
     weights: str | None = None,
     tokenizer: str | Path | None = None,
     rxlm_version: str | None = None,
+    max_memory_batch: int = 32,
+    max_resident_bytes: int | None = None,
+    store_writers: int = 4,
 ) -> Engine:
     """Load a model and start an :class:`Engine` for it.
 
@@ -86,6 +89,8 @@ def load(
     a small measured cost in accuracy (docs/benchmarks.md §8). Default: :data:`DEFAULT_CPU_WEIGHTS`
     where the C decode step runs the model and it is not an RxLM checkpoint (those keep the
     reference's numbers), float32 otherwise (:func:`~rxruntime.models.quantize.default_format`).
+    ``max_memory_batch``, ``max_resident_bytes`` and ``store_writers`` go to the :class:`Engine`
+    (docs/api.md, "Bounds"); ``rxrt serve`` sets them with the flags of the same names.
     """
     from rxruntime.models.checkpoint import load_pretrained
 
@@ -101,7 +106,16 @@ def load(
     assert tok is not None
     if dev.type == "cpu" and dtype == torch.float32:
         set_weight_format(rxt, fmt or default_format(rxt, DEFAULT_CPU_WEIGHTS))
-    return Engine(rxt, tok, max_batch=max_batch, default_sampling=default_sampling, store=store)
+    return Engine(
+        rxt,
+        tok,
+        max_batch=max_batch,
+        default_sampling=default_sampling,
+        store=store,
+        max_memory_batch=max_memory_batch,
+        max_resident_bytes=max_resident_bytes,
+        store_writers=store_writers,
+    )
 
 
 __all__ = [

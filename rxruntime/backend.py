@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from rxruntime.events import FinishReason, TokenLogprob
+from rxruntime.events import FinishReason, MemoryEvent, MemoryUpdated, MemoryUpdateStarted, TokenLogprob
 from rxruntime.models.sampler import SamplingParams
 from rxruntime.models.tokenizer import RxTokenizer
 
@@ -71,6 +71,37 @@ class MemoryListener(Protocol):
     def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None: ...
 
     def on_memory_skipped(self, turn: int) -> None: ...
+
+
+class MemoryEvents:
+    """A :class:`MemoryListener` that turns one conversation's memory callbacks into events
+    (``MemoryUpdateStarted``, ``MemoryUpdated``) for :meth:`memory_event`. A failed or skipped
+    update is no event here: a subclass that must answer one overrides its method."""
+
+    def __init__(self, conversation_id: str) -> None:
+        self.conversation_id = conversation_id
+
+    def memory_event(self, event: MemoryEvent) -> None:
+        raise NotImplementedError
+
+    def on_memory_started(self, turn: int, stm_version: int) -> None:
+        self.memory_event(MemoryUpdateStarted(self.conversation_id, turn, stm_version))
+
+    def on_memory_updated(
+        self,
+        turn: int,
+        stm_version: int,
+        duration_s: float,
+        change: tuple[float, ...] = (),
+        gate: tuple[float, ...] = (),
+    ) -> None:
+        self.memory_event(MemoryUpdated(self.conversation_id, turn, stm_version, duration_s, change, gate))
+
+    def on_memory_failed(self, turn: int, exc: Exception, stm_version: int) -> None:
+        pass
+
+    def on_memory_skipped(self, turn: int) -> None:
+        pass
 
 
 class Backend(Protocol):

@@ -31,9 +31,9 @@ from reactivex.disposable import SingleAssignmentDisposable
 from reactivex.subject import Subject
 from torch import Tensor
 
-from rxruntime.backend import Backend, MemoryListener
+from rxruntime.backend import Backend, MemoryEvents, MemoryListener
 from rxruntime.errors import ConversationError, StreamOverflowError
-from rxruntime.events import AnswerCompleted, Event, MemoryEvent, MemoryUpdated, MemoryUpdateStarted, Token
+from rxruntime.events import AnswerCompleted, Event, MemoryEvent, Token
 from rxruntime.models.config import RxTConfig
 from rxruntime.operators.interaction import Query, turn_pipeline
 from rxruntime.options import check_options
@@ -251,30 +251,17 @@ class Conversation(TurnMethods):
         return f"Conversation(id={self._id!r})"
 
 
-class _MemoryForwarder:
-    """Engine memory callbacks -> the conversation's ``memory_events`` subject (on its mailbox)."""
+class _MemoryForwarder(MemoryEvents):
+    """Engine memory callbacks -> the conversation's ``memory_events`` subject (on its mailbox).
+    Failures are not forwarded: the turn's own stream reports them, and ``memory_events`` stays
+    alive for later turns."""
 
     def __init__(self, conv: Conversation) -> None:
+        super().__init__(conv.id)
         self._conv = conv
 
-    def on_memory_started(self, turn: int, stm_version: int) -> None:
-        self._conv._memory_subject.on_next(MemoryUpdateStarted(self._conv.id, turn, stm_version))
-
-    def on_memory_updated(
-        self,
-        turn: int,
-        stm_version: int,
-        duration_s: float,
-        change: tuple[float, ...] = (),
-        gate: tuple[float, ...] = (),
-    ) -> None:
-        self._conv._memory_subject.on_next(MemoryUpdated(self._conv.id, turn, stm_version, duration_s, change, gate))
-
-    def on_memory_failed(self, turn: int, exc: BaseException, stm_version: int) -> None:
-        pass  # the turn's own stream reports failures; memory_events stays alive for later turns
-
-    def on_memory_skipped(self, turn: int) -> None:
-        pass
+    def memory_event(self, event: MemoryEvent) -> None:
+        self._conv._memory_subject.on_next(event)
 
 
 # ---------------------------------------------------------------------- async consumers (astream)

@@ -181,6 +181,61 @@ def test_seed_user_and_max_completion_tokens_work(url: str) -> None:
     assert response.user == "u-2"
 
 
+# ---------------------------------------------------------------------- top_k (our extension)
+def _three_endpoints(c: openai.OpenAI, **sampling: Any) -> tuple[str, str, str]:
+    """The answer to JULIA from chat, completions and responses at ``seed`` 5, each from the same
+    starting STM (chat replays from seed 0; the others continue a conversation opened at seed 11)."""
+    extra = sampling.pop("extra_body", {})
+    chat = c.chat.completions.create(
+        model="rxt", messages=[{"role": "user", "content": JULIA}], max_tokens=16, seed=5, extra_body=extra, **sampling
+    )
+    conv = c.conversations.create(extra_body={"seed": 11})
+    completion = c.completions.create(
+        model="rxt", prompt=JULIA, max_tokens=16, seed=5, extra_body={**extra, "conversation": conv.id}, **sampling
+    )
+    conv = c.conversations.create(extra_body={"seed": 11})
+    response = c.responses.create(
+        model="rxt",
+        input=JULIA,
+        conversation=conv.id,
+        max_output_tokens=16,
+        extra_body={**extra, "seed": 5},
+        **sampling,
+    )
+    texts = (chat.choices[0].message.content or "", completion.choices[0].text, response.output_text)
+    assert all(texts), texts
+    return texts
+
+
+def test_top_k_1_gives_the_greedy_text_on_every_endpoint(url: str) -> None:
+    """``top_k`` through the official SDK's ``extra_body``: with only the likeliest token left,
+    sampling at temperature 2 gives what greedy decoding gives, where without it the same seed
+    samples another text."""
+    c = client(url)
+    greedy = _three_endpoints(c, temperature=0)
+    assert _three_endpoints(c, temperature=2.0, extra_body={"top_k": 1}) == greedy
+    sampled = _three_endpoints(c, temperature=2.0)
+    assert all(text != plain for text, plain in zip(sampled, greedy)), (sampled, greedy)
+    assert _three_endpoints(c, temperature=0, extra_body={"top_k": 0}) == greedy  # 0: off
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "3", True, 2**63])
+def test_a_bad_top_k_is_a_400_naming_it_on_every_endpoint(url: str, value: Any) -> None:
+    c = client(url)
+    calls = (
+        lambda: c.chat.completions.create(
+            model="rxt", messages=[{"role": "user", "content": JULIA}], extra_body={"top_k": value}
+        ),
+        lambda: c.completions.create(model="rxt", prompt=JULIA, max_tokens=3, extra_body={"top_k": value}),
+        lambda: c.responses.create(model="rxt", input=JULIA, store=False, extra_body={"top_k": value}),
+    )
+    for call in calls:
+        with pytest.raises(openai.BadRequestError) as err:
+            call()
+        body: Any = err.value.body
+        assert body["param"] == "top_k" and "top_k" in body["message"], body
+
+
 REFUSED_CHAT: list[tuple[str, Any]] = [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"),

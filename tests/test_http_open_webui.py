@@ -118,6 +118,17 @@ def test_title_generation_without_streaming(url: str) -> None:
     assert reply["usage"]["completion_tokens"] >= 1
 
 
+def test_top_k_as_open_webui_passes_it_on_is_honoured(url: str) -> None:
+    """Open WebUI copies a user's ``top_k`` as it is (tests/fixtures/open_webui/README.md): at the
+    fixture's temperature, ``top_k: 1`` leaves only the likeliest token, so the greedy answer."""
+    request = _fixture("chat_params.json")
+    greedy = _send(url, {**request, "body": {**request["body"], "temperature": 0}})
+    top_1 = _send(url, {**request, "body": {**request["body"], "top_k": 1}})
+    assert greedy[0] == top_1[0] == 200
+    assert _read_stream(top_1[2])[0] == _read_stream(greedy[2])[0]
+    assert _send(url, {**request, "body": {**request["body"], "top_k": 40}})[0] == 200
+
+
 @pytest.mark.parametrize("field", sorted(_fixture("refused_params.json")))
 def test_each_parameter_we_cannot_honour_is_a_400_naming_it(url: str, field: str) -> None:
     request = _fixture("chat_params.json")

@@ -30,6 +30,9 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the modules beside it, run from a checkout
+from rxlm_common import read_state, ready, timed_batch_interact
+
 _DTYPES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16", "torch.int64": "I64"}
 
 
@@ -59,17 +62,11 @@ def spec(config_path: Path) -> dict[str, Any]:
 def load(directory: Path) -> tuple[Any, dict[str, Any]]:
     """RxLM's RxTBeta with the checkpoint's tensors in their stored dtype, shared, eval, fixed."""
     import torch
-    from safetensors.torch import load_file
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from rxlm_workarounds import apply_workarounds
 
     start = time.perf_counter()
     config = json.loads((directory / "config.json").read_text())
     model = build_meta(config)
-    state: dict[str, Any] = {}
-    for file in sorted(directory.glob("model*.safetensors")):
-        state.update(load_file(str(file)))
+    state = read_state(directory)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     del state
     assert not unexpected, unexpected[:5]
@@ -80,10 +77,7 @@ def load(directory: Path) -> tuple[Any, dict[str, Any]]:
                 module._buffers[key] = torch.zeros(buf.shape, dtype=buf.dtype)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"tensors the file does not hold: {left[:5]}"
-    model.share_components()
-    model.eval()
-    notes = apply_workarounds(model, dist_version("rxlm"), batch=True)
-    torch.set_grad_enabled(False)
+    notes = ready(model)
     loaded = time.perf_counter() - start
     now, peak = rss_bytes()
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
@@ -136,37 +130,15 @@ def measure(model: Any, ids: dict[str, Any], answer_tokens: int, batch: int) -> 
 
 
 def batch_turn(model: Any, queries: list[list[int]], answer_tokens: int) -> dict[str, Any]:
-    """One ``batch_interact`` turn of ``len(queries)`` conversations (RxTAlpha's: ``[A]`` appended)."""
-    import torch
-
-    n = len(queries)
-    prompts = [[model.bos_token_id, model.query_token_id, *q] for q in queries]
-    limit = max(map(len, prompts)) + 1 + answer_tokens
-    ids = torch.full((n, limit), model.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((n, limit), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-        mask[i, : len(p)] = 1
-    model.set_batch_mode(True, n)
-    start = time.perf_counter()
-    first = last = update_start = update_end = 0.0
-    steps = 0
-    for out in model.batch_interact(ids, mask, max_seq_len=limit, temperature=1.0, top_k=1):
-        now = time.perf_counter()
-        if bool((out == -1).all()):
-            update_start = now
-        elif bool((out == -2).all()):
-            update_end = now
-        else:
-            steps += 1
-            first = first or now
-            last = now
+    """One greedy ``batch_interact`` turn of ``len(queries)`` conversations (RxTAlpha's: ``[A]`` appended)."""
+    turn = timed_batch_interact(model, queries, answer_tokens, temperature=1.0, top_k=1)
+    steps = turn.steps
     return {
-        "conversations": n,
+        "conversations": turn.conversations,
         "steps": steps,
-        "ttft_s": first - start,
-        "tokens_per_s": n * (steps - 1) / (last - first) if steps > 1 else None,
-        "memory_update_s": update_end - update_start,
+        "ttft_s": turn.first - turn.start,
+        "tokens_per_s": turn.conversations * (steps - 1) / (turn.last - turn.first) if steps > 1 else None,
+        "memory_update_s": turn.update_end - turn.update_start,
     }
 
 

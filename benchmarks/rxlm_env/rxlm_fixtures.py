@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rxlm_common import alpha_card
 from rxlm_workarounds import apply_workarounds
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[Q]", "[A]", "[T]", "[C]", "[U]", "[I]", "[MASK]"]
@@ -68,7 +69,7 @@ MAX_SEQ_LEN = 36  # interact's limit on [BOS][Q]query[A]answer
 
 @dataclass
 class Case:
-    """One point of the option matrix: overrides on the tiny base configs."""
+    """One point of the option matrix: overrides on the tiny base configs (``case_configs``)."""
 
     name: str
     versions: tuple[str, ...]
@@ -81,57 +82,6 @@ class Case:
     thinking_mode: str = "fast"  # RxTBeta 0.3 interact: 'fast' appends [A], 'extended' appends [T]
     system_first: bool = False  # RxTBeta 0.3: turns start from the STM the system prompt wrote
     seed: str = ""  # seeds torch from this name instead of the case's (cases that share weights)
-
-
-def base_component(vocab: int) -> dict[str, Any]:
-    """Shared by decoder and encoder: dim 24, 4 heads, 2 layers, 8 STM slots."""
-    return dict(
-        num_layers=2,
-        vocab_size=vocab,
-        embed_dim=24,
-        att_heads=4,
-        seq_len=40,
-        stm_size=8,
-        use_flash_attention=False,
-        use_gated=True,
-        ff_activation="silu",
-        ff_dropout=0.0,
-        att_dropout=0.0,
-        use_rms_norm=True,
-        att_groups=2,
-        self_att_type="sqa",
-        cross_att_type="sqa",
-        att_query_groups=2,
-        cross_att_groups=2,
-        cross_att_query_groups=2,
-        use_moe=False,
-        ff_dim=32,
-    )
-
-
-def base_memory() -> dict[str, Any]:
-    """Memory attention of the RxT-Alpha card (scaled down): SQA, linear sigmoid per-slot gates."""
-    return dict(
-        num_layers=2,
-        embed_dim=24,
-        att_heads=4,
-        seq_len=40,
-        stm_size=8,
-        use_flash_attention=False,
-        att_dropout=0.0,
-        att_groups=2,
-        att_type="sqa",
-        att_query_groups=2,
-        interlayer_att_dropout=0.0,
-        interlayer_att_groups=2,
-        interlayer_att_type="sqa",
-        interlayer_att_query_groups=2,
-        norm_type="classic-rms",
-        use_gated_residual=True,
-        residual_per_slot_gate=True,
-        residual_gate_type="linear",
-        use_tanh_residual_gate=False,
-    )
 
 
 BOTH = ("0.2.31", "0.3.80")
@@ -182,7 +132,6 @@ BETA_ENCODER = dict(
     att_groups=8,
     ff_dim=24,
     use_gated_attention=True,
-    skip_memory_cross_attention=True,
 )
 BETA_MEMORY = dict(
     BETA_DIM,
@@ -210,12 +159,30 @@ BETA_OPTIONS = {
     "memory": "grouped-self-interlayer, 3 groups, classic-rms, elementwise sigmoid per-slot gates",
 }
 
+
+def beta_published(thinking_mode: str) -> Case:
+    """RxT-Beta's published shapes (issue 23) in one thinking mode: both modes and both releases
+    share one seed, so one model.safetensors (git stores it once)."""
+    return Case(
+        f"beta_published_{thinking_mode}",
+        V03_BOTH,
+        cls="RxTBeta",
+        variant="grouped-self-interlayer",
+        decoder=dict(BETA_DECODER),
+        encoder=dict(BETA_ENCODER),
+        memory=dict(BETA_MEMORY),
+        system_first=True,
+        thinking_mode=thinking_mode,
+        seed="beta_published",
+        options={**BETA_OPTIONS, "template": f"system prompt read into memory, then thinking_mode={thinking_mode!r}"},
+    )
+
+
 CASES: list[Case] = [
     Case(
         "alpha_supervised",
         BOTH,
         decoder=dict(MOE),
-        encoder=dict(skip_memory_cross_attention=True),
         options={
             "layout": "RxT-Alpha-Supervised card",
             "attention": "sqa 2/4 q, 2/4 kv",
@@ -227,7 +194,6 @@ CASES: list[Case] = [
         "interlayer_static_tanh",
         BOTH,
         variant="interlayer",
-        encoder=dict(skip_memory_cross_attention=True),
         memory=dict(residual_gate_type="static", residual_per_slot_gate=False, use_tanh_residual_gate=True),
         options={
             "variant": "'interlayer' (0.2.31 builds interlayer; 0.3.80 builds self-interlayer)",
@@ -239,7 +205,6 @@ CASES: list[Case] = [
         "variant_simple",
         BOTH,
         variant="simple",
-        encoder=dict(skip_memory_cross_attention=True),
         memory=dict(residual_gate_type="static", residual_per_slot_gate=True, use_tanh_residual_gate=False),
         options={
             "variant": "'simple' in config: RxTAlpha builds self-interlayer for it (only names it knows differ)",
@@ -252,7 +217,7 @@ CASES: list[Case] = [
         cls="RxTBeta",
         variant=None,
         decoder=dict(self_att_type="gqa", cross_att_type="mqa", use_head_norm=True),
-        encoder=dict(self_att_type="gqa", cross_att_type="mqa", skip_memory_cross_attention=True),
+        encoder=dict(self_att_type="gqa", cross_att_type="mqa"),
         memory=dict(
             interlayer_att_type="mqa",
             residual_gate_type="elementwise",
@@ -284,7 +249,6 @@ CASES: list[Case] = [
             use_rms_norm=False,
             use_gated=False,
             ff_activation="gelu",
-            skip_memory_cross_attention=True,
         ),
         memory=dict(
             att_type="mha",
@@ -305,7 +269,7 @@ CASES: list[Case] = [
         "positional_norm_linear_status",
         BOTH,
         decoder=dict(att_groups=1, att_query_groups=2, cross_att_groups=2, cross_att_query_groups=1),
-        encoder=dict(att_groups=1, att_query_groups=2, skip_memory_cross_attention=True),
+        encoder=dict(att_groups=1, att_query_groups=2),
         memory=dict(
             norm_type="positional",
             norm_per_dim_scale=True,
@@ -324,7 +288,6 @@ CASES: list[Case] = [
         "adaptive_norm_plain_residual",
         BOTH,
         decoder=dict(use_moe=True, num_experts=4, moe_top_k=1, ff_dim=8, use_gated=False, ff_activation="relu"),
-        encoder=dict(skip_memory_cross_attention=True),
         memory=dict(norm_type="adaptive", use_gated_residual=False),
         options={
             "ff": "non-gated moe 4 top-1 relu",
@@ -341,7 +304,6 @@ CASES: list[Case] = [
             residual_gate_slot_status_type="linear",
             use_tanh_residual_gate=False,
         ),
-        encoder=dict(skip_memory_cross_attention=True),
         options={"gate": "elementwise sigmoid per slot with a linear slot status (Linear(d, 1))"},
     ),
     Case(
@@ -367,7 +329,6 @@ CASES: list[Case] = [
             use_head_norm=True,
             head_norm_type="rms_norm",
         ),
-        encoder=dict(skip_memory_cross_attention=True),
         options={
             "layout": "RxT-Beta style decoder",
             "stateless": "1 dense stateless layer before and 1 after the memory layers (ff dense_layer_dim)",
@@ -387,7 +348,6 @@ CASES: list[Case] = [
             moe_use_weighted_shared_experts=True,
             stateless_layers_config=["moe"],
         ),
-        encoder=dict(skip_memory_cross_attention=True),
         options={
             "ff": "vectorized gated moe, local expert biases, 2 shared experts (softmax gate, stacked weights,"
             " global shared bias), weighted shared experts",
@@ -398,14 +358,12 @@ CASES: list[Case] = [
         "moe_no_bias_no_shared",
         V03,
         decoder=dict(MOE, num_shared_experts=0, moe_bias_mode="off", ff_activation="gelu"),
-        encoder=dict(skip_memory_cross_attention=True),
         options={"ff": "vectorized gated moe (gelu), moe_bias_mode off, no shared expert"},
     ),
     Case(
         "moe_legacy_layout",
         V03,
         decoder=dict(MOE, use_vectorized_moe=False, num_shared_experts=1),
-        encoder=dict(skip_memory_cross_attention=True),
         options={"ff": "use_vectorized_moe False: ModuleList experts (0.2.31 layout) + shared_experts ModuleList"},
     ),
     Case(
@@ -413,7 +371,7 @@ CASES: list[Case] = [
         V03,
         variant="grouped-self-interlayer",
         decoder=dict(num_layers=4),
-        encoder=dict(num_layers=4, skip_memory_cross_attention=True),
+        encoder=dict(num_layers=4),
         memory=dict(num_layers=4, num_groups=2),
         options={"variant": "grouped-self-interlayer, 4 layers in 2 groups"},
     ),
@@ -421,7 +379,7 @@ CASES: list[Case] = [
         "gated_attention_no_out_bias",
         V03,
         decoder=dict(use_gated_attention=True, use_attention_output_bias=False, rope_base=1000),
-        encoder=dict(use_attention_output_bias=False, rope_base=1000, skip_memory_cross_attention=True),
+        encoder=dict(use_attention_output_bias=False, rope_base=1000),
         memory=dict(rope_base=1000),
         options={
             "attention": "gated attention (sigmoid(gate_proj(x)) * attn before out_proj), out_proj without bias",
@@ -434,7 +392,7 @@ CASES: list[Case] = [
         cls="RxTBeta",
         variant=None,
         decoder=dict(MOE, stateless_layers_config=["dense"], dense_layer_dim=24, use_head_norm=True, seq_len=80),
-        encoder=dict(skip_memory_cross_attention=True, seq_len=80),
+        encoder=dict(seq_len=80),
         memory=dict(seq_len=80),
         system_first=True,
         options={
@@ -449,7 +407,7 @@ CASES: list[Case] = [
         cls="RxTBeta",
         variant=None,
         decoder=dict(seq_len=80),
-        encoder=dict(skip_memory_cross_attention=True, seq_len=80),
+        encoder=dict(seq_len=80),
         memory=dict(seq_len=80),
         system_first=True,
         thinking_mode="extended",
@@ -462,7 +420,6 @@ CASES: list[Case] = [
         "stateless_layers_02",
         V02_STATELESS,
         decoder=dict(MOE, stateless_layers_config=["dense", "moe"], dense_layer_dim=24),
-        encoder=dict(skip_memory_cross_attention=True),
         options={
             "stateless": "RxLM 0.2.38-0.2.45: ['dense', 'moe'] stateless layers before the memory layers, built as"
             " ClassicTransformerLayer (norm1, norm2 = feed-forward norm), 0.2 MoE (per-expert biases)",
@@ -470,32 +427,20 @@ CASES: list[Case] = [
             " checkpoint that must not be taken for 0.3",
         },
     ),
-    Case(
-        "beta_published_fast",
-        V03_BOTH,
-        cls="RxTBeta",
-        variant="grouped-self-interlayer",
-        decoder=dict(BETA_DECODER),
-        encoder=dict(BETA_ENCODER),
-        memory=dict(BETA_MEMORY),
-        system_first=True,
-        seed="beta_published",  # both modes, both releases: one model.safetensors (git stores it once)
-        options={**BETA_OPTIONS, "template": "system prompt read into memory, then thinking_mode='fast'"},
-    ),
-    Case(
-        "beta_published_extended",
-        V03_BOTH,
-        cls="RxTBeta",
-        variant="grouped-self-interlayer",
-        decoder=dict(BETA_DECODER),
-        encoder=dict(BETA_ENCODER),
-        memory=dict(BETA_MEMORY),
-        system_first=True,
-        thinking_mode="extended",
-        seed="beta_published",
-        options={**BETA_OPTIONS, "template": "system prompt read into memory, then thinking_mode='extended'"},
-    ),
+    *(beta_published(mode) for mode in ("fast", "extended")),
 ]
+
+
+def case_configs(case: Case, vocab: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(decoder, encoder, memory attention) options of ``case``: its overrides on the RxT-Alpha card
+    at dim 24 (4 heads, SQA with 2 query and 2 key/value heads), 2 layers, 8 STM slots, a dense gated
+    feed-forward of width 32, no dropout; the encoder skips memory cross-attention unless told."""
+    component, memory = alpha_card(vocab=vocab, dim=24, heads=4, layers=2, slots=8, seq=40, groups=2)
+    component.update(use_moe=False, ff_dim=32)
+    memory.update(att_dropout=0.0, interlayer_att_dropout=0.0)
+    decoder = {**component, **case.decoder}
+    encoder = {**component, "skip_memory_cross_attention": True, **case.encoder}
+    return decoder, encoder, {**memory, **case.memory}
 
 
 def case_seed(name: str) -> int:
@@ -612,11 +557,7 @@ def run_case(case: Case, version: str, tok: Any, tok_dir: Path, out: Path) -> di
 
     torch.manual_seed(case_seed(case.seed or case.name))
     gen = torch.Generator().manual_seed(case_seed(case.seed or case.name))
-    vocab = len(tok)
-    decoder = {**base_component(vocab), **case.decoder}
-    encoder = {**base_component(vocab), **case.encoder}
-    encoder.setdefault("use_moe", False)
-    memory = {**base_memory(), **case.memory}
+    decoder, encoder, memory = case_configs(case, len(tok))
     cls = getattr(rxm, case.cls)
     kwargs: dict[str, Any] = dict(
         decoder_config=decoder,

@@ -37,6 +37,9 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the modules beside it, run from a checkout
+from rxlm_common import alpha_card, read_state, ready, timed_batch_interact
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[Q]", "[A]", "[T]"]  # rxruntime's ids 0-6
 
 
@@ -44,47 +47,9 @@ def alpha_mini(
     vocab: int = 20000, dim: int = 256, layers: int = 12, slots: int = 256, seq: int = 256
 ) -> dict[str, Any]:
     """RxT-Alpha (Supervised) card in RxLM's config vocabulary."""
-    component = dict(
-        num_layers=layers,
-        vocab_size=vocab,
-        embed_dim=dim,
-        att_heads=16,
-        seq_len=seq,
-        stm_size=slots,
-        use_flash_attention=False,
-        use_gated=True,
-        ff_activation="silu",
-        ff_dropout=0.0,
-        att_dropout=0.0,
-        use_rms_norm=True,
-        att_groups=8,
-        self_att_type="sqa",
-        cross_att_type="sqa",
-        att_query_groups=8,
-        cross_att_groups=8,
-        cross_att_query_groups=8,
-    )
+    component, memory = alpha_card(vocab=vocab, dim=dim, heads=16, layers=layers, slots=slots, seq=seq, groups=8)
     decoder = dict(component, ff_dim=384, use_moe=True, num_experts=36, moe_top_k=6)
     encoder = dict(component, ff_dim=784, use_moe=False, skip_memory_cross_attention=True)
-    memory = dict(
-        num_layers=layers,
-        embed_dim=dim,
-        att_heads=16,
-        seq_len=seq,
-        stm_size=slots,
-        use_flash_attention=False,
-        att_groups=8,
-        att_type="sqa",
-        att_query_groups=8,
-        interlayer_att_groups=8,
-        interlayer_att_type="sqa",
-        interlayer_att_query_groups=8,
-        norm_type="classic-rms",
-        use_gated_residual=True,
-        residual_per_slot_gate=True,
-        residual_gate_type="linear",
-        use_tanh_residual_gate=False,
-    )
     tokens = dict(bos_token_id=2, eos_token_id=3, answer_token_id=5, query_token_id=4, pad_token_id=0)
     return {"decoder": decoder, "encoder": encoder, "memory": memory, "tokens": tokens}
 
@@ -153,23 +118,12 @@ def restack_legacy_moe(state: dict[str, Any], decoder_layers: int, experts: int)
     return out
 
 
-def workarounds() -> Any:
-    """``apply_workarounds`` from rxlm_workarounds.py beside this script (it runs from a checkout)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from rxlm_workarounds import apply_workarounds
-
-    return apply_workarounds
-
-
 def load(directory: Path) -> tuple[Any, list[str]]:
     """RxLM's model from a saved directory, shared and in eval mode; notes on what was adapted."""
-    import torch
     from rxlm.rxt.models import RxTAlpha
-    from safetensors.torch import load_file
 
-    version = rxlm_version()
     notes: list[str] = []
-    if version.startswith("0.2"):
+    if rxlm_version().startswith("0.2"):
         model = RxTAlpha.from_pretrained(str(directory))
     else:
         config = json.loads((directory / "config.json").read_text())
@@ -182,7 +136,7 @@ def load(directory: Path) -> tuple[Any, list[str]]:
             )
         config["decoder_config"] = dec
         model = RxTAlpha(**config)
-        state = load_file(str(directory / "model.safetensors"))
+        state = read_state(directory)
         if dec.get("use_moe"):
             state = restack_legacy_moe(state, dec["num_layers"], dec["num_experts"])
         if model.encoder.model.stm is None and state.pop("encoder.model.stm.memory", None) is not None:
@@ -190,11 +144,7 @@ def load(directory: Path) -> tuple[Any, list[str]]:
         # shared RoPE buffers are saved once (safetensors drops aliases); everything else must match
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(".rope." in k for k in missing), (unexpected, missing)
-    model.share_components()
-    model.eval()
-    notes += workarounds()(model, version, batch=True)
-    torch.set_grad_enabled(False)
-    return model, notes
+    return model, notes + ready(model)
 
 
 def queries_from(args: argparse.Namespace, count: int, vocab: int) -> list[list[int]]:
@@ -278,39 +228,16 @@ def run_turns(
 
 def batch_turn(model: Any, queries: list[list[int]], answer_tokens: int, temperature: float) -> dict[str, Any]:
     """One ``batch_interact`` turn of ``len(queries)`` conversations (fresh batched STM)."""
-    import torch
-
-    n = len(queries)
-    prompts = [[model.bos_token_id, model.query_token_id, *q] for q in queries]
-    limit = max(map(len, prompts)) + 1 + answer_tokens
-    ids = torch.full((n, limit), model.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((n, limit), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-        mask[i, : len(p)] = 1
-    model.set_batch_mode(True, n)
-    start = time.perf_counter()
-    first = last = update_start = update_end = 0.0
-    steps = 0
-    for out in model.batch_interact(ids, mask, max_seq_len=limit, **sampling(temperature)):
-        now = time.perf_counter()
-        if bool((out == -1).all()):
-            update_start = now
-        elif bool((out == -2).all()):
-            update_end = now
-        else:
-            steps += 1
-            first = first or now
-            last = now
-    assert steps == answer_tokens, (steps, answer_tokens)
-    tokens = n * steps
+    turn = timed_batch_interact(model, queries, answer_tokens, **sampling(temperature))
+    assert turn.steps == answer_tokens, (turn.steps, answer_tokens)
+    tokens = turn.conversations * turn.steps
     return {
-        "conversations": n,
+        "conversations": turn.conversations,
         "tokens": tokens,
-        "tokens_per_s": tokens / (last - start),
-        "ttft_s": first - start,
-        "wall_s": last - start,
-        "memory_update_s": update_end - update_start,
+        "tokens_per_s": tokens / (turn.last - turn.start),
+        "ttft_s": turn.first - turn.start,
+        "wall_s": turn.last - turn.start,
+        "memory_update_s": turn.update_end - turn.update_start,
     }
 
 
@@ -378,10 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         model, notes = load(args.checkpoint)
     else:
         model = build(args.seed)
-        model.share_components()
-        model.eval()
-        notes = workarounds()(model, rxlm_version(), batch=True)
-        torch.set_grad_enabled(False)
+        notes = ready(model)
     if args.command == "serve":
         import transformers
 

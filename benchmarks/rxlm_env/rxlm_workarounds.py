@@ -1,7 +1,8 @@
 """Instance-level fixes for RxLM bugs that stop its own inference paths, each keeping RxLM's maths.
 
-Shared by rxlm_fixtures.py (parity fixtures) and rxlm_turns.py (speed on the same
-weights); both run inside an RxLM virtual environment. Nothing here changes a weight or a formula:
+Shared by rxlm_fixtures.py (parity fixtures), rxlm_turns.py (speed on the same weights) and
+rxlm_beta_full.py (RxT-Beta at full size), the last two through rxlm_common.ready; all run inside
+an RxLM virtual environment. Nothing here changes a weight or a formula:
 each fix makes RxLM run the computation its code intends, and returns a note saying what it did.
 """
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from rxruntime.commands import add_model_options
+from rxruntime.commands import add_engine_options, add_model_options, engine_options
 from rxruntime.commands.stop_signals import StopSignals
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--max-batch", type=int, default=64, help="conversations decoded together (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_engine_options(p)
     p.add_argument(
         "--weights",
         choices=("fp32", "bf16", "int8"),
@@ -142,6 +143,7 @@ def _load(args: argparse.Namespace, store: STMStore | None) -> Engine:
         weights=args.weights,
         tokenizer=args.tokenizer,
         rxlm_version=args.rxlm_version,
+        **engine_options(args),
     )
 
 
@@ -264,6 +266,7 @@ def _run_ray(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         max_batch=args.max_batch,
+        **engine_options(args),
         api_keys=list(keys.keys),
         model_name=args.model_name,
         lease_ttl_s=args.lease_ttl,

@@ -63,6 +63,7 @@ _COMMON: dict[str, Field] = {
     "stream": WORKS,
     "temperature": WORKS,
     "top_p": WORKS,
+    "top_k": WORKS,  # our extension (vLLM and llama.cpp servers take it too): the k likeliest tokens
     "seed": WORKS,
     "stop": WORKS,
     "user": WORKS,
@@ -265,7 +266,8 @@ def metadata(body: dict[str, Any], name: str = "metadata") -> dict[str, str]:
 
 
 def sampling_options(body: dict[str, Any], max_tokens_field: str | tuple[str, ...]) -> dict[str, Any]:
-    """``temperature``, ``top_p``, ``seed`` and the answer length, as ``Conversation.interact`` options."""
+    """``temperature``, ``top_p``, ``top_k``, ``seed`` and the answer length, as ``Conversation.interact``
+    options. ``top_k`` (an extension: OpenAI has none) keeps the k likeliest tokens; 0 turns it off."""
     options: dict[str, Any] = {}
     temperature = opt_number(body, "temperature", 0.0, 2.0)
     if temperature is not None:
@@ -273,6 +275,9 @@ def sampling_options(body: dict[str, Any], max_tokens_field: str | tuple[str, ..
     top_p = opt_number(body, "top_p", 0.0, 1.0, low_open=True)
     if top_p is not None:
         options["top_p"] = top_p
+    top_k = opt_int(body, "top_k", 0, 2**63 - 1)  # at or above the vocabulary: every token (normalised to 0)
+    if top_k is not None:
+        options["top_k"] = top_k
     seed = opt_int(body, "seed", 0, 2**63 - 1)
     if seed is not None:
         options["seed"] = seed

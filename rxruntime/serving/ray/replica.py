@@ -55,6 +55,9 @@ class EngineReplica:
         model: str = "default",
         device: str | None = None,
         max_batch: int = 64,
+        max_memory_batch: int = 32,
+        max_resident_bytes: int | None = None,
+        store_writers: int = 4,
         api_keys: Sequence[str] = (),
         model_name: str = "rxt",
         lease_ttl_s: float = 10.0,
@@ -77,7 +80,16 @@ class EngineReplica:
         self._leases = Leases(client, ttl_s=lease_ttl_s)
         self._lease_wait_s = lease_wait_s
         self._affinity = AffinityStats(client)
-        engine = await asyncio.to_thread(rxruntime.load, model, device=device, max_batch=max_batch, store=opened)
+        engine = await asyncio.to_thread(
+            rxruntime.load,
+            model,
+            device=device,
+            max_batch=max_batch,
+            store=opened,
+            max_memory_batch=max_memory_batch,
+            max_resident_bytes=max_resident_bytes,
+            store_writers=store_writers,
+        )
         self._app = create_app(
             engine,
             api_keys=api_keys,
