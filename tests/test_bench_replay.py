@@ -11,7 +11,7 @@ from rxruntime.cli import main
 
 
 def test_bench_replay_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "replay", "--turns", "3", "--repeats", "1", "--json", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "replay", "--model", "small", "--turns", "3", "--repeats", "1", "--json", "--out", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "replay-default.json").read_text()) == result
     turns = result["turns"]
