@@ -8,12 +8,15 @@ counts per answer how often it is the expected one:
 * the card's transcript (greetings, "I don't know", a name, a sum, a city, a joke);
 * the same two facts in either order (city first, then name; name first, then city);
 * a city given as system memory (``memory_init``) against the same sentence said in a turn,
-  for twelve capitals (seed 0) and for the three of ``examples/fan_out.py`` (every seed).
+  for twelve capitals (seed 0) and for the three of ``examples/fan_out.py`` (every seed);
+* ``--card smol``: issue 24's first minutes for the SmolLM2-backbone model instead (its answers
+  are sentences: a turn is right when it names the value).
 
 Run::
 
     python benchmarks/first_minutes.py                       # 30 seeds, prints the tables
     python benchmarks/first_minutes.py --json benchmarks/results/first-minutes.json
+    python benchmarks/first_minutes.py --model smol --card smol --json benchmarks/results/first-minutes-smol.json
 """
 
 from __future__ import annotations
@@ -56,6 +59,35 @@ TRANSCRIPT: list[tuple[str, Check]] = [
     ("I live in Lisbon.", any_answer),
     ("Tell me a joke.", any_answer),
     ("Where do I live?", exactly("You live in Lisbon.")),
+]
+
+
+def mentions(*values: str) -> Check:
+    """A sentence answer (the SmolLM2 model's) is right when it names every value."""
+    return lambda answer: all(v.lower() in answer.lower() for v in values)
+
+
+def names_none(*values: str) -> Check:
+    return lambda answer: not any(v.lower() in answer.lower() for v in values)
+
+
+# issue 24's first minutes, for the SmolLM2-backbone model (``--card smol``): answers are
+# sentences, so a turn is right when it names the value (and a sum when it says 8)
+SMOL_TRANSCRIPT: list[tuple[str, Check]] = [
+    ("Hi there! I'm Marguerite and I grew up in Quebec City.", any_answer),
+    ("Do you remember my name?", mentions("Marguerite")),
+    ("And where did I grow up?", mentions("Quebec")),
+    ("My favourite food is sushi.", any_answer),
+    ("What is 4 plus 4?", mentions("8")),
+    ("What food do I like?", mentions("sushi")),
+    ("What is my name?", mentions("Marguerite")),
+]
+SMOL_NEVER_SAID: list[tuple[str, Check]] = [
+    ("Hello! How are you today?", any_answer),
+    ("What is my name?", names_none("Marguerite", "Ada", "Julia")),
+    ("My name is Julia and I work as a nurse.", any_answer),
+    ("What do I do for a living?", mentions("nurse")),
+    ("What is my name?", mentions("Julia")),
 ]
 CITY = ("I live in Lisbon.", "Where do I live?", "You live in Lisbon.")  # (fact, question, answer)
 NAME = ("My name is Julia.", "What is my name?", "Your name is Julia.")
@@ -123,10 +155,24 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--seeds", type=int, default=30, help="starting memories per dialogue")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--card", choices=("small", "smol"), default="small", help="whose card's dialogues (default: small)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the card's figures were measured
     seeds = range(args.seeds)
     out: dict[str, object] = {"model": args.model, "seeds": args.seeds}
+    if args.card == "smol":
+        with rxruntime.load(args.model) as engine:
+            for name, dialogue in (("transcript", SMOL_TRANSCRIPT), ("never_said", SMOL_NEVER_SAID)):
+                rows = replay(engine, dialogue, seeds)
+                out[name] = [asdict(row) for row in rows]
+                print(f"\n{name} (right of {args.seeds} starting memories)")
+                for row in rows:
+                    print(f"  {row.right:>3}  {row.query:<58} {row.wrong if row.wrong else ''}")
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2) + "\n")
+        return
     with rxruntime.load(args.model) as engine:
         for name, dialogue in (("transcript", TRANSCRIPT), ("city_first", CITY_FIRST), ("name_first", NAME_FIRST)):
             rows = replay(engine, dialogue, seeds)

@@ -70,9 +70,13 @@ def accuracy(model: RxTModel, tokenizer: RxTokenizer, dialogues: list[Dialogue],
 def from_run(run: Path) -> tuple[RxTModel, RxTokenizer, str]:
     """The model of a training run's latest resumable state, and where in the curriculum it was."""
     recipe = recipe_from_dict(json.loads((run / "recipe.json").read_text(encoding="utf-8")))
-    model = RxTModel(recipe.config())
-    progress, _ = load_state(run / STATE_FILE, model, MLMHead(recipe.config()))
-    return model, RxTokenizer.from_file(run / "tokenizer.json"), f"{progress['stage']} step {progress['step']}"
+    config = recipe.config()
+    model = RxTModel(config)
+    progress, _ = load_state(run / STATE_FILE, model, MLMHead(config))
+    # a backbone's tokenizer keeps its own special ids (the config names them) and chat template
+    tokenizer = RxTokenizer.from_file(run / "tokenizer.json", config.special_tokens)
+    tokenizer.use_template(config)
+    return model, tokenizer, f"{progress['stage']} step {progress['step']}"
 
 
 def main() -> None:

@@ -2,12 +2,23 @@
 
 The backbone's layers become the generator-decoder; the RxT parts are added around them:
 
-* memory cross-attention in the last ``memory_layers`` decoder layers (the layers below them are
-  stateless: ``decoder.layers_before``), with its output projection at zero, so that a fresh
-  model computes exactly the backbone's logits whatever the STM holds (the gate is closed);
-* an encoder of ``memory_layers`` layers, initialised from the backbone's first layers and run
-  bidirectionally (it reads the whole interaction);
+* memory cross-attention in ``memory_layers`` consecutive decoder layers (the others are
+  stateless: ``decoder.layers_before`` / ``layers_after``);
+* an encoder of ``memory_layers`` layers, initialised from the backbone's first layers;
 * memory attention (the ``simple`` variant, per-element residual gates), one layer per STM layer.
+
+Two ways to start the memory (``memory_read`` / ``memory_write``):
+
+* ``closed`` / ``random``: memory cross-attention fresh with its output projection at zero, so a
+  fresh model computes exactly the backbone's logits whatever the STM holds; a bidirectional
+  encoder; memory attention drawn at random. Training has to invent the whole path.
+* ``copy`` / ``select`` (with ``memory_start=1`` and a causal encoder): encoder layer ``i`` is
+  backbone block ``i``, so ED_i is what block ``i+1`` would see of the interaction had it stayed in
+  the context; memory attention starts as a selection (value and output projections the identity,
+  so a slot becomes an attention-weighted mix of normalised ED tokens); and block ``i+1``'s memory
+  cross-attention starts as a copy of its own self-attention (norms included), its output scaled by
+  ``read_scale``. Reading the memory then starts as attending to last turn's tokens the way the
+  backbone already attends to its context, which is how it finds a name said earlier.
 
 The GGUF is read with the ``gguf`` package (pure Python, no llama.cpp): metadata, the tokenizer's
 vocabulary and merges, and the tensors, dequantized by ``gguf``'s own dequantizer. llama.cpp's
@@ -30,17 +41,23 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import Tensor, nn
 
+from .attention import Attention
 from .config import DecoderConfig, EncoderConfig, MemoryAttentionConfig, RxTConfig, SpecialTokens
 from .errors import CheckpointError, CheckpointMismatchError, MissingCheckpointFileError
 from .rxt import RxTModel
 from .tokenizer import RxTokenizer
+
+MemoryRead = Literal["closed", "copy"]
+"""How memory cross-attention starts (module docstring)."""
+MemoryWrite = Literal["random", "select"]
+"""How memory attention starts (module docstring)."""
 
 _CONTROL = 3
 """GGUF token type of control tokens (``gguf.TokenType.CONTROL``)."""
@@ -215,11 +232,15 @@ def backbone_config(
     cross_q_heads: int | None = None,
     cross_kv_heads: int | None = None,
     chat_system: str | None = SMOLLM2_SYSTEM,
+    encoder_causal: bool = False,
+    memory_write: MemoryWrite = "random",
 ) -> RxTConfig:
     """An RxT config around the backbone: its layers are the decoder, ``memory_layers`` consecutive
     ones from ``memory_start`` (default: the last ones) read the STM (``stm_size`` slots per
     layer), and encoder and memory attention have ``memory_layers`` layers too (one STM layer
-    each). The layers before and after the memory block are the decoder's stateless layers."""
+    each). The layers before and after the memory block are the decoder's stateless layers.
+    ``memory_write="select"`` gives memory attention a single head as wide as the model (square
+    value and output projections, which :func:`load_backbone` starts at the identity)."""
     b = backbone
     if not 1 <= memory_layers <= b.num_layers:
         raise CheckpointMismatchError(b.path, f"memory_layers must be in [1, {b.num_layers}], got {memory_layers}")
@@ -258,13 +279,19 @@ def backbone_config(
             router_aux_loss_weight=0.0,
         ),
         encoder=EncoderConfig(
-            num_heads=b.num_heads, self_q_heads=b.num_heads, self_kv_heads=b.num_kv_heads, ffn_dim=b.ffn_dim
+            num_heads=b.num_heads,
+            self_q_heads=b.num_heads,
+            self_kv_heads=b.num_kv_heads,
+            ffn_dim=b.ffn_dim,
+            causal=encoder_causal,
         ),
         memory_attention=MemoryAttentionConfig(
             variant="simple",
-            num_heads=b.num_heads,
-            q_heads=b.num_heads,
-            kv_heads=b.num_kv_heads,
+            # select: one head as wide as the model, so a slot mixes whole token states (several
+            # heads would stitch different tokens' pieces into one slot)
+            num_heads=1 if memory_write == "select" else b.num_heads,
+            q_heads=1 if memory_write == "select" else b.num_heads,
+            kv_heads=1 if memory_write == "select" else b.num_kv_heads,
             gate_type="linear",
             gate_per_slot=False,
         ),
@@ -323,27 +350,68 @@ def backbone_state(config: RxTConfig, tensors: dict[str, Tensor]) -> dict[str, T
     return state
 
 
-def load_backbone(model: RxTModel, backbone: GGUFBackbone) -> None:
+def load_backbone(
+    model: RxTModel,
+    backbone: GGUFBackbone,
+    memory_read: MemoryRead = "closed",
+    memory_write: MemoryWrite = "random",
+    read_scale: float = 1.0,
+    write_sharpness: float = 1.0,
+) -> None:
     """Write the backbone's weights (:func:`backbone_state`) into a model built from
-    :func:`backbone_config`. Memory cross-attention keeps its fresh initialisation except the
-    output projection, set to zero: the memory read adds nothing until training opens it."""
+    :func:`backbone_config`, then start the memory parts as ``memory_read`` / ``memory_write`` say
+    (the module docstring): ``closed`` zeroes the memory cross-attention's output projection (the
+    memory read adds nothing until training opens it); ``copy`` copies each memory layer's
+    self-attention and its norm into its cross-attention and scales the output by ``read_scale``;
+    ``select`` sets memory attention's value and output projections to the identity and multiplies
+    its key projection by ``write_sharpness`` (a sharper start: each slot takes a few tokens rather
+    than the mean of all)."""
     b = backbone
     dec = model.decoder
     if len(dec.blocks) != b.num_layers or model.config.dim != b.dim or model.config.vocab_size != b.vocab_size:
         raise CheckpointMismatchError(b.path, "the model was not built from this backbone's config")
     _assign(model, backbone_state(model.config, b.tensors), b.path)
-    for layer in dec.blocks:
-        if layer.cross_attn is not None:
-            with torch.no_grad():
-                layer.cross_attn.o_proj.weight.zero_()
+    with torch.no_grad():
+        for layer in dec.blocks:
+            cross = layer.cross_attn
+            if cross is None:
+                continue
+            if memory_read == "closed":
+                cross.o_proj.weight.zero_()
+                continue
+            mine = layer.self_attn
+            if cross.q_proj.weight.shape != mine.q_proj.weight.shape or (
+                cross.k_proj.weight.shape != mine.k_proj.weight.shape
+            ):
+                raise CheckpointMismatchError(b.path, "memory_read='copy' needs the self-attention's heads")
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                cast(nn.Linear, getattr(cross, name)).weight.copy_(cast(nn.Linear, getattr(mine, name)).weight)
+            cross.o_proj.weight.mul_(read_scale)
+            for norm in (layer.cross_norm, layer.stm_norm):
+                cast(nn.RMSNorm, norm).weight.copy_(cast(nn.RMSNorm, layer.self_norm).weight)
+        if memory_write == "select":
+            for attention in cast(list[Attention], list(model.memory_attention.attention)):
+                for proj in (attention.v_proj, attention.o_proj):
+                    if proj.weight.shape[0] != proj.weight.shape[1]:
+                        raise CheckpointMismatchError(b.path, "memory_write='select' needs square value projections")
+                    proj.weight.copy_(torch.eye(proj.weight.shape[0]))
+                attention.k_proj.weight.mul_(write_sharpness)
 
 
-def backbone_model(backbone: GGUFBackbone, seed: int = 0, **config: Any) -> tuple[RxTModel, RxTokenizer]:
+def backbone_model(
+    backbone: GGUFBackbone,
+    seed: int = 0,
+    *,
+    memory_read: MemoryRead = "closed",
+    read_scale: float = 1.0,
+    write_sharpness: float = 1.0,
+    **config: Any,
+) -> tuple[RxTModel, RxTokenizer]:
     """A fresh RxT around the backbone (new parts drawn from ``seed``) and its tokenizer."""
     cfg = backbone_config(backbone, **config)
     torch.manual_seed(seed)
     model = RxTModel(cfg)
-    load_backbone(model, backbone)
+    load_backbone(model, backbone, memory_read, config.get("memory_write", "random"), read_scale, write_sharpness)
     tokenizer = RxTokenizer(backbone_tokenizer(backbone), cfg.special_tokens)
     tokenizer.use_template(cfg)
     return model, tokenizer

@@ -137,6 +137,10 @@ class EncoderConfig:
     ffn_activation: FfnActivation = "silu"
     ffn_gated: bool = True
     attention_gate: AttentionGate = "none"
+    causal: bool = False
+    """Encode with a causal mask instead of bidirectionally: an encoder made of a frozen causal
+    language model's blocks then computes exactly the hidden states those blocks were trained to
+    produce (``backbone_gguf``'s ``memory_read: copy`` relies on it)."""
     memory_source: Literal["stm", "fixed"] = "stm"
     """What the encoder's memory cross-attention reads: the conversation's STM(t-1), or a fixed
     memory stored with the weights (``fixed_memory``: RxLM 0.2's encoder keeps its own STM buffer,

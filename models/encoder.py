@@ -27,6 +27,7 @@ class RxTEncoder(nn.Module):
         super().__init__()
         e = config.encoder
         self.reads_memory = e.memory_cross_attention
+        self.causal = e.causal
         self.rope = RotaryEmbedding(
             config.dim // e.num_heads, config.max_seq_len, config.rope_base, config.rope_pairing
         )
@@ -72,7 +73,8 @@ class RxTEncoder(nn.Module):
             raise ValueError("this encoder reads the STM: pass memory_kv")
         self.rope.ensure(h.shape[1])
         positions = torch.arange(h.shape[1], device=h.device)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
+        # causal: right padding needs no mask (a real token never sees a later pad)
+        mask = None if key_mask is None or self.causal else key_mask[:, None, None, :]
         states = []
         for i, layer in enumerate(self.blocks):
             h = layer(
@@ -80,7 +82,7 @@ class RxTEncoder(nn.Module):
                 rope=self.rope,
                 positions=positions,
                 memory_kv=None if memory_kv is None else memory_kv[i],
-                causal=False,
+                causal=self.causal,
                 self_mask=mask,
             )
             states.append(h)

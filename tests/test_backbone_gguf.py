@@ -213,3 +213,89 @@ def test_engine_runs_a_chatml_turn(tiny: Path) -> None:
         assert conv.ask(query, max_new_tokens=12, thinking_mode="fast") == answer
         with pytest.raises(InvalidOptionError, match="thinking_mode"):
             conv.ask(query, thinking_mode="extended")  # ChatML has no thinking mode
+
+
+def _copy_model(tiny: Path, read_scale: float = 0.5) -> tuple[Any, Any]:
+    return backbone_model(
+        read_gguf(tiny),
+        seed=4,
+        memory_layers=3,
+        memory_start=1,
+        stm_size=8,
+        encoder_causal=True,
+        memory_read="copy",
+        read_scale=read_scale,
+        memory_write="select",
+        write_sharpness=3.0,
+    )
+
+
+def test_copy_read_starts_as_the_blocks_own_attention(tiny: Path) -> None:
+    """``memory_read="copy"``: each memory layer's cross-attention is its self-attention (norms
+    included), the output scaled; at scale 0 the model is the backbone whatever the STM holds."""
+    model, tok = _copy_model(tiny, read_scale=0.5)
+    for block in model.decoder.blocks:
+        if block.cross_attn is None:
+            continue
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert torch.equal(getattr(block.cross_attn, name).weight, getattr(block.self_attn, name).weight)
+        assert torch.allclose(block.cross_attn.o_proj.weight, 0.5 * block.self_attn.o_proj.weight)
+        assert torch.equal(block.stm_norm.weight, block.self_norm.weight)
+        assert torch.equal(block.cross_norm.weight, block.self_norm.weight)
+    x = torch.tensor([tok.query_ids("Where do I live?")])
+    stm_a = model.init_stm(1, generator=torch.Generator().manual_seed(0), std=1.0)
+    stm_b = model.init_stm(1, generator=torch.Generator().manual_seed(1), std=1.0)
+    with torch.no_grad():
+        assert not torch.allclose(model.decoder_logits(x, stm_a), model.decoder_logits(x, stm_b))
+    closed, _ = _copy_model(tiny, read_scale=0.0)
+    with torch.no_grad():
+        assert torch.equal(closed.decoder_logits(x, stm_a), closed.decoder_logits(x, stm_b))
+
+
+def test_causal_encoder_computes_the_backbones_states(tiny: Path) -> None:
+    """With a causal encoder of the backbone's first blocks, ED_i is exactly the hidden state the
+    decoder's block ``i`` outputs on the same tokens, and a token's state ignores later tokens."""
+    model, tok = _copy_model(tiny)
+    model.eval()
+    ids = torch.tensor([tok.interaction_ids("I'm Marguerite.", "Nice to meet you, Marguerite!")])
+    # the reference: the same blocks with their memory read closed (zero output projection)
+    closed, _ = backbone_model(read_gguf(tiny), memory_layers=3, memory_start=1, stm_size=8)
+    with torch.no_grad():
+        encoded = model.encode(ids)
+        h = closed.embedding(ids)
+        positions = torch.arange(ids.shape[1])
+        dec = closed.decoder
+        dec.rope.ensure(ids.shape[1])
+        kv = dec.memory_kv(closed.init_stm(1, std=1.0))
+        for i in range(model.config.num_layers):
+            block = dec.blocks[i]
+            memory = kv[dec.memory_layers.index(i)] if block.cross_attn is not None else None
+            h = block(h, rope=dec.rope, positions=positions, memory_kv=memory, causal=True)
+            assert torch.allclose(encoded[0, i], h[0], atol=1e-5), f"layer {i}"
+        cut = model.encode(ids[:, :5])
+    assert torch.allclose(cut[0, :, :5], encoded[0, :, :5], atol=1e-5)
+    # right padding, as the memory worker batches: the real tokens' states do not change
+    padded = torch.cat([ids, ids.new_zeros(1, 4)], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        assert torch.allclose(model.encode(padded, mask)[0, :, : ids.shape[1]], encoded[0], atol=1e-5)
+
+
+def test_select_write_mixes_whole_token_states(tiny: Path) -> None:
+    """``memory_write="select"``: one head as wide as the model, identity value and output
+    projections, so an update is a convex mix of the normalised ED tokens; with one token to read,
+    every slot's update is that token."""
+    model, _ = _copy_model(tiny)
+    m = model.memory_attention
+    dim = model.config.dim
+    assert model.config.memory_attention.num_heads == 1
+    for attention in m.attention:
+        assert torch.equal(attention.v_proj.weight, torch.eye(dim))
+        assert torch.equal(attention.o_proj.weight, torch.eye(dim))
+    encoded = torch.randn(1, model.config.num_layers, 1, dim)
+    stm = model.init_stm(1, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        update = m.attention[0](m.memory_norm[0](stm[:, 0]), m.input_norm[0](encoded[:, 0]), rope=m.rope,
+                                kv_positions=torch.arange(1))  # fmt: skip
+    expected = m.input_norm[0](encoded[:, 0]).expand_as(update)
+    assert torch.allclose(update, expected, atol=1e-5)

@@ -155,3 +155,30 @@ def test_eval_plays_the_chat_template(smol_ci_run: Path) -> None:
     assert [a[0] for a in answers] == [tok.decode(ids) for ids in first]
     assert main(["eval", "memory", "--model", str(smol_ci_run / "model"), "--dialogues", "2", "--max-gap", "1",
                  "--splits", "in_domain", "--json"]) == 0  # fmt: skip
+
+
+def test_copy_select_recipe_trains_reads_and_writes_only(tmp_path: Path) -> None:
+    """The ``smol2`` start (copied memory read, selecting write, causal encoder) through ``rxrt
+    train``: stage 3 skipped, the encoder never unfrozen, so it stays the backbone's blocks; the
+    memory read and write train."""
+    spec = load_recipe("smol-ci").to_dict()
+    spec["name"] = "smol2-ci"
+    spec["model"]["backbone"].update(
+        encoder_causal=True, memory_read="copy", read_scale=0.1, memory_write="select", write_sharpness=4.0
+    )
+    spec["memory_pretrain"]["steps"] = 0
+    spec["memory_aware"].update(steps=4, unfreeze_memory_attention=0, unfreeze_encoder=1000, recall_only_until=1000)
+    recipe_file = tmp_path / "smol2-ci.json"
+    recipe_file.write_text(json.dumps(spec), encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--quiet"]) == 0
+    model, _ = load_pretrained(out / "model")
+    assert model.config.encoder.causal
+    fresh, _ = recipe_from_dict(spec).model.backbone.build(seed=7)  # type: ignore[union-attr]
+    before = dict(fresh.named_parameters())
+    after = dict(model.named_parameters())
+    encoder = [n for n in after if n.startswith("encoder.")]
+    assert encoder and all(torch.equal(before[n], after[n]) for n in encoder)
+    for part in ("decoder.layers.1.cross_attn.o_proj.weight", "memory_attention.attention.0.k_proj.weight"):
+        assert not torch.equal(before[part], after[part]), part
+    assert json.loads((out / "summary.json").read_text())["stages"]["memory_pretrain"]["steps"] == 0

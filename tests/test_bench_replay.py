@@ -11,9 +11,10 @@ from rxruntime.cli import main
 
 
 def test_bench_replay_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "replay", "--turns", "3", "--repeats", "1", "--json", "--out", str(tmp_path)]) == 0
+    argv = ["bench", "replay", "--model", "small", "--turns", "3", "--repeats", "1", "--json", "--out", str(tmp_path)]
+    assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    assert json.loads((tmp_path / "replay-default.json").read_text()) == result
+    assert json.loads((tmp_path / "replay-small.json").read_text()) == result
     turns = result["turns"]
     assert [t["turn"] for t in turns] == [1, 2, 3]
     assert turns[0]["replayed_tokens"] == 0  # nothing before the first turn

@@ -28,7 +28,7 @@ from .http_server import JULIA, client, served
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
     """The shipped model in float32: the decode step equals the torch forward to float tolerance."""
-    with rxruntime.load("default", weights="fp32") as engine:
+    with rxruntime.load("small", weights="fp32") as engine:
         yield engine
 
 

@@ -22,7 +22,7 @@ KEY = "sk-webui"
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    with rxruntime.load("default") as engine, served(engine, api_keys=[KEY]) as (url, _):
+    with rxruntime.load("small") as engine, served(engine, api_keys=[KEY]) as (url, _):
         yield f"{url}/v1"  # Open WebUI's connection URL ends in /v1
 
 

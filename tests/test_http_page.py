@@ -18,7 +18,7 @@ from .http_server import served
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    with rxruntime.load("default") as engine:
+    with rxruntime.load("small") as engine:
         yield engine
 
 

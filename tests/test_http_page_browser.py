@@ -73,7 +73,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     store = tmp_path_factory.mktemp("page") / "stm.db"
-    command = [sys.executable, "-m", "rxruntime.cli", "serve", "--http", f"127.0.0.1:{port}"]
+    command = [sys.executable, "-m", "rxruntime.cli", "serve", "--model", "small", "--http", f"127.0.0.1:{port}"]
     command += ["--store", f"sqlite:///{store}", "--api-key", KEY]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

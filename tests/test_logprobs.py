@@ -41,7 +41,7 @@ HAS_CC = shutil.which(os.environ.get("CC") or "cc") is not None
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
     """The shipped model in float32, so the C step and torch agree to float tolerance."""
-    with rxruntime.load("default", weights="fp32") as engine:
+    with rxruntime.load("small", weights="fp32") as engine:
         yield engine
 
 

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from rxruntime.models.backbone_gguf import (
     SMOLLM2_SYSTEM,
+    MemoryRead,
+    MemoryWrite,
     backbone_config,
     backbone_model,
     backbone_parameter_names,
@@ -66,6 +68,17 @@ class BackboneSpec:
     max_seq_len: int = 256
     chat_system: str | None = SMOLLM2_SYSTEM
     """The system message of every prompt (``RxTConfig.chat_system``); SmolLM2's own by default."""
+    encoder_causal: bool = False
+    """Encode causally (``EncoderConfig.causal``): the encoder's blocks then compute the backbone's
+    own hidden states of the interaction."""
+    memory_read: MemoryRead = "closed"
+    """How memory cross-attention starts: ``closed`` (output at zero) or ``copy`` (the layer's own
+    self-attention, output scaled by ``read_scale``); ``backbone_gguf``'s module docstring."""
+    read_scale: float = 1.0
+    memory_write: MemoryWrite = "random"
+    """How memory attention starts: ``random``, or ``select`` (identity value/output projections)."""
+    write_sharpness: float = 1.0
+    """``select``: the factor on memory attention's initial key projection."""
 
     def gguf(self) -> Path:
         """The backbone's GGUF file (fetched or written on first use)."""
@@ -89,6 +102,8 @@ class BackboneSpec:
             "stm_size": self.stm_size,
             "max_seq_len": self.max_seq_len,
             "chat_system": self.chat_system,
+            "encoder_causal": self.encoder_causal,
+            "memory_write": self.memory_write,
         }
 
     def config(self) -> RxTConfig:
@@ -97,7 +112,14 @@ class BackboneSpec:
 
     def build(self, seed: int) -> tuple[RxTModel, RxTokenizer]:
         """The model (backbone weights, new parts drawn from ``seed``) and its tokenizer."""
-        return backbone_model(read_gguf(self.gguf()), seed, **self._options())
+        return backbone_model(
+            read_gguf(self.gguf()),
+            seed,
+            memory_read=self.memory_read,
+            read_scale=self.read_scale,
+            write_sharpness=self.write_sharpness,
+            **self._options(),
+        )
 
 
 # ---------------------------------------------------------------------- what trains
