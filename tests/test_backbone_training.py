@@ -21,6 +21,7 @@ from rxruntime.models.tokenizer import RxTokenizer
 from rxruntime.training.backbone import (
     BackboneSpec,
     frozen_backbone_loss,
+    keep_loss,
     memory_parameter_names,
     memory_parameters,
     set_memory_trainable,
@@ -167,7 +168,9 @@ def test_copy_select_recipe_trains_reads_and_writes_only(tmp_path: Path) -> None
         encoder_causal=True, memory_read="copy", read_scale=0.1, memory_write="select", write_sharpness=4.0
     )
     spec["memory_pretrain"]["steps"] = 0
-    spec["memory_aware"].update(steps=4, unfreeze_memory_attention=0, unfreeze_encoder=1000, recall_only_until=1000)
+    spec["memory_aware"].update(
+        steps=4, unfreeze_memory_attention=0, unfreeze_encoder=1000, recall_only_until=1000, keep_weight=1.0
+    )
     recipe_file = tmp_path / "smol2-ci.json"
     recipe_file.write_text(json.dumps(spec), encoding="utf-8")
     out = tmp_path / "run"
@@ -182,3 +185,40 @@ def test_copy_select_recipe_trains_reads_and_writes_only(tmp_path: Path) -> None
     for part in ("decoder.layers.1.cross_attn.o_proj.weight", "memory_attention.attention.0.k_proj.weight"):
         assert not torch.equal(before[part], after[part]), part
     assert json.loads((out / "summary.json").read_text())["stages"]["memory_pretrain"]["steps"] == 0
+
+
+def test_keep_loss_is_zero_for_the_backbone_and_grows_with_the_memory_read() -> None:
+    """``keep_loss`` compares with the backbone's own distribution (memory read closed): a model
+    whose read adds nothing scores 0 whatever the STM; an open read scores > 0 and gets gradients."""
+    model, tok = BackboneSpec(source="tiny", memory_layers=2, memory_start=1, stm_size=8, max_seq_len=160).build(5)
+    turns, _ = _turns(tok, 2)
+    keep = torch.ones(turns[0].size, dtype=torch.bool)
+    stm = model.init_stm(turns[0].size, generator=torch.Generator().manual_seed(1), std=1.0)
+    with torch.no_grad():
+        assert float(keep_loss(model, turns[0], keep, stm)) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for block in model.decoder.blocks:
+            if block.cross_attn is not None:
+                block.cross_attn.o_proj.weight.normal_(0.0, 0.5)
+    loss = keep_loss(model, turns[0], keep, stm)
+    assert float(loss.detach()) > 1e-3
+    torch.autograd.backward(loss)
+    grad = model.decoder.blocks[1].cross_attn.o_proj.weight.grad  # type: ignore[union-attr]
+    assert grad is not None and float(grad.abs().sum()) > 0
+    # rows outside ``keep`` count for nothing
+    none = torch.zeros_like(keep)
+    none[0] = True
+    with torch.no_grad():
+        one_row = float(keep_loss(model, turns[0], none, stm))
+    assert one_row != pytest.approx(float(loss.detach()), rel=1e-3)
+
+
+def test_keep_weight_is_checked() -> None:
+    spec = load_recipe("smol-ci").to_dict()
+    spec["memory_aware"]["keep_weight"] = -1.0
+    with pytest.raises(RecipeError, match="keep_weight"):
+        recipe_from_dict(spec)
+    plain = load_recipe("ci").to_dict()
+    plain["memory_aware"]["keep_weight"] = 0.5
+    with pytest.raises(RecipeError, match="backbone"):
+        recipe_from_dict(plain)

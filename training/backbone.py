@@ -186,16 +186,80 @@ def answer_loss(model: RxTModel, batch: TokenBatch, targets: Tensor, stm: Tensor
     return F.cross_entropy(logits, targets[counted]), logits.argmax(-1)
 
 
+def _closed_hidden(model: RxTModel, batch: TokenBatch) -> Tensor:
+    """The backbone's own final hidden states (B, T, D): every memory read closed (zero keys and
+    values make each cross-attention add exactly zero: no output bias in a backbone's layers)."""
+    dec = model.decoder
+    ids = batch.ids
+    dec.rope.ensure(ids.shape[1])
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    h = model.embedding(ids)
+    for layer in dec.blocks:
+        memory = None
+        if layer.cross_attn is not None:
+            a = layer.cross_attn
+            zero = h.new_zeros(ids.shape[0], a.kv_heads, 1, a.head_dim)
+            memory = (zero, zero)
+        h = layer(h, rope=dec.rope, positions=positions, memory_kv=memory, causal=True)
+    return h
+
+
+def _memory_hidden(model: RxTModel, ids: Tensor, stm: Tensor) -> Tensor:
+    """Final hidden states (B, T, D) reading ``stm``; the blocks below the first memory layer
+    without a graph (they neither read the STM nor train)."""
+    dec = model.decoder
+    dec.rope.ensure(ids.shape[1])
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    first = dec.memory_layers[0]
+    kv = dec.memory_kv(stm)
+    blocks = dec.blocks
+    with torch.no_grad():
+        h = model.embedding(ids)
+        for layer in blocks[:first]:
+            h = layer(h, rope=dec.rope, positions=positions, memory_kv=None, causal=True)
+    m = 0
+    for layer in blocks[first:]:
+        memory = None
+        if layer.cross_attn is not None:
+            memory = kv[m]
+            m += 1
+        h = layer(h, rope=dec.rope, positions=positions, memory_kv=memory, causal=True)
+    return h
+
+
+def keep_loss(model: RxTModel, batch: TokenBatch, keep: Tensor, stm: Tensor) -> Tensor:
+    """KL(backbone || model) of the next-token distributions at the answer positions of the rows
+    in ``keep`` (B,): where memory has nothing to add, the model should answer as the backbone.
+    Only those rows are computed."""
+    rows = keep.nonzero().flatten()
+    sub = TokenBatch(batch.ids[rows], batch.mask[rows], batch.targets[rows])
+    counted = sub.targets != IGNORE
+    dec = model.decoder
+    with torch.no_grad():
+        reference = dec.lm_head(dec.final_norm(_closed_hidden(model, sub)[:, :-1][counted])).log_softmax(-1)
+    h = _memory_hidden(model, sub.ids, stm[rows])
+    log_p = dec.lm_head(dec.final_norm(h[:, :-1][counted])).log_softmax(-1)
+    return F.kl_div(log_p, reference, log_target=True, reduction="batchmean")
+
+
 def frozen_backbone_loss(
-    model: RxTModel, turns: list[TokenBatch], present: Tensor, generator: torch.Generator
+    model: RxTModel,
+    turns: list[TokenBatch],
+    present: Tensor,
+    generator: torch.Generator,
+    keep: Tensor | None = None,
+    keep_weight: float = 0.0,
 ) -> tuple[Tensor, list[float], float]:
-    """``memory_aware.memory_aware_loss`` for a frozen backbone (same value, same gradients)."""
+    """``memory_aware.memory_aware_loss`` for a frozen backbone (same value, same gradients), plus
+    ``keep_weight`` times :func:`keep_loss` on the rows ``keep`` (turns, B) marks."""
     stm = model.init_stm(turns[0].size, generator=generator)
     total = torch.zeros(())
     per_turn: list[float] = []
     correct = counted = 0
     for t, batch in enumerate(turns):
         targets = batch.targets.masked_fill(~present[t][:, None], IGNORE)
+        if keep is not None and keep_weight > 0 and bool(keep[t].any()):
+            total = total + keep_weight * keep_loss(model, batch, keep[t], stm)
         if bool((targets != IGNORE).any()):
             loss, predicted = answer_loss(model, batch, targets, stm)
             total = total + loss

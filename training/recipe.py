@@ -140,6 +140,12 @@ class MemoryAwareStage(Optim):
     recall_only_until: int = 0
     """Until this step only the answers of questions (stated or never stated) count in the loss:
     acknowledgements and small talk need no memory and would otherwise dominate the early gradient."""
+    keep_weight: float = 0.0
+    """Backbone recipes: weight of a term that keeps the frozen backbone's own answers where memory
+    has nothing to add. On the turns the recall-only rule leaves out (statements, small talk), the
+    KL divergence from the backbone's next-token distribution (memory read closed) to the model's,
+    at the answer's positions. 0: those turns count for nothing, and the memory read may change
+    them freely (the ``smol2`` run did: every answer became a recall answer)."""
 
 
 @dataclass
@@ -192,6 +198,10 @@ class Recipe:
         m = self.memory_aware
         if not 2 <= m.min_turns <= m.max_turns:
             raise RecipeError(f"memory_aware: need 2 <= min_turns <= max_turns, got {m.min_turns}, {m.max_turns}")
+        if m.keep_weight < 0:
+            raise RecipeError(f"memory_aware: keep_weight must be >= 0, got {m.keep_weight}")
+        if m.keep_weight > 0 and self.model.backbone is None:
+            raise RecipeError("memory_aware: keep_weight needs a backbone recipe (model.backbone)")
         if m.recall_only_until < 0:
             raise RecipeError(f"memory_aware: recall_only_until must be >= 0, got {m.recall_only_until}")
         if not 0 <= m.ramp_start <= m.ramp_end:

@@ -358,11 +358,17 @@ class Trainer:
         n_turns = curriculum_turns(step, cfg_a, rng.random())
         dialogues = self.source.dialogues(rng, cfg_a.batch_size, n_turns)
         turns, present = dialogue_batches(tok, dialogues, max_len, answer_only=cfg_a.loss_on == "answer")
+        keep = None
         if step < cfg_a.recall_only_until:
-            present = present & recall_turns(dialogues)
-        loss, per_turn, accuracy = (frozen_backbone_loss if frozen else memory_aware_loss)(
-            self.model, turns, present, gen
-        )
+            recall = recall_turns(dialogues)
+            keep = present & ~recall  # the turns left out: the backbone's own answers (keep_weight)
+            present = present & recall
+        if frozen:
+            loss, per_turn, accuracy = frozen_backbone_loss(
+                self.model, turns, present, gen, keep=keep, keep_weight=cfg_a.keep_weight
+            )
+        else:
+            loss, per_turn, accuracy = memory_aware_loss(self.model, turns, present, gen)
         optimizer_step(optimizer, loss, step, cfg_a)
         return StepResult(loss.item(), {"per_turn": _mean(per_turn), "answer_acc": accuracy, "turns": n_turns})
 
