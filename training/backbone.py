@@ -41,6 +41,7 @@ from rxruntime.models.backbone_gguf import (
     read_gguf,
 )
 from rxruntime.models.config import RxTConfig
+from rxruntime.models.decoder import MemoryKV
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.tokenizer import RxTokenizer
 
@@ -160,58 +161,13 @@ def set_memory_trainable(model: RxTModel, groups: tuple[str, ...]) -> None:
 
 
 # ---------------------------------------------------------------------- stage 4's loss
-def answer_loss(model: RxTModel, batch: TokenBatch, targets: Tensor, stm: Tensor) -> tuple[Tensor, Tensor]:
-    """Cross-entropy of ``targets`` (B, T-1; ``IGNORE`` elsewhere) reading ``stm``, and the
-    predicted ids at the counted positions. Equals ``CE(model.decoder_logits(ids, stm)[:, :-1])``."""
-    dec = model.decoder
-    ids = batch.ids
-    dec.rope.ensure(ids.shape[1])
-    positions = torch.arange(ids.shape[1], device=ids.device)
-    first = dec.memory_layers[0]
-    kv = dec.memory_kv(stm)
-    blocks = dec.blocks
-    with torch.no_grad():  # below the first memory layer nothing depends on the STM or trains
-        h = model.embedding(ids)
-        for layer in blocks[:first]:
-            h = layer(h, rope=dec.rope, positions=positions, memory_kv=None, causal=True)
-    m = 0
-    for layer in blocks[first:]:
-        memory = None
-        if layer.cross_attn is not None:
-            memory = kv[m]
-            m += 1
-        h = layer(h, rope=dec.rope, positions=positions, memory_kv=memory, causal=True)
-    counted = targets != IGNORE
-    logits = dec.lm_head(dec.final_norm(h[:, :-1][counted]))  # only where a target counts
-    return F.cross_entropy(logits, targets[counted]), logits.argmax(-1)
-
-
-def _closed_hidden(model: RxTModel, batch: TokenBatch) -> Tensor:
-    """The backbone's own final hidden states (B, T, D): every memory read closed (zero keys and
-    values make each cross-attention add exactly zero: no output bias in a backbone's layers)."""
-    dec = model.decoder
-    ids = batch.ids
-    dec.rope.ensure(ids.shape[1])
-    positions = torch.arange(ids.shape[1], device=ids.device)
-    h = model.embedding(ids)
-    for layer in dec.blocks:
-        memory = None
-        if layer.cross_attn is not None:
-            a = layer.cross_attn
-            zero = h.new_zeros(ids.shape[0], a.kv_heads, 1, a.head_dim)
-            memory = (zero, zero)
-        h = layer(h, rope=dec.rope, positions=positions, memory_kv=memory, causal=True)
-    return h
-
-
-def _memory_hidden(model: RxTModel, ids: Tensor, stm: Tensor) -> Tensor:
-    """Final hidden states (B, T, D) reading ``stm``; the blocks below the first memory layer
-    without a graph (they neither read the STM nor train)."""
+def _hidden(model: RxTModel, ids: Tensor, kv: MemoryKV) -> Tensor:
+    """Final hidden states (B, T, D) with memory keys/values ``kv`` (one pair per memory layer);
+    the blocks below the first memory layer without a graph (they neither read memory nor train)."""
     dec = model.decoder
     dec.rope.ensure(ids.shape[1])
     positions = torch.arange(ids.shape[1], device=ids.device)
     first = dec.memory_layers[0]
-    kv = dec.memory_kv(stm)
     blocks = dec.blocks
     with torch.no_grad():
         h = model.embedding(ids)
@@ -225,6 +181,29 @@ def _memory_hidden(model: RxTModel, ids: Tensor, stm: Tensor) -> Tensor:
             m += 1
         h = layer(h, rope=dec.rope, positions=positions, memory_kv=memory, causal=True)
     return h
+
+
+def answer_loss(model: RxTModel, batch: TokenBatch, targets: Tensor, stm: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of ``targets`` (B, T-1; ``IGNORE`` elsewhere) reading ``stm``, and the
+    predicted ids at the counted positions. Equals ``CE(model.decoder_logits(ids, stm)[:, :-1])``."""
+    dec = model.decoder
+    h = _hidden(model, batch.ids, dec.memory_kv(stm))
+    counted = targets != IGNORE
+    logits = dec.lm_head(dec.final_norm(h[:, :-1][counted]))  # only where a target counts
+    return F.cross_entropy(logits, targets[counted]), logits.argmax(-1)
+
+
+def _closed_hidden(model: RxTModel, ids: Tensor) -> Tensor:
+    """The backbone's own final hidden states (B, T, D): every memory read closed (zero keys and
+    values make each cross-attention add exactly zero: no output bias in a backbone's layers)."""
+    dec = model.decoder
+    zeros: MemoryKV = []
+    for j in dec.memory_layers:
+        a = dec.blocks[j].cross_attn
+        assert a is not None
+        zero = model.embedding.weight.new_zeros(ids.shape[0], a.kv_heads, 1, a.head_dim)
+        zeros.append((zero, zero))
+    return _hidden(model, ids, zeros)
 
 
 def keep_loss(model: RxTModel, batch: TokenBatch, keep: Tensor, stm: Tensor) -> Tensor:
@@ -236,8 +215,8 @@ def keep_loss(model: RxTModel, batch: TokenBatch, keep: Tensor, stm: Tensor) -> 
     counted = sub.targets != IGNORE
     dec = model.decoder
     with torch.no_grad():
-        reference = dec.lm_head(dec.final_norm(_closed_hidden(model, sub)[:, :-1][counted])).log_softmax(-1)
-    h = _memory_hidden(model, sub.ids, stm[rows])
+        reference = dec.lm_head(dec.final_norm(_closed_hidden(model, sub.ids)[:, :-1][counted])).log_softmax(-1)
+    h = _hidden(model, sub.ids, dec.memory_kv(stm[rows]))
     log_p = dec.lm_head(dec.final_norm(h[:, :-1][counted])).log_softmax(-1)
     return F.kl_div(log_p, reference, log_target=True, reduction="batchmean")
 
