@@ -59,11 +59,19 @@ from .checkpoint import (
 )
 from .config import RxTConfig
 from .errors import BackboneUnavailableError, CheckpointError, CheckpointMismatchError, CorruptCheckpointError
+from .quantize import BLOCK, pack_int8, rounded_matrix_names, unpack_int8
+from .rxt import RxTModel
 
 DEQUANTIZER_VERSION = 1
 """Part of the dequantized cache's key: raise it when :func:`dequantize` changes what it computes."""
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """The dtypes a compact directory may name for its backbone tensors and store its trained ones in."""
+KEPT_DTYPES = ("bfloat16", "float32", "int8")
+"""How :func:`save_compact` may store the trained tensors. ``int8``: each matrix the int8 runtime
+rounds (:func:`~.quantize.rounded_matrix_names`) as its q8_0 values plus float32 scales under
+``NAME`` + :data:`Q8_SCALES`, the rest (norms, gates, the STM's start) in float32: what the CPU
+path computes with, in about 1.1 bytes per parameter."""
+Q8_SCALES = ".q8_scales"
 
 
 @dataclass(frozen=True)
@@ -195,9 +203,11 @@ def backbone_tensors(ref: BackboneRef, directory: Path | None = None, fetch: boo
 
 
 def merge_backbone(
-    config: RxTConfig, ref: BackboneRef, tensors: dict[str, Tensor], directory: Path | None = None
+    config: RxTConfig, ref: BackboneRef, tensors: dict[str, Tensor], where: Path, directory: Path | None = None
 ) -> dict[str, Tensor]:
-    """The full state dict: ``tensors`` (the trained ones) over the backbone's, in ``ref.dtype``."""
+    """The full state dict: ``tensors`` (the trained ones, read from ``where``; int8 ones
+    unpacked) over the backbone's, in ``ref.dtype``."""
+    tensors = unpack_stored(tensors, where)
     base = backbone_state(config, backbone_tensors(ref, directory))
     dtype = DTYPES[ref.dtype]
     merged = {name: t.to(dtype) for name, t in base.items() if name not in tensors}
@@ -206,6 +216,41 @@ def merge_backbone(
 
 
 # ---------------------------------------------------------------------- the compact form
+def pack_stored(config: RxTConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` as an ``int8`` compact directory stores them (:data:`KEPT_DTYPES`)."""
+    with torch.device("meta"):
+        names = rounded_matrix_names(RxTModel(config))
+    out: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        if name in names and tensor.is_floating_point():
+            out[name], out[name + Q8_SCALES] = pack_int8(tensor)
+        else:
+            out[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+    return out
+
+
+def unpack_stored(tensors: dict[str, Tensor], where: Path) -> dict[str, Tensor]:
+    """The float tensors :func:`pack_stored` wrote (float32); a directory without int8 tensors
+    passes through. An int8 matrix without its scales, or scales of the wrong shape or without
+    their matrix, is a :class:`CorruptCheckpointError` naming the tensor."""
+    out = {k: v for k, v in tensors.items() if not k.endswith(Q8_SCALES)}
+    for key, scales in tensors.items():
+        if not key.endswith(Q8_SCALES):
+            continue
+        name = key[: -len(Q8_SCALES)]
+        q = out.get(name)
+        if q is None or q.dtype != torch.int8 or q.dim() < 2:
+            raise CorruptCheckpointError(where, f"{key} has no int8 matrix {name} beside it")
+        shape = (*q.shape[:-2], -(-q.shape[-1] // BLOCK), q.shape[-2])
+        if tuple(scales.shape) != shape or scales.dtype != torch.float32:
+            raise CorruptCheckpointError(where, f"{key} is not {name}'s float32 scales of shape {shape}")
+        out[name] = unpack_int8(q, scales)
+    for name, tensor in out.items():
+        if tensor.dtype == torch.int8:
+            raise CorruptCheckpointError(where, f"{name} is int8 without its scales ({name}{Q8_SCALES})")
+    return out
+
+
 def compact_tensors(
     config: RxTConfig, state: dict[str, Tensor], backbone: dict[str, Tensor], where: Path
 ) -> tuple[dict[str, Tensor], str]:
@@ -245,13 +290,14 @@ def save_compact(
 ) -> CompactReport:
     """Write ``source`` (a full model directory of a model built around a GGUF backbone) as a
     compact directory at ``destination``: ``config.json`` with the backbone's reference,
-    ``model.safetensors`` with the trained tensors only (in ``dtype``; None keeps theirs) and
+    ``model.safetensors`` with the trained tensors only (in ``dtype``, one of :data:`KEPT_DTYPES`;
+    None keeps theirs) and
     ``tokenizer.json``. ``gguf``: the backbone's GGUF (default: SmolLM2's, from the cache or
     fetched)."""
     src = resolve_model_dir(source)
     dst = Path(destination)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
+    if dtype is not None and dtype not in KEPT_DTYPES:
+        raise ValueError(f"dtype must be one of {list(KEPT_DTYPES)} or None, got {dtype!r}")
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError("the compact directory must differ from the source")
     raw = json.loads((src / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -264,7 +310,10 @@ def save_compact(
     sha = file_sha256(gguf_path)
     state = load_weights(src / WEIGHTS_FILE)
     kept, backbone_dtype = compact_tensors(config, state, dequantize(gguf_path), src / WEIGHTS_FILE)
-    if dtype is not None:
+    kept_parameters = sum(t.numel() for t in kept.values())
+    if dtype == "int8":
+        kept = pack_stored(config, kept)
+    elif dtype is not None:
         kept = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in kept.items()}
     smollm2 = gguf_path.name == SMOLLM2_FILE and sha == SMOLLM2_SHA256
     ref = BackboneRef(
@@ -282,9 +331,9 @@ def save_compact(
     if (src / TOKENIZER_FILE).is_file():
         shutil.copyfile(src / TOKENIZER_FILE, dst / TOKENIZER_FILE)
     return CompactReport(
-        kept=len(kept),
-        left_out=len(state) - len(kept),
-        kept_parameters=sum(t.numel() for t in kept.values()),
+        kept=len(kept) - sum(k.endswith(Q8_SCALES) for k in kept),
+        left_out=len(state) - len(kept) + sum(k.endswith(Q8_SCALES) for k in kept),
+        kept_parameters=kept_parameters,
         weights_bytes=(dst / WEIGHTS_FILE).stat().st_size,
         backbone=ref,
     )

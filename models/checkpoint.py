@@ -251,7 +251,7 @@ def load_pretrained(
             from .backbone_store import BackboneRef, merge_backbone
 
             ref = BackboneRef.from_dict(raw[BACKBONE_KEY], directory / CONFIG_FILE)
-            tensors = merge_backbone(config, ref, tensors)
+            tensors = merge_backbone(config, ref, tensors, directory / WEIGHTS_FILE)
 
     with torch.device("meta"):
         model = RxTModel(config)

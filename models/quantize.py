@@ -75,6 +75,35 @@ def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
     return q.to(torch.float32) * per_row
 
 
+def pack_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q, scales)`` of a torch-layout ``(..., out, in)`` weight, blocked as the C step blocks it
+    (down the inputs): ``q`` int8 in the weight's own layout, ``scales`` as :func:`quantize_int8`'s.
+    How a compact model directory stores its matrices in a quarter of float32's bytes."""
+    q, scales = quantize_int8(weight.detach().to(torch.float32).transpose(-1, -2))
+    return q.transpose(-1, -2).contiguous(), scales
+
+
+def unpack_int8(q: Tensor, scales: Tensor) -> Tensor:
+    """The float32 ``(..., out, in)`` weight :func:`pack_int8` stored."""
+    return dequantize_int8(q.transpose(-1, -2), scales).transpose(-1, -2).contiguous()
+
+
+def rounded_matrix_names(model: nn.Module) -> set[str]:
+    """State-dict names of the matrices :func:`set_weight_format` rounds (every linear weight
+    but the routers', and each MoE table): the tensors that may be stored as int8 without
+    changing what the int8 runtime computes."""
+    from .moe import MoE
+
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.Linear) and not name.endswith("router"):
+            names.add(f"{prefix}weight")
+        elif isinstance(module, MoE):
+            names.update((f"{prefix}w_in", f"{prefix}w_out"))
+    return names
+
+
 def round_to_format(matrix: Tensor, weights: WeightFormat) -> Tensor:
     """The float32 values a (rows, cols) input-major matrix has once stored as ``weights``."""
     if weights == "bf16":

@@ -204,3 +204,58 @@ def test_the_chat_path_decodes_a_compact_model_with_the_c_step_in_int8(backbone_
         assert native.not_used_reason(engine.model) == unavailable
         assert engine.model.weight_format == ("int8" if unavailable is None else "fp32")
         assert isinstance(engine.conversation(seed=0).ask("Hi", max_new_tokens=3, timeout=60), str)
+
+
+def test_int8_compact_stores_what_the_int8_runtime_computes(backbone_dir: Path, tmp_path: Path) -> None:
+    """``--dtype int8``: the trained matrices as q8_0 values and scales (about half of bf16's
+    bytes), everything else float32; loaded and rounded to int8 as the CPU runtime rounds them,
+    the model equals the full one rounded the same way (scales within float32 rounding)."""
+    from rxruntime.models.quantize import rounded_matrix_names, set_weight_format
+
+    gguf = backbone_dir / "tiny" / TINY
+    full = _trained(gguf, tmp_path / "full")
+    bf16 = save_compact(full, tmp_path / "bf16", gguf, "bfloat16")
+    report = save_compact(full, tmp_path / "int8", gguf, "int8")
+    assert report.kept == bf16.kept and report.kept_parameters == bf16.kept_parameters
+    assert report.weights_bytes < 0.65 * bf16.weights_bytes
+    stored = load_weights(tmp_path / "int8" / "model.safetensors")
+    a, _ = load_pretrained(full)
+    matrices = rounded_matrix_names(a) & set(stored)
+    assert any(".cross_attn." in k for k in matrices) and any(k.startswith("memory_attention.") for k in matrices)
+    for name, tensor in stored.items():
+        if name.endswith(store.Q8_SCALES):
+            assert name[: -len(store.Q8_SCALES)] in matrices and tensor.dtype == torch.float32
+        else:
+            assert tensor.dtype == (torch.int8 if name in matrices else torch.float32), name
+    b, _ = load_pretrained(tmp_path / "int8")
+    for model in (a, b):
+        set_weight_format(model, "int8")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=2e-6, atol=0, msg=k)
+    for x, y in zip(_outputs(a), _outputs(b)):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+    argv = ["convert", str(full), str(tmp_path / "c8"), "--compact", "--backbone", str(gguf), "--dtype", "int8"]
+    assert main(argv) == 0
+    assert load_weights(tmp_path / "c8" / "model.safetensors").keys() == stored.keys()
+
+
+def test_int8_compact_missing_or_wrong_scales_are_named(backbone_dir: Path, tmp_path: Path) -> None:
+    from rxruntime.models.checkpoint import write_weights
+
+    gguf = backbone_dir / "tiny" / TINY
+    save_compact(_trained(gguf, tmp_path / "full"), tmp_path / "int8", gguf, "int8")
+    path = tmp_path / "int8" / "model.safetensors"
+    stored = load_weights(path)
+    scale = next(k for k in stored if k.endswith(store.Q8_SCALES))
+    name = scale[: -len(store.Q8_SCALES)]
+    write_weights({k: v for k, v in stored.items() if k != scale}, path)
+    with pytest.raises(CorruptCheckpointError, match=f"{name} is int8 without its scales"):
+        load_pretrained(tmp_path / "int8")
+    write_weights({**stored, scale: stored[scale][..., :-1].contiguous()}, path)
+    with pytest.raises(CorruptCheckpointError, match="scales of shape"):
+        load_pretrained(tmp_path / "int8")
+    write_weights({k: v for k, v in stored.items() if k != name}, path)
+    with pytest.raises(CorruptCheckpointError, match="has no int8 matrix"):
+        load_pretrained(tmp_path / "int8")

@@ -36,9 +36,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--dtype",
-        choices=("bfloat16", "float32", "keep"),
+        choices=("bfloat16", "float32", "int8", "keep"),
         default="bfloat16",
-        help="--compact: the dtype of the kept (trained) tensors (default bfloat16; keep: as in SRC)",
+        help="--compact: the dtype of the kept (trained) tensors (default bfloat16; int8: the matrices as the "
+        "CPU runtime's q8_0 values and scales, the rest float32; keep: as in SRC)",
     )
     p.set_defaults(func=run)
 
