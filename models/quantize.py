@@ -53,25 +53,46 @@ def default_format(model: RxTModel, preferred: WeightFormat) -> WeightFormat:
     return preferred
 
 
+def _blocks(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``(grouped, scales)``: the float32 matrix as (..., blocks, BLOCK, cols), zero-padded only
+    when its rows are not a whole number of blocks, and each block-column's absmax / 127."""
+    *lead, rows, cols = matrix.shape
+    blocks = -(-rows // BLOCK)
+    if rows % BLOCK:
+        padded = torch.zeros(*lead, blocks * BLOCK, cols, dtype=torch.float32)
+        padded[..., :rows, :] = matrix
+    else:
+        padded = matrix.to(torch.float32).contiguous()
+    grouped = padded.view(*lead, blocks, BLOCK, cols)
+    # max |x| in one reading pass (no |x| written out); exact, as abs().amax() is
+    scales = torch.linalg.vector_norm(grouped, ord=float("inf"), dim=-2) / 127.0
+    return grouped, scales
+
+
+def _levels(grouped: Tensor, scales: Tensor) -> Tensor:
+    """round(x / scale) clamped to [-127, 127], as float32 (an all-zero block stays zero)."""
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.div(grouped, safe.unsqueeze(-2)).round_().clamp_(-127, 127)
+
+
 def quantize_int8(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """``(q, scales)`` of a (..., rows, cols) input-major float matrix (or a stack of them): int8
     ``q`` of the same shape, contiguous, and float32 ``scales`` (..., ceil(rows / BLOCK), cols)
     with ``matrix ≈ q * scales[..., r // BLOCK, :]``: blocks run down each column, the last one
     padded with zeros."""
     *lead, rows, cols = matrix.shape
-    blocks = -(-rows // BLOCK)
-    padded = torch.zeros(*lead, blocks * BLOCK, cols, dtype=torch.float32)
-    padded[..., :rows, :] = matrix
-    grouped = padded.view(*lead, blocks, BLOCK, cols)
-    scales = grouped.abs().amax(dim=-2) / 127.0
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block stays zero
-    q = torch.round(grouped / safe.unsqueeze(-2)).clamp_(-127, 127).to(torch.int8)
-    return q.view(*lead, blocks * BLOCK, cols)[..., :rows, :].contiguous(), scales.contiguous()
+    grouped, scales = _blocks(matrix)
+    q = _levels(grouped, scales).to(torch.int8).view(*lead, -1, cols)
+    return (q if q.shape[-2] == rows else q[..., :rows, :].contiguous()), scales.contiguous()
 
 
 def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
     """The float32 matrix ``q`` and ``scales`` stand for (the inverse of :func:`quantize_int8`)."""
-    per_row = scales.repeat_interleave(BLOCK, dim=-2)[..., : q.shape[-2], :]
+    *lead, rows, cols = q.shape
+    if rows % BLOCK == 0:  # broadcast the scales over each block: no per-row copy of them
+        grouped = q.view(*lead, rows // BLOCK, BLOCK, cols).to(torch.float32)
+        return grouped.mul_(scales.unsqueeze(-2)).view(*lead, rows, cols)
+    per_row = scales.repeat_interleave(BLOCK, dim=-2)[..., :rows, :]
     return q.to(torch.float32) * per_row
 
 
@@ -108,8 +129,11 @@ def round_to_format(matrix: Tensor, weights: WeightFormat) -> Tensor:
     """The float32 values a (rows, cols) input-major matrix has once stored as ``weights``."""
     if weights == "bf16":
         return matrix.to(torch.bfloat16).to(torch.float32)
-    if weights == "int8":
-        return dequantize_int8(*quantize_int8(matrix))
+    if weights == "int8":  # q * scale without the int8 copy in between: the same products
+        *lead, rows, cols = matrix.shape
+        grouped, scales = _blocks(matrix)
+        rounded = _levels(grouped, scales).mul_(scales.unsqueeze(-2)).view(*lead, -1, cols)
+        return rounded if rounded.shape[-2] == rows else rounded[..., :rows, :]
     return matrix
 
 
