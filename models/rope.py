@@ -34,7 +34,11 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.max_positions = max_positions
         self.base = base
-        cos, sin = self._tables(head_dim, max_positions, base, pairing)
+        if torch.empty(0).is_meta:  # built to be loaded into (load_pretrained rebuilds the tables on
+            # its device): meta arange is a slow Python path that imports torch._dynamo
+            cos = sin = torch.empty(max_positions, head_dim)
+        else:
+            cos, sin = self._tables(head_dim, max_positions, base, pairing)
         # Not saved in checkpoints: they are a pure function of the config.
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)

@@ -45,7 +45,11 @@ class RxTModel(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.dim)
+        # Built under torch.device("meta") to have weights loaded into it: no init draws (torch's
+        # meta normal_ is a Python path that also imports torch._dynamo: seconds of a start).
+        meta = torch.empty(0).is_meta
+        blank = torch.empty(config.vocab_size, config.dim) if meta else None
+        self.embedding = nn.Embedding(config.vocab_size, config.dim, _weight=blank)
         self.decoder = RxTDecoder(config)
         self.encoder = RxTEncoder(config)
         self.memory_attention = MemoryAttention(config)
@@ -60,7 +64,8 @@ class RxTModel(nn.Module):
         self.weight_format: WeightFormat = "fp32"
         """How the C step stores the matrices it reads ("fp32", "bf16", "int8"); set it with
         :func:`.quantize.set_weight_format`, which also rounds the float32 weights to match."""
-        self.reset_parameters()
+        if not meta:
+            self.reset_parameters()
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
