@@ -222,3 +222,33 @@ def test_keep_weight_is_checked() -> None:
     plain["memory_aware"]["keep_weight"] = 0.5
     with pytest.raises(RecipeError, match="backbone"):
         recipe_from_dict(plain)
+
+
+def test_shipped_recipe_shape_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """The options the shipped SmolLM2 recipe uses (copied memory read, causal frozen encoder,
+    selecting write, stage 3 skipped, recall-only loss with the keep term, the turn ramp) on the
+    tiny backbone: stopped between checkpoints and resumed, the run ends with the same weights as
+    one that never stopped. ``smol-ci`` covers the first recipe's options; this one smol3's."""
+    recipe = json.loads((Path(__file__).parents[1] / "training" / "recipes" / "smol3.json").read_text())
+    tiny = json.loads((Path(__file__).parents[1] / "training" / "recipes" / "smol-ci.json").read_text())
+    backbone = {**recipe["model"]["backbone"], **tiny["model"]["backbone"], "memory_layers": 3}
+    shaped = {
+        **recipe,
+        "name": "smol3-shape",
+        "threads": 1,
+        "model": {"backbone": backbone},
+        "memory_aware": {**recipe["memory_aware"], "steps": 7, "batch_size": 4, "warmup": 1, "ramp_end": 4},
+        "checkpoint_every": 3,
+        "save_dtype": "float32",
+    }
+    assert shaped["memory_aware"]["keep_weight"] > 0 and backbone["memory_read"] == "copy"
+    path = tmp_path / "smol3-shape.json"
+    path.write_text(json.dumps(shaped))
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["train", "--recipe", str(path), "--out", str(whole), "--quiet"]) == 0
+    assert main(["train", "--recipe", str(path), "--out", str(split), "--quiet", "--stop-after", "4"]) == 3
+    assert main(["train", "--recipe", str(path), "--out", str(split), "--quiet", "--resume"]) == 0
+    a = load_weights(whole / "model" / "model.safetensors")
+    b = load_weights(split / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
