@@ -310,7 +310,7 @@ def save_compact(
     sha = file_sha256(gguf_path)
     state = load_weights(src / WEIGHTS_FILE)
     kept, backbone_dtype = compact_tensors(config, state, dequantize(gguf_path), src / WEIGHTS_FILE)
-    kept_parameters = sum(t.numel() for t in kept.values())
+    kept_count, kept_parameters = len(kept), sum(t.numel() for t in kept.values())
     if dtype == "int8":
         kept = pack_stored(config, kept)
     elif dtype is not None:
@@ -331,8 +331,8 @@ def save_compact(
     if (src / TOKENIZER_FILE).is_file():
         shutil.copyfile(src / TOKENIZER_FILE, dst / TOKENIZER_FILE)
     return CompactReport(
-        kept=len(kept) - sum(k.endswith(Q8_SCALES) for k in kept),
-        left_out=len(state) - len(kept) + sum(k.endswith(Q8_SCALES) for k in kept),
+        kept=kept_count,
+        left_out=len(state) - kept_count,
         kept_parameters=kept_parameters,
         weights_bytes=(dst / WEIGHTS_FILE).stat().st_size,
         backbone=ref,

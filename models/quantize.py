@@ -17,6 +17,7 @@ once per 32 inputs; the torch paths compute in float32 on the rounded weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -110,20 +111,25 @@ def unpack_int8(q: Tensor, scales: Tensor) -> Tensor:
     return dequantize_int8(q.transpose(-1, -2), scales).transpose(-1, -2).contiguous()
 
 
-def rounded_matrix_names(model: nn.Module) -> set[str]:
-    """State-dict names of the matrices :func:`set_weight_format` rounds (every linear weight
-    but the routers', and each MoE table): the tensors that may be stored as int8 without
-    changing what the int8 runtime computes."""
+def _matrices(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(state-dict name, weight)`` of every matrix the weight formats round, in torch's
+    ``(..., out, in)`` layout: each linear weight but the routers' (tiny, and a rounded router can
+    pick other experts), and each MoE table ``(E, out, in)`` (expert e's matrix is ``table[e]``)."""
     from .moe import MoE
 
-    names: set[str] = set()
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.Linear) and not name.endswith("router"):
-            names.add(f"{prefix}weight")
+            yield f"{prefix}weight", module.weight
         elif isinstance(module, MoE):
-            names.update((f"{prefix}w_in", f"{prefix}w_out"))
-    return names
+            yield f"{prefix}w_in", module.w_in
+            yield f"{prefix}w_out", module.w_out
+
+
+def rounded_matrix_names(model: nn.Module) -> set[str]:
+    """State-dict names of the matrices :func:`set_weight_format` rounds: the tensors that may
+    be stored as int8 without changing what the int8 runtime computes."""
+    return {name for name, _ in _matrices(model)}
 
 
 def round_to_format(matrix: Tensor, weights: WeightFormat) -> Tensor:
@@ -159,21 +165,15 @@ def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
     if model.dtype != torch.float32:
         raise ValueError(f"weight formats apply to float32 models, this one is {model.dtype}")
     model.use_decode_layout()  # the decoder's matrices as the C step reads them
-    from .moe import MoE
-
     for layer in model.decoder.blocks:
         for attn in (layer.self_attn, layer.cross_attn):
             fused = None if attn is None else attn.fused_qkv()
             if fused is not None:
                 _round_in_place(fused[0], weights)  # (dim, q + 2 kv columns), shared by the views
     done = {id(t) for layer in model.decoder.blocks for t in _fused_views(layer)}
-    for name, module in model.named_modules():
-        # The router stays float32: it is tiny, and a rounded router can pick other experts.
-        if isinstance(module, nn.Linear) and id(module.weight) not in done and not name.endswith("router"):
-            _round_in_place(module.weight.t(), weights)  # input-major, as the C step blocks it
-        elif isinstance(module, MoE):
-            for table in (module.w_in, module.w_out):  # (E, out, in): expert e's matrix is table[e].t()
-                _round_in_place(table.transpose(1, 2), weights)  # a stack: each expert blocked alone
+    for _, weight in _matrices(model):
+        if id(weight) not in done:  # input-major, as the C step blocks it; a MoE table's experts each alone
+            _round_in_place(weight.transpose(-1, -2), weights)
     model.weight_format = weights
 
 
