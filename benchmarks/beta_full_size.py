@@ -348,17 +348,68 @@ def measure_stores(config: Any, stm: torch.Tensor, repeats: int) -> dict[str, An
     return out
 
 
+def decode_bytes_per_token(model: Any, weights: str) -> dict[str, float]:
+    """What one batch-1 decode step must read at least, by part: every decoder matrix it uses
+    once (int8: q8_0 values plus a float32 scale per 32; the experts' share is top-k of E), the
+    router, and the memory keys/values of each memory layer (bf16 compact copies beside int8/bf16
+    weights, as the C step reads them; each key/value head once). Memory bandwidth over the total
+    is the decode rate's ceiling."""
+    from torch import nn
+
+    from rxruntime.models.moe import MoE
+
+    per = {"int8": 1.125, "bf16": 2.0, "fp32": 4.0}[weights]
+    kv_bytes = 4 if weights == "fp32" else 2
+    out = {"matrices": 0.0, "experts": 0.0, "router": 0.0, "memory_kv": 0.0}
+    stm = model.config.stm_size
+    for name, mod in model.decoder.named_modules():
+        if isinstance(mod, nn.Linear):
+            if name.endswith("router"):
+                out["router"] += mod.weight.numel() * (2 if model.config.decoder.router_dtype == "bfloat16" else 4)
+            elif ".cross_attn.k_proj" in f".{name}" or ".cross_attn.v_proj" in f".{name}":
+                out["memory_kv"] += stm * mod.out_features * kv_bytes  # computed once a turn, read per token
+            else:
+                out["matrices"] += mod.weight.numel() * per
+        elif isinstance(mod, MoE):
+            share = mod.top_k / mod.w_in.shape[0]
+            out["experts"] += (mod.w_in.numel() + mod.w_out.numel()) * share * per
+    out["total"] = sum(out.values())
+    return out
+
+
+def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a ``threads``-thread ``torch.sum`` streams from a buffer far larger than
+    the caches (best of ``repeats``): the bandwidth a decode step's weight reads can reach."""
+    torch.set_num_threads(threads)
+    buf = torch.ones(megabytes * 2**20 // 4)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * 4 / best
+
+
 def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     from rxruntime import Engine
+    from rxruntime.models import native
     from rxruntime.models.checkpoint import load_pretrained
 
     guard(int(args.guard_gib * GIB))
     torch.set_num_threads(args.threads)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    # int8: float32 parameters with q8_0 copies of the matrices, the C step (what rxruntime.load gives
+    # a float32 model on a CPU); bf16: the torch step on bf16 parameters
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.float32}[args.dtype]
+    bandwidth = read_bandwidth(args.threads)  # before the model takes the memory
     rss_before = rss()[0]
     start = time.perf_counter()
-    model, tok = load_pretrained(args.out, device="cpu", dtype=dtype)  # what rxruntime.load does in bf16
+    model, tok = load_pretrained(args.out, device="cpu", dtype=dtype)
     assert tok is not None
+    if args.dtype == "int8":
+        from rxruntime.models.quantize import set_weight_format
+
+        set_weight_format(model, "int8")
     # memory updates --memory-batch at a time: their activations grow with the batch (slots^2 attention)
     engine = Engine(model, tok, max_batch=max(8, args.batch), max_memory_batch=args.memory_batch)
     load_s = time.perf_counter() - start
@@ -372,7 +423,11 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_load_bytes": peak_load,
         "dtype": str(dtype),
         "parameters": sum(p.numel() for p in engine.model.parameters()),
-        "c_decode_step": bool(getattr(engine.model, "native_decode", False)),
+        # the C step runs a CPU float32 model whose layout it covers, where it builds
+        "c_decode_step": dtype == torch.float32 and native.enabled() and native.layout_reason(engine.model) is None,
+        "weights": args.dtype,
+        "decode_bytes_per_token": decode_bytes_per_token(engine.model, args.dtype),
+        "read_bandwidth_bytes_per_s": bandwidth,
     }
     progress("loaded", {k: result[k] for k in ("load_s", "rss_bytes", "peak_rss_load_bytes")})
     with engine:
@@ -543,6 +598,15 @@ def table(result: dict[str, Any]) -> str:
         better_high = "tok/s" in label
         ratio = _ratio(a, c) if better_high else _ratio(c, a)
         lines.append(f"{label:34} {a_s} {c_s} {ratio:>8}")
+    need = ours.get("decode_bytes_per_token")
+    if need:
+        rate, bw = ours["b1"]["tokens_per_s"], ours["read_bandwidth_bytes_per_s"]
+        lines.append(
+            f"decode, 1 conversation ({ours.get('weights', ours['dtype'])}): {rate:.2f} tokens/s x "
+            f"{need['total'] / 1e6:.1f} MB read per token = {rate * need['total'] / 1e9:.2f} GB/s, "
+            f"{rate * need['total'] / bw:.0%} of the {bw / 1e9:.1f} GB/s a {result['settings']['threads']}-thread "
+            f"sum streams (ceiling {bw / need['total']:.1f} tokens/s)"
+        )
     stm = ours["stm"]
     lines.append(
         f"STM per conversation: {stm['float32_bytes'] / 1e6:.1f} MB float32, "
@@ -598,7 +662,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="an RxLM config.json (default: RxT-Beta's published options)")
     parser.add_argument("--spec", type=Path, help=f"its tensors (default {BETA_SPEC.name}): JSON or a checkpoint")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32", "int8"],
+        default="bf16",
+        help="rxruntime's side: bf16 (torch step), fp32, or int8 (float32 with q8_0 matrices: the C step)",
+    )
     parser.add_argument("--system-tokens", type=int, default=300)
     parser.add_argument("--query-tokens", type=int, default=200)
     parser.add_argument("--batch-query-tokens", type=int, default=32)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.beta_full_size import BETA_SPEC, published_config, read_spec
-from rxruntime.models import RxTModel
+from rxruntime.models import RxTModel, native
 from rxruntime.models.checkpoint import load_config
 from rxruntime.models.rxlm_format import rxlm_weights
 
@@ -52,13 +52,19 @@ def test_the_script_measures_a_small_model_with_betas_options(tmp_path: Path) ->
     args += ["--system-tokens", "12", "--query-tokens", "10", "--batch-query-tokens", "6", "--answer-tokens", "5"]
     args += ["--batch", "3", "--idle-conversations", "2", "--store-repeats", "2"]
     script = ROOT / "benchmarks" / "beta_full_size.py"
-    for _ in range(2):  # the second run reuses the checkpoint
-        run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT)
+    for dtype in ("bf16", "int8"):  # the second run reuses the checkpoint, with the C step's int8
+        run = subprocess.run(
+            [sys.executable, str(script), *args, "--dtype", dtype], capture_output=True, text=True, cwd=ROOT
+        )
         assert run.returncode == 0, run.stderr[-3000:]
     assert "decode tok/s, 3 conversations" in run.stdout
     result = json.loads(out.read_text())
     assert result["checkpoint"]["reused"] is True
     ours = result["rxruntime"]
+    assert ours["weights"] == "int8" and ours["c_decode_step"] is native.enabled()
+    need = ours["decode_bytes_per_token"]
+    assert need["total"] == sum(v for k, v in need.items() if k != "total") and need["experts"] > 0
+    assert ours["read_bandwidth_bytes_per_s"] > 0 and "MB read per token" in run.stdout
     config = json.loads((FIXTURE / "config.json").read_text())["decoder_config"]
     values = config["num_layers"] * config["stm_size"] * config["embed_dim"]
     assert (ours["stm"]["float32_bytes"], ours["stm"]["bfloat16_bytes"]) == (4 * values, 2 * values)
