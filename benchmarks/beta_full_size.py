@@ -526,7 +526,8 @@ def measure_rxlm(args: argparse.Namespace, ids: dict[str, Any], log: Path) -> di
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"system": ids["system_ids"], "queries": ids["queries"]}, f)
     cmd = [args.rxlm, str(RXLM_SIDE), "measure", str(args.out), "--ids", f.name]
-    cmd += ["--answer-tokens", str(args.answer_tokens), "--batch", str(args.batch), "--threads", str(args.threads)]
+    batch = args.batch if args.rxlm_batch is None else args.rxlm_batch
+    cmd += ["--answer-tokens", str(args.answer_tokens), "--batch", str(batch), "--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH="")
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=HERE.parent)
@@ -659,6 +660,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "rxruntime" / "beta-full")
     parser.add_argument("--json", type=Path, help="write the result here (e.g. benchmarks/results/...)")
     parser.add_argument("--rxlm", help="python of an RxLM 0.3 environment, for RxLM's side")
+    parser.add_argument(
+        "--rxlm-batch",
+        type=int,
+        help="RxLM's batch_interact turn: conversations (default: --batch; 0 skips it, RxLM's single turn only)",
+    )
     parser.add_argument("--config", type=Path, help="an RxLM config.json (default: RxT-Beta's published options)")
     parser.add_argument("--spec", type=Path, help=f"its tensors (default {BETA_SPEC.name}): JSON or a checkpoint")
     parser.add_argument("--threads", type=int, default=2)

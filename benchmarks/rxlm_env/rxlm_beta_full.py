@@ -122,7 +122,8 @@ def measure(model: Any, ids: dict[str, Any], answer_tokens: int, batch: int) -> 
     out["rss_after_turn_bytes"] = rss_bytes()[0]
     print(json.dumps({"b1": out["b1"], "system_prompt_s": out["system_prompt_s"]}), file=sys.stderr, flush=True)
     try:
-        out[f"b{batch}"] = batch_turn(model, ids["queries"][1 : 1 + batch], answer_tokens)
+        if batch > 0:  # 0: the single conversation only (the batch turn takes RxLM many minutes)
+            out[f"b{batch}"] = batch_turn(model, ids["queries"][1 : 1 + batch], answer_tokens)
     except Exception as exc:  # recorded, not hidden: RxLM's batch path may not take Beta's layout
         out[f"b{batch}"] = {"error": f"{type(exc).__name__}: {exc}"}
     out["peak_rss_bytes"] = rss_bytes()[1]
