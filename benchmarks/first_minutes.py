@@ -9,14 +9,15 @@ counts per answer how often it is the expected one:
 * the same two facts in either order (city first, then name; name first, then city);
 * a city given as system memory (``memory_init``) against the same sentence said in a turn,
   for twelve capitals (seed 0) and for the three of ``examples/fan_out.py`` (every seed);
-* ``--card smol``: issue 24's first minutes for the SmolLM2-backbone model instead (its answers
-  are sentences: a turn is right when it names the value).
+* ``--card smol`` (the default): issue 24's first minutes for the SmolLM2-backbone model, the
+  default model (its answers are sentences: a turn is right when it names the value); ``--card
+  small`` the small model's card above.
 
 Run::
 
-    python benchmarks/first_minutes.py                       # 30 seeds, prints the tables
-    python benchmarks/first_minutes.py --json benchmarks/results/first-minutes.json
-    python benchmarks/first_minutes.py --model smol --card smol --json benchmarks/results/first-minutes-smol.json
+    python benchmarks/first_minutes.py                       # the default model, 30 seeds, prints the tables
+    python benchmarks/first_minutes.py --json benchmarks/results/first-minutes-smol.json
+    python benchmarks/first_minutes.py --card small --json benchmarks/results/first-minutes.json
 """
 
 from __future__ import annotations
@@ -152,13 +153,18 @@ def recalled(engine: rxruntime.Engine, city: str, seed: int, as_system_memory: b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
+    parser.add_argument("--model", help="model name or directory (default: the card's model, default or small)")
     parser.add_argument("--seeds", type=int, default=30, help="starting memories per dialogue")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
-        "--card", choices=("small", "smol"), default="small", help="whose card's dialogues (default: small)"
+        "--card",
+        choices=("small", "smol"),
+        default="smol",
+        help="whose card's dialogues (default: smol, the default model's)",
     )
     args = parser.parse_args()
+    if args.model is None:
+        args.model = "default" if args.card == "smol" else "small"
     torch.set_num_threads(1)  # as the card's figures were measured
     seeds = range(args.seeds)
     out: dict[str, object] = {"model": args.model, "seeds": args.seeds}

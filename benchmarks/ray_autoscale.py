@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-s", type=float, default=90.0, help="longest the load runs waiting for the scale-up")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    with RedisServer() as redis, LocalRayServe(redis.url, replicas=1, autoscaling=AUTOSCALING, num_cpus=1.0) as rs:
+    with (
+        RedisServer() as redis,
+        LocalRayServe(redis.url, replicas=1, autoscaling=AUTOSCALING, num_cpus=1.0, model="small") as rs,
+    ):
         result = asyncio.run(run(rs, args))
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     print(json.dumps(result, indent=1))

@@ -40,7 +40,10 @@ from rxruntime.stores import RedisStore
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    with RedisServer() as redis, LocalRayServe(redis.url, replicas=2, lease_ttl_s=args.lease_ttl) as cluster:
+    with (
+        RedisServer() as redis,
+        LocalRayServe(redis.url, replicas=2, lease_ttl_s=args.lease_ttl, model="small") as cluster,
+    ):
         client = openai.AsyncOpenAI(api_key="unused", base_url=f"{cluster.url}/v1", max_retries=0, timeout=300)
         store = RedisStore(redis.url)
         n = args.conversations

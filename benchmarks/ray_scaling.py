@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print(side, json.dumps(summary(runs[side][-1:])), flush=True)
 
     started = time.time()
-    with RedisServer() as redis, LocalRayServe(redis.url, replicas=2, cluster_cpus=4, num_cpus=1.0) as rs:
+    with (
+        RedisServer() as redis,
+        LocalRayServe(redis.url, replicas=2, cluster_cpus=4, num_cpus=1.0, model="small") as rs,
+    ):
         single, single_url = start_single(redis.url)
         current = 2
 

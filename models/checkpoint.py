@@ -103,11 +103,12 @@ def load_defaults(tokenizer: str | Path | None = None, rxlm_version: str | None 
         _DEFAULTS.reset(token)
 
 
-SHIPPED_MODELS: dict[str, str] = {"small": "small_model"}
+SHIPPED_MODELS: dict[str, str] = {"small": "small_model", "smol": "smol_model"}
 """Models shipped inside the package, by name: the folder of the ``rxruntime`` package holding
-each. ``small`` is the 2.8M-parameter model of docs/default-model.md (fast: tests and quick
-examples name it)."""
-DEFAULT_MODEL = "small"
+each. ``smol`` is SmolLM2-135M-Instruct with an RxT memory (docs/default-model.md), a compact
+directory whose backbone is fetched and cached on first load; ``small`` the 2.8M-parameter model
+of docs/small-model.md (fast: tests and quick examples name it)."""
+DEFAULT_MODEL = "smol"
 """The shipped model ``"default"`` stands for: what ``rxrt chat`` and ``rxruntime.load()`` open."""
 
 

@@ -256,6 +256,10 @@ class RxTConfig:
     eos_after_truncated_answer: bool = True
     """Whether the memory update reads an ``[EOS]`` after an answer the length limit cut off
     (ours: yes, every interaction is closed; RxLM: no, it encodes exactly the sampled tokens)."""
+    answer_tokens: int | None = None
+    """The cap on an answer's generated tokens when a turn sets no ``max_new_tokens`` (None: what
+    fits in ``max_seq_len``). Serving only: a model whose memory was trained on short answers
+    recalls better when its answers stay short (the default model: 64, docs/default-model.md)."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     memory_attention: MemoryAttentionConfig = field(default_factory=MemoryAttentionConfig)
@@ -269,6 +273,8 @@ class RxTConfig:
         """Raise ``ConfigError`` naming the first field that makes the model impossible."""
         for name in ("vocab_size", "dim", "num_layers", "stm_size", "max_seq_len"):
             _positive(name, getattr(self, name))
+        if self.answer_tokens is not None:
+            _positive("answer_tokens", self.answer_tokens)
         if self.rope_base <= 1.0:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
         if self.norm_eps is not None and self.norm_eps <= 0:
@@ -418,6 +424,30 @@ class RxTConfig:
 _T = TypeVar("_T")
 
 
+def non_default_fields(obj: Any) -> dict[str, Any]:
+    """The dataclass's fields that differ from their defaults, nested dataclasses recursively: what a
+    fingerprint hashes, so that a release adding a field (whose default keeps the old behaviour)
+    does not change the fingerprint of anything made before it."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            nested = non_default_fields(value)
+            if nested:
+                out[f.name] = nested
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            out[f.name] = value
+            continue
+        if value != default:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def _checked_fields(cls: type[_T], data: dict[str, Any], prefix: str) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(cast(Any, cls))}
     unknown = sorted(set(data) - known)
@@ -487,8 +517,9 @@ def _micro() -> RxTConfig:
 
 
 def _nano() -> RxTConfig:
-    # The embedded default model: small enough that the whole supervised curriculum runs on two
-    # CPU cores in minutes and the weights ship inside the package (see docs/default-model.md).
+    # The small model (`small`, the default until issue 24): small enough that the whole
+    # supervised curriculum runs on two CPU cores in minutes and the weights ship inside the
+    # package (see docs/small-model.md).
     return RxTConfig(
         vocab_size=1024,
         dim=128,
@@ -508,7 +539,7 @@ def _nano() -> RxTConfig:
         encoder=EncoderConfig(num_heads=8, self_q_heads=4, self_kv_heads=4, ffn_dim=256),
         # The simple variant with a per-element linear gate: slots stay distinct (no slot-to-slot
         # mixing before the write) and each feature decides from its content whether to keep or
-        # overwrite, which is what lets a fact survive the turns after it (docs/default-model.md).
+        # overwrite, which is what lets a fact survive the turns after it (docs/small-model.md).
         memory_attention=MemoryAttentionConfig(
             variant="simple", num_heads=8, q_heads=4, kv_heads=4, gate_type="linear", gate_per_slot=False
         ),

@@ -9,12 +9,10 @@ another.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -22,7 +20,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from rxruntime.errors import ConversationError
-from rxruntime.models.config import RxTConfig
+from rxruntime.models.config import RxTConfig, non_default_fields
 
 _STATE_FORMAT = "rxruntime.conversation-state/1"
 # Versions and turn counts must stay exact in every store (Redis compares them as doubles) with
@@ -35,30 +33,8 @@ def config_fingerprint(config: RxTConfig) -> str:
 
     Only the fields that differ from their defaults are hashed, so a release that adds a config
     field (with a default that keeps the old behaviour) does not orphan every stored memory."""
-    canonical = json.dumps(_non_default(config), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(non_default_fields(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def _non_default(obj: Any) -> dict[str, Any]:
-    """The dataclass's fields that differ from their defaults, nested configs recursively."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            nested = _non_default(value)
-            if nested:
-                out[f.name] = nested
-            continue
-        if f.default is not dataclasses.MISSING:
-            default: Any = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            out[f.name] = value
-            continue
-        if value != default:
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 @dataclass(frozen=True)

@@ -1,132 +1,106 @@
-"""The 2.8M-parameter model that ships inside the package as ``small`` (the default today): small,
-loadable, and it answers from its STM what a person told it.
+"""The default model (``smol``, ``rxruntime/smol_model/``): SmolLM2-135M-Instruct with an RxT memory,
+shipped as a compact directory that names its backbone, and it answers from its STM what a
+person told it in ordinary English.
 
-These run the trained weights through the public runtime, the path `rxrt chat` takes, so a change
-that breaks memory (the model code, the engine's update, the checkpoint) fails here. The probes
-come from the people generator's evaluation stream (`rxrt eval memory`), never from training.
+These run the shipped weights through the public runtime, the path `rxrt chat` takes (int8 on a
+CPU, greedy), so a change that breaks the backbone's merge, the memory or the engine's update fails
+here. The card (docs/default-model.md) has the full tables; these are small draws of them with
+floors under what the weights reach.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
 
 import rxruntime
-from rxruntime.models import MissingCheckpointFileError, RxTModel, RxTokenizer, load_pretrained, preset
+from rxruntime.models.backbone_store import Q8_SCALES
 from rxruntime.models.checkpoint import DEFAULT_MODEL, SHIPPED_MODELS, default_model_dir, shipped_model_dir
-from rxruntime.training.data.dialogues import Dialogue
-from rxruntime.training.mrqbench import normalise
-from rxruntime.training.people_eval import evaluate, mean, split_probes
 from rxruntime.training.recipe import load_recipe
 
-SHIPPED = shipped_model_dir("small")
-# Floors under what the shipped weights reach on these fixed draws (measured through the engine,
-# int8 on CPU: facts_1 21 of 24; in_domain 67.5%, unseen_values 22.5% of 40, 0% with the STM reset),
-# loose enough for numeric noise across platforms, tight enough that broken memory fails.
-WITH_MEMORY_FACTS_1 = 0.75
-SPLIT_FLOOR = {"in_domain": 0.5, "unseen_values": 0.1}
-GREETINGS = ("hello", "hi", "hey", "good morning", "good evening", "nice to meet you")
-
-
-@pytest.fixture(scope="module")
-def shipped() -> tuple[RxTModel, RxTokenizer]:
-    model, tokenizer = load_pretrained("small")
-    assert tokenizer is not None
-    return model, tokenizer
+SMOL = shipped_model_dir("smol")
 
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[rxruntime.Engine]:
-    with rxruntime.load("small") as e:
+    with rxruntime.load("default") as e:
         yield e
 
 
-def test_default_names_a_shipped_model_and_small_is_todays_model() -> None:
-    """``"default"`` is an alias of the shipped model :data:`DEFAULT_MODEL` names; ``"small"``
-    stays this model whatever the default becomes, so tests and fast examples keep their speed."""
-    assert DEFAULT_MODEL in SHIPPED_MODELS and default_model_dir() == shipped_model_dir(DEFAULT_MODEL)
-    assert SHIPPED_MODELS["small"] == "small_model" and SHIPPED.name == "small_model"
-    with pytest.raises(MissingCheckpointFileError, match="shipped: default, small"):
-        shipped_model_dir("tiny")
-
-
-def test_default_model_ships_with_every_file_and_under_ten_megabytes() -> None:
-    names = {p.name for p in SHIPPED.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
-    assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 10 * 2**20
-
-
-def test_default_model_is_what_the_nano_recipe_trains(shipped: tuple[RxTModel, RxTokenizer]) -> None:
-    recipe = load_recipe("nano")
-    assert shipped[0].config == preset("nano") == recipe.config()
-    assert recipe.data.source == "people" and shipped[1].vocab_size == recipe.tokenizer.vocab_size
-    assert recipe.config().stm_size >= 32  # the card's 32 slots a layer: room for several facts
-
-
-SEEDS = range(10)  # fresh random STMs: the model's answers depend on its starting memory
-
-
 def _play(
-    engine: rxruntime.Engine, queries: list[str], seed: int = 0, fresh_memory_every_turn: bool = False
+    engine: rxruntime.Engine, queries: list[str], seed: int, reset_every_turn: bool = False, max_new_tokens: int = 24
 ) -> list[str]:
-    """Greedy answers in one conversation whose STM starts from ``seed`` (a fixed seed keeps the
-    test deterministic; a conversation opened without one seeds from its random id)."""
-    conv = engine.conversation(seed=seed)
+    """Greedy answers in one conversation whose STM starts from ``seed``; ``reset_every_turn``
+    opens a fresh conversation (the same starting STM) for every query: the ablation."""
     answers = []
-    for query in queries:
-        if fresh_memory_every_turn:
-            conv.close()
-            conv = engine.conversation(seed=seed)
-        answers.append(conv.ask(query, temperature=0.0, max_new_tokens=32, timeout=60))
-    conv.close()
+    conv = engine.conversation(seed=seed)
+    try:
+        for query in queries:
+            if reset_every_turn:
+                conv.close()
+                conv = engine.conversation(seed=seed)
+            answers.append(conv.ask(query, temperature=0.0, max_new_tokens=max_new_tokens, timeout=120))
+    finally:
+        conv.close()
     return answers
 
 
-def _share(hits: list[bool]) -> float:
-    return sum(hits) / len(hits)
+def test_default_is_the_smollm2_model_and_small_stays_the_small_one() -> None:
+    assert DEFAULT_MODEL == "smol" and default_model_dir() == SMOL
+    assert SHIPPED_MODELS == {"small": "small_model", "smol": "smol_model"}
 
 
-def test_engine_recalls_what_a_person_said_turns_later_and_loses_it_without_memory(engine: rxruntime.Engine) -> None:
-    dialogues: list[Dialogue] = [d for ds in split_probes("facts_1", (1, 2, 3, 4), 6, seed=77).values() for d in ds]
-    expected = [normalise(d.turns[-1].answer) for d in dialogues]
-    queries = [[t.query for t in d.turns] for d in dialogues]
-    kept = [_play(engine, qs, seed=i)[-1] for i, qs in enumerate(queries)]
-    fresh = [_play(engine, qs, seed=i, fresh_memory_every_turn=True)[-1] for i, qs in enumerate(queries)]
-    with_memory = _share([normalise(a) == e for a, e in zip(kept, expected)])
-    without = _share([normalise(a) == e for a, e in zip(fresh, expected)])
-    assert with_memory >= WITH_MEMORY_FACTS_1, list(zip(kept, expected))
-    assert without <= 0.1, list(zip(fresh, expected))
+def test_the_shipped_directory_is_compact_int8_and_about_a_hundred_megabytes() -> None:
+    """Only the trained parts, as q8_0 with their scales; the backbone by reference (its GGUF's
+    SHA-256), fetched and cached on first load."""
+    names = {p.name for p in SMOL.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    config = json.loads((SMOL / "config.json").read_text())
+    assert config["backbone"]["sha256"]
+    assert sum(p.stat().st_size for p in SMOL.iterdir()) < 100 * 2**20
+    from safetensors import safe_open
+
+    with safe_open(SMOL / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith(Q8_SCALES) for k in keys)
 
 
-@pytest.mark.parametrize("split", ["in_domain", "unseen_values"])
-def test_shipped_model_recall_per_split_beats_the_reset_stm(shipped: tuple[RxTModel, RxTokenizer], split: str) -> None:
-    """A small draw of `rxrt eval memory` (the card's table has the full one)."""
-    result = evaluate(*shipped, per_gap=20, gaps=(1, 2), splits=[split], seed=4242)
-    scores = result["splits"][split]  # type: ignore[index]
-    with_memory, reset = mean(scores["with_memory"]), mean(scores["reset_memory"])
-    assert with_memory >= SPLIT_FLOOR[split] and reset <= 0.05, result
+def test_the_shipped_model_is_what_its_recipe_trains() -> None:
+    model, _ = rxruntime.models.load_pretrained("smol")
+    assert model.config == load_recipe("smol3").config()
 
 
-def test_a_greeting_gets_a_greeting(engine: rxruntime.Engine) -> None:
-    for query in ("Hello!", "Hi, how are you?", "Good morning."):
-        answers = [_play(engine, [query], seed)[0] for seed in SEEDS]
-        assert all(answer.lower().startswith(GREETINGS) for answer in answers), (query, answers)
+# (fact, question, the value its answer must name): one fact, asked the next turn
+ONE_FACT = [
+    ("My name is Marguerite.", "What is my name?", "Marguerite"),
+    ("I live in Lisbon.", "Where do I live?", "Lisbon"),
+    ("My favourite food is sushi.", "What food do I like?", "sushi"),
+    ("I work as a nurse.", "What is my job?", "nurse"),
+    ("My dog is called Biscuit.", "What is my dog's name?", "Biscuit"),
+    ("I grew up in Quebec City.", "Where did I grow up?", "Quebec"),
+]
 
 
-def test_a_question_about_something_never_said_gets_i_dont_know(engine: rxruntime.Engine) -> None:
-    """With nothing in memory always (measured: 30 of 30 seeds); with another fact there, mostly
-    (measured: 26 of 30; otherwise it answers with that fact)."""
-    colour = [_play(engine, ["What is my favourite colour?"], seed)[0] for seed in SEEDS]
-    assert all(answer == "I don't know your favourite colour." for answer in colour), colour
-    home = [_play(engine, ["My name is Julia.", "Where do I live?"], seed)[-1] for seed in SEEDS]
-    assert _share([answer == "I don't know where you live." for answer in home]) >= 0.7, home
+def test_it_recalls_a_fact_from_memory_and_not_without_it(engine: rxruntime.Engine) -> None:
+    """The ablation in small: the question's prompt holds only the question, so the value can come
+    from the STM alone; with the STM reset before the question it must not come back (measured:
+    6 of 6 with memory, 0 of 6 reset)."""
+    kept = [_play(engine, [fact, question], seed=i)[-1] for i, (fact, question, _) in enumerate(ONE_FACT)]
+    reset = [
+        _play(engine, [fact, question], seed=i, reset_every_turn=True)[-1]
+        for i, (fact, question, _) in enumerate(ONE_FACT)
+    ]
+    named = [value.lower() in a.lower() for a, (_, _, value) in zip(kept, ONE_FACT)]
+    named_reset = [value.lower() in a.lower() for a, (_, _, value) in zip(reset, ONE_FACT)]
+    assert sum(named) >= 5, kept
+    assert sum(named_reset) == 0, reset
 
 
-def test_the_first_minutes_of_a_chat(engine: rxruntime.Engine) -> None:
-    """The dialogue issue 15 opened with: a greeting that states a name, small talk, the question
-    (measured: greeted by name 30 of 30 seeds, the name recalled 29 of 30)."""
-    opening = ["Hi! I'm Ada, nice to meet you.", "What is 3 plus 5?", "What is my name?"]
-    chats = [_play(engine, opening, seed) for seed in SEEDS]
-    assert all("Ada" in a[0] and a[0].lower().startswith(GREETINGS) for a in chats), chats
-    assert _share([a[2] == "Your name is Ada." for a in chats]) >= 0.8, chats
+def test_it_answers_ordinary_questions_as_the_backbone_does(engine: rxruntime.Engine) -> None:
+    """Only the memory was trained: a question that needs no memory is answered from what
+    SmolLM2 knows, before and after a fact was written to memory."""
+    assert "Paris" in _play(engine, ["What is the capital of France?"], seed=0)[0]
+    after = _play(engine, ["My favourite food is sushi.", "What is 4 plus 4?"], seed=0, max_new_tokens=64)[-1]
+    assert "8" in after and "sushi" not in after.lower(), after

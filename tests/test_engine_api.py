@@ -260,3 +260,28 @@ def test_counters_for_monitoring(engine: Engine) -> None:
     assert set(stats) >= {"memory_backlog", "max_batch", "max_queued_turns"}
     a.close()
     assert engine.open_conversations == 1
+
+
+def test_a_models_answer_cap_applies_when_a_turn_sets_none(tok: RxTokenizer) -> None:
+    """``config.answer_tokens`` (the default model ships 64) caps an answer whose turn gives no
+    ``max_new_tokens``; a turn's own cap wins, above it or below it."""
+    import dataclasses
+
+    from rxruntime.events import Token
+
+    model = make_model()
+    model.config = dataclasses.replace(model.config, answer_tokens=4)
+    with torch.no_grad():  # [EOS] never wins: every answer runs to its cap
+        head = model.decoder.lm_head.weight
+        head[model.config.special_tokens.eos_id] = 0.5 * head[100]
+    with Engine(model, tok) as eng:
+        conv = eng.conversation(seed=0)
+
+        def tokens(**options: Any) -> int:
+            events, error = collect(conv.interact("Hi", **options))
+            assert error is None
+            return sum(isinstance(e, Token) for e in events)
+
+        assert tokens() == 4
+        assert tokens(max_new_tokens=9) == 9
+        assert tokens(max_new_tokens=2) == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import subprocess
@@ -175,3 +177,39 @@ def test_training_on_people_data_without_faker_says_which_extra_to_install(tmp_p
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "pip install 'rxruntime[train]'" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_without_compound_statements_the_stream_is_the_one_recipes_were_trained_on() -> None:
+    """``compound`` (two facts in one sentence) is off by default and then draws nothing: the
+    kinds, slots and phrasing families of 300 dialogues are those of the code before it existed
+    (recorded at commit 334a5f5), so the shipped models' recipes still make their weights."""
+    gen = PeopleGenerator(seed=11)
+    shape = [[(t.kind, t.slot, t.family) for t in gen.dialogue(2 + i % 9).turns] for i in range(300)]
+    digest = hashlib.sha256(json.dumps(shape).encode()).hexdigest()
+    assert digest == "1593fd40fe11d8da564e1e4e01f5de27ec5766f4a7d22b67fba03a62ac966f25"
+
+
+def test_compound_statements_state_two_facts_and_later_answers_use_both() -> None:
+    gen = PeopleGenerator(seed=3, compound=0.5)
+    dialogues = [gen.dialogue(2 + i % 3) for i in range(300)]
+    compound = [t for d in dialogues for t in d.turns if t.family == "compound"]
+    assert len(compound) > 30
+    asked_second = 0
+    for d in dialogues:
+        known: dict[str, str] = {}
+        for turn in d.turns:
+            if turn.kind in ("fact", "correction"):
+                stated = [(str(turn.slot), str(turn.value)), *turn.more]
+                for slot, value in stated:
+                    assert value in turn.query and value in turn.answer, turn
+                    known[slot] = value
+                assert (len(stated) == 2) == (turn.family == "compound")
+                assert " and " in turn.query or turn.family != "compound"
+            elif turn.kind == "question":
+                assert turn.answer == render(PHRASINGS[str(turn.slot)].answer, random.Random(), known[str(turn.slot)])
+                asked_second += any(turn.slot == s for t in d.turns for s, _ in t.more)
+            elif turn.kind == "unknown":
+                assert turn.slot not in known
+    assert asked_second > 10  # the second fact of a sentence is asked about, not only the first
+    two_turns = [d for d in dialogues if len(d) == 2 and d.turns[0].family == "compound"]
+    assert two_turns  # "I'm Ada and I live in Lisbon." / "Where do I live?": the first minutes' shape

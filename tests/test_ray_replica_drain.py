@@ -2,7 +2,7 @@
 to Redis before it lets go, so the next replica to serve the conversation reads the latest memory.
 
 Runs ``EngineReplica`` in this process, outside a Ray cluster (Serve would call the same async
-constructor, ``handle`` and ``__del__``), with a real ``redis-server`` and the shipped model. The
+constructor, ``handle`` and ``__del__``), with a real ``redis-server`` and the shipped small model. The
 memory update is slowed so that it is certainly still owed when the shutdown begins."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ async def _call(replica: EngineReplica, path: str, payload: dict[str, Any], rout
 
 async def _drain_scenario(url: str) -> tuple[str, int, bool, bool]:
     replica = EngineReplica.__new__(EngineReplica)
-    await replica.__init__(url, lease_ttl_s=30.0)  # type: ignore[misc]  # Serve awaits it the same way
+    await replica.__init__(url, model="small", lease_ttl_s=30.0)  # type: ignore[misc]  # Serve awaits it the same way
 
     async def warm(key: str) -> None:  # Serve's multiplexing bookkeeping: absent outside a cluster
         return None

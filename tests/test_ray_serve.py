@@ -26,7 +26,7 @@ from benchmarks.harness.redis_server import RedisServer
 from rxruntime.serving.ray.leases import Leases
 from rxruntime.serving.ray.replica import REPLICA_HEADER
 
-# Facts the shipped model recalls after a filler turn at temperature 0, each conversation from a
+# Facts the shipped small model recalls after a filler turn at temperature 0, each conversation from a
 # fixed starting memory (measured through the engine: from random ones these dialogues fail 0-3
 # times in 200, enough to flake a CI run now and then).
 FACTS = [
@@ -50,7 +50,10 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    with RedisServer(persistent=True) as redis, LocalRayServe(redis.url, replicas=2, lease_ttl_s=2.0) as serve:
+    with (
+        RedisServer(persistent=True) as redis,
+        LocalRayServe(redis.url, replicas=2, lease_ttl_s=2.0, model="small") as serve,
+    ):
         yield Cluster(redis, serve)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Iterator
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from rxruntime.models import RxTModel, RxTokenizer
+from rxruntime.models.config import non_default_fields
 from rxruntime.training.batches import (
     IGNORE,
     TokenBatch,
@@ -142,6 +145,29 @@ def test_retrieval_share_is_a_stage2_fraction() -> None:
     spec["joint_pretrain"]["retrieval_share"] = 0.5
     with pytest.raises(RecipeError, match="stage 2 option"):
         recipe_from_dict(spec)
+
+
+def test_compound_facts_is_a_people_share() -> None:
+    spec = load_recipe("ci").to_dict()
+    spec["data"]["compound_facts"] = 0.3
+    with pytest.raises(RecipeError, match="people generator"):
+        recipe_from_dict(spec)
+    spec["data"]["source"] = "people"
+    spec["data"]["compound_facts"] = 1.5
+    with pytest.raises(RecipeError, match="compound_facts"):
+        recipe_from_dict(spec)
+
+
+def test_a_recipe_fingerprint_hashes_only_fields_away_from_their_defaults() -> None:
+    """So a release that adds a recipe field with a neutral default leaves the fingerprints of runs
+    started before it as they were, and they still resume; a field set differently changes it."""
+    recipe = load_recipe("nano")
+    spec = recipe.to_dict()
+    assert spec["data"]["compound_facts"] == 0.0  # a field nano.json does not name
+    spec["data"]["compound_facts"] = 0.2
+    assert recipe_from_dict(spec).fingerprint() != recipe.fingerprint()
+    digest = hashlib.sha256(json.dumps(non_default_fields(recipe), sort_keys=True).encode()).hexdigest()
+    assert recipe.fingerprint() == digest and "compound_facts" not in json.dumps(non_default_fields(recipe))
 
 
 def test_stage3_label_weights_follow_the_schedule() -> None:

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
-from rxruntime.models.config import RxTConfig, preset
+from rxruntime.models.config import RxTConfig, non_default_fields, preset
 from rxruntime.models.errors import ConfigError, RxTError
 
 from .backbone import BackboneSpec
@@ -38,14 +38,23 @@ class ModelSpec:
     backbone: BackboneSpec | None = None
     """A pretrained backbone with the RxT parts added (``backbone.py``): the recipe skips stages
     0-2 and trains memory only."""
+    answer_tokens: int | None = None
+    """Written into the model's ``config.json`` (``RxTConfig.answer_tokens``): the answer cap
+    serving uses when a turn sets none. Training never reads it."""
 
     def build(self) -> RxTConfig:
         if sum(x is not None for x in (self.preset, self.config, self.backbone)) != 1:
             raise RecipeError("model: give exactly one of 'preset', 'config' or 'backbone'")
         try:
             if self.backbone is not None:
-                return self.backbone.config()
-            return preset(self.preset) if self.preset is not None else RxTConfig.from_dict(dict(self.config or {}))
+                config = self.backbone.config()
+            elif self.preset is not None:
+                config = preset(self.preset)
+            else:
+                config = RxTConfig.from_dict(dict(self.config or {}))
+            return (
+                config if self.answer_tokens is None else dataclasses.replace(config, answer_tokens=self.answer_tokens)
+            )
         except (ConfigError, RxTError, TypeError) as exc:
             raise RecipeError(f"model: {exc}") from exc
 
@@ -62,6 +71,9 @@ class DataSpec:
     query_field: str = "query"
     answer_field: str = "answer"
     text_field: str = "text"
+    compound_facts: float = 0.0
+    """``people`` only: the share of fact turns that state two facts in one sentence ("I'm Ada and
+    I live in Lisbon."), where two are still to be stated (``PeopleGenerator.compound``)."""
 
 
 @dataclass
@@ -183,6 +195,10 @@ class Recipe:
             raise RecipeError(f"threads must be >= 1, got {self.threads}")
         if self.checkpoint_every < 1:
             raise RecipeError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if not 0.0 <= self.data.compound_facts <= 1.0:
+            raise RecipeError(f"data.compound_facts must be in [0, 1], got {self.data.compound_facts}")
+        if self.data.compound_facts and self.data.source != "people":
+            raise RecipeError('data.compound_facts applies to the people generator (data.source = "people")')
         if self.data.source not in ("synthetic", "people") and not self.data.path:
             raise RecipeError(f"data.path is required for data.source={self.data.source!r}")
         for name in STAGES:
@@ -216,8 +232,10 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the canonical JSON: a resumed run must use the very same recipe."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """SHA-256 of the canonical JSON of the fields away from their defaults: a resumed run must
+        use the very same recipe, and a release that adds a recipe field (whose default keeps the
+        old behaviour) does not stop runs started before it from resuming."""
+        return hashlib.sha256(json.dumps(non_default_fields(self), sort_keys=True).encode()).hexdigest()
 
 
 STAGES = ("joint_pretrain", "joint_sft", "memory_pretrain", "memory_aware")

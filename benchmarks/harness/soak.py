@@ -130,7 +130,7 @@ def _live(client: Client, conversations: int, turns: int, seed: int, between: An
     return memories
 
 
-def garbage(model: str = "default", conversations: int = 8, turns: int = 4, frames: int = 10_000) -> dict[str, Any]:
+def garbage(model: str = "small", conversations: int = 8, turns: int = 4, frames: int = 10_000) -> dict[str, Any]:
     with _served(model) as (_, server), Client(server.endpoint, timeout=120) as client:
         baseline = _live(client, conversations, turns, seed=1)
     with _served(model) as (engine, server), Client(server.endpoint, timeout=120) as client:
@@ -206,7 +206,7 @@ def _wait_served(address: str, timeout: float = 180) -> None:
 
 
 def crashes(
-    model: str = "default",
+    model: str = "small",
     store_url: str = "sqlite:///soak.db",
     rounds: int = 10,
     conversations: int = 16,
@@ -287,7 +287,7 @@ def crashes(
 
 
 # ---------------------------------------------------------------------- pipelined
-def pipelined(model: str = "default", conversations: int = 200, turns: int = 5, clients: int = 4) -> dict[str, Any]:
+def pipelined(model: str = "small", conversations: int = 200, turns: int = 5, clients: int = 4) -> dict[str, Any]:
     """Every turn of every conversation sent at once; then check each stream's events."""
     streams: dict[tuple[str, int], list[Event]] = defaultdict(list)
     outcome: dict[tuple[str, int], Any] = {}
@@ -355,7 +355,7 @@ def pipelined(model: str = "default", conversations: int = 200, turns: int = 5, 
 
 
 # ---------------------------------------------------------------------- slow reader
-def slow_reader(model: str = "default", requests: int = 3000, pause_every: int = 100) -> dict[str, Any]:
+def slow_reader(model: str = "small", requests: int = 3000, pause_every: int = 100) -> dict[str, Any]:
     """A raw DEALER that asks fast and reads slowly (tiny receive buffers, pauses)."""
     with _served(model) as (_, server):
         ctx = zmq.Context()
@@ -402,7 +402,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def non_reader(model: str = "default", requests: int = 300_000, limit: int = 16 << 20) -> dict[str, Any]:
+def non_reader(model: str = "small", requests: int = 300_000, limit: int = 16 << 20) -> dict[str, Any]:
     """A raw DEALER that sends ``requests`` pings and never reads: the server's buffer for it must
     stay near ``limit`` and the peer must be told (``SlowConsumerError``) when it reads again."""
     with _served(model, max_pending_bytes=limit) as (_, server):
@@ -459,7 +459,7 @@ def non_reader(model: str = "default", requests: int = 300_000, limit: int = 16 
 
 
 # ---------------------------------------------------------------------- cross tenant
-def cross_tenant(model: str = "default") -> dict[str, Any]:
+def cross_tenant(model: str = "small") -> dict[str, Any]:
     """Bob (another CURVE key) tries every operation on Alice's conversation."""
     with tempfile.TemporaryDirectory() as tmp:
         generate_keys(tmp, ["alice", "bob"])

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rxruntime.commands import add_model_options
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -14,12 +21,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--model",
         default="default",
-        help="model directory, hub id, or a shipped model: 'default' (the embedded model) or 'small' (the 2.8M one)",
+        help="model directory, hub id, or a shipped model: 'default' (SmolLM2-135M-Instruct with an RxT memory; "
+        "its first start downloads and caches the backbone) or 'small' (the 2.8M one)",
     )
     add_model_options(p)
     p.add_argument("--preset", help="chat with a randomly initialised preset instead (its answers are noise)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on answer length (default: what fits)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="cap on answer length (default: the model's answer_tokens if its config has one, else what fits)",
+    )
     p.add_argument(
         "--memory-init",
         "--system",
@@ -69,13 +82,14 @@ def run(args: argparse.Namespace) -> int:
     engine: Engine
     if args.preset is None:
         try:
-            engine = rxruntime.load(
-                args.model,
-                device=args.device,
-                weights=args.weights,
-                tokenizer=args.tokenizer,
-                rxlm_version=args.rxlm_version,
-            )
+            with _first_load_said(console):
+                engine = rxruntime.load(
+                    args.model,
+                    device=args.device,
+                    weights=args.weights,
+                    tokenizer=args.tokenizer,
+                    rxlm_version=args.rxlm_version,
+                )
         except MissingCheckpointFileError:
             if args.model != "default" or (default_model_dir() / "config.json").exists():
                 raise
@@ -111,6 +125,26 @@ def run(args: argparse.Namespace) -> int:
             notice=notice,
         )
         return repl.run()
+
+
+@contextmanager
+def _first_load_said(console: Console) -> Iterator[None]:
+    """Show what loading logs (the first start of a model with a backbone downloads and
+    dequantizes it, tens of seconds once), so a first `rxrt chat` does not sit silent."""
+
+    class Say(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            console.print(f"[dim]{record.getMessage()}[/dim]", soft_wrap=True)
+
+    logger = logging.getLogger("rxruntime.models")
+    handler, level = Say(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 _SAMPLE_TEXT = (

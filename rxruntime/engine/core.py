@@ -423,8 +423,9 @@ class Engine:
         except RxTError as exc:
             params, prompt, refused = request.params, request.prompt_ids, exc
         limit = self.max_seq_len - len(prompt) - 1
-        if request.max_new_tokens is not None and refused is None:
-            limit = min(limit, request.max_new_tokens)
+        cap = request.max_new_tokens if request.max_new_tokens is not None else self.config.answer_tokens
+        if cap is not None and refused is None:  # the turn's own cap, else the model's default
+            limit = min(limit, cap)
         if refused is None and (limit < 1 or len(prompt) < 1):
             refused = QueryTooLongError(
                 f"the prompt has {len(prompt)} tokens; an interaction holds at most "

@@ -41,7 +41,9 @@ emit it and benchmark generators emit nothing else, so no benchmark dialogue is 
 @dataclass(frozen=True)
 class Turn:
     """One interaction. ``slot``/``value`` name the fact a fact or question turn is about;
-    ``family`` the phrasing family its query was rendered from (people generator only)."""
+    ``family`` the phrasing family its query was rendered from (people generator only); ``more``
+    the further ``(slot, value)`` facts a turn states beside the first ("I'm Ada and I live in
+    Lisbon.")."""
 
     query: str
     answer: str
@@ -49,6 +51,7 @@ class Turn:
     slot: str | None = None
     value: str | None = None
     family: str | None = None
+    more: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 
 from .chitchat import chitchat, greeting
 from .dialogues import Dialogue, PlainText, Purpose, Turn
-from .grammar import Family, capitalise, render
+from .grammar import Family, capitalise, lower_first, render
 from .phrasings import (
     CORRECTION_ACKS,
     CORRECTION_FRAMES,
@@ -54,6 +54,10 @@ class PeopleGenerator(PlainText):
     phrasings: PhraseSplit = "train"
     purpose: Purpose = "train"
     max_facts: int = 4
+    compound: float = 0.0
+    """Share of fact turns (where two facts are still to be stated) that state two facts in one
+    sentence ("I'm Ada and I live in Lisbon."). 0 draws nothing for it, so a generator made
+    before this option gives the same dialogues."""
     rng: random.Random = field(init=False, repr=False)
     text_sentences: ClassVar[int] = 3
 
@@ -78,6 +82,22 @@ class PeopleGenerator(PlainText):
         if frame_family.name == "frame.greeting":
             ack = rng.choice(GREETING_ACK_PREFIXES) + ack if not ack.startswith(("Hello", "Hi")) else ack
         return Turn(query, ack, "fact", slot, value, family.name)
+
+    def facts(self, slots: tuple[str, str], values: tuple[str, str]) -> Turn:
+        """Two facts in one sentence, joined by "and"; the acknowledgement repeats both values.
+        ``slot``/``value`` of the turn name the first; memory has to hold both."""
+        rng = self.rng
+        bodies = [self._family(PHRASINGS[s].statements).render(rng, v) for s, v in zip(slots, values)]
+        first, second = bodies[0].rstrip("."), bodies[1]
+        second = second if second.startswith(values[1]) else lower_first(second)
+        body = f"{first} and {second}"
+        frame_family = self._family(STATEMENT_FRAMES)
+        query = frame(frame_family, rng, body, keep_case=body.startswith(values[0]))
+        acks = [_sentence(render(rng.choice(PHRASINGS[s].acknowledgements), rng, v), v) for s, v in zip(slots, values)]
+        ack = " ".join(acks)
+        if frame_family.name == "frame.greeting" and not ack.startswith(("Hello", "Hi")):
+            ack = rng.choice(GREETING_ACK_PREFIXES) + ack
+        return Turn(query, ack, "fact", slots[0], values[0], "compound", ((slots[1], values[1]),))
 
     def correction(self, slot: str, value: str) -> Turn:
         """The user replaces an earlier fact; from now on ``value`` is the right answer."""
@@ -114,18 +134,26 @@ class PeopleGenerator(PlainText):
         if turns < 2:
             raise ValueError(f"a dialogue needs at least 2 turns (a fact and its question), got {turns}")
         rng = self.rng
-        n_facts = rng.randint(1, min(self.max_facts, turns - 1))
+        # with compound statements a dialogue may hold one fact more than it has turns before the question
+        n_facts = rng.randint(1, min(self.max_facts, turns - 1 + (1 if self.compound else 0)))
         slots = rng.sample(SLOTS, n_facts)
-        positions = set(rng.sample(range(turns - 1), n_facts))
+        positions = set(rng.sample(range(turns - 1), min(n_facts, turns - 1)))
         pending = list(slots)
         known: dict[str, str] = {}
         out: list[Turn] = []
         for t in range(turns - 1):
             r = rng.random()
-            if t in positions:
-                slot = pending.pop(0)
-                known[slot] = self.value(slot)
-                out.append(self.fact(slot, known[slot]))
+            if t in positions and pending:  # (a position finds none left once two facts shared a turn)
+                left = sum(1 for p in positions if p >= t)  # this one included
+                if self.compound and len(pending) >= 2 and (len(pending) > left or rng.random() < self.compound):
+                    pair = (pending.pop(0), pending.pop(0))
+                    for slot in pair:
+                        known[slot] = self.value(slot)
+                    out.append(self.facts(pair, (known[pair[0]], known[pair[1]])))
+                else:
+                    slot = pending.pop(0)
+                    known[slot] = self.value(slot)
+                    out.append(self.fact(slot, known[slot]))
             elif t == 0 and r < 0.3:
                 out.append(greeting(rng))
             elif known and r < 0.3:

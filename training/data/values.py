@@ -1,7 +1,7 @@
 """Fact values drawn without end: Faker in many locales, numbers of any size, dates, invented words.
 
 A model that only ever sees a few dozen names learns to recognise them, not to carry what it was
-told (docs/default-model.md). Here every value is drawn fresh, so memorising values cannot pay.
+told (docs/small-model.md). Here every value is drawn fresh, so memorising values cannot pay.
 
 Evaluation keeps three things out of training:
 
