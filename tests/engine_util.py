@@ -1,4 +1,5 @@
-"""What the engine tests share: a tokenizer corpus, a tiny model, and a stream collector."""
+"""What the engine tests share: a tokenizer corpus, a tiny model, a stream collector, and greedy
+dialogues played through a conversation (the shipped models' tests)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,28 @@ def teacher_forced_logprobs(model: RxTModel, stm: torch.Tensor, prompt: list[int
     with torch.inference_mode():
         logits = model.decoder_logits(ids, stm[None].to(model.device, model.dtype))[0]
     return torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 : len(prompt) - 1 + len(answer)]
+
+
+def play(
+    engine: Engine,
+    queries: list[str],
+    seed: int = 0,
+    reset_every_turn: bool = False,
+    max_new_tokens: int = 32,
+    timeout: float = 60,
+) -> list[str]:
+    """Greedy answers in one conversation whose STM starts from ``seed`` (a fixed seed keeps a
+    test deterministic; a conversation opened without one seeds from its random id).
+    ``reset_every_turn`` opens a fresh conversation (the same starting STM) for every query: the
+    ablation that takes the memory away."""
+    answers = []
+    conv = engine.conversation(seed=seed)
+    try:
+        for query in queries:
+            if reset_every_turn:
+                conv.close()
+                conv = engine.conversation(seed=seed)
+            answers.append(conv.ask(query, temperature=0.0, max_new_tokens=max_new_tokens, timeout=timeout))
+    finally:
+        conv.close()
+    return answers

@@ -20,6 +20,8 @@ from rxruntime.models.backbone_store import Q8_SCALES
 from rxruntime.models.checkpoint import DEFAULT_MODEL, SHIPPED_MODELS, default_model_dir, shipped_model_dir
 from rxruntime.training.recipe import load_recipe
 
+from .engine_util import play
+
 SMOL = shipped_model_dir("smol")
 
 
@@ -32,19 +34,8 @@ def engine() -> Iterator[rxruntime.Engine]:
 def _play(
     engine: rxruntime.Engine, queries: list[str], seed: int, reset_every_turn: bool = False, max_new_tokens: int = 24
 ) -> list[str]:
-    """Greedy answers in one conversation whose STM starts from ``seed``; ``reset_every_turn``
-    opens a fresh conversation (the same starting STM) for every query: the ablation."""
-    answers = []
-    conv = engine.conversation(seed=seed)
-    try:
-        for query in queries:
-            if reset_every_turn:
-                conv.close()
-                conv = engine.conversation(seed=seed)
-            answers.append(conv.ask(query, temperature=0.0, max_new_tokens=max_new_tokens, timeout=120))
-    finally:
-        conv.close()
-    return answers
+    """``engine_util.play`` with this model's settings: 24-token answers unless told, longer turns."""
+    return play(engine, queries, seed, reset_every_turn, max_new_tokens, timeout=120)
 
 
 def test_default_is_the_smollm2_model_and_small_stays_the_small_one() -> None:

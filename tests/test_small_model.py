@@ -21,6 +21,8 @@ from rxruntime.training.mrqbench import normalise
 from rxruntime.training.people_eval import evaluate, mean, split_probes
 from rxruntime.training.recipe import load_recipe
 
+from .engine_util import play
+
 SHIPPED = shipped_model_dir("small")
 # Floors under what the shipped weights reach on these fixed draws (measured through the engine,
 # int8 on CPU: facts_1 21 of 24; in_domain 67.5%, unseen_values 22.5% of 40, 0% with the STM reset),
@@ -68,22 +70,6 @@ def test_small_model_is_what_the_nano_recipe_trains(shipped: tuple[RxTModel, RxT
 SEEDS = range(10)  # fresh random STMs: the model's answers depend on its starting memory
 
 
-def _play(
-    engine: rxruntime.Engine, queries: list[str], seed: int = 0, fresh_memory_every_turn: bool = False
-) -> list[str]:
-    """Greedy answers in one conversation whose STM starts from ``seed`` (a fixed seed keeps the
-    test deterministic; a conversation opened without one seeds from its random id)."""
-    conv = engine.conversation(seed=seed)
-    answers = []
-    for query in queries:
-        if fresh_memory_every_turn:
-            conv.close()
-            conv = engine.conversation(seed=seed)
-        answers.append(conv.ask(query, temperature=0.0, max_new_tokens=32, timeout=60))
-    conv.close()
-    return answers
-
-
 def _share(hits: list[bool]) -> float:
     return sum(hits) / len(hits)
 
@@ -92,8 +78,8 @@ def test_engine_recalls_what_a_person_said_turns_later_and_loses_it_without_memo
     dialogues: list[Dialogue] = [d for ds in split_probes("facts_1", (1, 2, 3, 4), 6, seed=77).values() for d in ds]
     expected = [normalise(d.turns[-1].answer) for d in dialogues]
     queries = [[t.query for t in d.turns] for d in dialogues]
-    kept = [_play(engine, qs, seed=i)[-1] for i, qs in enumerate(queries)]
-    fresh = [_play(engine, qs, seed=i, fresh_memory_every_turn=True)[-1] for i, qs in enumerate(queries)]
+    kept = [play(engine, qs, seed=i)[-1] for i, qs in enumerate(queries)]
+    fresh = [play(engine, qs, seed=i, reset_every_turn=True)[-1] for i, qs in enumerate(queries)]
     with_memory = _share([normalise(a) == e for a, e in zip(kept, expected)])
     without = _share([normalise(a) == e for a, e in zip(fresh, expected)])
     assert with_memory >= WITH_MEMORY_FACTS_1, list(zip(kept, expected))
@@ -111,16 +97,16 @@ def test_shipped_model_recall_per_split_beats_the_reset_stm(shipped: tuple[RxTMo
 
 def test_a_greeting_gets_a_greeting(engine: rxruntime.Engine) -> None:
     for query in ("Hello!", "Hi, how are you?", "Good morning."):
-        answers = [_play(engine, [query], seed)[0] for seed in SEEDS]
+        answers = [play(engine, [query], seed)[0] for seed in SEEDS]
         assert all(answer.lower().startswith(GREETINGS) for answer in answers), (query, answers)
 
 
 def test_a_question_about_something_never_said_gets_i_dont_know(engine: rxruntime.Engine) -> None:
     """With nothing in memory always (measured: 30 of 30 seeds); with another fact there, mostly
     (measured: 26 of 30; otherwise it answers with that fact)."""
-    colour = [_play(engine, ["What is my favourite colour?"], seed)[0] for seed in SEEDS]
+    colour = [play(engine, ["What is my favourite colour?"], seed)[0] for seed in SEEDS]
     assert all(answer == "I don't know your favourite colour." for answer in colour), colour
-    home = [_play(engine, ["My name is Julia.", "Where do I live?"], seed)[-1] for seed in SEEDS]
+    home = [play(engine, ["My name is Julia.", "Where do I live?"], seed)[-1] for seed in SEEDS]
     assert _share([answer == "I don't know where you live." for answer in home]) >= 0.7, home
 
 
@@ -128,6 +114,6 @@ def test_the_first_minutes_of_a_chat(engine: rxruntime.Engine) -> None:
     """The dialogue issue 15 opened with: a greeting that states a name, small talk, the question
     (measured: greeted by name 30 of 30 seeds, the name recalled 29 of 30)."""
     opening = ["Hi! I'm Ada, nice to meet you.", "What is 3 plus 5?", "What is my name?"]
-    chats = [_play(engine, opening, seed) for seed in SEEDS]
+    chats = [play(engine, opening, seed) for seed in SEEDS]
     assert all("Ada" in a[0] and a[0].lower().startswith(GREETINGS) for a in chats), chats
     assert _share([a[2] == "Your name is Ada." for a in chats]) >= 0.8, chats

@@ -73,15 +73,12 @@ class PeopleGenerator(PlainText):
 
     def fact(self, slot: str, value: str) -> Turn:
         """The user states ``value``; the model acknowledges it, repeating the value."""
-        rng, p = self.rng, PHRASINGS[slot]
-        family = self._family(p.statements)
+        rng = self.rng
+        family = self._family(PHRASINGS[slot].statements)
         body = family.render(rng, value)
         frame_family = self._family(STATEMENT_FRAMES)
         query = frame(frame_family, rng, body, keep_case=body.startswith(value))
-        ack = _sentence(render(rng.choice(p.acknowledgements), rng, value), value)
-        if frame_family.name == "frame.greeting":
-            ack = rng.choice(GREETING_ACK_PREFIXES) + ack if not ack.startswith(("Hello", "Hi")) else ack
-        return Turn(query, ack, "fact", slot, value, family.name)
+        return Turn(query, self._greeted(frame_family, self._ack(slot, value)), "fact", slot, value, family.name)
 
     def facts(self, slots: tuple[str, str], values: tuple[str, str]) -> Turn:
         """Two facts in one sentence, joined by "and"; the acknowledgement repeats both values.
@@ -93,11 +90,18 @@ class PeopleGenerator(PlainText):
         body = f"{first} and {second}"
         frame_family = self._family(STATEMENT_FRAMES)
         query = frame(frame_family, rng, body, keep_case=body.startswith(values[0]))
-        acks = [_sentence(render(rng.choice(PHRASINGS[s].acknowledgements), rng, v), v) for s, v in zip(slots, values)]
-        ack = " ".join(acks)
-        if frame_family.name == "frame.greeting" and not ack.startswith(("Hello", "Hi")):
-            ack = rng.choice(GREETING_ACK_PREFIXES) + ack
+        ack = self._greeted(frame_family, " ".join(self._ack(s, v) for s, v in zip(slots, values)))
         return Turn(query, ack, "fact", slots[0], values[0], "compound", ((slots[1], values[1]),))
+
+    def _ack(self, slot: str, value: str) -> str:
+        """The slot's acknowledgement of a stated fact, repeating ``value`` as said."""
+        return _sentence(render(self.rng.choice(PHRASINGS[slot].acknowledgements), self.rng, value), value)
+
+    def _greeted(self, frame_family: Family, ack: str) -> str:
+        """A greeting statement gets a greeting back, unless the acknowledgement already is one."""
+        if frame_family.name == "frame.greeting" and not ack.startswith(("Hello", "Hi")):
+            return self.rng.choice(GREETING_ACK_PREFIXES) + ack
+        return ack
 
     def correction(self, slot: str, value: str) -> Turn:
         """The user replaces an earlier fact; from now on ``value`` is the right answer."""
