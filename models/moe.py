@@ -25,11 +25,20 @@ Dispatch is vectorised, with two strategies:
 During training the router also yields
 the Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (``f_e``: share of
 assignments to expert ``e``; ``P_e``: its mean router probability) in ``aux_loss``.
+
+**Released tables.** Routed experts are most of a large MoE model (RxT-Beta: 2.6B of 2.9B
+parameters). Where the C decode step holds int8 or bf16 copies of them, the float32 tables are
+only a second copy of the same values (``models/quantize.py`` rounds them to what the copies
+hold), so :func:`models.native.release_expert_tables` drops them and sets :attr:`MoE.released`:
+the torch paths then run the grouped dispatch on each routed expert's matrices unpacked from the
+copy, the same numbers, one expert at a time.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +54,9 @@ class MoE(nn.Module):
     """Up to this many tokens per call the gathered dispatch runs (weights in decode layout)."""
     sort_min_tokens = 8
     """From this many tokens on, the gathered dispatch sorts the pairs by expert (cache reuse)."""
+    released: Callable[[int], tuple[Tensor, Tensor]] | None = None
+    """Expert e's float32 ``(w_in[e], w_out[e])`` once the tables were released (see the module
+    docstring); None while ``w_in`` and ``w_out`` hold them."""
 
     def __init__(
         self,
@@ -133,10 +145,11 @@ class MoE(nn.Module):
         """SwiGLU expert ``e`` applied to tokens (n, dim)."""
         b_in = None if self.b_in is None else self.b_in[e]
         b_out = None if self.b_out is None else self.b_out[e]
+        w_in, w_out = (self.w_in[e], self.w_out[e]) if self.released is None else self.released(e)
         if not self.gated:
-            return F.linear(self.act(F.linear(x, self.w_in[e], b_in)), self.w_out[e], b_out)
-        gate, up = F.linear(x, self.w_in[e], b_in).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, self.w_out[e], b_out)
+            return F.linear(self.act(F.linear(x, w_in, b_in)), w_out, b_out)
+        gate, up = F.linear(x, w_in, b_in).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, w_out, b_out)
 
     @property
     def plain(self) -> bool:
@@ -179,7 +192,7 @@ class MoE(nn.Module):
             share = F.one_hot(experts, self.num_experts).float().sum(dim=(0, 1)) / experts.numel()
             self.aux_loss = self.num_experts * (share * probs.mean(dim=0)).sum()
         gatherable = self.b_in is None and self.gated and self.activation == "silu"
-        if tokens.shape[0] <= self.gather_max_tokens and self.in_decode_layout() and gatherable:
+        if tokens.shape[0] <= self.gather_max_tokens and self.in_decode_layout() and gatherable and not self.released:
             out = self._dispatch_gathered(tokens, weights.to(x.dtype), experts)
         else:
             out = self._dispatch(tokens, weights.to(x.dtype), experts)
@@ -191,7 +204,13 @@ class MoE(nn.Module):
         """``x + MoE(h)`` for the tokens (N, dim) of a decode step, the residual add fused into
         the dispatch's last operation; the plain ``x + self(h)`` when training or when the
         gathered dispatch does not apply."""
-        if self.training or h.shape[0] > self.gather_max_tokens or not self.in_decode_layout() or not self.plain:
+        if (
+            self.training
+            or h.shape[0] > self.gather_max_tokens
+            or not self.in_decode_layout()
+            or not self.plain
+            or self.released is not None
+        ):
             return x + self(h)
         # The renormalised top-k probabilities are the softmax over the top-k logits: 3 ops, not 6.
         logits, experts = F.linear(h, self.router.weight).topk(self.top_k, dim=-1)
@@ -201,6 +220,19 @@ class MoE(nn.Module):
         return self._dispatch_gathered(h, weights, experts, residual=x)
 
     # ------------------------------------------------------------------ decode layout
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        if self.released is not None:  # w_in / w_out are empty: a saved file would lose the experts
+            raise RuntimeError(
+                "this MoE's float32 expert tables were released for serving (models.native."
+                "release_expert_tables); load the checkpoint again to save or train it"
+            )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        if self.released is not None:
+            raise RuntimeError("this MoE's expert tables were released for serving; build a fresh model to load one")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def in_decode_layout(self) -> bool:
         """Whether the expert weights are stored input-major (see :meth:`use_decode_layout`)."""
         h, d = self.hidden_dim, self.dim
@@ -215,6 +247,8 @@ class MoE(nn.Module):
         rows of one (E*dim, 2H) table, which the gathered dispatch reads with ``embedding_bag``.
         Idempotent; training works in either layout.
         """
+        if self.released is not None:
+            return
         if not self.w_in.transpose(1, 2).is_contiguous():
             self.w_in.data = self.w_in.data.transpose(1, 2).contiguous().transpose(1, 2)
         if not self.w_out.transpose(1, 2).is_contiguous():

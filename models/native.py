@@ -30,6 +30,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -581,6 +582,8 @@ def _moe_weights(w: _Watch, ffn: Any) -> dict[str, Any]:
     if ffn.router_dtype == "bfloat16":
         w.versioned = True
     return {
+        "module": ffn,
+        "released": _released.get(ffn),
         "router": w.tensor(w.child(ffn, "router")._parameters, "weight"),
         "router_dtype": ffn.router_dtype,
         **{name: w.tensor(params, name) for name in ("w_in", "w_out", "b_in", "b_out", "global_bias", "shared_bias")},
@@ -663,7 +666,7 @@ def _ffn_ok(f: dict[str, Any], dim: int) -> bool:
     )
 
 
-def _layer_ok(lw: dict[str, Any], dim: int, hd: int, heads: dict[str, tuple[int, int]]) -> bool:
+def _layer_ok(lw: dict[str, Any], dim: int, hd: int, heads: dict[str, tuple[int, int]], fmt: WeightFormat) -> bool:
     """Whether a layer's tensors have the shapes and layouts the C step reads."""
     norms = [lw[f"{name}{part}"] for name in ("self_norm", "ffn_norm") for part in ("", "_bias")]
     if lw["self_norm"] is None or lw["ffn_norm"] is None or not _vectors_ok(*norms):
@@ -683,12 +686,16 @@ def _layer_ok(lw: dict[str, Any], dim: int, hd: int, heads: dict[str, tuple[int,
     h, experts, router, w_in, w_out = moe["hidden"], moe["experts"], moe["router"], moe["w_in"], moe["w_out"]
     if moe["act"] not in _ACTIVATIONS or router is None or w_in is None or w_out is None:
         return False
+    released: _ExpertCopies | None = moe["released"]
     if moe["router_dtype"] not in ("float32", "bfloat16"):
         return False
     if tuple(router.shape) != (experts, dim) or not router.is_contiguous():
         return False
     gh = (2 if moe["gated"] else 1) * h  # w_in's columns: [gate | up], or the one input projection
-    if w_in.stride() != (gh * dim, 1, gh) or w_out.stride() != (h * dim, 1, dim):
+    if released is not None:  # the tables live only in the copies: bound again from them, same format only
+        if released.fmt != fmt:
+            return False
+    elif w_in.stride() != (gh * dim, 1, gh) or w_out.stride() != (h * dim, 1, dim):
         return False
     gate, shared = moe["shared_gate"], moe["shared"]
     if gate is not None and (tuple(gate.shape) != (len(shared), dim) or not gate.is_contiguous()):
@@ -697,6 +704,47 @@ def _layer_ok(lw: dict[str, Any], dim: int, hd: int, heads: dict[str, tuple[int,
         return False
     vectors = (moe["b_in"], moe["b_out"], moe["global_bias"], moe["shared_bias"])
     return _vectors_ok(*vectors) and all(_ffn_ok(f, dim) for f in shared)
+
+
+@dataclass(frozen=True)
+class _ExpertCopies:
+    """The C step's copies of one MoE's routed-expert tables: their Mats, the tensors behind them
+    (``copies``: int8 packed or bf16; empty for fp32, read in place) and ``shape``
+    ``(experts, dim, gh, hidden)`` (``gh``: w_in's columns, 2 x hidden when gated)."""
+
+    fmt: WeightFormat
+    mat_in: _Mat
+    mat_out: _Mat
+    copies: list[Tensor]
+    shape: tuple[int, int, int, int]
+
+    def expert(self, e: int) -> tuple[Tensor, Tensor]:
+        """Expert ``e``'s float32 ``(w_in[e], w_out[e])`` in torch's (out, in) layout, unpacked
+        from the copies: the values the float32 tables held (quantize.py rounded them to these)."""
+        experts, dim, gh, h = self.shape
+        if not 0 <= e < experts:
+            raise IndexError(f"expert {e} of {experts}")
+        copy_in, copy_out = self.copies
+        if self.fmt == "int8":
+            return unpack_int8(copy_in[e], dim, gh).t(), unpack_int8(copy_out[e], h, dim).t()
+        return copy_in[e * dim : (e + 1) * dim].float().t(), copy_out[e * h : (e + 1) * h].float().t()
+
+
+_released: weakref.WeakKeyDictionary[MoE, _ExpertCopies] = weakref.WeakKeyDictionary()
+"""MoE layers whose float32 tables :func:`release_expert_tables` dropped, and the copies that
+now hold them (a rebind of the C step binds these again)."""
+
+
+def unpack_int8(packed: Tensor, rows: int, cols: int) -> Tensor:
+    """The float32 (rows, cols) input-major matrix of one segment :func:`pack_int8` packed
+    (``packed``: its (tiles, blocks, 576) bytes), as ``q * scale``."""
+    tiles, blocks = packed.shape[0], packed.shape[1]
+    values = packed[..., : BLOCK * _TILE].reshape(tiles, blocks, 8, _TILE, 4).permute(1, 2, 4, 0, 3)
+    q = values.reshape(blocks * BLOCK, tiles * _TILE).to(torch.float32) - 128
+    scales = packed[..., BLOCK * _TILE :].contiguous().view(torch.float32)  # (tiles, blocks, 16)
+    scales = scales.permute(1, 0, 2).reshape(blocks, 1, tiles * _TILE)
+    matrix = (q.view(blocks, BLOCK, tiles * _TILE) * scales).view(blocks * BLOCK, tiles * _TILE)
+    return matrix[:rows, :cols].contiguous()
 
 
 def _bind_ffn(f: dict[str, Any], fmt: WeightFormat, keep: list[Tensor]) -> _Ffn:
@@ -743,9 +791,14 @@ def _bind_layer(
         return layer
     moe = lw["moe"]
     h, experts, gh = moe["hidden"], moe["experts"], (2 if moe["gated"] else 1) * moe["hidden"]
-    layer.w_in = _mat(moe["w_in"].transpose(1, 2).reshape(experts * dim, gh), fmt, keep, seg=dim)  # views
+    copies: _ExpertCopies | None = moe["released"]
+    if copies is None:
+        made = len(keep)
+        mat_in = _mat(moe["w_in"].transpose(1, 2).reshape(experts * dim, gh), fmt, keep, seg=dim)  # views
+        mat_out = _mat(moe["w_out"].transpose(1, 2).reshape(experts * h, dim), fmt, keep, seg=h)
+        copies = moe["bound"] = _ExpertCopies(fmt, mat_in, mat_out, keep[made:], (experts, dim, gh, h))
+    layer.w_in, layer.w_out = copies.mat_in, copies.mat_out
     layer.gated = int(moe["gated"])
-    layer.w_out = _mat(moe["w_out"].transpose(1, 2).reshape(experts * h, dim), fmt, keep, seg=h)
     layer.router, layer.b_in, layer.b_out = _ptr(moe["router"]), _ptr(moe["b_in"]), _ptr(moe["b_out"])
     if moe["router_dtype"] == "bfloat16":  # RxLM's router_amp: the C step routes on a bf16 copy
         router_bf16 = moe["router"].to(torch.bfloat16).contiguous()
@@ -855,7 +908,7 @@ class NativeDecoder:
         if head_bias is not None and not head_bias.is_contiguous():
             return False
         heads = {"self": (d.self_q_heads, d.self_kv_heads), "cross": (d.cross_q_heads, d.cross_kv_heads)}
-        if not all(_layer_ok(lw, dim, hd, heads) for lw in layer_weights):
+        if not all(_layer_ok(lw, dim, hd, heads, fmt) for lw in layer_weights):
             return False
         moe = (d.num_experts, d.experts_per_token, d.expert_ffn_dim)  # the C step reads these per model
         if any(lw["moe"] is not None and (lw["moe"]["experts"], lw["moe"]["top_k"], lw["moe"]["hidden"]) != moe
@@ -881,6 +934,51 @@ class NativeDecoder:
         self._shared_tables = shared_tables
         self._buffers_key = ()
         return True
+
+    def _bound(self, fmt: WeightFormat) -> bool:
+        """Whether the C structs hold the current weights, binding them again when something
+        moved (call under ``self._lock``); False, without re-checking until the weights move,
+        when a layout is not the expected one."""
+        watched = self._watch.key(fmt)
+        if watched is None or watched != self._weight_key:  # something moved: bind again
+            weights = self._collect()
+            self._struct = None
+            self._weights, self._weight_key = weights, self._watch.key(fmt)
+            if not self._bind_weights(weights, fmt):
+                return False
+        return self._struct is not None
+
+    def bind(self) -> bool:
+        """Make the C step's copies now (a first turn would otherwise wait for them: tens of
+        seconds at RxT-Beta's size); whether the C step runs this model."""
+        with self._lock:
+            return self._bound(self.model.weight_format)
+
+    @torch.no_grad()
+    def release_experts(self) -> int:
+        """Drop the float32 routed-expert tables the compact copies hold (see
+        :func:`release_expert_tables`); bytes freed."""
+        fmt = self.model.weight_format
+        freed = 0
+        with self._lock:
+            if fmt == "fp32" or not self._bound(fmt):
+                return 0
+            for lw in self._weights[1]:
+                moe = lw["moe"]
+                if moe is None or moe["released"] is not None:
+                    continue
+                module: MoE = moe["module"]
+                copies: _ExpertCopies = moe["bound"]
+                freed += (module.w_in.numel() + module.w_out.numel()) * module.w_in.element_size()
+                _released[module] = copies
+                module.released = copies.expert
+                module.w_in = torch.nn.Parameter(torch.empty(0, *module.w_in.shape[1:]), requires_grad=False)
+                module.w_out = torch.nn.Parameter(torch.empty(0, *module.w_out.shape[1:]), requires_grad=False)
+            # the collected dicts held the old tables: collect again (the copies are reused)
+            self._weight_key = None
+            self._weights = ([], [])
+            self._bound(fmt)
+        return freed
 
     def _bind_buffers(self, n: int, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache) -> bool:
         """Point the layers at this step's cache and memory keys/values (when they moved); False
@@ -1037,19 +1135,14 @@ class NativeDecoder:
         # One call at a time per model: the struct points at one batch's buffers during a call,
         # and two decode batches of the same model may step from two threads.
         with self._lock:
-            watched = self._watch.key(fmt)
-            if watched is None or watched != self._weight_key:  # something moved: bind again
-                weights = self._collect()
-                self._struct = None
-                self._weights, self._weight_key = weights, self._watch.key(fmt)
-                if not self._bind_weights(weights, fmt):
-                    return False  # and False again, without re-checking, until the weights move
-            if self._struct is None or not self._bind_buffers(needed_rows, memory_kv, cache):
+            if not self._bound(fmt) or not self._bind_buffers(needed_rows, memory_kv, cache):
                 return False
-            self._struct.row_block = rows_per_pass(self.model)
-            self._struct.attend_old = int(old_attention())
+            struct = self._struct
+            assert struct is not None
+            struct.row_block = rows_per_pass(self.model)
+            struct.attend_old = int(old_attention())
             code = library().rxt_decode_rows(
-                ctypes.byref(self._struct), n, tokens.data_ptr(), positions.data_ptr(),
+                ctypes.byref(struct), n, tokens.data_ptr(), positions.data_ptr(),
                 None if rows is None else rows.data_ptr(),
                 n if out_rows is None else len(out_rows),
                 None if out_rows is None or len(out_rows) == 0 else out_rows.data_ptr(),
@@ -1082,6 +1175,26 @@ def prefill(
     does not apply."""
     decoder = _decoder_for(model)
     return None if decoder is None else decoder.prefill(prompts, memory_kv, cache)
+
+
+def prepare(model: RxTModel, release_experts: bool = True) -> int:
+    """Bind the C step to ``model`` now, and (``release_experts``) drop the float32 tables of
+    its routed experts where the step holds int8 or bf16 copies of them; bytes freed.
+
+    Those tables are most of a large MoE model (RxT-Beta: 10.4 GB of float32 beside 2.7 GB of
+    int8), and the copies hold exactly their values (quantize.py rounded the tables to them), so
+    the float32 ones are a second copy. Afterwards the torch paths (long prefills, batches beyond
+    the C step's rows) unpack each routed expert from the copies as they run it: the same
+    numbers, slower. Saving or training the model is refused (reload it). A model the C step
+    does not run, or float32 weights, keep everything (0 bytes).
+    """
+    decoder = _decoder_for(model)
+    if decoder is None:
+        return 0
+    model.use_decode_layout()  # as the first decode batch would (idempotent): the layout the step reads
+    if not decoder.bind() or not release_experts:
+        return 0
+    return decoder.release_experts()
 
 
 def _decoder_for(model: RxTModel) -> NativeDecoder | None:

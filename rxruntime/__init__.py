@@ -70,6 +70,7 @@ def load(
     max_memory_batch: int = 32,
     max_resident_bytes: int | None = None,
     store_writers: int = 4,
+    keep_float32: bool = False,
 ) -> Engine:
     """Load a model and start an :class:`Engine` for it.
 
@@ -89,6 +90,9 @@ def load(
     a small measured cost in accuracy (docs/benchmarks.md §8). Default: :data:`DEFAULT_CPU_WEIGHTS`
     where the C decode step runs the model and it is not an RxLM checkpoint (those keep the
     reference's numbers), float32 otherwise (:func:`~rxruntime.models.quantize.default_format`).
+    With ``int8`` or ``bf16`` the C step's copies are made here, and the float32 tables of routed
+    experts are dropped (RxT-Beta: 10.4 GB; the copies hold the same values, and the torch paths
+    unpack experts from them): ``keep_float32=True`` keeps them, for a model to train or save.
     ``max_memory_batch``, ``max_resident_bytes`` and ``store_writers`` go to the :class:`Engine`
     (docs/api.md, "Bounds"); ``rxrt serve`` sets them with the flags of the same names.
     """
@@ -106,6 +110,10 @@ def load(
     assert tok is not None
     if dev.type == "cpu" and dtype == torch.float32:
         set_weight_format(rxt, fmt or default_format(rxt, DEFAULT_CPU_WEIGHTS))
+        if rxt.native_decode:
+            from rxruntime.models import native
+
+            native.prepare(rxt, release_experts=not keep_float32)
     return Engine(
         rxt,
         tok,

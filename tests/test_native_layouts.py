@@ -44,12 +44,12 @@ BASE: dict[str, object] = dict(
 """conftest.tiny_config's decoder."""
 
 
-def _model(seed: int, dim: int = 32, layer_norm: bool = False, **decoder: object) -> RxTModel:
+def _model(seed: int, dim: int = 32, layer_norm: bool = False, vocab_size: int = 97, **decoder: object) -> RxTModel:
     """A tiny model with ``decoder`` options over :data:`BASE`, every bias random (zero biases,
     the init of the global ones and of LayerNorm's, would test nothing) and every norm weight
     too (ones would hide a norm reading the wrong vector)."""
     config = DecoderConfig(**{**BASE, **decoder})  # type: ignore[arg-type]
-    model = tiny_model(seed=seed, dim=dim, layer_norm=layer_norm, decoder=config)
+    model = tiny_model(seed=seed, dim=dim, layer_norm=layer_norm, vocab_size=vocab_size, decoder=config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -59,7 +59,7 @@ def _model(seed: int, dim: int = 32, layer_norm: bool = False, **decoder: object
     return model
 
 
-def _beta(seed: int, router_dtype: str = "float32") -> RxTModel:
+def _beta(seed: int, router_dtype: str = "float32", vocab_size: int = 97) -> RxTModel:
     """RxT-Beta's shape family, small: 8 query / 4 key-value heads of a 16-head split in self- and
     cross-attention, many experts top-10 with a global bias, 2 shared experts (wider, global bias,
     mixed by their gate), stateless ``dense, moe`` before and ``moe, moe`` after, sigmoid-gated
@@ -70,7 +70,7 @@ def _beta(seed: int, router_dtype: str = "float32") -> RxTModel:
         num_experts=24, experts_per_token=10, expert_ffn_dim=12, expert_bias_mode="global",
         num_shared_experts=2, shared_expert_ffn_dim=24, shared_expert_bias_mode="global",
         layers_before=["dense", "moe"], layers_after=["moe", "moe"], dense_ffn_dim=48, ffn_bias=True,
-        attention_gate="sigmoid", router_dtype=router_dtype,
+        attention_gate="sigmoid", router_dtype=router_dtype, vocab_size=vocab_size,
     )  # fmt: skip
 
 

@@ -120,7 +120,8 @@ class Engine:
         )
         self._decode = DecodeLoop(model, self._sched, self._memory, max_batch=max_batch)
         if self.device.type == "cpu" and model.native_decode:
-            native.enabled()  # build the C decode step now (once per machine), not in the first turn
+            # build the C decode step (once per machine) and make its weight copies now, not in the first turn
+            native.prepare(model, release_experts=False)
         self._delivery = ThreadPoolExecutor(delivery_threads, thread_name_prefix="rxrt-deliver")
         self._decode.start()
         self._memory.start()
