@@ -744,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
         child += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     for key in ("batch", "idle_conversations", "store_repeats", "guard_gib", "memory_batch"):
         child += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.keep_float32:
+        child.append("--keep-float32")
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
     proc = subprocess.run(child, stdout=subprocess.PIPE, text=True, env=env, cwd=HERE.parent)  # stderr: ours
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
