@@ -260,6 +260,11 @@ class RxTConfig:
     """The cap on an answer's generated tokens when a turn sets no ``max_new_tokens`` (None: what
     fits in ``max_seq_len``). Serving only: a model whose memory was trained on short answers
     recalls better when its answers stay short (the default model: 64, docs/default-model.md)."""
+    presence_penalty: float = 0.0
+    """The presence penalty of turns that set none (OpenAI's meaning, in [-2, 2]). Serving only, like
+    ``answer_tokens``: a small greedy model loops one sentence without it (the default model: 0.5)."""
+    frequency_penalty: float = 0.0
+    """The frequency penalty of turns that set none (in [-2, 2]; the default model: 0.5)."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     memory_attention: MemoryAttentionConfig = field(default_factory=MemoryAttentionConfig)
@@ -275,6 +280,9 @@ class RxTConfig:
             _positive(name, getattr(self, name))
         if self.answer_tokens is not None:
             _positive("answer_tokens", self.answer_tokens)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ConfigError(f"{name} must be in [-2, 2] (0 is off), got {getattr(self, name)}")
         if self.rope_base <= 1.0:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
         if self.norm_eps is not None and self.norm_eps <= 0:
@@ -422,6 +430,12 @@ class RxTConfig:
 
 
 _T = TypeVar("_T")
+
+
+SAMPLING_DEFAULTS = ("presence_penalty", "frequency_penalty")
+"""``RxTConfig`` fields that set serving's default sampling: not the model, so no fingerprint (of
+snapshots, of recipes) hashes them. (``answer_tokens`` predates this and stays hashed: snapshots and
+runs made with it must keep their fingerprints.)"""
 
 
 def non_default_fields(obj: Any) -> dict[str, Any]:

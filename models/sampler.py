@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import RxTConfig
 
 _MASK32 = 0xFFFFFFFF
 
@@ -33,6 +37,11 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the answer already holds (OpenAI's meaning; in
+    [-2, 2]): a small greedy model stops looping one sentence."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per occurrence of a token in the answer so far (OpenAI's; in [-2, 2])."""
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0 and self.temperature < float("inf")):
@@ -43,6 +52,14 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ConfigError(f"{name} must be in [-2, 2], got {value}")
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -51,6 +68,14 @@ class SamplingParams:
     @property
     def filtered(self) -> bool:
         return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+    @classmethod
+    def model_default(cls, config: RxTConfig) -> SamplingParams:
+        """Greedy, with the model's own default penalties (``config.json``): what a turn that sets
+        nothing gets, in serving and in ``rxrt eval``."""
+        return cls(
+            temperature=0.0, presence_penalty=config.presence_penalty, frequency_penalty=config.frequency_penalty
+        )
 
     def resolved_seed(self) -> int:
         """The seed, or a fresh random one when none was given."""
@@ -228,27 +253,52 @@ class BatchSampler:
         self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
         self.top_p = torch.ones(rows, device=device)
         self.seed = torch.zeros(rows, dtype=torch.long, device=device)
+        self.presence = torch.zeros(rows, device=device)
+        self.frequency = torch.zeros(rows, device=device)
+        self.counts: Tensor | None = None
+        """(rows, vocab) occurrences of each token in each row's answer so far: made on the first
+        step of a penalised row, so batches without penalties never hold it."""
         self._filtered = [False] * rows
         self._greedy = [False] * rows
+        self._penalised = [False] * rows
 
     def set_row(self, row: int, params: SamplingParams, seed: int) -> None:
         self.temperature[row] = params.temperature
         self.top_k[row] = params.top_k
         self.top_p[row] = params.top_p
         self.seed[row] = seed
+        self.presence[row] = params.presence_penalty
+        self.frequency[row] = params.frequency_penalty
+        if self.counts is not None:
+            self.counts[row] = 0
         self._filtered[row] = params.filtered
         self._greedy[row] = params.greedy
+        self._penalised[row] = params.penalised
 
     def copy_row(self, src: int, dst: int) -> None:
-        for t in (self.temperature, self.top_k, self.top_p, self.seed):
+        for t in (self.temperature, self.top_k, self.top_p, self.seed, self.presence, self.frequency):
             t[dst] = t[src]
+        if self.counts is not None:
+            self.counts[dst] = self.counts[src]
         self._filtered[dst] = self._filtered[src]
         self._greedy[dst] = self._greedy[src]
+        self._penalised[dst] = self._penalised[src]
 
     def sample_rows(self, logits: Tensor, step: Tensor, start: int, stop: int) -> Tensor:
         """Sample rows ``start:stop``; ``logits`` and ``step`` (each row's token counter) cover just
-        those rows."""
-        return sample(
+        those rows. Penalised rows see their logits lowered by what their answer already holds,
+        and count the token they draw."""
+        penalised = any(self._penalised[start:stop])
+        if penalised:
+            if self.counts is None or self.counts.shape[1] != logits.shape[-1]:
+                self.counts = torch.zeros(len(self.temperature), logits.shape[-1], device=logits.device)
+            counts = self.counts[start:stop]
+            logits = (
+                logits
+                - self.frequency[start:stop, None] * counts
+                - self.presence[start:stop, None] * (counts > 0).to(counts.dtype)
+            )
+        tokens = sample(
             logits,
             self.temperature[start:stop],
             self.top_k[start:stop],
@@ -258,3 +308,8 @@ class BatchSampler:
             filtered=any(self._filtered[start:stop]),
             greedy=all(self._greedy[start:stop]),
         )
+        if penalised:
+            assert self.counts is not None
+            drawn = tokens.clamp_min(0)[:, None]
+            self.counts[start:stop].scatter_add_(1, drawn, (tokens >= 0).to(self.counts.dtype)[:, None])
+        return tokens

@@ -24,6 +24,8 @@ OPTIONS = frozenset(
         "top_k",
         "top_p",
         "seed",
+        "presence_penalty",
+        "frequency_penalty",
         "max_new_tokens",
         "remember_partial",
         "remember",
@@ -63,6 +65,13 @@ def _real(field: str, value: object) -> float:
     return number
 
 
+def _penalty(field: str, value: object) -> float:
+    penalty = _real(field, value)
+    if not -2.0 <= penalty <= 2.0:
+        raise InvalidOptionError(field, f"must be in [-2, 2] (0 is off), got {penalty}")
+    return penalty
+
+
 def check_options(
     default: SamplingParams,
     vocab_size: int,
@@ -91,6 +100,10 @@ def check_options(
         if not 0.0 < top_p <= 1.0:
             raise InvalidOptionError("top_p", f"must be in (0, 1] (1 disables it), got {top_p}")
         params = replace(params, top_p=top_p)
+    if options.get("presence_penalty") is not None:
+        params = replace(params, presence_penalty=_penalty("presence_penalty", options["presence_penalty"]))
+    if options.get("frequency_penalty") is not None:
+        params = replace(params, frequency_penalty=_penalty("frequency_penalty", options["frequency_penalty"]))
     if options.get("seed") is not None:
         seed = _int("seed", options["seed"])
         if not 0 <= seed < MAX_SEED:

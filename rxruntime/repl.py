@@ -57,6 +57,7 @@ class ChatREPL:
         temperature: float = 0.0,
         max_new_tokens: int | None = None,
         thinking_mode: str | None = None,
+        options: dict[str, Any] | None = None,
         history_file: Path | None = None,
         notice: str | None = None,
     ) -> None:
@@ -66,6 +67,8 @@ class ChatREPL:
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.thinking_mode = thinking_mode
+        self.options = dict(options or {})
+        """Turn options every turn passes (``rxrt chat --presence-penalty`` ...), checked by the caller."""
         self.history_file = history_file
         self.notice = notice
         self._print_lock = threading.Lock()
@@ -139,7 +142,7 @@ class ChatREPL:
         def on_error(exc: Exception) -> None:
             events.put(exc)
 
-        options: dict[str, Any] = {"temperature": self.temperature}
+        options: dict[str, Any] = {**self.options, "temperature": self.temperature}
         if self.max_new_tokens is not None:
             options["max_new_tokens"] = self.max_new_tokens
         if self.thinking_mode is not None:

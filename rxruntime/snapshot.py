@@ -20,7 +20,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from rxruntime.errors import ConversationError
-from rxruntime.models.config import RxTConfig, non_default_fields
+from rxruntime.models.config import SAMPLING_DEFAULTS, RxTConfig, non_default_fields
 
 _STATE_FORMAT = "rxruntime.conversation-state/1"
 # Versions and turn counts must stay exact in every store (Redis compares them as doubles) with
@@ -33,7 +33,10 @@ def config_fingerprint(config: RxTConfig) -> str:
 
     Only the fields that differ from their defaults are hashed, so a release that adds a config
     field (with a default that keeps the old behaviour) does not orphan every stored memory."""
-    canonical = json.dumps(non_default_fields(config), sort_keys=True, separators=(",", ":"))
+    fields = non_default_fields(config)
+    for name in SAMPLING_DEFAULTS:  # how a turn samples by default is not which model it is
+        fields.pop(name, None)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -236,12 +236,51 @@ def test_a_bad_top_k_is_a_400_naming_it_on_every_endpoint(url: str, value: Any) 
         assert body["param"] == "top_k" and "top_k" in body["message"], body
 
 
+def test_penalties_reach_the_sampler_on_chat_and_completions(url: str, engine: Engine) -> None:
+    """A penalised HTTP answer is the engine's own answer with the same options from the same
+    starting memory (a stateless chat starts from seed 0; the completion runs in a conversation
+    made with seed 0), and differs from the unpenalised one (the small model is too sure of its
+    answers for a positive penalty to change this one; a negative one makes it repeat itself)."""
+    c = client(url)
+    query = "apples and apples"
+    messages: Any = [{"role": "user", "content": query}]
+    answers: list[str] = []
+    for presence, frequency in ((0.0, 0.0), (-2.0, 0.0), (0.0, -2.0)):
+        conversation = engine.conversation(seed=0)
+        want = conversation.ask(
+            query, temperature=0.0, max_new_tokens=24, presence_penalty=presence, frequency_penalty=frequency
+        )
+        conversation.close()
+        assert want not in answers, (presence, frequency)
+        answers.append(want)
+        chat = c.chat.completions.create(
+            model="rxt", messages=messages, temperature=0, max_tokens=24,
+            presence_penalty=presence, frequency_penalty=frequency,
+        )  # fmt: skip
+        seeded = c.conversations.create(extra_body={"seed": 0})
+        completion = c.completions.create(
+            model="rxt", prompt=query, temperature=0, max_tokens=24,
+            presence_penalty=presence, frequency_penalty=frequency, extra_body={"conversation": seeded.id},
+        )  # fmt: skip
+        assert chat.choices[0].message.content == want, (presence, frequency)
+        assert completion.choices[0].text == want, (presence, frequency)
+
+
+@pytest.mark.parametrize("value", [2.5, -3, "1", True])
+def test_a_bad_penalty_is_a_400_naming_it(url: str, value: Any) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(openai.BadRequestError) as err:
+            client(url).chat.completions.create(
+                model="rxt", messages=[{"role": "user", "content": JULIA}], extra_body={name: value}
+            )
+        body: Any = err.value.body
+        assert body["param"] == name, body
+
+
 REFUSED_CHAT: list[tuple[str, Any]] = [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"),
     ("response_format", {"type": "json_object"}),
-    ("frequency_penalty", 0.5),
-    ("presence_penalty", -1),
     ("logit_bias", {"5": 10}),
     ("reasoning_effort", "high"),  # the default model is an Alpha: no thinking modes
     ("not_a_field", 1),
@@ -285,8 +324,6 @@ def test_harmless_values_of_refused_fields_are_accepted(url: str) -> None:
         tools=[],
         tool_choice="none",
         response_format={"type": "text"},
-        frequency_penalty=0,
-        presence_penalty=0,
         logprobs=False,
     )
     assert chat.choices[0].message.content is not None

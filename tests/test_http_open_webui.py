@@ -129,6 +129,17 @@ def test_top_k_as_open_webui_passes_it_on_is_honoured(url: str) -> None:
     assert _send(url, {**request, "body": {**request["body"], "top_k": 40}})[0] == 200
 
 
+def test_penalties_as_open_webui_sends_them_are_honoured(url: str) -> None:
+    """Open WebUI sends a user's penalties as floats (tests/fixtures/open_webui/README.md): the turn
+    runs and, seeded, gives the same answer again."""
+    request = _fixture("chat_params.json")
+    body = {**request["body"], **_fixture("penalty_params.json")}
+    first, again = _send(url, {**request, "body": body}), _send(url, {**request, "body": body})
+    assert first[0] == again[0] == 200
+    text = _read_stream(first[2])[0]
+    assert text == _read_stream(again[2])[0]
+
+
 @pytest.mark.parametrize("field", sorted(_fixture("refused_params.json")))
 def test_each_parameter_we_cannot_honour_is_a_400_naming_it(url: str, field: str) -> None:
     request = _fixture("chat_params.json")

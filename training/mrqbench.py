@@ -36,7 +36,6 @@ from .data.dialogues import Dialogue, DialogueGenerator, Split
 
 GAPS = tuple(range(1, 9))
 BENCH_SEED = 20251
-GREEDY = SamplingParams(temperature=0.0)
 
 
 def normalise(text: str) -> str:
@@ -63,6 +62,7 @@ def run_dialogues(
     if any(len(d) != n_turns for d in dialogues):
         raise ValueError("run_dialogues needs dialogues of equal length (batch them by length)")
     generator = torch.Generator().manual_seed(seed)
+    params = SamplingParams.model_default(model.config)  # greedy, and the model's penalties as served
     s = tokenizer.special
     stm = model.init_stm(len(dialogues), generator=generator)
     answers: list[list[str]] = [[] for _ in dialogues]
@@ -71,7 +71,7 @@ def run_dialogues(
             stm = model.init_stm(len(dialogues), generator=generator)
         queries = [tokenizer.encode(d.turns[t].query) for d in dialogues]
         prompts = [tokenizer.prompt_ids(q) for q in queries]
-        outputs = generate(model, stm, prompts, GREEDY, max_new_tokens=max_new_tokens)
+        outputs = generate(model, stm, prompts, params, max_new_tokens=max_new_tokens)
         for i, out in enumerate(outputs):
             answers[i].append(tokenizer.decode(out))
         if t + 1 < n_turns and not reset_memory:

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
-from rxruntime.models.config import RxTConfig, non_default_fields, preset
+from rxruntime.models.config import SAMPLING_DEFAULTS, RxTConfig, non_default_fields, preset
 from rxruntime.models.errors import ConfigError, RxTError
 
 from .backbone import BackboneSpec
@@ -41,6 +41,11 @@ class ModelSpec:
     answer_tokens: int | None = None
     """Written into the model's ``config.json`` (``RxTConfig.answer_tokens``): the answer cap
     serving uses when a turn sets none. Training never reads it."""
+    presence_penalty: float = 0.0
+    """Written into ``config.json`` too (``RxTConfig.presence_penalty``): serving's default; never
+    read by training, so not in the recipe's fingerprint."""
+    frequency_penalty: float = 0.0
+    """The same for ``RxTConfig.frequency_penalty``."""
 
     def build(self) -> RxTConfig:
         if sum(x is not None for x in (self.preset, self.config, self.backbone)) != 1:
@@ -52,8 +57,10 @@ class ModelSpec:
                 config = preset(self.preset)
             else:
                 config = RxTConfig.from_dict(dict(self.config or {}))
-            return (
-                config if self.answer_tokens is None else dataclasses.replace(config, answer_tokens=self.answer_tokens)
+            if self.answer_tokens is not None:
+                config = dataclasses.replace(config, answer_tokens=self.answer_tokens)
+            return dataclasses.replace(
+                config, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty
             )
         except (ConfigError, RxTError, TypeError) as exc:
             raise RecipeError(f"model: {exc}") from exc
@@ -235,7 +242,10 @@ class Recipe:
         """SHA-256 of the canonical JSON of the fields away from their defaults: a resumed run must
         use the very same recipe, and a release that adds a recipe field (whose default keeps the
         old behaviour) does not stop runs started before it from resuming."""
-        return hashlib.sha256(json.dumps(non_default_fields(self), sort_keys=True).encode()).hexdigest()
+        fields = non_default_fields(self)
+        for name in SAMPLING_DEFAULTS:  # serving's defaults: not what a run computes
+            fields.get("model", {}).pop(name, None)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 STAGES = ("joint_pretrain", "joint_sft", "memory_pretrain", "memory_aware")

@@ -27,6 +27,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_model_options(p)
     p.add_argument("--preset", help="chat with a randomly initialised preset instead (its answers are noise)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    for name in ("presence", "frequency"):
+        p.add_argument(
+            f"--{name}-penalty",
+            type=float,
+            default=None,
+            help=f"{name} penalty in [-2, 2], OpenAI's meaning; 0 is off (default: the model's config.json, "
+            "0 if it sets none; the default model's is 0.5: greedy, it loops a sentence without one)",
+        )
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -106,11 +114,13 @@ def run(args: argparse.Namespace) -> int:
         )
     history = Path(os.environ.get("RXRT_HISTORY", Path.home() / ".rxrt_history"))
     with engine:
-        if args.thinking is not None:  # refused here (not at every turn) if the model has no such mode
+        given = {"presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty}
+        penalties = {name: value for name, value in given.items() if value is not None}
+        if args.thinking is not None or penalties:  # refused here, not at every turn
             check_options(
                 engine.default_sampling,
                 engine.vocab_size,
-                {"thinking_mode": args.thinking},
+                {"thinking_mode": args.thinking, **penalties},
                 engine.tokenizer.interaction_template,
             )
         conv = engine.conversation(args.conversation_id, memory_init=args.memory_init, seed=args.seed)
@@ -121,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
             thinking_mode=args.thinking,
+            options=penalties,
             history_file=history,
             notice=notice,
         )

@@ -97,7 +97,8 @@ class Engine:
         self.config = model.config
         self.max_seq_len = model.config.max_seq_len
         self.vocab_size = model.config.vocab_size
-        self.default_sampling = normalize(default_sampling or SamplingParams(temperature=0.0), self.vocab_size)
+        default_sampling = default_sampling or SamplingParams.model_default(model.config)  # greedy, its penalties
+        self.default_sampling = normalize(default_sampling, self.vocab_size)
         self.device = model.device
         self.store = store
         self.max_queued_turns = max_queued_turns

@@ -2,7 +2,7 @@
 
 Every field an endpoint knows is in its table (``RESPONSES``, ``CHAT_COMPLETIONS``,
 ``COMPLETIONS``): it either works, or it is refused with a 400 naming it unless its value asks for
-nothing we lack (``tools: []``, ``frequency_penalty: 0``, ``response_format: {"type": "text"}``).
+nothing we lack (``tools: []``, ``logit_bias: {}``, ``response_format: {"type": "text"}``).
 A field in no table is refused too, as OpenAI does (``unknown_parameter``): nothing a client sends
 is silently ignored. docs/http.md's field table is checked against these tables by a test. A known
 field with a wrong type or value is always an error, never silently replaced by a default. The
@@ -56,7 +56,6 @@ def _no_tool_choice(v: Any) -> bool:
 
 _TOOLS = "tools are not supported: a small RxT model has not been trained to call them"
 _FORMAT = "structured output (JSON mode, schemas) is not supported; only plain text"
-_PENALTY = "penalties are not supported by the sampler; only 0 is accepted"
 
 _COMMON: dict[str, Field] = {
     "model": WORKS,
@@ -112,8 +111,8 @@ CHAT_COMPLETIONS: dict[str, Field] = {
     "response_format": _refused(_FORMAT, _text_format),
     "logprobs": WORKS,
     "top_logprobs": WORKS,
-    "frequency_penalty": _refused(_PENALTY, _zero),
-    "presence_penalty": _refused(_PENALTY, _zero),
+    "frequency_penalty": WORKS,
+    "presence_penalty": WORKS,
     "logit_bias": _refused("logit_bias is not supported by the sampler", _empty),
     "modalities": _refused("only text is supported", lambda v: v is None or v == ["text"]),
     "audio": _refused("only text is supported"),
@@ -134,8 +133,8 @@ COMPLETIONS: dict[str, Field] = {
     "best_of": _refused("one answer per turn: a conversation's memory takes one", lambda v: v in (None, 1)),
     "logprobs": WORKS,
     "suffix": _refused("insertion (suffix) is not supported"),
-    "frequency_penalty": _refused(_PENALTY, _zero),
-    "presence_penalty": _refused(_PENALTY, _zero),
+    "frequency_penalty": WORKS,
+    "presence_penalty": WORKS,
     "logit_bias": _refused("logit_bias is not supported by the sampler", _empty),
 }
 
@@ -266,8 +265,10 @@ def metadata(body: dict[str, Any], name: str = "metadata") -> dict[str, str]:
 
 
 def sampling_options(body: dict[str, Any], max_tokens_field: str | tuple[str, ...]) -> dict[str, Any]:
-    """``temperature``, ``top_p``, ``top_k``, ``seed`` and the answer length, as ``Conversation.interact``
-    options. ``top_k`` (an extension: OpenAI has none) keeps the k likeliest tokens; 0 turns it off."""
+    """``temperature``, ``top_p``, ``top_k``, ``seed``, the penalties and the answer length, as
+    ``Conversation.interact`` options. ``top_k`` (an extension: OpenAI has none) keeps the k likeliest
+    tokens; 0 turns it off. The penalties are OpenAI's, in [-2, 2]: only the endpoints whose table
+    lists them get this far with one."""
     options: dict[str, Any] = {}
     temperature = opt_number(body, "temperature", 0.0, 2.0)
     if temperature is not None:
@@ -278,6 +279,10 @@ def sampling_options(body: dict[str, Any], max_tokens_field: str | tuple[str, ..
     top_k = opt_int(body, "top_k", 0, 2**63 - 1)  # at or above the vocabulary: every token (normalised to 0)
     if top_k is not None:
         options["top_k"] = top_k
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        value = opt_number(body, penalty, -2.0, 2.0)
+        if value is not None:
+            options[penalty] = value
     seed = opt_int(body, "seed", 0, 2**63 - 1)
     if seed is not None:
         options["seed"] = seed
