@@ -220,6 +220,14 @@ class MoE(nn.Module):
         return self._dispatch_gathered(h, weights, experts, residual=x)
 
     # ------------------------------------------------------------------ decode layout
+    def expert_numel(self) -> int:
+        """Parameters of one routed expert (its ``w_in[e]`` and ``w_out[e]``), released or not."""
+        return math.prod(self.w_in.shape[1:]) + math.prod(self.w_out.shape[1:])
+
+    def released_numel(self) -> int:
+        """Parameters of the released tables (0 while they are held): counts stay those of the model."""
+        return 0 if self.released is None else self.num_experts * self.expert_numel()
+
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         if self.released is not None:  # w_in / w_out are empty: a saved file would lose the experts
             raise RuntimeError(

@@ -159,6 +159,13 @@ def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
     ``model.weight_format``. Irreversible for the loaded weights: load again for float32.
     """
     weights = check_format(weights)
+    from .moe import MoE
+
+    if any(isinstance(m, MoE) and m.released is not None for m in model.modules()):
+        raise ValueError(
+            "this model's float32 expert tables were released for serving (models.native.prepare): "
+            "load it again to store it in another format"
+        )
     if weights == "fp32":
         model.weight_format = "fp32"
         return

@@ -105,8 +105,9 @@ class RxTModel(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per component; the shared embedding counts in both decoder and encoder."""
 
-        def count(module: nn.Module) -> int:
-            return sum(p.numel() for p in module.parameters())
+        def count(module: nn.Module) -> int:  # released expert tables (models.native.prepare) by their shape
+            released = sum(m.released_numel() for m in module.modules() if isinstance(m, MoE))
+            return sum(p.numel() for p in module.parameters()) + released
 
         emb = count(self.embedding)
         return {
@@ -120,8 +121,8 @@ class RxTModel(nn.Module):
         """Decoder parameters used per generated token: all but the unchosen experts, one
         embedding row."""
         moes = [m for m in self.decoder.modules() if isinstance(m, MoE)]
-        all_experts = sum(m.w_in.numel() + m.w_out.numel() for m in moes)
-        active_experts = sum((m.w_in[0].numel() + m.w_out[0].numel()) * m.top_k for m in moes)
+        all_experts = sum(m.w_in.numel() + m.w_out.numel() for m in moes)  # (0 where released)
+        active_experts = sum(m.expert_numel() * m.top_k for m in moes)
         dense = sum(p.numel() for p in self.decoder.parameters()) - all_experts
         return dense + active_experts + self.config.dim
 

@@ -102,10 +102,18 @@ def test_a_rebind_binds_the_copies_again(torch_steps: list[int]) -> None:  # noq
         assert torch.equal(a, b)
 
 
+def test_parameter_counts_are_the_models() -> None:
+    held, released = _pair("int8")
+    assert released.parameter_counts() == held.parameter_counts()
+    assert released.active_parameter_count() == held.active_parameter_count()
+
+
 def test_saving_a_released_model_is_refused() -> None:
     _, released = _pair("int8")
     with pytest.raises(RuntimeError, match="released"):
         released.state_dict()
+    with pytest.raises(ValueError, match="released"):
+        set_weight_format(released, "bf16")
 
 
 def test_float32_weights_keep_their_tables() -> None:
