@@ -26,7 +26,7 @@ During training the router also yields
 the Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (``f_e``: share of
 assignments to expert ``e``; ``P_e``: its mean router probability) in ``aux_loss``.
 
-**Released tables.** Routed experts are most of a large MoE model (RxT-Beta: 2.6B of 2.9B
+**Released tables.** Routed experts are most of a large MoE model (RxT-Beta: 2.7B of 2.9B
 parameters). Where the C decode step holds int8 or bf16 copies of them, the float32 tables are
 only a second copy of the same values (``models/quantize.py`` rounds them to what the copies
 hold), so :func:`models.native.release_expert_tables` drops them and sets :attr:`MoE.released`:

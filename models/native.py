@@ -1181,7 +1181,7 @@ def prepare(model: RxTModel, release_experts: bool = True) -> int:
     """Bind the C step to ``model`` now, and (``release_experts``) drop the float32 tables of
     its routed experts where the step holds int8 or bf16 copies of them; bytes freed.
 
-    Those tables are most of a large MoE model (RxT-Beta: 10.4 GB of float32 beside 2.7 GB of
+    Those tables are most of a large MoE model (RxT-Beta: 10.9 GB of float32 beside 3.1 GB of
     int8), and the copies hold exactly their values (quantize.py rounded the tables to them), so
     the float32 ones are a second copy. Afterwards the torch paths (long prefills, batches beyond
     the C step's rows) unpack each routed expert from the copies as they run it: the same

@@ -91,7 +91,7 @@ def load(
     where the C decode step runs the model and it is not an RxLM checkpoint (those keep the
     reference's numbers), float32 otherwise (:func:`~rxruntime.models.quantize.default_format`).
     With ``int8`` or ``bf16`` the C step's copies are made here, and the float32 tables of routed
-    experts are dropped (RxT-Beta: 10.4 GB; the copies hold the same values, and the torch paths
+    experts are dropped (RxT-Beta: 10.9 GB; the copies hold the same values, and the torch paths
     unpack experts from them): ``keep_float32=True`` keeps them, for a model to train or save.
     ``max_memory_batch``, ``max_resident_bytes`` and ``store_writers`` go to the :class:`Engine`
     (docs/api.md, "Bounds"); ``rxrt serve`` sets them with the flags of the same names.

@@ -1,5 +1,5 @@
 """Releasing the float32 routed-expert tables once the C step holds compact copies of them
-(``models.native.prepare``): RxT-Beta's experts are 10.4 GB of float32 beside 2.7 GB of int8.
+(``models.native.prepare``): RxT-Beta's experts are 10.9 GB of float32 beside 3.1 GB of int8.
 
 On RxT-Beta's shape family, small: the copies unpack to exactly the rounded tables; the C step
 gives the same logits and caches before and after; the torch paths (prefill, decoder forward),
