@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import rxruntime
+from rxruntime.bench.overlap import cpu_model
 from rxruntime.engine import Engine
 
 FACTS = [
@@ -60,13 +60,6 @@ def loops(text: str) -> bool:
     words = re.findall(r"\w+", text.lower())
     grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
     return len(grams) != len(set(grams))
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _play(engine: Engine, job: tuple[tuple[float, float], int, str, Any]) -> dict[str, Any]:
@@ -127,7 +120,7 @@ def main() -> None:
         ))  # fmt: skip
         print(json.dumps(summary[-1]))
     if args.out is not None:
-        record = dict(cpu=_cpu(), model=args.model, seeds=args.seeds, seconds=time.perf_counter() - start,
+        record = dict(cpu=cpu_model(), model=args.model, seeds=args.seeds, seconds=time.perf_counter() - start,
                       summary=summary, rows=rows)  # fmt: skip
         args.out.write_text(json.dumps(record, indent=1) + "\n")
 

@@ -280,9 +280,8 @@ class RxTConfig:
             _positive(name, getattr(self, name))
         if self.answer_tokens is not None:
             _positive("answer_tokens", self.answer_tokens)
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ConfigError(f"{name} must be in [-2, 2] (0 is off), got {getattr(self, name)}")
+        for name in SAMPLING_DEFAULTS:
+            check_penalty(name, getattr(self, name))
         if self.rope_base <= 1.0:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
         if self.norm_eps is not None and self.norm_eps <= 0:
@@ -432,21 +431,34 @@ class RxTConfig:
 _T = TypeVar("_T")
 
 
+PENALTY_LIMIT = 2.0
+"""Presence and frequency penalties lie in [-PENALTY_LIMIT, PENALTY_LIMIT] (OpenAI's range)."""
+
+
+def check_penalty(name: str, value: float) -> None:
+    """ConfigError naming ``name`` unless ``value`` is a penalty in range."""
+    if not -PENALTY_LIMIT <= value <= PENALTY_LIMIT:
+        raise ConfigError(f"{name} must be in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}] (0 is off), got {value}")
+
+
 SAMPLING_DEFAULTS = ("presence_penalty", "frequency_penalty")
 """``RxTConfig`` fields that set serving's default sampling: not the model, so no fingerprint (of
 snapshots, of recipes) hashes them. (``answer_tokens`` predates this and stays hashed: snapshots and
 runs made with it must keep their fingerprints.)"""
 
 
-def non_default_fields(obj: Any) -> dict[str, Any]:
-    """The dataclass's fields that differ from their defaults, nested dataclasses recursively: what a
-    fingerprint hashes, so that a release adding a field (whose default keeps the old behaviour)
-    does not change the fingerprint of anything made before it."""
+def non_default_fields(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The dataclass's fields that differ from their defaults, nested dataclasses recursively, less
+    the fields named in ``skip`` at any depth: what a fingerprint hashes, so that a release adding a
+    field (whose default keeps the old behaviour) does not change the fingerprint of anything made
+    before it (fingerprints skip :data:`SAMPLING_DEFAULTS`)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            nested = non_default_fields(value)
+            nested = non_default_fields(value, skip)
             if nested:
                 out[f.name] = nested
             continue

@@ -29,7 +29,7 @@ assignments to expert ``e``; ``P_e``: its mean router probability) in ``aux_loss
 **Released tables.** Routed experts are most of a large MoE model (RxT-Beta: 2.7B of 2.9B
 parameters). Where the C decode step holds int8 or bf16 copies of them, the float32 tables are
 only a second copy of the same values (``models/quantize.py`` rounds them to what the copies
-hold), so :func:`models.native.release_expert_tables` drops them and sets :attr:`MoE.released`:
+hold), so :func:`models.native.prepare` drops them and sets :attr:`MoE.released`:
 the torch paths then run the grouped dispatch on each routed expert's matrices unpacked from the
 copy, the same numbers, one expert at a time.
 """
@@ -231,8 +231,8 @@ class MoE(nn.Module):
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         if self.released is not None:  # w_in / w_out are empty: a saved file would lose the experts
             raise RuntimeError(
-                "this MoE's float32 expert tables were released for serving (models.native."
-                "release_expert_tables); load the checkpoint again to save or train it"
+                "this MoE's float32 expert tables were released for serving (models.native.prepare); "
+                "load the checkpoint again to save or train it"
             )
         super()._save_to_state_dict(destination, prefix, keep_vars)
 

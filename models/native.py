@@ -731,7 +731,7 @@ class _ExpertCopies:
 
 
 _released: weakref.WeakKeyDictionary[MoE, _ExpertCopies] = weakref.WeakKeyDictionary()
-"""MoE layers whose float32 tables :func:`release_expert_tables` dropped, and the copies that
+"""MoE layers whose float32 tables :func:`prepare` dropped, and the copies that
 now hold them (a rebind of the C step binds these again)."""
 
 
@@ -957,7 +957,7 @@ class NativeDecoder:
     @torch.no_grad()
     def release_experts(self) -> int:
         """Drop the float32 routed-expert tables the compact copies hold (see
-        :func:`release_expert_tables`); bytes freed."""
+        :func:`prepare`); bytes freed."""
         fmt = self.model.weight_format
         freed = 0
         with self._lock:
@@ -974,10 +974,10 @@ class NativeDecoder:
                 module.released = copies.expert
                 module.w_in = torch.nn.Parameter(torch.empty(0, *module.w_in.shape[1:]), requires_grad=False)
                 module.w_out = torch.nn.Parameter(torch.empty(0, *module.w_out.shape[1:]), requires_grad=False)
-            # the collected dicts held the old tables: collect again (the copies are reused)
-            self._weight_key = None
-            self._weights = ([], [])
-            self._bound(fmt)
+                moe["w_in"] = moe["w_out"] = None  # the collected dict held the old tables
+                moe["released"] = copies
+            # the structs already read the copies: only the watched parameters changed
+            self._weight_key = self._watch.key(fmt)
         return freed
 
     def _bind_buffers(self, n: int, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache) -> bool:

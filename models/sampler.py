@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .config import check_penalty
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,10 +53,8 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not -2.0 <= value <= 2.0:
-                raise ConfigError(f"{name} must be in [-2, 2], got {value}")
+        check_penalty("presence_penalty", self.presence_penalty)
+        check_penalty("frequency_penalty", self.frequency_penalty)
 
     @property
     def penalised(self) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from numbers import Integral, Real
 
 from rxruntime.errors import InvalidOptionError, InvalidTokenError
-from rxruntime.models.config import InteractionTemplate, ThinkingMode
+from rxruntime.models.config import PENALTY_LIMIT, InteractionTemplate, ThinkingMode
 from rxruntime.models.sampler import SamplingParams
 
 OPTIONS = frozenset(
@@ -67,8 +67,8 @@ def _real(field: str, value: object) -> float:
 
 def _penalty(field: str, value: object) -> float:
     penalty = _real(field, value)
-    if not -2.0 <= penalty <= 2.0:
-        raise InvalidOptionError(field, f"must be in [-2, 2] (0 is off), got {penalty}")
+    if not -PENALTY_LIMIT <= penalty <= PENALTY_LIMIT:
+        raise InvalidOptionError(field, f"must be in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}] (0 is off), got {penalty}")
     return penalty
 
 

@@ -33,9 +33,7 @@ def config_fingerprint(config: RxTConfig) -> str:
 
     Only the fields that differ from their defaults are hashed, so a release that adds a config
     field (with a default that keeps the old behaviour) does not orphan every stored memory."""
-    fields = non_default_fields(config)
-    for name in SAMPLING_DEFAULTS:  # how a turn samples by default is not which model it is
-        fields.pop(name, None)
+    fields = non_default_fields(config, skip=SAMPLING_DEFAULTS)  # how a turn samples is not which model
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

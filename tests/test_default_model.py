@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 import rxruntime
+from benchmarks.chat_penalties import FACTS
 from rxruntime.models.backbone_store import Q8_SCALES
 from rxruntime.models.checkpoint import DEFAULT_MODEL, SHIPPED_MODELS, default_model_dir, shipped_model_dir
 from rxruntime.training.recipe import load_recipe
@@ -63,15 +64,9 @@ def test_the_shipped_model_is_what_its_recipe_trains() -> None:
     assert model.config == load_recipe("smol3").config()
 
 
-# (fact, question, the value its answer must name): one fact, asked the next turn
-ONE_FACT = [
-    ("My name is Marguerite.", "What is my name?", "Marguerite"),
-    ("I live in Lisbon.", "Where do I live?", "Lisbon"),
-    ("My favourite food is sushi.", "What food do I like?", "sushi"),
-    ("I work as a nurse.", "What is my job?", "nurse"),
-    ("My dog is called Biscuit.", "What is my dog's name?", "Biscuit"),
-    ("I grew up in Quebec City.", "Where did I grow up?", "Quebec"),
-]
+# (fact, question, the value its answer must name): one fact, asked the next turn; the probes of
+# benchmarks/chat_penalties.py (the card's penalty table)
+ONE_FACT = FACTS
 
 
 def test_it_recalls_a_fact_from_memory_and_not_without_it(engine: rxruntime.Engine) -> None:

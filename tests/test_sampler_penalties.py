@@ -11,12 +11,13 @@ import torch
 from rxruntime.engine import Engine
 from rxruntime.errors import InvalidOptionError
 from rxruntime.models import SamplingParams
+from rxruntime.models.config import preset
 from rxruntime.models.errors import ConfigError
 from rxruntime.models.sampler import BatchSampler
 from rxruntime.models.tokenizer import RxTokenizer
 from rxruntime.options import check_options
 from rxruntime.snapshot import config_fingerprint
-from training.recipe import load_recipe
+from training.recipe import ModelSpec, load_recipe
 
 from .engine_util import make_model
 
@@ -95,3 +96,12 @@ def test_penalty_defaults_change_no_fingerprint() -> None:
     plain = dataclasses.replace(recipe, model=unpenalised)
     assert recipe.model.presence_penalty == 0.5 and recipe.fingerprint() == plain.fingerprint()
     assert recipe.config().frequency_penalty == 0.5
+
+
+def test_a_recipes_config_dict_keeps_its_penalties() -> None:
+    """A ``model.config`` dict that sets penalties keeps them (the spec's own fields default to 0
+    and override only when set)."""
+    config = dataclasses.replace(preset("nano"), presence_penalty=0.3)
+    assert ModelSpec(config=config.to_dict()).build().presence_penalty == 0.3
+    assert ModelSpec(config=config.to_dict(), frequency_penalty=0.7).build().frequency_penalty == 0.7
+    assert ModelSpec(preset="nano", answer_tokens=9).build().answer_tokens == 9

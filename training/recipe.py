@@ -57,11 +57,11 @@ class ModelSpec:
                 config = preset(self.preset)
             else:
                 config = RxTConfig.from_dict(dict(self.config or {}))
+            # only what the spec sets: a penalty of a ``config`` dict is not reset to the spec's 0
+            overrides: dict[str, Any] = {name: getattr(self, name) for name in SAMPLING_DEFAULTS if getattr(self, name)}
             if self.answer_tokens is not None:
-                config = dataclasses.replace(config, answer_tokens=self.answer_tokens)
-            return dataclasses.replace(
-                config, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty
-            )
+                overrides["answer_tokens"] = self.answer_tokens
+            return dataclasses.replace(config, **overrides)
         except (ConfigError, RxTError, TypeError) as exc:
             raise RecipeError(f"model: {exc}") from exc
 
@@ -242,9 +242,7 @@ class Recipe:
         """SHA-256 of the canonical JSON of the fields away from their defaults: a resumed run must
         use the very same recipe, and a release that adds a recipe field (whose default keeps the
         old behaviour) does not stop runs started before it from resuming."""
-        fields = non_default_fields(self)
-        for name in SAMPLING_DEFAULTS:  # serving's defaults: not what a run computes
-            fields.get("model", {}).pop(name, None)
+        fields = non_default_fields(self, skip=SAMPLING_DEFAULTS)  # serving's defaults: not what a run computes
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from rxruntime.models.config import PENALTY_LIMIT
 from rxruntime.serving.http.errors import APIError, bad_field
 
 
@@ -40,10 +41,6 @@ def _refused(why: str, harmless: Callable[[Any], bool] = lambda v: v is None) ->
 
 def _empty(v: Any) -> bool:
     return v is None or v == [] or v == {}
-
-
-def _zero(v: Any) -> bool:
-    return v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and v == 0)
 
 
 def _text_format(v: Any) -> bool:
@@ -280,7 +277,7 @@ def sampling_options(body: dict[str, Any], max_tokens_field: str | tuple[str, ..
     if top_k is not None:
         options["top_k"] = top_k
     for penalty in ("presence_penalty", "frequency_penalty"):
-        value = opt_number(body, penalty, -2.0, 2.0)
+        value = opt_number(body, penalty, -PENALTY_LIMIT, PENALTY_LIMIT)
         if value is not None:
             options[penalty] = value
     seed = opt_int(body, "seed", 0, 2**63 - 1)
