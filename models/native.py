@@ -14,7 +14,11 @@ Otherwise :meth:`RxTModel.decode_step` runs the torch step, which computes the s
 (tests/test_native.py compares them). The shared library is compiled with ``-march=native``
 into ``$RXRT_CACHE_DIR`` (default ``~/.cache/rxruntime``), keyed by the source, the compiler
 and the CPU, and linked against the OpenMP runtime torch already loaded, so the C step and torch
-share one thread pool instead of two pools spinning against each other on the same cores.
+share one thread pool instead of two pools spinning against each other on the same cores. A call
+is one OpenMP region whose thread 0 hands the step's parts to the others itself (decode_step.c's
+``Team``): libgomp stops spinning and sleeps between regions whenever the process holds more
+OpenMP threads than CPUs, as every engine does, and a region per product then cost RxT-Beta's
+step half its speed in the engine (docs/benchmarks.md §9).
 """
 
 from __future__ import annotations

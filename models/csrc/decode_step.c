@@ -1,4 +1,4 @@
-/* One RxT decoder step on a CPU, for a few rows at a time, in plain C with OpenMP.
+/* One RxT decoder step on a CPU, for a few rows at a time, in plain C with its own thread pool.
  *
  * Why: a batch-1 decode step is bound by reading the weights (about 120 MB per token at the
  * alpha-mini size in float32) and, in eager torch, by the ~300 tensor operations it dispatches.
@@ -52,11 +52,15 @@
  *   memory k/v of a layer: row b at + b*mem_row, then (cross_kv_heads, stm, hd) contiguous float32,
  *            or (mem_bf16) bfloat16 copies (cross_kv_heads, hd, stm): each head transposed
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime and sched_yield under -std=c11 */
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #if !defined(RXRT_SCALAR) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)))
 #include <immintrin.h>
 #endif
@@ -80,6 +84,136 @@
 
 /* The vector code this build runs (for logs and the tests that force the scalar path). */
 const char *rxt_isa(void) { return RXRT_ISA; }
+
+/* The step's threads: one OpenMP region per step, its team then driven by the step itself.
+ * Why not a `#pragma omp parallel` per product, as before: libgomp cuts its threads' spinning to
+ * ~100 iterations whenever the process holds more OpenMP threads than CPUs, which every engine
+ * does (torch gives each thread that runs a parallel op its own team: the main thread, the
+ * decode thread, the memory worker). The workers then slept on a futex after each of the step's
+ * ~10 regions per layer and were woken for the next: RxT-Beta's step took 23 ms in the engine
+ * against 12 ms alone (docs/benchmarks.md §9). Now only the step's start and end go through
+ * libgomp; in between, thread 0 runs the step and hands each parallel part to the team through
+ * a counter the others spin on (Team), and parts that need one wait at a spinning barrier. The
+ * team's threads are torch's own OpenMP threads for the calling thread (the library is linked to
+ * torch's runtime), so no second set of threads competes with torch's for the cores. A thread
+ * that has spun WAIT_SPIN_NS without news yields the CPU between checks (another process may
+ * need it).
+ *
+ * parallel(nt, fn, ctx) runs fn(ctx, t, count) on every thread t < count of the team (t = 0 the
+ * caller) and returns when all have; outside a step's team, or with nt <= 1, it is fn(ctx, 0, 1).
+ * team_barrier(count) inside fn waits for the team. */
+#define WAIT_SPIN_NS 50000 /* spinning before yielding between checks (50 us) */
+
+typedef void (*PoolTask)(void *ctx, int t, int nt);
+
+typedef struct {
+    atomic_ullong generation; /* bumped for every part handed out */
+    atomic_int done, bar_count, bar_generation, stop;
+    _Atomic(PoolTask) fn;
+    _Atomic(void *) ctx;
+    int nt;
+} Team;
+
+static _Thread_local Team *team_here; /* the team of this step, on thread 0 and on the others */
+static _Thread_local int team_rank;
+
+static double now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e9 * (double)ts.tv_sec + (double)ts.tv_nsec;
+}
+
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spin until *word != value (unsigned long long or int words through the two wrappers). */
+static void wait_change_u64(atomic_ullong *word, unsigned long long value) {
+    double until = 0.0;
+    for (int i = 0; atomic_load(word) == value; i++) {
+        cpu_relax();
+        if ((i & 63) == 63) {
+            const double t = now_ns();
+            if (until == 0.0) until = t + WAIT_SPIN_NS;
+            else if (t > until) sched_yield();
+        }
+    }
+}
+
+static void wait_change_int(atomic_int *word, int value) {
+    double until = 0.0;
+    for (int i = 0; atomic_load(word) == value; i++) {
+        cpu_relax();
+        if ((i & 63) == 63) {
+            const double t = now_ns();
+            if (until == 0.0) until = t + WAIT_SPIN_NS;
+            else if (t > until) sched_yield();
+        }
+    }
+}
+
+/* Threads 1.. of a step's team: run each part handed out until the step ends. */
+static void team_work(Team *T, int t) {
+    team_here = T, team_rank = t;
+    unsigned long long seen = 0;
+    for (;;) {
+        wait_change_u64(&T->generation, seen);
+        seen = atomic_load(&T->generation);
+        if (atomic_load(&T->stop)) break;
+        atomic_load(&T->fn)(atomic_load(&T->ctx), t, T->nt);
+        atomic_fetch_add(&T->done, 1);
+    }
+    team_here = NULL;
+}
+
+static void parallel(int nt, PoolTask fn, void *ctx) {
+    Team *T = team_here;
+    if (nt <= 1 || !T || T->nt <= 1 || team_rank != 0) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    atomic_store(&T->fn, fn);
+    atomic_store(&T->ctx, ctx);
+    atomic_store(&T->done, 0);
+    atomic_store(&T->bar_count, 0);
+    atomic_fetch_add(&T->generation, 1);
+    fn(ctx, 0, T->nt);
+    for (int d; (d = atomic_load(&T->done)) < T->nt - 1;) wait_change_int(&T->done, d);
+}
+
+/* Inside a part: wait until the team's threads have all arrived. */
+static void team_barrier(int count) {
+    Team *T = team_here;
+    if (count <= 1 || !T) return;
+    const int g = atomic_load(&T->bar_generation);
+    if (atomic_fetch_add(&T->bar_count, 1) == count - 1) {
+        atomic_store(&T->bar_count, 0);
+        atomic_fetch_add(&T->bar_generation, 1);
+        return;
+    }
+    wait_change_int(&T->bar_generation, g);
+}
+
+/* The items [0, n) in contiguous parts, one per thread (OpenMP's static schedule). */
+typedef struct {
+    void (*item)(void *ctx, int64_t i);
+    void *ctx;
+    int64_t n;
+} ForEach;
+
+static void for_each_task(void *c, int t, int nt) {
+    const ForEach *f = c;
+    for (int64_t i = f->n * t / nt, end = f->n * (t + 1) / nt; i < end; i++) f->item(f->ctx, i);
+}
+
+static void parallel_for(int nt, int64_t n, void (*item)(void *ctx, int64_t i), void *ctx) {
+    ForEach f = {item, ctx, n};
+    parallel(nt, for_each_task, &f);
+}
 
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_F32T = 3 }; /* W_F32T: float32 in nn.Linear's (out, in) layout */
 #define QBLOCK 32                    /* int8: inputs sharing one scale (of a column; of x) */
@@ -534,35 +668,46 @@ static void axpy_batch(int n, int rb, float *acc, int64_t acc_ld, const float *x
  * Wide matrices (the LM head) are split by columns: each thread streams long runs of every
  * row. Narrow ones are split by rows, so each thread streams one contiguous block, and the
  * threads' partial sums are added at the end; half-rows with gaps between them read slower. */
+typedef struct {
+    int n, accumulate, rb, split_rows;
+    const float *x, *bias;
+    int64_t k, cols;
+    Mat w;
+    float *out, *partial;
+} GemvTask;
+
+static void gemv_task(void *c, int t, int count) {
+    const GemvTask *g = c;
+    const int n = g->n;
+    const int64_t cols = g->cols;
+    int64_t c0, c1;
+    split(cols, t, count, &c0, &c1);
+    if (g->split_rows) {
+        const int64_t d0 = split_k(g->w, g->k, t, count), d1 = split_k(g->w, g->k, t + 1, count);
+        float *mine = g->partial + (int64_t)t * n * cols;
+        memset(mine, 0, sizeof(float) * (size_t)(n * cols));
+        axpy_batch(n, g->rb, mine, cols, g->x, g->k, g->w, d0, d1, 0, cols);
+        team_barrier(count);
+    }
+    for (int b = 0; b < n; b++) {
+        float *o = g->out + (int64_t)b * cols;
+        if (!g->accumulate)
+            for (int64_t c = c0; c < c1; c++) o[c] = 0.0f;
+        if (g->bias)
+            for (int64_t c = c0; c < c1; c++) o[c] += g->bias[c];
+        if (g->split_rows)
+            for (int j = 0; j < count; j++)
+                for (int64_t c = c0; c < c1; c++) o[c] += g->partial[((int64_t)j * n + b) * cols + c];
+    }
+    if (!g->split_rows) axpy_batch(n, g->rb, g->out, cols, g->x, g->k, g->w, 0, g->k, c0, c1);
+}
+
 static void gemv(int n, const float *x, int64_t k, Mat w, int64_t cols,
                  const float *bias, float *out, int accumulate, int nt, int rb) {
     const int by_rows = cols < 2048 * nt && nt > 1;
     float *partial = by_rows ? malloc(sizeof(float) * (size_t)(nt * n * cols)) : NULL;
-    const int split_rows = by_rows && partial;
-#pragma omp parallel num_threads(nt)
-    {
-        const int t = omp_get_thread_num(), count = omp_get_num_threads();
-        int64_t c0, c1;
-        split(cols, t, count, &c0, &c1);
-        if (split_rows) {
-            const int64_t d0 = split_k(w, k, t, count), d1 = split_k(w, k, t + 1, count);
-            float *mine = partial + (int64_t)t * n * cols;
-            memset(mine, 0, sizeof(float) * (size_t)(n * cols));
-            axpy_batch(n, rb, mine, cols, x, k, w, d0, d1, 0, cols);
-#pragma omp barrier
-        }
-        for (int b = 0; b < n; b++) {
-            float *o = out + (int64_t)b * cols;
-            if (!accumulate)
-                for (int64_t c = c0; c < c1; c++) o[c] = 0.0f;
-            if (bias)
-                for (int64_t c = c0; c < c1; c++) o[c] += bias[c];
-            if (split_rows)
-                for (int j = 0; j < count; j++)
-                    for (int64_t c = c0; c < c1; c++) o[c] += partial[((int64_t)j * n + b) * cols + c];
-        }
-        if (!split_rows) axpy_batch(n, rb, out, cols, x, k, w, 0, k, c0, c1);
-    }
+    GemvTask task = {n, accumulate, rb, by_rows && partial, x, bias, k, cols, w, out, partial};
+    parallel(nt, gemv_task, &task);
     free(partial);
 }
 
@@ -1122,42 +1267,29 @@ static void ffn_rows(int n, const float *h, int64_t D, const RxtFfn *f, int64_t 
  * experts, the most chosen first. Pair p's output without its mixing weight into ys + p * D
  * (gu, act: its scratch at p * GH, p * H); each pair's numbers are those of the one-row path
  * with whole experts (parts == 1). groups: scratch of pairs + 2E + 1 ints. */
-static void moe_grouped(const RxtLayer *L, int pairs, int64_t K, int64_t E, int64_t D, int64_t H, const float *h,
-                        const int64_t *chosen, int *groups, float *gu, float *act, float *ys, int rb, int nt) {
-    const int64_t GH = L->gated ? 2 * H : H;
-    int *order = groups, *start = order + pairs, *ids = start + E + 1; /* pairs by expert; experts by use */
-    for (int64_t e = 0; e <= E; e++) start[e] = 0;
-    for (int p = 0; p < pairs; p++) start[chosen[p] + 1]++;
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    for (int p = 0; p < pairs; p++) order[start[chosen[p]]++] = p; /* start[e] is now e's end */
-    for (int64_t e = E; e > 0; e--) start[e] = start[e - 1];
-    start[0] = 0;
-    int used = 0;
-    for (int64_t e = 0; e < E; e++) {
-        const int count = start[e + 1] - start[e];
-        if (!count) continue;
-        int i = used++; /* insertion by count, descending (stable: ties keep expert order) */
-        while (i > 0 && start[ids[i - 1] + 1] - start[ids[i - 1]] < count) ids[i] = ids[i - 1], i--;
-        ids[i] = (int)e;
-    }
-    rb = rb > ROWS_MAX ? ROWS_MAX : rb;
-    /* int8: each row of h quantised once here, not once per expert it chose (the same blocks,
-     * so the same values, as quantising it in each product). */
-    const int n = pairs / (int)K;
-    const int64_t nbk = (D + QBLOCK - 1) / QBLOCK;
-    int8_t *hq = NULL;
-    float *hs = NULL;
-    int32_t *hsum = NULL;
-    if (L->w_in.type == W_I8) {
-        hq = malloc((size_t)(n * nbk * QBLOCK) + (size_t)(n * nbk) * (sizeof(float) + sizeof(int32_t)));
-        if (hq) {
-            hs = (float *)(hq + n * nbk * QBLOCK);
-            hsum = (int32_t *)(hs + n * nbk);
-            for (int b = 0; b < n; b++) quantize_x(h + b * D, D, hq + b * nbk * QBLOCK, hs + b * nbk, hsum + b * nbk);
-        }
-    }
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int i = 0; i < used; i++) {
+typedef struct {
+    const RxtLayer *L;
+    int64_t K, D, H, GH, nbk;
+    const float *h;
+    const int *order, *start, *ids;
+    int used, rb;
+    float *gu, *act, *ys, *hs;
+    int8_t *hq;
+    int32_t *hsum;
+    atomic_int next; /* the next expert to take (the most chosen first) */
+} MoeTask;
+
+static void moe_task(void *c, int t, int nt) {
+    (void)t, (void)nt;
+    MoeTask *m = c;
+    const RxtLayer *L = m->L;
+    const int64_t K = m->K, D = m->D, H = m->H, GH = m->GH, nbk = m->nbk;
+    const float *h = m->h, *hs = m->hs;
+    const int *order = m->order, *start = m->start, *ids = m->ids, rb = m->rb;
+    float *gu = m->gu, *act = m->act, *ys = m->ys;
+    const int8_t *hq = m->hq;
+    const int32_t *hsum = m->hsum;
+    for (int i; (i = atomic_fetch_add(&m->next, 1)) < m->used;) {
         const int64_t e = ids[i];
         const int *ps = order + start[e], count = start[e + 1] - start[e];
         const float *bias = L->b_in ? L->b_in + e * GH : NULL;
@@ -1197,6 +1329,44 @@ static void moe_grouped(const RxtLayer *L, int pairs, int64_t K, int64_t E, int6
             axpy_rows_multi(R, acc, xr, mat_rows(L->w_out, e * H), 0, H, 0, D);
         }
     }
+}
+
+static void moe_grouped(const RxtLayer *L, int pairs, int64_t K, int64_t E, int64_t D, int64_t H, const float *h,
+                        const int64_t *chosen, int *groups, float *gu, float *act, float *ys, int rb, int nt) {
+    const int64_t GH = L->gated ? 2 * H : H;
+    int *order = groups, *start = order + pairs, *ids = start + E + 1; /* pairs by expert; experts by use */
+    for (int64_t e = 0; e <= E; e++) start[e] = 0;
+    for (int p = 0; p < pairs; p++) start[chosen[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int p = 0; p < pairs; p++) order[start[chosen[p]]++] = p; /* start[e] is now e's end */
+    for (int64_t e = E; e > 0; e--) start[e] = start[e - 1];
+    start[0] = 0;
+    int used = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int count = start[e + 1] - start[e];
+        if (!count) continue;
+        int i = used++; /* insertion by count, descending (stable: ties keep expert order) */
+        while (i > 0 && start[ids[i - 1] + 1] - start[ids[i - 1]] < count) ids[i] = ids[i - 1], i--;
+        ids[i] = (int)e;
+    }
+    rb = rb > ROWS_MAX ? ROWS_MAX : rb;
+    /* int8: each row of h quantised once here, not once per expert it chose (the same blocks,
+     * so the same values, as quantising it in each product). */
+    const int n = pairs / (int)K;
+    const int64_t nbk = (D + QBLOCK - 1) / QBLOCK;
+    int8_t *hq = NULL;
+    float *hs = NULL;
+    int32_t *hsum = NULL;
+    if (L->w_in.type == W_I8) {
+        hq = malloc((size_t)(n * nbk * QBLOCK) + (size_t)(n * nbk) * (sizeof(float) + sizeof(int32_t)));
+        if (hq) {
+            hs = (float *)(hq + n * nbk * QBLOCK);
+            hsum = (int32_t *)(hs + n * nbk);
+            for (int b = 0; b < n; b++) quantize_x(h + b * D, D, hq + b * nbk * QBLOCK, hs + b * nbk, hsum + b * nbk);
+        }
+    }
+    MoeTask task = {L, K, D, H, GH, nbk, h, order, start, ids, used, rb, gu, act, ys, hs, hq, hsum, 0};
+    parallel(nt, moe_task, &task);
     free(hq);
 }
 
@@ -1392,16 +1562,96 @@ void rxt_route_bf16(int n, const float *h, int64_t D, const uint16_t *w, int64_t
     free(q);
 }
 
+/* An MoE layer's (row, expert) pairs one at a time (moe_grouped's path when each row's experts
+ * divide evenly among the threads, or rows cannot share experts): item = (pair, part of the
+ * expert's input rows), thread t taking items t, t + nt, ...; the parts' partial sums are added
+ * before the activation and at the end. */
+typedef struct {
+    const RxtLayer *L;
+    const float *h;
+    const int64_t *chosen;
+    float *gu, *act, *ys;
+    int64_t D, H, GH, K;
+    int parts, pairs;
+} PairsTask;
+
+static void pairs_task(void *c, int t, int count) {
+    const PairsTask *k = c;
+    const RxtLayer *L = k->L;
+    const int64_t D = k->D, H = k->H, GH = k->GH, K = k->K;
+    const int parts = k->parts, pairs = k->pairs;
+    const int64_t *chosen = k->chosen;
+    float *gu = k->gu, *act = k->act, *ys = k->ys;
+    for (int item = t; item < parts * pairs; item += count) {
+        const int p = item / parts, part = item % parts;
+        float *o = gu + (int64_t)item * GH;
+        memset(o, 0, sizeof(float) * (size_t)GH);
+        axpy_rows(o, k->h + (p / K) * D, mat_rows(L->w_in, chosen[p] * D), split_k(L->w_in, D, part, parts),
+                  split_k(L->w_in, D, part + 1, parts), 0, GH);
+    }
+    team_barrier(count);
+    for (int item = t; item < parts * pairs; item += count) {
+        const int p = item / parts, part = item % parts;
+        const float *g = gu + (int64_t)(parts * p) * GH;
+        float *a = act + (int64_t)item * H;
+        const int64_t r0 = split_k(L->w_out, H, part, parts), r1 = split_k(L->w_out, H, part + 1, parts);
+        const float *bias = L->b_in ? L->b_in + chosen[p] * GH : NULL;
+        for (int64_t r = r0; r < r1; r++) {
+            float gate = g[r], up = L->gated ? g[H + r] : 1.0f;
+            if (parts == 2) gate += g[GH + r], up += L->gated ? g[GH + H + r] : 0.0f;
+            if (bias) gate += bias[r], up += L->gated ? bias[H + r] : 0.0f;
+            a[r - r0] = activate(gate, L->act) * up;
+        }
+        float *o = ys + (int64_t)item * D;
+        memset(o, 0, sizeof(float) * (size_t)D);
+        axpy_rows(o, a, mat_rows(L->w_out, chosen[p] * H + r0), 0, r1 - r0, 0, D);
+    }
+}
+
+/* The attention of a step's (token, head) pairs, one pair per item: self-attention over the
+ * token's row of the cache up to its position, memory cross-attention over its row's memory. */
+typedef struct {
+    const RxtModel *m;
+    const RxtLayer *L;
+    const int64_t *positions, *rows;
+    const float *qkv;
+    float *scores, *att;
+    int64_t qkv_cols, long_seq, so, co;
+    int old_attend;
+} AttendTask;
+
 #define ROW(b) (rows ? rows[b] : (int64_t)(b)) /* the cache / memory row of token b */
 
-/* Tokens (n,) at positions (n,), token b in cache/memory row rows[b] (rows NULL: row b). Writes
- * each token's keys/values into its row's cache at its position, then attends over positions
- * 0..position of that row, so tokens of one row at consecutive positions are a causal prefill
- * chunk (the cache holds the earlier positions). Logits (n_out, vocab) of the tokens out_rows,
- * increasing (NULL: tokens 0..n_out-1). Returns 0, or -1 for a token, position or row out of
- * range (nothing is written then). */
-int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64_t *positions, const int64_t *rows,
-                    int n_out, const int64_t *out_rows, float *logits, int nt) {
+static void self_attend_item(void *c, int64_t bj) {
+    const AttendTask *a = c;
+    const RxtModel *m = a->m;
+    const int64_t *rows = a->rows, hd = m->head_dim, so = a->so;
+    const int64_t b = bj / so, j = bj % so, g = j / (so / m->hkv);
+    const int64_t at = ROW(b) * m->cache_row + g * m->max_len * hd;
+    attend(a->qkv + b * a->qkv_cols + (j % m->hq) * hd, a->L->k_cache + at, a->L->v_cache + at, a->positions[b] + 1,
+           hd, a->scores + bj * a->long_seq, a->att + bj * hd, a->old_attend);
+}
+
+static void cross_attend_item(void *c, int64_t bj) {
+    const AttendTask *a = c;
+    const RxtModel *m = a->m;
+    const RxtLayer *L = a->L;
+    const int64_t *rows = a->rows, hd = m->head_dim, co = a->co;
+    const int64_t b = bj / co, j = bj % co, g = j / (co / m->ckv);
+    const int64_t at = ROW(b) * m->mem_row + g * m->stm * hd;
+    const float *q = a->qkv + (b * m->cq + j % m->cq) * hd;
+    if (m->mem_bf16)
+        attend_t(q, (const uint16_t *)L->mem_k + at, (const uint16_t *)L->mem_v + at, m->stm, hd,
+                 a->scores + bj * a->long_seq, a->att + bj * hd);
+    else
+        attend(q, (const float *)L->mem_k + at, (const float *)L->mem_v + at, m->stm, hd,
+               a->scores + bj * a->long_seq, a->att + bj * hd, a->old_attend);
+}
+
+/* rxt_decode_rows's work, on thread 0 of the step's team of nt threads (parallel hands out the
+ * parts). */
+static int decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64_t *positions, const int64_t *rows,
+                       int n_out, const int64_t *out_rows, float *logits, int nt) {
     for (int b = 0; b < n; b++) {
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return -1;
         if (positions[b] < 0 || positions[b] >= m->max_len || positions[b] + m->rope_offset >= m->n_positions)
@@ -1468,14 +1718,8 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
                 memcpy(L->v_cache + at, row + (m->hq + m->hkv + g) * hd, hd * sizeof(float));
             }
         }
-        const int64_t heads = n * so;
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t bj = 0; bj < heads; bj++) {
-            const int64_t b = bj / so, j = bj % so, g = j / (so / m->hkv);
-            const int64_t at = ROW(b) * m->cache_row + g * m->max_len * hd;
-            attend(qkv + b * qkv_cols + (j % m->hq) * hd, L->k_cache + at, L->v_cache + at, positions[b] + 1, hd,
-                   scores + bj * long_seq, att + bj * hd, old_attend);
-        }
+        AttendTask heads = {m, L, positions, rows, qkv, scores, att, qkv_cols, long_seq, so, co, old_attend};
+        parallel_for(nt, n * so, self_attend_item, &heads);
         if (L->gate.w) { /* gated attention: the heads' output times act(h W_gate + b) */
             gemv(n, h, D, L->gate, so * hd, L->gate_bias, gates, 0, nt, rb);
             for (int64_t i = 0; i < n * so * hd; i++) att[i] *= activate(gates[i], L->gate_act);
@@ -1490,19 +1734,7 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
                 for (int64_t j = 0; j < m->cq; j++)
                     rope(qkv + (b * m->cq + j) * hd, hd, m->cos + (positions[b] + m->rope_offset) * hd,
                          m->sin + (positions[b] + m->rope_offset) * hd, m->rope_mode);
-            const int64_t cheads = n * co;
-#pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t bj = 0; bj < cheads; bj++) {
-                const int64_t b = bj / co, j = bj % co, g = j / (co / m->ckv);
-                const int64_t at = ROW(b) * m->mem_row + g * m->stm * hd;
-                const float *q = qkv + (b * m->cq + j % m->cq) * hd;
-                if (m->mem_bf16)
-                    attend_t(q, (const uint16_t *)L->mem_k + at, (const uint16_t *)L->mem_v + at, m->stm, hd,
-                             scores + bj * long_seq, att + bj * hd);
-                else
-                    attend(q, (const float *)L->mem_k + at, (const float *)L->mem_v + at, m->stm, hd,
-                           scores + bj * long_seq, att + bj * hd, old_attend);
-            }
+            parallel_for(nt, n * co, cross_attend_item, &heads);
             if (L->cgate.w) {
                 gemv(n, h, D, L->cgate, co * hd, L->cgate_bias, gates, 0, nt, rb);
                 for (int64_t i = 0; i < n * co * hd; i++) att[i] *= activate(gates[i], L->cgate_act);
@@ -1552,34 +1784,8 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
              * split between blocks of 32 rows); the parts' partial sums are added before the
              * activation and at the end. */
             parts = pairs % nt == 0 ? 1 : 2;
-    #pragma omp parallel num_threads(nt)
-            {
-                const int t = omp_get_thread_num(), count = omp_get_num_threads();
-                for (int item = t; item < parts * pairs; item += count) {
-                    const int p = item / parts, part = item % parts;
-                    float *o = gu + (int64_t)item * GH;
-                    memset(o, 0, sizeof(float) * (size_t)GH);
-                    axpy_rows(o, h + (p / K) * D, mat_rows(L->w_in, chosen[p] * D), split_k(L->w_in, D, part, parts),
-                              split_k(L->w_in, D, part + 1, parts), 0, GH);
-                }
-    #pragma omp barrier
-                for (int item = t; item < parts * pairs; item += count) {
-                    const int p = item / parts, part = item % parts;
-                    const float *g = gu + (int64_t)(parts * p) * GH;
-                    float *a = act + (int64_t)item * H;
-                    const int64_t r0 = split_k(L->w_out, H, part, parts), r1 = split_k(L->w_out, H, part + 1, parts);
-                    const float *bias = L->b_in ? L->b_in + chosen[p] * GH : NULL;
-                    for (int64_t r = r0; r < r1; r++) {
-                        float gate = g[r], up = L->gated ? g[H + r] : 1.0f;
-                        if (parts == 2) gate += g[GH + r], up += L->gated ? g[GH + H + r] : 0.0f;
-                        if (bias) gate += bias[r], up += L->gated ? bias[H + r] : 0.0f;
-                        a[r - r0] = activate(gate, L->act) * up;
-                    }
-                    float *o = ys + (int64_t)item * D;
-                    memset(o, 0, sizeof(float) * (size_t)D);
-                    axpy_rows(o, a, mat_rows(L->w_out, chosen[p] * H + r0), 0, r1 - r0, 0, D);
-                }
-            }
+            PairsTask task = {L, h, chosen, gu, act, ys, D, H, GH, K, parts, pairs};
+            parallel(nt, pairs_task, &task);
         }
         /* Into the residual: the routed sum (scaled where the shared experts are weighed against
          * it), the global bias, then the shared experts (models/moe.py's _extras, in its order). */
@@ -1632,6 +1838,35 @@ int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64
     gemv(outs, h, D, m->lm_head, m->vocab, m->head_bias, logits, 0, nt, rb);
     free(scratch);
     return 0;
+}
+
+/* Tokens (n,) at positions (n,), token b in cache/memory row rows[b] (rows NULL: row b). Writes
+ * each token's keys/values into its row's cache at its position, then attends over positions
+ * 0..position of that row, so tokens of one row at consecutive positions are a causal prefill
+ * chunk (the cache holds the earlier positions). Logits (n_out, vocab) of the tokens out_rows,
+ * increasing (NULL: tokens 0..n_out-1). Returns 0, or -1 for a token, position or row out of
+ * range (nothing is written then). One OpenMP region for the whole call: its thread 0 runs the
+ * step, the others take the parallel parts (Team). */
+int rxt_decode_rows(const RxtModel *m, int n, const int64_t *tokens, const int64_t *positions, const int64_t *rows,
+                    int n_out, const int64_t *out_rows, float *logits, int nt) {
+    if (nt <= 1) return decode_rows(m, n, tokens, positions, rows, n_out, out_rows, logits, 1);
+    Team team = {0};
+    int rc = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num();
+        if (t == 0) { /* the step; its parallel parts go to the team */
+            team.nt = omp_get_num_threads();
+            team_here = &team, team_rank = 0;
+            rc = decode_rows(m, n, tokens, positions, rows, n_out, out_rows, logits, team.nt);
+            team_here = NULL;
+            atomic_store(&team.stop, 1);
+            atomic_fetch_add(&team.generation, 1);
+        } else {
+            team_work(&team, t);
+        }
+    }
+    return rc;
 }
 
 /* One decode step: token b in row b, logits for every row. */
