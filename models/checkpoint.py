@@ -42,6 +42,7 @@ from .errors import (
     TokenizerError,
     UnsupportedCheckpointError,
 )
+from .moe import MoE
 from .rope import RotaryEmbedding
 from .rxlm_format import (
     ENCODER_STM,
@@ -226,6 +227,7 @@ def load_pretrained(
     *,
     tokenizer: str | Path | None = None,
     rxlm_version: str | None = None,
+    defer_experts: bool = False,
 ) -> tuple[RxTModel, RxTokenizer | None]:
     """Load ``(model, tokenizer)`` from a model directory, in eval mode on ``device``.
 
@@ -233,6 +235,9 @@ def load_pretrained(
     directory, or a Hub id). ``rxlm_version`` (RxLM checkpoints only): the RxLM release whose
     numbers to reproduce, e.g. ``"0.3.80"``; default the newest of the checkpoint's line
     (:func:`~.rxlm_format.parse_release`); one rxruntime does not know is refused naming it.
+    ``defer_experts``: leave the decoder's routed-expert tables in the checkpoint's dtype and
+    device (RxT-Beta's are 5.4 GB of bf16, 10.9 GB as float32), for the caller to settle with
+    :func:`~.native.compact_experts` before the model runs (``rxruntime.load`` does).
     """
     defaults = _defaults()
     tokenizer = tokenizer if tokenizer is not None else defaults.tokenizer
@@ -257,9 +262,11 @@ def load_pretrained(
     with torch.device("meta"):
         model = RxTModel(config)
     _check_fits(model, tensors, directory / WEIGHTS_FILE)
+    deferred = _expert_tables(model) if defer_experts else set()
     for k in list(tensors):  # one tensor at a time: never the whole model in two dtypes at once
         v = tensors.pop(k)
-        tensors[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device)
+        convert = dtype is not None and v.is_floating_point() and k not in deferred
+        tensors[k] = (v.to(dtype) if convert else v).to(device)
         del v
     model.load_state_dict(tensors, strict=True, assign=True)
     for module in model.modules():
@@ -292,6 +299,16 @@ def load_pretrained(
                 f"tokenizer has {tok.vocab_size} tokens but config.json allows {config.vocab_size}",
             )
     return model, tok
+
+
+def _expert_tables(model: RxTModel) -> set[str]:
+    """State-dict names of the decoder's routed-expert tables (``w_in``, ``w_out`` of each MoE)."""
+    return {
+        f"decoder.{name}.{table}"
+        for name, module in model.decoder.named_modules()
+        if isinstance(module, MoE)
+        for table in ("w_in", "w_out")
+    }
 
 
 def load_config(directory: Path, rxlm_version: str | None = None) -> RxTConfig:
@@ -468,12 +485,43 @@ def load_weights(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
             )
     try:
         tensors = {}
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open handles have no __iter__
-                tensors[key] = _aligned(f.get_tensor(key))
+        for group in _read_groups(header):  # the file mapped a part at a time (see _read_groups)
+            with safe_open(str(path), framework="pt") as f:
+                for key in group:
+                    tensors[key] = _aligned(f.get_tensor(key))
+                if not group:
+                    f.keys()  # an empty file still has its header checked by safetensors
     except Exception as exc:  # SafetensorError and friends
         raise CorruptCheckpointError(path, f"not a readable safetensors file ({exc})") from exc
     return tensors
+
+
+READ_GROUP_BYTES = 256 * 2**20
+"""Tensor bytes read through one opening of a safetensors file (see :func:`_read_groups`)."""
+
+
+def _read_groups(header: dict[str, Any]) -> list[list[str]]:
+    """The header's tensor names in file order, in groups of about ``READ_GROUP_BYTES``.
+
+    safetensors maps the whole file and the pages each tensor is copied from stay resident
+    until the file is closed: read in one opening, a checkpoint costs twice its size in resident
+    memory at the end of the read (RxT-Beta: 11.7 GiB for a 5.9 GB file). Reopening it per group
+    keeps that to the copies plus one group."""
+    entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    try:
+        entries.sort(key=lambda kv: int(kv[1]["data_offsets"][0]))
+        sizes = [int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for _, v in entries]
+    except (TypeError, KeyError, ValueError, IndexError):  # malformed: safetensors will say how
+        return [[k for k, _ in entries]]
+    groups: list[list[str]] = [[]]
+    held = 0
+    for (key, _), size in zip(entries, sizes, strict=True):
+        if held and held + size > READ_GROUP_BYTES:
+            groups.append([])
+            held = 0
+        groups[-1].append(key)
+        held += size
+    return groups
 
 
 ALIGNMENT = 64

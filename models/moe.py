@@ -31,20 +31,36 @@ parameters). Where the C decode step holds int8 or bf16 copies of them, the floa
 only a second copy of the same values (``models/quantize.py`` rounds them to what the copies
 hold), so :func:`models.native.prepare` drops them and sets :attr:`MoE.released`:
 the torch paths then run the grouped dispatch on each routed expert's matrices unpacked from the
-copy, the same numbers, one expert at a time.
+copy, the same numbers, one expert at a time. ``rxruntime.load`` goes further: the tables are
+compacted one MoE at a time as the checkpoint is read (:func:`models.native.compact_experts`),
+so the float32 tables of all layers never exist at once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ffn import ACTIVATIONS, SwiGLU
+
+
+class ReleasedExperts(Protocol):
+    """Where a MoE's routed experts live once its float32 tables were dropped: the C step's
+    compact copies (:mod:`models.native`)."""
+
+    @property
+    def fmt(self) -> str:
+        """The weight format of the copies (``"int8"`` or ``"bf16"``)."""
+        ...
+
+    def expert(self, e: int) -> tuple[Tensor, Tensor]:
+        """Expert ``e``'s float32 ``(w_in[e], w_out[e])``, unpacked from the copies."""
+        ...
 
 
 class MoE(nn.Module):
@@ -54,9 +70,9 @@ class MoE(nn.Module):
     """Up to this many tokens per call the gathered dispatch runs (weights in decode layout)."""
     sort_min_tokens = 8
     """From this many tokens on, the gathered dispatch sorts the pairs by expert (cache reuse)."""
-    released: Callable[[int], tuple[Tensor, Tensor]] | None = None
-    """Expert e's float32 ``(w_in[e], w_out[e])`` once the tables were released (see the module
-    docstring); None while ``w_in`` and ``w_out`` hold them."""
+    released: ReleasedExperts | None = None
+    """Where the experts are once the tables were released (see the module docstring); None
+    while ``w_in`` and ``w_out`` hold them."""
 
     def __init__(
         self,
@@ -145,7 +161,7 @@ class MoE(nn.Module):
         """SwiGLU expert ``e`` applied to tokens (n, dim)."""
         b_in = None if self.b_in is None else self.b_in[e]
         b_out = None if self.b_out is None else self.b_out[e]
-        w_in, w_out = (self.w_in[e], self.w_out[e]) if self.released is None else self.released(e)
+        w_in, w_out = (self.w_in[e], self.w_out[e]) if self.released is None else self.released.expert(e)
         if not self.gated:
             return F.linear(self.act(F.linear(x, w_in, b_in)), w_out, b_out)
         gate, up = F.linear(x, w_in, b_in).chunk(2, dim=-1)

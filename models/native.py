@@ -44,7 +44,7 @@ from torch import Tensor
 from .cache import KVCache
 from .ffn import ACTIVATIONS, SwiGLU
 from .moe import MoE
-from .quantize import BLOCK, WeightFormat, quantize_int8
+from .quantize import BLOCK, WeightFormat, quantize_int8, round_to_format
 
 if TYPE_CHECKING:
     from .rxt import RxTModel
@@ -739,6 +739,62 @@ _released: weakref.WeakKeyDictionary[MoE, _ExpertCopies] = weakref.WeakKeyDictio
 now hold them (a rebind of the C step binds these again)."""
 
 
+def _expert_copies(w_in: Tensor, w_out: Tensor, fmt: WeightFormat) -> _ExpertCopies:
+    """The C step's copies of one MoE's tables, given input-major: ``w_in`` (E, dim, gh) and
+    ``w_out`` (E, hidden, dim), float32 and already rounded to ``fmt``; each expert's rows are
+    blocked on their own."""
+    experts, dim, gh = w_in.shape
+    h = w_out.shape[1]
+    keep: list[Tensor] = []
+    mat_in = _mat(w_in.reshape(experts * dim, gh), fmt, keep, seg=dim)
+    mat_out = _mat(w_out.reshape(experts * h, dim), fmt, keep, seg=h)
+    return _ExpertCopies(fmt, mat_in, mat_out, keep, (experts, dim, gh, h))
+
+
+def _release(module: MoE, copies: _ExpertCopies) -> int:
+    """Drop ``module``'s tables, which ``copies`` hold from now on; bytes freed."""
+    freed = (module.w_in.numel() + module.w_out.numel()) * module.w_in.element_size()
+    _released[module] = copies
+    module.released = copies
+    module.w_in = torch.nn.Parameter(torch.empty(0, *module.w_in.shape[1:]), requires_grad=False)
+    module.w_out = torch.nn.Parameter(torch.empty(0, *module.w_out.shape[1:]), requires_grad=False)
+    return freed
+
+
+@torch.no_grad()
+def compact_experts(model: RxTModel, fmt: WeightFormat | None) -> int:
+    """Settle the routed-expert tables of ``model``'s decoder, read in the checkpoint's own dtype
+    (``load_pretrained(defer_experts=True)``), one MoE at a time; bytes of float32 tables never
+    held (those released).
+
+    With ``fmt`` ``"int8"`` or ``"bf16"``, each MoE's tables become float32, are rounded to the
+    format (:func:`~.quantize.round_to_format`, as :func:`~.quantize.set_weight_format` rounds
+    them) and copied as the C step reads them, then dropped, before the next MoE is touched:
+    RxT-Beta then loads in about half the peak memory of loading everything as float32 and
+    releasing afterwards (:func:`prepare`), with bit-equal copies. With ``fmt`` None the tables
+    just become float32 (the model keeps them). Other float32 tensors are the caller's.
+    """
+    freed = 0
+    for layer in model.decoder.blocks:
+        moe = layer.ffn
+        if not isinstance(moe, MoE) or moe.released is not None:
+            continue
+        # the decode layout (input-major storage) in float32: as MoE.use_decode_layout stores it
+        w_in = moe.w_in.detach().transpose(1, 2).to(torch.float32).contiguous()
+        w_out = moe.w_out.detach().transpose(1, 2).to(torch.float32).contiguous()
+        if fmt is None or fmt == "fp32":
+            moe.w_in = torch.nn.Parameter(w_in.transpose(1, 2), requires_grad=moe.w_in.requires_grad)
+            moe.w_out = torch.nn.Parameter(w_out.transpose(1, 2), requires_grad=moe.w_out.requires_grad)
+            continue
+        w_in.copy_(round_to_format(w_in, fmt))
+        w_out.copy_(round_to_format(w_out, fmt))
+        copies = _expert_copies(w_in, w_out, fmt)
+        del w_in, w_out
+        _release(moe, copies)
+        freed += moe.num_experts * moe.expert_numel() * 4
+    return freed
+
+
 def unpack_int8(packed: Tensor, rows: int, cols: int) -> Tensor:
     """The float32 (rows, cols) input-major matrix of one segment :func:`pack_int8` packed
     (``packed``: its (tiles, blocks, 576) bytes), as ``q * scale``."""
@@ -794,13 +850,10 @@ def _bind_layer(
         layer.act = _ACTIVATIONS[lw["dense"]["act"]]
         return layer
     moe = lw["moe"]
-    h, experts, gh = moe["hidden"], moe["experts"], (2 if moe["gated"] else 1) * moe["hidden"]
     copies: _ExpertCopies | None = moe["released"]
-    if copies is None:
-        made = len(keep)
-        mat_in = _mat(moe["w_in"].transpose(1, 2).reshape(experts * dim, gh), fmt, keep, seg=dim)  # views
-        mat_out = _mat(moe["w_out"].transpose(1, 2).reshape(experts * h, dim), fmt, keep, seg=h)
-        copies = moe["bound"] = _ExpertCopies(fmt, mat_in, mat_out, keep[made:], (experts, dim, gh, h))
+    if copies is None:  # the input-major tables (decode layout), as views
+        copies = moe["bound"] = _expert_copies(moe["w_in"].transpose(1, 2), moe["w_out"].transpose(1, 2), fmt)
+        keep += copies.copies
     layer.w_in, layer.w_out = copies.mat_in, copies.mat_out
     layer.gated = int(moe["gated"])
     layer.router, layer.b_in, layer.b_out = _ptr(moe["router"]), _ptr(moe["b_in"]), _ptr(moe["b_out"])
@@ -971,15 +1024,9 @@ class NativeDecoder:
                 moe = lw["moe"]
                 if moe is None or moe["released"] is not None:
                     continue
-                module: MoE = moe["module"]
-                copies: _ExpertCopies = moe["bound"]
-                freed += (module.w_in.numel() + module.w_out.numel()) * module.w_in.element_size()
-                _released[module] = copies
-                module.released = copies.expert
-                module.w_in = torch.nn.Parameter(torch.empty(0, *module.w_in.shape[1:]), requires_grad=False)
-                module.w_out = torch.nn.Parameter(torch.empty(0, *module.w_out.shape[1:]), requires_grad=False)
+                freed += _release(moe["module"], moe["bound"])
                 moe["w_in"] = moe["w_out"] = None  # the collected dict held the old tables
-                moe["released"] = copies
+                moe["released"] = moe["bound"]
             # the structs already read the copies: only the watched parameters changed
             self._weight_key = self._watch.key(fmt)
         return freed

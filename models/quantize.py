@@ -161,7 +161,8 @@ def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
     weights = check_format(weights)
     from .moe import MoE
 
-    if any(isinstance(m, MoE) and m.released is not None for m in model.modules()):
+    released = [m for m in model.modules() if isinstance(m, MoE) and m.released is not None]
+    if any(m.released is not None and m.released.fmt != weights for m in released):
         raise ValueError(
             "this model's float32 expert tables were released for serving (models.native.prepare): "
             "load it again to store it in another format"
@@ -178,8 +179,11 @@ def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
             if fused is not None:
                 _round_in_place(fused[0], weights)  # (dim, q + 2 kv columns), shared by the views
     done = {id(t) for layer in model.decoder.blocks for t in _fused_views(layer)}
+    skip = {id(t) for m in released for t in (m.w_in, m.w_out)}
     for _, weight in _matrices(model):
-        if id(weight) not in done:  # input-major, as the C step blocks it; a MoE table's experts each alone
+        # input-major, as the C step blocks it; a MoE table's experts each alone; released
+        # tables (empty) are held, rounded, by the C step's copies
+        if id(weight) not in done and id(weight) not in skip:
             _round_in_place(weight.transpose(-1, -2), weights)
     model.weight_format = weights
 

@@ -106,13 +106,21 @@ def load(
     fmt = check_format(weights) if weights is not None else None
     if fmt not in (None, "fp32") and (dev.type != "cpu" or dtype != torch.float32):
         raise ValueError(f"weights={fmt!r} is for float32 models on the CPU (got {dev.type}, {dtype})")
-    rxt, tok = load_pretrained(model, device=dev, dtype=dtype, tokenizer=tokenizer, rxlm_version=rxlm_version)
+    cpu_float32 = dev.type == "cpu" and dtype == torch.float32
+    rxt, tok = load_pretrained(
+        model, device=dev, dtype=dtype, tokenizer=tokenizer, rxlm_version=rxlm_version, defer_experts=cpu_float32
+    )
     assert tok is not None
-    if dev.type == "cpu" and dtype == torch.float32:
-        set_weight_format(rxt, fmt or default_format(rxt, DEFAULT_CPU_WEIGHTS))
-        if rxt.native_decode:
-            from rxruntime.models import native
+    if cpu_float32:
+        from rxruntime.models import native
 
+        fmt = fmt or default_format(rxt, DEFAULT_CPU_WEIGHTS)
+        # the experts' copies made one MoE at a time as the tables are settled: the float32 tables
+        # of all layers never exist at once (RxT-Beta: a peak of about half)
+        release = fmt != "fp32" and not keep_float32 and native.not_used_reason(rxt) is None
+        native.compact_experts(rxt, fmt if release else None)
+        set_weight_format(rxt, fmt)
+        if rxt.native_decode:
             native.prepare(rxt, release_experts=not keep_float32)
     return Engine(
         rxt,

@@ -174,3 +174,29 @@ def test_tokenizer_larger_than_the_vocabulary(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path, tokenizer=tok)
     with pytest.raises(CheckpointMismatchError, match="tokenizer has .* tokens but config.json allows 97"):
         load_pretrained(tmp_path)
+
+
+def test_weights_are_read_a_group_at_a_time(saved: tuple[RxTModel, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is opened once per group of about READ_GROUP_BYTES (so the mapped pages of the
+    whole file never stay resident beside the copies): every tensor read, exactly, in file order."""
+    from safetensors.torch import load_file
+
+    from rxruntime.models import checkpoint
+
+    path = saved[1] / "model.safetensors"
+    monkeypatch.setattr(checkpoint, "READ_GROUP_BYTES", 4096)
+    groups = checkpoint._read_groups(checkpoint._header(path))
+    assert len(groups) > 2 and sorted(k for g in groups for k in g) == sorted(load_file(str(path)))
+    opened = 0
+    real = checkpoint.safe_open
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal opened
+        opened += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", counting)
+    tensors = checkpoint.load_weights(path)
+    assert opened == len(groups)
+    want = load_file(str(path))
+    assert tensors.keys() == want.keys() and all(torch.equal(tensors[k], want[k]) for k in want)

@@ -20,7 +20,7 @@ import torch
 
 import rxruntime
 from rxruntime.models import RxTModel, native
-from rxruntime.models.checkpoint import save_pretrained
+from rxruntime.models.checkpoint import load_pretrained, save_pretrained
 from rxruntime.models.moe import MoE
 from rxruntime.models.quantize import WeightFormat, set_weight_format
 from rxruntime.models.tokenizer import RxTokenizer
@@ -56,10 +56,10 @@ def test_copies_unpack_to_the_rounded_tables(fmt: WeightFormat) -> None:
     for kept, gone in zip(_moes(held), _moes(released), strict=True):
         assert gone.released is not None and gone.w_in.numel() == gone.w_out.numel() == 0
         for e in range(kept.num_experts):
-            w_in, w_out = gone.released(e)
+            w_in, w_out = gone.released.expert(e)
             assert torch.equal(w_in, kept.w_in[e]) and torch.equal(w_out, kept.w_out[e])
         with pytest.raises(IndexError):
-            gone.released(kept.num_experts)
+            gone.released.expert(kept.num_experts)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "bf16"])
@@ -132,3 +132,35 @@ def test_load_releases_unless_asked_to_keep(tmp_path: Path) -> None:
         assert all(m.released is None and m.w_in.numel() > 0 for m in _moes(engine.model))
         conversation = engine.conversation(seed=0)
         assert conversation.ask([5, 9, 2], max_new_tokens=6, timeout=60) == lean
+
+
+@pytest.mark.parametrize(("fmt", "stored"), [("int8", torch.bfloat16), ("bf16", torch.bfloat16), ("int8", None)])
+def test_load_compacts_each_moe_as_it_reads(tmp_path: Path, fmt: WeightFormat, stored: torch.dtype | None) -> None:
+    """``rxruntime.load`` makes the copies one MoE at a time from the checkpoint's own tensors
+    (never the float32 tables of every layer at once): bit for bit the copies, and the answer, of
+    loading everything as float32, rounding and releasing afterwards."""
+    save_pretrained(_beta(3, vocab_size=300), tmp_path, RxTokenizer.train(CORPUS, vocab_size=300), dtype=stored)
+    whole, _ = load_pretrained(tmp_path)
+    set_weight_format(whole, fmt)
+    assert native.prepare(whole) > 0
+    with rxruntime.load(tmp_path, weights=fmt) as engine:
+        for before, now in zip(_moes(whole), _moes(engine.model), strict=True):
+            assert now.released is not None and now.w_in.numel() == now.w_out.numel() == 0
+            assert before.released is not None and before.released.fmt == now.released.fmt == fmt
+            for e in (0, now.num_experts - 1):
+                for a, b in zip(before.released.expert(e), now.released.expert(e), strict=True):
+                    assert torch.equal(a, b)
+        got = engine.conversation(seed=0).ask([5, 9, 2], max_new_tokens=6, timeout=60)
+    with rxruntime.load(tmp_path, weights=fmt, keep_float32=True) as engine:
+        assert engine.conversation(seed=0).ask([5, 9, 2], max_new_tokens=6, timeout=60) == got
+
+
+def test_float32_loads_keep_float32_tables(tmp_path: Path) -> None:
+    """Deferred tables that are not compacted (float32 weights) become the float32 tables, in the
+    decode layout, exactly as ``load_pretrained`` reads them."""
+    save_pretrained(_beta(3, vocab_size=300), tmp_path, RxTokenizer.train(CORPUS, vocab_size=300), dtype=torch.bfloat16)
+    plain, _ = load_pretrained(tmp_path)
+    with rxruntime.load(tmp_path, weights="fp32") as engine:
+        for a, b in zip(_moes(plain), _moes(engine.model), strict=True):
+            assert b.released is None and b.w_in.dtype == torch.float32 and b.in_decode_layout()
+            assert torch.equal(a.w_in, b.w_in) and torch.equal(a.w_out, b.w_out)
