@@ -1,9 +1,10 @@
 """Static key/value cache of the decoder's self-attention, one row per conversation.
 
-The buffers have a fixed shape (layers, rows, kv_heads, max_len, head_dim), so a decode step
-always runs on the same shapes (which CUDA graphs need) and rows can join and leave a batch
-between steps by copying a row, never by reallocating. Each row knows nothing of its length:
-the caller passes positions, and the decode mask hides every slot past a row's position.
+The buffers have the shape (layers, rows, kv_heads, max_len, head_dim), so rows can join and
+leave a batch between steps by copying a row; the decode batch reallocates only when its rows or
+positions outgrow the buffers, or leave three quarters unused (doubling and halving:
+models/generation.py). Each row knows nothing of its length: the caller passes positions, and
+the decode mask hides every slot past a row's position.
 
 Memory cross-attention needs no growing cache: its keys/values come from the STM and are
 computed once per turn (:meth:`rxruntime.models.rxt.RxTModel.memory_kv`).

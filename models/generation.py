@@ -7,7 +7,11 @@ STM once, when it joins), its position and its sampler settings. Active rows are
 of the buffers. The big buffers (KV cache, memory keys/values: about 12 MiB a row at alpha-mini)
 hold only as many rows as are active, rounded up to a power of two: they double when a join
 needs more and halve when three quarters stand empty, so an engine sized for 256 conversations
-costs memory for the ones it serves. The runtime's engine drives it; :func:`generate` is the plain loop for
+costs memory for the ones it serves. The KV cache's length follows the same rule along the
+positions: it starts at ``INITIAL_LEN`` and doubles when a row reaches its end, up to the
+model's ``max_seq_len`` (RxT-Beta's 8,192 positions of float32 cache are 210 MB a row; a turn of
+a few hundred tokens needs 1/16 of that), and a step attends over the length held, not the
+largest one possible. The runtime's engine drives it; :func:`generate` is the plain loop for
 scripts, tests and benchmarks.
 """
 
@@ -46,6 +50,9 @@ class DecodeBatch:
     the one-token steps about twice as fast on a CPU without changing any value.
     """
 
+    INITIAL_LEN = 256
+    """Positions the KV cache holds at first (it doubles as rows advance, up to ``max_len``)."""
+
     def __init__(
         self, model: RxTModel, capacity: int, max_len: int | None = None, *, decode_layout: bool = True
     ) -> None:
@@ -55,7 +62,7 @@ class DecodeBatch:
         if decode_layout:
             model.use_decode_layout()
         device = model.device
-        self.cache, self.memory_kv = self._buffers(min(capacity, 1))
+        self.cache, self.memory_kv = self._buffers(min(capacity, 1), self._length_for(1))
         self.sampler = BatchSampler(capacity, device=device)
         self.next_position = torch.zeros(capacity, dtype=torch.long, device=device)
         self.next_token = torch.zeros(capacity, dtype=torch.long, device=device)
@@ -81,9 +88,10 @@ class DecodeBatch:
         """Rows the KV cache and memory keys/values hold now (``size`` <= this <= ``capacity``)."""
         return self.cache.rows
 
-    def _buffers(self, rows: int) -> tuple[KVCache, list[tuple[Tensor, Tensor]]]:
-        """Zeroed KV cache and memory keys/values for ``rows`` rows: ordinary tensors even when a
-        join (in inference mode) grows them, so that :meth:`leave` may write to them anywhere."""
+    def _buffers(self, rows: int, length: int) -> tuple[KVCache, list[tuple[Tensor, Tensor]]]:
+        """Zeroed KV cache (``length`` positions) and memory keys/values for ``rows`` rows:
+        ordinary tensors even when a join (in inference mode) grows them, so that :meth:`leave`
+        may write to them anywhere."""
         model, cfg = self.model, self.model.config
         d = cfg.decoder
         kv_shape = (rows, d.cross_kv_heads, cfg.stm_size, cfg.dim // d.num_heads)
@@ -95,11 +103,19 @@ class DecodeBatch:
                 )
                 for _ in range(cfg.num_layers)
             ]
-            return model.new_cache(rows, self.max_len), memory_kv
+            return model.new_cache(rows, length), memory_kv
+
+    def _length_for(self, positions: int) -> int:
+        """The cache length that holds ``positions`` positions: a power of two from
+        ``INITIAL_LEN`` on, at most ``max_len``."""
+        length = min(self.INITIAL_LEN, self.max_len)
+        while length < positions:
+            length *= 2
+        return min(length, self.max_len)
 
     def _resize(self, rows: int) -> None:
         """Move the active rows into buffers of ``rows`` rows (the old ones are freed)."""
-        cache, memory_kv = self._buffers(rows)
+        cache, memory_kv = self._buffers(rows, self.cache.max_len)
         n = self.size
         cache.k[:, :n] = self.cache.k[:, :n]
         cache.v[:, :n] = self.cache.v[:, :n]
@@ -107,6 +123,19 @@ class DecodeBatch:
             k[:n] = old_k[:n]
             v[:n] = old_v[:n]
         self.cache, self.memory_kv = cache, memory_kv
+        self._step_views = {}
+
+    def _relength(self, length: int) -> None:
+        """Move the active rows' keys/values into a cache of ``length`` positions (the memory
+        keys/values stay where they are)."""
+        if length == self.cache.max_len:
+            return
+        with torch.inference_mode(False):
+            cache = self.model.new_cache(self.allocated_rows, length)
+        n, held = self.size, min(length, self.cache.max_len)
+        cache.k[:, :n, :, :held] = self.cache.k[:, :n, :, :held]
+        cache.v[:, :n, :, :held] = self.cache.v[:, :n, :, :held]
+        self.cache = cache
         self._step_views = {}
 
     def row_of(self, key: Hashable) -> int:
@@ -128,6 +157,9 @@ class DecodeBatch:
             while rows < stop:
                 rows *= 2
             self._resize(min(rows, self.capacity))
+        longest = max(len(r.prompt) for r in requests)
+        if longest + 1 > self.cache.max_len:  # the prompt, and the first step's token after it
+            self._relength(self._length_for(longest + 1))
         device = self.model.device
         lengths = torch.tensor([len(r.prompt) for r in requests], device=device)
         ids = torch.full((len(requests), int(lengths.max())), self.model.config.special_tokens.pad_id, device=device)
@@ -160,8 +192,11 @@ class DecodeBatch:
         n = self.size
         if n == 0:
             return torch.empty(0, dtype=torch.long, device=self.model.device)
-        if max(self._host_position[:n]) >= self.max_len:
+        furthest = max(self._host_position[:n])
+        if furthest >= self.max_len:
             raise RuntimeError("a row ran past the end of its cache; leave() it before that")
+        if furthest >= self.cache.max_len:
+            self._relength(self._length_for(furthest + 1))
         views = self._step_views.get(n)
         if views is None:
             views = self._step_views[n] = (self._memory_kv(0, n), self.cache.view(0, n))
@@ -237,6 +272,9 @@ class DecodeBatch:
         self.keys.pop()
         if self.allocated_rows > 1 and 4 * self.size <= self.allocated_rows:
             self._resize(self.allocated_rows // 2)
+        needed = self._length_for(max(self._host_position[: self.size], default=0) + 1)
+        if 4 * needed <= self.cache.max_len:  # three quarters of the positions unused: halve
+            self._relength(self.cache.max_len // 2)
 
     def _memory_kv(self, start: int, stop: int) -> list[tuple[Tensor, Tensor]]:
         return [(k[start:stop], v[start:stop]) for k, v in self.memory_kv]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+import pytest
 import torch
 
 from rxruntime.models import DecodeBatch, JoinRequest, SamplingParams
@@ -51,3 +52,48 @@ def test_buffers_follow_the_active_rows_and_answers_do_not_change() -> None:
     assert got == {i: expected[i] for i in range(5)}
     batch.leave(4)
     assert batch.allocated_rows == 1
+
+
+def test_cache_length_follows_the_positions_and_answers_do_not_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The KV cache starts at INITIAL_LEN positions, doubles as rows advance (moving what they
+    wrote), halves once three quarters stand unused: the same tokens and logits as a cache that
+    holds every position from the start."""
+    model = tiny_model(seed=51)
+    stms = model.init_stm(2, torch.Generator().manual_seed(4), std=1.0)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+
+    def run(initial: int) -> tuple[list[list[int]], list[torch.Tensor], list[int]]:
+        monkeypatch.setattr(DecodeBatch, "INITIAL_LEN", initial)
+        batch = DecodeBatch(model, capacity=2, max_len=64)
+        batch.join([JoinRequest(i, p, stms[i], GREEDY, 0) for i, p in enumerate(prompts)])
+        tokens: list[list[int]] = [[], []]
+        logits: list[torch.Tensor] = []
+        lengths = [batch.cache.max_len]
+        real = model.decode_step
+
+        def watched(*args: object) -> torch.Tensor:
+            out = real(*args)  # type: ignore[arg-type]
+            logits.append(out.clone())
+            return out
+
+        model.decode_step = watched  # type: ignore[method-assign,assignment]
+        try:
+            for _ in range(20):
+                for row, t in enumerate(batch.step().tolist()):
+                    tokens[int(batch.keys[row])].append(t)  # type: ignore[call-overload]
+                lengths.append(batch.cache.max_len)
+        finally:
+            del model.decode_step
+        batch.leave(0)
+        batch.leave(1)
+        lengths.append(batch.cache.max_len)
+        return tokens, logits, lengths
+
+    want, want_logits, full = run(64)
+    got, got_logits, grown = run(4)
+    assert full == [64] * 22
+    assert grown[0] == 8 and grown[-2] == 32 and sorted(set(grown[:-1])) == [8, 16, 32]  # 5 + 1 + 20 positions
+    assert grown[-1] < 32  # everyone left: shrunk again
+    assert got == want
+    for a, b in zip(want_logits, got_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
