@@ -371,8 +371,7 @@ def decode_bytes_per_token(model: Any, weights: str) -> dict[str, float]:
             else:
                 out["matrices"] += mod.weight.numel() * per
         elif isinstance(mod, MoE):
-            share = mod.top_k / mod.w_in.shape[0]
-            out["experts"] += (mod.w_in.numel() + mod.w_out.numel()) * share * per
+            out["experts"] += mod.top_k * mod.expert_numel() * per  # released or not
     out["total"] = sum(out.values())
     return out
 
@@ -392,9 +391,9 @@ def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> floa
 
 
 def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
-    from rxruntime import Engine
+    import rxruntime
     from rxruntime.models import native
-    from rxruntime.models.checkpoint import load_pretrained
+    from rxruntime.models.moe import MoE
 
     guard(int(args.guard_gib * GIB))
     torch.set_num_threads(args.threads)
@@ -404,27 +403,29 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = read_bandwidth(args.threads)  # before the model takes the memory
     rss_before = rss()[0]
     start = time.perf_counter()
-    model, tok = load_pretrained(args.out, device="cpu", dtype=dtype)
-    assert tok is not None
-    parameters = sum(p.numel() for p in model.parameters())
-    if args.dtype == "int8":
-        from rxruntime.models.quantize import set_weight_format
-
-        set_weight_format(model, "int8")
-    load_s = time.perf_counter() - start
-    per_token = decode_bytes_per_token(model, args.dtype)  # (before the expert tables are released)
-    # as rxruntime.load does: the C step's copies made now, and (int8) the float32 expert tables dropped
-    start = time.perf_counter()
-    released = native.prepare(model, release_experts=not args.keep_float32) if dtype == torch.float32 else 0
-    prepare_s = time.perf_counter() - start
+    # what `rxrt chat` and `rxrt serve` run: rxruntime.load (int8: the routed experts compacted one
+    # MoE at a time as they are read, the C step's copies made, the float32 tables never all held);
     # memory updates --memory-batch at a time: their activations grow with the batch (slots^2 attention)
-    engine = Engine(model, tok, max_batch=max(8, args.batch), max_memory_batch=args.memory_batch)
+    engine = rxruntime.load(
+        args.out,
+        device="cpu",
+        dtype=dtype,
+        weights="int8" if args.dtype == "int8" else None,
+        max_batch=max(8, args.batch),
+        max_memory_batch=args.memory_batch,
+        keep_float32=args.keep_float32,
+    )
+    load_s = time.perf_counter() - start
+    model = engine.model
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    released = sum(m.released_numel() for m in moes) * 4  # float32 tables never held (or dropped)
+    parameters = sum(p.numel() for p in model.parameters()) + released // 4
+    per_token = decode_bytes_per_token(model, args.dtype)
     rss_loaded, peak_load = rss()
     config = engine.config
     vocab = config.vocab_size
     result: dict[str, Any] = {
         "load_s": load_s,
-        "prepare_s": prepare_s,
         "released_float32_bytes": released,
         "rss_bytes": rss_loaded,
         "rss_model_bytes": rss_loaded - rss_before,
@@ -437,7 +438,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         "decode_bytes_per_token": per_token,
         "read_bandwidth_bytes_per_s": bandwidth,
     }
-    shown = ("load_s", "prepare_s", "released_float32_bytes", "rss_bytes", "peak_rss_load_bytes")
+    shown = ("load_s", "released_float32_bytes", "rss_bytes", "peak_rss_load_bytes")
     progress("loaded", {k: result[k] for k in shown})
     with engine:
         # The first decoder call pays one-time setup (the C step packs its int8/bf16 copies of the
@@ -595,8 +596,7 @@ def table(result: dict[str, Any]) -> str:
     ours, theirs = result["rxruntime"], result.get("rxlm") or {}
     b = f"b{result['settings']['batch']}"
     rows = [
-        ("load (s)", ours["load_s"], theirs.get("load", {}).get("load_s")),
-        ("C step copies made at load (s)", ours.get("prepare_s"), None),
+        ("load, C step copies included (s)", ours["load_s"], theirs.get("load", {}).get("load_s")),
         ("first turn's one-time setup (s)", ours.get("first_turn_setup_s"), None),
         ("resident after load (GiB)", ours["rss_bytes"] / GIB, (theirs.get("load", {}).get("rss_bytes") or 0) / GIB),
         ("peak resident (GiB)", ours["peak_rss_bytes"] / GIB, (theirs.get("watched_peak_rss_bytes") or 0) / GIB),
