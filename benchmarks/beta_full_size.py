@@ -466,6 +466,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         convs = [engine.conversation(f"beta-b{i}", state=None, stm=stm) for i in range(args.batch)]
         queries = [query_ids(i + 1, args.batch_query_tokens, vocab) for i in range(args.batch)]
         result[f"b{args.batch}"] = _batch_turn(convs, queries, args.answer_tokens)
+        result[f"b{args.batch}"]["rss_bytes"] = rss()[0]  # the conversations still open
         progress(f"{args.batch} conversations", result[f"b{args.batch}"])
         for c in convs:
             c.close()
