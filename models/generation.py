@@ -33,7 +33,10 @@ class JoinRequest:
     """One conversation entering the batch: its prompt ids and its STM (L, S, D).
 
     ``logprobs``: report each sampled token's log-probability and this many alternatives
-    (0: the chosen token's alone); None reports nothing and costs nothing."""
+    (0: the chosen token's alone); None reports nothing and costs nothing. ``memory_kv``: the
+    memory cross-attention keys/values of ``stm`` (per memory layer, ``(kv_heads, slots,
+    head_dim)`` each), when they were computed ahead (the engine's memory update makes them
+    with the STM, off the next turn's critical path); None computes them here."""
 
     key: Hashable
     prompt: Sequence[int]
@@ -41,6 +44,7 @@ class JoinRequest:
     params: SamplingParams
     seed: int
     logprobs: int | None = None
+    memory_kv: Sequence[tuple[Tensor, Tensor]] | None = None
 
 
 class DecodeBatch:
@@ -165,10 +169,22 @@ class DecodeBatch:
         ids = torch.full((len(requests), int(lengths.max())), self.model.config.special_tokens.pad_id, device=device)
         for i, r in enumerate(requests):
             ids[i, : len(r.prompt)] = torch.as_tensor(list(r.prompt), device=device)
-        stm = torch.stack([r.stm.to(device, self.model.dtype) for r in requests])
-        for (k, v), (k_new, v_new) in zip(self.memory_kv, self.model.memory_kv(stm)):
-            k[start:stop] = k_new
-            v[start:stop] = v_new
+        computed = [i for i, r in enumerate(requests) if r.memory_kv is None]
+        if computed:  # one batched projection for the rows that bring none
+            stm = torch.stack([requests[i].stm.to(device, self.model.dtype) for i in computed])
+            for (k, v), (k_new, v_new) in zip(self.memory_kv, self.model.memory_kv(stm)):
+                if len(computed) == len(requests):
+                    k[start:stop] = k_new
+                    v[start:stop] = v_new
+                else:
+                    for j, i in enumerate(computed):
+                        k[start + i] = k_new[j]
+                        v[start + i] = v_new[j]
+        for i, r in enumerate(requests):
+            if r.memory_kv is not None:
+                for (k, v), (k_given, v_given) in zip(self.memory_kv, r.memory_kv, strict=True):
+                    k[start + i] = k_given
+                    v[start + i] = v_given
         logits = self.model.prefill(ids, lengths, self._memory_kv(start, stop), self.cache.view(start, stop))
         for i, r in enumerate(requests):
             self.sampler.set_row(start + i, r.params, r.seed)

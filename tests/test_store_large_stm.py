@@ -127,7 +127,10 @@ def test_a_slow_store_write_does_not_stall_another_conversations_turns(tok: RxTo
 def test_idle_memories_are_evicted_by_bytes(tok: RxTokenizer, tmp_path: Path) -> None:
     model = make_model()
     config = model.config
-    stm_bytes = config.num_layers * config.stm_size * config.dim * 4
+    d = config.decoder
+    # a resident conversation holds its STM and the memory keys/values its update made for the next turn
+    kv_bytes = config.num_layers * 2 * d.cross_kv_heads * config.stm_size * (config.dim // d.num_heads) * 4
+    stm_bytes = config.num_layers * config.stm_size * config.dim * 4 + kv_bytes
     store = SQLiteStore(tmp_path / "stm.db")
     with Engine(model, tok, store=store, max_resident=None, max_resident_bytes=int(2.5 * stm_bytes)) as eng:
         convs = [eng.conversation(f"c{i}") for i in range(5)]
@@ -140,7 +143,7 @@ def test_idle_memories_are_evicted_by_bytes(tok: RxTokenizer, tmp_path: Path) ->
             stored = store.get(conv.id)
             assert stored is not None and torch.equal(conv.export_state().stm, stored.stm)
         assert eng.stats()["resident_bytes"] <= 2.5 * stm_bytes
-    with Engine(model, tok, store=SQLiteStore(tmp_path / "b.db"), max_resident_bytes=stm_bytes // 2) as eng:
+    with Engine(model, tok, store=SQLiteStore(tmp_path / "b.db"), max_resident_bytes=stm_bytes // 4) as eng:
         conv = eng.conversation("small-budget")
         conv.ask("Hi", max_new_tokens=3, wait_for_memory=True)
         assert eng.stats()["resident_conversations"] == 0  # idle and over any budget: evicted

@@ -9,11 +9,13 @@ Protocol (both models, same machine, dtype and device): queries of ``query_token
 the template ``[BOS] [Q] query [A]``, answers forced to ``answer_tokens`` tokens (greedy, EOS
 ignored), each generated token read back on the host as a streaming client would. Per turn:
 
-* ``ttft_s``: query in -> first answer token on the host (RxT: memory K/V, prefill, sample);
+* ``ttft_s``: query in -> first answer token on the host (RxT: prefill, sample; at turn 1 the
+  memory K/V too);
 * ``turn_s``: query in -> last answer token (what the user waits for);
 * ``tokens_per_s``: decode rate after the first token, ``(answer_tokens - 1) / (turn_s - ttft_s)``;
-* ``memory_update_s`` (RxT only): ``model.memory_update(stm, interaction)`` timed on its own after
-  the answer. The runtime runs it in the background, so it is not part of ``turn_s``.
+* ``memory_update_s`` (RxT only): ``model.memory_update(stm, interaction)`` and the next turn's
+  memory K/V, timed on their own after the answer. The engine runs both in the background (the
+  memory K/V with the update that makes the STM), so they are not part of ``turn_s``.
 
 RxT and baseline turns alternate, so load from other processes hits both alike; ``repeats`` runs
 the whole conversation again and every figure is the per-turn median.
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor
 
 from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTConfig, RxTModel, SamplingParams, preset
+from rxruntime.models.decoder import MemoryKV
 from rxruntime.models.quantize import check_format
 
 from .decode import DEFAULT_WEIGHTS, ROWWISE, apply_weights, c_step_note, kernel_label, resolve_dtype
@@ -166,12 +169,17 @@ def _rxt_turn(
     answer_tokens: int,
     key: object,
     params: SamplingParams,
-) -> tuple[TurnRecord, list[int], Tensor]:
+    memory_kv: MemoryKV | None = None,
+) -> tuple[TurnRecord, list[int], Tensor, MemoryKV]:
+    """One turn as the engine runs it: the join takes the memory keys/values the previous turn's
+    memory update made (``memory_kv``; the first turn's are projected at the join), and the
+    memory update makes the next turn's with the new STM, timed as part of the update."""
     device = model.device
     eos = model.config.special_tokens.eos_id
     _sync(device)
     start = time.perf_counter()
-    answer = [int(batch.join([JoinRequest(key, prompt, stm[0], params, params.resolved_seed())])[0])]
+    request = JoinRequest(key, prompt, stm[0], params, params.resolved_seed(), memory_kv=memory_kv)
+    answer = [int(batch.join([request])[0])]
     ttft = time.perf_counter() - start
     for _ in range(answer_tokens - 1):
         answer.append(int(batch.step()[0]))
@@ -181,10 +189,11 @@ def _rxt_turn(
     start = time.perf_counter()
     with torch.inference_mode():
         new_stm = model.memory_update(stm, ids)
+        next_kv = [(k[0], v[0]) for k, v in model.memory_kv(new_stm)]
     _sync(device)
     update = time.perf_counter() - start
     rate = (answer_tokens - 1) / max(turn - ttft, 1e-9)
-    return TurnRecord(0, ttft, turn, rate, update), answer, new_stm
+    return TurnRecord(0, ttft, turn, rate, update), answer, new_stm, next_kv
 
 
 def _pick(logits: Tensor, temperature: float) -> Tensor:
@@ -370,6 +379,7 @@ def _conversations(
     load_start = os.getloadavg()
     for r in range(cfg.repeats):
         stms = {key: m.init_stm(1, torch.Generator().manual_seed(cfg.seed)).to(device) for key, m in rxts.items()}
+        kvs: dict[str, MemoryKV | None] = dict.fromkeys(rxts)
         for peer in list(live):
             try:
                 peer.start_conversation(f"at the start of repeat {r + 1}")
@@ -380,7 +390,9 @@ def _conversations(
         for t, prompt in enumerate(prompts, start=1):
             for key, m in rxts.items():
                 turn_key = ("turn", key, r, t)
-                rec, _, stms[key] = _rxt_turn(m, batches[key], stms[key], prompt, cfg.answer_tokens, turn_key, params)
+                rec, _, stms[key], kvs[key] = _rxt_turn(
+                    m, batches[key], stms[key], prompt, cfg.answer_tokens, turn_key, params, kvs[key]
+                )
                 rec.turn = t
                 records[key].append(rec)
             context = history + prompt

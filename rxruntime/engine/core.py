@@ -539,7 +539,7 @@ class Engine:
             stm = self._random_stm(conv.seed)
         with self._lock:
             if conv.stm is None:
-                conv.stm, conv.ready_event = stm, None
+                conv.stm, conv.ready_event, conv.memory_kv = stm, None, None
                 if stored is not None and stored.stm_version >= conv.version:
                     conv.version = stored.stm_version
                     conv.committed_turn = max(conv.committed_turn, stored.turn)

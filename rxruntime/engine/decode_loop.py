@@ -117,7 +117,10 @@ class DecodeLoop:
                 torch.cuda.current_stream(self.device).wait_event(job.conv.ready_event)
                 stm.record_stream(torch.cuda.current_stream(self.device))
             request = job.request
-            requests.append(JoinRequest(id(job), request.prompt_ids, stm, request.params, job.seed, request.logprobs))
+            kv, job.conv.memory_kv = job.conv.memory_kv, None  # made with this STM by its memory update; used once
+            requests.append(
+                JoinRequest(id(job), request.prompt_ids, stm, request.params, job.seed, request.logprobs, kv)
+            )
         first = self.batch.join(requests).tolist()
         failed, scores = dict(self.batch.failed), self.batch.logprobs
         for job in jobs:

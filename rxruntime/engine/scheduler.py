@@ -111,6 +111,10 @@ class ConversationEntry:
     pending: deque[Job] = field(default_factory=deque)  # sorted by Job.order
     reserved: set[int] = field(default_factory=set)  # turn numbers reserved, not yet started
     ready_event: Any = None  # torch.cuda.Event after the last memory update (GPU only)
+    # the memory cross-attention keys/values of ``stm``, made by the memory update that made it
+    # (per memory layer, (kv_heads, slots, head_dim) each): the next turn's join takes them instead
+    # of projecting the STM itself; None when ``stm`` came another way (cleared with every change)
+    memory_kv: list[tuple[Tensor, Tensor]] | None = None
     records: dict[int, MemoryRecord] = field(default_factory=dict)
     watchers: dict[int, list[MemoryListener]] = field(default_factory=dict)
     subscribers: list[MemoryListener] = field(default_factory=list)
@@ -120,6 +124,13 @@ class ConversationEntry:
     @property
     def idle(self) -> bool:
         return not self.busy and not self.pending and not self.reserved
+
+
+def resident_size(conv: ConversationEntry) -> int:
+    """Bytes a resident conversation holds: its STM and the memory keys/values made with it."""
+    tensors = [] if conv.stm is None else [conv.stm]
+    tensors += [t for pair in conv.memory_kv or () for t in pair]
+    return sum(t.nelement() * t.element_size() for t in tensors)
 
 
 class Scheduler:
@@ -272,7 +283,7 @@ class Scheduler:
     def touch(self, conv: ConversationEntry) -> None:
         if conv.stm is not None:
             self._drop_resident(conv.id)
-            self._resident[conv.id] = size = conv.stm.nelement() * conv.stm.element_size()
+            self._resident[conv.id] = size = resident_size(conv)
             self._resident_bytes += size
 
     def _drop_resident(self, conversation_id: str) -> None:
