@@ -1,13 +1,15 @@
 """The memory cross-attention keys/values of a conversation's next turn are projected by the memory
 update that made its STM (the asynchronous phase), not when the next query arrives.
 
-The memory worker leaves them on the conversation with the new STM; the next turn's join takes
-them (once) instead of projecting the STM; anything else that changes the STM (a reset, a loaded
-state, an eviction) drops them. The answers are those of projecting at the join.
+The memory worker leaves them on the conversation with the new STM (and, when idle, projects a
+just-opened conversation's initial STM); the next turn's join takes them (once) instead of
+projecting the STM; anything else that changes the STM (a reset, a loaded state, an eviction)
+drops them. The answers are those of projecting at the join.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -53,11 +55,36 @@ def _entry(engine: Engine, conversation_id: str) -> Any:
     return engine._sched.conversations[conversation_id]
 
 
+def _projected(engine: Engine, conversation_id: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while _entry(engine, conversation_id).memory_kv is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _entry(engine, conversation_id).memory_kv
+
+
+def test_an_opened_conversation_has_its_first_turns_keys_values_made_ahead(tok: RxTokenizer) -> None:
+    """Opened without a query, a conversation's initial STM is projected by the memory thread;
+    its first turn takes them; with a system prompt, the prompt's memory update makes them."""
+    model = make_model(seed=7)
+    with Engine(model, tok) as engine:
+        conv = engine.conversation("fresh", seed=3)
+        kv = _projected(engine, "fresh")
+        assert kv is not None
+        with torch.inference_mode():
+            want = model.memory_kv(_entry(engine, "fresh").stm[None])
+        for (k, v), (wk, wv) in zip(kv, want, strict=True):
+            assert torch.equal(k, wk[0]) and torch.equal(v, wv[0])  # the projection a lone join makes
+        conv.ask("Hi", max_new_tokens=2, wait_for_memory=True)
+        assert _entry(engine, "fresh").memory_kv is not kv  # taken by the first turn, made anew by its update
+        engine.conversation("told", memory_init="You are a helpful assistant.").wait_for_memory(30)
+        assert _entry(engine, "told").memory_kv is not None
+
+
 def test_the_memory_update_leaves_the_next_turns_keys_values(tok: RxTokenizer) -> None:
     model = make_model(seed=4)
     with Engine(model, tok) as engine:
         conv = engine.conversation("a", seed=1)
-        assert _entry(engine, "a").memory_kv is None  # a fresh STM: the first join projects it
+        assert _projected(engine, "a") is not None  # made ahead for the first turn
         conv.ask("Hi, I'm Ada.", max_new_tokens=4, wait_for_memory=True)
         entry = _entry(engine, "a")
         kv = entry.memory_kv

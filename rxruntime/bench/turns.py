@@ -9,8 +9,9 @@ Protocol (both models, same machine, dtype and device): queries of ``query_token
 the template ``[BOS] [Q] query [A]``, answers forced to ``answer_tokens`` tokens (greedy, EOS
 ignored), each generated token read back on the host as a streaming client would. Per turn:
 
-* ``ttft_s``: query in -> first answer token on the host (RxT: prefill, sample; at turn 1 the
-  memory K/V too);
+* ``ttft_s``: query in -> first answer token on the host (RxT: prefill, sample; the memory K/V
+  are made before the query arrives, as the engine makes them: at turn 1 when the conversation
+  opens, then by each memory update);
 * ``turn_s``: query in -> last answer token (what the user waits for);
 * ``tokens_per_s``: decode rate after the first token, ``(answer_tokens - 1) / (turn_s - ttft_s)``;
 * ``memory_update_s`` (RxT only): ``model.memory_update(stm, interaction)`` and the next turn's
@@ -172,8 +173,8 @@ def _rxt_turn(
     memory_kv: MemoryKV | None = None,
 ) -> tuple[TurnRecord, list[int], Tensor, MemoryKV]:
     """One turn as the engine runs it: the join takes the memory keys/values the previous turn's
-    memory update made (``memory_kv``; the first turn's are projected at the join), and the
-    memory update makes the next turn's with the new STM, timed as part of the update."""
+    memory update made (``memory_kv``; the first turn's were made when the conversation opened),
+    and the memory update makes the next turn's with the new STM, timed as part of the update."""
     device = model.device
     eos = model.config.special_tokens.eos_id
     _sync(device)
@@ -379,7 +380,10 @@ def _conversations(
     load_start = os.getloadavg()
     for r in range(cfg.repeats):
         stms = {key: m.init_stm(1, torch.Generator().manual_seed(cfg.seed)).to(device) for key, m in rxts.items()}
-        kvs: dict[str, MemoryKV | None] = dict.fromkeys(rxts)
+        with torch.inference_mode():  # made when the conversation opens, as the engine does (on its memory thread)
+            kvs: dict[str, MemoryKV | None] = {
+                key: [(k[0], v[0]) for k, v in m.memory_kv(stms[key])] for key, m in rxts.items()
+            }
         for peer in list(live):
             try:
                 peer.start_conversation(f"at the start of repeat {r + 1}")

@@ -203,7 +203,9 @@ class Engine:
             self._sched.conversations[conversation_id] = conv
             self._sched.touch(conv)
             if memory_init is not None:
-                self._queue_memory_init(conv, memory_init)
+                self._queue_memory_init(conv, memory_init)  # its update makes the first turn's memory K/V
+            else:
+                self._memory.project_opened(conv)  # the first turn's memory K/V, while the caller writes its query
             self._evict()
         return Conversation(self, conversation_id)
 

@@ -70,6 +70,7 @@ class MemoryWorker:
         self.max_backlog = max_backlog
         self._sched = scheduler
         self._queue: deque[MemoryTask] = deque()
+        self._opened: deque[tuple[ConversationEntry, int]] = deque()  # (conversation, its STM version)
         self._cv = threading.Condition()
         self._stopping = False
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
@@ -111,17 +112,38 @@ class MemoryWorker:
             self._queue.append(task)
             self._cv.notify()
 
+    def project_opened(self, conv: ConversationEntry) -> None:
+        """Project a just-opened conversation's memory keys/values for its first turn when this
+        thread has nothing else to do (CPU only; under the scheduler's lock): a conversation
+        opened before its first query then starts that turn as every later one does."""
+        if self._stream is not None:  # on a GPU the first join projects (no stream handoff here)
+            return
+        with self._cv:
+            self._opened.append((conv, conv.version))
+            self._cv.notify()
+
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._queue and not self._stopping:
+                    while not self._queue and not self._opened and not self._stopping:
                         self._cv.wait()
-                    if not self._queue:  # stopping and nothing owed
+                    if not self._queue and (self._stopping or not self._opened):  # stopping and nothing owed
                         return
-                    # what is queued now, up to max_batch; the rest waits for the next pass
-                    tasks = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))]
+                    if not self._queue:  # idle: the first turn's keys/values of an opened conversation
+                        opened = self._opened.popleft()
+                        tasks = []
+                    else:
+                        opened = None
+                        # what is queued now, up to max_batch; the rest waits for the next pass
+                        tasks = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))]
+                if opened is not None:
+                    try:
+                        self._project(*opened)
+                    except Exception:  # only a head start: the first join projects instead
+                        log.exception("projecting an opened conversation's memory failed")
+                    continue
                 try:
                     self._run(tasks)
                 except Exception as exc:  # a bug here must not strand the conversations
@@ -271,6 +293,20 @@ class MemoryWorker:
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record(self._stream)
         return parts, change, done, kv
+
+    def _project(self, conv: ConversationEntry, version: int) -> None:
+        """``conv``'s memory keys/values, left on it if its STM is still the one it was opened
+        with and no turn has started (a started turn projected them itself)."""
+        with self._sched.lock:
+            stm = conv.stm
+            if stm is None or conv.version != version or conv.busy or conv.memory_kv is not None:
+                return
+        kv = self._next_kv(stm[None])[0]
+        with self._sched.lock:
+            if conv.stm is stm and conv.version == version and not conv.busy and conv.memory_kv is None:
+                conv.memory_kv = kv
+                if conv.open:
+                    self._sched.touch(conv)
 
     def _next_kv(self, new: Tensor) -> list[MemoryKV]:
         """Each conversation's memory keys/values for its next turn, projected from its new STM
