@@ -172,14 +172,10 @@ class DecodeBatch:
         computed = [i for i, r in enumerate(requests) if r.memory_kv is None]
         if computed:  # one batched projection for the rows that bring none
             stm = torch.stack([requests[i].stm.to(device, self.model.dtype) for i in computed])
+            targets = torch.tensor([start + i for i in computed], device=device)
             for (k, v), (k_new, v_new) in zip(self.memory_kv, self.model.memory_kv(stm)):
-                if len(computed) == len(requests):
-                    k[start:stop] = k_new
-                    v[start:stop] = v_new
-                else:
-                    for j, i in enumerate(computed):
-                        k[start + i] = k_new[j]
-                        v[start + i] = v_new[j]
+                k.index_copy_(0, targets, k_new)
+                v.index_copy_(0, targets, v_new)
         for i, r in enumerate(requests):
             if r.memory_kv is not None:
                 for (k, v), (k_given, v_given) in zip(self.memory_kv, r.memory_kv, strict=True):

@@ -587,7 +587,8 @@ def _moe_weights(w: _Watch, ffn: Any) -> dict[str, Any]:
         w.versioned = True
     return {
         "module": ffn,
-        "released": _released.get(ffn),
+        # the copies that hold its tables once they were dropped (a rebind binds these again)
+        "released": ffn.released if isinstance(ffn.released, _ExpertCopies) else None,
         "router": w.tensor(w.child(ffn, "router")._parameters, "weight"),
         "router_dtype": ffn.router_dtype,
         **{name: w.tensor(params, name) for name in ("w_in", "w_out", "b_in", "b_out", "global_bias", "shared_bias")},
@@ -734,11 +735,6 @@ class _ExpertCopies:
         return copy_in[e * dim : (e + 1) * dim].float().t(), copy_out[e * h : (e + 1) * h].float().t()
 
 
-_released: weakref.WeakKeyDictionary[MoE, _ExpertCopies] = weakref.WeakKeyDictionary()
-"""MoE layers whose float32 tables :func:`prepare` dropped, and the copies that
-now hold them (a rebind of the C step binds these again)."""
-
-
 def _expert_copies(w_in: Tensor, w_out: Tensor, fmt: WeightFormat) -> _ExpertCopies:
     """The C step's copies of one MoE's tables, given input-major: ``w_in`` (E, dim, gh) and
     ``w_out`` (E, hidden, dim), float32 and already rounded to ``fmt``; each expert's rows are
@@ -754,7 +750,6 @@ def _expert_copies(w_in: Tensor, w_out: Tensor, fmt: WeightFormat) -> _ExpertCop
 def _release(module: MoE, copies: _ExpertCopies) -> int:
     """Drop ``module``'s tables, which ``copies`` hold from now on; bytes freed."""
     freed = (module.w_in.numel() + module.w_out.numel()) * module.w_in.element_size()
-    _released[module] = copies
     module.released = copies
     module.w_in = torch.nn.Parameter(torch.empty(0, *module.w_in.shape[1:]), requires_grad=False)
     module.w_out = torch.nn.Parameter(torch.empty(0, *module.w_out.shape[1:]), requires_grad=False)

@@ -154,6 +154,12 @@ class RxTModel(nn.Module):
         """Decoder memory cross-attention keys/values for an STM (B, L, S, D), once per turn."""
         return self.decoder.memory_kv(stm)
 
+    def row_memory_kv(self, stm: Tensor) -> MemoryKV:
+        """:meth:`memory_kv` of one conversation's STM (L, S, D) alone, each (kv_heads, slots,
+        head_dim): what a join of that conversation alone computes (a batched product may round
+        otherwise), in the form ``JoinRequest.memory_kv`` takes."""
+        return [(k[0], v[0]) for k, v in self.decoder.memory_kv(stm[None])]
+
     def decoder_logits(self, input_ids: Tensor, memory: Tensor) -> Tensor:
         """Full causal forward (B, T) -> logits (B, T, V), reading ``memory`` (B, L, S, D).
 

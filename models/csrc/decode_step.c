@@ -131,29 +131,26 @@ static void cpu_relax(void) {
 #endif
 }
 
-/* Spin until *word != value (unsigned long long or int words through the two wrappers). */
+/* One round of waiting, the i-th: a pause, and past WAIT_SPIN_NS (checked every 64 rounds) a
+   yield of the CPU to whoever needs it. */
+static void wait_round(int i, double *until) {
+    cpu_relax();
+    if ((i & 63) == 63) {
+        const double t = now_ns();
+        if (*until == 0.0) *until = t + WAIT_SPIN_NS;
+        else if (t > *until) sched_yield();
+    }
+}
+
+/* Spin until *word != value. */
 static void wait_change_u64(atomic_ullong *word, unsigned long long value) {
     double until = 0.0;
-    for (int i = 0; atomic_load(word) == value; i++) {
-        cpu_relax();
-        if ((i & 63) == 63) {
-            const double t = now_ns();
-            if (until == 0.0) until = t + WAIT_SPIN_NS;
-            else if (t > until) sched_yield();
-        }
-    }
+    for (int i = 0; atomic_load(word) == value; i++) wait_round(i, &until);
 }
 
 static void wait_change_int(atomic_int *word, int value) {
     double until = 0.0;
-    for (int i = 0; atomic_load(word) == value; i++) {
-        cpu_relax();
-        if ((i & 63) == 63) {
-            const double t = now_ns();
-            if (until == 0.0) until = t + WAIT_SPIN_NS;
-            else if (t > until) sched_yield();
-        }
-    }
+    for (int i = 0; atomic_load(word) == value; i++) wait_round(i, &until);
 }
 
 /* Threads 1.. of a step's team: run each part handed out until the step ends. */

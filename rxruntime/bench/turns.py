@@ -190,7 +190,7 @@ def _rxt_turn(
     start = time.perf_counter()
     with torch.inference_mode():
         new_stm = model.memory_update(stm, ids)
-        next_kv = [(k[0], v[0]) for k, v in model.memory_kv(new_stm)]
+        next_kv = model.row_memory_kv(new_stm[0])
     _sync(device)
     update = time.perf_counter() - start
     rate = (answer_tokens - 1) / max(turn - ttft, 1e-9)
@@ -381,9 +381,7 @@ def _conversations(
     for r in range(cfg.repeats):
         stms = {key: m.init_stm(1, torch.Generator().manual_seed(cfg.seed)).to(device) for key, m in rxts.items()}
         with torch.inference_mode():  # made when the conversation opens, as the engine does (on its memory thread)
-            kvs: dict[str, MemoryKV | None] = {
-                key: [(k[0], v[0]) for k, v in m.memory_kv(stms[key])] for key, m in rxts.items()
-            }
+            kvs: dict[str, MemoryKV | None] = {key: m.row_memory_kv(stms[key][0]) for key, m in rxts.items()}
         for peer in list(live):
             try:
                 peer.start_conversation(f"at the start of repeat {r + 1}")

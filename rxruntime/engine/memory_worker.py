@@ -301,7 +301,7 @@ class MemoryWorker:
             stm = conv.stm
             if stm is None or conv.version != version or conv.busy or conv.memory_kv is not None:
                 return
-        kv = self._next_kv(stm[None])[0]
+        kv = self.model.row_memory_kv(stm)
         with self._sched.lock:
             if conv.stm is stm and conv.version == version and not conv.busy and conv.memory_kv is None:
                 conv.memory_kv = kv
@@ -310,9 +310,8 @@ class MemoryWorker:
 
     def _next_kv(self, new: Tensor) -> list[MemoryKV]:
         """Each conversation's memory keys/values for its next turn, projected from its new STM
-        alone: the numbers a join of that conversation alone would compute, whichever updates
-        shared this batch (a batched product may round otherwise)."""
-        return [[(k[0], v[0]) for k, v in self.model.memory_kv(new[i : i + 1])] for i in range(new.shape[0])]
+        alone (:meth:`RxTModel.row_memory_kv`), whichever updates shared this batch."""
+        return [self.model.row_memory_kv(row) for row in new]
 
     # ------------------------------------------------------------------ the store
     def _persist(self, task: MemoryTask, stm: Tensor) -> int | None:
