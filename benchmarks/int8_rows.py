@@ -73,6 +73,7 @@ def _attend_kernel(shapes: list[tuple[int, int]]) -> list[dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--preset", default="alpha-mini")
+    parser.add_argument("--weights", default="int8", choices=["int8", "fp32"], help="the C step's weight format")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompts", default="35,128,256", help="prefill lengths, comma-separated")
     parser.add_argument("--rows", default="1,8,16,64", help="decode rows, comma-separated")
@@ -84,7 +85,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = RxTModel(preset(args.preset)).eval()
-    set_weight_format(model, "int8")
+    set_weight_format(model, args.weights)
     model.use_decode_layout()
     vocab = model.config.vocab_size
 
@@ -131,13 +132,13 @@ def main() -> None:
                 step()
         return float(rows * args.steps / (time.thread_time() - start))
 
-    limit = native.INT8_MAX_ROWS
-    native.INT8_MAX_ROWS = native.MAX_ROWS = max(int(r) for r in args.rows.split(","))  # the C step at every size
+    limit = native.MULTI_ROW_MAX_ROWS
+    native.MULTI_ROW_MAX_ROWS = native.MAX_ROWS = max(int(r) for r in args.rows.split(","))  # the C step at every size
     gen = torch.Generator().manual_seed(1)
     result: dict[str, object] = {"prefill_ms": {}, "decode_tokens_per_s": {}}
     prefill_variants = ["vector", "old"] if args.attend else ["multi", "rowwise", "torch", "torch-bf16"]
     decode_variants = ["vector", "old"] if args.attend else ["multi", "rowwise", "torch"]
-    for length in (int(n) for n in args.prompts.split(",")):
+    for length in (int(n) for n in args.prompts.split(",") if n):
         prompt = torch.randint(7, vocab, (length,), generator=gen).tolist()
         times: dict[str, list[float]] = {k: [] for k in prefill_variants}
         for _ in range(args.repeats):
@@ -158,7 +159,7 @@ def main() -> None:
             row["vector_over_old"] = round(statistics.median(rates["vector"]) / statistics.median(rates["old"]), 2)
         result["decode_tokens_per_s"][str(rows)] = row  # type: ignore[index]
         print(f"decode {rows} rows, tokens/s:", row, flush=True)
-    native.INT8_MAX_ROWS, native.MAX_ROWS = limit, 16
+    native.MULTI_ROW_MAX_ROWS, native.MAX_ROWS = limit, 16
     os.environ.pop("RXRT_NATIVE_ATTEND", None)
     if args.attend:
         hd = model.config.dim // model.config.decoder.num_heads

@@ -52,9 +52,10 @@ if TYPE_CHECKING:
 _ROPE_MODES = {"half": 0, "adjacent": 1, "adjacent-split": 2}
 
 MAX_ROWS = 16
-"""Rows per step up to which the C step runs (float32, bf16, and int8 row by row; int8 with the
-multi-row kernel: :data:`INT8_MAX_ROWS`). Beyond it torch's matrix products, which reuse each
-weight across rows from cache, win (alpha-mini, 2 cores: 1.3x faster at 16 rows, 0.93x at 32)."""
+"""Rows per step up to which the C step runs row by row (bf16; int8 and float32 with one row per
+pass; with the multi-row kernels: :data:`MULTI_ROW_MAX_ROWS`). Beyond it torch's matrix products,
+which reuse each weight across rows from cache, win (alpha-mini, 2 cores: 1.3x faster at 16
+rows, 0.93x at 32)."""
 
 PREFILL_CHUNK = 64
 """Prompt tokens per C-step call in :meth:`NativeDecoder.prefill` (each call reads the weights once)."""
@@ -66,17 +67,19 @@ torch's batched products win once the weights are reused enough (int8 alpha-mini
 one 35-token prompt 35 ms against torch's 60; 120 tokens 108 against 111; four 35-token prompts
 135 against 122)."""
 
-INT8_MAX_ROWS = 64
-"""The row limit of an int8 model whose C step runs the multi-row kernel (:data:`ROWS_PER_PASS`
-> 1), in place of :data:`MAX_ROWS`: each weight block is applied to 8 rows from registers, and
-the C step decodes 64 rows 2.8x faster than torch (docs/benchmarks.md §8, CPU time)."""
+MULTI_ROW_MAX_ROWS = 64
+"""The row limit of an int8 or float32 model whose C step runs the multi-row kernels
+(:data:`ROWS_PER_PASS` > 1), in place of :data:`MAX_ROWS`: each weight block is applied to 8
+rows from registers (float32: 4 rows at a time over 16 columns, the weight tile held in L1), and
+the C step decodes 64 rows 2.8x faster than torch in int8 and 1.5x in float32 (alpha-mini, one
+thread, CPU time: docs/benchmarks.md §7 and §8)."""
 
 INT8_PREFILL_MAX_TOKENS = 512
 """The same for :data:`PREFILL_MAX_TOKENS`: prefills up to this many tokens run in C (a 256-token
 prompt as fast as torch's float32 products, a 35-token one 2.8x faster)."""
 
 ROWS_PER_PASS = 8
-"""Activation rows the int8 kernels apply each weight block to in one pass (decode_step.c's
+"""Activation rows the int8 and float32 kernels apply each weight block to in one pass (decode_step.c's
 multi-row kernel; ROWS_MAX = 8 at most): a prefill chunk, a decode batch of several
 conversations and the rows that chose one expert read each weight once per this many rows, not
 once per row. ``RXRT_NATIVE_ROWS`` overrides it for the process, :func:`set_rows_per_pass` for
@@ -237,19 +240,21 @@ def old_attention() -> bool:
 
 
 def _multi_row(model: RxTModel) -> bool:
-    return model.weight_format == "int8" and rows_per_pass(model) > 1
+    """Whether ``model``'s C step applies each weight to several rows per pass (int8, float32)."""
+    return model.weight_format in ("int8", "fp32") and rows_per_pass(model) > 1
 
 
 def max_rows(model: RxTModel) -> int:
     """Rows per decode step up to which the C step runs ``model``: :data:`MAX_ROWS`, or
-    :data:`INT8_MAX_ROWS` for int8 weights with the multi-row kernel."""
-    return INT8_MAX_ROWS if _multi_row(model) else MAX_ROWS
+    :data:`MULTI_ROW_MAX_ROWS` for int8 and float32 weights with the multi-row kernels."""
+    return MULTI_ROW_MAX_ROWS if _multi_row(model) else MAX_ROWS
 
 
 def prefill_max_tokens(model: RxTModel) -> int:
     """Prefill tokens (all prompts of a join) up to which ``model``'s int8 prefill runs in C:
-    :data:`PREFILL_MAX_TOKENS`, or :data:`INT8_PREFILL_MAX_TOKENS` with the multi-row kernel."""
-    return INT8_PREFILL_MAX_TOKENS if _multi_row(model) else PREFILL_MAX_TOKENS
+    :data:`PREFILL_MAX_TOKENS`, or :data:`INT8_PREFILL_MAX_TOKENS` with the multi-row kernel
+    (float32 prefills run in torch, whose batched products are as fast)."""
+    return INT8_PREFILL_MAX_TOKENS if model.weight_format == "int8" and _multi_row(model) else PREFILL_MAX_TOKENS
 
 
 def cache_dir() -> Path:
@@ -1208,7 +1213,7 @@ def decode_step(
     model: RxTModel, tokens: Tensor, positions: Tensor, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
 ) -> Tensor | None:
     """The C step for ``model`` (see :class:`NativeDecoder`), or None when it does not apply."""
-    if tokens.shape[0] > max(MAX_ROWS, INT8_MAX_ROWS) or tokens.device.type != "cpu":
+    if tokens.shape[0] > max(MAX_ROWS, MULTI_ROW_MAX_ROWS) or tokens.device.type != "cpu":
         return None  # (the decoder checks the model's own limit)
     decoder = _decoder_for(model)
     return None if decoder is None else decoder.step(tokens, positions, memory_kv, cache)

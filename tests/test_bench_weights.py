@@ -135,7 +135,7 @@ def test_rowwise_int8_runs_beside_the_multi_row_step(capsys: pytest.CaptureFixtu
     cfg = result["config"]
     assert cfg["weights"] == ["int8", "int8-rowwise"]
     assert result["series"]["rxt_int8-rowwise"] == "RxT int8-rowwise"
-    assert cfg["decode_kernels"]["rxt"] == f"C step (up to {native.INT8_MAX_ROWS} rows)"
+    assert cfg["decode_kernels"]["rxt"] == f"C step (up to {native.MULTI_ROW_MAX_ROWS} rows)"
     assert cfg["decode_kernels"]["rxt_int8-rowwise"] == f"C step (up to {native.MAX_ROWS} rows, row by row)"
     assert len(result["rxt_int8-rowwise"]) == 2
     assert main([*DECODE, "--json", "--weights", "int8", "--batch-size", "2"]) == 0

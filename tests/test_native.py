@@ -65,14 +65,15 @@ def test_native_step_equals_torch_step(make: object, rows: int, torch_steps: lis
 
 
 def test_native_step_steps_aside(torch_steps: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 weights, more rows than MAX_ROWS, RXRT_NATIVE=0 and a model not in decode layout
-    all run the torch step."""
+    """bf16 weights, more rows than the C step takes (float32: the multi-row kernel's
+    MULTI_ROW_MAX_ROWS), RXRT_NATIVE=0 and a model not in decode layout all run the torch step."""
     prompts = [[5, 6, 7]]
     half = tiny_model(seed=22).to(torch.bfloat16)
     _run(half, True, prompts, steps=2)
     assert torch_steps[0] == 2
     wide = tiny_model(seed=22)
-    _run(wide, True, [[5, 6, 7]] * (native.MAX_ROWS + 1), steps=2)
+    assert native.max_rows(wide) == native.MULTI_ROW_MAX_ROWS
+    _run(wide, True, [[5, 6, 7]] * (native.MULTI_ROW_MAX_ROWS + 1), steps=2)
     assert torch_steps[0] == 4
     monkeypatch.setenv("RXRT_NATIVE", "0")
     assert native.unavailable_reason() == "disabled by RXRT_NATIVE=0"

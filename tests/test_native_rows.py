@@ -25,7 +25,7 @@ import torch
 
 from rxruntime.models import RxTModel, native
 from rxruntime.models.cache import KVCache
-from rxruntime.models.quantize import set_weight_format
+from rxruntime.models.quantize import WeightFormat, set_weight_format
 
 from .conftest import biased_mqa_model, tiny_model
 from .engine_util import decode_steps
@@ -66,10 +66,43 @@ def test_kernel_gives_the_same_bits_for_any_rows_per_pass(monkeypatch: pytest.Mo
             assert torch.equal(y, single), (segment, rows)
 
 
-def _int8(make: object, seed: int) -> RxTModel:
+@pytest.mark.parametrize("isa", ["native", "scalar"])
+def test_float32_kernel_gives_the_same_bits_for_any_rows_per_pass(monkeypatch: pytest.MonkeyPatch, isa: str) -> None:
+    """The float32 multi-row kernel (decode_step.c's f32_rows) against one ``rxt_matvec`` per row:
+    every sum is the same chain of fused multiply-adds in the order of the inputs, so any number
+    of rows per pass, column tile or block gives the same bits. 70 rows (a partial group of four,
+    a partial block of 256 rows in the 600-row case), 37 and 600 columns (partial tiles and
+    blocks), 11 and 70 activation rows (partial passes), from row 5 of the matrix."""
+    monkeypatch.setenv("RXRT_NATIVE_ISA", isa)
+    lib = native.library()
+    g = torch.Generator().manual_seed(12)
+    for k, cols, n in ((70, 37, 11), (600, 600, 70)):
+        w = torch.randn(k + 5, cols, generator=g) * torch.logspace(-2, 1, cols)
+        mat = native._mat(w, "fp32", [])
+        x = torch.randn(n, k, generator=g)
+        x[3] = 0.0
+        row = ctypes.c_int64(5)
+        single = torch.empty(n, cols)
+        for b in range(n):
+            lib.rxt_matvec(ctypes.byref(mat), row, ctypes.c_int64(k), ctypes.c_int64(cols),
+                           ctypes.c_void_p(x[b].data_ptr()), ctypes.c_void_p(single[b].data_ptr()))  # fmt: skip
+        torch.testing.assert_close(single, x @ w[5:], rtol=1e-4, atol=1e-4)
+        for rows in range(1, 9):
+            y = torch.empty(n, cols)
+            x_at, y_at = ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr())
+            lib.rxt_matmul(ctypes.byref(mat), row, ctypes.c_int64(k), ctypes.c_int64(cols), ctypes.c_int(n),
+                           x_at, y_at, ctypes.c_int(rows))  # fmt: skip
+            assert torch.equal(y, single), (k, cols, n, rows)
+
+
+def _with_format(make: object, seed: int, fmt: WeightFormat) -> RxTModel:
     model: RxTModel = make(seed)  # type: ignore[operator]
-    set_weight_format(model, "int8")
+    set_weight_format(model, fmt)
     return model
+
+
+def _int8(make: object, seed: int) -> RxTModel:
+    return _with_format(make, seed, "int8")
 
 
 MODELS = {
@@ -108,11 +141,12 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.std(-1, keepdim=True)).max())
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp32"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_decode_batch_matches_the_row_by_row_step(name: str) -> None:
+def test_decode_batch_matches_the_row_by_row_step(name: str, fmt: WeightFormat) -> None:
     """Five conversations decoded together for 10 greedy steps: the same tokens as the row-by-row
-    step, logits and caches within 1e-5 of a row's logit spread."""
-    model = _int8(MODELS[name], 80)
+    step, logits and caches within 1e-5 of a row's logit spread (int8 and float32 weights)."""
+    model = _with_format(MODELS[name], 80, fmt)
     model.native_decode = True
     native.set_rows_per_pass(model, 1)
     rowwise = decode_steps(model, PROMPTS, 10)

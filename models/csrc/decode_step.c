@@ -479,20 +479,22 @@ static void axpy_i8(float *restrict acc, const float *xs, Mat m, int64_t d0, int
     }
 }
 
-/* acc[c] += sum_{d in [d0, d1)} xs[d] * W[d, c] for c in [c0, c1), float32 W, four weight rows at
- * a time (a quarter of the accumulator loads and stores of one row at a time). */
+/* acc[c] += sum_{d in [d0, d1)} xs[d] * W[d, c] for c in [c0, c1), float32 W: one fused
+ * multiply-add per weight, in the order of d (acc[c] = fma(xs[d], W[d, c], acc[c])), four weight
+ * rows at a time (a quarter of the accumulator loads and stores of one row at a time). The
+ * multi-row kernel (f32_rows) follows the same order, so it gives these bits for every row. */
 static void axpy_f32(float *restrict acc, const float *xs, const float *w, int64_t ld, int64_t d0, int64_t d1,
                      int64_t c0, int64_t c1) {
     int64_t d = d0;
     for (; d + 4 <= d1; d += 4) {
         const float x0 = xs[d], x1 = xs[d + 1], x2 = xs[d + 2], x3 = xs[d + 3];
         const float *restrict r0 = w + d * ld, *restrict r1 = r0 + ld, *restrict r2 = r1 + ld, *restrict r3 = r2 + ld;
-        for (int64_t c = c0; c < c1; c++) acc[c] += x0 * r0[c] + x1 * r1[c] + x2 * r2[c] + x3 * r3[c];
+        for (int64_t c = c0; c < c1; c++) acc[c] = fmaf(x3, r3[c], fmaf(x2, r2[c], fmaf(x1, r1[c], fmaf(x0, r0[c], acc[c]))));
     }
     for (; d < d1; d++) {
         const float x0 = xs[d];
         const float *restrict r0 = w + d * ld;
-        for (int64_t c = c0; c < c1; c++) acc[c] += x0 * r0[c];
+        for (int64_t c = c0; c < c1; c++) acc[c] = fmaf(x0, r0[c], acc[c]);
     }
 }
 
@@ -622,11 +624,97 @@ static void i8_rows_quantised(int R, float *const *acc, const QRows *x, Mat m, i
     }
 }
 
+#if !defined(RXRT_SCALAR) && defined(__AVX2__) && defined(__FMA__)
+#define F32_ROWS 1
+/* axpy_f32 for R <= 4 rows (a constant after inlining): a decode batch, a prefill chunk or the
+ * rows that chose one expert multiply the same float32 weights, and one pass per row reads every
+ * weight once per row (memory-bound: 16 rows ran at 9% of the cores' float32 rate). Here a tile
+ * of 16 columns is loaded once per weight row for all R rows, whose 2R running sums stay in
+ * registers over [d0, d1) (2R + 3 of AVX2's 16 registers; AVX-512 builds run the same code):
+ * 2R fused multiply-adds per 2 + R loads. Each sum is axpy_f32's chain of fmas in the order of d,
+ * so any R gives its bits. */
+static inline __attribute__((always_inline)) void f32_tile_r(const int R, float *const *acc, const float *const *xs,
+                                                             const float *w, int64_t ld, int64_t d0, int64_t d1,
+                                                             int64_t c, __m256i k0, __m256i k1) {
+    __m256 s0[4], s1[4];
+    for (int r = 0; r < R; r++) s0[r] = _mm256_maskload_ps(acc[r] + c, k0), s1[r] = _mm256_maskload_ps(acc[r] + c + 8, k1);
+    const float *p = w + d0 * ld + c;
+    for (int64_t d = d0; d < d1; d++, p += ld) {
+        const __m256 a = _mm256_maskload_ps(p, k0), b = _mm256_maskload_ps(p + 8, k1);
+        for (int r = 0; r < R; r++) {
+            const __m256 x = _mm256_broadcast_ss(xs[r] + d);
+            s0[r] = _mm256_fmadd_ps(x, a, s0[r]);
+            s1[r] = _mm256_fmadd_ps(x, b, s1[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm256_maskstore_ps(acc[r] + c, k0, s0[r]), _mm256_maskstore_ps(acc[r] + c + 8, k1, s1[r]);
+}
+
+static __m256i lanes_below(int64_t n) {
+    const int v = n < 0 ? 0 : n > 8 ? 8 : (int)n;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(v), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* Tiles of 16 columns over [c0, c1), the rows in passes of at most 4 (the weight tile of
+ * [d0, d1) stays in L1 between the passes). */
+static void f32_rows_avx2(int R, float *const *acc, const float *const *xs, const float *w, int64_t ld, int64_t d0,
+                          int64_t d1, int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c += 16) {
+        const __m256i k0 = lanes_below(c1 - c), k1 = lanes_below(c1 - c - 8);
+        for (int r = 0; r < R; r += 4) {
+            switch (R - r < 4 ? R - r : 4) {
+            case 1: f32_tile_r(1, acc + r, xs + r, w, ld, d0, d1, c, k0, k1); break;
+            case 2: f32_tile_r(2, acc + r, xs + r, w, ld, d0, d1, c, k0, k1); break;
+            case 3: f32_tile_r(3, acc + r, xs + r, w, ld, d0, d1, c, k0, k1); break;
+            default: f32_tile_r(4, acc + r, xs + r, w, ld, d0, d1, c, k0, k1); break;
+            }
+        }
+    }
+}
+#endif
+
+/* axpy_f32 for R <= ROWS_MAX rows, each weight read once for all of them (AVX2 and AVX-512
+ * builds); scalar builds run axpy_f32 row by row, which gives the same bits. */
+static void f32_rows(int R, float *const *acc, const float *const *xs, const float *w, int64_t ld, int64_t d0,
+                     int64_t d1, int64_t c0, int64_t c1) {
+#if defined(F32_ROWS)
+    f32_rows_avx2(R, acc, xs, w, ld, d0, d1, c0, c1);
+#else
+    for (int r = 0; r < R; r++) axpy_f32(acc[r], xs[r], w, ld, d0, d1, c0, c1);
+#endif
+}
+
+#define F32_COLS 512 /* columns of a block: 2 KB of each weight row */
+#define F32_DEPTH 256 /* weight rows of a block (a multiple of 4: axpy_f32's groups stay whole) */
+
+/* f32_rows for n rows, rb per pass, in blocks of F32_DEPTH x F32_COLS weights (128 KB, held in
+ * L2 while every pass of rows reads it): a tile's column strip of the whole matrix would touch
+ * one page per weight row, and a matrix larger than the cache would be read again from memory
+ * for every rb rows. The sums of each (row, column) are still added in axpy_f32's order. */
+static void f32_multi(int n, int rb, float *const *acc, const float *const *xs, const float *w, int64_t ld,
+                      int64_t d0, int64_t d1, int64_t c0, int64_t c1) {
+    if (rb <= 1 || n == 1) { /* one row streams whole weight rows (axpy_f32) faster than in tiles */
+        for (int r = 0; r < n; r++) axpy_f32(acc[r], xs[r], w, ld, d0, d1, c0, c1);
+        return;
+    }
+    for (int64_t c = c0; c < c1; c += F32_COLS) {
+        const int64_t ce = c1 - c < F32_COLS ? c1 : c + F32_COLS;
+        for (int64_t d = d0; d < d1; d += F32_DEPTH) {
+            const int64_t de = d1 - d < F32_DEPTH ? d1 : d + F32_DEPTH;
+            for (int b = 0; b < n; b += rb) f32_rows(n - b < rb ? n - b : rb, acc + b, xs + b, w, ld, d, de, c, ce);
+        }
+    }
+}
+
 /* acc[r][c] += sum_{d in [d0, d1)} xs[r][d] * W[d, c] for c in [c0, c1) and R <= ROWS_MAX rows:
  * int8 through i8_tiles_rows (each row quantised per block exactly as axpy_i8 quantises it),
- * other formats row by row (axpy_rows). */
+ * float32 through f32_rows, other formats row by row (axpy_rows). */
 static void axpy_rows_multi(int R, float *const *acc, const float *const *xs, Mat m, int64_t d0, int64_t d1,
                             int64_t c0, int64_t c1) {
+    if (m.type == W_F32 && R > 1) {
+        f32_multi(R, R, acc, xs, m.w, m.ld, d0, d1, c0, c1);
+        return;
+    }
     if (m.type != W_I8 || R == 1) {
         for (int r = 0; r < R; r++) axpy_rows(acc[r], xs[r], m, d0, d1, c0, c1);
         return;
@@ -651,6 +739,17 @@ static void axpy_rows_multi(int R, float *const *acc, const float *const *xs, Ma
 static void axpy_batch(int n, int rb, float *acc, int64_t acc_ld, const float *x, int64_t x_ld, Mat m, int64_t d0,
                        int64_t d1, int64_t c0, int64_t c1) {
     rb = rb < 1 ? 1 : rb > ROWS_MAX ? ROWS_MAX : rb;
+    if (m.type == W_F32 && rb > 1) { /* blocks of weights held in cache for up to 64 rows at once */
+        for (int b0 = 0; b0 < n; b0 += 64) {
+            const int nb = n - b0 < 64 ? n - b0 : 64;
+            float *accs[64];
+            const float *xr[64];
+            for (int r = 0; r < nb; r++)
+                accs[r] = acc + (int64_t)(b0 + r) * acc_ld, xr[r] = x + (int64_t)(b0 + r) * x_ld;
+            f32_multi(nb, rb, accs, xr, m.w, m.ld, d0, d1, c0, c1);
+        }
+        return;
+    }
     for (int b = 0; b < n; b += rb) {
         const int R = n - b < rb ? n - b : rb;
         float *accs[ROWS_MAX];
