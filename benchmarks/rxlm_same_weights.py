@@ -117,18 +117,23 @@ class RxruntimeSide:
     update timed on its own after the answer as ``rxrt bench turns`` does; batches through the
     real ``Engine``."""
 
-    def __init__(self, checkpoint: Path, threads: int, weights: str = "default") -> None:
+    def __init__(
+        self, checkpoint: Path, threads: int, weights: str = "default", rows_per_pass: int | None = None
+    ) -> None:
         from rxruntime.bench.decode import apply_weights, c_step_note
-        from rxruntime.models import DecodeBatch, SamplingParams
+        from rxruntime.models import DecodeBatch, SamplingParams, native
         from rxruntime.models.checkpoint import load_pretrained
 
         self.model, self.tokenizer = load_pretrained(checkpoint, device="cpu", dtype=torch.float32)
         fmt = apply_weights(self.model, weights)
+        if rows_per_pass is not None:  # 1: the C step as it was before its multi-row kernels
+            native.set_rows_per_pass(self.model, rows_per_pass)
         self.params = SamplingParams(temperature=0.0)
         self.decode = DecodeBatch(self.model, capacity=1)
         self.info = {"api": "DecodeBatch (engine decode path); Engine for batches", "threads": threads}
         self.info["c_decode_step"] = c_step_note(self.model)
         self.info["weights"], self.info["weights_requested"] = fmt, weights
+        self.info["rows_per_pass"] = native.rows_per_pass(self.model)
         self.engine: Any = None
         self.reset()
 
@@ -217,9 +222,13 @@ def run_levels(
     return {str(n): run_batches(sides, queries(n, query_tokens, vocab, 2), answer_tokens, rounds) for n in levels}
 
 
-def summarize_batches(batches: dict[str, Any], limit: dict[str, Any] | None) -> dict[str, Any]:
-    """Per level: each side's tokens/s, rxruntime's ratio over each RxLM side, and each side's
-    fraction of the compute limit."""
+def summarize_batches(
+    batches: dict[str, Any], limit: dict[str, Any] | None, prompt_share: float = 0.0
+) -> dict[str, Any]:
+    """Per level: each side's tokens/s, rxruntime's ratio over each other side, and each side's
+    fraction of the compute limit: of the decode steps' limit (``compute_fraction``), and of the
+    limit for the whole work in the wall time (``work_fraction``: the prompts are read too, at
+    about a generated token's FLOPs each; ``prompt_share`` = prompt tokens / all tokens)."""
     out: dict[str, Any] = {}
     for level, sides in batches.items():
         ours = sides.get("rxruntime", {}).get("tokens_per_s")
@@ -230,6 +239,7 @@ def summarize_batches(batches: dict[str, Any], limit: dict[str, Any] | None) -> 
             entry: dict[str, Any] = {"tokens_per_s": b["tokens_per_s"]}
             if limit is not None:
                 entry["compute_fraction"] = b["tokens_per_s"] / limit["limit_tokens_per_s"]
+                entry["work_fraction"] = entry["compute_fraction"] / (1.0 - prompt_share)
             if ours is not None and name != "rxruntime":
                 entry["rxruntime_ratio"] = ours / b["tokens_per_s"]
             row[name] = entry
@@ -272,19 +282,21 @@ def table(result: dict[str, Any]) -> str:
     limit = result["summary"].get("compute_limit")
     lines += [
         "",
-        "| conversations | side | tokens/s | wall s | rxruntime ratio | of compute limit |",
-        "|" + " --- |" * 6,
+        "| conversations | side | tokens/s | wall s | rxruntime ratio | of compute limit | with the prompts |",
+        "|" + " --- |" * 7,
     ]
     for level, sides in result["batch"].items():
         summary = result["summary"].get("batch", {}).get(level, {})
         for name, b in sides.items():
             if "tokens_per_s" not in b:
-                lines.append(f"| {level} | {name} | failed: {b.get('error')} | | | |")
+                lines.append(f"| {level} | {name} | failed: {b.get('error')} | | | | |")
                 continue
             s = summary.get(name, {})
             ratio = f"{s['rxruntime_ratio']:.2f}x" if "rxruntime_ratio" in s else ""
             share = f"{100 * s['compute_fraction']:.2f}%" if "compute_fraction" in s else ""
-            lines.append(f"| {level} | {name} | {b['tokens_per_s']:.1f} | {b['wall_s']:.2f} | {ratio} | {share} |")
+            work = f"{100 * s['work_fraction']:.2f}%" if "work_fraction" in s else ""
+            row = f"| {level} | {name} | {b['tokens_per_s']:.1f} | {b['wall_s']:.2f} | {ratio} | {share} | {work} |"
+            lines.append(row)
     if limit:
         peaks = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in limit["peak_flops"].items())
         lines.append(
@@ -315,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a missing checkpoint is written tiny (smoke runs)")
     parser.add_argument("--skip", choices=["turns", "batch"], action="append", default=[])
+    parser.add_argument(
+        "--rowwise-side",
+        action="store_true",
+        help="also run rxruntime with one row per pass (rxruntime-rowwise: the C step before its multi-row kernels)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -335,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, py in enumerate(args.rxlm):
             if i == 1 or len(args.rxlm) == 1:
                 add_ours(sides, errors, args.checkpoint, args.threads, args.weights)
+                if args.rowwise_side:
+                    add_ours(sides, errors, args.checkpoint, args.threads, args.weights, "rxruntime-rowwise", 1)
             sides[f"rxlm-{versions[py]}"] = RxlmSide(py, args.checkpoint, args.threads, Path(tmp) / f"rxlm-{i}.log")
         try:
             result: dict[str, Any] = {"turns": {}, "batch": {}, "errors": errors}
@@ -361,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     load_avg.append(os.getloadavg()[0])
     result["summary"] = {
         "turns": summarize_turns(result["turns"]),
-        "batch": summarize_batches(result["batch"], limit),
+        "batch": summarize_batches(
+            result["batch"], limit, (args.query_tokens + 3) / (args.query_tokens + 3 + args.batch_answer_tokens)
+        ),
         "compute_limit": limit,
     }
     result["config"] = {
@@ -411,13 +432,21 @@ def cpu_model() -> str:
     return model_name()
 
 
-def add_ours(sides: dict[str, Any], errors: dict[str, str], checkpoint: Path, threads: int, weights: str) -> None:
-    """rxruntime's side, or the reason it cannot load the directory (the RxLM sides still run)."""
+def add_ours(
+    sides: dict[str, Any],
+    errors: dict[str, str],
+    checkpoint: Path,
+    threads: int,
+    weights: str,
+    name: str = "rxruntime",
+    rows_per_pass: int | None = None,
+) -> None:
+    """An rxruntime side, or the reason it cannot load the directory (the other sides still run)."""
     try:
-        sides["rxruntime"] = RxruntimeSide(checkpoint, threads, weights)
+        sides[name] = RxruntimeSide(checkpoint, threads, weights, rows_per_pass)
     except Exception as exc:
-        errors["rxruntime"] = f"{type(exc).__name__}: {exc}"
-        print(f"rxruntime cannot load {checkpoint}: {errors['rxruntime']}", file=sys.stderr)
+        errors[name] = f"{type(exc).__name__}: {exc}"
+        print(f"rxruntime cannot load {checkpoint}: {errors[name]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

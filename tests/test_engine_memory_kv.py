@@ -2,13 +2,14 @@
 update that made its STM (the asynchronous phase), not when the next query arrives.
 
 The memory worker leaves them on the conversation with the new STM (and, when idle, projects a
-just-opened conversation's initial STM); the next turn's join takes them (once) instead of
+just-opened conversation's initial STM, unless turns are under way); the next turn's join takes them (once) instead of
 projecting the STM; anything else that changes the STM (a reset, a loaded state, an eviction)
 drops them. The answers are those of projecting at the join.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -16,8 +17,10 @@ import pytest
 import torch
 
 from rxruntime import Engine
-from rxruntime.models import DecodeBatch, JoinRequest, RxTokenizer, SamplingParams
+from rxruntime.events import Token
+from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, RxTokenizer, SamplingParams
 
+from .conftest import tiny_config
 from .engine_util import CORPUS, make_model
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -123,3 +126,27 @@ def test_answers_equal_projecting_at_the_join(tok: RxTokenizer, monkeypatch: pyt
 
     monkeypatch.setattr(DecodeBatch, "join", projecting)
     assert answers() == ahead
+
+
+def test_an_opened_conversation_is_left_to_its_join_while_turns_run(tok: RxTokenizer) -> None:
+    """While another conversation's turn runs, the memory thread does not project a just-opened
+    conversation (the cores are the decode thread's; its join projects it, batched with the
+    other new rows); the first turn then answers as usual."""
+    torch.manual_seed(0)
+    model = RxTModel(tiny_config(vocab_size=300, max_seq_len=2048)).eval()  # untrained: answers run long
+    with Engine(model, tok) as engine:
+        started = threading.Event()
+        long = engine.conversation("long").interact("Hi", max_new_tokens=2000)
+        subscription = long.subscribe(lambda event: started.set() if isinstance(event, Token) else None)
+        try:
+            assert started.wait(30)
+            opened = engine.conversation("opened", seed=3)
+            deadline = time.monotonic() + 30
+            while engine._memory._opened and time.monotonic() < deadline:  # the memory thread took it up
+                time.sleep(0.01)
+            time.sleep(0.2)
+            assert engine._sched.busy_count >= 1 and _entry(engine, "opened").memory_kv is None
+        finally:
+            subscription.dispose()  # cancels the long answer
+        assert opened.ask("Hi", max_new_tokens=3, wait_for_memory=True) is not None
+        assert _projected(engine, "opened") is not None  # its memory update made the next turn's

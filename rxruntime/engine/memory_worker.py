@@ -296,8 +296,13 @@ class MemoryWorker:
 
     def _project(self, conv: ConversationEntry, version: int) -> None:
         """``conv``'s memory keys/values, left on it if its STM is still the one it was opened
-        with and no turn has started (a started turn projected them itself)."""
+        with and no turn has started (a started turn projected them itself). Only while the
+        engine has no turn queued or under way: then the cores are the decode thread's, and a
+        join projects all its new rows in one batch (a burst of opened conversations would
+        otherwise be projected one by one beside the prefill that needs the cores)."""
         with self._sched.lock:
+            if self._sched.waiting or self._sched.busy_count:
+                return
             stm = conv.stm
             if stm is None or conv.version != version or conv.busy or conv.memory_kv is not None:
                 return

@@ -153,6 +153,7 @@ class Scheduler:
         self._resident: OrderedDict[str, int] = OrderedDict()  # id -> STM bytes, least recently used first
         self._resident_bytes = 0
         self._reserved_total = 0
+        self.busy_count = 0  # conversations with a turn or memory update under way
 
     # ------------------------------------------------------------------ conversations
     def get(self, conversation_id: str) -> ConversationEntry:
@@ -253,6 +254,8 @@ class Scheduler:
                 memory.append(job)
             self.waiting.remove(job)
             job.conv.pending.popleft()
+            if not job.conv.busy:
+                self.busy_count += 1
             job.conv.busy = True
             job.phase = "active" if job in decode else "done"
         return decode, memory
@@ -275,6 +278,8 @@ class Scheduler:
 
     def mark_idle(self, conv: ConversationEntry) -> None:
         """The conversation's running turn or memory update is over: its next turn may start."""
+        if conv.busy:
+            self.busy_count -= 1
         conv.busy = False
         self.lock.notify_all()
         self.forget_if_done(conv)
