@@ -124,7 +124,9 @@ class RxruntimeSide:
         from rxruntime.models import DecodeBatch, SamplingParams, native
         from rxruntime.models.checkpoint import load_pretrained
 
-        self.model, self.tokenizer = load_pretrained(checkpoint, device="cpu", dtype=torch.float32)
+        self.model, tokenizer = load_pretrained(checkpoint, device="cpu", dtype=torch.float32)
+        assert tokenizer is not None, f"{checkpoint} holds no tokenizer"
+        self.tokenizer = tokenizer
         fmt = apply_weights(self.model, weights)
         if rows_per_pass is not None:  # 1: the C step as it was before its multi-row kernels
             native.set_rows_per_pass(self.model, rows_per_pass)
