@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         with Engine(model, tokenizer, max_batch=args.conversations) as engine:
             run_level(engine, queries, args.answer_tokens, 0, "warm-up")
             for r in range(args.rounds):
-                joins.clear(), updates.clear()
+                joins.clear()
+                updates.clear()
                 summary = summarize(run_level(engine, queries, args.answer_tokens, 0, f"round{r}"), args.conversations)
                 rounds.append({"summary": summary, "joins": list(joins), "memory": list(updates)})
                 print(json.dumps(rounds[-1]), flush=True)
