@@ -262,5 +262,5 @@ def test_c_step_runs_beta_layouts_and_says_so(case: Path) -> None:
     model = _load(case)
     assert native.layout_reason(model) is None
     unavailable = native.unavailable_reason()
-    used = f"used for steps of up to {native.MAX_ROWS} rows"
+    used = f"used for steps of up to {native.MULTI_ROW_MAX_ROWS} rows"  # float32 runs the multi-row kernel
     assert c_step_note(model) == (used if unavailable is None else f"not used: {unavailable}")

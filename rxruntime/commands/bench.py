@@ -196,12 +196,12 @@ def run_decode(args: argparse.Namespace) -> int:
     # The decode steps side by side, repeats interleaved: "torch" is the eager torch step, "C" the
     # C step of models/native.py (the default on a CPU when it builds), "compiled" the opt-in
     # torch.compile'd step. The last one listed is what the runtime uses with these options.
-    # With int8 weights and the multi-row kernel, "C row by row" is the C step before it (one
-    # activation row per pass), side by side.
+    # With int8 or float32 weights and the multi-row kernels, "C row by row" is the C step before
+    # them (one activation row per pass), side by side.
     kernels: dict[str, tuple[bool, Any]] = {"torch": (False, None)}
     c_step = model.device.type == "cpu" and args.batch_size <= native.max_rows(model) and native.enabled()
     per_pass = native.rows_per_pass(model)
-    if c_step and weights == "int8" and per_pass > 1 and args.batch_size <= native.MAX_ROWS:
+    if c_step and weights in ("int8", "fp32") and per_pass > 1 and args.batch_size <= native.MAX_ROWS:
         kernels["C row by row"] = (True, None)
     if c_step:
         kernels["C"] = (True, None)
