@@ -685,12 +685,13 @@ static void f32_rows(int R, float *const *acc, const float *const *xs, const flo
 }
 
 #define F32_COLS 512 /* columns of a block: 2 KB of each weight row */
-#define F32_DEPTH 256 /* weight rows of a block (a multiple of 4: axpy_f32's groups stay whole) */
+#define F32_DEPTH 256 /* weight rows of a block (256 x 512 and 512 x 512 measured alike) */
 
-/* f32_rows for n rows, rb per pass, in blocks of F32_DEPTH x F32_COLS weights (128 KB, held in
+/* f32_rows for n rows, rb per pass, in blocks of F32_DEPTH x F32_COLS weights (512 KB, held in
  * L2 while every pass of rows reads it): a tile's column strip of the whole matrix would touch
  * one page per weight row, and a matrix larger than the cache would be read again from memory
- * for every rb rows. The sums of each (row, column) are still added in axpy_f32's order. */
+ * for every rb rows. Each (row, column) sum is still one fma per weight in the order of d, so
+ * the blocks change no bit. */
 static void f32_multi(int n, int rb, float *const *acc, const float *const *xs, const float *w, int64_t ld,
                       int64_t d0, int64_t d1, int64_t c0, int64_t c1) {
     if (rb <= 1 || n == 1) { /* one row streams whole weight rows (axpy_f32) faster than in tiles */
