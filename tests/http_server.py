@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,16 @@ from rxruntime.serving.http.serve import ThreadedServer
 
 JULIA = "My name is Julia."
 ASK_NAME = "What is my name?"
+
+
+def assert_recalls_julia(answer: str, conversation_id: str | None, told: str | None = None) -> None:
+    """The answer names Julia; if not, the message says what replays the conversation alone: its
+    id (the engine seeds its initial STM with crc32 of it) and the answer to the statement."""
+    seed = None if conversation_id is None else zlib.crc32(conversation_id.encode())
+    assert "Julia" in answer, (
+        f"no recall: {answer!r}; conversation {conversation_id!r} (initial STM seed {seed}); "
+        f"the answer to {JULIA!r} was {told!r}"
+    )
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import rxruntime
 from rxruntime.engine import Engine
 from rxruntime.models.checkpoint import load_pretrained
 
-from .http_server import ASK_NAME, JULIA, client, served
+from .http_server import ASK_NAME, JULIA, assert_recalls_julia, client, served
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_api_keys_guard_v1_but_not_health_or_metrics(engine: Engine, tmp_path: P
         assert _get(f"{url}/v1/models", {"Authorization": "Basic key-a"})[0] == 401
         a, b = client(url, "key-a"), client(url, "key-b")
         conv = a.conversations.create()
-        a.responses.create(model="rxt", input=JULIA, conversation=conv.id)
+        told = a.responses.create(model="rxt", input=JULIA, conversation=conv.id).output_text
         # another key's conversation looks exactly like one that does not exist
         with pytest.raises(openai.NotFoundError):
             b.conversations.retrieve(conv.id)
@@ -79,7 +79,8 @@ def test_api_keys_guard_v1_but_not_health_or_metrics(engine: Engine, tmp_path: P
             b.responses.create(model="rxt", input=ASK_NAME, conversation=conv.id)
         with pytest.raises(openai.NotFoundError):
             b.conversations.delete(conv.id)
-        assert "Julia" in a.responses.create(model="rxt", input=ASK_NAME, conversation=conv.id).output_text
+        asked = a.responses.create(model="rxt", input=ASK_NAME, conversation=conv.id).output_text
+        assert_recalls_julia(asked, conv.id, told)
 
 
 def test_metrics_keys_guard_metrics_alone(engine: Engine) -> None:

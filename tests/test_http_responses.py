@@ -16,7 +16,7 @@ from rxruntime.engine import Engine
 from rxruntime.serving.http.app import context_of
 from rxruntime.stores import InMemoryStore
 
-from .http_server import ASK_NAME, JULIA, client, served
+from .http_server import ASK_NAME, JULIA, assert_recalls_julia, client, served
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_stateful_turns_through_a_conversation(api: tuple[openai.OpenAI, Any]) -
     first = c.responses.create(model="rxt", input=JULIA, conversation=conv.id)
     answer = c.responses.create(model="rxt", input=ASK_NAME, conversation={"id": conv.id})
     assert first.status == "completed" and answer.status == "completed"
-    assert "Julia" in answer.output_text
+    assert_recalls_julia(answer.output_text, conv.id, first.output_text)
     assert answer.conversation is not None and answer.conversation.id == conv.id
     # usage counts only the new message: the same question on a fresh conversation reads as many tokens
     fresh = c.responses.create(model="rxt", input=ASK_NAME)
@@ -51,7 +51,7 @@ def test_previous_response_id_continues_only_the_latest(api: tuple[openai.OpenAI
     c, _ = api
     first = c.responses.create(model="rxt", input=JULIA)
     second = c.responses.create(model="rxt", input=ASK_NAME, previous_response_id=first.id)
-    assert "Julia" in second.output_text
+    assert_recalls_julia(second.output_text, first.conversation.id if first.conversation else None, first.output_text)
     assert second.conversation is not None and first.conversation is not None
     assert second.conversation.id == first.conversation.id
     with pytest.raises(openai.BadRequestError) as err:

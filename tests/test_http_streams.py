@@ -16,7 +16,7 @@ from rxruntime.models import RxTModel, RxTokenizer
 from rxruntime.serving.http.app import context_of
 
 from .conftest import tiny_config
-from .http_server import ASK_NAME, JULIA, async_client, client, served
+from .http_server import ASK_NAME, JULIA, assert_recalls_julia, async_client, client, served
 
 CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is Ada."] * 30
 
@@ -68,12 +68,15 @@ def test_a_completed_answers_memory_commits_after_the_client_left() -> None:
         c = client(url)
         conv = c.conversations.create()
         stream = c.responses.create(model="rxt", input=JULIA, conversation=conv.id, stream=True)
+        told = None
         for event in stream:
             if event.type == "response.completed":
+                told = event.response.output_text
                 break
         stream.close()  # gone before rxrt.memory.update_started / updated
         _until(lambda: engine.stm_version(conv.id) == 1)
-        assert "Julia" in c.responses.create(model="rxt", input=ASK_NAME, conversation=conv.id).output_text
+        asked = c.responses.create(model="rxt", input=ASK_NAME, conversation=conv.id).output_text
+        assert_recalls_julia(asked, conv.id, told)
 
 
 def test_100_concurrent_streaming_conversations_lose_no_event() -> None:
