@@ -1,10 +1,10 @@
 """The memory cross-attention keys/values of a conversation's next turn are projected by the memory
 update that made its STM (the asynchronous phase), not when the next query arrives.
 
-The memory worker leaves them on the conversation with the new STM (and, when idle, projects a
-just-opened conversation's initial STM, unless turns are under way); the next turn's join takes them (once) instead of
-projecting the STM; anything else that changes the STM (a reset, a loaded state, an eviction)
-drops them. The answers are those of projecting at the join.
+The memory worker leaves them on the conversation with the new STM (and, when no turn is queued
+or under way, projects a just-opened conversation's initial STM); the next turn's join takes them
+(once) instead of projecting the STM; anything else that changes the STM (a reset, a loaded
+state, an eviction) drops them. The answers are those of projecting at the join.
 """
 
 from __future__ import annotations

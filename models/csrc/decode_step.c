@@ -686,6 +686,7 @@ static void f32_rows(int R, float *const *acc, const float *const *xs, const flo
 
 #define F32_COLS 512 /* columns of a block: 2 KB of each weight row */
 #define F32_DEPTH 256 /* weight rows of a block (256 x 512 and 512 x 512 measured alike) */
+#define F32_BATCH 64  /* rows that share one pass over the blocks (native.MULTI_ROW_MAX_ROWS) */
 
 /* f32_rows for n rows, rb per pass, in blocks of F32_DEPTH x F32_COLS weights (512 KB, held in
  * L2 while every pass of rows reads it): a tile's column strip of the whole matrix would touch
@@ -740,11 +741,11 @@ static void axpy_rows_multi(int R, float *const *acc, const float *const *xs, Ma
 static void axpy_batch(int n, int rb, float *acc, int64_t acc_ld, const float *x, int64_t x_ld, Mat m, int64_t d0,
                        int64_t d1, int64_t c0, int64_t c1) {
     rb = rb < 1 ? 1 : rb > ROWS_MAX ? ROWS_MAX : rb;
-    if (m.type == W_F32 && rb > 1) { /* blocks of weights held in cache for up to 64 rows at once */
-        for (int b0 = 0; b0 < n; b0 += 64) {
-            const int nb = n - b0 < 64 ? n - b0 : 64;
-            float *accs[64];
-            const float *xr[64];
+    if (m.type == W_F32 && rb > 1) { /* blocks of weights held in cache for F32_BATCH rows at once */
+        for (int b0 = 0; b0 < n; b0 += F32_BATCH) {
+            const int nb = n - b0 < F32_BATCH ? n - b0 : F32_BATCH;
+            float *accs[F32_BATCH];
+            const float *xr[F32_BATCH];
             for (int r = 0; r < nb; r++)
                 accs[r] = acc + (int64_t)(b0 + r) * acc_ld, xr[r] = x + (int64_t)(b0 + r) * x_ld;
             f32_multi(nb, rb, accs, xr, m.w, m.ld, d0, d1, c0, c1);

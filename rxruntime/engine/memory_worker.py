@@ -301,10 +301,10 @@ class MemoryWorker:
         join projects all its new rows in one batch (a burst of opened conversations would
         otherwise be projected one by one beside the prefill that needs the cores)."""
         with self._sched.lock:
-            if self._sched.waiting or self._sched.busy_count:
+            if self._sched.waiting or self._sched.busy_count:  # (so conv is not busy either)
                 return
             stm = conv.stm
-            if stm is None or conv.version != version or conv.busy or conv.memory_kv is not None:
+            if stm is None or conv.version != version or conv.memory_kv is not None:
                 return
         kv = self.model.row_memory_kv(stm)
         with self._sched.lock:
