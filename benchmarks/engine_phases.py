@@ -4,7 +4,8 @@ round's throughput figures (``rxruntime.bench.throughput.summarize``).
 
 One warm-up round, then ``--rounds`` timed rounds of ``--conversations`` new conversations, each
 sending one query of ``--query-tokens`` random ids and decoding ``--answer-tokens`` greedily, as
-``benchmarks/rxlm_same_weights.py``'s batch levels do::
+``benchmarks/rxlm_same_weights.py``'s batch levels do (the sends in one ``Engine.together()``
+block; ``--apart``: as independent clients)::
 
     python benchmarks/engine_phases.py --checkpoint /tmp/am-rxlm --conversations 64
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--weights", default="default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--apart", action="store_true", help="send as independent clients (default: in one Engine.together() block)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -76,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     try:
         with Engine(model, tokenizer, max_batch=args.conversations) as engine:
-            run_level(engine, queries, args.answer_tokens, 0, "warm-up")
+            run_level(engine, queries, args.answer_tokens, 0, "warm-up", together=not args.apart)
             for r in range(args.rounds):
                 joins.clear()
                 updates.clear()
-                summary = summarize(run_level(engine, queries, args.answer_tokens, 0, f"round{r}"), args.conversations)
+                summary = summarize(
+                    run_level(engine, queries, args.answer_tokens, 0, f"round{r}", together=not args.apart),
+                    args.conversations,
+                )
                 rounds.append({"summary": summary, "joins": list(joins), "memory": list(updates)})
                 print(json.dumps(rounds[-1]), flush=True)
     finally:

@@ -118,7 +118,12 @@ class RxruntimeSide:
     real ``Engine``."""
 
     def __init__(
-        self, checkpoint: Path, threads: int, weights: str = "default", rows_per_pass: int | None = None
+        self,
+        checkpoint: Path,
+        threads: int,
+        weights: str = "default",
+        rows_per_pass: int | None = None,
+        together: bool = True,
     ) -> None:
         from rxruntime.bench.decode import apply_weights, c_step_note
         from rxruntime.models import DecodeBatch, SamplingParams, native
@@ -136,6 +141,8 @@ class RxruntimeSide:
         self.info["c_decode_step"] = c_step_note(self.model)
         self.info["weights"], self.info["weights_requested"] = fmt, weights
         self.info["rows_per_pass"] = native.rows_per_pass(self.model)
+        self.together = together  # a batch's sends in one Engine.together() block (one prefill)
+        self.info["batch_sends"] = "together" if together else "apart"
         self.engine: Any = None
         self.reset()
 
@@ -170,7 +177,9 @@ class RxruntimeSide:
             self.engine = None
         if self.engine is None:
             self.engine = Engine(self.model, self.tokenizer, max_batch=len(qs))
-        return summarize(run_level(self.engine, qs, answer_tokens, 0, f"b{time.monotonic_ns()}"), len(qs))
+        return summarize(
+            run_level(self.engine, qs, answer_tokens, 0, f"b{time.monotonic_ns()}", together=self.together), len(qs)
+        )
 
     def close(self) -> None:
         if self.engine is not None:
@@ -334,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run rxruntime with one row per pass (rxruntime-rowwise: the C step before its multi-row kernels)",
     )
+    parser.add_argument(
+        "--apart-side",
+        action="store_true",
+        help="also run rxruntime with each batch's queries sent as independent clients "
+        "(rxruntime-apart; rxruntime sends them in one Engine.together() block)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -356,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
                 add_ours(sides, errors, args.checkpoint, args.threads, args.weights)
                 if args.rowwise_side:
                     add_ours(sides, errors, args.checkpoint, args.threads, args.weights, "rxruntime-rowwise", 1)
+                if args.apart_side:
+                    add_ours(
+                        sides, errors, args.checkpoint, args.threads, args.weights, "rxruntime-apart", together=False
+                    )
             sides[f"rxlm-{versions[py]}"] = RxlmSide(py, args.checkpoint, args.threads, Path(tmp) / f"rxlm-{i}.log")
         try:
             result: dict[str, Any] = {"turns": {}, "batch": {}, "errors": errors}
@@ -442,10 +461,11 @@ def add_ours(
     weights: str,
     name: str = "rxruntime",
     rows_per_pass: int | None = None,
+    together: bool = True,
 ) -> None:
     """An rxruntime side, or the reason it cannot load the directory (the other sides still run)."""
     try:
-        sides[name] = RxruntimeSide(checkpoint, threads, weights, rows_per_pass)
+        sides[name] = RxruntimeSide(checkpoint, threads, weights, rows_per_pass, together)
     except Exception as exc:
         errors[name] = f"{type(exc).__name__}: {exc}"
         print(f"rxruntime cannot load {checkpoint}: {errors[name]}", file=sys.stderr)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from . import openmp
 from .cache import KVCache
 from .ffn import ACTIVATIONS, SwiGLU
 from .moe import MoE
@@ -270,15 +271,6 @@ def variant() -> str:
     return which if which in ("avx2", "scalar") else "native"
 
 
-def _openmp_runtime() -> Path | None:
-    """The OpenMP runtime bundled with torch, if any (linked so both share one thread pool)."""
-    lib = Path(torch.__file__).parent / "lib"
-    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
-        if (lib / name).exists():
-            return lib / name
-    return None
-
-
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -300,7 +292,7 @@ def build(force: bool = False, which: str | None = None) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise NativeUnavailable("no C compiler found (set CC, or install gcc)")
-    runtime = _openmp_runtime()
+    runtime = openmp.runtime_path()
     flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-Wall"]
     if which == "scalar":
         flags += ["-DRXRT_SCALAR", "-fno-tree-vectorize"]

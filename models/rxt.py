@@ -154,6 +154,10 @@ class RxTModel(nn.Module):
         """Decoder memory cross-attention keys/values for an STM (B, L, S, D), once per turn."""
         return self.decoder.memory_kv(stm)
 
+    def layer_memory_kv(self, m: int, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Memory layer ``m``'s entry of :meth:`memory_kv` from that layer of the STMs (B, S, D)."""
+        return self.decoder.blocks[self.decoder.memory_layers[m]].memory_kv(memory)
+
     def row_memory_kv(self, stm: Tensor) -> MemoryKV:
         """:meth:`memory_kv` of one conversation's STM (L, S, D) alone, each (kv_heads, slots,
         head_dim): what a join of that conversation alone computes (a batched product may round

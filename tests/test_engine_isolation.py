@@ -207,3 +207,20 @@ def test_a_memory_update_that_yields_nan_is_refused(tok: RxTokenizer) -> None:
         assert bool(torch.isfinite(bad.export_state().stm).all())
         assert bad.ask("Hi", max_new_tokens=2, wait_for_memory=True) is not None  # it goes on
         assert bad.stm_version == 1 and bad.memory_error is None
+
+
+def test_the_finite_check_of_a_join_is_exact() -> None:
+    """A NaN or an infinity anywhere refuses the STM; finite values whose sum overflows do not."""
+    from rxruntime.engine.decode_loop import all_finite
+
+    def with_value(value: float, at: int = 7) -> torch.Tensor:
+        t = torch.randn(3, 4, 5)
+        t.view(-1)[at] = value
+        return t
+
+    both = torch.zeros(3, 4, 5)
+    both.view(-1)[0], both.view(-1)[1] = float("inf"), float("-inf")  # their sum is NaN
+    huge = torch.full((3, 4, 5), 3e38)  # every value finite, the float32 sum overflows
+    cases = [torch.randn(3, 4, 5), with_value(float("nan")), with_value(float("inf"), 0), with_value(-float("inf"), 59)]
+    assert all_finite([*cases, both, huge]) == [True, False, False, False, False, True]
+    assert all_finite([]) == []

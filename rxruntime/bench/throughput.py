@@ -7,8 +7,10 @@ user's per-token latency grows with the batch. This benchmark shows both through
 
 For each concurrency ``N``: open ``N`` conversations, send one query to each in a tight loop (the
 first and last send are ``send_spread_s`` apart; each conversation's TTFT counts from its own
-send), collect every event on the conversations' mailboxes, and wait for every memory update
-before closing the conversations, so one level never overlaps the next. Answers are forced to
+send) inside ``Engine.together()``, so they join in one prefill as a batch call's would
+(``apart``: as independent clients, each admitted as it arrives), collect every event on the
+conversations' mailboxes, and wait for every memory update before closing the conversations, so
+one level never overlaps the next. Answers are forced to
 ``answer_tokens`` tokens (random weights, ``[EOS]`` unreachable, greedy). Per level:
 
 * ``tokens_per_s``: all generated tokens / ``wall_s``, first send -> last ``AnswerCompleted``;
@@ -31,6 +33,7 @@ half of the free memory holds; a level with more conversations than rows queues 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +82,9 @@ class ThroughputConfig:
     dtype: str = DEFAULT_WEIGHTS
     """What the model computes in (:func:`~rxruntime.bench.decode.resolve_dtype`): ``default``
     is the engine's own (bfloat16 on CUDA, float32 on the CPU); float16 and bfloat16 are CUDA's."""
+    apart: bool = False
+    """Send a level's queries as independent clients (no ``Engine.together()``): the first to
+    arrive join before the rest, in more prefills."""
 
 
 # ---------------------------------------------------------------------- how many rows fit
@@ -194,15 +200,27 @@ def compute_limit(model: RxTModel, context: float) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- one concurrency level
 def run_level(
-    engine: Engine, queries: Sequence[Sequence[int]], answer_tokens: int, seed: int, tag: str
+    engine: Engine,
+    queries: Sequence[Sequence[int]],
+    answer_tokens: int,
+    seed: int,
+    tag: str,
+    *,
+    together: bool = True,
 ) -> list[TurnTrace]:
-    """One query on each of ``len(queries)`` new conversations, sent together; their traces once
-    every answer and every memory update is in. The conversations are closed on the way out."""
+    """One query on each of ``len(queries)`` new conversations, sent at once; their traces once
+    every answer and every memory update is in. The conversations are closed on the way out.
+
+    ``together``: the sends go in one ``Engine.together()`` block, so the burst joins in one
+    prefill, as a batch API's would be (``batch_interact`` gets its queries in one call); False
+    sends them one after another as independent clients would, and the engine admits whichever
+    have arrived at each step (the first join then holds the first few)."""
     convs = [engine.conversation(f"{tag}-{i}", seed=seed + i) for i in range(len(queries))]
     traces: list[TurnTrace] = []
     try:
-        for conv, query in zip(convs, queries):
-            traces.append(send(conv, query, answer_tokens))
+        with engine.together() if together else contextlib.nullcontext():
+            for conv, query in zip(convs, queries):
+                traces.append(send(conv, query, answer_tokens))
         for trace in traces:
             wait(trace, trace.done, answer_tokens)
     finally:
@@ -271,7 +289,7 @@ def run_throughput(cfg: ThroughputConfig, progress: Callable[[str], None] | None
         load_start = os.getloadavg()
         for n in cfg.concurrency:
             queries = random_queries(config, n, cfg.query_tokens, cfg.seed + n)
-            traces = run_level(engine, queries, cfg.answer_tokens, cfg.seed, f"n{n}")
+            traces = run_level(engine, queries, cfg.answer_tokens, cfg.seed, f"n{n}", together=not cfg.apart)
             results.append(summarize(traces, max_batch))
             if progress:
                 r = results[-1]

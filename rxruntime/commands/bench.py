@@ -118,6 +118,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     h.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
     h.add_argument(
+        "--apart",
+        action="store_true",
+        help="send each level's queries as independent clients (default: in one Engine.together() block, one prefill)",
+    )
+    h.add_argument(
         "--no-compute-limit", action="store_true", help="skip measuring the machine's matrix-product rate (~1 s)"
     )
     _weights(h)
@@ -376,6 +381,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         weights=args.weights,
         dtype=args.dtype,
         compute_limit=not args.no_compute_limit,
+        apart=args.apart,
     )
     result = run(cfg, progress=None if args.json else _progress)
     limited = [r["conversations"] for r in result["results"] if r["limited"]]

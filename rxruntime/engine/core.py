@@ -12,13 +12,15 @@ conversation's :class:`~rxruntime.events.Mailbox`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
 import time
 import uuid
 import weakref
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -36,7 +38,7 @@ from rxruntime.errors import (
     RxTError,
 )
 from rxruntime.events import FinishReason, Mailbox, TokenLogprob
-from rxruntime.models import native
+from rxruntime.models import native, openmp
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.sampler import SamplingParams
 from rxruntime.models.tokenizer import RxTokenizer
@@ -126,11 +128,15 @@ class Engine:
         self._delivery = ThreadPoolExecutor(delivery_threads, thread_name_prefix="rxrt-deliver")
         self._decode.start()
         self._memory.start()
+        # The caller's OpenMP team (from loading the model, most likely) would make every torch op
+        # on the engine's threads wake its workers from a futex: give it back (models/openmp.py).
+        openmp.release_idle_threads()
         # Closed at interpreter exit (or when garbage-collected) if the program never calls close():
         # a daemon thread still inside a torch call at finalisation aborts the whole process.
         self._finalizer = weakref.finalize(self, _shutdown, self._sched, self._decode, self._memory, self._delivery)
 
     # ------------------------------------------------------------------ conversations
+    @openmp.serial()  # small tensor work on the caller's thread: no OpenMP team for it
     def conversation(
         self,
         conversation_id: str | None = None,
@@ -246,6 +252,29 @@ class Engine:
         if self.store is not None:
             self.store.delete(conversation_id)
 
+    @contextlib.contextmanager
+    def together(self, max_wait: float = 1.0) -> Iterator[None]:
+        """Turns sent inside the block start together when it ends: one prefill for all of them,
+        as a batch API's would, instead of a join for whichever arrived first and another for the
+        rest (each join reads all the weights; on a CPU a split burst costs a second prefill's
+        fixed part and a decode step). Turns under way go on decoding meanwhile. Admission waits
+        ``max_wait`` seconds at most, so a block that waits on its own turn (``ask`` inside it)
+        is that much late, never stuck::
+
+            with engine.together():
+                streams = [conv.interact(q) for conv, q in zip(convs, queries)]
+                subscriptions = [s.subscribe(on_event) for s in streams]
+        """
+        if isinstance(max_wait, bool) or not isinstance(max_wait, int | float) or not 0 < max_wait < math.inf:
+            raise InvalidOptionError("max_wait", f"a positive, finite number of seconds, not {max_wait!r}")
+        with self._lock:
+            self._sched.hold(max_wait)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._sched.unhold()
+
     @property
     def queue_depth(self) -> int:
         """Turns accepted but not yet started (decode or memory-only), over all conversations."""
@@ -285,6 +314,7 @@ class Engine:
         with self._lock:
             return self._sched.get(conversation_id).memory_error
 
+    @openmp.serial()  # small tensor work on the caller's thread: no OpenMP team for it
     def snapshot(self, conversation_id: str) -> tuple[Tensor, int, int]:
         """(STM on the CPU, version, turns so far) of the last committed memory."""
 
@@ -297,6 +327,7 @@ class Engine:
             event.synchronize()  # type: ignore[attr-defined]
         return stm.detach().to("cpu", torch.float32).clone(), version, turn
 
+    @openmp.serial()  # small tensor work on the caller's thread: no OpenMP team for it
     def reset(self, conversation_id: str, memory_init: str | None = None, seed: int | None = None) -> None:
         """Give a conversation a fresh STM, after its queued turns; blocks until it is committed.
         ``memory_init`` is then written in the background before the next turn."""
@@ -307,6 +338,7 @@ class Engine:
             conv_seed = conv.seed
         self._install(conv, self._random_stm(seed if seed is not None else conv_seed), None, memory_init)
 
+    @openmp.serial()  # small tensor work on the caller's thread: no OpenMP team for it
     def load_state(self, conversation_id: str, state: ConversationState) -> None:
         """Replace a conversation's STM with a saved snapshot, after its queued turns; blocks until
         committed (and persisted, with a store). Refuses snapshots that do not fit the model,
@@ -316,6 +348,7 @@ class Engine:
             conv = self._sched.get(conversation_id)
         self._install(conv, state.stm, state)
 
+    @openmp.serial()  # small tensor work on the caller's thread: no OpenMP team for it
     def memorize(
         self, conversation_id: str, interactions: Sequence[tuple[str, str]], timeout: float | None = None
     ) -> int:
@@ -408,6 +441,7 @@ class Engine:
             if conv is not None:
                 self._sched.release_turn(conv, turn)
 
+    @openmp.serial()  # small tensor work on the caller's thread: no OpenMP team for it
     def start_turn(self, request: TurnRequest, listener: TurnListener) -> Callable[[], None]:
         """Queue a turn; returns ``cancel`` (stops it within one decode step if still running).
 

@@ -20,11 +20,13 @@ import time
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from rxruntime.backend import AnswerStats
 from rxruntime.errors import EngineClosedError, ModelExecutionError
 from rxruntime.events import FinishReason, Mailbox, TokenLogprob, start_drains
 from rxruntime.models.generation import DecodeBatch, JoinRequest
+from rxruntime.models.openmp import release_idle_threads
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.sampler import StepLogprobs
 
@@ -65,8 +67,10 @@ class DecodeLoop:
         with torch.inference_mode():
             while True:
                 with lock:
+                    if not self._sched.closed and self.batch.size == 0 and not self._sched.admissible():
+                        release_idle_threads()  # idle: its OpenMP team would slow the memory thread's
                     while not self._sched.closed and self.batch.size == 0 and not self._sched.admissible():
-                        lock.wait()
+                        lock.wait(self._sched.held_for())  # a hold that lapses lets its turns in
                     if self._sched.closed:
                         self._fail_everything(EngineClosedError("the engine was closed"))
                         return
@@ -89,7 +93,7 @@ class DecodeLoop:
             jobs = [j for j, s in zip(jobs, stms) if s is not None]
         if not jobs:
             return
-        finite = torch.isfinite(torch.stack([job.conv.stm for job in jobs])).flatten(1).all(dim=1).tolist()  # type: ignore[misc]
+        finite = all_finite([job.conv.stm for job in jobs])  # type: ignore[misc]
         broken = [job for job, ok in zip(jobs, finite) if not ok]
         if broken:
             self._fail(broken, ModelExecutionError("the conversation's memory holds NaN or infinite values"))
@@ -250,3 +254,14 @@ class DecodeLoop:
             listener = job.listener
             job.conv.mailbox.post(lambda listener=listener, v=job.conv.version: listener.on_error(exc, v))  # type: ignore[misc]
             self._sched.mark_idle(job.conv)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> list[bool]:
+    """Whether each tensor holds only finite values. Its sum is finite iff they all are (a NaN
+    or an infinity carries into it), unless finite values overflowed the sum, which the exact
+    check then settles: one pass, no copy, one device sync. (A stack of a burst's STMs for one
+    ``isfinite`` was 200 MB to copy and 0.35 s at 64 alpha-mini conversations.)"""
+    if not tensors:
+        return []
+    sums = torch.isfinite(torch.stack([t.sum() for t in tensors])).tolist()
+    return [ok or bool(torch.isfinite(t).all()) for ok, t in zip(sums, tensors)]

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from rxruntime.errors import ConversationError, ModelExecutionError, QueueFullError
 from rxruntime.models.decoder import MemoryKV
+from rxruntime.models.openmp import release_idle_threads
 from rxruntime.models.rxt import RxTModel, memory_change
 from rxruntime.snapshot import ConversationState
 from rxruntime.stores import StaleStateError, STMStore, newer_copy, overwrite, persist
@@ -127,6 +128,8 @@ class MemoryWorker:
         with torch.inference_mode():
             while True:
                 with self._cv:
+                    if not self._queue and not self._opened and not self._stopping:
+                        release_idle_threads()  # idle: its OpenMP team would slow the decode thread's
                     while not self._queue and not self._opened and not self._stopping:
                         self._cv.wait()
                     if not self._queue and (self._stopping or not self._opened):  # stopping and nothing owed

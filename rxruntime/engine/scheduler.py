@@ -12,6 +12,11 @@ the memory worker and the engine's API take it for short, non-blocking sections 
 * **Bounds.** ``max_queued_turns`` over the engine and ``max_turns_per_conversation`` per
   conversation (reserved turns included) are checked before a turn number is taken, so a
   refused query uses none (:class:`~rxruntime.errors.QueueFullError`).
+* **Together.** While a caller holds admission (``hold``/``unhold``: ``Engine.together()``),
+  no queued turn starts, so the turns sent meanwhile join the decode batch in one prefill (as a
+  batch API's would: the weights are read once for all of them, and a burst is not split into
+  a small join and a large one). A hold lasts ``max_wait`` seconds at most: a caller that waits
+  on its own held turn is late, never stuck.
 * **Residency.** With a store, at most ``max_resident`` conversations and ``max_resident_bytes``
   bytes of STMs stay in memory; the least recently used idle ones are evicted and re-read from
   the store when next used.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +160,8 @@ class Scheduler:
         self._resident_bytes = 0
         self._reserved_total = 0
         self.busy_count = 0  # conversations with a turn or memory update under way
+        self._holds = 0  # callers holding admission (Engine.together)
+        self._hold_until = 0.0  # time.monotonic() when the current hold lapses
 
     # ------------------------------------------------------------------ conversations
     def get(self, conversation_id: str) -> ConversationEntry:
@@ -235,14 +243,37 @@ class Scheduler:
             return False
         return not conv.reserved or min(conv.reserved) > job.order
 
+    def hold(self, max_wait: float) -> None:
+        """Start no queued turn until :meth:`unhold` (or ``max_wait`` seconds from the first
+        hold; nested holds share it). Under the lock."""
+        if self._holds == 0:
+            self._hold_until = time.monotonic() + max_wait
+        self._holds += 1
+
+    def unhold(self) -> None:
+        """End one :meth:`hold`; the last one wakes the decode loop. Under the lock."""
+        self._holds -= 1
+        if self._holds == 0:
+            self.lock.notify_all()
+
+    def held_for(self) -> float | None:
+        """Seconds the current hold still lasts; None when admission is not held."""
+        if not self._holds:
+            return None
+        left = self._hold_until - time.monotonic()
+        return left if left > 0 else None
+
     def admissible(self) -> bool:
-        return any(self._ready(job) for job in self.waiting)
+        return self.held_for() is None and any(self._ready(job) for job in self.waiting)
 
     def admit(self, room: int) -> tuple[list[Job], list[Job]]:
         """Jobs that may start now, FIFO: up to ``room`` decode turns, and every memory-only or
-        install job (they take no decode row). Each admitted job's conversation becomes busy."""
+        install job (they take no decode row); none while admission is held. Each admitted
+        job's conversation becomes busy."""
         decode: list[Job] = []
         memory: list[Job] = []
+        if self.held_for() is not None:
+            return decode, memory
         for job in list(self.waiting):
             if not self._ready(job):
                 continue

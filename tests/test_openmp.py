@@ -1,0 +1,108 @@
+"""models/openmp.py: a thread hands its OpenMP team back, and ``serial`` makes none.
+
+Seen through the process's OS threads (a team's workers are threads Python does not know of):
+a thread that runs a parallel torch op gains workers, and loses them when it releases them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+import torch
+
+from rxruntime.models import openmp
+
+pytestmark = pytest.mark.skipif(
+    openmp.runtime_path() is None or (os.cpu_count() or 1) < 2, reason="needs torch's OpenMP runtime and 2 CPUs"
+)
+
+T = TypeVar("T")
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def on_a_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a fresh thread with two torch threads (so its parallel ops make a team)."""
+    out: list[T] = []
+
+    def run() -> None:
+        torch.set_num_threads(2)
+        out.append(fn())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out[0]
+
+
+def parallel_op() -> None:
+    x = torch.ones(1 << 20)
+    assert float((x * 2.0).sum()) == 2.0 * (1 << 20)  # well over the grain: runs on the team
+
+
+def test_a_released_thread_gives_its_team_back() -> None:
+    def run() -> tuple[int, int, int, bool]:
+        before = os_threads()
+        parallel_op()
+        with_team = os_threads()
+        released = openmp.release_idle_threads()
+        return before, with_team, os_threads(), released
+
+    before, with_team, after, released = on_a_thread(run)
+    assert released
+    assert with_team > before  # the op started the thread's team
+    assert after < with_team  # and releasing it stopped the workers
+
+
+def test_serial_runs_the_block_on_the_thread_alone_and_restores_it() -> None:
+    def run() -> tuple[int, int, int]:
+        before = os_threads()
+        with openmp.serial():
+            parallel_op()
+            inside = os_threads()
+        parallel_op()
+        return before, inside, os_threads()
+
+    before, inside, after = on_a_thread(run)
+    assert inside == before  # no team was started inside the block
+    assert after > before  # after it, the thread's parallel ops run on a team again
+
+
+def test_serial_restores_the_threads_when_the_block_raises() -> None:
+    def run() -> tuple[int, int]:
+        before = os_threads()
+        with pytest.raises(RuntimeError, match="inside"), openmp.serial():
+            raise RuntimeError("inside")
+        parallel_op()
+        return before, os_threads()
+
+    before, after = on_a_thread(run)
+    assert after > before
+
+
+def test_the_engine_gives_back_the_team_of_the_thread_that_built_it(tok: object) -> None:
+    from rxruntime import Engine
+    from rxruntime.models import RxTModel
+
+    from .conftest import tiny_config
+
+    def run() -> tuple[int, int]:
+        model = RxTModel(tiny_config(vocab_size=300, max_seq_len=48)).eval()
+        parallel_op()  # as loading a model does
+        with_team = os_threads()
+        engine = Engine(model, tok)  # type: ignore[arg-type]
+        try:
+            # the engine's own threads started (decode, memory, delivery ones start on demand);
+            # the builder's team workers are gone, so fewer threads than with_team + 2
+            return with_team, os_threads()
+        finally:
+            engine.close()
+
+    with_team, after = on_a_thread(run)
+    assert after < with_team + 2
