@@ -72,11 +72,12 @@ def test_float32_kernel_gives_the_same_bits_for_any_rows_per_pass(monkeypatch: p
     every sum is the same chain of fused multiply-adds in the order of the inputs, so any number
     of rows per pass, column tile or block gives the same bits. 70 rows (a partial group of four,
     a partial block of 256 rows in the 600-row case), 37 and 600 columns (partial tiles and
-    blocks), 11 and 70 activation rows (partial passes), from row 5 of the matrix."""
+    blocks), 11 and 70 activation rows (partial passes), and 4 and 7 (up to 8 rows the weight
+    rows are streamed whole, f32_stream), from row 5 of the matrix."""
     monkeypatch.setenv("RXRT_NATIVE_ISA", isa)
     lib = native.library()
     g = torch.Generator().manual_seed(12)
-    for k, cols, n in ((70, 37, 11), (600, 600, 70)):
+    for k, cols, n in ((70, 37, 11), (600, 600, 70), (70, 37, 4), (600, 600, 7)):
         w = torch.randn(k + 5, cols, generator=g) * torch.logspace(-2, 1, cols)
         mat = native._mat(w, "fp32", [])
         x = torch.randn(n, k, generator=g)
