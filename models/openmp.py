@@ -63,8 +63,13 @@ def _function(name: str, restype: type | None, *argtypes: type) -> Any:
 
 def release_idle_threads() -> bool:
     """Return the calling thread's OpenMP workers to torch's runtime; True if it took them.
-    Call it only outside parallel regions, as a thread goes idle (a no-op where torch has no
-    bundled OpenMP runtime, as on macOS)."""
+    Call it only outside parallel regions, as a thread goes idle. Only GNU libgomp (torch's
+    Linux wheels) is asked: its pause releases the caller's own team, where LLVM's and Intel's
+    runtimes act on the whole process; elsewhere (no bundled runtime, as on macOS) a
+    no-op."""
+    path = runtime_path()
+    if path is None or not path.name.startswith("libgomp"):  # the throttling and the pause are libgomp's
+        return False
     fn = _function("omp_pause_resource_all", ctypes.c_int, ctypes.c_int)
     return fn is not None and fn(OMP_PAUSE_SOFT) == 0
 
