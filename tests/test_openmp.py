@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -26,7 +27,15 @@ T = TypeVar("T")
 
 
 def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+    """The process's OS threads, once the count holds still for 50 ms (the workers of an earlier
+    test's thread exit after it did)."""
+    count, since, deadline = len(os.listdir("/proc/self/task")), time.monotonic(), time.monotonic() + 5
+    while time.monotonic() - since < 0.05 and time.monotonic() < deadline:
+        time.sleep(0.005)
+        now = len(os.listdir("/proc/self/task"))
+        if now != count:
+            count, since = now, time.monotonic()
+    return count
 
 
 def on_a_thread(fn: Callable[[], T]) -> T:
