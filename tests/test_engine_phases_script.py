@@ -18,7 +18,7 @@ def test_joins_and_memory_updates_are_accounted(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     (only,) = result["rounds"]
     assert only["summary"]["tokens"] == 9
-    assert sum(j["rows"] for j in only["joins"]) == 3
+    assert [j["rows"] for j in only["joins"]] == [3]  # sent in one Engine.together() block: one join
     assert all(j["prompt_tokens"] >= 5 * j["rows"] for j in only["joins"])
     for part in ("encode", "update_memory"):
         assert sum(u["batch"] for u in only["memory"] if u["part"] == part) == 3

@@ -1,0 +1,32 @@
+"""benchmarks/openmp_threads.py at a tiny size: each workload timed three ways, the main
+thread's team handed back for the third."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.openmp_threads import main
+from rxruntime.models import openmp
+
+from .test_openmp import pytestmark as needs_libgomp
+
+pytestmark = needs_libgomp
+
+
+def test_the_side_by_side_script_runs(tmp_path: Path) -> None:
+    out = tmp_path / "openmp.json"
+    assert main(["--ops", "20", "--checkpoint", "small", "--prompts", "2", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["openmp_runtime"] == str(openmp.runtime_path())
+    assert set(report["results"]) == {"20 element-wise ops", "2-prompt float32 prefill"}
+    for r in report["results"].values():
+        assert r["released"] is True
+        assert all(r[k] > 0 for k in ("main_s", "thread_s", "thread_main_released_s"))
+
+
+def test_a_missing_checkpoint_is_an_error() -> None:
+    with pytest.raises(Exception, match="nope"):
+        main(["--ops", "1", "--checkpoint", str(Path("/nonexistent/nope")), "--repeats", "1"])
