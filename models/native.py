@@ -79,6 +79,12 @@ INT8_PREFILL_MAX_TOKENS = 512
 """The same for :data:`PREFILL_MAX_TOKENS`: prefills up to this many tokens run in C (a 256-token
 prompt as fast as torch's float32 products, a 35-token one 2.8x faster)."""
 
+FP32_PREFILL_MAX_TOKENS = 128
+"""The same for a float32 model: prefills up to this many tokens run in C (alpha-mini, 2 threads,
+AMD EPYC Zen 3: one 35-token prompt 51 ms against torch's 116, three 66 against 175, four (140
+tokens) 181 against 201, six (210) 266 against 259: beyond about 150 tokens torch's products
+reuse each weight across more rows than the C chunk of 64 tokens does)."""
+
 ROWS_PER_PASS = 8
 """Activation rows the int8 and float32 kernels apply each weight block to in one pass (decode_step.c's
 multi-row kernel; ROWS_MAX = 8 at most): a prefill chunk, a decode batch of several
@@ -252,10 +258,12 @@ def max_rows(model: RxTModel) -> int:
 
 
 def prefill_max_tokens(model: RxTModel) -> int:
-    """Prefill tokens (all prompts of a join) up to which ``model``'s int8 prefill runs in C:
-    :data:`PREFILL_MAX_TOKENS`, or :data:`INT8_PREFILL_MAX_TOKENS` with the multi-row kernel
-    (float32 prefills run in torch, whose batched products are as fast)."""
-    return INT8_PREFILL_MAX_TOKENS if model.weight_format == "int8" and _multi_row(model) else PREFILL_MAX_TOKENS
+    """Prefill tokens (all prompts of a join) up to which ``model``'s int8 or float32 prefill runs
+    in C: :data:`PREFILL_MAX_TOKENS`, or with the multi-row kernels :data:`INT8_PREFILL_MAX_TOKENS`
+    (int8) and :data:`FP32_PREFILL_MAX_TOKENS` (float32: beyond it torch's batched products win)."""
+    if not _multi_row(model):
+        return PREFILL_MAX_TOKENS
+    return INT8_PREFILL_MAX_TOKENS if model.weight_format == "int8" else FP32_PREFILL_MAX_TOKENS
 
 
 def cache_dir() -> Path:
@@ -1155,7 +1163,7 @@ class NativeDecoder:
             sl = slice(start, stop)
             if not self._call(
                 stop - start, tokens[sl], positions[sl], rows[sl], outs, logits[done:], memory_kv, cache,
-                needed_rows=len(prompts),
+                needed_rows=len(prompts), prompt=True,
             ):  # fmt: skip
                 return None
             done += len(outs)
@@ -1172,8 +1180,12 @@ class NativeDecoder:
         memory_kv: Sequence[tuple[Tensor, Tensor]],
         cache: KVCache,
         needed_rows: int,
+        prompt: bool = False,
     ) -> bool:
-        """One call into the C step (weights and buffers bound first); False when it does not apply."""
+        """One call into the C step (weights and buffers bound first); False when it does not apply.
+        ``prompt``: the tokens are a prompt's, which RoPE rotates at their own positions (the
+        torch prefill's, RxLM's); only tokens fed one at a time after it take the model's
+        ``step_position_offset`` (RxLM's ``interact``: 1)."""
         fmt = self.model.weight_format
         # One call at a time per model: the struct points at one batch's buffers during a call,
         # and two decode batches of the same model may step from two threads.
@@ -1183,6 +1195,7 @@ class NativeDecoder:
             struct = self._struct
             assert struct is not None
             struct.row_block = rows_per_pass(self.model)
+            struct.rope_offset = 0 if prompt else self.model.config.decoder.step_position_offset
             struct.attend_old = int(old_attention())
             code = library().rxt_decode_rows(
                 ctypes.byref(struct), n, tokens.data_ptr(), positions.data_ptr(),

@@ -189,12 +189,13 @@ class RxTModel(nn.Module):
 
     def prefill(self, input_ids: Tensor, lengths: Tensor, memory_kv: MemoryKV, cache: KVCache) -> Tensor:
         """Run right-padded prompts (B, T) with ``lengths`` (B,) into ``cache``; logits (B, V) of each
-        row's last real token. For int8 inference on a CPU the C step runs it (``native.prefill``),
-        a chunk of tokens per call, with the int8 step's arithmetic (activations rounded per block
-        of 32 too); the torch path below computes the same function on the rounded weights."""
-        if (  # int8 and short only: elsewhere torch's batched products are faster (native.py)
+        row's last real token. For int8 and short float32 inference on a CPU the C step runs it
+        (``native.prefill``), a chunk of tokens per call, with the C step's arithmetic (int8:
+        activations rounded per block of 32 too); the torch path below computes the same function
+        on the rounded weights, to rounding."""
+        if (  # int8, or float32 and short: elsewhere torch's batched products are faster (native.py)
             self.native_decode
-            and self.weight_format == "int8"
+            and self.weight_format in ("int8", "fp32")
             and not self.training
             and not torch.is_grad_enabled()
             and self._compiled_kernel is None

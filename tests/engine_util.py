@@ -25,7 +25,8 @@ def make_model(seed: int = 0) -> RxTModel:
 
 def decode_steps(model: RxTModel, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
     """Decode ``steps`` greedy steps of rows that start at different positions: the logits of
-    every step (captured from ``decode_step``), then the cache."""
+    every step (captured from ``decode_step``), then the cache's keys and values at the positions
+    each row wrote."""
     stm = model.init_stm(len(prompts), torch.Generator().manual_seed(5), std=1.0)
     batch = DecodeBatch(model, len(prompts))
     batch.join([JoinRequest(i, p, stm[i], SamplingParams(temperature=0.0), 0) for i, p in enumerate(prompts)])
@@ -44,7 +45,11 @@ def decode_steps(model: RxTModel, prompts: list[list[int]], steps: int) -> list[
     finally:
         del model.decode_step
     n = len(prompts)
-    return [*logits, batch.cache.k[:, :n].clone(), batch.cache.v[:, :n].clone()]
+    k, v = batch.cache.k[:, :n].clone(), batch.cache.v[:, :n].clone()
+    for row, p in enumerate(prompts):  # past what the row wrote: a torch prefill's padding (masked, never read)
+        k[:, row, :, len(p) + steps :] = 0
+        v[:, row, :, len(p) + steps :] = 0
+    return [*logits, k, v]
 
 
 Outcome = tuple[list[Event], BaseException | None]

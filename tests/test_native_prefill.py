@@ -6,6 +6,8 @@ token, and it is what ``DecodeBatch.join`` runs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, SamplingParams,
 from rxruntime.models.cache import KVCache
 from rxruntime.models.quantize import set_weight_format
 
-from .conftest import biased_mqa_model, tiny_model
+from .conftest import biased_mqa_model, tiny_config, tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20 + i for i in range(23)]]  # the last spans chunks
 
@@ -41,8 +43,16 @@ def _torch_prefill(model: RxTModel, prompts: list[list[int]]) -> tuple[torch.Ten
     return logits, cache
 
 
+def _stepping_offset(seed: int) -> RxTModel:
+    """RxLM 0.2/0.3.80's ``interact``: tokens fed one at a time after the prompt are rotated one
+    position further (``step_position_offset`` 1); the prompt itself at its own positions."""
+    return tiny_model(seed=seed, decoder=dataclasses.replace(tiny_config().decoder, step_position_offset=1))
+
+
 @pytest.mark.parametrize(
-    "make", [lambda: tiny_model(seed=30), lambda: biased_mqa_model(seed=31)], ids=["tiny", "bias-mqa"]
+    "make",
+    [lambda: tiny_model(seed=30), lambda: biased_mqa_model(seed=31), lambda: _stepping_offset(32)],
+    ids=["tiny", "bias-mqa", "step-offset"],
 )
 @pytest.mark.parametrize("chunk", [4, 16])
 def test_c_prefill_equals_torch_prefill_in_float32(make: object, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,11 +111,26 @@ def test_int8_join_runs_the_c_prefill_and_keeps_the_greedy_token(monkeypatch: py
     assert float(((logits - expected).abs() / spread).max()) < 0.05
 
 
-def test_float32_join_keeps_the_torch_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Float32 prefills stay in torch: the per-row C step is slower there (docs/benchmarks.md §8)."""
+def test_a_short_float32_join_runs_in_c_and_a_long_one_in_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float32 joins of up to ``FP32_PREFILL_MAX_TOKENS`` prompt tokens run the C prefill (the
+    test above: torch's function to rounding); longer ones torch's batched products, which reuse
+    each weight across more rows (docs/benchmarks.md §7)."""
     model = tiny_model(seed=34)
-    calls = [0]
-    monkeypatch.setattr(native, "prefill", lambda *a: calls.__setitem__(0, calls[0] + 1))
-    stm = model.init_stm(1, torch.Generator().manual_seed(3))
-    DecodeBatch(model, 1).join([JoinRequest(0, [1, 2, 3], stm[0], SamplingParams(temperature=0.0), 0)])
-    assert calls[0] == 0
+    monkeypatch.setattr(native, "FP32_PREFILL_MAX_TOKENS", 10)
+    real, calls = native.prefill, []
+
+    def counted(*args: object) -> object:
+        calls.append(sum(len(p) for p in args[1]))  # type: ignore[attr-defined]
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(native, "prefill", counted)
+    stm = model.init_stm(2, torch.Generator().manual_seed(3))
+    greedy = SamplingParams(temperature=0.0)
+    DecodeBatch(model, 2).join(
+        [JoinRequest(0, [1, 2, 3], stm[0], greedy, 0), JoinRequest(1, [4] * 7, stm[1], greedy, 0)]
+    )
+    assert calls == [10]
+    DecodeBatch(model, 2).join(
+        [JoinRequest(0, [1, 2, 3], stm[0], greedy, 0), JoinRequest(1, [4] * 8, stm[1], greedy, 0)]
+    )
+    assert calls == [10]  # 11 tokens: torch
