@@ -117,11 +117,14 @@ def test_a_short_float32_join_runs_in_c_and_a_long_one_in_torch(monkeypatch: pyt
     each weight across more rows (docs/benchmarks.md §7)."""
     model = tiny_model(seed=34)
     monkeypatch.setattr(native, "FP32_PREFILL_MAX_TOKENS", 10)
-    real, calls = native.prefill, []
+    real = native.prefill
+    calls: list[int] = []
 
-    def counted(*args: object) -> object:
-        calls.append(sum(len(p) for p in args[1]))  # type: ignore[attr-defined]
-        return real(*args)  # type: ignore[arg-type]
+    def counted(
+        model: RxTModel, prompts: list[list[int]], memory_kv: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache
+    ) -> torch.Tensor | None:
+        calls.append(sum(len(p) for p in prompts))
+        return real(model, prompts, memory_kv, cache)
 
     monkeypatch.setattr(native, "prefill", counted)
     stm = model.init_stm(2, torch.Generator().manual_seed(3))
