@@ -8,6 +8,7 @@ import json
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -219,10 +220,23 @@ def test_bench_overlap_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "immediate" in out and "after_memory" in out and "TTFT" in out
 
 
-def test_bench_throughput_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_throughput_json_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rxruntime.models import DecodeBatch
+
+    joins: list[int] = []
+    real_join = DecodeBatch.join
+
+    def join(self: DecodeBatch, requests: Any) -> Any:
+        joins.append(len(requests))
+        return real_join(self, requests)
+
+    monkeypatch.setattr(DecodeBatch, "join", join)
     before = _rxrt_threads()
     argv = ["bench", "throughput", "--preset", "nano", "--concurrency", "1,3", "--query-tokens", "8"]
     assert main([*argv, "--answer-tokens", "5", "--json", "--out", str(tmp_path)]) == 0
+    assert joins == [1, 1, 3]  # the warm-up, then each level's queries sent together: one join each
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"results", "config", "compute_limit"}
     assert [r["conversations"] for r in result["results"]] == [1, 3]
@@ -244,6 +258,7 @@ def test_bench_throughput_json_shape(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert r["compute_fraction_fp32"] == pytest.approx(r["tokens_per_s"] / limit["limit_tokens_per_s_fp32"])
     cfg = result["config"]
     assert cfg["concurrency"] == [1, 3] and cfg["max_batch"] == 3 and cfg["decode_row_bytes"] > 0
+    assert cfg["apart"] is False
     assert {"machine", "torch", "threads", "load_average_start", "load_average_end"} <= set(cfg)
     assert json.loads((tmp_path / "throughput-nano.json").read_text())["config"]["concurrency"] == [1, 3]
     assert _rxrt_threads() <= before
