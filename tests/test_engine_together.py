@@ -116,6 +116,20 @@ def test_holds_nest_and_admission_resumes_after_the_outer_one(engine: Engine, jo
     assert joins == [3]
 
 
+def test_a_lapsed_hold_still_open_does_not_cancel_a_new_one(engine: Engine, joins: list[int]) -> None:
+    convs = [engine.conversation(f"l{i}") for i in range(2)]
+    answers = Answers(2)
+    with engine.together(max_wait=0.05):
+        time.sleep(0.2)  # this hold has lapsed, its block is still open
+        with engine.together(max_wait=30):
+            for i, c in enumerate(convs):
+                c.interact("Hi", max_new_tokens=2).subscribe(*answers.observer(i))
+            time.sleep(0.3)
+            assert joins == []  # the new hold holds
+    answers.wait()
+    assert joins == [2]
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
 def test_a_bad_max_wait_is_refused_before_anything_is_held(engine: Engine, bad: Any) -> None:
     with pytest.raises(InvalidOptionError, match="max_wait"), engine.together(max_wait=bad):

@@ -268,12 +268,12 @@ class Engine:
         if isinstance(max_wait, bool) or not isinstance(max_wait, int | float) or not 0 < max_wait < math.inf:
             raise InvalidOptionError("max_wait", f"a positive, finite number of seconds, not {max_wait!r}")
         with self._lock:
-            self._sched.hold(max_wait)
+            token = self._sched.hold(max_wait)
         try:
             yield
         finally:
             with self._lock:
-                self._sched.unhold()
+                self._sched.unhold(token)
 
     @property
     def queue_depth(self) -> int:

@@ -160,8 +160,7 @@ class Scheduler:
         self._resident_bytes = 0
         self._reserved_total = 0
         self.busy_count = 0  # conversations with a turn or memory update under way
-        self._holds = 0  # callers holding admission (Engine.together)
-        self._hold_until = 0.0  # time.monotonic() when the current hold lapses
+        self._holds: dict[object, float] = {}  # admission holds (Engine.together): their deadlines
 
     # ------------------------------------------------------------------ conversations
     def get(self, conversation_id: str) -> ConversationEntry:
@@ -243,24 +242,24 @@ class Scheduler:
             return False
         return not conv.reserved or min(conv.reserved) > job.order
 
-    def hold(self, max_wait: float) -> None:
-        """Start no queued turn until :meth:`unhold` (or ``max_wait`` seconds from the first
-        hold; nested holds share it). Under the lock."""
-        if self._holds == 0:
-            self._hold_until = time.monotonic() + max_wait
-        self._holds += 1
+    def hold(self, max_wait: float) -> object:
+        """Start no queued turn until :meth:`unhold` of what this returns, or for ``max_wait``
+        seconds at most; while several holds are on, until the last lapses or ends. Under the lock."""
+        token = object()
+        self._holds[token] = time.monotonic() + max_wait
+        return token
 
-    def unhold(self) -> None:
-        """End one :meth:`hold`; the last one wakes the decode loop. Under the lock."""
-        self._holds -= 1
-        if self._holds == 0:
-            self.lock.notify_all()
+    def unhold(self, token: object) -> None:
+        """End the hold :meth:`hold` returned ``token`` for, and wake the decode loop. Under the lock."""
+        del self._holds[token]
+        self.lock.notify_all()
 
     def held_for(self) -> float | None:
-        """Seconds the current hold still lasts; None when admission is not held."""
+        """Seconds admission stays held at most (the latest deadline of the holds on); None when
+        it is not held."""
         if not self._holds:
             return None
-        left = self._hold_until - time.monotonic()
+        left = max(self._holds.values()) - time.monotonic()
         return left if left > 0 else None
 
     def admissible(self) -> bool:
