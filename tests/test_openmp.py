@@ -117,3 +117,36 @@ def test_the_engine_gives_back_the_team_of_the_thread_that_built_it(tok: object)
 
     with_team, after = on_a_thread(run)
     assert after < with_team + 2
+
+
+def test_the_engines_api_runs_its_tensor_work_on_the_callers_thread_alone(tok: object) -> None:
+    """A new conversation's random STM is made with the caller's OpenMP threads set to 1
+    (``openmp.serial``), and the thread's setting is back afterwards."""
+    import ctypes
+
+    from rxruntime import Engine
+    from rxruntime.models import RxTModel
+
+    from .conftest import tiny_config
+
+    max_threads = openmp._function("omp_get_max_threads", ctypes.c_int)
+    engine = Engine(RxTModel(tiny_config()).eval(), tok)  # type: ignore[arg-type]
+    seen: list[int] = []
+    real = engine._random_stm
+
+    def random_stm(seed: int) -> torch.Tensor:
+        seen.append(max_threads())
+        return real(seed)
+
+    engine._random_stm = random_stm  # type: ignore[method-assign]
+    try:
+
+        def run() -> int:
+            engine.conversation("c1")
+            return int(max_threads())
+
+        after = on_a_thread(run)
+    finally:
+        engine.close()
+    assert seen == [1]
+    assert after == 2
