@@ -6,8 +6,8 @@ C step as it runs (``native.ROWS_PER_PASS`` rows per pass), ``rowwise`` the C st
 multi-row kernel (``native.set_rows_per_pass(model, 1)``), ``torch`` the torch paths on the same
 rounded weights, ``torch-bf16`` the torch prefill under ``torch.autocast(bfloat16)``.
 
-``--weights fp32`` runs the same variants on float32 weights (the float32 multi-row kernel,
-``f32_rows``); its C prefill rows time a path the runtime takes for int8 only.
+``--weights fp32`` runs the same variants on float32 weights (the float32 multi-row kernels);
+the runtime takes its C prefill for joins of up to ``native.FP32_PREFILL_MAX_TOKENS`` tokens.
 
 ``--attend`` compares instead the C step's vectorised attention (decode_step.c's ``attend``) with
 the scalar code it replaced (``RXRT_NATIVE_ATTEND=old``), both in the multi-row int8 step: the same

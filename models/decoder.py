@@ -95,8 +95,11 @@ class RxTDecoder(nn.Module):
 
     def memory_kv(self, memory: Tensor) -> MemoryKV:
         """Per-memory-layer cross-attention keys/values for memory (B, L, S, D): once per turn."""
-        blocks = self.blocks
-        return [blocks[j].memory_kv(memory[:, i]) for i, j in enumerate(self.memory_layers)]
+        return [self.layer_memory_kv(i, memory[:, i]) for i in range(len(self.memory_layers))]
+
+    def layer_memory_kv(self, i: int, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Memory layer ``i``'s entry of :meth:`memory_kv`, from that layer of the STMs (B, S, D)."""
+        return cast(RxTLayer, self.layers[self.memory_layers[i]]).memory_kv(memory)
 
     def forward(
         self,

@@ -80,10 +80,10 @@ INT8_PREFILL_MAX_TOKENS = 512
 prompt as fast as torch's float32 products, a 35-token one 2.8x faster)."""
 
 FP32_PREFILL_MAX_TOKENS = 128
-"""The same for a float32 model: prefills up to this many tokens run in C (alpha-mini, 2 threads,
-AMD EPYC Zen 3: one 35-token prompt 51 ms against torch's 116, three 66 against 175, four (140
-tokens) 181 against 201, six (210) 266 against 259: beyond about 150 tokens torch's products
-reuse each weight across more rows than the C chunk of 64 tokens does)."""
+"""The same for a float32 model: prefills up to this many tokens run in C. One prompt, alpha-mini,
+one thread's CPU time, AMD EPYC Zen 3 (``benchmarks/int8_rows.py --weights fp32``): 35 tokens 67 ms
+against torch's 103, 105 tokens 176 against 217, 140 tokens 231 against 172: beyond about 128
+tokens torch's products reuse each weight across more rows than the C chunks of 64 tokens do."""
 
 ROWS_PER_PASS = 8
 """Activation rows the int8 and float32 kernels apply each weight block to in one pass (decode_step.c's

@@ -5,9 +5,9 @@ workers stay parked after the op. libgomp counts all of them, and once a process
 OpenMP threads than it has CPUs it stops letting a team's workers spin between parallel
 regions: each region then wakes them from a futex. An engine holds at least three masters (the
 thread that loaded the model, the decode loop, the memory worker), so on a 2-CPU machine every
-torch op on the engine's threads paid that wake-up: 3,000 small element-wise ops took 0.56 s on
-a thread against 0.13 s on the main thread (AMD EPYC, 2 vCPUs), and a 16-prompt float32 prefill
-0.65 s against 0.42 s.
+torch op on the engine's threads paid that wake-up: 3,000 small element-wise ops took 0.488 s on
+a thread against 0.113 s on the main thread, and a 16-prompt float32 prefill 0.571 s against
+0.397 s (AMD EPYC Zen 3, 2 vCPUs; ``benchmarks/openmp_threads.py``, docs/benchmarks.md §7).
 
 :func:`release_idle_threads` returns the calling thread's team to the runtime (OpenMP 5.0's
 ``omp_pause_resource_all``), so only the threads at work hold teams and the ones at work keep
@@ -35,9 +35,10 @@ OMP_PAUSE_SOFT = 1
 """``omp_pause_soft``: the threads are returned; the runtime stays usable."""
 
 
+@functools.cache
 def runtime_path() -> Path | None:
     """The OpenMP runtime bundled with torch, if any (the C step links it, so both share one
-    set of threads)."""
+    set of threads). Looked up once: the engine's threads ask at every idle moment."""
     lib = Path(torch.__file__).parent / "lib"
     for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
         if (lib / name).exists():

@@ -156,7 +156,7 @@ class RxTModel(nn.Module):
 
     def layer_memory_kv(self, m: int, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Memory layer ``m``'s entry of :meth:`memory_kv` from that layer of the STMs (B, S, D)."""
-        return self.decoder.blocks[self.decoder.memory_layers[m]].memory_kv(memory)
+        return self.decoder.layer_memory_kv(m, memory)
 
     def row_memory_kv(self, stm: Tensor) -> MemoryKV:
         """:meth:`memory_kv` of one conversation's STM (L, S, D) alone, each (kv_heads, slots,

@@ -65,6 +65,14 @@ def _real(field: str, value: object) -> float:
     return number
 
 
+def check_seconds(field: str, value: object) -> float:
+    """A positive, finite number of seconds (``InvalidOptionError`` naming ``field`` otherwise)."""
+    seconds = _real(field, value)
+    if seconds <= 0:
+        raise InvalidOptionError(field, f"must be a positive number of seconds, got {seconds}")
+    return seconds
+
+
 def _penalty(field: str, value: object) -> float:
     penalty = _real(field, value)
     if not -PENALTY_LIMIT <= penalty <= PENALTY_LIMIT:

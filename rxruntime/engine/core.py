@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 import uuid
@@ -42,7 +41,7 @@ from rxruntime.models import native, openmp
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.sampler import SamplingParams
 from rxruntime.models.tokenizer import RxTokenizer
-from rxruntime.options import check_logprobs, check_token_ids, normalize
+from rxruntime.options import check_logprobs, check_seconds, check_token_ids, normalize
 from rxruntime.snapshot import ConversationState
 from rxruntime.stores import STMStore, overwrite
 
@@ -265,10 +264,9 @@ class Engine:
                 streams = [conv.interact(q) for conv, q in zip(convs, queries)]
                 subscriptions = [s.subscribe(on_event) for s in streams]
         """
-        if isinstance(max_wait, bool) or not isinstance(max_wait, int | float) or not 0 < max_wait < math.inf:
-            raise InvalidOptionError("max_wait", f"a positive, finite number of seconds, not {max_wait!r}")
+        wait = check_seconds("max_wait", max_wait)
         with self._lock:
-            token = self._sched.hold(max_wait)
+            token = self._sched.hold(wait)
         try:
             yield
         finally:

@@ -67,9 +67,11 @@ class DecodeLoop:
         with torch.inference_mode():
             while True:
                 with lock:
-                    if not self._sched.closed and self.batch.size == 0 and not self._sched.admissible():
-                        release_idle_threads()  # idle: its OpenMP team would slow the memory thread's
+                    released = False
                     while not self._sched.closed and self.batch.size == 0 and not self._sched.admissible():
+                        if not released:  # idle: its OpenMP team would slow the memory thread's
+                            release_idle_threads()
+                            released = True
                         lock.wait(self._sched.held_for())  # a hold that lapses lets its turns in
                     if self._sched.closed:
                         self._fail_everything(EngineClosedError("the engine was closed"))

@@ -128,9 +128,11 @@ class MemoryWorker:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    if not self._queue and not self._opened and not self._stopping:
-                        release_idle_threads()  # idle: its OpenMP team would slow the decode thread's
+                    released = False
                     while not self._queue and not self._opened and not self._stopping:
+                        if not released:  # idle: its OpenMP team would slow the decode thread's
+                            release_idle_threads()
+                            released = True
                         self._cv.wait()
                     if not self._queue and (self._stopping or not self._opened):  # stopping and nothing owed
                         return
