@@ -218,3 +218,29 @@ def test_the_side_by_side_script_runs(tmp_path: Path) -> None:
     assert set(result["prefill_ms"]["5"]) == {"multi", "rowwise", "torch", "torch-bf16"}
     assert set(result["decode_tokens_per_s"]["2"]) == {"multi", "rowwise", "torch"}
     assert result["config"]["time"] == "thread CPU time"
+
+
+@pytest.mark.parametrize("name", ["tiny", "beta"])
+def test_float32_prefill_gives_an_expert_all_its_rows_at_once(name: str) -> None:
+    """A float32 join of 70 prompt tokens sends about 42 rows to each expert (beta: 29), more
+    than the 8 of an int8 pass: decode_step.c's moe_task hands f32_multi all of an expert's rows
+    at once (up to 64), which must give the bits of any rows per pass (each sum is axpy_f32's
+    chain of fmas) and stay as close to torch's prefill as the int8 gate asks."""
+    model = _with_format(MODELS[name], 82, "fp32")
+    model.native_decode = True
+    prompts = [[7 + i for i in range(30)], [40 + i for i in range(25)], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9]]
+    assert sum(map(len, prompts)) <= native.FP32_PREFILL_MAX_TOKENS
+    results = []
+    for per_pass in (2, 8):
+        native.set_rows_per_pass(model, per_pass)
+        memory_kv, cache = _buffers(model, len(prompts))
+        with torch.inference_mode():
+            logits = native.prefill(model, prompts, memory_kv, cache)
+        assert logits is not None
+        results.append((logits, cache))
+    (two, two_cache), (eight, eight_cache) = results
+    assert torch.equal(two, eight)
+    assert torch.equal(two_cache.k, eight_cache.k) and torch.equal(two_cache.v, eight_cache.v)
+    expected = _torch_prefill(model, prompts)
+    assert _relative(eight, expected) < 1e-4
+    assert torch.equal(eight.argmax(-1), expected.argmax(-1))

@@ -1419,14 +1419,17 @@ static void moe_task(void *c, int t, int nt) {
     float *gu = m->gu, *act = m->act, *ys = m->ys;
     const int8_t *hq = m->hq;
     const int32_t *hsum = m->hsum;
+    /* float32: up to F32_BATCH of an expert's rows in one product (f32_multi holds its weights in
+     * cache for all of them), not ROWS_MAX at a time, each pass reading the expert again */
+    const int chunk = !hq && L->w_in.type == W_F32 ? F32_BATCH : rb;
     for (int i; (i = atomic_fetch_add(&m->next, 1)) < m->used;) {
         const int64_t e = ids[i];
         const int *ps = order + start[e], count = start[e + 1] - start[e];
         const float *bias = L->b_in ? L->b_in + e * GH : NULL;
-        for (int j = 0; j < count; j += rb) {
-            const int R = count - j < rb ? count - j : rb;
-            float *acc[ROWS_MAX];
-            const float *xr[ROWS_MAX];
+        for (int j = 0; j < count; j += chunk) {
+            const int R = count - j < chunk ? count - j : chunk;
+            float *acc[F32_BATCH];
+            const float *xr[F32_BATCH];
             for (int r = 0; r < R; r++) {
                 const int p = ps[j + r];
                 acc[r] = gu + (int64_t)p * GH;
