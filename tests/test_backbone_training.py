@@ -6,9 +6,15 @@ the same, only the sizes differ.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -252,3 +258,94 @@ def test_shipped_recipe_shape_resumes_bit_for_bit(tmp_path: Path) -> None:
     b = load_weights(split / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
+
+
+def _continued(smol_ci_run: Path, tmp_path: Path, **changes: Any) -> Path:
+    """smol-ci continued from its own finished run (``init_from``, pinned by the weights' SHA-256)."""
+    weights = smol_ci_run / "model" / "model.safetensors"
+    spec = load_recipe("smol-ci").to_dict()
+    spec.update(name="smol-ci-continued", init_from=str(smol_ci_run / "model"))
+    spec["init_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    spec["memory_pretrain"]["steps"] = 0
+    for key, value in changes.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) else value
+    path = tmp_path / f"continued-{len(list(tmp_path.glob('continued-*')))}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_a_continued_recipe_starts_from_exactly_the_weights_it_names(
+    smol_ci_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``init_from``: with no step to take, the run's model is the named model, tensor for tensor;
+    weights whose SHA-256 is not the recipe's are refused, and ``--init-from`` reads a copy."""
+    recipe = _continued(smol_ci_run, tmp_path, memory_aware={"steps": 0})
+    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    start, end = (load_weights(p / "model.safetensors") for p in (smol_ci_run / "model", tmp_path / "run" / "model"))
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["isa"] == "native" and summary["machines"][0]["capability"]
+    copy = tmp_path / "copy"
+    shutil.copytree(smol_ci_run / "model", copy)
+    out = tmp_path / "from-copy"
+    assert main(["train", "--recipe", str(recipe), "--out", str(out), "--quiet", "--init-from", str(copy)]) == 0
+    assert torch.equal(load_weights(out / "model" / "model.safetensors")[next(iter(start))], start[next(iter(start))])
+    other = _continued(smol_ci_run, tmp_path, memory_aware={"steps": 0}, init_sha256="0" * 64)
+    capsys.readouterr()
+    assert main(["train", "--recipe", str(other), "--out", str(tmp_path / "refused"), "--quiet"]) != 0
+    assert "has SHA-256" in capsys.readouterr().err and not (tmp_path / "refused" / "model").exists()
+    spec = json.loads(recipe.read_text())
+    with pytest.raises(RecipeError, match="init_sha256"):
+        recipe_from_dict({**spec, "init_sha256": None})
+    with pytest.raises(RecipeError, match="64 lowercase hex"):
+        recipe_from_dict({**spec, "init_sha256": "abc"})
+
+
+def test_a_pinned_continued_recipe_resumes_bit_for_bit(smol_ci_run: Path, tmp_path: Path) -> None:
+    """smol4's options on the tiny backbone (continued from a run, ``isa`` avx2, compound facts,
+    questions to the assistant, never-stated last questions, 2-6 turns): stopped between
+    checkpoints and resumed, it ends with the weights of a run that never stopped. Each run is a
+    fresh process, as ``rxrt train`` is: the pin must come before torch's first kernel."""
+    recipe = _continued(
+        smol_ci_run,
+        tmp_path,
+        isa="avx2",
+        data={"compound_facts": 0.3, "general_questions": 0.5, "recall_last": 0.5},
+        memory_aware={"steps": 6, "min_turns": 2, "max_turns": 6, "ramp_start": 0, "ramp_end": 3},
+    )
+
+    def train(*args: str) -> int:
+        argv = ["train", "--recipe", str(recipe), "--quiet", *args]
+        code = f"import sys\nfrom rxruntime.cli import main\nsys.exit(main({argv!r}))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600).returncode
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert train("--out", str(whole)) == 0
+    assert train("--out", str(split), "--stop-after", "4") == 3
+    assert train("--out", str(split), "--resume") == 0
+    a = load_weights(whole / "model" / "model.safetensors")
+    b = load_weights(split / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
+    start = load_weights(smol_ci_run / "model" / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+    summary = json.loads((split / "summary.json").read_text())
+    assert summary["isa"] == "avx2" and [m["capability"] for m in summary["machines"]] == ["AVX2"]
+
+
+def test_the_isa_pin_refuses_a_process_already_on_other_kernels() -> None:
+    """ATen picks its kernels at its first one: a process that already ran some on other kernels
+    cannot be pinned any more, and says how to start instead."""
+    code = (
+        "import os, torch\n"
+        "torch.randn(64).exp()\n"  # ATen's kernels chosen here: the scalar ones (the environment below)
+        "del os.environ['ATEN_CPU_CAPABILITY']\n"
+        "from rxruntime.training.trainer import TrainingError, pin_isa\n"
+        "try:\n    pin_isa('avx2')\nexcept TrainingError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert "ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 rxrt train" in result.stdout, result
+    env["ATEN_CPU_CAPABILITY"] = "avx512"
+    code = "from rxruntime.training.trainer import pin_isa\npin_isa('avx2')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0 and "ATEN_CPU_CAPABILITY=avx2; the environment has avx512" in result.stderr

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from rxruntime.training.batches import RECALL_KINDS
+from rxruntime.training.data.chitchat import GENERAL_QUESTIONS
 from rxruntime.training.data.dialogues import Dialogue
 from rxruntime.training.data.grammar import GrammarError, expand, render
 from rxruntime.training.data.people import PeopleGenerator
@@ -213,3 +215,26 @@ def test_compound_statements_state_two_facts_and_later_answers_use_both() -> Non
     assert asked_second > 10  # the second fact of a sentence is asked about, not only the first
     two_turns = [d for d in dialogues if len(d) == 2 and d.turns[0].family == "compound"]
     assert two_turns  # "I'm Ada and I live in Lisbon." / "Where do I live?": the first minutes' shape
+
+
+def test_general_questions_are_memory_free_turns_between_the_facts() -> None:
+    """``general``: a share of the memory-free turns of training dialogues become questions to the
+    assistant about the world or itself; they are not recall questions (the keep term holds them
+    to the backbone's answers) and never repeat a value the user stated."""
+    gen = PeopleGenerator(seed=5, general=0.5)
+    dialogues = [gen.dialogue(3 + i % 4) for i in range(300)]
+    general = {q for q, _ in GENERAL_QUESTIONS}
+    asked = [t for d in dialogues for t in d.turns if any(t.answer == a for _, a in GENERAL_QUESTIONS)]
+    assert len(asked) > 50
+    for turn in asked:
+        assert turn.kind not in RECALL_KINDS
+        assert turn.query in {render(q, random.Random(s)) for q in general for s in range(40)}
+    for d in dialogues:  # the last turn is still a question about a fact, stated or not
+        assert d.turns[-1].kind in ("question", "unknown")
+
+
+def test_recall_last_sets_the_share_of_never_stated_last_questions() -> None:
+    for share, lo, hi in ((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (0.5, 0.4, 0.6)):
+        gen = PeopleGenerator(seed=6, recall_last=share)
+        last = [gen.dialogue(3).turns[-1].kind for _ in range(300)]
+        assert lo <= last.count("question") / len(last) <= hi, (share, last.count("question"))

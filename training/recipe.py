@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,12 @@ class DataSpec:
     compound_facts: float = 0.0
     """``people`` only: the share of fact turns that state two facts in one sentence ("I'm Ada and
     I live in Lisbon."), where two are still to be stated (``PeopleGenerator.compound``)."""
+    general_questions: float = 0.0
+    """Share of the memory-free turns of stage-4 dialogues that are questions to the assistant
+    about the world or itself (``PeopleGenerator.general``), answered without the memory."""
+    recall_last: float = 0.85
+    """Share of stage-4 dialogues whose last question asks about a stated fact; the others ask
+    about one never stated (``PeopleGenerator.recall_last``)."""
 
 
 @dataclass
@@ -175,6 +182,13 @@ class Recipe:
     seed: int = 0
     threads: int = 2
     """torch intra-op threads; results are bitwise reproducible for a fixed thread count."""
+    isa: Literal["native", "avx2"] = "native"
+    """The CPU kernels the run computes with. ``native``: the fastest this CPU has, so the bits
+    depend on the machine kind (ATen's AVX-512 kernels round sums differently from its AVX2
+    ones). ``avx2``: ATen's AVX2 kernels (``ATEN_CPU_CAPABILITY``), MKL's AVX2 branch of
+    conditional numerical reproducibility (``MKL_CBWR``; Intel CPUs: on AMD, MKL runs its own
+    AVX2 path either way) and oneDNN up to AVX2, so machines of different kinds can compute the
+    same bits and a run may resume on another one (training.trainer.pin_isa)."""
     data: DataSpec = field(default_factory=DataSpec)
     tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
     joint_pretrain: JointStage = field(default_factory=JointStage)
@@ -185,6 +199,13 @@ class Recipe:
     """Save a resumable training state every this many steps (and at the end of every stage)."""
     save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Dtype of the final model's weights (16-bit keeps the shipped model small)."""
+    init_from: str | None = None
+    """A model (a shipped model's name or a directory) whose weights start the run instead of
+    the seed's draw: a recipe that continues an earlier one. ``init_sha256`` names the weights
+    exactly, so a run reproduces only from those (``rxrt train --init-from DIR`` points at a copy
+    when the name now holds other weights)."""
+    init_sha256: str | None = None
+    """SHA-256 of ``init_from``'s ``model.safetensors``; required with it."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -198,14 +219,20 @@ class Recipe:
             raise RecipeError(
                 f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds the model's vocab_size={config.vocab_size}"
             )
+        if (self.init_from is None) != (self.init_sha256 is None):
+            raise RecipeError("init_from and init_sha256 go together: the run must name the weights it starts from")
+        if self.init_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.init_sha256):
+            raise RecipeError(f"init_sha256 must be 64 lowercase hex digits, got {self.init_sha256!r}")
         if self.threads < 1:
             raise RecipeError(f"threads must be >= 1, got {self.threads}")
         if self.checkpoint_every < 1:
             raise RecipeError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if not 0.0 <= self.data.compound_facts <= 1.0:
-            raise RecipeError(f"data.compound_facts must be in [0, 1], got {self.data.compound_facts}")
-        if self.data.compound_facts and self.data.source != "people":
-            raise RecipeError('data.compound_facts applies to the people generator (data.source = "people")')
+        for name in ("compound_facts", "general_questions", "recall_last"):
+            share = getattr(self.data, name)
+            if not 0.0 <= share <= 1.0:
+                raise RecipeError(f"data.{name} must be in [0, 1], got {share}")
+            if share != getattr(DataSpec, name) and self.data.source != "people":
+                raise RecipeError(f'data.{name} applies to the people generator (data.source = "people")')
         if self.data.source not in ("synthetic", "people") and not self.data.path:
             raise RecipeError(f"data.path is required for data.source={self.data.source!r}")
         for name in STAGES:

@@ -58,12 +58,22 @@ class SyntheticSource:
 class PeopleSource(SyntheticSource):
     """The people generator (``people.py``): endless values, varied phrasings, corrections."""
 
-    def __init__(self, seed: int, tokenizer_dialogues: int, sentences: int = 3, compound: float = 0.0) -> None:
+    def __init__(
+        self,
+        seed: int,
+        tokenizer_dialogues: int,
+        sentences: int = 3,
+        compound: float = 0.0,
+        general: float = 0.0,
+        recall_last: float = 0.85,
+    ) -> None:
         super().__init__(seed, tokenizer_dialogues, sentences)
-        self.compound = compound
+        self.compound, self.general, self.recall_last = compound, general, recall_last
 
     def _gen(self, rng: random.Random) -> PeopleGenerator:  # type: ignore[override]
-        return PeopleGenerator(rng.getrandbits(62), compound=self.compound)
+        return PeopleGenerator(
+            rng.getrandbits(62), compound=self.compound, general=self.general, recall_last=self.recall_last
+        )
 
     def tokenizer_texts(self) -> Iterator[str]:
         return PeopleGenerator(self.seed).corpus(self.tokenizer_dialogues)
@@ -104,7 +114,9 @@ def make_source(spec: DataSpec, seed: int, tokenizer_dialogues: int, sentences: 
     if spec.source == "synthetic":
         return SyntheticSource(seed, tokenizer_dialogues, sentences)
     if spec.source == "people":
-        return PeopleSource(seed, tokenizer_dialogues, sentences, spec.compound_facts)
+        return PeopleSource(
+            seed, tokenizer_dialogues, sentences, spec.compound_facts, spec.general_questions, spec.recall_last
+        )
     fields = Fields(spec.turns_field, spec.query_field, spec.answer_field, spec.text_field)
     assert spec.path is not None  # Recipe.validate() guarantees it
     if spec.source == "jsonl":

@@ -18,7 +18,9 @@ an interrupted run resumed with ``resume=True`` ends with the same weights as an
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rxruntime.models.checkpoint import load_pretrained, save_pretrained
+from rxruntime.models.checkpoint import load_pretrained, resolve_model_dir, save_pretrained
 from rxruntime.models.errors import RxTError
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.tokenizer import RxTokenizer
@@ -69,6 +71,40 @@ def configure_torch(threads: int) -> None:
     """Fixed thread count and deterministic kernels: the two things bitwise repeatability needs."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+ISA_ENVIRONMENT = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+"""The environment each ``Recipe.isa`` pin sets (``native`` sets none)."""
+
+
+def pin_isa(isa: str) -> None:
+    """Make this process compute with ``isa``'s kernels (``Recipe.isa``). ATen, MKL and oneDNN read
+    these variables when first used, not at import, so setting them here works as long as the
+    process has run no tensor work yet; when ATen already chose other kernels, say how to start."""
+    wanted = ISA_ENVIRONMENT.get(isa, {})
+    for name, value in wanted.items():
+        if os.environ.get(name, value) != value:
+            raise TrainingError(
+                f"the recipe pins isa={isa!r}, which needs {name}={value}; the environment has {os.environ[name]}"
+            )
+        os.environ[name] = value
+    if wanted and torch.backends.cpu.get_cpu_capability() != wanted["ATEN_CPU_CAPABILITY"].upper():
+        settings = " ".join(f"{k}={v}" for k, v in wanted.items())
+        raise TrainingError(
+            f"the recipe pins isa={isa!r}, but this process already runs ATen's "
+            f"{torch.backends.cpu.get_cpu_capability()} kernels; start it as: {settings} rxrt train ..."
+        )
 
 
 @dataclass
@@ -114,6 +150,7 @@ class Trainer:
         stop_after: int | None = None,
         threads: int | None = None,
         start_from: str | Path | None = None,
+        init_from: str | Path | None = None,
         progress: Callable[[], AbstractContextManager[Any]] | None = None,
         echo: Callable[[str], None] = lambda _: None,
     ) -> None:
@@ -123,6 +160,10 @@ class Trainer:
         self.stop_after = stop_after
         self.start_from = Path(start_from) if start_from is not None else None
         self.started_from: str | None = None
+        self.init_from = init_from if init_from is not None else recipe.init_from
+        """Where the recipe's starting weights are read (``--init-from`` overrides the recipe's)."""
+        if init_from is not None and recipe.init_from is None:
+            raise TrainingError(f"--init-from {init_from}: recipe {recipe.name!r} starts from no model (init_from)")
         self.threads = threads or recipe.threads
         self.make_progress = progress
         self.echo = echo
@@ -131,6 +172,8 @@ class Trainer:
         self.completed: list[str] = []
         self.steps_this_run = 0
         self.tokenizer_seconds = 0.0
+        self.machines: list[dict[str, str]] = [{"cpu": cpu_name(), "capability": "", "from": "start"}]
+        """The CPUs the run has computed on (a resumed run may change machine) and ATen's kernels there."""
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> bool:
@@ -138,6 +181,8 @@ class Trainer:
 
         torch's thread count and determinism flag are restored afterwards (they are process-global).
         """
+        pin_isa(self.recipe.isa)
+        self.machines[-1]["capability"] = torch.backends.cpu.get_cpu_capability()
         threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
         configure_torch(self.threads)
         try:
@@ -168,6 +213,8 @@ class Trainer:
         self.model.train()
         start: dict[str, Any] = {}
         optimizer_state = None
+        if self.init_from is not None and not resuming:
+            self._init_weights(self.init_from)
         if self.start_from is not None and not resuming:
             self._weights_from(self.start_from)
         if resuming:
@@ -248,12 +295,46 @@ class Trainer:
         self.started_from = str(directory)
         self.echo(f"starting from {directory}: stages {', '.join(self.completed)} skipped")
 
+    def _init_weights(self, source: str | Path) -> None:
+        """The recipe's ``init_from``: every tensor of the model from that model's weights, which
+        must be exactly the ones ``init_sha256`` names (a continued recipe reproduces only from them)."""
+        directory = resolve_model_dir(source)
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            raise TrainingError(f"init_from {source}: no model.safetensors in {directory}")
+        digest = hashlib.sha256()
+        with weights.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != self.recipe.init_sha256:
+            raise TrainingError(
+                f"init_from {source}: {weights} has SHA-256 {digest.hexdigest()}, the recipe starts from "
+                f"{self.recipe.init_sha256}; point --init-from at a directory holding those weights "
+                "(a shipped model replaced since is in the repository's history)"
+            )
+        loaded, _ = load_pretrained(directory, load_tokenizer=False)
+        own, theirs = self.model.state_dict(), loaded.state_dict()
+        if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
+            raise TrainingError(f"init_from {source}: its tensors are not this recipe's model's")
+        self.model.load_state_dict({k: v.to(own[k].dtype) for k, v in theirs.items()})
+        self.echo(f"starting from the weights of {directory} (SHA-256 {digest.hexdigest()[:12]}...)")
+
     def _restore(self, progress: dict[str, Any]) -> None:
         self.started_from = progress.get("started_from")
         self.completed = list(progress.get("completed", []))
         self.tokenizer_seconds = float(progress.get("tokenizer_seconds", 0.0))
         for name, rec in progress.get("records", {}).items():
             self.records[name] = StageRecord(rec["seconds"], rec["steps_done"], rec["log"])
+        here, before = self.machines[-1], list(progress.get("machines", []))
+        if before and before[-1]["capability"] != here["capability"] and self.recipe.isa == "native":
+            self.echo(
+                f"[yellow]resuming with ATen's {here['capability']} kernels where the run so far used "
+                f"{before[-1]['capability']}: its weights will not be those of an uninterrupted run "
+                "(a recipe with isa 'avx2' computes the same kernels on every machine)"
+            )
+        if before and (before[-1]["cpu"], before[-1]["capability"]) == (here["cpu"], here["capability"]):
+            here = before.pop()
+        self.machines = [*before, {**here, "from": f"{progress.get('stage')} step {progress.get('step', 0)}"}]
 
     def _progress(self, stage: str, step: int) -> dict[str, Any]:
         return {
@@ -265,6 +346,7 @@ class Trainer:
             "threads": self.threads,
             "tokenizer_seconds": self.tokenizer_seconds,
             "records": {n: vars(r) for n, r in self.records.items()},
+            "machines": self.machines,
         }
 
     # ------------------------------------------------------------------ one stage
@@ -383,6 +465,8 @@ class Trainer:
             "seed": self.recipe.seed,
             "started_from": self.started_from,
             "threads": self.threads,
+            "isa": self.recipe.isa,
+            "machines": self.machines,
             "torch": torch.__version__,
             "faker": _faker_version() if self.recipe.data.source == "people" else None,
             "python": platform.python_version(),

@@ -23,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="pilots only: begin with the weights and tokenizer of another run's stage directory "
         "(e.g. RUN/stage3-memory-pretrain) and skip that stage and those before it",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="MODEL_DIR",
+        help="where the weights a continuing recipe starts from are (its init_from names them; "
+        "their SHA-256 must be the recipe's init_sha256)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars, only stage summaries")
     p.set_defaults(func=run)
 
@@ -67,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         stop_after=args.stop_after,
         threads=args.threads,
         start_from=args.start_from,
+        init_from=args.init_from,
         progress=progress,
         echo=console.print,
     )

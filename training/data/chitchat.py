@@ -86,3 +86,81 @@ def chitchat(rng: random.Random) -> Turn:
     if r < 0.65:
         return small_talk(rng)
     return distractor(rng)
+
+
+GENERAL_QUESTIONS: tuple[tuple[str, str], ...] = (
+    ("How do I boil an egg?", "Put the egg in boiling water for about eight minutes, then cool it in cold water."),
+    ("How do [I|you] make pancakes?", "Mix flour, milk, eggs and a pinch of salt, then fry spoonfuls in a hot pan."),
+    ("What should I cook for dinner tonight?", "A simple pasta with tomatoes, garlic and basil is quick and tasty."),
+    (
+        "Why do leaves change colo[u|]r in autumn?",
+        "The green chlorophyll breaks down and the yellow and red pigments show.",
+    ),
+    (
+        "Why is the ocean salty?",
+        "Rivers carry minerals from rocks into the sea, and the salt stays when water evaporates.",
+    ),
+    ("How far away is the moon?", "The moon is about 384,000 kilometres from the Earth."),
+    ("How many days are in a leap year?", "A leap year has 366 days."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("What is the largest planet in the solar system?", "Jupiter is the largest planet in the solar system."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
+    ("What is photosynthesis?", "Photosynthesis is how plants turn sunlight, water and carbon dioxide into sugar."),
+    ("How does a rainbow form?", "Sunlight bends and splits into colours inside raindrops."),
+    ("What is the boiling point of water?", "Water boils at 100 degrees Celsius at sea level."),
+    (
+        "Can you give me a tip for sleeping better?",
+        "Go to bed at the same time every night and keep screens out of the bedroom.",
+    ),
+    (
+        "How can I learn a new language?",
+        "Practise a little every day, listen to native speakers and speak as soon as you can.",
+    ),
+    (
+        "[Any|Do you have any] advice for a job interview?",
+        "Prepare a few examples of your work and ask questions about the role.",
+    ),
+    ("What is a good way to stay healthy?", "Eat plenty of vegetables, move every day and get enough sleep."),
+    ("How do I keep a plant alive?", "Give it light, water it when the soil is dry and do not let it stand in water."),
+    ("What is your favo[u|]rite colo[u|]r?", "I don't have one, but many people love blue."),
+    ("What kind of music do you like?", "I don't listen to music myself, but I enjoy hearing what people like."),
+    ("Do you have any hobbies?", "I don't have hobbies of my own, but I like hearing about yours."),
+    ("What would you do on a rainy day?", "A good book and a hot drink make a rainy day pleasant."),
+    (
+        "Where would you like to travel?",
+        "I can't travel, but many people love visiting Italy for its food and history.",
+    ),
+    ("Are you a robot?", "I'm an AI assistant, a language model with a short-term memory."),
+    ("Can you write me a short poem?", "Morning light on quiet streets, a gentle start where day and dreaming meet."),
+    ("Tell me a fun fact.", "Octopuses have three hearts."),
+    (
+        "Tell me something about elephants.",
+        "Elephants are the largest land animals, and they can recognise themselves in a mirror.",
+    ),
+    (
+        "What is the difference between weather and climate?",
+        "Weather is what happens day to day; climate is the average over many years.",
+    ),
+    ("Explain gravity in one sentence.", "Gravity is the force that pulls masses toward each other."),
+    ("What does a computer's CPU do?", "The CPU runs the instructions of programs, one small step at a time."),
+    ("How do airplanes fly?", "Their wings push air down, and the air pushes the wings up."),
+    ("What is a healthy breakfast?", "Oatmeal with fruit and a glass of water is a healthy breakfast."),
+    ("Should I take an umbrella today?", "I can't see the sky, so check a weather forecast before you go."),
+    ("What's a good name for a cat?", "Whiskers, Luna or Milo are popular names for a cat."),
+    ("How do I say thank you in Spanish?", "You say gracias."),
+    ("What is the square root of 81?", "The square root of 81 is 9."),
+    ("How many continents are there?", "There are seven continents."),
+    ("Why do we need sleep?", "Sleep lets the body rest and the brain store what it learned."),
+    ("What is the tallest mountain in the world?", "Mount Everest is the tallest mountain in the world."),
+    ("Can you summarise what a novel is?", "A novel is a long story in prose about characters and events."),
+)
+"""Questions to the assistant about the world, advice and itself, with short answers. They look
+like recall questions ("What is ...?", "What do you ...?") but ask for nothing the user said, so
+they teach that a question is not always about the memory. None is one of the questions
+``benchmarks/chat_penalties.py`` and ``benchmarks/first_minutes.py`` ask."""
+
+
+def general_question(rng: random.Random) -> Turn:
+    """A question to the assistant that needs no memory (``GENERAL_QUESTIONS``)."""
+    template, answer = rng.choice(GENERAL_QUESTIONS)
+    return Turn(render(template, rng), answer)

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from .chitchat import chitchat, greeting
+from .chitchat import chitchat, general_question, greeting
 from .dialogues import Dialogue, PlainText, Purpose, Turn
 from .grammar import Family, capitalise, lower_first, render
 from .phrasings import (
@@ -58,6 +58,13 @@ class PeopleGenerator(PlainText):
     """Share of fact turns (where two facts are still to be stated) that state two facts in one
     sentence ("I'm Ada and I live in Lisbon."). 0 draws nothing for it, so a generator made
     before this option gives the same dialogues."""
+    general: float = 0.0
+    """Share of a training dialogue's memory-free turns that are questions to the assistant about
+    the world or itself (``chitchat.GENERAL_QUESTIONS``) instead of small talk. 0 draws nothing for
+    it (the same dialogues as before the option); evaluation probes never use it."""
+    recall_last: float = 0.85
+    """Share of training dialogues whose last question asks about a stated fact (the others ask
+    about one never stated: "I don't know your ...")."""
     rng: random.Random = field(init=False, repr=False)
     text_sentences: ClassVar[int] = 3
 
@@ -169,9 +176,11 @@ class PeopleGenerator(PlainText):
                 out.append(self.correction(slot, known[slot]))
             elif 0.4 <= r < 0.48:
                 out.append(self.unknown(rng.choice([s for s in SLOTS if s not in known])))
+            elif self.general and rng.random() < self.general:
+                out.append(general_question(rng))
             else:
                 out.append(chitchat(rng))
-        if rng.random() < 0.85:
+        if rng.random() < self.recall_last:
             slot = rng.choice(sorted(known))
             out.append(self.question(slot, known[slot]))
         else:
