@@ -8,6 +8,9 @@ rounded weights, ``torch-bf16`` the torch prefill under ``torch.autocast(bfloat1
 
 ``--weights fp32`` runs the same variants on float32 weights (the float32 multi-row kernels);
 the runtime takes its C prefill for joins of up to ``native.FP32_PREFILL_MAX_TOKENS`` tokens.
+``--join K`` prefills K prompts of each length together (a join of K conversations);
+``--chunks 64,256`` adds the float32 C prefill in chunks of those many tokens (``chunkN``;
+``multi`` runs ``native.FP32_PREFILL_CHUNK``); ``--prefill-variants`` picks the variants to run.
 
 ``--attend`` compares instead the C step's vectorised attention (decode_step.c's ``attend``) with
 the scalar code it replaced (``RXRT_NATIVE_ATTEND=old``), both in the multi-row int8 step: the same
@@ -19,7 +22,10 @@ libm's expf one score at a time).
 
 Times are the calling thread's CPU time (``time.thread_time``), not wall time: with one thread
 every path runs on the calling thread, and on a shared machine CPU time is far less disturbed
-by other tenants than wall time (it still counts their cache misses). Writes JSON to ``--out``.
+by other tenants than wall time (it still counts their cache misses). ``--threads 2`` runs torch
+and the C step on two threads, as the engine does, and times wall time instead (torch's products
+and the C step scale differently: a float32 join of 16 x 32 tokens is faster in torch on one
+thread and in C on two). Writes JSON to ``--out``.
 
     python benchmarks/int8_rows.py --repeats 3 --out benchmarks/results/multirow/int8-rows-cpu-time.json
     python benchmarks/int8_rows.py --attend --out benchmarks/results/multirow/attend-cpu-time.json
@@ -41,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from rxruntime.models import RxTModel, native, preset
+from rxruntime.models import RxTModel, load_pretrained, native, preset
 from rxruntime.models.cache import KVCache
 from rxruntime.models.quantize import set_weight_format
 
@@ -76,18 +82,32 @@ def _attend_kernel(shapes: list[tuple[int, int]]) -> list[dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--preset", default="alpha-mini")
+    parser.add_argument("--checkpoint", help="a model directory (e.g. an RxLM checkpoint) instead of --preset")
     parser.add_argument("--weights", default="int8", choices=["int8", "fp32"], help="the C step's weight format")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompts", default="35,128,256", help="prefill lengths, comma-separated")
     parser.add_argument("--rows", default="1,8,16,64", help="decode rows, comma-separated")
     parser.add_argument("--steps", type=int, default=20, help="decode steps per repeat")
     parser.add_argument("--attend", action="store_true", help="vector attention against the old scalar one")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and C-step threads; above 1 the times are wall times"
+    )
+    parser.add_argument("--prefill-variants", default="", help="comma-separated: only these prefill variants")
+    parser.add_argument("--join", type=int, default=1, help="prompts per prefill, each of the --prompts length")
+    parser.add_argument(
+        "--chunks", default="", help="float32: also the C prefill in chunks of these many tokens (e.g. 64,256)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     print("CPU:", _cpu_model(), flush=True)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
     torch.manual_seed(0)
-    model = RxTModel(preset(args.preset)).eval()
+    if args.checkpoint:  # real weights: their routing is not a random model's
+        model = load_pretrained(args.checkpoint, load_tokenizer=False)[0]
+        native.prepare(model)
+    else:
+        model = RxTModel(preset(args.preset)).eval()
     set_weight_format(model, args.weights)
     model.use_decode_layout()
     vocab = model.config.vocab_size
@@ -103,18 +123,22 @@ def main() -> None:
         os.environ["RXRT_NATIVE_ATTEND"] = "old" if variant == "old" else "vector"
         native.set_rows_per_pass(model, 1 if variant == "rowwise" else None)
 
-    def prefill(prompt: list[int], variant: str) -> float:
-        kv, cache = buffers(1)
-        use(variant)
-        model.native_decode = variant in ("multi", "rowwise", "vector", "old")
-        ids, lengths = torch.tensor([prompt]), torch.tensor([len(prompt)])
-        start = time.thread_time()
+    def prefill(prompts: list[list[int]], variant: str) -> float:
+        kv, cache = buffers(len(prompts))
+        chunk = variant.startswith("chunk")
+        use("multi" if chunk else variant)
+        model.native_decode = chunk or variant in ("multi", "rowwise", "vector", "old")
+        ids, lengths = torch.tensor(prompts), torch.tensor([len(p) for p in prompts])
+        if chunk:
+            native.FP32_PREFILL_CHUNK = int(variant.removeprefix("chunk"))
+        start = clock()
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=variant == "torch-bf16"):
             if model.native_decode:
-                assert native.prefill(model, [prompt], kv, cache) is not None
+                assert native.prefill(model, prompts, kv, cache) is not None
             else:
                 model.prefill(ids, lengths, kv, cache)
-        return time.thread_time() - start
+        native.FP32_PREFILL_CHUNK = default_chunk
+        return clock() - start
 
     def decode(rows: int, variant: str) -> float:
         kv, cache = buffers(rows)
@@ -130,28 +154,33 @@ def main() -> None:
             step = lambda: model.decode_step(tokens, positions, kv, cache)  # noqa: E731
         with torch.inference_mode():
             step()
-            start = time.thread_time()
+            start = clock()
             for _ in range(args.steps):
                 step()
-        return float(rows * args.steps / (time.thread_time() - start))
+        return float(rows * args.steps / (clock() - start))
 
     limit = native.MULTI_ROW_MAX_ROWS
     native.MULTI_ROW_MAX_ROWS = native.MAX_ROWS = max(int(r) for r in args.rows.split(","))  # the C step at every size
     gen = torch.Generator().manual_seed(1)
     result: dict[str, object] = {"prefill_ms": {}, "decode_tokens_per_s": {}}
+    default_chunk = native.FP32_PREFILL_CHUNK
     prefill_variants = ["vector", "old"] if args.attend else ["multi", "rowwise", "torch", "torch-bf16"]
+    if args.weights == "fp32":
+        prefill_variants += [f"chunk{int(c)}" for c in args.chunks.split(",") if c]
+    if args.prefill_variants:
+        prefill_variants = [v for v in prefill_variants if v in args.prefill_variants.split(",")]
     decode_variants = ["vector", "old"] if args.attend else ["multi", "rowwise", "torch"]
     for length in (int(n) for n in args.prompts.split(",") if n):
-        prompt = torch.randint(7, vocab, (length,), generator=gen).tolist()
+        prompts = torch.randint(7, vocab, (args.join, length), generator=gen).tolist()
         times: dict[str, list[float]] = {k: [] for k in prefill_variants}
         for _ in range(args.repeats):
             for variant in times:
-                times[variant].append(prefill(prompt, variant))
+                times[variant].append(prefill(prompts, variant))
         row = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
         if args.attend:
             row["old_over_vector"] = round(statistics.median(times["old"]) / statistics.median(times["vector"]), 2)
         result["prefill_ms"][str(length)] = row  # type: ignore[index]
-        print(f"prefill {length} tokens, ms:", row, flush=True)
+        print(f"prefill {args.join} x {length} tokens, ms:", row, flush=True)
     for rows in (int(n) for n in args.rows.split(",")):
         rates: dict[str, list[float]] = {k: [] for k in decode_variants}
         for _ in range(args.repeats):
@@ -172,8 +201,8 @@ def main() -> None:
     result["config"] = {
         **vars(args),
         "out": str(args.out) if args.out else None,
-        "threads": 1,
-        "time": "thread CPU time",
+        "threads": args.threads,
+        "time": "thread CPU time" if args.threads == 1 else "wall time",
         "rows_per_pass": native.ROWS_PER_PASS,
         "decode_position": 40,
         "isa": native.isa(),

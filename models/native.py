@@ -59,7 +59,15 @@ which reuse each weight across rows from cache, win (alpha-mini, 2 cores: 1.3x f
 rows, 0.93x at 32)."""
 
 PREFILL_CHUNK = 64
-"""Prompt tokens per C-step call in :meth:`NativeDecoder.prefill` (each call reads the weights once)."""
+"""Prompt tokens per C-step call in :meth:`NativeDecoder.prefill` (each call reads the weights
+once); float32 models take :data:`FP32_PREFILL_CHUNK`."""
+
+FP32_PREFILL_CHUNK = 256
+""":data:`PREFILL_CHUNK` for a float32 model: an expert's float32 product takes all the chunk's
+rows that chose it (up to 64) at once, and a 64-token chunk sent it about 10 (alpha-mini, top 6
+of 36). RxLM's alpha-mini weights, 2 threads, wall time, AMD EPYC Zen 3 (``benchmarks/int8_rows.py
+--checkpoint DIR --weights fp32 --threads 2 --join K --chunks 64``): 8 prompts of 32 tokens 153 ms
+against 207 in chunks of 64 (torch 201), 12 prompts 254 against 324 (torch 295)."""
 
 PREFILL_MAX_TOKENS = 64
 """Int8 prefills of up to this many tokens (all prompts of a join together) run in C row by row
@@ -79,11 +87,13 @@ INT8_PREFILL_MAX_TOKENS = 512
 """The same for :data:`PREFILL_MAX_TOKENS`: prefills up to this many tokens run in C (a 256-token
 prompt as fast as torch's float32 products, a 35-token one 2.8x faster)."""
 
-FP32_PREFILL_MAX_TOKENS = 128
-"""The same for a float32 model: prefills up to this many tokens run in C. One prompt, alpha-mini,
-one thread's CPU time, AMD EPYC Zen 3 (``benchmarks/int8_rows.py --weights fp32``): 35 tokens 67 ms
-against torch's 103, 105 tokens 176 against 217, 140 tokens 231 against 172: beyond about 128
-tokens torch's products reuse each weight across more rows than the C chunks of 64 tokens do."""
+FP32_PREFILL_MAX_TOKENS = 384
+"""The same for a float32 model: joins of up to this many prompt tokens run in C, in chunks of
+:data:`FP32_PREFILL_CHUNK`; beyond it torch's products, whose efficiency grows with the rows each
+expert gets, catch up. The measurement of :data:`FP32_PREFILL_CHUNK`, C against torch: 8 x 32
+tokens 153 against 201 ms, 12 x 32 254 against 295, 16 x 32 313 against 314, 24 x 32 475 against
+397; one prompt of 210 tokens 133 against 179 (random alpha-mini weights). With chunks of 64 the
+limit was 128 (docs/benchmarks.md §7)."""
 
 ROWS_PER_PASS = 8
 """Activation rows the int8 and float32 kernels apply each weight block to in one pass (decode_step.c's
@@ -264,6 +274,11 @@ def prefill_max_tokens(model: RxTModel) -> int:
     if not _multi_row(model):
         return PREFILL_MAX_TOKENS
     return INT8_PREFILL_MAX_TOKENS if model.weight_format == "int8" else FP32_PREFILL_MAX_TOKENS
+
+
+def prefill_chunk(model: RxTModel) -> int:
+    """Prompt tokens per C-step call of :meth:`NativeDecoder.prefill` for this model's weights."""
+    return FP32_PREFILL_CHUNK if model.weight_format == "fp32" else PREFILL_CHUNK
 
 
 def cache_dir() -> Path:
@@ -1142,7 +1157,7 @@ class NativeDecoder:
         fills cache row ``i`` from position 0 against memory row ``i``. None when the C step does
         not apply.
 
-        The prompts' tokens go through the step :data:`PREFILL_CHUNK` at a time, so each chunk
+        The prompts' tokens go through the step :func:`prefill_chunk` at a time, so each chunk
         reads the weights once for all its tokens; a chunk's tokens attend to the positions the
         cache already holds and to each other causally (the step writes a layer's keys/values
         for every token before it attends).
@@ -1157,8 +1172,9 @@ class NativeDecoder:
             ends.append(end)
         logits = torch.empty(len(prompts), self.model.config.vocab_size)
         done = 0
-        for start in range(0, len(flat), PREFILL_CHUNK):
-            stop = min(start + PREFILL_CHUNK, len(flat))
+        chunk = prefill_chunk(self.model)
+        for start in range(0, len(flat), chunk):
+            stop = min(start + chunk, len(flat))
             outs = torch.tensor([e - start for e in ends if start <= e < stop], dtype=torch.long)
             sl = slice(start, stop)
             if not self._call(

@@ -166,7 +166,7 @@ def test_c_step_equals_torch_step_in_float32(layout: str, torch_steps: list[int]
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_c_prefill_equals_torch_prefill_in_float32(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = LAYOUTS[layout](61)
-    monkeypatch.setattr(native, "PREFILL_CHUNK", 4)  # chunks that end mid-prompt and mix prompts
+    monkeypatch.setattr(native, "FP32_PREFILL_CHUNK", 4)  # chunks that end mid-prompt and mix prompts
     prompts = [[5, 6, 7, 8, 9], [11, 12], [20 + i for i in range(11)]]
     model.use_decode_layout()
     stm = model.init_stm(len(prompts), torch.Generator().manual_seed(3), std=1.0)

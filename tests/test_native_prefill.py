@@ -57,7 +57,7 @@ def _stepping_offset(seed: int) -> RxTModel:
 @pytest.mark.parametrize("chunk", [4, 16])
 def test_c_prefill_equals_torch_prefill_in_float32(make: object, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     model: RxTModel = make()  # type: ignore[operator]
-    monkeypatch.setattr(native, "PREFILL_CHUNK", chunk)  # chunks that end mid-prompt and mix prompts
+    monkeypatch.setattr(native, "FP32_PREFILL_CHUNK", chunk)  # chunks that end mid-prompt and mix prompts
     expected, expected_cache = _torch_prefill(model, PROMPTS)
     memory_kv, cache = _buffers(model, len(PROMPTS))
     with torch.inference_mode():
