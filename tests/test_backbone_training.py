@@ -330,6 +330,7 @@ def test_a_pinned_continued_recipe_resumes_bit_for_bit(smol_ci_run: Path, tmp_pa
     assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
     summary = json.loads((split / "summary.json").read_text())
     assert summary["isa"] == "avx2" and [m["capability"] for m in summary["machines"]] == ["AVX2"]
+    assert summary["machines"][0]["from"] == "start"  # resumed on the same machine: one entry, from the start
 
 
 def test_the_isa_pin_refuses_a_process_already_on_other_kernels() -> None:

@@ -73,15 +73,26 @@ def configure_torch(threads: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
+_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+"""The CPU flags that decide which kernels torch and the C step can pick."""
+
+
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    """The CPU's model name and its kernel-relevant flags (``/proc/cpuinfo``; elsewhere the
+    platform's processor string): "AMD EPYC" alone names both VMs of this project, with and
+    without AVX-512."""
+    name, flags = "", set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = name or platform.processor() or platform.machine()
+    present = [f for f in _FEATURES if f in flags]
+    return f"{name} ({' '.join(present)})" if present else name
 
 
 ISA_ENVIRONMENT = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
@@ -330,11 +341,12 @@ class Trainer:
             self.echo(
                 f"[yellow]resuming with ATen's {here['capability']} kernels where the run so far used "
                 f"{before[-1]['capability']}: its weights will not be those of an uninterrupted run "
-                "(a recipe with isa 'avx2' computes the same kernels on every machine)"
+                "(a recipe with isa 'avx2' pins ATen's kernels)"
             )
         if before and (before[-1]["cpu"], before[-1]["capability"]) == (here["cpu"], here["capability"]):
-            here = before.pop()
-        self.machines = [*before, {**here, "from": f"{progress.get('stage')} step {progress.get('step', 0)}"}]
+            self.machines = before  # the same kind of machine goes on: its entry stands
+        else:
+            self.machines = [*before, {**here, "from": f"{progress.get('stage')} step {progress.get('step', 0)}"}]
 
     def _progress(self, stage: str, step: int) -> dict[str, Any]:
         return {
