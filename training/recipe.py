@@ -187,8 +187,9 @@ class Recipe:
     depend on the machine kind (ATen's AVX-512 kernels round sums differently from its AVX2
     ones). ``avx2``: ATen's AVX2 kernels (``ATEN_CPU_CAPABILITY``), MKL's AVX2 branch of
     conditional numerical reproducibility (``MKL_CBWR``; Intel CPUs: on AMD, MKL runs its own
-    AVX2 path either way) and oneDNN up to AVX2, so machines of different kinds can compute the
-    same bits and a run may resume on another one (training.trainer.pin_isa)."""
+    AVX2 path either way) and oneDNN up to AVX2, so that machines of different kinds can compute
+    the same bits and a run can resume on another one; measured so far on one kind only
+    (docs/training.md, "Pinned kernels"; training.trainer.pin_isa)."""
     data: DataSpec = field(default_factory=DataSpec)
     tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
     joint_pretrain: JointStage = field(default_factory=JointStage)
