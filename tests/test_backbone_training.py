@@ -350,3 +350,18 @@ def test_the_isa_pin_refuses_a_process_already_on_other_kernels() -> None:
     code = "from rxruntime.training.trainer import pin_isa\npin_isa('avx2')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode != 0 and "ATEN_CPU_CAPABILITY=avx2; the environment has avx512" in result.stderr
+
+
+def test_a_backbone_recipes_serving_defaults_reach_the_saved_config(tmp_path: Path) -> None:
+    """``answer_tokens`` and the penalties of a backbone recipe's ``model`` go into the trained
+    model's config.json, as a preset recipe's do. They were dropped: the shipped smol3 directory's
+    were written in when the fields came, after its run, and a rerun of its recipe lost them."""
+    spec = load_recipe("smol-ci").to_dict()
+    spec["model"].update(answer_tokens=48, presence_penalty=0.3, frequency_penalty=0.2)
+    spec["memory_pretrain"]["steps"] = spec["memory_aware"]["steps"] = 0
+    path = tmp_path / "serving.json"
+    path.write_text(json.dumps(spec))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert (config["answer_tokens"], config["presence_penalty"], config["frequency_penalty"]) == (48, 0.3, 0.2)
+    assert load_pretrained(tmp_path / "run" / "model")[0].config.answer_tokens == 48

@@ -18,6 +18,7 @@ an interrupted run resumed with ``resume=True`` ends with the same weights as an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from rxruntime.models.checkpoint import load_pretrained, resolve_model_dir, save_pretrained
+from rxruntime.models.config import SAMPLING_DEFAULTS
 from rxruntime.models.errors import RxTError
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.tokenizer import RxTokenizer
@@ -211,6 +213,10 @@ class Trainer:
         backbone = self.recipe.model.backbone
         if backbone is not None:  # a pretrained model: its tokenizer, no stages 0-2 (backbone.py)
             self.model, self.tokenizer = backbone.build(self.recipe.seed)
+            # the recipe's serving defaults (answer cap, penalties) go into the saved config.json,
+            # as they do for a model built from the recipe's config
+            serving = {name: getattr(self.config, name) for name in ("answer_tokens", *SAMPLING_DEFAULTS)}
+            self.model.config = dataclasses.replace(self.model.config, **serving)
             self.tokenizer.save(self.out / "tokenizer.json")
             self.completed = list(SKIPPED_STAGES)
         elif self.start_from is not None and not resuming:
