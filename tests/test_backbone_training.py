@@ -365,3 +365,30 @@ def test_a_backbone_recipes_serving_defaults_reach_the_saved_config(tmp_path: Pa
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert (config["answer_tokens"], config["presence_penalty"], config["frequency_penalty"]) == (48, 0.3, 0.2)
     assert load_pretrained(tmp_path / "run" / "model")[0].config.answer_tokens == 48
+
+
+def test_recompute_trains_the_same_weights(tmp_path: Path) -> None:
+    """``rxrt train --recompute`` runs each turn's reads and write again in the backward pass
+    instead of keeping their activations: smol3's options on the tiny backbone (keep term, 2-4
+    turns) give the same weights, bit for bit, with and without it, so a run may resume either
+    way (it is not part of the recipe)."""
+    recipe = json.loads((Path(__file__).parents[1] / "training" / "recipes" / "smol3.json").read_text())
+    tiny = json.loads((Path(__file__).parents[1] / "training" / "recipes" / "smol-ci.json").read_text())
+    backbone = {**recipe["model"]["backbone"], **tiny["model"]["backbone"], "memory_layers": 3}
+    shaped = {
+        **recipe,
+        "name": "smol3-recompute",
+        "threads": 1,
+        "model": {"backbone": backbone},
+        "memory_aware": {**recipe["memory_aware"], "steps": 4, "batch_size": 4, "warmup": 1, "ramp_end": 2},
+        "save_dtype": "float32",
+    }
+    path = tmp_path / "shape.json"
+    path.write_text(json.dumps(shaped))
+    plain, again = tmp_path / "plain", tmp_path / "again"
+    assert main(["train", "--recipe", str(path), "--out", str(plain), "--quiet"]) == 0
+    assert main(["train", "--recipe", str(path), "--out", str(again), "--quiet", "--stop-after", "2"]) == 3
+    assert main(["train", "--recipe", str(path), "--out", str(again), "--quiet", "--resume", "--recompute"]) == 0
+    a = load_weights(plain / "model" / "model.safetensors")
+    b = load_weights(again / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "recomputing changed the weights"

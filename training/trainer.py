@@ -164,6 +164,7 @@ class Trainer:
         threads: int | None = None,
         start_from: str | Path | None = None,
         init_from: str | Path | None = None,
+        recompute: bool = False,
         progress: Callable[[], AbstractContextManager[Any]] | None = None,
         echo: Callable[[str], None] = lambda _: None,
     ) -> None:
@@ -178,6 +179,8 @@ class Trainer:
         if init_from is not None and recipe.init_from is None:
             raise TrainingError(f"--init-from {init_from}: recipe {recipe.name!r} starts from no model (init_from)")
         self.threads = threads or recipe.threads
+        self.recompute = recompute
+        """Backbone recipes: recompute each turn in the backward pass (same weights, less memory)."""
         self.make_progress = progress
         self.echo = echo
         self.config = recipe.config()
@@ -465,7 +468,7 @@ class Trainer:
             present = present & recall
         if frozen:
             loss, per_turn, accuracy = frozen_backbone_loss(
-                self.model, turns, present, gen, keep=keep, keep_weight=cfg_a.keep_weight
+                self.model, turns, present, gen, keep=keep, keep_weight=cfg_a.keep_weight, recompute=self.recompute
             )
         else:
             loss, per_turn, accuracy = memory_aware_loss(self.model, turns, present, gen)

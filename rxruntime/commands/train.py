@@ -29,6 +29,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="where the weights a continuing recipe starts from are (its init_from names them; "
         "their SHA-256 must be the recipe's init_sha256)",
     )
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="backbone recipes: keep one turn's activations, recomputing each turn in the backward pass "
+        "(the same weights, about a third more time, a fraction of the memory: long dialogues fit in RAM)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars, only stage summaries")
     p.set_defaults(func=run)
 
@@ -74,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         start_from=args.start_from,
         init_from=args.init_from,
+        recompute=args.recompute,
         progress=progress,
         echo=console.print,
     )
