@@ -236,7 +236,7 @@ def frozen_backbone_loss(
     ``keep_weight`` times :func:`keep_loss` on the rows ``keep`` (turns, B) marks.
 
     ``recompute``: keep only each turn's STM for the backward pass and run the turn's reads and
-    write again there (``torch.utils.checkpoint``): the same numbers, about a third more compute,
+    write again there (``torch.utils.checkpoint``): the same numbers, each turn's forward run twice,
     and the activations of one turn in memory instead of every turn's (SmolLM2 at 16 dialogues of
     4-5 turns held over 20 GB)."""
     if recompute:

@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--recompute",
         action="store_true",
         help="backbone recipes: keep one turn's activations, recomputing each turn in the backward pass "
-        "(the same weights, about a third more time, a fraction of the memory: long dialogues fit in RAM)",
+        "(the same weights; each turn's forward runs twice; a fraction of the memory: long dialogues fit in RAM)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars, only stage summaries")
     p.set_defaults(func=run)
