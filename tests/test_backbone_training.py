@@ -230,26 +230,28 @@ def test_keep_weight_is_checked() -> None:
         recipe_from_dict(plain)
 
 
+def _smol3_shape(tmp_path: Path, name: str, memory_aware: dict[str, Any], **fields: Any) -> tuple[Path, dict[str, Any]]:
+    """smol3's recipe on the tiny backbone (3 memory layers, one thread, batches of 4, float32
+    weights saved), ``memory_aware`` and ``fields`` over it; written to ``tmp_path``."""
+    recipes = Path(__file__).parents[1] / "training" / "recipes"
+    recipe = json.loads((recipes / "smol3.json").read_text())
+    tiny = json.loads((recipes / "smol-ci.json").read_text())
+    backbone = {**recipe["model"]["backbone"], **tiny["model"]["backbone"], "memory_layers": 3}
+    stage = {**recipe["memory_aware"], "batch_size": 4, "warmup": 1, **memory_aware}
+    shaped = {**recipe, "name": name, "threads": 1, "model": {"backbone": backbone}, "memory_aware": stage,
+              "save_dtype": "float32", **fields}  # fmt: skip
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(shaped))
+    return path, shaped
+
+
 def test_shipped_recipe_shape_resumes_bit_for_bit(tmp_path: Path) -> None:
     """The options the shipped SmolLM2 recipe uses (copied memory read, causal frozen encoder,
     selecting write, stage 3 skipped, recall-only loss with the keep term, the turn ramp) on the
     tiny backbone: stopped between checkpoints and resumed, the run ends with the same weights as
     one that never stopped. ``smol-ci`` covers the first recipe's options; this one smol3's."""
-    recipe = json.loads((Path(__file__).parents[1] / "training" / "recipes" / "smol3.json").read_text())
-    tiny = json.loads((Path(__file__).parents[1] / "training" / "recipes" / "smol-ci.json").read_text())
-    backbone = {**recipe["model"]["backbone"], **tiny["model"]["backbone"], "memory_layers": 3}
-    shaped = {
-        **recipe,
-        "name": "smol3-shape",
-        "threads": 1,
-        "model": {"backbone": backbone},
-        "memory_aware": {**recipe["memory_aware"], "steps": 7, "batch_size": 4, "warmup": 1, "ramp_end": 4},
-        "checkpoint_every": 3,
-        "save_dtype": "float32",
-    }
-    assert shaped["memory_aware"]["keep_weight"] > 0 and backbone["memory_read"] == "copy"
-    path = tmp_path / "smol3-shape.json"
-    path.write_text(json.dumps(shaped))
+    path, shaped = _smol3_shape(tmp_path, "smol3-shape", {"steps": 7, "ramp_end": 4}, checkpoint_every=3)
+    assert shaped["memory_aware"]["keep_weight"] > 0 and shaped["model"]["backbone"]["memory_read"] == "copy"
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(["train", "--recipe", str(path), "--out", str(whole), "--quiet"]) == 0
     assert main(["train", "--recipe", str(path), "--out", str(split), "--quiet", "--stop-after", "4"]) == 3
@@ -372,19 +374,7 @@ def test_recompute_trains_the_same_weights(tmp_path: Path) -> None:
     instead of keeping their activations: smol3's options on the tiny backbone (keep term, 2-4
     turns) give the same weights, bit for bit, with and without it, so a run may resume either
     way (it is not part of the recipe)."""
-    recipe = json.loads((Path(__file__).parents[1] / "training" / "recipes" / "smol3.json").read_text())
-    tiny = json.loads((Path(__file__).parents[1] / "training" / "recipes" / "smol-ci.json").read_text())
-    backbone = {**recipe["model"]["backbone"], **tiny["model"]["backbone"], "memory_layers": 3}
-    shaped = {
-        **recipe,
-        "name": "smol3-recompute",
-        "threads": 1,
-        "model": {"backbone": backbone},
-        "memory_aware": {**recipe["memory_aware"], "steps": 4, "batch_size": 4, "warmup": 1, "ramp_end": 2},
-        "save_dtype": "float32",
-    }
-    path = tmp_path / "shape.json"
-    path.write_text(json.dumps(shaped))
+    path, _ = _smol3_shape(tmp_path, "smol3-recompute", {"steps": 4, "ramp_end": 2})
     plain, again = tmp_path / "plain", tmp_path / "again"
     assert main(["train", "--recipe", str(path), "--out", str(plain), "--quiet"]) == 0
     assert main(["train", "--recipe", str(path), "--out", str(again), "--quiet", "--stop-after", "2"]) == 3
