@@ -49,7 +49,7 @@ import torch
 
 from rxruntime.models import RxTModel, load_pretrained, native, preset
 from rxruntime.models.cache import KVCache
-from rxruntime.models.quantize import set_weight_format
+from rxruntime.models.weight_format import set_weight_format
 
 Buffers = tuple[list[tuple[torch.Tensor, torch.Tensor]], KVCache]
 

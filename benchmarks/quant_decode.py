@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, SamplingParams, native, preset
-from rxruntime.models.quantize import WEIGHT_FORMATS, WeightFormat, set_weight_format
+from rxruntime.models.quantize import WEIGHT_FORMATS, WeightFormat
+from rxruntime.models.weight_format import set_weight_format
 
 
 def _run(model: RxTModel, steps: int, prompt: list[int]) -> tuple[float, float]:

@@ -1,10 +1,10 @@
-"""Compact model directories: only the trained tensors, the pretrained backbone by reference.
+"""Compact model directories, read: the trained tensors merged over the pretrained backbone's.
 
 A model built around a frozen backbone (``backbone_gguf.py``) holds ~160M parameters, of which
 the memory stages train ~45M; the rest are the backbone's own, which anyone can fetch. A compact
 directory's ``model.safetensors`` keeps the tensors that differ from the backbone (memory
 cross-attention, memory attention, the encoder once trained: decided tensor by tensor against the
-dequantized backbone by :func:`compact_tensors`), and ``config.json`` names the backbone::
+dequantized backbone by :func:`.compact.compact_tensors`), and ``config.json`` names the backbone::
 
     "backbone": {"source": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                  "sha256": "b179...", "size": 98362432, "dtype": "bfloat16"}
@@ -17,17 +17,15 @@ dequantizes it once and caches the result beside it (``dequantized/``, keyed by 
 the ``gguf`` package's version and :data:`DEQUANTIZER_VERSION`), so later starts read a
 safetensors file instead of dequantizing; and fills every tensor the weights file leaves out
 from the backbone, in ``dtype`` (the dtype the full model held them in, so a round trip through
-:func:`save_compact` loads the very same tensors). A backbone that is missing and cannot be
+:func:`.compact.save_compact` loads the very same tensors). A backbone that is missing and cannot be
 fetched is a :class:`~.errors.BackboneUnavailableError` saying what to do.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -40,7 +38,6 @@ from torch import Tensor
 
 from .backbone_gguf import (
     SMOLLM2_FILE,
-    SMOLLM2_SHA256,
     SMOLLM2_VERSION,
     SMOLLM2_WHEEL,
     backbone_cache_dir,
@@ -48,20 +45,10 @@ from .backbone_gguf import (
     fetch_smollm2,
     read_gguf,
 )
-from .checkpoint import (
-    BACKBONE_KEY,
-    CONFIG_FILE,
-    TOKENIZER_FILE,
-    WEIGHTS_FILE,
-    load_config,
-    load_weights,
-    resolve_model_dir,
-    write_weights,
-)
 from .config import RxTConfig
-from .errors import BackboneUnavailableError, CheckpointError, CheckpointMismatchError, CorruptCheckpointError
-from .quantize import BLOCK, pack_int8, rounded_matrix_names, unpack_int8
-from .rxt import RxTModel
+from .errors import BackboneUnavailableError, CheckpointError, CorruptCheckpointError
+from .quantize import BLOCK, unpack_int8
+from .weights_file import load_weights
 
 log = logging.getLogger(__name__)
 """Says what a first load does that later ones do not (download, dequantize): `rxrt chat` shows it."""
@@ -70,12 +57,11 @@ DEQUANTIZER_VERSION = 1
 """Part of the dequantized cache's key: raise it when :func:`dequantize` changes what it computes."""
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """The dtypes a compact directory may name for its backbone tensors and store its trained ones in."""
-KEPT_DTYPES = ("bfloat16", "float32", "int8")
-"""How :func:`save_compact` may store the trained tensors. ``int8``: each matrix the int8 runtime
-rounds (:func:`~.quantize.rounded_matrix_names`) as its q8_0 values plus float32 scales under
-``NAME`` + :data:`Q8_SCALES`, the rest (norms, gates, the STM's start) in float32: what the CPU
-path computes with, in about 1.1 bytes per parameter."""
 Q8_SCALES = ".q8_scales"
+"""Suffix of the float32 scales stored beside an int8 matrix of a compact directory (:mod:`.compact`)."""
+BACKBONE_KEY = "backbone"
+"""``config.json`` entry of a compact directory: the pretrained backbone its weights file leaves
+out (:class:`BackboneRef`; docs/models.md, "Compact model directories")."""
 
 
 @dataclass(frozen=True)
@@ -221,22 +207,8 @@ def merge_backbone(
     return merged
 
 
-# ---------------------------------------------------------------------- the compact form
-def pack_stored(config: RxTConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``tensors`` as an ``int8`` compact directory stores them (:data:`KEPT_DTYPES`)."""
-    with torch.device("meta"):
-        names = rounded_matrix_names(RxTModel(config))
-    out: dict[str, Tensor] = {}
-    for name, tensor in tensors.items():
-        if name in names and tensor.is_floating_point():
-            out[name], out[name + Q8_SCALES] = pack_int8(tensor)
-        else:
-            out[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
-    return out
-
-
 def unpack_stored(tensors: dict[str, Tensor], where: Path) -> dict[str, Tensor]:
-    """The float tensors :func:`pack_stored` wrote (float32); a directory without int8 tensors
+    """The float tensors :func:`.compact.pack_stored` wrote (float32); a directory without int8 tensors
     passes through. An int8 matrix without its scales, or scales of the wrong shape or without
     their matrix, is a :class:`CorruptCheckpointError` naming the tensor."""
     out = {k: v for k, v in tensors.items() if not k.endswith(Q8_SCALES)}
@@ -255,91 +227,3 @@ def unpack_stored(tensors: dict[str, Tensor], where: Path) -> dict[str, Tensor]:
         if tensor.dtype == torch.int8:
             raise CorruptCheckpointError(where, f"{name} is int8 without its scales ({name}{Q8_SCALES})")
     return out
-
-
-def compact_tensors(
-    config: RxTConfig, state: dict[str, Tensor], backbone: dict[str, Tensor], where: Path
-) -> tuple[dict[str, Tensor], str]:
-    """``(kept, dtype)``: the tensors of ``state`` that are not the backbone's, and the dtype of
-    those that are. A tensor is left out when the backbone provides one of its name and shape
-    whose values, cast to its dtype, are equal to it, bit for bit; everything else is kept."""
-    base = backbone_state(config, backbone)
-    kept: dict[str, Tensor] = {}
-    dropped: set[torch.dtype] = set()
-    for name, tensor in state.items():
-        ref = base.get(name)
-        if ref is not None and ref.shape == tensor.shape and torch.equal(tensor, ref.to(tensor.dtype)):
-            dropped.add(tensor.dtype)
-        else:
-            kept[name] = tensor
-    if not dropped:
-        raise CheckpointMismatchError(where, "no tensor equals the backbone's: not a model trained around it")
-    names = {v: k for k, v in DTYPES.items()}
-    if len(dropped) > 1 or next(iter(dropped)) not in names:
-        raise CheckpointMismatchError(where, f"the backbone's tensors are stored in {sorted(map(str, dropped))}")
-    return kept, names[next(iter(dropped))]
-
-
-@dataclass(frozen=True)
-class CompactReport:
-    """What :func:`save_compact` wrote."""
-
-    kept: int
-    left_out: int
-    kept_parameters: int
-    weights_bytes: int
-    backbone: BackboneRef
-
-
-def save_compact(
-    source: str | Path, destination: str | Path, gguf: str | Path | None = None, dtype: str | None = "bfloat16"
-) -> CompactReport:
-    """Write ``source`` (a full model directory of a model built around a GGUF backbone) as a
-    compact directory at ``destination``: ``config.json`` with the backbone's reference,
-    ``model.safetensors`` with the trained tensors only (in ``dtype``, one of :data:`KEPT_DTYPES`;
-    None keeps theirs) and
-    ``tokenizer.json``. ``gguf``: the backbone's GGUF (default: SmolLM2's, from the cache or
-    fetched)."""
-    src = resolve_model_dir(source)
-    dst = Path(destination)
-    if dtype is not None and dtype not in KEPT_DTYPES:
-        raise ValueError(f"dtype must be one of {list(KEPT_DTYPES)} or None, got {dtype!r}")
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise ValueError("the compact directory must differ from the source")
-    raw = json.loads((src / CONFIG_FILE).read_text(encoding="utf-8"))
-    if BACKBONE_KEY in raw:
-        raise CheckpointMismatchError(src / CONFIG_FILE, "already a compact directory")
-    config = load_config(src)
-    gguf_path = Path(gguf) if gguf is not None else fetch_smollm2()
-    if not gguf_path.is_file():
-        raise BackboneUnavailableError(gguf_path, "no such GGUF file")
-    sha = file_sha256(gguf_path)
-    state = load_weights(src / WEIGHTS_FILE)
-    kept, backbone_dtype = compact_tensors(config, state, dequantize(gguf_path), src / WEIGHTS_FILE)
-    kept_count, kept_parameters = len(kept), sum(t.numel() for t in kept.values())
-    if dtype == "int8":
-        kept = pack_stored(config, kept)
-    elif dtype is not None:
-        kept = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in kept.items()}
-    smollm2 = gguf_path.name == SMOLLM2_FILE and sha == SMOLLM2_SHA256
-    ref = BackboneRef(
-        source="smollm2" if smollm2 else "file",
-        file=gguf_path.name,
-        sha256=sha,
-        size=gguf_path.stat().st_size,
-        dtype=backbone_dtype,
-    )
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / CONFIG_FILE).write_text(
-        json.dumps({**config.to_dict(), BACKBONE_KEY: ref.to_dict()}, indent=2) + "\n", encoding="utf-8"
-    )
-    write_weights({k: v.contiguous() for k, v in kept.items()}, dst / WEIGHTS_FILE)
-    if (src / TOKENIZER_FILE).is_file():
-        shutil.copyfile(src / TOKENIZER_FILE, dst / TOKENIZER_FILE)
-    return CompactReport(
-        kept=kept_count,
-        left_out=len(state) - kept_count,
-        kept_parameters=kept_parameters,
-        weights_bytes=(dst / WEIGHTS_FILE).stat().st_size,
-        backbone=ref,
-    )

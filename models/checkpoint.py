@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import json
-import os
-import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -30,8 +26,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .backbone_store import BACKBONE_KEY, BackboneRef, merge_backbone
 from .config import RxTConfig
 from .errors import (
     CheckpointError,
@@ -55,11 +51,11 @@ from .rxlm_format import (
 )
 from .rxt import RxTModel
 from .tokenizer import RxTokenizer
+from .weights_file import load_weights, read_header, write_weights
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
-_DIGEST_KEY = "rxruntime.sha256"
 HUB_FILES = [
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -71,9 +67,6 @@ HUB_FILES = [
 their index that ``save_pretrained`` writes above its shard size) and the tokenizer when the
 repository has one (RxT-Beta's is published in a repository of its own: ``tokenizer=``)."""
 INDEX_FILE = "model.safetensors.index.json"
-BACKBONE_KEY = "backbone"
-"""``config.json`` entry of a compact directory: the pretrained backbone its weights file leaves
-out (``backbone_store.BackboneRef``; docs/models.md, "Compact model directories")."""
 
 
 @dataclass(frozen=True)
@@ -201,22 +194,6 @@ def save_pretrained(
         tokenizer.save(directory / TOKENIZER_FILE)
 
 
-def write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file whose header carries the SHA-256 of its tensor bytes (checked
-    on load), atomically: a reader never sees half a file."""
-    # Write twice: once to learn the tensor bytes' digest, once with it in the header metadata.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, str(tmp))
-        digest = _data_digest(tmp)
-        save_file(tensors, str(tmp), metadata={"format": "pt", _DIGEST_KEY: digest})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------------- load
 def load_pretrained(
     path_or_id: str | Path,
@@ -254,8 +231,6 @@ def load_pretrained(
     else:
         config = _our_config(raw, directory / CONFIG_FILE)
         if BACKBONE_KEY in raw:  # a compact directory: the trained tensors, the rest from the backbone
-            from .backbone_store import BackboneRef, merge_backbone
-
             ref = BackboneRef.from_dict(raw[BACKBONE_KEY], directory / CONFIG_FILE)
             tensors = merge_backbone(config, ref, tensors, directory / WEIGHTS_FILE)
 
@@ -372,7 +347,7 @@ def _version_evidence(directory: Path) -> tuple[list[str] | None, torch.Tensor |
     names: list[str] = []
     holder = None
     for file in files:
-        head = list(_header(file))
+        head = list(read_header(file))
         names += head
         if ENCODER_STM in head:
             holder = file
@@ -441,112 +416,6 @@ def _from_rxlm(
             f"{len(unknown)} RxLM tensor(s) this config does not use (e.g. {', '.join(unknown[:3])})",
         )
     return config, weights
-
-
-def _header(path: Path) -> dict[str, Any]:
-    """The tensor entries of a safetensors header (names, dtypes, shapes), without the data."""
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptCheckpointError(path, "too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptCheckpointError(path, f"safetensors header is not valid JSON ({exc})") from exc
-    return {k: v for k, v in header.items() if k != "__metadata__"}
-
-
-def load_weights(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, turning every failure into a CheckpointError about ``path``."""
-    if not path.is_file():
-        raise MissingCheckpointFileError(path, "missing weights file")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptCheckpointError(path, f"file is {size} bytes, too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise CorruptCheckpointError(
-                path, f"header claims {header_len} bytes but the file has only {size - 8} after it (truncated?)"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptCheckpointError(path, f"safetensors header is not valid JSON ({exc})") from exc
-    metadata = header.get("__metadata__") or {}
-    expected = metadata.get(_DIGEST_KEY)
-    if verify and expected is not None:
-        actual = _data_digest(path)
-        if actual != expected:
-            raise CorruptCheckpointError(
-                path, f"tensor data does not match its SHA-256 (expected {expected[:12]}..., got {actual[:12]}...)"
-            )
-    try:
-        tensors = {}
-        for group in _read_groups(header):  # the file mapped a part at a time (see _read_groups)
-            with safe_open(str(path), framework="pt") as f:
-                for key in group:
-                    tensors[key] = _aligned(f.get_tensor(key))
-                if not group:
-                    f.keys()  # an empty file still has its header checked by safetensors
-    except Exception as exc:  # SafetensorError and friends
-        raise CorruptCheckpointError(path, f"not a readable safetensors file ({exc})") from exc
-    return tensors
-
-
-READ_GROUP_BYTES = 256 * 2**20
-"""Tensor bytes read through one opening of a safetensors file (see :func:`_read_groups`)."""
-
-
-def _read_groups(header: dict[str, Any]) -> list[list[str]]:
-    """The header's tensor names in file order, in groups of about ``READ_GROUP_BYTES``.
-
-    safetensors maps the whole file and the pages each tensor is copied from stay resident
-    until the file is closed: read in one opening, a checkpoint costs twice its size in resident
-    memory at the end of the read (RxT-Beta: 11.7 GiB for a 5.9 GB file). Reopening it per group
-    keeps that to the copies plus one group."""
-    entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
-    try:
-        entries.sort(key=lambda kv: int(kv[1]["data_offsets"][0]))
-        sizes = [int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for _, v in entries]
-    except (TypeError, KeyError, ValueError, IndexError):  # malformed: safetensors will say how
-        return [[k for k, _ in entries]]
-    groups: list[list[str]] = [[]]
-    held = 0
-    for (key, _), size in zip(entries, sizes, strict=True):
-        if held and held + size > READ_GROUP_BYTES:
-            groups.append([])
-            held = 0
-        groups[-1].append(key)
-        held += size
-    return groups
-
-
-ALIGNMENT = 64
-"""Bytes every loaded tensor's data is aligned to (an AVX-512 vector)."""
-
-
-def _aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``, copied where its data does not start on an ``ALIGNMENT``-byte boundary.
-
-    A tensor read from a file starts wherever the file put it, and CPU matmul kernels take other
-    paths (another summation order) for unaligned data: the same weights loaded from two files
-    then give results a few ulps apart. Torch's own allocations are aligned, so a copy makes the
-    numbers a function of the weights alone."""
-    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
-
-
-def _data_digest(path: Path) -> str:
-    """SHA-256 of the bytes after the safetensors header (the tensors themselves)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + header_len)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_fits(model: RxTModel, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -36,19 +36,38 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from . import openmp
 from .cache import KVCache
+from .config import RxTConfig
+from .decoder import RxTDecoder
 from .ffn import ACTIVATIONS, SwiGLU
 from .moe import MoE
 from .quantize import BLOCK, WeightFormat, quantize_int8, round_to_format
 
-if TYPE_CHECKING:
-    from .rxt import RxTModel
+
+class StepModel(Protocol):
+    """What the C step reads of a model: an :class:`~.rxt.RxTModel`, named here by the parts
+    this module uses rather than imported, because ``rxt.py`` calls this module (its decode step
+    and prefill take the C path when it applies) and the model floor sits above this one."""
+
+    config: RxTConfig
+    decoder: RxTDecoder
+    weight_format: WeightFormat
+    native_decode: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def use_decode_layout(self) -> None: ...
+
 
 _ROPE_MODES = {"half": 0, "adjacent": 1, "adjacent-split": 2}
 
@@ -213,10 +232,10 @@ _libraries: dict[str, ctypes.CDLL] = {}
 _failures: dict[str, str] = {}
 
 
-_rows_per_pass: weakref.WeakKeyDictionary[RxTModel, int] = weakref.WeakKeyDictionary()
+_rows_per_pass: weakref.WeakKeyDictionary[StepModel, int] = weakref.WeakKeyDictionary()
 
 
-def set_rows_per_pass(model: RxTModel, rows: int | None) -> None:
+def set_rows_per_pass(model: StepModel, rows: int | None) -> None:
     """Run ``model``'s int8 C step with ``rows`` activation rows per pass (1: row by row, the
     step before the multi-row kernel; None: back to :func:`rows_per_pass`'s default)."""
     if rows is None:
@@ -227,7 +246,7 @@ def set_rows_per_pass(model: RxTModel, rows: int | None) -> None:
     _rows_per_pass[model] = rows
 
 
-def rows_per_pass(model: RxTModel) -> int:
+def rows_per_pass(model: StepModel) -> int:
     """The rows per pass of ``model``'s C step: its :func:`set_rows_per_pass`, else
     ``RXRT_NATIVE_ROWS``, else :data:`ROWS_PER_PASS`."""
     rows = _rows_per_pass.get(model)
@@ -256,18 +275,18 @@ def old_attention() -> bool:
     return env == "old"
 
 
-def _multi_row(model: RxTModel) -> bool:
+def _multi_row(model: StepModel) -> bool:
     """Whether ``model``'s C step applies each weight to several rows per pass (int8, float32)."""
     return model.weight_format in ("int8", "fp32") and rows_per_pass(model) > 1
 
 
-def max_rows(model: RxTModel) -> int:
+def max_rows(model: StepModel) -> int:
     """Rows per decode step up to which the C step runs ``model``: :data:`MAX_ROWS`, or
     :data:`MULTI_ROW_MAX_ROWS` for int8 and float32 weights with the multi-row kernels."""
     return MULTI_ROW_MAX_ROWS if _multi_row(model) else MAX_ROWS
 
 
-def prefill_max_tokens(model: RxTModel) -> int:
+def prefill_max_tokens(model: StepModel) -> int:
     """Prefill tokens (all prompts of a join) up to which ``model``'s int8 or float32 prefill runs
     in C: :data:`PREFILL_MAX_TOKENS`, or with the multi-row kernels :data:`INT8_PREFILL_MAX_TOKENS`
     (int8) and :data:`FP32_PREFILL_MAX_TOKENS` (float32: beyond it torch's batched products win)."""
@@ -276,7 +295,7 @@ def prefill_max_tokens(model: RxTModel) -> int:
     return INT8_PREFILL_MAX_TOKENS if model.weight_format == "int8" else FP32_PREFILL_MAX_TOKENS
 
 
-def prefill_chunk(model: RxTModel) -> int:
+def prefill_chunk(model: StepModel) -> int:
     """Prompt tokens per C-step call of :meth:`NativeDecoder.prefill` for this model's weights."""
     return FP32_PREFILL_CHUNK if model.weight_format == "fp32" else PREFILL_CHUNK
 
@@ -485,7 +504,7 @@ def _input_major(weight: Tensor, rows: int, cols: int) -> int | None:
     return t.stride(0)
 
 
-def layout_reason(model: RxTModel) -> str | None:
+def layout_reason(model: StepModel) -> str | None:
     """Why the C step does not cover this model's decoder layout (None when it does).
 
     The C code describes each layer by the sub-blocks it has: self-attention, memory
@@ -777,13 +796,13 @@ def _release(module: MoE, copies: _ExpertCopies) -> int:
 
 
 @torch.no_grad()
-def compact_experts(model: RxTModel, fmt: WeightFormat | None) -> int:
+def compact_experts(model: StepModel, fmt: WeightFormat | None) -> int:
     """Settle the routed-expert tables of ``model``'s decoder, read in the checkpoint's own dtype
     (``load_pretrained(defer_experts=True)``), one MoE at a time; bytes of float32 tables never
     held (those released).
 
     With ``fmt`` ``"int8"`` or ``"bf16"``, each MoE's tables become float32, are rounded to the
-    format (:func:`~.quantize.round_to_format`, as :func:`~.quantize.set_weight_format` rounds
+    format (:func:`~.quantize.round_to_format`, as :func:`~.weight_format.set_weight_format` rounds
     them) and copied as the C step reads them, then dropped, before the next MoE is touched:
     RxT-Beta then loads in about half the peak memory of loading everything as float32 and
     releasing afterwards (:func:`prepare`), with bit-equal copies. With ``fmt`` None the tables
@@ -898,7 +917,7 @@ class NativeDecoder:
     have the layout the C code indexes; it never guesses.
     """
 
-    def __init__(self, model: RxTModel) -> None:
+    def __init__(self, model: StepModel) -> None:
         self._model = weakref.ref(model)  # held in a side table keyed by the model: no cycle
         self._weights: _Weights = ([], [])
         self._watch = _Watch()
@@ -917,7 +936,7 @@ class NativeDecoder:
         """Why this model's layout runs the torch step instead (None: the C step covers it)."""
 
     @property
-    def model(self) -> RxTModel:
+    def model(self) -> StepModel:
         model = self._model()
         if model is None:
             raise ReferenceError("the model of this NativeDecoder is gone")
@@ -1227,11 +1246,11 @@ class NativeDecoder:
         return True
 
 
-_decoders: weakref.WeakKeyDictionary[RxTModel, NativeDecoder] = weakref.WeakKeyDictionary()
+_decoders: weakref.WeakKeyDictionary[StepModel, NativeDecoder] = weakref.WeakKeyDictionary()
 
 
 def decode_step(
-    model: RxTModel, tokens: Tensor, positions: Tensor, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
+    model: StepModel, tokens: Tensor, positions: Tensor, memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
 ) -> Tensor | None:
     """The C step for ``model`` (see :class:`NativeDecoder`), or None when it does not apply."""
     if tokens.shape[0] > max(MAX_ROWS, MULTI_ROW_MAX_ROWS) or tokens.device.type != "cpu":
@@ -1241,7 +1260,7 @@ def decode_step(
 
 
 def prefill(
-    model: RxTModel, prompts: Sequence[Sequence[int]], memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
+    model: StepModel, prompts: Sequence[Sequence[int]], memory_kv: Sequence[tuple[Tensor, Tensor]], cache: KVCache
 ) -> Tensor | None:
     """The C step's prefill for ``model`` (see :meth:`NativeDecoder.prefill`), or None when it
     does not apply."""
@@ -1249,7 +1268,7 @@ def prefill(
     return None if decoder is None else decoder.prefill(prompts, memory_kv, cache)
 
 
-def prepare(model: RxTModel, release_experts: bool = True) -> int:
+def prepare(model: StepModel, release_experts: bool = True) -> int:
     """Bind the C step to ``model`` now, and (``release_experts``) drop the float32 tables of
     its routed experts where the step holds int8 or bf16 copies of them; bytes freed.
 
@@ -1269,7 +1288,7 @@ def prepare(model: RxTModel, release_experts: bool = True) -> int:
     return decoder.release_experts()
 
 
-def _decoder_for(model: RxTModel) -> NativeDecoder | None:
+def _decoder_for(model: StepModel) -> NativeDecoder | None:
     """``model``'s bound C step (made on first use), or None when the C step is off, cannot be
     built, or does not cover the model's layout.
 
@@ -1284,7 +1303,7 @@ def _decoder_for(model: RxTModel) -> NativeDecoder | None:
     return None if decoder.layout_reason is not None else decoder
 
 
-def not_used_reason(model: RxTModel) -> str | None:
+def not_used_reason(model: StepModel) -> str | None:
     """Why decode steps of ``model`` would not run the C step (None: they would)."""
     if model.device.type != "cpu" or model.dtype != torch.float32 or not model.native_decode:
         return "not a float32 CPU model, or turned off"

@@ -5,7 +5,7 @@ the big matrices in fewer bytes is the way to more tokens per second. The C deco
 (``models/native.py``) reads its own bf16 or int8 copies of the matrices it multiplies. So that
 the prefill, the memory update and the torch decode step compute with the same numbers, the
 model's float32 parameters are rounded in place to the values those copies hold
-(:func:`set_weight_format`): the quantised model is one function whichever path runs it, and
+(:func:`.weight_format.set_weight_format`): the quantised model is one function whichever path runs it, and
 re-quantising a rounded matrix gives back exactly the same int8 values and scales.
 
 Int8 is llama.cpp's q8_0 blocking: each weight is ``q * scale`` with ``q`` in [-127, 127] and one
@@ -18,13 +18,12 @@ once per 32 inputs; the torch paths compute in float32 on the rounded weights.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .rxt import RxTModel
+from .moe import MoE
 
 WeightFormat = Literal["fp32", "bf16", "int8"]
 WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("fp32", "bf16", "int8")
@@ -37,21 +36,6 @@ def check_format(weights: str) -> WeightFormat:
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     return weights
-
-
-def default_format(model: RxTModel, preferred: WeightFormat) -> WeightFormat:
-    """``preferred`` where it pays and is wanted, else ``"fp32"``.
-
-    Rounding costs a little accuracy (docs/benchmarks.md section 8), so it is worth it only
-    where the C decode step reads the compact copies: a float32 CPU model whose layout the step
-    runs. RxLM checkpoints stay float32: their promise is the reference's exact numbers, and
-    ``weights=`` asks for compact ones explicitly.
-    """
-    from . import native
-
-    if model.config.tokenizer_template != "rxt" or native.not_used_reason(model) is not None:
-        return "fp32"
-    return preferred
 
 
 def _blocks(matrix: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,12 +95,10 @@ def unpack_int8(q: Tensor, scales: Tensor) -> Tensor:
     return dequantize_int8(q.transpose(-1, -2), scales).transpose(-1, -2).contiguous()
 
 
-def _matrices(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+def rounded_matrices(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """``(state-dict name, weight)`` of every matrix the weight formats round, in torch's
     ``(..., out, in)`` layout: each linear weight but the routers' (tiny, and a rounded router can
     pick other experts), and each MoE table ``(E, out, in)`` (expert e's matrix is ``table[e]``)."""
-    from .moe import MoE
-
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.Linear) and not name.endswith("router"):
@@ -127,9 +109,9 @@ def _matrices(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 
 
 def rounded_matrix_names(model: nn.Module) -> set[str]:
-    """State-dict names of the matrices :func:`set_weight_format` rounds: the tensors that may
+    """State-dict names of the matrices :func:`.weight_format.set_weight_format` rounds: the tensors that may
     be stored as int8 without changing what the int8 runtime computes."""
-    return {name for name, _ in _matrices(model)}
+    return {name for name, _ in rounded_matrices(model)}
 
 
 def round_to_format(matrix: Tensor, weights: WeightFormat) -> Tensor:
@@ -142,56 +124,3 @@ def round_to_format(matrix: Tensor, weights: WeightFormat) -> Tensor:
         rounded = _levels(grouped, scales).mul_(scales.unsqueeze(-2)).view(*lead, -1, cols)
         return rounded if rounded.shape[-2] == rows else rounded[..., :rows, :]
     return matrix
-
-
-def _round_in_place(matrix: Tensor, weights: WeightFormat) -> None:
-    matrix.copy_(round_to_format(matrix.detach(), weights))
-
-
-@torch.no_grad()
-def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
-    """Store ``model``'s matrices as ``weights`` from now on (the C step reads the compact copies).
-
-    Rounds, in place, every matrix of the decoder, encoder and memory attention (not the
-    embedding table, norms or biases: a lookup, vectors) to the values the format holds, blocked
-    down the columns of each input-major matrix (each expert's on its own) exactly as the C step
-    blocks them, and sets
-    ``model.weight_format``. Irreversible for the loaded weights: load again for float32.
-    """
-    weights = check_format(weights)
-    from .moe import MoE
-
-    released = [m for m in model.modules() if isinstance(m, MoE) and m.released is not None]
-    if any(m.released is not None and m.released.fmt != weights for m in released):
-        raise ValueError(
-            "this model's float32 expert tables were released for serving (models.native.prepare): "
-            "load it again to store it in another format"
-        )
-    if weights == "fp32":
-        model.weight_format = "fp32"
-        return
-    if model.dtype != torch.float32:
-        raise ValueError(f"weight formats apply to float32 models, this one is {model.dtype}")
-    model.use_decode_layout()  # the decoder's matrices as the C step reads them
-    for layer in model.decoder.blocks:
-        for attn in (layer.self_attn, layer.cross_attn):
-            fused = None if attn is None else attn.fused_qkv()
-            if fused is not None:
-                _round_in_place(fused[0], weights)  # (dim, q + 2 kv columns), shared by the views
-    done = {id(t) for layer in model.decoder.blocks for t in _fused_views(layer)}
-    skip = {id(t) for m in released for t in (m.w_in, m.w_out)}
-    for _, weight in _matrices(model):
-        # input-major, as the C step blocks it; a MoE table's experts each alone; released
-        # tables (empty) are held, rounded, by the C step's copies
-        if id(weight) not in done and id(weight) not in skip:
-            _round_in_place(weight.transpose(-1, -2), weights)
-    model.weight_format = weights
-
-
-def _fused_views(layer: nn.Module) -> list[Tensor]:
-    """The q/k/v weights of a decoder layer that are views of a fused matrix (already rounded)."""
-    out: list[Tensor] = []
-    for attn in (getattr(layer, "self_attn", None), getattr(layer, "cross_attn", None)):
-        if attn is not None and attn.fused_qkv() is not None:
-            out += [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
-    return out

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +34,6 @@ from .memory_attention import MemoryAttention
 from .moe import MoE
 from .quantize import WeightFormat
 from .rope import RotaryEmbedding
-
-if TYPE_CHECKING:
-    from .tokenizer import RxTokenizer
 
 
 class RxTModel(nn.Module):
@@ -63,7 +59,7 @@ class RxTModel(nn.Module):
         builds here (same function, all cores streaming the weights); False keeps them in torch."""
         self.weight_format: WeightFormat = "fp32"
         """How the C step stores the matrices it reads ("fp32", "bf16", "int8"); set it with
-        :func:`.quantize.set_weight_format`, which also rounds the float32 weights to match."""
+        :func:`.weight_format.set_weight_format`, which also rounds the float32 weights to match."""
         if not meta:
             self.reset_parameters()
 
@@ -402,22 +398,6 @@ class RxTModel(nn.Module):
         ``gates``: if given, receives each layer's gate openness (B,), for ``memory_change``."""
         encoded = self.encode(input_ids, attention_mask, stm)
         return self.update_memory(stm, encoded, attention_mask, gates)
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(
-        self, directory: str | Path, tokenizer: RxTokenizer | None = None, dtype: torch.dtype | None = None
-    ) -> None:
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer, dtype=dtype)
-
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, **kwargs: Any) -> RxTModel:
-        """Load weights and config (not the tokenizer; see ``checkpoint.load_pretrained``)."""
-        from .checkpoint import load_pretrained
-
-        model, _ = load_pretrained(path_or_id, load_tokenizer=False, **kwargs)
-        return model
 
 
 def _norm(norm: nn.Module, x: Tensor) -> Tensor:

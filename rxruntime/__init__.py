@@ -53,7 +53,7 @@ __version__ = "0.1.0"
 
 DEFAULT_CPU_WEIGHTS: WeightFormat = "int8"
 """The weight format :func:`load` gives a float32 CPU model when ``weights`` is not given, where
-:func:`rxruntime.models.quantize.default_format` allows it (fp32 otherwise)."""
+:func:`rxruntime.models.weight_format.default_format` allows it (fp32 otherwise)."""
 
 
 def load(
@@ -89,7 +89,7 @@ def load(
     or ``"int8"`` (one scale per 32 columns): fewer bytes per token read, so faster decoding, at
     a small measured cost in accuracy (docs/benchmarks.md §8). Default: :data:`DEFAULT_CPU_WEIGHTS`
     where the C decode step runs the model and it is not an RxLM checkpoint (those keep the
-    reference's numbers), float32 otherwise (:func:`~rxruntime.models.quantize.default_format`).
+    reference's numbers), float32 otherwise (:func:`~rxruntime.models.weight_format.default_format`).
     With ``int8`` or ``bf16`` the C step's copies are made here, and the float32 tables of routed
     experts are dropped (RxT-Beta: 10.9 GB; the copies hold the same values, and the torch paths
     unpack experts from them): ``keep_float32=True`` keeps them, for a model to train or save.
@@ -101,7 +101,8 @@ def load(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    from rxruntime.models.quantize import check_format, default_format, set_weight_format
+    from rxruntime.models.quantize import check_format
+    from rxruntime.models.weight_format import default_format, set_weight_format
 
     fmt = check_format(weights) if weights is not None else None
     if fmt not in (None, "fp32") and (dev.type != "cpu" or dtype != torch.float32):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rxruntime import Engine
-from rxruntime.models import RxTModel, RxTokenizer, load_pretrained
+from rxruntime.models import RxTModel, RxTokenizer, load_pretrained, save_pretrained
 from rxruntime.serving.client import Client
 from rxruntime.serving.zmq.server import Server
 from rxruntime.stores import STMStore
@@ -25,8 +25,8 @@ CORPUS = ["Hi, I'm Ada and my cat is called Pixel. What is my name? Your name is
 
 def write_model(path: Path) -> Path:
     torch.manual_seed(0)
-    RxTModel(tiny_config(vocab_size=300, max_seq_len=48)).save_pretrained(
-        path, tokenizer=RxTokenizer.train(CORPUS, vocab_size=300)
+    save_pretrained(
+        RxTModel(tiny_config(vocab_size=300, max_seq_len=48)), path, tokenizer=RxTokenizer.train(CORPUS, vocab_size=300)
     )
     return path
 

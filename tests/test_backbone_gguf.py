@@ -26,7 +26,7 @@ from rxruntime.models.backbone_gguf import (
     read_gguf,
     unpermute_rope_rows,
 )
-from rxruntime.models.checkpoint import load_pretrained
+from rxruntime.models.checkpoint import load_pretrained, save_pretrained
 from rxruntime.models.config import RxTConfig
 from rxruntime.models.errors import CheckpointMismatchError, MissingCheckpointFileError
 from rxruntime.models.generation import generate
@@ -135,7 +135,7 @@ def test_saved_model_loads_with_its_template(tiny: Path, tmp_path: Path) -> None
     """config.json keeps the chatml template and its system message; the tokenizer.json we write
     loads through the ordinary checkpoint path with the model's special ids."""
     model, tok = backbone_model(read_gguf(tiny), memory_layers=2)
-    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    save_pretrained(model, tmp_path / "m", tokenizer=tok)
     loaded, tok2 = load_pretrained(tmp_path / "m")
     assert tok2 is not None
     assert RxTConfig.load(tmp_path / "m" / "config.json").interaction_template == "chatml"

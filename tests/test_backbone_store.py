@@ -17,8 +17,9 @@ from rxruntime.cli import main
 from rxruntime.models import backbone_store as store
 from rxruntime.models import load_pretrained
 from rxruntime.models.backbone_gguf import SMOLLM2_FILE, backbone_model, read_gguf
-from rxruntime.models.backbone_store import BackboneRef, compact_tensors, dequantized_cache_path, save_compact
-from rxruntime.models.checkpoint import load_weights
+from rxruntime.models.backbone_store import BackboneRef, dequantized_cache_path
+from rxruntime.models.checkpoint import save_pretrained
+from rxruntime.models.compact import compact_tensors, save_compact
 from rxruntime.models.errors import (
     BackboneUnavailableError,
     CheckpointMismatchError,
@@ -26,6 +27,7 @@ from rxruntime.models.errors import (
     MissingCheckpointFileError,
 )
 from rxruntime.models.rxt import RxTModel
+from rxruntime.models.weights_file import load_weights
 
 pytest.importorskip("gguf")
 
@@ -52,7 +54,7 @@ def _trained(gguf: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
         for name, p in model.named_parameters():
             if name.startswith(("encoder.", "memory_attention.")) or ".cross_" in name or ".stm_norm" in name:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(out, tokenizer=tok, dtype=dtype)
+    save_pretrained(model, out, tokenizer=tok, dtype=dtype)
     return out
 
 
@@ -210,7 +212,8 @@ def test_int8_compact_stores_what_the_int8_runtime_computes(backbone_dir: Path, 
     """``--dtype int8``: the trained matrices as q8_0 values and scales (about half of bf16's
     bytes), everything else float32; loaded and rounded to int8 as the CPU runtime rounds them,
     the model equals the full one rounded the same way (scales within float32 rounding)."""
-    from rxruntime.models.quantize import rounded_matrix_names, set_weight_format
+    from rxruntime.models.quantize import rounded_matrix_names
+    from rxruntime.models.weight_format import set_weight_format
 
     gguf = backbone_dir / "tiny" / TINY
     full = _trained(gguf, tmp_path / "full")
@@ -242,7 +245,7 @@ def test_int8_compact_stores_what_the_int8_runtime_computes(backbone_dir: Path, 
 
 
 def test_int8_compact_missing_or_wrong_scales_are_named(backbone_dir: Path, tmp_path: Path) -> None:
-    from rxruntime.models.checkpoint import write_weights
+    from rxruntime.models.weights_file import write_weights
 
     gguf = backbone_dir / "tiny" / TINY
     save_compact(_trained(gguf, tmp_path / "full"), tmp_path / "int8", gguf, "int8")

@@ -19,6 +19,7 @@ from rxruntime.models import (
     RxTModel,
     RxTokenizer,
     load_pretrained,
+    save_pretrained,
 )
 
 from .conftest import tiny_model
@@ -28,7 +29,7 @@ from .conftest import tiny_model
 def saved(tmp_path: Path) -> tuple[RxTModel, Path]:
     model = tiny_model(seed=7, vocab_size=300)
     tok = RxTokenizer.train(["hello memory world", "what is my name"] * 10, vocab_size=300)
-    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    save_pretrained(model, tmp_path / "m", tokenizer=tok)
     return model, tmp_path / "m"
 
 
@@ -50,7 +51,7 @@ def test_round_trip_is_bit_exact(saved: tuple[RxTModel, Path]) -> None:
 
 def test_half_precision_storage(tmp_path: Path) -> None:
     model = tiny_model(seed=8)
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     loaded, _ = load_pretrained(tmp_path, load_tokenizer=False)
     assert loaded.dtype == torch.float32
     w = model.decoder.lm_head.weight
@@ -171,7 +172,7 @@ def test_checkpoints_are_never_unpickled(saved: tuple[RxTModel, Path], monkeypat
 def test_tokenizer_larger_than_the_vocabulary(tmp_path: Path) -> None:
     model = tiny_model(seed=1)  # 97-token vocabulary
     tok = RxTokenizer.train(["hello memory world"] * 10, vocab_size=300)
-    model.save_pretrained(tmp_path, tokenizer=tok)
+    save_pretrained(model, tmp_path, tokenizer=tok)
     with pytest.raises(CheckpointMismatchError, match="tokenizer has .* tokens but config.json allows 97"):
         load_pretrained(tmp_path)
 
@@ -182,11 +183,11 @@ def test_weights_are_read_a_group_at_a_time(saved: tuple[RxTModel, Path], monkey
     import safetensors
     from safetensors.torch import load_file
 
-    from rxruntime.models import checkpoint
+    from rxruntime.models import weights_file
 
     path = saved[1] / "model.safetensors"
-    monkeypatch.setattr(checkpoint, "READ_GROUP_BYTES", 4096)
-    groups = checkpoint._read_groups(checkpoint._header(path))
+    monkeypatch.setattr(weights_file, "READ_GROUP_BYTES", 4096)
+    groups = weights_file._read_groups(weights_file.read_header(path))
     assert len(groups) > 2 and sorted(k for g in groups for k in g) == sorted(load_file(str(path)))
     opened = 0
     real = safetensors.safe_open
@@ -196,8 +197,8 @@ def test_weights_are_read_a_group_at_a_time(saved: tuple[RxTModel, Path], monkey
         opened += 1
         return real(path, framework=framework)
 
-    monkeypatch.setattr(checkpoint, "safe_open", counting)
-    tensors = checkpoint.load_weights(path)
+    monkeypatch.setattr(weights_file, "safe_open", counting)
+    tensors = weights_file.load_weights(path)
     assert opened == len(groups)
     want = load_file(str(path))
     assert tensors.keys() == want.keys() and all(torch.equal(tensors[k], want[k]) for k in want)

@@ -26,7 +26,8 @@ import torch
 
 from rxruntime.models import DecoderConfig, RxTModel, native
 from rxruntime.models.config import AttentionGate
-from rxruntime.models.quantize import WeightFormat, set_weight_format
+from rxruntime.models.quantize import WeightFormat
+from rxruntime.models.weight_format import set_weight_format
 
 from .conftest import tiny_model
 from .engine_util import decode_steps

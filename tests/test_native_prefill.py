@@ -13,7 +13,7 @@ import torch
 
 from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, SamplingParams, native
 from rxruntime.models.cache import KVCache
-from rxruntime.models.quantize import set_weight_format
+from rxruntime.models.weight_format import set_weight_format
 
 from .conftest import biased_mqa_model, tiny_config, tiny_model
 

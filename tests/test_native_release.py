@@ -22,8 +22,9 @@ import rxruntime
 from rxruntime.models import RxTModel, native
 from rxruntime.models.checkpoint import load_pretrained, save_pretrained
 from rxruntime.models.moe import MoE
-from rxruntime.models.quantize import WeightFormat, set_weight_format
+from rxruntime.models.quantize import WeightFormat
 from rxruntime.models.tokenizer import RxTokenizer
+from rxruntime.models.weight_format import set_weight_format
 
 from .engine_util import CORPUS, decode_steps
 from .test_native import torch_steps  # noqa: F401  (the fixture)

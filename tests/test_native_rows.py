@@ -25,7 +25,8 @@ import torch
 
 from rxruntime.models import RxTModel, native
 from rxruntime.models.cache import KVCache
-from rxruntime.models.quantize import WeightFormat, set_weight_format
+from rxruntime.models.quantize import WeightFormat
+from rxruntime.models.weight_format import set_weight_format
 
 from .conftest import biased_mqa_model, tiny_model
 from .engine_util import decode_steps

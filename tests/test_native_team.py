@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from rxruntime.models import DecoderConfig, RxTModel
-from rxruntime.models.quantize import set_weight_format
+from rxruntime.models.weight_format import set_weight_format
 
 from .conftest import tiny_model
 from .engine_util import decode_steps

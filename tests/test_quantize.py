@@ -26,8 +26,9 @@ import torch
 import rxruntime
 from rxruntime.models import DecodeBatch, JoinRequest, RxTModel, SamplingParams, load_pretrained, native
 from rxruntime.models.cache import KVCache
-from rxruntime.models.quantize import BLOCK, dequantize_int8, quantize_int8, set_weight_format
+from rxruntime.models.quantize import BLOCK, dequantize_int8, quantize_int8
 from rxruntime.models.tokenizer import RxTokenizer
+from rxruntime.models.weight_format import set_weight_format
 
 from .conftest import biased_mqa_model, tiny_model
 from .engine_util import decode_steps

@@ -11,7 +11,7 @@ import pexpect
 import pytest
 import torch
 
-from rxruntime.models import RxTModel, RxTokenizer
+from rxruntime.models import RxTModel, RxTokenizer, save_pretrained
 
 from .conftest import tiny_config
 
@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():  # [EOS]'s logit is half of token 100's, so it never is the (positive) maximum
         head = model.decoder.lm_head.weight
         head[model.config.special_tokens.eos_id] = 0.5 * head[100]
-    model.save_pretrained(path, tokenizer=RxTokenizer.train(CORPUS, vocab_size=300))
+    save_pretrained(model, path, tokenizer=RxTokenizer.train(CORPUS, vocab_size=300))
     return path
 
 
@@ -201,13 +201,13 @@ def test_the_first_start_of_a_backbone_model_says_what_it_does(tmp_path: Path, m
     `rxrt chat` says so rather than sitting silent, and a second start, from the cache, does not."""
     pytest.importorskip("gguf")
     from rxruntime.models.backbone_gguf import backbone_model, read_gguf
-    from rxruntime.models.backbone_store import save_compact
+    from rxruntime.models.compact import save_compact
     from rxruntime.training.data.backbone_tiny import write_tiny_gguf
 
     gguf = tmp_path / "backbones" / "tiny" / "rxruntime-tiny-backbone-3.gguf"
     write_tiny_gguf(gguf, seed=3)
     model, tok = backbone_model(read_gguf(gguf), seed=2, memory_layers=2, memory_start=1, stm_size=8)
-    model.save_pretrained(tmp_path / "full", tokenizer=tok)
+    save_pretrained(model, tmp_path / "full", tokenizer=tok)
     save_compact(tmp_path / "full", tmp_path / "compact", gguf, "float32")
     monkeypatch.setenv("RXRT_BACKBONE_DIR", str(tmp_path / "backbones"))
     for first in (True, False):

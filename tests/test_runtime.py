@@ -30,7 +30,7 @@ from rxruntime import (
     StreamOverflowError,
     Token,
 )
-from rxruntime.models import RxTModel, RxTokenizer
+from rxruntime.models import RxTModel, RxTokenizer, save_pretrained
 
 from .conftest import tiny_config
 from .engine_util import collect, make_model, patch
@@ -453,7 +453,7 @@ def test_closing_the_engine_fails_queued_turns_but_commits_owed_memory(tok: RxTo
 
 
 def test_load_a_model_directory(tok: RxTokenizer, tmp_path: Any) -> None:
-    make_model(14).save_pretrained(tmp_path, tokenizer=tok)
+    save_pretrained(make_model(14), tmp_path, tokenizer=tok)
     with rxruntime.load(tmp_path) as eng:
         assert isinstance(eng.conversation().ask("Hi", max_new_tokens=3), str)
 

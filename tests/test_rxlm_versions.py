@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.beta_full_size import published_config
 from rxruntime.models import SamplingParams, generate
-from rxruntime.models.checkpoint import HUB_FILES, checkpoint_format, load_config, load_pretrained
+from rxruntime.models.checkpoint import HUB_FILES, checkpoint_format, load_config, load_pretrained, save_pretrained
 from rxruntime.models.errors import MissingCheckpointFileError, UnsupportedCheckpointError
 
 from .test_repl import spawn_chat
@@ -113,7 +113,7 @@ def test_rxlm_version_forces_the_format_and_is_refused_on_our_own_checkpoint(tmp
     assert checkpoint_format(case, "0.3.80") == "RxLM 0.3"
     assert load_config(case, "0.3.80").rope_pairing == "adjacent"
     model, tok = load_pretrained(_case("0.3.80/alpha_supervised"))
-    model.save_pretrained(tmp_path / "ours", tokenizer=tok)
+    save_pretrained(model, tmp_path / "ours", tokenizer=tok)
     with pytest.raises(UnsupportedCheckpointError, match=r"rxlm_version='0.3.80' is for RxLM checkpoints"):
         load_pretrained(tmp_path / "ours", rxlm_version="0.3.80")
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from rxruntime.models import ConfigError, DecodeBatch, JoinRequest, RxTModel, SamplingParams
-from rxruntime.models.quantize import WeightFormat, check_format, default_format, set_weight_format
+from rxruntime.models.quantize import WeightFormat, check_format
+from rxruntime.models.weight_format import default_format, set_weight_format
 
 DEFAULT_WEIGHTS = "default"
 """``--weights default``: the engine's own choice for the device (:func:`default_weights`)."""

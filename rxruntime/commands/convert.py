@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from rxruntime.models.checkpoint import checkpoint_format, load_pretrained, resolve_model_dir
+    from rxruntime.models.checkpoint import checkpoint_format, load_pretrained, resolve_model_dir, save_pretrained
 
     source = resolve_model_dir(args.src)
     if args.compact:
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if dst.resolve() == source.resolve():
         print("error: DST must differ from SRC")
         return 2
-    model.save_pretrained(dst, tokenizer=tokenizer)
+    save_pretrained(model, dst, tokenizer=tokenizer)
     origin = checkpoint_format(source, args.rxlm_version)
     if model.config.rxlm_version:
         origin += f", RxLM {model.config.rxlm_version}'s numbers"
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace, source: Path) -> int:
-    from rxruntime.models.backbone_store import save_compact
+    from rxruntime.models.compact import save_compact
 
     if args.tokenizer is not None or args.rxlm_version is not None:
         print("error: --compact converts our own full directories; --tokenizer/--rxlm-version do not apply")

@@ -75,7 +75,7 @@ def run_memory(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_pretrained(args.model, tokenizer=args.tokenizer, rxlm_version=args.rxlm_version)
     assert tokenizer is not None
-    from rxruntime.models.quantize import set_weight_format
+    from rxruntime.models.weight_format import set_weight_format
 
     set_weight_format(model, args.weights)
     gaps = list(range(1, args.max_gap + 1))
