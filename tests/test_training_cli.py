@@ -60,6 +60,27 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(ci_run: Path, tm
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
 
 
+def test_a_resumed_run_logs_the_lines_of_an_uninterrupted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log line averages the steps since the line before; a run stopped between two lines goes
+    on averaging those steps after its resume (they are in its state), and the lines a stopped
+    process wrote after its last checkpoint are dropped, so the log is the uninterrupted run's."""
+    from rxruntime.training import trainer
+
+    monkeypatch.setattr(trainer, "LOG_LINES", 4)  # stage 2's 12 steps: a line every 3
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["train", "--recipe", "ci", "--out", str(whole), "--quiet", "--stop-after", "20"]) == 3
+    # 16 steps: stage 2 at step 4, one step after its line at 3
+    assert main(["train", "--recipe", "ci", "--out", str(split), "--quiet", "--stop-after", "16"]) == 3
+    log = split / "train-log.jsonl"
+    # what a process killed after its last checkpoint leaves: a line the resumed run computes anew
+    with log.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"stage": "joint_sft", "step": 6, "loss": 99.0}) + "\n")
+    assert main(["train", "--recipe", "ci", "--out", str(split), "--quiet", "--resume", "--stop-after", "4"]) == 3
+    lines = log.read_text().splitlines()
+    assert lines == (whole / "train-log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if json.loads(x)["stage"] == "joint_sft"] == [3, 6]
+
+
 def test_a_run_started_from_stage3_trains_stage4_only_to_the_same_weights(ci_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "from3"
     start = ci_run / "stage3-memory-pretrain"

@@ -62,6 +62,8 @@ STAGE_TITLES = {
     "memory_pretrain": "3 memory attention pre-training",
     "memory_aware": "4 memory-aware training",
 }
+LOG_LINES = 50
+"""Lines ``train-log.jsonl`` gets per stage (each the mean of the steps since the one before)."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -133,6 +135,9 @@ class StageRecord:
     seconds: float = 0.0
     steps_done: int = 0
     log: list[dict[str, float]] = field(default_factory=list)
+    window: list[dict[str, Any]] = field(default_factory=list)
+    """The steps since the last log line (``loss``, ``metrics``): a resume goes on averaging them,
+    so its log lines are those of an uninterrupted run."""
 
     def summary(self) -> dict[str, Any]:
         first, last = (self.log[0], self.log[-1]) if self.log else ({}, {})
@@ -240,6 +245,7 @@ class Trainer:
         if resuming:
             progress, optimizer_state = load_state(self.out / STATE_FILE, self.model, self.head)
             self._restore(progress)
+            self._rewrite_log()
             start = {"stage": progress.get("stage"), "step": progress.get("step", 0)}
             self.echo(f"resuming at {start['stage']} step {start['step']}")
         context = self.make_progress() if self.make_progress else nullcontext(None)
@@ -344,7 +350,7 @@ class Trainer:
         self.completed = list(progress.get("completed", []))
         self.tokenizer_seconds = float(progress.get("tokenizer_seconds", 0.0))
         for name, rec in progress.get("records", {}).items():
-            self.records[name] = StageRecord(rec["seconds"], rec["steps_done"], rec["log"])
+            self.records[name] = StageRecord(rec["seconds"], rec["steps_done"], rec["log"], rec.get("window", []))
         here, before = self.machines[-1], list(progress.get("machines", []))
         if before and before[-1]["capability"] != here["capability"] and self.recipe.isa == "native":
             self.echo(
@@ -356,6 +362,15 @@ class Trainer:
             self.machines = before  # the same kind of machine goes on: its entry stands
         else:
             self.machines = [*before, {**here, "from": f"{progress.get('stage')} step {progress.get('step', 0)}"}]
+
+    def _rewrite_log(self) -> None:
+        """``train-log.jsonl`` as of the state resumed from: the lines a stopped process logged
+        after its last checkpoint are dropped (the resumed run logs those steps again)."""
+        lines = [json.dumps({"stage": name, **entry}) + "\n" for name in STAGES for entry in self.records[name].log]
+        path = self.out / "train-log.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(lines), encoding="utf-8")
+        os.replace(tmp, path)
 
     def _progress(self, stage: str, step: int) -> dict[str, Any]:
         return {
@@ -390,8 +405,9 @@ class Trainer:
         task = None
         if bar is not None:
             task = bar.add_task(STAGE_TITLES[name], total=cfg.steps, completed=first, loss=float("nan"))
-        log_every = max(1, cfg.steps // 50)
-        window: list[StepResult] = []
+        log_every = max(1, cfg.steps // LOG_LINES)
+        if first == 0:
+            record.window = []
         log_file = self.out / "train-log.jsonl"
         t0 = time.perf_counter()
         for step in range(first, cfg.steps):
@@ -403,15 +419,16 @@ class Trainer:
             result = self._step(name, step, optimizer)
             self.steps_this_run += 1
             record.steps_done = step + 1
-            window.append(result)
+            record.window.append({"loss": result.loss, "metrics": result.metrics})
             if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
-                entry = {"step": step + 1, "loss": _mean([r.loss for r in window])}
-                for key in window[-1].metrics:
-                    entry[key] = _mean([r.metrics[key] for r in window])
+                window = record.window
+                entry = {"step": step + 1, "loss": _mean([r["loss"] for r in window])}
+                for key in window[-1]["metrics"]:
+                    entry[key] = _mean([r["metrics"][key] for r in window])
                 record.log.append(entry)
                 with log_file.open("a", encoding="utf-8") as f:
                     f.write(json.dumps({"stage": name, **entry}) + "\n")
-                window = []
+                record.window = []
             if bar is not None:
                 bar.update(task, completed=step + 1, loss=result.loss)
             if (step + 1) % self.recipe.checkpoint_every == 0 and step + 1 < cfg.steps:
