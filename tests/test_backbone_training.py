@@ -147,6 +147,17 @@ def test_smol_ci_resumes_bit_for_bit(smol_ci_run: Path, tmp_path: Path) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
 
 
+def test_export_of_a_backbone_run_is_its_model(smol_ci_run: Path, tmp_path: Path) -> None:
+    """``rxrt train --export`` on a backbone recipe builds the model around the backbone, reads the
+    run's state into it, and writes what the finished run wrote: the same tensors and config."""
+    assert main(["train", "--recipe", "smol-ci", "--out", str(smol_ci_run), "--export", str(tmp_path / "m")]) == 0
+    a = load_weights(smol_ci_run / "model" / "model.safetensors")
+    b = load_weights(tmp_path / "m" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config == json.loads((smol_ci_run / "model" / "config.json").read_text())
+
+
 def test_eval_plays_the_chat_template(smol_ci_run: Path) -> None:
     """``rxrt eval memory``'s player prompts a chatml model with its chat template."""
     from rxruntime.models.generation import generate

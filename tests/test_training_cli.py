@@ -81,6 +81,39 @@ def test_a_resumed_run_logs_the_lines_of_an_uninterrupted_one(tmp_path: Path, mo
     assert [json.loads(x)["step"] for x in lines if json.loads(x)["stage"] == "joint_sft"] == [3, 6]
 
 
+def test_export_writes_a_run_as_of_its_checkpoint(
+    ci_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--export`` writes the run's newest state as the model directory the finished run writes:
+    of a finished run, the same tensors as OUT/model; of a stopped one, the state's weights."""
+    from rxruntime.training.state import STATE_FILE
+
+    assert main(["train", "--recipe", "ci", "--out", str(ci_run), "--export", str(tmp_path / "final")]) == 0
+    a = load_weights(ci_run / "model" / "model.safetensors")
+    b = load_weights(tmp_path / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "final" / "config.json").read_text()) == json.loads(
+        (ci_run / "model" / "config.json").read_text()
+    )
+    assert (tmp_path / "final" / "tokenizer.json").read_bytes() == (ci_run / "model" / "tokenizer.json").read_bytes()
+
+    run = tmp_path / "stopped"
+    assert main(["train", "--recipe", "ci", "--out", str(run), "--quiet", "--stop-after", "33"]) == 3
+    capsys.readouterr()
+    assert main(["train", "--recipe", "ci", "--out", str(run), "--export", str(tmp_path / "mid")]) == 0
+    assert "memory_aware step 3" in capsys.readouterr().err
+    state = {k[len("model.") :]: v for k, v in load_weights(run / STATE_FILE).items() if k.startswith("model.")}
+    model, _ = load_pretrained(tmp_path / "mid")
+    exported = model.state_dict()
+    assert exported.keys() == state.keys()
+    assert all(torch.equal(exported[k], state[k].to(torch.bfloat16).float()) for k in state)
+    assert not (run / "model").exists()
+
+    assert main(["train", "--recipe", "ci", "--out", str(run), "--resume", "--export", str(tmp_path / "x")]) == 2
+    assert "--export trains nothing" in capsys.readouterr().err
+    assert main(["train", "--recipe", "ci", "--out", str(run), "--export", str(run / "model")]) == 2
+
+
 def test_a_run_started_from_stage3_trains_stage4_only_to_the_same_weights(ci_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "from3"
     start = ci_run / "stage3-memory-pretrain"

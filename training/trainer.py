@@ -220,11 +220,7 @@ class Trainer:
         resuming = self.resume and (self.out / STATE_FILE).exists()
         backbone = self.recipe.model.backbone
         if backbone is not None:  # a pretrained model: its tokenizer, no stages 0-2 (backbone.py)
-            self.model, self.tokenizer = backbone.build(self.recipe.seed)
-            # the recipe's serving defaults (answer cap, penalties) go into the saved config.json,
-            # as they do for a model built from the recipe's config
-            serving = {name: getattr(self.config, name) for name in ("answer_tokens", *SAMPLING_DEFAULTS)}
-            self.model.config = dataclasses.replace(self.model.config, **serving)
+            self.model, self.tokenizer = self._backbone_model()
             self.tokenizer.save(self.out / "tokenizer.json")
             self.completed = list(SKIPPED_STAGES)
         elif self.start_from is not None and not resuming:
@@ -259,6 +255,39 @@ class Trainer:
                     return False
         self._finish()
         return True
+
+    def _backbone_model(self) -> tuple[RxTModel, RxTokenizer]:
+        """A backbone recipe's model before training, with the recipe's serving defaults (answer
+        cap, penalties) in its config, so the saved config.json has them as a model built from
+        the recipe's config does."""
+        backbone = self.recipe.model.backbone
+        assert backbone is not None
+        model, tokenizer = backbone.build(self.recipe.seed)
+        serving = {name: getattr(self.config, name) for name in ("answer_tokens", *SAMPLING_DEFAULTS)}
+        model.config = dataclasses.replace(model.config, **serving)
+        return model, tokenizer
+
+    # ------------------------------------------------------------------ a run's state as a model
+    def export(self, destination: str | Path) -> dict[str, Any]:
+        """Write the run's newest saved state as a model directory, as the finished run writes
+        ``OUT/model`` (the recipe's ``save_dtype``, its serving defaults): a run can be probed
+        mid-way (``rxrt eval memory``, ``rxrt chat``) without stopping it. Returns the state's
+        progress record (``stage``, ``step``)."""
+        state = self.out / STATE_FILE
+        progress = read_progress(state)
+        if progress.get("recipe") != self.recipe.fingerprint():
+            raise TrainingError(f"{state}: was written by a different recipe; --export needs the run's own")
+        destination = Path(destination)
+        if destination.resolve() == (self.out / "model").resolve():
+            raise TrainingError(f"--export {destination}: that is where the finished run writes its model")
+        if self.recipe.model.backbone is not None:
+            model, tokenizer = self._backbone_model()
+        else:
+            model = RxTModel(self.config)  # every tensor the state holds is then read from it
+            tokenizer = RxTokenizer.from_file(self.out / "tokenizer.json")
+        load_state(state, model, MLMHead(self.config))
+        save_pretrained(model, destination, tokenizer=tokenizer, dtype=_DTYPES[self.recipe.save_dtype])
+        return progress
 
     # ------------------------------------------------------------------ setup
     def _prepare_out(self) -> None:

@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="backbone recipes: keep one turn's activations, recomputing each turn in the backward pass "
         "(the same weights; each turn's forward runs twice; a fraction of the memory: long dialogues fit in RAM)",
     )
+    p.add_argument(
+        "--export",
+        metavar="MODEL_DIR",
+        help="train nothing: write the run in --out as of its newest checkpoint as a model directory "
+        "(as the finished run writes OUT/model), to probe a run mid-way; the run may go on meanwhile",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars, only stage summaries")
     p.set_defaults(func=run)
 
@@ -59,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
         raise RecipeError(f"--stop-after must be >= 0, got {args.stop_after}")
     recipe = load_recipe(args.recipe)
     console = Console(stderr=True)
+    if args.export is not None:
+        if args.resume or args.stop_after is not None or args.start_from or args.init_from or args.recompute:
+            raise RecipeError("--export trains nothing: it takes only --recipe, --out and --threads")
+        at = Trainer(recipe, args.out, threads=args.threads).export(args.export)
+        console.print(f"{args.export}: the run in {args.out} as of {at.get('stage')} step {at.get('step')}")
+        return 0
 
     def progress() -> Progress:
         return Progress(
