@@ -1,5 +1,6 @@
-"""Compact model directories (``models/backbone_store.py``): only the trained tensors are stored,
-the backbone is fetched, checked and merged at load, and a round trip changes nothing.
+"""Compact model directories (written by ``models/compact.py``, read by ``models/backbone_store.py``):
+only the trained tensors are stored, the backbone is fetched, checked and merged at load, and a
+round trip changes nothing.
 
 The tiny random GGUF of SmolLM2's shape family (``training/data/backbone_tiny.py``) stands in for
 the 98 MB file; the real one differs only in size and in being downloadable (``source: smollm2``).
