@@ -94,6 +94,21 @@ def test_teams_of_any_size_compute_the_torch_step(threads: None, count: int) -> 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_int8_steps_are_the_same_bits_at_any_thread_count(threads: None) -> None:
+    """An int8 matrix is stored tile by tile (16 columns, all their blocks together), so every
+    product splits it by columns: each column's sum is one thread's, in one order, whatever the
+    team's size. Split by rows (as float32's narrow matrices are), the threads' partial sums made
+    a column's bits depend on how many threads there were."""
+    model = _model(5, "int8")
+    steps = 5
+    results = []
+    for count in (1, 2, 3):
+        torch.set_num_threads(count)
+        results.append(decode_steps(model, PROMPTS, steps)[:steps])  # the steps' logits (not the prefill's cache)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other, results[0]))
+
+
 def test_the_side_by_side_script_runs(tmp_path: Path) -> None:
     """``benchmarks/c_step_ab.py`` (docs/benchmarks.md section 9) at a tiny size: a C step
     from another file beside this checkout's, both through the engine, each in its own process."""

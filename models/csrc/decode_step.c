@@ -795,9 +795,13 @@ static void axpy_batch(int n, int rb, float *acc, int64_t acc_ld, const float *x
 
 /* out[b, :] (+)= x[b, :] @ W (+ bias) for rows b < n: W is (k, cols) with row stride ld, rb rows
  * per pass of the int8 kernel (1: row by row, the step before the multi-row kernel).
- * Wide matrices (the LM head) are split by columns: each thread streams long runs of every
- * row. Narrow ones are split by rows, so each thread streams one contiguous block, and the
- * threads' partial sums are added at the end; half-rows with gaps between them read slower. */
+ * Each thread should stream one contiguous run of the weights. An int8 Mat is stored tile by
+ * tile (16 columns, all their blocks together), so it is split by columns, whatever its width:
+ * split by rows, each thread read half of every tile and skipped the other half (SmolLM2's
+ * 576-wide layers decoded 1.25x faster once split by columns, docs/benchmarks.md section 5).
+ * float32 and bf16 are row-major: wide ones (the LM head) are split by columns, each thread
+ * streaming long runs of every row; narrow ones by rows, so each thread streams one contiguous
+ * block, and the threads' partial sums are added at the end. */
 typedef struct {
     int n, accumulate, rb, split_rows;
     const float *x, *bias;
@@ -834,7 +838,7 @@ static void gemv_task(void *c, int t, int count) {
 
 static void gemv(int n, const float *x, int64_t k, Mat w, int64_t cols,
                  const float *bias, float *out, int accumulate, int nt, int rb) {
-    const int by_rows = cols < 2048 * nt && nt > 1;
+    const int by_rows = w.type != W_I8 && cols < 2048 * nt && nt > 1;
     float *partial = by_rows ? malloc(sizeof(float) * (size_t)(nt * n * cols)) : NULL;
     GemvTask task = {n, accumulate, rb, by_rows && partial, x, bias, k, cols, w, out, partial};
     parallel(nt, gemv_task, &task);
