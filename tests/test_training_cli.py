@@ -81,6 +81,22 @@ def test_a_resumed_run_logs_the_lines_of_an_uninterrupted_one(tmp_path: Path, mo
     assert [json.loads(x)["step"] for x in lines if json.loads(x)["stage"] == "joint_sft"] == [3, 6]
 
 
+def test_without_a_terminal_each_log_line_is_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under nohup or CI no progress bar can be drawn: each line of train-log.jsonl is echoed with
+    the stage's step, its metrics, the pace and the time left; --quiet keeps only the summaries."""
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "ci", "--out", str(out), "--stop-after", "20"]) == 3
+    err = capsys.readouterr().err
+    logged = [json.loads(line) for line in (out / "train-log.jsonl").read_text().splitlines()]
+    printed = [line for line in err.splitlines() if " s/step, about " in line]
+    assert logged and len(printed) == len(logged)
+    for line, entry in zip(printed, logged):
+        assert line.startswith(f"{entry['stage']} step {entry['step']}/")
+        assert f"loss {entry['loss']:.4f}" in line and line.endswith(" left")
+    assert main(["train", "--recipe", "ci", "--out", str(out), "--resume", "--quiet", "--stop-after", "4"]) == 3
+    assert " s/step" not in capsys.readouterr().err
+
+
 def test_export_writes_a_run_as_of_its_checkpoint(
     ci_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

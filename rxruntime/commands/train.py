@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,7 +42,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="train nothing: write the run in --out as of its newest checkpoint as a model directory "
         "(as the finished run writes OUT/model), to probe a run mid-way; the run may go on meanwhile",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars, only stage summaries")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars (or, where stderr is not a terminal, no line per log window), only stage summaries",
+    )
     p.set_defaults(func=run)
 
 
@@ -95,6 +100,12 @@ def run(args: argparse.Namespace) -> int:
         recompute=args.recompute,
         progress=progress,
         echo=console.print,
+        # a bar needs a terminal; in a file (nohup, CI) each log line is printed instead, unwrapped
+        lines=_plain_line if not args.quiet and not console.is_terminal else None,
     )
     finished = trainer.run()
     return 0 if finished else 3
+
+
+def _plain_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
