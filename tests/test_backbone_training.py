@@ -24,6 +24,7 @@ from rxruntime.models import load_pretrained
 from rxruntime.models.checkpoint import load_weights
 from rxruntime.models.rxt import RxTModel
 from rxruntime.models.tokenizer import RxTokenizer
+from rxruntime.training import trainer as trainer_module
 from rxruntime.training.backbone import (
     BackboneSpec,
     frozen_backbone_loss,
@@ -254,6 +255,28 @@ def _smol3_shape(tmp_path: Path, name: str, memory_aware: dict[str, Any], **fiel
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(shaped))
     return path, shaped
+
+
+def test_recompute_from_a_number_of_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--recompute 3`` recomputes the steps whose dialogues have 3 turns or more and keeps the
+    activations of shorter ones (which fit in memory anyway): the same weights as no recomputing."""
+    path, _ = _smol3_shape(tmp_path, "smol3-recompute-from", {"steps": 6, "ramp_end": 2})
+    seen: list[tuple[int, bool]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:  # (model, turns, ...), recompute=...
+        seen.append((len(args[1]), kwargs["recompute"]))
+        return frozen_backbone_loss(*args, **kwargs)
+
+    plain, split = tmp_path / "plain", tmp_path / "split"
+    assert main(["train", "--recipe", str(path), "--out", str(plain), "--quiet"]) == 0
+    monkeypatch.setattr(trainer_module, "frozen_backbone_loss", spy)
+    assert main(["train", "--recipe", str(path), "--out", str(split), "--quiet", "--recompute", "3"]) == 0
+    assert min(n for n, _ in seen) < 3 <= max(n for n, _ in seen), seen  # both kinds of step
+    assert all(recompute == (n >= 3) for n, recompute in seen), seen
+    a = load_weights(plain / "model" / "model.safetensors")
+    b = load_weights(split / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "recomputing changed the weights"
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "x"), "--quiet", "--recompute", "-1"]) == 2
 
 
 def test_shipped_recipe_shape_resumes_bit_for_bit(tmp_path: Path) -> None:

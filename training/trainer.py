@@ -178,7 +178,7 @@ class Trainer:
         threads: int | None = None,
         start_from: str | Path | None = None,
         init_from: str | Path | None = None,
-        recompute: bool = False,
+        recompute: int = 0,
         progress: Callable[[], AbstractContextManager[Any]] | None = None,
         echo: Callable[[str], None] = lambda _: None,
         lines: Callable[[str], None] | None = None,
@@ -194,8 +194,11 @@ class Trainer:
         if init_from is not None and recipe.init_from is None:
             raise TrainingError(f"--init-from {init_from}: recipe {recipe.name!r} starts from no model (init_from)")
         self.threads = threads or recipe.threads
-        self.recompute = recompute
-        """Backbone recipes: recompute each turn in the backward pass (same weights, less memory)."""
+        if recompute < 0:
+            raise TrainingError(f"recompute takes a number of turns >= 1 (0: never), got {recompute}")
+        self.recompute = int(recompute)
+        """Backbone recipes: recompute each turn in the backward pass (same weights, less memory) in the
+        steps whose dialogues have at least this many turns; 0 never, 1 (True) every step."""
         self.make_progress = progress
         self.echo = echo
         self.lines = lines
@@ -532,8 +535,9 @@ class Trainer:
             keep = present & ~recall  # the turns left out: the backbone's own answers (keep_weight)
             present = present & recall
         if frozen:
+            recompute = 0 < self.recompute <= n_turns
             loss, per_turn, accuracy = frozen_backbone_loss(
-                self.model, turns, present, gen, keep=keep, keep_weight=cfg_a.keep_weight, recompute=self.recompute
+                self.model, turns, present, gen, keep=keep, keep_weight=cfg_a.keep_weight, recompute=recompute
             )
         else:
             loss, per_turn, accuracy = memory_aware_loss(self.model, turns, present, gen)

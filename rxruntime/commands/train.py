@@ -32,9 +32,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--recompute",
-        action="store_true",
+        nargs="?",
+        const=1,
+        default=0,
+        type=int,
+        metavar="TURNS",
         help="backbone recipes: keep one turn's activations, recomputing each turn in the backward pass "
-        "(the same weights; each turn's forward runs twice; a fraction of the memory: long dialogues fit in RAM)",
+        "(the same weights; each turn's forward runs twice; a fraction of the memory: long dialogues fit in RAM); "
+        "with TURNS, only in the steps whose dialogues have at least that many turns (shorter ones fit anyway)",
     )
     p.add_argument(
         "--export",
@@ -66,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise RecipeError(f"--threads must be >= 1, got {args.threads}")
+    if args.recompute < 0:
+        raise RecipeError(f"--recompute TURNS must be >= 1, got {args.recompute}")
     if args.stop_after is not None and args.stop_after < 0:
         raise RecipeError(f"--stop-after must be >= 0, got {args.stop_after}")
     recipe = load_recipe(args.recipe)
