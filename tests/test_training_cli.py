@@ -185,6 +185,20 @@ def test_eval_memory_templates_table(ci_run: Path, capsys: pytest.CaptureFixture
     assert "with memory" in out and "STM reset" in out and "hard" not in out
 
 
+def test_eval_memory_reports_progress_without_a_terminal(ci_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The people suite plays for many minutes at full size: with stderr in a file it prints a
+    line at every tenth of the dialogues (both settings count), ending at all of them."""
+    args = ["--dialogues", "2", "--max-gap", "2", "--splits", "facts_1,facts_2", "--batch-size", "1", "--json"]
+    assert main(["eval", "memory", "--model", str(ci_run / "model"), *args]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("eval memory: ")]
+    total = 2 * 2 * 2 * 2  # dialogues x gaps x splits x settings
+    done = [int(line.split()[2].split("/")[0]) for line in lines]
+    assert len(lines) == 10 and done == sorted(done) and done[-1] == total, lines
+    assert all(f"/{total} dialogues" in line and line.endswith(" s left") for line in lines)
+    assert json.loads(captured.out)["suite"] == "people"  # stdout stays the JSON alone
+
+
 def test_eval_memory_people_json_reports_every_split_gap_and_setting(
     ci_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

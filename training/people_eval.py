@@ -22,7 +22,7 @@ Splits (``SPLITS``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rxruntime.models.rxt import RxTModel
@@ -85,10 +85,12 @@ def evaluate(
     splits: Sequence[str] = EVAL_SPLITS,
     seed: int = BENCH_SEED,
     batch_size: int = 256,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, object]:
     """The ``rxrt eval memory --json`` record: per split, accuracy per gap with memory and with resets.
 
     All splits' dialogues are pooled and batched by length, so the model runs few, full batches.
+    ``progress(done, total)`` is told the dialogues played so far (both settings count) after each batch.
     """
     unknown = sorted(set(splits) - set(EVAL_SPLITS))
     if unknown:
@@ -103,6 +105,7 @@ def evaluate(
     result: dict[str, object] = {}
     scores: dict[str, dict[tuple[str, int], int]] = {}
     contains: dict[str, dict[tuple[str, int], int]] = {}
+    played, total = 0, 2 * len(tagged)
     for setting in ("with_memory", "reset_memory"):
         correct = dict.fromkeys(count, 0)
         found = dict.fromkeys(count, 0)
@@ -116,6 +119,9 @@ def evaluate(
                 exact = normalise(a[-1]) == normalise(asked.answer)
                 correct[key] += exact
                 found[key] += exact if asked.value is None else normalise(asked.value) in normalise(a[-1])
+            played += len(group)
+            if progress is not None:
+                progress(played, total)
         scores[setting], contains[setting] = correct, found
     settings = ("with_memory", "reset_memory")
     per_split: dict[str, dict[str, object]] = {}

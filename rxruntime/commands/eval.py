@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rxruntime.commands import add_model_options
@@ -90,9 +94,17 @@ def _people(
     from rxruntime.training.people_eval import BENCH_SEED, evaluate, mean
 
     seed = BENCH_SEED if args.seed is None else args.seed
-    result = evaluate(
-        model, tokenizer, per_gap=dialogues, gaps=gaps, splits=splits, seed=seed, batch_size=args.batch_size
-    )
+    with _reporting("eval memory") as progress:
+        result = evaluate(
+            model,
+            tokenizer,
+            per_gap=dialogues,
+            gaps=gaps,
+            splits=splits,
+            seed=seed,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
     result["model"] = str(args.model)
     result["suite"] = "people"
     result["weights"] = args.weights
@@ -123,6 +135,40 @@ def _people(
     console.print(table)
     console.print(f"{dialogues} dialogues per k and split (hand_written: its 48 items at most), benchmark seed {seed}")
     return 0
+
+
+@contextmanager
+def _reporting(label: str) -> Iterator[Callable[[int, int], None]]:
+    """Progress on stderr for a run of many minutes: a bar on a terminal; elsewhere (a file, CI)
+    a line at every tenth of the dialogues, with the time so far and the time left at that pace."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    if console.is_terminal:
+        columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(TextColumn(label), *columns, console=console, transient=True) as bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    start, shown = time.perf_counter(), [0]
+
+    def line(done: int, total: int) -> None:
+        if done * 10 // total > shown[0] or done == total:
+            shown[0] = done * 10 // total
+            spent = time.perf_counter() - start
+            left = spent / done * (total - done)
+            text = f"{label}: {done}/{total} dialogues, {spent:.0f} s, about {left:.0f} s left"
+            print(text, file=sys.stderr, flush=True)
+
+    yield line
 
 
 def _templates(args: argparse.Namespace, model: Any, tokenizer: Any, dialogues: int, gaps: list[int]) -> int:
