@@ -6,7 +6,9 @@ C step as it runs (``native.ROWS_PER_PASS`` rows per pass), ``rowwise`` the C st
 multi-row kernel (``native.set_rows_per_pass(model, 1)``), ``torch`` the torch paths on the same
 rounded weights, ``torch-bf16`` the torch prefill under ``torch.autocast(bfloat16)``.
 
-``--weights fp32`` runs the same variants on float32 weights (the float32 multi-row kernels);
+``--weights fp32`` runs the same variants on float32 weights (the float32 multi-row kernels),
+and on an AVX-512 build ``tile256``: the C step with the 256-bit float32 tile (``multi`` runs the
+512-bit one; ``native.f32_tile``);
 the runtime takes its C prefill for joins of up to ``native.FP32_PREFILL_MAX_TOKENS`` tokens.
 ``--join K`` prefills K prompts of each length together (a join of K conversations);
 ``--chunks 64,256`` adds the float32 C prefill in chunks of those many tokens (``chunkN``;
@@ -93,6 +95,7 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch and C-step threads; above 1 the times are wall times"
     )
     parser.add_argument("--prefill-variants", default="", help="comma-separated: only these prefill variants")
+    parser.add_argument("--decode-variants", default="", help="comma-separated: only these decode variants")
     parser.add_argument("--join", type=int, default=1, help="prompts per prefill, each of the --prompts length")
     parser.add_argument(
         "--chunks", default="", help="float32: also the C prefill in chunks of these many tokens (e.g. 64,256)"
@@ -119,15 +122,17 @@ def main() -> None:
         return kv, model.new_cache(rows)
 
     def use(variant: str) -> None:
-        """``vector`` and ``old`` are the multi-row C step with either attention."""
+        """``vector`` and ``old`` are the multi-row C step with either attention; ``tile256`` the
+        multi-row C step with the 256-bit float32 tile."""
         os.environ["RXRT_NATIVE_ATTEND"] = "old" if variant == "old" else "vector"
+        native.f32_tile(256 if variant == "tile256" else widest)
         native.set_rows_per_pass(model, 1 if variant == "rowwise" else None)
 
     def prefill(prompts: list[list[int]], variant: str) -> float:
         kv, cache = buffers(len(prompts))
         chunk = variant.startswith("chunk")
         use("multi" if chunk else variant)
-        model.native_decode = chunk or variant in ("multi", "rowwise", "vector", "old")
+        model.native_decode = chunk or variant in ("multi", "rowwise", "vector", "old", "tile256")
         ids, lengths = torch.tensor(prompts), torch.tensor([len(p) for p in prompts])
         if chunk:
             native.FP32_PREFILL_CHUNK = int(variant.removeprefix("chunk"))
@@ -165,11 +170,15 @@ def main() -> None:
     result: dict[str, object] = {"prefill_ms": {}, "decode_tokens_per_s": {}}
     default_chunk = native.FP32_PREFILL_CHUNK
     prefill_variants = ["vector", "old"] if args.attend else ["multi", "rowwise", "torch", "torch-bf16"]
+    widest = native.f32_tile()
+    tiles = ["tile256"] if args.weights == "fp32" and widest == 512 else []
     if args.weights == "fp32":
-        prefill_variants += [f"chunk{int(c)}" for c in args.chunks.split(",") if c]
+        prefill_variants += tiles + [f"chunk{int(c)}" for c in args.chunks.split(",") if c]
     if args.prefill_variants:
         prefill_variants = [v for v in prefill_variants if v in args.prefill_variants.split(",")]
-    decode_variants = ["vector", "old"] if args.attend else ["multi", "rowwise", "torch"]
+    decode_variants = ["vector", "old"] if args.attend else ["multi", *tiles, "rowwise", "torch"]
+    if args.decode_variants:
+        decode_variants = [v for v in decode_variants if v in args.decode_variants.split(",")]
     for length in (int(n) for n in args.prompts.split(",") if n):
         prompts = torch.randint(7, vocab, (args.join, length), generator=gen).tolist()
         times: dict[str, list[float]] = {k: [] for k in prefill_variants}
@@ -206,6 +215,7 @@ def main() -> None:
         "rows_per_pass": native.ROWS_PER_PASS,
         "decode_position": 40,
         "isa": native.isa(),
+        "f32_tile": widest,
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_average_end": list(os.getloadavg()),

@@ -340,6 +340,7 @@ def build(force: bool = False, which: str | None = None) -> Path:
         flags += ["-DRXRT_SCALAR", "-fno-tree-vectorize"]
     elif which == "avx2":  # an AVX2 + FMA CPU without AVX-512 (Haswell's set), for the tests
         flags[1] = "-march=haswell"
+    flags += os.environ.get("RXRT_NATIVE_CFLAGS", "").split()  # build variants for benchmarks, e.g. -DF32_PF=0
     link = [] if runtime is None else [str(runtime), f"-Wl,-rpath,{runtime.parent}"]
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(
@@ -401,6 +402,15 @@ def library() -> ctypes.CDLL:
         isa.restype = ctypes.c_char_p
         _libraries[which] = lib
         return lib
+
+
+def f32_tile(bits: int = 0) -> int:
+    """The width of the float32 multi-row tile the loaded C step runs: 512 (AVX-512 builds),
+    256 (AVX2) or 0 (scalar: row by row). ``bits`` 256 or 512 switches an AVX-512 build's tile
+    for the whole process (both give the same bits), so a benchmark can set the two side by side."""
+    if bits not in (0, 256, 512):
+        raise ValueError(f"the float32 tile is 256 or 512 bits wide, not {bits}")
+    return int(library().rxt_f32_tile(ctypes.c_int(bits)))
 
 
 def isa() -> str:

@@ -67,16 +67,22 @@ def test_kernel_gives_the_same_bits_for_any_rows_per_pass(monkeypatch: pytest.Mo
             assert torch.equal(y, single), (segment, rows)
 
 
-@pytest.mark.parametrize("isa", ["native", "scalar"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
 def test_float32_kernel_gives_the_same_bits_for_any_rows_per_pass(monkeypatch: pytest.MonkeyPatch, isa: str) -> None:
     """The float32 multi-row kernel (decode_step.c's f32_rows) against one ``rxt_matvec`` per row:
     every sum is the same chain of fused multiply-adds in the order of the inputs, so any number
     of rows per pass, column tile or block gives the same bits. 70 rows (a partial group of four,
     a partial block of 256 rows in the 600-row case), 37 and 600 columns (partial tiles and
     blocks), 11 and 70 activation rows (partial passes), and 4 and 7 (up to 8 rows the weight
-    rows are streamed whole, f32_stream), from row 5 of the matrix."""
+    rows are streamed whole, f32_stream), from row 5 of the matrix; an AVX-512 build with its
+    512-bit tile of 8 rows x 32 columns and with the 256-bit tile of 4 x 16."""
+    if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("the AVX2 build needs a CPU with AVX2 and FMA")
     monkeypatch.setenv("RXRT_NATIVE_ISA", isa)
     lib = native.library()
+    widest = native.f32_tile()
+    assert widest == {"scalar": 0, "avx2": 256}.get(isa, 512 if "avx512f" in _cpu_flags() else 256)
+    tiles = (256, 512) if widest == 512 else (widest,)
     g = torch.Generator().manual_seed(12)
     for k, cols, n in ((70, 37, 11), (600, 600, 70), (70, 37, 4), (600, 600, 7)):
         w = torch.randn(k + 5, cols, generator=g) * torch.logspace(-2, 1, cols)
@@ -89,12 +95,15 @@ def test_float32_kernel_gives_the_same_bits_for_any_rows_per_pass(monkeypatch: p
             lib.rxt_matvec(ctypes.byref(mat), row, ctypes.c_int64(k), ctypes.c_int64(cols),
                            ctypes.c_void_p(x[b].data_ptr()), ctypes.c_void_p(single[b].data_ptr()))  # fmt: skip
         torch.testing.assert_close(single, x @ w[5:], rtol=1e-4, atol=1e-4)
-        for rows in range(1, 9):
-            y = torch.empty(n, cols)
-            x_at, y_at = ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr())
-            lib.rxt_matmul(ctypes.byref(mat), row, ctypes.c_int64(k), ctypes.c_int64(cols), ctypes.c_int(n),
-                           x_at, y_at, ctypes.c_int(rows))  # fmt: skip
-            assert torch.equal(y, single), (k, cols, n, rows)
+        for tile in tiles:
+            assert native.f32_tile(tile) == tile
+            for rows in range(1, 9):
+                y = torch.empty(n, cols)
+                x_at, y_at = ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr())
+                lib.rxt_matmul(ctypes.byref(mat), row, ctypes.c_int64(k), ctypes.c_int64(cols), ctypes.c_int(n),
+                               x_at, y_at, ctypes.c_int(rows))  # fmt: skip
+                assert torch.equal(y, single), (k, cols, n, rows, tile)
+    native.f32_tile(widest)
 
 
 def _with_format(make: object, seed: int, fmt: WeightFormat) -> RxTModel:

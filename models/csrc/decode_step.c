@@ -626,6 +626,15 @@ static void i8_rows_quantised(int R, float *const *acc, const QRows *x, Mat m, i
 
 #if !defined(RXRT_SCALAR) && defined(__AVX2__) && defined(__FMA__)
 #define F32_ROWS 1
+/* F32_PF: the first pass of rows over a tile of columns prefetches the next tile's weights, row
+ * by row, into L1. A tile walks down the weight rows (ld floats apart, a new page every row or
+ * two), where the hardware prefetchers do not follow, so without it every pass of 8 rows waited
+ * on each weight row's first load; with it the 64-row float32 step of alpha-mini ran about 1.4x
+ * faster on the Intel Xeon with AMX (docs/benchmarks.md). -DF32_PF=0 (RXRT_NATIVE_CFLAGS) builds
+ * without it, for benchmarks. */
+#ifndef F32_PF
+#define F32_PF 1
+#endif
 /* axpy_f32 for R <= 4 rows (a constant after inlining): a decode batch, a prefill chunk or the
  * rows that chose one expert multiply the same float32 weights, and one pass per row reads every
  * weight once per row (memory-bound: 16 rows ran at 9% of the cores' float32 rate). Here a tile
@@ -635,12 +644,15 @@ static void i8_rows_quantised(int R, float *const *acc, const QRows *x, Mat m, i
  * so any R gives its bits. */
 static inline __attribute__((always_inline)) void f32_tile_r(const int R, float *const *acc, const float *const *xs,
                                                              const float *w, int64_t ld, int64_t d0, int64_t d1,
-                                                             int64_t c, __m256i k0, __m256i k1) {
+                                                             int64_t c, __m256i k0, __m256i k1, int pf) {
     __m256 s0[4], s1[4];
     for (int r = 0; r < R; r++) s0[r] = _mm256_maskload_ps(acc[r] + c, k0), s1[r] = _mm256_maskload_ps(acc[r] + c + 8, k1);
     const float *p = w + d0 * ld + c;
     for (int64_t d = d0; d < d1; d++, p += ld) {
         const __m256 a = _mm256_maskload_ps(p, k0), b = _mm256_maskload_ps(p + 8, k1);
+#if F32_PF
+        if (pf) _mm_prefetch((const char *)(p + 16), _MM_HINT_T0);
+#endif
         for (int r = 0; r < R; r++) {
             const __m256 x = _mm256_broadcast_ss(xs[r] + d);
             s0[r] = _mm256_fmadd_ps(x, a, s0[r]);
@@ -663,20 +675,103 @@ static void f32_rows_avx2(int R, float *const *acc, const float *const *xs, cons
         const __m256i k0 = lanes_below(c1 - c), k1 = lanes_below(c1 - c - 8);
         for (int r = 0; r < R; r += 4) {
             switch (R - r < 4 ? R - r : 4) {
-            case 1: f32_tile_r(1, acc + r, xs + r, w, ld, d0, d1, c, k0, k1); break;
-            case 2: f32_tile_r(2, acc + r, xs + r, w, ld, d0, d1, c, k0, k1); break;
-            case 3: f32_tile_r(3, acc + r, xs + r, w, ld, d0, d1, c, k0, k1); break;
-            default: f32_tile_r(4, acc + r, xs + r, w, ld, d0, d1, c, k0, k1); break;
+            case 1: f32_tile_r(1, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + 16 < c1); break;
+            case 2: f32_tile_r(2, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + 16 < c1); break;
+            case 3: f32_tile_r(3, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + 16 < c1); break;
+            default: f32_tile_r(4, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + 16 < c1); break;
             }
         }
     }
 }
 #endif
 
+#if defined(F32_ROWS) && defined(__AVX512F__)
+#define F32_ROWS_512 1
+#ifndef F32_AHEAD
+#define F32_AHEAD 32
+#endif
+/* f32_tile_r in 512-bit registers for R <= 8 rows (a constant after inlining) and 32 columns:
+ * 2R running sums in 2R of AVX-512's 32 registers, so each pair of weight loads feeds 2R fused
+ * multiply-adds of 16 lanes, four times what the 256-bit tile of 4 rows does per load, and
+ * masked loads cost nothing extra. Each sum is still axpy_f32's chain of fmas in the order of d:
+ * the same bits as the 256-bit tile and the plain loop. On the Intel Xeon with AMX the 64-row
+ * float32 step ran at about a tenth of MKL's rate with the 256-bit tile (docs/benchmarks.md). */
+static inline __attribute__((always_inline)) void f32_tile_r512(const int R, float *const *acc,
+                                                                const float *const *xs, const float *w, int64_t ld,
+                                                                int64_t d0, int64_t d1, int64_t c, __mmask16 k0,
+                                                                __mmask16 k1, int pf) {
+    __m512 s0[8], s1[8];
+    for (int r = 0; r < R; r++)
+        s0[r] = _mm512_maskz_loadu_ps(k0, acc[r] + c), s1[r] = _mm512_maskz_loadu_ps(k1, acc[r] + c + 16);
+    const float *p = w + d0 * ld + c;
+    for (int64_t d = d0; d < d1; d++, p += ld) {
+        const __m512 a = _mm512_maskz_loadu_ps(k0, p), b = _mm512_maskz_loadu_ps(k1, p + 16);
+#if F32_PF
+        if (pf) _mm_prefetch((const char *)(p + F32_AHEAD), _MM_HINT_T0), _mm_prefetch((const char *)(p + F32_AHEAD + 16), _MM_HINT_T0);
+#endif
+        for (int r = 0; r < R; r++) {
+            const __m512 x = _mm512_set1_ps(xs[r][d]);
+            s0[r] = _mm512_fmadd_ps(x, a, s0[r]);
+            s1[r] = _mm512_fmadd_ps(x, b, s1[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        _mm512_mask_storeu_ps(acc[r] + c, k0, s0[r]), _mm512_mask_storeu_ps(acc[r] + c + 16, k1, s1[r]);
+}
+
+static __mmask16 lanes_below16(int64_t n) {
+    const int v = n < 0 ? 0 : n > 16 ? 16 : (int)n;
+    return (__mmask16)((1u << v) - 1u);
+}
+
+/* Tiles of 32 columns over [c0, c1), up to 8 rows per pass (the weight tile of [d0, d1), 32 KB
+ * at F32_DEPTH rows, stays in L1 between passes). */
+static void f32_rows_avx512(int R, float *const *acc, const float *const *xs, const float *w, int64_t ld,
+                            int64_t d0, int64_t d1, int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c += 32) {
+        const __mmask16 k0 = lanes_below16(c1 - c), k1 = lanes_below16(c1 - c - 16);
+        for (int r = 0; r < R; r += 8) {
+            switch (R - r < 8 ? R - r : 8) {
+#define CASE(k) \
+    case k: f32_tile_r512(k, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + F32_AHEAD < c1); break;
+                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7)
+#undef CASE
+            default: f32_tile_r512(8, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + F32_AHEAD < c1); break;
+            }
+        }
+    }
+}
+#endif
+
+/* The float32 tile's width: 512 on an AVX-512 build unless rxt_f32_tile(256) asked for the
+ * 256-bit tile (benchmarks compare the two in one process; both give the same bits). */
+#if defined(F32_ROWS_512)
+static _Atomic int f32_tile_bits = 512;
+#endif
+
+int rxt_f32_tile(int bits) {
+#if defined(F32_ROWS_512)
+    if (bits == 256 || bits == 512) atomic_store(&f32_tile_bits, bits);
+    return atomic_load(&f32_tile_bits);
+#elif defined(F32_ROWS)
+    (void)bits;
+    return 256;
+#else
+    (void)bits;
+    return 0;
+#endif
+}
+
 /* axpy_f32 for R <= ROWS_MAX rows, each weight read once for all of them (AVX2 and AVX-512
  * builds); scalar builds run axpy_f32 row by row, which gives the same bits. */
 static void f32_rows(int R, float *const *acc, const float *const *xs, const float *w, int64_t ld, int64_t d0,
                      int64_t d1, int64_t c0, int64_t c1) {
+#if defined(F32_ROWS_512)
+    if (atomic_load_explicit(&f32_tile_bits, memory_order_relaxed) == 512) {
+        f32_rows_avx512(R, acc, xs, w, ld, d0, d1, c0, c1);
+        return;
+    }
+#endif
 #if defined(F32_ROWS)
     f32_rows_avx2(R, acc, xs, w, ld, d0, d1, c0, c1);
 #else
