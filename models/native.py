@@ -98,7 +98,8 @@ one 35-token prompt 35 ms against torch's 60; 120 tokens 108 against 111; four 3
 MULTI_ROW_MAX_ROWS = 64
 """The row limit of an int8 or float32 model whose C step runs the multi-row kernels
 (:data:`ROWS_PER_PASS` > 1), in place of :data:`MAX_ROWS`: each weight block is applied to 8
-rows from registers (float32: 4 rows at a time over 16 columns, the weight tile held in L1), and
+rows from registers (float32: 8 rows over 32 columns with AVX-512, 4 over 16 with AVX2, the
+weight tile held in L1 and the next one prefetched), and
 the C step decodes 64 rows 2.8x faster than torch in int8 and 1.5x in float32 (alpha-mini, one
 thread, CPU time: docs/benchmarks.md §7 and §8)."""
 
