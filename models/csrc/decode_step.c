@@ -483,24 +483,6 @@ static void axpy_i8(float *restrict acc, const float *xs, Mat m, int64_t d0, int
  * multiply-add per weight, in the order of d (acc[c] = fma(xs[d], W[d, c], acc[c])), four weight
  * rows at a time (a quarter of the accumulator loads and stores of one row at a time). The
  * multi-row kernel (f32_rows) follows the same order, so it gives these bits for every row. */
-/* f32_stream's weight rows: the four rows F32_STREAM_AHEAD rows ahead of row d are prefetched
- * into L1 while rows d..d+3 are applied to an expert's few rows. With it the 16-row float32 step
- * of alpha-mini, whose experts read their weights this way, ran 2-8% faster on the Intel Xeon with
- * AMX (8 and 16 rows ahead alike); in the one-row axpy_f32 it was a little slower, so that has
- * none. -DF32_STREAM_AHEAD=0 turns it off. */
-#ifndef F32_STREAM_AHEAD
-#define F32_STREAM_AHEAD 8
-#endif
-static inline void prefetch_rows(const float *w, int64_t ld, int64_t d, int64_t d1, int64_t c0, int64_t c1) {
-#if !defined(RXRT_SCALAR) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))) && F32_STREAM_AHEAD > 0
-    if (d + F32_STREAM_AHEAD + 4 > d1) return;
-    for (int q = 0; q < 4; q++)
-        for (int64_t c = c0; c < c1; c += 16) _mm_prefetch((const char *)(w + (d + F32_STREAM_AHEAD + q) * ld + c), _MM_HINT_T0);
-#else
-    (void)w, (void)ld, (void)d, (void)d1, (void)c0, (void)c1;
-#endif
-}
-
 static void axpy_f32(float *restrict acc, const float *xs, const float *w, int64_t ld, int64_t d0, int64_t d1,
                      int64_t c0, int64_t c1) {
     int64_t d = d0;
@@ -647,8 +629,9 @@ static void i8_rows_quantised(int R, float *const *acc, const QRows *x, Mat m, i
 /* F32_PF: the first pass of rows over a tile of columns prefetches the next tile's weights, row
  * by row, into L1. A tile walks down the weight rows (ld floats apart, a new page every row or
  * two), where the hardware prefetchers do not follow, so without it every pass of 8 rows waited
- * on each weight row's first load; with it the 64-row float32 step of alpha-mini ran about 1.4x
- * faster on the Intel Xeon with AMX (docs/benchmarks.md). -DF32_PF=0 (RXRT_NATIVE_CFLAGS) builds
+ * on each weight row's first load; with it the 64-row float32 step of alpha-mini ran 1.25x faster
+ * with the 512-bit tile and 1.35x with the AVX2 build's tile on the Intel Xeon with AMX
+ * (docs/benchmarks.md). -DF32_PF=0 (RXRT_NATIVE_CFLAGS) builds
  * without it, for benchmarks. */
 #ifndef F32_PF
 #define F32_PF 1
@@ -691,12 +674,13 @@ static void f32_rows_avx2(int R, float *const *acc, const float *const *xs, cons
                           int64_t d1, int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; c += 16) {
         const __m256i k0 = lanes_below(c1 - c), k1 = lanes_below(c1 - c - 8);
+        const int next = c + 16 < c1; /* a next tile to prefetch (in the first pass of rows) */
         for (int r = 0; r < R; r += 4) {
             switch (R - r < 4 ? R - r : 4) {
-            case 1: f32_tile_r(1, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + 16 < c1); break;
-            case 2: f32_tile_r(2, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + 16 < c1); break;
-            case 3: f32_tile_r(3, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + 16 < c1); break;
-            default: f32_tile_r(4, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + 16 < c1); break;
+            case 1: f32_tile_r(1, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && next); break;
+            case 2: f32_tile_r(2, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && next); break;
+            case 3: f32_tile_r(3, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && next); break;
+            default: f32_tile_r(4, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && next); break;
             }
         }
     }
@@ -748,13 +732,14 @@ static void f32_rows_avx512(int R, float *const *acc, const float *const *xs, co
                             int64_t d0, int64_t d1, int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; c += 32) {
         const __mmask16 k0 = lanes_below16(c1 - c), k1 = lanes_below16(c1 - c - 16);
+        const int next = c + F32_AHEAD < c1; /* a next tile to prefetch (in the first pass of rows) */
         for (int r = 0; r < R; r += 8) {
             switch (R - r < 8 ? R - r : 8) {
 #define CASE(k) \
-    case k: f32_tile_r512(k, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + F32_AHEAD < c1); break;
+    case k: f32_tile_r512(k, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && next); break;
                 CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7)
 #undef CASE
-            default: f32_tile_r512(8, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && c + F32_AHEAD < c1); break;
+            default: f32_tile_r512(8, acc + r, xs + r, w, ld, d0, d1, c, k0, k1, r == 0 && next); break;
             }
         }
     }
@@ -794,6 +779,24 @@ static void f32_rows(int R, float *const *acc, const float *const *xs, const flo
     f32_rows_avx2(R, acc, xs, w, ld, d0, d1, c0, c1);
 #else
     for (int r = 0; r < R; r++) axpy_f32(acc[r], xs[r], w, ld, d0, d1, c0, c1);
+#endif
+}
+
+/* f32_stream's weight rows: the four rows F32_STREAM_AHEAD rows ahead of row d are prefetched
+ * into L1 while rows d..d+3 are applied to an expert's few rows. With it the 16-row float32 step
+ * of alpha-mini, whose experts read their weights this way, ran 2-8% faster on the Intel Xeon with
+ * AMX (8 and 16 rows ahead alike); in the one-row axpy_f32 it was a little slower, so that has
+ * none. -DF32_STREAM_AHEAD=0 turns it off. */
+#ifndef F32_STREAM_AHEAD
+#define F32_STREAM_AHEAD 8
+#endif
+static inline void prefetch_rows(const float *w, int64_t ld, int64_t d, int64_t d1, int64_t c0, int64_t c1) {
+#if !defined(RXRT_SCALAR) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))) && F32_STREAM_AHEAD > 0
+    if (d + F32_STREAM_AHEAD + 4 > d1) return;
+    for (int q = 0; q < 4; q++)
+        for (int64_t c = c0; c < c1; c += 16) _mm_prefetch((const char *)(w + (d + F32_STREAM_AHEAD + q) * ld + c), _MM_HINT_T0);
+#else
+    (void)w, (void)ld, (void)d, (void)d1, (void)c0, (void)c1;
 #endif
 }
 
