@@ -5,6 +5,14 @@ process loads the model with int8 weights, answers a warm-up turn, then `--turns
 `--answer-tokens` tokens in one conversation (the engine's own AnswerCompleted rates), and times
 `--steps` bare decode steps (DecodeBatch on the main thread, no engine) beside them. The order
 alternates over `--rounds`; prints each figure and new/old ratios, writes JSON to `--out`.
+`--old-env KEY=VALUE` instead makes the old side this checkout's C step run with that variable
+set (e.g. `RXRT_INT8_Q4=0`: every matrix q8_0, as before the backbone's Q4_1 matrices were read
+in 4 bits).
+
+Issue 24: the default model with its GGUF backbone's matrices in 4 bits, against all q8_0:
+
+    python benchmarks/c_step_ab.py --old-env RXRT_INT8_Q4=0 --rounds 4 \
+        --out benchmarks/results/q4-backbone-ab-zen3.json
 
 Issue 23: this measured the step's threads (one OpenMP region per call, decode_step.c's Team)
 against the region per product before them:
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -80,7 +89,8 @@ def measure(model: str, source: str | None, turns: int, answer_tokens: int, step
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--old", type=Path, help="the other decode_step.c (required)")
+    parser.add_argument("--old", type=Path, help="the other decode_step.c (or --old-env)")
+    parser.add_argument("--old-env", help="KEY=VALUE: the old side is this C step with that environment variable")
     parser.add_argument("--model", default="default", help="a model name or directory (rxruntime.load)")
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--answer-tokens", type=int, default=64)
@@ -92,15 +102,22 @@ def main() -> None:
     if args.side is not None:
         print(json.dumps(measure(args.model, args.side or None, args.turns, args.answer_tokens, args.steps)))
         return
-    if args.old is None or not args.old.is_file():
-        parser.error("--old must name a decode_step.c file")
+    old_env: dict[str, str] = {}
+    if args.old_env is not None:
+        key, eq, value = args.old_env.partition("=")
+        if not eq or not key:
+            parser.error("--old-env takes KEY=VALUE")
+        old_env = {key: value}
+    elif args.old is None or not args.old.is_file():
+        parser.error("--old must name a decode_step.c file (or give --old-env)")
     sides: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
     for r in range(args.rounds):
         for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
-            source = str(args.old.resolve()) if name == "old" else ""
+            source = str(args.old.resolve()) if name == "old" and not old_env else ""
+            env = os.environ | (old_env if name == "old" else {})
             command = [sys.executable, __file__, "--side", source, "--model", args.model, "--turns", str(args.turns)]
             command += ["--answer-tokens", str(args.answer_tokens), "--steps", str(args.steps)]
-            done = subprocess.run(command, capture_output=True, text=True)
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(f"the {name} side failed:\n{done.stderr[-4000:]}")
             sides[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -125,6 +142,7 @@ def main() -> None:
         result = {
             "machine": {"cpu": _cpu_model(), "platform": platform.platform()},
             "settings": vars(args) | {"old": str(args.old), "out": str(args.out)},
+            "c_step": sides["new"][0]["c_step"],
             "sides": sides,
             "summary": summary,
             "ratios": ratios,

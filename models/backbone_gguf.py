@@ -326,7 +326,7 @@ def _block(t: dict[str, Tensor], i: int, heads: int, kv_heads: int) -> dict[str,
     }
 
 
-def backbone_state(config: RxTConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def backbone_state(config: RxTConfig, tensors: dict[str, Tensor], share: bool = False) -> dict[str, Tensor]:
     """Every tensor of a model built from :func:`backbone_config` that comes from the backbone,
     under the model's state-dict names, from the GGUF's (dequantized) ``tensors``.
 
@@ -334,20 +334,23 @@ def backbone_state(config: RxTConfig, tensors: dict[str, Tensor]) -> dict[str, T
     without an ``output.weight`` tensor the head is the embedding). Encoder layer ``j`` starts as
     backbone block ``j``. Where one backbone tensor serves two names (the tied head, an encoder
     layer and its decoder block) each name gets its own copy, so that no two parameters share
-    storage. Memory cross-attention and memory attention have no backbone source."""
+    storage (``share``: no copies, for a reader that only compares and copies from them).
+    Memory cross-attention and memory attention have no backbone source."""
     d = config.decoder
     decoder_layers = len(d.layers_before) + config.num_layers + len(d.layers_after)
     t = tensors
     state = {
         "embedding.weight": t["token_embd.weight"],
-        "decoder.lm_head.weight": t.get("output.weight", t["token_embd.weight"]).clone(),
+        "decoder.lm_head.weight": t.get("output.weight", t["token_embd.weight"]),
         "decoder.norm.weight": t["output_norm.weight"],
     }
     blocks = [_block(t, i, d.self_q_heads, d.self_kv_heads) for i in range(decoder_layers)]
     for i, block in enumerate(blocks):
         state.update({f"decoder.layers.{i}.{k}": v for k, v in block.items()})
     for j in range(config.num_layers):
-        state.update({f"encoder.layers.{j}.{k}": v.clone() for k, v in blocks[j].items()})
+        state.update({f"encoder.layers.{j}.{k}": v if share else v.clone() for k, v in blocks[j].items()})
+    if not share:
+        state["decoder.lm_head.weight"] = state["decoder.lm_head.weight"].clone()
     return state
 
 

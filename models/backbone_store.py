@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -205,6 +206,19 @@ def merge_backbone(
     merged = {name: t.to(dtype) for name, t in base.items() if name not in tensors}
     merged.update(tensors)
     return merged
+
+
+def backbone_values(
+    config: RxTConfig, ref: BackboneRef, directory: Path | None = None
+) -> Callable[[], dict[str, Tensor]]:
+    """A reader of the backbone's tensors under the model's state-dict names, as the GGUF
+    dequantizes them (float32; the merged state holds them in ``ref.dtype``): read from the
+    dequantized cache when called, so a loaded model keeps nothing in memory for it."""
+
+    def read() -> dict[str, Tensor]:
+        return backbone_state(config, backbone_tensors(ref, directory), share=True)
+
+    return read
 
 
 def unpack_stored(tensors: dict[str, Tensor], where: Path) -> dict[str, Tensor]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .backbone_store import BACKBONE_KEY, BackboneRef, merge_backbone
+from .backbone_store import BACKBONE_KEY, BackboneRef, backbone_values, merge_backbone
 from .config import RxTConfig
 from .errors import (
     CheckpointError,
@@ -233,6 +233,7 @@ def load_pretrained(
         if BACKBONE_KEY in raw:  # a compact directory: the trained tensors, the rest from the backbone
             ref = BackboneRef.from_dict(raw[BACKBONE_KEY], directory / CONFIG_FILE)
             tensors = merge_backbone(config, ref, tensors, directory / WEIGHTS_FILE)
+            values = backbone_values(config, ref)
 
     with torch.device("meta"):
         model = RxTModel(config)
@@ -244,6 +245,8 @@ def load_pretrained(
         tensors[k] = (v.to(dtype) if convert else v).to(device)
         del v
     model.load_state_dict(tensors, strict=True, assign=True)
+    if not is_rxlm_config(raw) and BACKBONE_KEY in raw:
+        model.backbone_values = values
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.cos = torch.empty(0, device=device)

@@ -47,7 +47,7 @@ from .config import RxTConfig
 from .decoder import RxTDecoder
 from .ffn import ACTIVATIONS, SwiGLU
 from .moe import MoE
-from .quantize import BLOCK, WeightFormat, quantize_int8, round_to_format
+from .quantize import BLOCK, WeightFormat, q4_enabled, quantize_int8, round_to_format
 
 
 class StepModel(Protocol):
@@ -137,7 +137,7 @@ tests/test_native_layouts.py measures the error the rounding adds."""
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_step.c"
 _P = ctypes.c_void_p
-_WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "int8": 2, "fp32-t": 3}
+_WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "int8": 2, "fp32-t": 3, "q4": 4}
 _ACTIVATIONS = {"silu": 1, "gelu": 2, "relu": 3, "sigmoid": 4, "tanh": 5, "identity": 6}
 """decode_step.c's enum Act, by the names of models/ffn.py's ACTIVATIONS (0: no gate)."""
 
@@ -470,6 +470,50 @@ def pack_int8(matrix: Tensor, seg: int) -> Tensor:
     return torch.cat([values, scale_bytes], dim=3).contiguous()
 
 
+def pack_q4(matrix: Tensor) -> Tensor | None:
+    """The C step's q4 copy of an input-major (rows, cols) float32 matrix whose values are exactly
+    Q4_1 (:func:`~.quantize.q4_levels` says when), or None when they are not: checked and packed
+    in one pass by the C step's ``rxt_pack_q4`` (a 100M-weight backbone in a fraction of a
+    second; :func:`pack_q4_levels` is the torch reference it is tested against)."""
+    if matrix.dim() != 2 or matrix.dtype != torch.float32 or matrix.shape[0] % BLOCK or matrix.numel() == 0:
+        return None
+    rows, cols = matrix.shape
+    out = torch.empty(-(-cols // _TILE), rows // BLOCK, _Q4_BLOCK, dtype=torch.uint8)
+    ok = library().rxt_pack_q4(
+        ctypes.c_void_p(matrix.data_ptr()), ctypes.c_int64(rows), ctypes.c_int64(cols),
+        ctypes.c_int64(matrix.stride(0)), ctypes.c_int64(matrix.stride(1)), ctypes.c_void_p(out.data_ptr()),
+    )  # fmt: skip
+    return out if ok else None
+
+
+_Q4_BLOCK = BLOCK * _TILE // 2 + 2 * 2 * _TILE
+"""Bytes of one q4 block of a tile: 256 of levels, 16 float16 scales, 16 float16 minimums."""
+
+
+def pack_q4_levels(levels: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """The C step's q4 copy of an input-major matrix from its :func:`~.quantize.q4_levels`, in torch.
+
+    Layout (decode_step.c's q4 Mat): per tile of 16 columns, per block of 32 rows, 4 groups of 64
+    bytes (group h: rows 8h..8h+3 in the low nibbles, 8h+4..8h+7 in the high ones, column j's 4
+    rows at ``4 j``), then the tile's 16 float16 scales and 16 float16 minimums of that block: 320
+    bytes a block. Padding columns hold level, scale and minimum 0.
+    """
+    q, scales, mins = levels
+    rows, cols = q.shape
+    blocks, tiles = rows // BLOCK, -(-cols // _TILE)
+    padded = torch.zeros(rows, tiles * _TILE, dtype=torch.uint8)
+    padded[:, :cols] = q
+    # (blocks, h, low/high, i, tiles, j) -> (tiles, blocks, h, j, i) per nibble
+    grouped = padded.view(blocks, 4, 2, 4, tiles, _TILE).permute(4, 0, 1, 2, 5, 3)
+    nibbles = (grouped[:, :, :, 0] | (grouped[:, :, :, 1] << 4)).reshape(tiles, blocks, BLOCK * _TILE // 2)
+    halves = []
+    for values in (scales, mins):
+        wide = torch.zeros(blocks, tiles * _TILE, dtype=torch.float16)
+        wide[:, :cols] = values
+        halves.append(wide.view(blocks, tiles, _TILE).transpose(0, 1).contiguous().view(torch.uint8))
+    return torch.cat([nibbles, *halves], dim=2).contiguous()
+
+
 def _mat(matrix: Tensor, weights: WeightFormat, keep: list[Tensor], seg: int | None = None) -> _Mat:
     """``matrix`` (rows, cols), input-major (see :func:`_readable`), as a :class:`_Mat` of the
     format: float32 in place (its row stride as ``ld``, or, for the transpose of an untouched
@@ -492,6 +536,11 @@ def _mat(matrix: Tensor, weights: WeightFormat, keep: list[Tensor], seg: int | N
         copy = matrix.as_strided((rows, ld), (ld, 1)).to(torch.bfloat16).contiguous()
         keep.append(copy)
         return _Mat(copy.data_ptr(), ld, _WEIGHT_TYPES["bf16"], rows)
+    q4 = pack_q4(matrix) if (seg is None or seg == rows) and q4_enabled() else None
+    if q4 is not None:  # exactly Q4_1 (a GGUF backbone's): 4 bits, nothing rounded
+        packed = q4
+        keep.append(packed)
+        return _Mat(packed.data_ptr(), -(-cols // _TILE) * _TILE, _WEIGHT_TYPES["q4"], rows)
     packed = pack_int8(matrix, seg or rows)
     keep.append(packed)
     return _Mat(packed.data_ptr(), -(-cols // _TILE) * _TILE, _WEIGHT_TYPES["int8"], seg or rows)

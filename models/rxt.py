@@ -60,6 +60,10 @@ class RxTModel(nn.Module):
         self.weight_format: WeightFormat = "fp32"
         """How the C step stores the matrices it reads ("fp32", "bf16", "int8"); set it with
         :func:`.weight_format.set_weight_format`, which also rounds the float32 weights to match."""
+        self.backbone_values: Callable[[], dict[str, Tensor]] | None = None
+        """A compact model's pretrained backbone as its GGUF dequantizes (float32, under the
+        state-dict names), before the rounding to the dtype the model stored it in: int8 weights
+        take these exact values back (a Q4_1 matrix is then read in 4 bits). Set by the loader."""
         if not meta:
             self.reset_parameters()
 

@@ -13,7 +13,14 @@ from torch import Tensor, nn
 
 from . import native
 from .moe import MoE
-from .quantize import WeightFormat, check_format, round_to_format, rounded_matrices
+from .quantize import (
+    WeightFormat,
+    check_format,
+    q4_enabled,
+    round_to_format,
+    rounded_matrices,
+    rounded_matrix_names,
+)
 from .rxt import RxTModel
 
 
@@ -56,20 +63,63 @@ def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
         return
     if model.dtype != torch.float32:
         raise ValueError(f"weight formats apply to float32 models, this one is {model.dtype}")
+    q4 = weights == "int8" and _q4_possible(model)
+    if q4:
+        restore_backbone_values(model)
     model.use_decode_layout()  # the decoder's matrices as the C step reads them
     for layer in model.decoder.blocks:
         for attn in (layer.self_attn, layer.cross_attn):
             fused = None if attn is None else attn.fused_qkv()
-            if fused is not None:
+            if fused is not None and not (q4 and native.pack_q4(fused[0]) is not None):
                 _round_in_place(fused[0], weights)  # (dim, q + 2 kv columns), shared by the views
     done = {id(t) for layer in model.decoder.blocks for t in _fused_views(layer)}
     skip = {id(t) for m in released for t in (m.w_in, m.w_out)}
     for _, weight in rounded_matrices(model):
         # input-major, as the C step blocks it; a MoE table's experts each alone; released
-        # tables (empty) are held, rounded, by the C step's copies
-        if id(weight) not in done and id(weight) not in skip:
-            _round_in_place(weight.transpose(-1, -2), weights)
+        # tables (empty) are held, rounded, by the C step's copies; a matrix exactly Q4_1 (a
+        # GGUF backbone's) is left as it is: the C step reads it in 4 bits (native.pack_q4)
+        matrix = weight.transpose(-1, -2)
+        if id(weight) in done or id(weight) in skip or (q4 and native.pack_q4(matrix) is not None):
+            continue
+        _round_in_place(matrix, weights)
     model.weight_format = weights
+
+
+def _q4_possible(model: RxTModel) -> bool:
+    """Whether int8 weights may keep Q4_1 matrices in 4 bits: the C step is there to read them
+    (``native.pack_q4`` packs them), and ``RXRT_INT8_Q4`` is not ``0``."""
+    return q4_enabled() and model.device.type == "cpu" and native.unavailable_reason() is None
+
+
+def restore_backbone_values(model: RxTModel) -> int:
+    """Give a compact model's frozen backbone matrices back the values its GGUF dequantizes to,
+    where those are exactly Q4_1 (:func:`~.quantize.q4_levels`) and the model holds them rounded
+    to its narrower dtype (bf16): int8 weights then leave them as they are, and the C step reads
+    them in 4 bits instead of rounding them to q8_0. Returns how many took them. A value moves by
+    at most half a bf16 step, less than q8_0 would move it. Trained matrices (no backbone source,
+    or values that differ from it) are untouched; the model keeps nothing of the source after."""
+    read = model.backbone_values
+    if read is None:
+        return 0
+    source = read()
+    params = dict(model.named_parameters())
+    fits: dict[int, bool] = {}  # by source tensor: an encoder layer and its decoder block share one
+    restored = 0
+    for name in sorted(rounded_matrix_names(model)):
+        value, param = source.get(name), params.get(name)
+        if value is None or param is None or value.shape != param.shape or value.dim() != 2:
+            continue
+        if torch.equal(value, param) or not any(
+            torch.equal(value.to(dtype).to(torch.float32), param) for dtype in (torch.bfloat16, torch.float16)
+        ):
+            continue  # exact already, or not the backbone's (a trained matrix)
+        key = value.data_ptr()
+        if key not in fits:
+            fits[key] = native.pack_q4(value.t()) is not None
+        if fits[key]:
+            param.data.copy_(value)
+            restored += 1
+    return restored
 
 
 def _fused_views(layer: nn.Module) -> list[Tensor]:

@@ -48,6 +48,10 @@
  *            64 bytes with column j's 4 values (q + 128, uint8) at 4 j, then the 16 float scales.
  *            One 64-byte load is 16 columns x 4 inputs (vpdpbusd's operand), and a tile's blocks
  *            follow one another: a thread reading a range of columns reads one contiguous range.
+ *   q4 Mat:  W[d, c] = q[d, c] * s[d / 32, c] + m[d / 32, c], q in [0, 15] (llama.cpp's Q4_1
+ *            values: a GGUF backbone's matrices are exactly these, so nothing is rounded), laid
+ *            out as the int8 Mat with Q4_BLOCK bytes per block (q4_tiles): 0.625 bytes a weight
+ *            against int8's 1.125, for a decode step that reads every weight once a token.
  *   k/v cache of a layer: row b at + b*cache_row, then (kv_heads, max_len, hd) contiguous
  *   memory k/v of a layer: row b at + b*mem_row, then (cross_kv_heads, stm, hd) contiguous float32,
  *            or (mem_bf16) bfloat16 copies (cross_kv_heads, hd, stm): each head transposed
@@ -212,9 +216,12 @@ static void parallel_for(int nt, int64_t n, void (*item)(void *ctx, int64_t i), 
     parallel(nt, for_each_task, &f);
 }
 
-enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_F32T = 3 }; /* W_F32T: float32 in nn.Linear's (out, in) layout */
-#define QBLOCK 32                    /* int8: inputs sharing one scale (of a column; of x) */
-#define I8_BLOCK (QBLOCK * 16 + 64)  /* int8: bytes of one block of one 16-column tile */
+/* W_F32T: float32 in nn.Linear's (out, in) layout; W_Q4: 4-bit levels with a scale and a minimum
+ * per block (llama.cpp's Q4_1 values), for matrices whose values are exactly that already. */
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_F32T = 3, W_Q4 = 4 };
+#define QBLOCK 32                       /* int8, q4: inputs sharing one scale (of a column; of x) */
+#define I8_BLOCK (QBLOCK * 16 + 64)     /* int8: bytes of one block of one 16-column tile */
+#define Q4_BLOCK (QBLOCK * 16 / 2 + 64) /* q4: the same block's bytes (nibbles, 16 + 16 halfs) */
 #define I8_CHUNK 64                  /* int8: blocks of x quantised at a time (on the stack) */
 
 /* A weight matrix of rows x ld elements in one of the formats (int8: see the top). W_F32T is the
@@ -226,17 +233,21 @@ typedef struct {
     int64_t seg; /* int8: rows per segment (blocks restart at each); unused otherwise */
 } Mat;
 
-/* Blocks of 32 rows in a segment of an int8 Mat (its tiles are this many blocks apart). */
+/* Blocks of 32 rows in a segment of an int8 or q4 Mat (its tiles are this many blocks apart). */
 static int64_t seg_blocks(Mat m) { return (m.seg + QBLOCK - 1) / QBLOCK; }
+
+/* int8 and q4 Mats: stored by tiles of blocks, the activations quantised per block. */
+static int quantised(Mat m) { return m.type == W_I8 || m.type == W_Q4; }
+static int64_t block_bytes(Mat m) { return m.type == W_Q4 ? Q4_BLOCK : I8_BLOCK; }
 
 /* The same matrix from row `row` on (an expert's rows, a part of them). int8: `row` must start a
  * block of its segment (split_k gives such rows); the tiles stay a whole segment apart. */
 static Mat mat_rows(Mat m, int64_t row) {
     static const int64_t size[] = {4, 2, 1};
     Mat out = m;
-    if (m.type == W_I8) {
+    if (quantised(m)) {
         const int64_t seg = row / m.seg, block = row % m.seg / QBLOCK;
-        out.w = (const uint8_t *)m.w + (seg * (m.ld / 16) * seg_blocks(m) + block) * I8_BLOCK;
+        out.w = (const uint8_t *)m.w + (seg * (m.ld / 16) * seg_blocks(m) + block) * block_bytes(m);
     } else if (m.type == W_F32T) {
         out.w = (const float *)m.w + row;
     } else {
@@ -247,7 +258,7 @@ static Mat mat_rows(Mat m, int64_t row) {
 
 /* Where part i of `parts` of k input rows begins: int8 parts start at a block of QBLOCK rows. */
 static int64_t split_k(Mat m, int64_t k, int64_t i, int64_t parts) {
-    if (m.type != W_I8) return k * i / parts;
+    if (!quantised(m)) return k * i / parts;
     const int64_t at = QBLOCK * (((k + QBLOCK - 1) / QBLOCK) * i / parts);
     return at < k ? at : k;
 }
@@ -359,6 +370,7 @@ static void quantize_x(const float *x, int64_t n, int8_t *xq, float *sx, int32_t
     for (int64_t b = 0; b * QBLOCK < n; b++) {
         const float *xb = x + b * QBLOCK;
         const int64_t len = n - b * QBLOCK < QBLOCK ? n - b * QBLOCK : QBLOCK;
+
         float amax = 0.0f;
         int nan = 0;
         for (int64_t i = 0; i < len; i++) {
@@ -465,8 +477,126 @@ static void i8_tiles(float *restrict acc, const int8_t *xq, const float *sx, con
 #endif
 }
 
-/* acc[c] += sum_{d in [d0, d1)} x[d] * W[d, c] for c in [c0, c1) with an int8 W, x quantised per
- * block (d0 starts a block of the segment; c0 is a multiple of 16). */
+/* A half-precision float's value (exact): a q4 block's scales and minimums are float16. */
+static float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    if (e == 0) { /* zero or subnormal: man * 2^-24 */
+        const float v = ldexpf((float)man, -24);
+        return sign ? -v : v;
+    }
+    const uint32_t bits = sign | (e == 31 ? 0x7F800000u | (man << 13) : ((e + 112u) << 23) | (man << 13));
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* i8_tiles for a q4 Mat: W[d, c] = s[d / 32, c] * q[d, c] + m[d / 32, c] with q in [0, 15], so
+ * a block's term is sx * s * sum(xq * q) + sx * m * sum(xq): per column the blocks' terms are added
+ * in order into a float starting at 0, s's term then m's, each with one fused multiply-add (every
+ * build the same bits). A block is Q4_BLOCK bytes: 4 groups of 64 bytes, group h holding rows
+ * 8h..8h+3 in its low nibbles and 8h+4..8h+7 in its high ones (column j's 4 rows at 4 j, as the
+ * int8 layout's groups), then the 16 scales and the 16 minimums as float16. Unsigned levels feed
+ * vpdpbusd (VNNI) and vpmaddubsw (AVX2) directly: no sign trick, no correction; a block's AVX2
+ * pair sums add up in 16 bits (8 x 2 x 15 x 127 < 32768). */
+static void q4_tiles(float *restrict acc, const int8_t *xq, const float *sx, const int32_t *xsum, const uint8_t *w,
+                     int64_t tile, int64_t nb, int64_t c0, int64_t c1) {
+#if defined(I8_VNNI)
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t c = c0; c < c1; c += 16) {
+        const uint8_t *p = w + c / 16 * tile;
+        __m512 f = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++, p += Q4_BLOCK) {
+            int32_t x4[8];
+            memcpy(x4, xq + b * QBLOCK, sizeof x4);
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int h = 0; h < 4; h++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(p + 64 * h));
+                s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v, low), _mm512_set1_epi32(x4[2 * h]));
+                s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                         _mm512_set1_epi32(x4[2 * h + 1]));
+            }
+            const __m512 sxb = _mm512_set1_ps(sx[b]);
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(p + 256)));
+            const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(p + 288)));
+            f = _mm512_fmadd_ps(_mm512_mul_ps(sxb, d), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), f);
+            f = _mm512_fmadd_ps(_mm512_mul_ps(sxb, mn), _mm512_set1_ps((float)xsum[b]), f);
+        }
+        const int64_t valid = c1 - c < 16 ? c1 - c : 16;
+        const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
+        _mm512_mask_storeu_ps(acc + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc + c), f));
+    }
+#elif defined(I8_AVX2)
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t c = c0; c < c1; c += 16) {
+        const uint8_t *p = w + c / 16 * tile;
+        __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++, p += Q4_BLOCK) {
+            int32_t x4[8];
+            memcpy(x4, xq + b * QBLOCK, sizeof x4);
+            __m256i t0 = _mm256_setzero_si256(), t1 = _mm256_setzero_si256();
+            for (int h = 0; h < 4; h++) {
+                const __m256i xl = _mm256_set1_epi32(x4[2 * h]), xh = _mm256_set1_epi32(x4[2 * h + 1]);
+                const __m256i v0 = _mm256_loadu_si256((const void *)(p + 64 * h));
+                const __m256i v1 = _mm256_loadu_si256((const void *)(p + 64 * h + 32));
+                t0 = _mm256_add_epi16(t0, _mm256_maddubs_epi16(_mm256_and_si256(v0, low), xl));
+                t0 = _mm256_add_epi16(t0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low), xh));
+                t1 = _mm256_add_epi16(t1, _mm256_maddubs_epi16(_mm256_and_si256(v1, low), xl));
+                t1 = _mm256_add_epi16(t1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low), xh));
+            }
+            const __m256 sxb = _mm256_set1_ps(sx[b]), xs = _mm256_set1_ps((float)xsum[b]);
+            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const void *)(p + 256)));
+            const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const void *)(p + 272)));
+            const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128((const void *)(p + 288)));
+            const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const void *)(p + 304)));
+            f0 = _mm256_fmadd_ps(_mm256_mul_ps(sxb, d0), _mm256_cvtepi32_ps(_mm256_madd_epi16(t0, ones)), f0);
+            f1 = _mm256_fmadd_ps(_mm256_mul_ps(sxb, d1), _mm256_cvtepi32_ps(_mm256_madd_epi16(t1, ones)), f1);
+            f0 = _mm256_fmadd_ps(_mm256_mul_ps(sxb, m0), xs, f0);
+            f1 = _mm256_fmadd_ps(_mm256_mul_ps(sxb, m1), xs, f1);
+        }
+        float f[16];
+        _mm256_storeu_ps(f, f0);
+        _mm256_storeu_ps(f + 8, f1);
+        const int64_t valid = c1 - c < 16 ? c1 - c : 16;
+        for (int64_t j = 0; j < valid; j++) acc[c + j] += f[j];
+    }
+#else
+    for (int64_t c = c0; c < c1; c += 16) {
+        const uint8_t *p = w + c / 16 * tile;
+        const int64_t valid = c1 - c < 16 ? c1 - c : 16;
+        float f[16] = {0};
+        for (int64_t b = 0; b < nb; b++, p += Q4_BLOCK) {
+            const int8_t *x = xq + b * QBLOCK;
+            int32_t s[16] = {0};
+            for (int h = 0; h < 4; h++)
+                for (int j = 0; j < 16; j++)
+                    for (int i = 0; i < 4; i++) {
+                        const int v = p[64 * h + 4 * j + i];
+                        s[j] += (v & 15) * x[8 * h + i] + (v >> 4) * x[8 * h + 4 + i];
+                    }
+            for (int j = 0; j < 16; j++) {
+                uint16_t d, mn;
+                memcpy(&d, p + 256 + 2 * j, sizeof d);
+                memcpy(&mn, p + 288 + 2 * j, sizeof mn);
+                f[j] = fmaf(sx[b] * f16_to_f32(d), (float)s[j], f[j]);
+                f[j] = fmaf(sx[b] * f16_to_f32(mn), (float)xsum[b], f[j]);
+            }
+        }
+        for (int64_t j = 0; j < valid; j++) acc[c + j] += f[j];
+    }
+#endif
+}
+
+/* The block kernel of a quantised Mat's format. */
+static void quant_tiles(int64_t type, float *restrict acc, const int8_t *xq, const float *sx, const int32_t *xsum,
+                        const uint8_t *w, int64_t tile, int64_t nb, int64_t c0, int64_t c1) {
+    if (type == W_Q4)
+        q4_tiles(acc, xq, sx, xsum, w, tile, nb, c0, c1);
+    else
+        i8_tiles(acc, xq, sx, xsum, w, tile, nb, c0, c1);
+}
+
+/* acc[c] += sum_{d in [d0, d1)} x[d] * W[d, c] for c in [c0, c1) with an int8 or q4 W, x quantised
+ * per block (d0 starts a block of the segment; c0 is a multiple of 16). */
 static void axpy_i8(float *restrict acc, const float *xs, Mat m, int64_t d0, int64_t d1, int64_t c0, int64_t c1) {
     int8_t xq[I8_CHUNK * QBLOCK];
     float sx[I8_CHUNK];
@@ -474,8 +604,8 @@ static void axpy_i8(float *restrict acc, const float *xs, Mat m, int64_t d0, int
     for (int64_t d = d0; d < d1; d += I8_CHUNK * QBLOCK) {
         const int64_t end = d1 - d < I8_CHUNK * QBLOCK ? d1 : d + I8_CHUNK * QBLOCK;
         quantize_x(xs + d, end - d, xq, sx, xsum);
-        i8_tiles(acc, xq, sx, xsum, (const uint8_t *)m.w + d / QBLOCK * I8_BLOCK, seg_blocks(m) * I8_BLOCK,
-                 (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
+        quant_tiles(m.type, acc, xq, sx, xsum, (const uint8_t *)m.w + d / QBLOCK * block_bytes(m),
+                    seg_blocks(m) * block_bytes(m), (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
     }
 }
 
@@ -527,7 +657,7 @@ static void axpy_rows(float *restrict acc, const float *xs, Mat m, int64_t d0, i
         axpy_f32t(acc, xs, m.w, m.ld, d0, d1, c0, c1);
         return;
     }
-    if (m.type == W_I8) {
+    if (quantised(m)) {
         axpy_i8(acc, xs, m, d0, d1, c0, c1);
         return;
     }
@@ -592,13 +722,58 @@ static inline __attribute__((always_inline)) void i8_tiles_r(const int R, float 
             _mm512_mask_storeu_ps(acc[r] + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc[r] + c), f[r]));
     }
 }
+
+/* q4_tiles for R rows: a block's 8 groups of levels unpacked once, applied to every row. */
+static inline __attribute__((always_inline)) void q4_tiles_r(const int R, float *const *acc, const QRows *x,
+                                                             const uint8_t *w, int64_t tile, int64_t nb, int64_t c0,
+                                                             int64_t c1) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t c = c0; c < c1; c += 16) {
+        const uint8_t *p = w + c / 16 * tile;
+        __m512 f[ROWS_MAX];
+        for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++, p += Q4_BLOCK) {
+            __m512i q[8];
+            for (int h = 0; h < 4; h++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(p + 64 * h));
+                q[2 * h] = _mm512_and_si512(v, low);
+                q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(p + 256)));
+            const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(p + 288)));
+            for (int r = 0; r < R; r++) {
+                int32_t x4[8];
+                memcpy(x4, x->xq[r] + b * QBLOCK, sizeof x4);
+#define DPR(s, g) _mm512_dpbusd_epi32(s, q[g], _mm512_set1_epi32(x4[g]))
+                __m512i s0 = DPR(_mm512_setzero_si512(), 0), s1 = DPR(_mm512_setzero_si512(), 1);
+                s0 = DPR(s0, 2), s1 = DPR(s1, 3), s0 = DPR(s0, 4), s1 = DPR(s1, 5), s0 = DPR(s0, 6), s1 = DPR(s1, 7);
+#undef DPR
+                const __m512 sxb = _mm512_set1_ps(x->sx[r][b]);
+                f[r] = _mm512_fmadd_ps(_mm512_mul_ps(sxb, d), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), f[r]);
+                f[r] = _mm512_fmadd_ps(_mm512_mul_ps(sxb, mn), _mm512_set1_ps((float)x->xsum[r][b]), f[r]);
+            }
+        }
+        const int64_t valid = c1 - c < 16 ? c1 - c : 16;
+        const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
+        for (int r = 0; r < R; r++)
+            _mm512_mask_storeu_ps(acc[r] + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc[r] + c), f[r]));
+    }
+}
 #endif
 
-/* i8_tiles for R <= ROWS_MAX rows, each weight block read once (VNNI); other builds run
- * i8_tiles row by row, which gives the same bits. */
-static void i8_tiles_rows(int R, float *const *acc, const QRows *x, const uint8_t *w, int64_t tile, int64_t nb,
-                          int64_t c0, int64_t c1) {
+/* i8_tiles (q4_tiles for a q4 Mat) for R <= ROWS_MAX rows, each weight block read once (VNNI);
+ * other builds run them row by row, which gives the same bits. */
+static void i8_tiles_rows(int64_t type, int R, float *const *acc, const QRows *x, const uint8_t *w, int64_t tile,
+                          int64_t nb, int64_t c0, int64_t c1) {
 #if defined(I8_VNNI)
+    if (type == W_Q4) {
+        switch (R) {
+#define CASE(k) \
+    case k: q4_tiles_r(k, acc, x, w, tile, nb, c0, c1); return;
+            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+        }
+    }
     switch (R) {
 #define CASE(k) \
     case k: i8_tiles_r(k, acc, x, w, tile, nb, c0, c1); return;
@@ -606,7 +781,7 @@ static void i8_tiles_rows(int R, float *const *acc, const QRows *x, const uint8_
 #undef CASE
     }
 #endif
-    for (int r = 0; r < R; r++) i8_tiles(acc[r], x->xq[r], x->sx[r], x->xsum[r], w, tile, nb, c0, c1);
+    for (int r = 0; r < R; r++) quant_tiles(type, acc[r], x->xq[r], x->sx[r], x->xsum[r], w, tile, nb, c0, c1);
 }
 
 /* acc[r][c] += sum_{d in [d0, d1)} x_r[d] * W[d, c] for R <= ROWS_MAX rows whose activations are
@@ -619,8 +794,8 @@ static void i8_rows_quantised(int R, float *const *acc, const QRows *x, Mat m, i
         QRows at;
         for (int r = 0; r < R; r++)
             at.xq[r] = x->xq[r] + skip * QBLOCK, at.sx[r] = x->sx[r] + skip, at.xsum[r] = x->xsum[r] + skip;
-        i8_tiles_rows(R, acc, &at, (const uint8_t *)m.w + d / QBLOCK * I8_BLOCK, seg_blocks(m) * I8_BLOCK,
-                      (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
+        i8_tiles_rows(m.type, R, acc, &at, (const uint8_t *)m.w + d / QBLOCK * block_bytes(m),
+                      seg_blocks(m) * block_bytes(m), (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
     }
 }
 
@@ -866,7 +1041,7 @@ static void axpy_rows_multi(int R, float *const *acc, const float *const *xs, Ma
         f32_multi(R, R, acc, xs, m.w, m.ld, d0, d1, c0, c1);
         return;
     }
-    if (m.type != W_I8 || R == 1) {
+    if (!quantised(m) || R == 1) {
         for (int r = 0; r < R; r++) axpy_rows(acc[r], xs[r], m, d0, d1, c0, c1);
         return;
     }
@@ -881,8 +1056,8 @@ static void axpy_rows_multi(int R, float *const *acc, const float *const *xs, Ma
         for (int r = 0; r < R; r++)
             quantize_x(xs[r] + d, end - d, xq + (int64_t)r * I8_CHUNK * QBLOCK, sx + r * I8_CHUNK,
                        xsum + r * I8_CHUNK);
-        i8_tiles_rows(R, acc, &x, (const uint8_t *)m.w + d / QBLOCK * I8_BLOCK, seg_blocks(m) * I8_BLOCK,
-                      (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
+        i8_tiles_rows(m.type, R, acc, &x, (const uint8_t *)m.w + d / QBLOCK * block_bytes(m),
+                      seg_blocks(m) * block_bytes(m), (end - d + QBLOCK - 1) / QBLOCK, c0, c1);
     }
 }
 
@@ -955,11 +1130,88 @@ static void gemv_task(void *c, int t, int count) {
 
 static void gemv(int n, const float *x, int64_t k, Mat w, int64_t cols,
                  const float *bias, float *out, int accumulate, int nt, int rb) {
-    const int by_rows = w.type != W_I8 && cols < 2048 * nt && nt > 1;
+    const int by_rows = !quantised(w) && cols < 2048 * nt && nt > 1;
     float *partial = by_rows ? malloc(sizeof(float) * (size_t)(nt * n * cols)) : NULL;
     GemvTask task = {n, accumulate, rb, by_rows && partial, x, bias, k, cols, w, out, partial};
     parallel(nt, gemv_task, &task);
     free(partial);
+}
+
+/* The float16 nearest a finite float (ties to even): a q4 block's scale and minimum. */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    x &= 0x7FFFFFFFu;
+    if (x >= 0x47800000u) return (uint16_t)(sign | 0x7C00u); /* 65536 and beyond: infinite */
+    if (x < 0x38800000u) {                                   /* below 2^-14: a subnormal half */
+        float a;
+        memcpy(&a, &x, sizeof a);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 16777216.0f)); /* exact scaling by 2^24 */
+    }
+    uint32_t h = (((x >> 23) - 112u) << 10) | ((x & 0x7FFFFFu) >> 13);
+    const uint32_t rest = x & 0x1FFFu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++; /* a carry moves into the exponent */
+    return (uint16_t)(sign | h);
+}
+
+/* One column's block of 32 values v as q4 (q, s, m), or 0 when it is not exactly that. */
+static int q4_block(const float *v, uint8_t *q, uint16_t *sh, uint16_t *mh) {
+    float lo = v[0], hi = v[0];
+    for (int i = 1; i < QBLOCK; i++) {
+        lo = v[i] < lo ? v[i] : lo;
+        hi = v[i] > hi ? v[i] : hi;
+    }
+    if (!(lo > -INFINITY && hi < INFINITY)) return 0; /* NaN or infinite */
+    *mh = f32_to_f16(lo);
+    if (f16_to_f32(*mh) != lo) return 0;
+    const int guess = f32_to_f16((hi - lo) / 15.0f);
+    const int tries[3] = {guess, guess + 1, guess - 1};
+    for (int t = 0; t < 3; t++) {
+        if (tries[t] < 0 || tries[t] >= 0x7C00) continue;
+        const float d = f16_to_f32((uint16_t)tries[t]), inv = d > 0.0f ? 1.0f / d : 0.0f;
+        int ok = 1;
+        for (int i = 0; i < QBLOCK; i++) {
+            int level = (int)((v[i] - lo) * inv + 0.5f);
+            level = level < 0 ? 0 : level > 15 ? 15 : level;
+            q[i] = (uint8_t)level;
+            ok &= (float)level * d + lo == v[i]; /* level * d is exact: 4 bits times 11 */
+        }
+        if (ok) {
+            *sh = (uint16_t)tries[t];
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Pack an input-major (rows, cols) float32 matrix, element (d, c) at w[d * rs + c * cs], as a q4
+ * Mat (the layout at the top: (cols / 16 rounded up) tiles of rows / 32 blocks of Q4_BLOCK bytes)
+ * into `out`, when every block of 32 rows of a column is exactly s * q + m (the float32 product,
+ * then the sum, as a GGUF's Q4_1 dequantizes) with float16 s and m and q in [0, 15]: m is the
+ * block's least value (level 0), s the half nearest (max - m) / 15 or a neighbour. Returns 1 when
+ * the whole matrix is, else 0 (then `out` is garbage). One pass, so a 100M-weight backbone is
+ * checked and packed as it loads. */
+int rxt_pack_q4(const float *w, int64_t rows, int64_t cols, int64_t rs, int64_t cs, uint8_t *out) {
+    if (rows % QBLOCK) return 0;
+    const int64_t nb = rows / QBLOCK, tiles = (cols + 15) / 16;
+    memset(out, 0, (size_t)(tiles * nb * Q4_BLOCK));
+    const int by_columns = rs < cs; /* walk the matrix the way its memory runs */
+    for (int64_t outer = 0; outer < (by_columns ? cols : nb); outer++)
+        for (int64_t inner = 0; inner < (by_columns ? nb : cols); inner++) {
+            const int64_t c = by_columns ? outer : inner, b = by_columns ? inner : outer;
+            float v[QBLOCK];
+            for (int i = 0; i < QBLOCK; i++) v[i] = w[(b * QBLOCK + i) * rs + c * cs];
+            uint8_t q[QBLOCK];
+            uint16_t sh, mh;
+            if (!q4_block(v, q, &sh, &mh)) return 0;
+            uint8_t *blk = out + ((c / 16) * nb + b) * Q4_BLOCK;
+            const int64_t j = c % 16;
+            for (int i = 0; i < QBLOCK; i++) blk[64 * (i / 8) + 4 * j + i % 4] |= (uint8_t)(q[i] << (4 * (i % 8 / 4)));
+            memcpy(blk + 256 + 2 * j, &sh, sizeof sh);
+            memcpy(blk + 288 + 2 * j, &mh, sizeof mh);
+        }
+    return 1;
 }
 
 /* y (cols) = x (k) @ W[row : row + k] for one Mat (int8: `row` starts a segment, k its rows):
@@ -1611,7 +1863,7 @@ static void moe_grouped(const RxtLayer *L, int pairs, int64_t K, int64_t E, int6
     int8_t *hq = NULL;
     float *hs = NULL;
     int32_t *hsum = NULL;
-    if (L->w_in.type == W_I8) {
+    if (quantised(L->w_in)) {
         hq = malloc((size_t)(n * nbk * QBLOCK) + (size_t)(n * nbk) * (sizeof(float) + sizeof(int32_t)));
         if (hq) {
             hs = (float *)(hq + n * nbk * QBLOCK);
