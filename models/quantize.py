@@ -49,6 +49,8 @@ def q4_levels(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     GGUF backbone dequantizes to. ``q`` uint8 (rows, cols), ``scales``/``mins`` float16 (rows / 32,
     cols). None otherwise (rows not whole blocks, or any block not exactly such values): such a
     matrix needs no rounding, and the C step reads it in 0.625 bytes a weight, not int8's 1.125.
+    The torch statement of the test the C step's packer (``native.pack_q4``) makes in one pass;
+    tests/test_q4.py holds the two to the same answers and bytes.
     """
     if matrix.dim() != 2 or matrix.shape[0] % BLOCK or matrix.dtype != torch.float32 or matrix.numel() == 0:
         return None

@@ -50,6 +50,9 @@ def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
     down the columns of each input-major matrix (each expert's on its own) exactly as the C step
     blocks them, and sets
     ``model.weight_format``. Irreversible for the loaded weights: load again for float32.
+    int8 on a CPU with the C step leaves a matrix that is exactly llama.cpp's Q4_1 as it is (a
+    GGUF backbone's, given its GGUF values back first: :func:`restore_backbone_values`): the C
+    step reads it in 4 bits, nothing rounded (``RXRT_INT8_Q4=0``: every matrix q8_0).
     """
     weights = check_format(weights)
     released = [m for m in model.modules() if isinstance(m, MoE) and m.released is not None]
