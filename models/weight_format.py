@@ -67,13 +67,18 @@ def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
     if model.dtype != torch.float32:
         raise ValueError(f"weight formats apply to float32 models, this one is {model.dtype}")
     q4 = weights == "int8" and _q4_possible(model)
-    if q4:
-        restore_backbone_values(model)
-    model.use_decode_layout()  # the decoder's matrices as the C step reads them
+    exact = restore_backbone_values(model) if q4 else set()  # checked there: not checked again
+
+    def keeps_4_bits(matrix: Tensor, *params: Tensor) -> bool:
+        known = bool(params) and all(id(p) in exact for p in params)
+        return q4 and (known or native.pack_q4(matrix) is not None)
+
+    model.use_decode_layout()  # the decoder's matrices as the C step reads them (the same Parameters)
     for layer in model.decoder.blocks:
         for attn in (layer.self_attn, layer.cross_attn):
             fused = None if attn is None else attn.fused_qkv()
-            if fused is not None and not (q4 and native.pack_q4(fused[0]) is not None):
+            parts = () if attn is None else (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+            if fused is not None and not keeps_4_bits(fused[0], *parts):
                 _round_in_place(fused[0], weights)  # (dim, q + 2 kv columns), shared by the views
     done = {id(t) for layer in model.decoder.blocks for t in _fused_views(layer)}
     skip = {id(t) for m in released for t in (m.w_in, m.w_out)}
@@ -82,7 +87,7 @@ def set_weight_format(model: RxTModel, weights: WeightFormat) -> None:
         # tables (empty) are held, rounded, by the C step's copies; a matrix exactly Q4_1 (a
         # GGUF backbone's) is left as it is: the C step reads it in 4 bits (native.pack_q4)
         matrix = weight.transpose(-1, -2)
-        if id(weight) in done or id(weight) in skip or (q4 and native.pack_q4(matrix) is not None):
+        if id(weight) in done or id(weight) in skip or keeps_4_bits(matrix, weight):
             continue
         _round_in_place(matrix, weights)
     model.weight_format = weights
@@ -94,35 +99,39 @@ def _q4_possible(model: RxTModel) -> bool:
     return q4_enabled() and model.device.type == "cpu" and native.unavailable_reason() is None
 
 
-def restore_backbone_values(model: RxTModel) -> int:
+def restore_backbone_values(model: RxTModel) -> set[int]:
     """Give a compact model's frozen backbone matrices back the values its GGUF dequantizes to,
     where those are exactly Q4_1 (:func:`~.quantize.q4_levels`) and the model holds them rounded
     to its narrower dtype (bf16): int8 weights then leave them as they are, and the C step reads
-    them in 4 bits instead of rounding them to q8_0. Returns how many took them. A value moves by
-    at most half a bf16 step, less than q8_0 would move it. Trained matrices (no backbone source,
-    or values that differ from it) are untouched; the model keeps nothing of the source after."""
+    them in 4 bits instead of rounding them to q8_0. Returns the ``id`` of every parameter that
+    now holds such values (given back, or held exactly already), so that they need no second
+    check. A value moves by at most half a bf16 step, less than q8_0 would move it. Trained
+    matrices (no backbone source, or values that differ from it) are untouched; the model keeps
+    nothing of the source after."""
     read = model.backbone_values
     if read is None:
-        return 0
+        return set()
     source = read()
     params = dict(model.named_parameters())
     fits: dict[int, bool] = {}  # by source tensor: an encoder layer and its decoder block share one
-    restored = 0
+    exact: set[int] = set()
     for name in sorted(rounded_matrix_names(model)):
         value, param = source.get(name), params.get(name)
         if value is None or param is None or value.shape != param.shape or value.dim() != 2:
             continue
-        if torch.equal(value, param) or not any(
+        held = torch.equal(value, param)
+        if not held and not any(
             torch.equal(value.to(dtype).to(torch.float32), param) for dtype in (torch.bfloat16, torch.float16)
         ):
-            continue  # exact already, or not the backbone's (a trained matrix)
+            continue  # not the backbone's (a trained matrix)
         key = value.data_ptr()
         if key not in fits:
             fits[key] = native.pack_q4(value.t()) is not None
         if fits[key]:
-            param.data.copy_(value)
-            restored += 1
-    return restored
+            if not held:
+                param.data.copy_(value)
+            exact.add(id(param))
+    return exact
 
 
 def _fused_views(layer: nn.Module) -> list[Tensor]:
