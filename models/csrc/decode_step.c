@@ -490,6 +490,70 @@ static float f16_to_f32(uint16_t h) {
     return f;
 }
 
+#define ROWS_MAX 8 /* activation rows the multi-row kernels take in one pass (i8_tiles_rows) */
+
+/* Row r's activations quantised per block (quantize_x): xq[r], sx[r], xsum[r] from the first
+ * block the product reads. */
+typedef struct {
+    const int8_t *xq[ROWS_MAX];
+    const float *sx[ROWS_MAX];
+    const int32_t *xsum[ROWS_MAX];
+} QRows;
+
+#if defined(I8_VNNI)
+/* One block's integer sums for one row (VNNI): q[g] holds 16 columns x the 4 inputs of group g
+ * (unsigned), times the row's 4 quantised inputs of that group, g < 8, in two chains. The
+ * multi-row kernels' inner step, int8 and q4 alike. */
+static inline __attribute__((always_inline)) __m512i dot_groups(const __m512i *q, const int8_t *xq) {
+    int32_t x4[8];
+    memcpy(x4, xq, sizeof x4);
+#define DPR(s, g) _mm512_dpbusd_epi32(s, q[g], _mm512_set1_epi32(x4[g]))
+    __m512i s0 = DPR(_mm512_setzero_si512(), 0), s1 = DPR(_mm512_setzero_si512(), 1);
+    s0 = DPR(s0, 2), s1 = DPR(s1, 3), s0 = DPR(s0, 4), s1 = DPR(s1, 5), s0 = DPR(s0, 6), s1 = DPR(s1, 7);
+#undef DPR
+    return _mm512_add_epi32(s0, s1);
+}
+
+/* acc[r][c, c + 16) += f[r] for R rows, the columns from c1 on left alone. */
+static inline __attribute__((always_inline)) void add_tile(const int R, float *const *acc, const __m512 *f, int64_t c,
+                                                           int64_t c1) {
+    const int64_t valid = c1 - c < 16 ? c1 - c : 16;
+    const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
+    for (int r = 0; r < R; r++)
+        _mm512_mask_storeu_ps(acc[r] + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc[r] + c), f[r]));
+}
+
+/* q4_tiles for R rows: a block's 8 groups of levels unpacked once, applied to every row (VNNI
+ * builds run q4_tiles as this with one row). */
+static inline __attribute__((always_inline)) void q4_tiles_r(const int R, float *const *acc, const QRows *x,
+                                                             const uint8_t *w, int64_t tile, int64_t nb, int64_t c0,
+                                                             int64_t c1) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t c = c0; c < c1; c += 16) {
+        const uint8_t *p = w + c / 16 * tile;
+        __m512 f[ROWS_MAX];
+        for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++, p += Q4_BLOCK) {
+            __m512i q[8];
+            for (int h = 0; h < 4; h++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(p + 64 * h));
+                q[2 * h] = _mm512_and_si512(v, low);
+                q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(p + 256)));
+            const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(p + 288)));
+            for (int r = 0; r < R; r++) {
+                const __m512i s = dot_groups(q, x->xq[r] + b * QBLOCK);
+                const __m512 sxb = _mm512_set1_ps(x->sx[r][b]);
+                f[r] = _mm512_fmadd_ps(_mm512_mul_ps(sxb, d), _mm512_cvtepi32_ps(s), f[r]);
+                f[r] = _mm512_fmadd_ps(_mm512_mul_ps(sxb, mn), _mm512_set1_ps((float)x->xsum[r][b]), f[r]);
+            }
+        }
+        add_tile(R, acc, f, c, c1);
+    }
+}
+#endif
+
 /* i8_tiles for a q4 Mat: W[d, c] = s[d / 32, c] * q[d, c] + m[d / 32, c] with q in [0, 15], so
  * a block's term is sx * s * sum(xq * q) + sx * m * sum(xq): per column the blocks' terms are added
  * in order into a float starting at 0, s's term then m's, each with one fused multiply-add (every
@@ -501,30 +565,9 @@ static float f16_to_f32(uint16_t h) {
 static void q4_tiles(float *restrict acc, const int8_t *xq, const float *sx, const int32_t *xsum, const uint8_t *w,
                      int64_t tile, int64_t nb, int64_t c0, int64_t c1) {
 #if defined(I8_VNNI)
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    for (int64_t c = c0; c < c1; c += 16) {
-        const uint8_t *p = w + c / 16 * tile;
-        __m512 f = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; b++, p += Q4_BLOCK) {
-            int32_t x4[8];
-            memcpy(x4, xq + b * QBLOCK, sizeof x4);
-            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-            for (int h = 0; h < 4; h++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(p + 64 * h));
-                s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v, low), _mm512_set1_epi32(x4[2 * h]));
-                s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
-                                         _mm512_set1_epi32(x4[2 * h + 1]));
-            }
-            const __m512 sxb = _mm512_set1_ps(sx[b]);
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(p + 256)));
-            const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(p + 288)));
-            f = _mm512_fmadd_ps(_mm512_mul_ps(sxb, d), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), f);
-            f = _mm512_fmadd_ps(_mm512_mul_ps(sxb, mn), _mm512_set1_ps((float)xsum[b]), f);
-        }
-        const int64_t valid = c1 - c < 16 ? c1 - c : 16;
-        const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
-        _mm512_mask_storeu_ps(acc + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc + c), f));
-    }
+    float *const rows[1] = {acc};
+    const QRows one = {{xq}, {sx}, {xsum}};
+    q4_tiles_r(1, rows, &one, w, tile, nb, c0, c1);
 #elif defined(I8_AVX2)
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     for (int64_t c = c0; c < c1; c += 16) {
@@ -680,16 +723,6 @@ static void axpy_rows(float *restrict acc, const float *xs, Mat m, int64_t d0, i
  * ROWS_MAX rows (RxtModel.row_block), each with its own VNNI dot products. Every row's sums are
  * the ones i8_tiles computes (the same integer block sums, the same float operations in the same
  * order), so R rows in one pass give the same bits as R passes of one row. */
-#define ROWS_MAX 8
-
-/* Row r's activations quantised per block (quantize_x): xq[r], sx[r], xsum[r] from the first
- * block the product reads. */
-typedef struct {
-    const int8_t *xq[ROWS_MAX];
-    const float *sx[ROWS_MAX];
-    const int32_t *xsum[ROWS_MAX];
-} QRows;
-
 #if defined(I8_VNNI)
 /* i8_tiles for R rows (a constant after inlining, so the R accumulators stay in registers), row
  * r's sums added into acc[r]. */
@@ -705,60 +738,16 @@ static inline __attribute__((always_inline)) void i8_tiles_r(const int R, float 
             for (int g = 0; g < 8; g++) q[g] = _mm512_loadu_si512((const void *)(p + 64 * g));
             const __m512 ws = _mm512_loadu_ps((const float *)(p + 512));
             for (int r = 0; r < R; r++) {
-                int32_t x4[8];
-                memcpy(x4, x->xq[r] + b * QBLOCK, sizeof x4);
-#define DPR(s, g) _mm512_dpbusd_epi32(s, q[g], _mm512_set1_epi32(x4[g]))
-                __m512i s0 = DPR(_mm512_setzero_si512(), 0), s1 = DPR(_mm512_setzero_si512(), 1);
-                s0 = DPR(s0, 2), s1 = DPR(s1, 3), s0 = DPR(s0, 4), s1 = DPR(s1, 5), s0 = DPR(s0, 6), s1 = DPR(s1, 7);
-#undef DPR
-                const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * x->xsum[r][b]));
+                const __m512i s = _mm512_sub_epi32(dot_groups(q, x->xq[r] + b * QBLOCK),
+                                                   _mm512_set1_epi32(128 * x->xsum[r][b]));
                 const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(x->sx[r][b]), ws);
                 f[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), f[r]);
             }
         }
-        const int64_t valid = c1 - c < 16 ? c1 - c : 16;
-        const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
-        for (int r = 0; r < R; r++)
-            _mm512_mask_storeu_ps(acc[r] + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc[r] + c), f[r]));
+        add_tile(R, acc, f, c, c1);
     }
 }
 
-/* q4_tiles for R rows: a block's 8 groups of levels unpacked once, applied to every row. */
-static inline __attribute__((always_inline)) void q4_tiles_r(const int R, float *const *acc, const QRows *x,
-                                                             const uint8_t *w, int64_t tile, int64_t nb, int64_t c0,
-                                                             int64_t c1) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    for (int64_t c = c0; c < c1; c += 16) {
-        const uint8_t *p = w + c / 16 * tile;
-        __m512 f[ROWS_MAX];
-        for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; b++, p += Q4_BLOCK) {
-            __m512i q[8];
-            for (int h = 0; h < 4; h++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(p + 64 * h));
-                q[2 * h] = _mm512_and_si512(v, low);
-                q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            }
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(p + 256)));
-            const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(p + 288)));
-            for (int r = 0; r < R; r++) {
-                int32_t x4[8];
-                memcpy(x4, x->xq[r] + b * QBLOCK, sizeof x4);
-#define DPR(s, g) _mm512_dpbusd_epi32(s, q[g], _mm512_set1_epi32(x4[g]))
-                __m512i s0 = DPR(_mm512_setzero_si512(), 0), s1 = DPR(_mm512_setzero_si512(), 1);
-                s0 = DPR(s0, 2), s1 = DPR(s1, 3), s0 = DPR(s0, 4), s1 = DPR(s1, 5), s0 = DPR(s0, 6), s1 = DPR(s1, 7);
-#undef DPR
-                const __m512 sxb = _mm512_set1_ps(x->sx[r][b]);
-                f[r] = _mm512_fmadd_ps(_mm512_mul_ps(sxb, d), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), f[r]);
-                f[r] = _mm512_fmadd_ps(_mm512_mul_ps(sxb, mn), _mm512_set1_ps((float)x->xsum[r][b]), f[r]);
-            }
-        }
-        const int64_t valid = c1 - c < 16 ? c1 - c : 16;
-        const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
-        for (int r = 0; r < R; r++)
-            _mm512_mask_storeu_ps(acc[r] + c, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, acc[r] + c), f[r]));
-    }
-}
 #endif
 
 /* i8_tiles (q4_tiles for a q4 Mat) for R <= ROWS_MAX rows, each weight block read once (VNNI);
