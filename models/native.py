@@ -472,9 +472,9 @@ def pack_int8(matrix: Tensor, seg: int) -> Tensor:
 
 def pack_q4(matrix: Tensor) -> Tensor | None:
     """The C step's q4 copy of an input-major (rows, cols) float32 matrix whose values are exactly
-    Q4_1 (:func:`~.quantize.q4_levels` says when), or None when they are not: checked and packed
-    in one pass by the C step's ``rxt_pack_q4`` (a 100M-weight backbone in a fraction of a
-    second; :func:`pack_q4_levels` is the torch reference it is tested against)."""
+    Q4_1 (a float16 scale and minimum per 32 inputs of a column, levels 0-15), or None when they
+    are not: checked and packed in one pass by the C step's ``rxt_pack_q4`` (a 100M-weight
+    backbone in a fraction of a second; tests/test_q4.py holds it to a torch reference)."""
     if matrix.dim() != 2 or matrix.dtype != torch.float32 or matrix.shape[0] % BLOCK or matrix.numel() == 0:
         return None
     rows, cols = matrix.shape
@@ -488,30 +488,6 @@ def pack_q4(matrix: Tensor) -> Tensor | None:
 
 _Q4_BLOCK = BLOCK * _TILE // 2 + 2 * 2 * _TILE
 """Bytes of one q4 block of a tile: 256 of levels, 16 float16 scales, 16 float16 minimums."""
-
-
-def pack_q4_levels(levels: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """The C step's q4 copy of an input-major matrix from its :func:`~.quantize.q4_levels`, in torch.
-
-    Layout (decode_step.c's q4 Mat): per tile of 16 columns, per block of 32 rows, 4 groups of 64
-    bytes (group h: rows 8h..8h+3 in the low nibbles, 8h+4..8h+7 in the high ones, column j's 4
-    rows at ``4 j``), then the tile's 16 float16 scales and 16 float16 minimums of that block: 320
-    bytes a block. Padding columns hold level, scale and minimum 0.
-    """
-    q, scales, mins = levels
-    rows, cols = q.shape
-    blocks, tiles = rows // BLOCK, -(-cols // _TILE)
-    padded = torch.zeros(rows, tiles * _TILE, dtype=torch.uint8)
-    padded[:, :cols] = q
-    # (blocks, h, low/high, i, tiles, j) -> (tiles, blocks, h, j, i) per nibble
-    grouped = padded.view(blocks, 4, 2, 4, tiles, _TILE).permute(4, 0, 1, 2, 5, 3)
-    nibbles = (grouped[:, :, :, 0] | (grouped[:, :, :, 1] << 4)).reshape(tiles, blocks, BLOCK * _TILE // 2)
-    halves = []
-    for values in (scales, mins):
-        wide = torch.zeros(blocks, tiles * _TILE, dtype=torch.float16)
-        wide[:, :cols] = values
-        halves.append(wide.view(blocks, tiles, _TILE).transpose(0, 1).contiguous().view(torch.uint8))
-    return torch.cat([nibbles, *halves], dim=2).contiguous()
 
 
 def _mat(matrix: Tensor, weights: WeightFormat, keep: list[Tensor], seg: int | None = None) -> _Mat:

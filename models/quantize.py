@@ -32,60 +32,10 @@ BLOCK = 32
 """Inputs (rows of one column of an input-major matrix) sharing one int8 scale (the C step's QBLOCK)."""
 
 
-Q4_LEVELS = 15
-"""The largest 4-bit level of a Q4_1 block (levels 0..15)."""
-
-
 def q4_enabled() -> bool:
     """Whether int8 weights keep matrices that are exactly Q4_1 in 4 bits (``RXRT_INT8_Q4``, on
     unless ``0``: off, every matrix is q8_0, for side-by-side benchmarks)."""
     return os.environ.get("RXRT_INT8_Q4", "1") != "0"
-
-
-def q4_levels(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """``(q, scales, mins)`` when every value of the (rows, cols) input-major float32 ``matrix`` is
-    exactly ``scale * q + min`` (float32 product, then sum) with ``q`` in [0, 15] and one float16
-    scale and minimum per column and block of :data:`BLOCK` rows: llama.cpp's Q4_1, the values a
-    GGUF backbone dequantizes to. ``q`` uint8 (rows, cols), ``scales``/``mins`` float16 (rows / 32,
-    cols). None otherwise (rows not whole blocks, or any block not exactly such values): such a
-    matrix needs no rounding, and the C step reads it in 0.625 bytes a weight, not int8's 1.125.
-    The torch statement of the test the C step's packer (``native.pack_q4``) makes in one pass;
-    tests/test_q4.py holds the two to the same answers and bytes.
-    """
-    if matrix.dim() != 2 or matrix.shape[0] % BLOCK or matrix.dtype != torch.float32 or matrix.numel() == 0:
-        return None
-    if _q4_fit(matrix[:, :16]) is None:  # a cheap refusal for the matrices that are not
-        return None
-    return _q4_fit(matrix)
-
-
-def _q4_fit(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    rows, cols = matrix.shape
-    grouped = matrix.t().reshape(cols, rows // BLOCK, BLOCK)  # (cols, blocks, 32): a block per row
-    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
-    if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
-        return None
-    mins = low.to(torch.float16)
-    if not bool((mins.to(torch.float32) == low).all()):  # the minimum is level 0: exactly a half
-        return None
-    estimate = ((high - low) / Q4_LEVELS).to(torch.float16).view(torch.int16)
-    found = torch.zeros_like(low, dtype=torch.bool)
-    scales = torch.zeros_like(mins)
-    levels = torch.zeros(grouped.shape, dtype=torch.uint8)
-    for step in (0, 1, -1):  # the float16 scale: the nearest half to (max - min) / 15, or a neighbour
-        cand = (estimate + step).view(torch.float16)
-        d = cand.to(torch.float32)
-        safe = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)
-        q = torch.where(d.unsqueeze(-1) > 0, ((grouped - low.unsqueeze(-1)) / safe).round(), torch.zeros_like(grouped))
-        q = q.clamp_(0, Q4_LEVELS)
-        exact = (q * d.unsqueeze(-1) + low.unsqueeze(-1) == grouped).all(dim=-1) & (d >= 0) & ~found
-        scales = torch.where(exact, cand, scales)
-        levels = torch.where(exact.unsqueeze(-1), q.to(torch.uint8), levels)
-        found |= exact
-        if bool(found.all()):
-            q_rows = levels.reshape(cols, rows).t().contiguous()
-            return q_rows, scales.t().contiguous(), mins.t().contiguous()
-    return None
 
 
 def check_format(weights: str) -> WeightFormat:

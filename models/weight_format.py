@@ -101,7 +101,7 @@ def _q4_possible(model: RxTModel) -> bool:
 
 def restore_backbone_values(model: RxTModel) -> set[int]:
     """Give a compact model's frozen backbone matrices back the values its GGUF dequantizes to,
-    where those are exactly Q4_1 (:func:`~.quantize.q4_levels`) and the model holds them rounded
+    where those are exactly Q4_1 (:func:`~.native.pack_q4`) and the model holds them rounded
     to its narrower dtype (bf16): int8 weights then leave them as they are, and the C step reads
     them in 4 bits instead of rounding them to q8_0. Returns the ``id`` of every parameter that
     now holds such values (given back, or held exactly already), so that they need no second

@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from rxruntime.models import native
-from rxruntime.models.quantize import BLOCK, q4_levels
+from rxruntime.models.quantize import BLOCK
 
+from .test_backbone_store import TINY, _trained, backbone_dir  # noqa: F401  (the fixture)
 from .test_quantize import _cpu_flags
 
 gguf = pytest.importorskip("gguf")
@@ -33,6 +35,78 @@ needs_cc = pytest.mark.skipif(
 )
 
 Q4 = 4  # decode_step.c's W_Q4
+TILE = 16  # columns per tile of the C step's int8 and q4 layouts
+
+
+def q4_levels(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(q, scales, mins)`` when every value of the (rows, cols) input-major float32 ``matrix`` is
+    exactly ``scale * q + min`` (float32 product, then sum) with ``q`` in [0, 15] and one float16
+    scale and minimum per column and block of :data:`BLOCK` rows: llama.cpp's Q4_1, the values a
+    GGUF backbone dequantizes to. ``q`` uint8 (rows, cols), ``scales``/``mins`` float16 (rows / 32,
+    cols). None otherwise (rows not whole blocks, or any block not exactly such values): such a
+    matrix needs no rounding, and the C step reads it in 0.625 bytes a weight, not int8's 1.125.
+    The torch statement of the test the C step's packer (``native.pack_q4``) makes in one pass,
+    written apart from it so that the two can be held to the same answers.
+    """
+    if matrix.dim() != 2 or matrix.shape[0] % BLOCK or matrix.dtype != torch.float32 or matrix.numel() == 0:
+        return None
+    if _q4_fit(matrix[:, :16]) is None:  # a cheap refusal for the matrices that are not
+        return None
+    return _q4_fit(matrix)
+
+
+def _q4_fit(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    rows, cols = matrix.shape
+    grouped = matrix.t().reshape(cols, rows // BLOCK, BLOCK)  # (cols, blocks, 32): a block per row
+    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
+        return None
+    mins = low.to(torch.float16)
+    if not bool((mins.to(torch.float32) == low).all()):  # the minimum is level 0: exactly a half
+        return None
+    estimate = ((high - low) / 15).to(torch.float16).view(torch.int16)
+    found = torch.zeros_like(low, dtype=torch.bool)
+    scales = torch.zeros_like(mins)
+    levels = torch.zeros(grouped.shape, dtype=torch.uint8)
+    for step in (0, 1, -1):  # the float16 scale: the nearest half to (max - min) / 15, or a neighbour
+        cand = (estimate + step).view(torch.float16)
+        d = cand.to(torch.float32)
+        safe = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)
+        q = torch.where(d.unsqueeze(-1) > 0, ((grouped - low.unsqueeze(-1)) / safe).round(), torch.zeros_like(grouped))
+        q = q.clamp_(0, 15)
+        exact = (q * d.unsqueeze(-1) + low.unsqueeze(-1) == grouped).all(dim=-1) & (d >= 0) & ~found
+        scales = torch.where(exact, cand, scales)
+        levels = torch.where(exact.unsqueeze(-1), q.to(torch.uint8), levels)
+        found |= exact
+        if bool(found.all()):
+            q_rows = levels.reshape(cols, rows).t().contiguous()
+            return q_rows, scales.t().contiguous(), mins.t().contiguous()
+    return None
+
+
+def _pack_q4_levels(levels: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """The C step's q4 copy of an input-major matrix from its :func:`q4_levels`, in torch: the
+    reference ``native.pack_q4``'s bytes are held to.
+
+    Layout (decode_step.c's q4 Mat): per tile of 16 columns, per block of 32 rows, 4 groups of 64
+    bytes (group h: rows 8h..8h+3 in the low nibbles, 8h+4..8h+7 in the high ones, column j's 4
+    rows at ``4 j``), then the tile's 16 float16 scales and 16 float16 minimums of that block: 320
+    bytes a block. Padding columns hold level, scale and minimum 0.
+    """
+    q, scales, mins = levels
+    rows, cols = q.shape
+    blocks, tiles = rows // BLOCK, -(-cols // TILE)
+    padded = torch.zeros(rows, tiles * TILE, dtype=torch.uint8)
+    padded[:, :cols] = q
+    # (blocks, h, low/high, i, tiles, j) -> (tiles, blocks, h, j, i) per nibble
+    grouped = padded.view(blocks, 4, 2, 4, tiles, TILE).permute(4, 0, 1, 2, 5, 3)
+    nibbles = (grouped[:, :, :, 0] | (grouped[:, :, :, 1] << 4)).reshape(tiles, blocks, BLOCK * TILE // 2)
+    halves = []
+    for values in (scales, mins):
+        wide = torch.zeros(blocks, tiles * TILE, dtype=torch.float16)
+        wide[:, :cols] = values
+        halves.append(wide.view(blocks, tiles, TILE).transpose(0, 1).contiguous().view(torch.uint8))
+    return torch.cat([nibbles, *halves], dim=2).contiguous()
 
 
 def _gguf_q4(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -62,7 +136,7 @@ def test_c_packer_matches_the_torch_reference_byte_for_byte() -> None:
         packed = native.pack_q4(w)
         levels = q4_levels(w)
         assert packed is not None and levels is not None
-        assert torch.equal(packed, native.pack_q4_levels(levels))
+        assert torch.equal(packed, _pack_q4_levels(levels))
 
 
 @needs_cc
@@ -145,7 +219,9 @@ def test_int8_can_be_kept_all_q8(monkeypatch: pytest.MonkeyPatch) -> None:
 @needs_cc
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_compact_backbone_model_reads_its_gguf_matrices_in_4_bits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype | None
+    backbone_dir: Path,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+    dtype: torch.dtype | None,
 ) -> None:
     """A compact model over the tiny Q4_1 GGUF, its backbone stored in bf16 as the shipped one
     (or float32): loaded int8, every frozen backbone matrix holds the GGUF's exact values again and
@@ -155,15 +231,10 @@ def test_compact_backbone_model_reads_its_gguf_matrices_in_4_bits(
     from rxruntime.models.backbone_gguf import backbone_state, read_gguf
     from rxruntime.models.compact import save_compact
     from rxruntime.models.weight_format import set_weight_format
-    from rxruntime.training.data.backbone_tiny import write_tiny_gguf
 
-    from .test_backbone_store import TINY, _trained
     from .test_quantize import PROMPTS, _forced
 
-    folder = tmp_path / "backbones"
-    write_tiny_gguf(folder / "tiny" / TINY, seed=3)
-    monkeypatch.setenv("RXRT_BACKBONE_DIR", str(folder))
-    gguf_file = folder / "tiny" / TINY
+    gguf_file = backbone_dir / "tiny" / TINY
     full = _trained(gguf_file, tmp_path / "full", dtype)
     save_compact(full, tmp_path / "compact", gguf_file)
     model, _ = load_pretrained(tmp_path / "compact")
