@@ -514,9 +514,8 @@ def _mat(matrix: Tensor, weights: WeightFormat, keep: list[Tensor], seg: int | N
         return _Mat(copy.data_ptr(), ld, _WEIGHT_TYPES["bf16"], rows)
     q4 = pack_q4(matrix) if (seg is None or seg == rows) and q4_enabled() else None
     if q4 is not None:  # exactly Q4_1 (a GGUF backbone's): 4 bits, nothing rounded
-        packed = q4
-        keep.append(packed)
-        return _Mat(packed.data_ptr(), -(-cols // _TILE) * _TILE, _WEIGHT_TYPES["q4"], rows)
+        keep.append(q4)
+        return _Mat(q4.data_ptr(), -(-cols // _TILE) * _TILE, _WEIGHT_TYPES["q4"], rows)
     packed = pack_int8(matrix, seg or rows)
     keep.append(packed)
     return _Mat(packed.data_ptr(), -(-cols // _TILE) * _TILE, _WEIGHT_TYPES["int8"], seg or rows)
